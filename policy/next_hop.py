@@ -1,0 +1,104 @@
+"""Next hops: the right-hand side of a transport rule, `default-transport` and `relayhost`.
+
+One parser for every place a next hop is written, so they all mean the same thing:
+
+    queue/maildir DIR         deliver into a Maildir; DIR may hold %d (domain) and %u (local part)
+    queue/discard             accept and throw away (logged as sent)
+    queue/error [D.D.D] TEXT  refuse permanently (default 5.0.0)
+    queue/retry [D.D.D] TEXT  defer (default 4.0.0): holds mail back until the policy changes
+    host, host:port, [host]:port, [::1]:2425, a,b,...   SMTP relay hosts, round robin
+    lmtp:host:port, lmtp:/path/to/socket                 LMTP
+    |program args                                       pipe into a program
+    /usr/bin/maildrop ...                               local delivery agent
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+MAILDIR, DISCARD, ERROR, RETRY = "maildir", "discard", "error", "retry"
+SMTP, LMTP, PIPE, MDA, MX = "smtp", "lmtp", "pipe", "mda", "mx"
+BUILT = frozenset({MAILDIR, DISCARD, ERROR, RETRY})
+
+_DSN = re.compile(r"([245])\.\d{1,3}\.\d{1,3}")
+_HOST = re.compile(r"(?:\[(?P<literal>[^\]]+)\]|(?P<name>[A-Za-z0-9.\-_]+))(?::(?P<port>\d+))?")
+
+
+class NextHopError(ValueError):
+    """A next hop that cannot be understood; the message says what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class NextHop:
+    kind: str
+    argument: str = ""
+    text: str = ""
+
+    def __str__(self) -> str:
+        return self.text or self.kind
+
+
+MX_ROUTING = NextHop(MX, "", "MX routing")
+
+
+def parse_next_hop(text: str, base_dir: str = "") -> NextHop:
+    """Parse a next hop; relative Maildir paths are taken from `base_dir` (a config file's
+    directory) so the daemon means the same directory whatever its working directory."""
+    text = text.strip()
+    if not text:
+        raise NextHopError("empty next hop")
+    if text.startswith("queue/"):
+        return _parse_queue_transport(text, base_dir)
+    if text.startswith("|"):
+        if not text[1:].strip():
+            raise NextHopError("pipe next hop '|' names no program")
+        return NextHop(PIPE, text[1:].strip(), text)
+    if text.startswith("/"):
+        return NextHop(MDA, text, text)
+    if text.startswith("lmtp:"):
+        target = text[5:]
+        if not target.startswith("/"):
+            parse_hosts(target)
+        return NextHop(LMTP, target, text)
+    parse_hosts(text)
+    return NextHop(SMTP, text, text)
+
+
+def _parse_queue_transport(text: str, base_dir: str) -> NextHop:
+    name, _, argument = text[len("queue/"):].partition(" ")
+    argument = argument.strip()
+    if name == MAILDIR:
+        if not argument:
+            raise NextHopError("queue/maildir needs a directory, e.g. 'queue/maildir /var/mail/%d/%u'")
+        return NextHop(MAILDIR, os.path.join(base_dir or os.getcwd(), argument), text)
+    if name == DISCARD:
+        return NextHop(DISCARD, "", text)
+    if name in (ERROR, RETRY):
+        code, _, rest = argument.partition(" ")
+        wanted = "5" if name == ERROR else "4"
+        if _DSN.fullmatch(code):
+            if code[0] != wanted:
+                raise NextHopError(f"queue/{name} takes a {wanted}.X.X status, not {code}")
+            argument = f"{code} {rest.strip()}".strip()
+        else:
+            argument = f"{wanted}.0.0 {argument}".strip()
+        return NextHop(name, argument, text)
+    raise NextHopError(f"unknown queue transport 'queue/{name}' (known: queue/maildir, "
+                       "queue/discard, queue/error, queue/retry)")
+
+
+def parse_hosts(text: str) -> list[tuple[str, int | None]]:
+    """Split relay-host notation into (host, port) pairs; port None means the default."""
+    hosts = []
+    for item in text.split(","):
+        item = item.strip()
+        match = _HOST.fullmatch(item)
+        if not match:
+            raise NextHopError(f"{item!r} is not a host, host:port or [address]:port")
+        port = match["port"]
+        if port is not None and not 0 < int(port) < 65536:
+            raise NextHopError(f"port {port} in {item!r} is out of range (1-65535)")
+        hosts.append((match["literal"] or match["name"], int(port) if port else None))
+    return hosts

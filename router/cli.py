@@ -1,0 +1,145 @@
+"""The `qrouter` command: run the daemon, queue a message, ask the daemon how it is doing."""
+
+import inspect
+import json
+import os
+import sys
+from typing import Annotated, Any, Optional
+
+import typer
+
+from router import config as config_module
+from router import daemon
+from router import log as log_module
+from router.config import KEYS, Config, ConfigError
+from router.spool import INCOMING, Spool, SpoolError
+from router.status_socket import StatusError, query
+from router.supervisor import Supervisor
+
+EX_USAGE, EX_TEMPFAIL, EX_CONFIG = 64, 75, 78
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="qrouter: a policy mail router and spooler beside qpsmtpd.")
+
+ConfigOption = Annotated[Optional[str], typer.Option("--config", help="config file (key value a line)")]  # noqa: UP045
+QueueDirOption = Annotated[Optional[str], typer.Option("--queue-dir", help="spool directory")]  # noqa: UP045
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"qrouter: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _config(config_file: str | None, flags: dict[str, str]) -> Config:
+    try:
+        return config_module.load(config_file, flags)
+    except ConfigError as exc:
+        raise _fail(str(exc), EX_CONFIG) from None
+
+
+def run(config: ConfigOption = None,
+        foreground: Annotated[bool, typer.Option("--foreground", help="stay in the foreground, log to stderr")] = False,
+        **settings: Any) -> None:
+    """Run the daemon: supervisor, workers and status socket."""
+    flags = {KEYS_BY_PARAM[name]: value for name, value in settings.items() if value is not None}
+    loaded = _config(config, flags)
+    if foreground:
+        log_module.setup(loaded.log or "stderr")
+        raise typer.Exit(Supervisor(loaded, config, flags).run())
+    ready = daemon.detach()
+    log_module.setup(loaded.log or "syslog")
+    raise typer.Exit(Supervisor(loaded, config, flags).run(ready))
+
+
+KEYS_BY_PARAM = {key.replace("-", "_"): key for key in KEYS}
+
+
+def _with_config_flags(function):
+    """Give `run` one --flag per config key, from the one table in router.config."""
+    signature = inspect.signature(function)
+    params = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    for param_name, key in KEYS_BY_PARAM.items():
+        option = typer.Option(f"--{key}", help=KEYS[key].metadata["help"], show_default=False)
+        params.append(inspect.Parameter(param_name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[Optional[str], option]))  # noqa: UP045
+    function.__signature__ = signature.replace(parameters=params)
+    return function
+
+
+app.command("run")(_with_config_flags(run))
+
+
+@app.command()
+def enqueue(
+    recipients: Annotated[list[str], typer.Argument(help="recipient addresses")],
+    sender: Annotated[str, typer.Option("-f", "--from", help="envelope sender; <> for none")],
+    queue_dir: QueueDirOption = None,
+    config: ConfigOption = None,
+    notify: Annotated[str, typer.Option("--notify", help="DSN NOTIFY for every recipient")] = "",
+) -> None:
+    """Queue the message on standard input; print its queue id.
+
+    Exits 75 when the spool cannot take it (try again later), 64 for bad arguments."""
+    loaded = _config(config, {"queue-dir": queue_dir} if queue_dir else {})
+    spool = Spool(loaded.queue_dir, loaded.spool_group)
+    try:
+        if not os.path.isdir(spool.path(INCOMING)):
+            spool.create()
+        queue_id = spool.enqueue(sender, recipients, sys.stdin.buffer.read(), notify=notify)
+    except SpoolError as exc:
+        raise _fail(str(exc), EX_TEMPFAIL if exc.temporary else EX_USAGE) from None
+    except OSError as exc:
+        raise _fail(f"cannot queue into {loaded.queue_dir}: {exc.strerror or exc}", EX_TEMPFAIL) from None
+    typer.echo(queue_id)
+
+
+@app.command()
+def status(
+    queue_dir: QueueDirOption = None,
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Show the queues, the workers and what has been delivered since start."""
+    loaded = _config(config, {"queue-dir": queue_dir} if queue_dir else {})
+    try:
+        answer = query(loaded.socket_path, {"command": "status"})
+    except StatusError as exc:
+        raise _fail(str(exc), EX_TEMPFAIL) from None
+    typer.echo(json.dumps(answer, indent=2) if as_json else format_status(answer))
+
+
+def format_status(answer: dict[str, Any]) -> str:
+    lines = [f"qrouter pid {answer['pid']}, up {_age(answer['uptime'])}, spool {answer['queue_dir']}",
+             f"{'queue':<10} {'messages':>8}  oldest"]
+    for queue, info in answer["queues"].items():
+        oldest = _age(answer["now"] - info["oldest"]) if info["oldest"] else "-"
+        lines.append(f"{queue:<10} {info['messages']:>8}  {oldest}")
+    lines.append(f"{'worker':>8}  {'state':<8} {'queue id':<26} {'done':>7} {'rss':>8} {'cpu':>7}")
+    for worker in answer["workers"]:
+        rss = f"{worker['rss'] / 2**20:.1f}M" if worker["rss"] else "-"
+        cpu = f"{worker['cpu']:.1f}s" if worker["cpu"] is not None else "-"
+        lines.append(f"{worker['pid']:>8}  {worker['state']:<8} {worker['queue_id'] or '-':<26} "
+                     f"{worker['done']:>7} {rss:>8} {cpu:>7}")
+    counters = answer["counters"]
+    lines.append(f"since start: {counters['sent']} sent, {counters['deferred']} deferred, "
+                 f"{counters['bounced']} bounced")
+    return "\n".join(lines)
+
+
+def _age(seconds: float) -> str:
+    whole = int(seconds)
+    if whole >= 86400:
+        return f"{whole // 86400}d{whole % 86400 // 3600}h"
+    if whole >= 3600:
+        return f"{whole // 3600}h{whole % 3600 // 60}m"
+    if whole >= 60:
+        return f"{whole // 60}m{whole % 60}s"
+    return f"{whole}s"
+
+
+def main() -> None:
+    """Entry point: sysexits codes, so a usage error is 64 (EX_USAGE) as sendmail's callers expect."""
+    try:
+        app()
+    except SystemExit as exc:
+        sys.exit(EX_USAGE if exc.code == 2 else exc.code)

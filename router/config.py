@@ -1,0 +1,169 @@
+"""The daemon's configuration: one table of keys, read from a file, flags or plugin parameters.
+
+The file holds one `key value` a line (`#` starts a comment), the same keys the qpsmtpd plugin
+line takes. Every key is also a flag of `qrouter run` (`--max-age 5`), and flags win over the
+file. Errors name the file and line; keys whose feature is not built yet are accepted and named
+in a warning at start, so a config written for a later version does not stop the daemon.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from policy.next_hop import NextHop, NextHopError, parse_next_hop
+
+_COMMENT = re.compile(r"(?:^|\s)#.*")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and line, or the flag."""
+
+
+def _positive_int(text: str, base_dir: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _non_negative(text: str, base_dir: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a number of 0 or more")
+    return value
+
+
+def _boolean(text: str, base_dir: str) -> bool:
+    words = {"1": True, "yes": True, "true": True, "on": True,
+             "0": False, "no": False, "false": False, "off": False}
+    if text.lower() not in words:
+        raise ValueError("must be yes or no (also 1/0, true/false, on/off)")
+    return words[text.lower()]
+
+
+def _path(text: str, base_dir: str) -> str:
+    return os.path.normpath(os.path.join(base_dir, text))
+
+
+def _text(text: str, base_dir: str) -> str:
+    return text
+
+
+def _group(text: str, base_dir: str) -> str:
+    grp.getgrnam(text)
+    return text
+
+
+def _next_hop(text: str, base_dir: str) -> NextHop:
+    return parse_next_hop(text, base_dir)
+
+
+def _log_target(text: str, base_dir: str) -> str:
+    return text if text in ("syslog", "stderr") else _path(text, base_dir)
+
+
+def _key(name: str, parse: Callable[[str, str], Any], default: Any, help: str, built: bool = True):
+    return field(default=default, metadata={"key": name, "parse": parse, "help": help, "built": built})
+
+
+@dataclass(frozen=True)
+class Config:
+    queue_dir: str = _key("queue-dir", _path, "/var/spool/qrouter", "spool directory")
+    workers: int = _key("workers", _positive_int, 4, "number of delivery worker processes")
+    default_transport: NextHop | None = _key(
+        "default-transport", _next_hop, None, "next hop when no rule applies (unset: DNS MX routing)")
+    max_age: float = _key("max-age", _non_negative, 5.0, "days a message may stay queued")
+    archive_failed: bool = _key("archive-failed", _boolean, False, "keep failed and expired messages in archive/")
+    min_backoff: float = _key("min-backoff", _non_negative, 300.0, "seconds before the first retry")
+    max_backoff: float = _key("max-backoff", _non_negative, 4000.0, "longest wait between retries, seconds")
+    shutdown_timeout: float = _key(
+        "shutdown-timeout", _non_negative, 30.0, "seconds to let deliveries finish on stop")
+    status_socket: str = _key("status-socket", _path, "", "status socket path (default: QUEUE-DIR/status.sock)")
+    spool_group: str = _key("spool-group", _group, "", "group that may write the spool (queue dirs 2770)")
+    log: str = _key("log", _log_target, "", "syslog, stderr or a file (default: stderr in the foreground, else syslog)")
+    me: str = _key("me", _text, "", "this host's name (default: the machine's FQDN)")
+    relayhost: str = _key("relayhost", _text, "", "SMTP relay hosts", built=False)
+    transports: str = _key("transports", _path, "", "transport policy file", built=False)
+    transport_defs: str = _key("transport-defs", _path, "", "variables for the transport policy", built=False)
+    rewriting: str = _key("rewriting", _path, "", "address rewriting rules", built=False)
+    rewrite_both: bool = _key("rewrite-both", _boolean, False, "also rewrite From:/To:/Cc: headers", built=False)
+    aliases: str = _key("aliases", _path, "", "aliases for local delivery", built=False)
+    send_ndr: bool = _key("send-ndr", _boolean, False, "send non-delivery reports", built=False)
+
+    @property
+    def socket_path(self) -> str:
+        return self.status_socket or os.path.join(self.queue_dir, "status.sock")
+
+    @property
+    def hostname(self) -> str:
+        return self.me or socket.getfqdn()
+
+    def unbuilt_keys(self) -> list[str]:
+        """Keys set to something whose feature this version does not have yet."""
+        return [f.metadata["key"] for f in KEYS.values()
+                if not f.metadata["built"] and getattr(self, f.name) != f.default]
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds to wait after the `attempts`-th failed attempt: doubling, as Postfix does."""
+        return min(self.min_backoff * 2 ** max(attempts - 1, 0), max(self.max_backoff, self.min_backoff))
+
+
+KEYS: dict[str, dataclasses.Field] = {f.metadata["key"]: f for f in dataclasses.fields(Config)}
+
+
+def parse_value(key: str, text: str, where: str, base_dir: str) -> tuple[str, Any]:
+    """Parse one value; `where` (file:line or --flag) starts every error."""
+    f = KEYS.get(key)
+    if f is None:
+        raise ConfigError(f"{where}: unknown key {key!r}")
+    if not text:
+        raise ConfigError(f"{where}: {key} needs a value")
+    try:
+        return f.name, f.metadata["parse"](text, base_dir)
+    except NextHopError as exc:
+        raise ConfigError(f"{where}: {key}: {exc}") from None
+    except KeyError:
+        raise ConfigError(f"{where}: {key}: no such group {text!r}") from None
+    except ValueError as exc:
+        detail = str(exc) if "must" in str(exc) else "is not a valid value"
+        raise ConfigError(f"{where}: {key} {text!r}: {detail}") from None
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """Values set in a config file, by field name."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {getattr(exc, 'strerror', None) or exc}") from None
+    base_dir = os.path.dirname(os.path.abspath(path))
+    values: dict[str, Any] = {}
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(lines, 1):
+        line = _COMMENT.sub("", raw).strip()
+        if not line:
+            continue
+        key, _, text = line.partition(" ")
+        where = f"{path}:{number}"
+        if key in seen:
+            raise ConfigError(f"{where}: {key} already set at line {seen[key]}")
+        seen[key] = number
+        name, value = parse_value(key, text.strip(), where, base_dir)
+        values[name] = value
+    return values
+
+
+def load(path: str | None = None, flags: Mapping[str, str] | None = None) -> Config:
+    """Build the config from a file (optional) and flags given as key -> text; flags win."""
+    values = read_file(path) if path else {}
+    for key, text in (flags or {}).items():
+        name, value = parse_value(key, text, f"--{key}", os.getcwd())
+        values[name] = value
+    return Config(**values)

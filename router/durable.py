@@ -1,0 +1,41 @@
+"""Writing files so that they survive a crash: the few system calls every writer needs."""
+
+from __future__ import annotations
+
+import os
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_synced(path: str, data: bytes, *, exclusive: bool = False, mode: int = 0o600) -> None:
+    """Write `data` as the whole content of `path` and fsync it; on failure remove the file."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, mode)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        unlink_quietly(path)
+        raise
+    os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_quietly(path: str) -> None:
+    """Remove a file that may already be gone; cleanup must not hide the error that caused it."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

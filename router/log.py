@@ -1,0 +1,42 @@
+"""Logging in the shape mail administrators know: `qrouter[pid]: QUEUEID: ...`, with
+`warning:` and `error:` prefixes as Postfix writes them; to stderr, syslog (facility mail) or
+a file."""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+
+_PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
+
+
+class _Formatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.prefix = _PREFIX.get(record.levelno, "")
+        return super().formatMessage(record)
+
+
+def setup(target: str) -> logging.Logger:
+    """Send the `qrouter` logger to `target`: "stderr", "syslog" or a file path. Without a
+    syslog socket (/dev/log), "syslog" falls back to stderr and says so."""
+    logger = logging.getLogger("qrouter")
+    logger.handlers.clear()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    fallback = ""
+    if target == "syslog" and os.path.exists("/dev/log"):
+        handler: logging.Handler = logging.handlers.SysLogHandler(
+            "/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
+        handler.setFormatter(_Formatter("qrouter[%(process)d]: %(prefix)s%(message)s"))
+    else:
+        fallback = "no /dev/log, logging to stderr" if target == "syslog" else ""
+        stream = sys.stderr if target in ("stderr", "syslog") else open(target, "a", buffering=1)
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(_Formatter("%(asctime)s qrouter[%(process)d]: %(prefix)s%(message)s",
+                                        "%b %d %H:%M:%S"))
+    logger.addHandler(handler)
+    if fallback:
+        logger.warning(fallback)
+    return logger

@@ -1,0 +1,204 @@
+"""The queue file: one message with its envelope and delivery state, self-describing and versioned.
+
+The format is specified in docs/queue-format.md. In short: a UTF-8 header of `key value` lines
+ending with an empty line, the message bytes (as many as the `size` line says), then a journal of
+`@N key value` lines that record per-recipient results appended during a delivery attempt. The
+journal lets a worker make "recipient N was delivered" durable with one small append and fsync,
+without rewriting a message that may be megabytes long.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from router.address import AddressError, parse_path
+
+MAGIC = "qrouter-queue-file"
+VERSION = 1
+PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+STATES = (PENDING, DELIVERED, FAILED)
+MAX_HEADER = 1 << 20
+LOG_KEEP = 20
+
+_ENVELOPE_KEYS = {"id", "arrival", "attempts", "sender", "envid", "ret", "log", "size"}
+_RECIPIENT_KEYS = {"notify", "orcpt", "state", "dsn", "relay", "reply"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_JOURNAL = re.compile(rb"@(\d+) (\w+) ?(.*)")
+
+
+class CorruptQueueFile(ValueError):
+    """A queue file that cannot be read; the message names the line or part that is wrong."""
+
+
+def clean(text: str) -> str:
+    """Make text from anywhere (a peer's reply, an exception) safe as one header value."""
+    return _CONTROL.sub("?", text)
+
+
+@dataclass
+class Recipient:
+    address: str
+    state: str = PENDING
+    notify: str = ""
+    orcpt: str = ""
+    dsn: str = ""
+    relay: str = ""
+    reply: str = ""
+
+    def header_lines(self) -> list[str]:
+        lines = [f"rcpt <{self.address}>"]
+        for key in ("notify", "orcpt", "dsn", "relay", "reply"):
+            value = getattr(self, key)
+            if value:
+                lines.append(f"{key} {clean(value)}")
+        if self.state != PENDING:
+            lines.append(f"state {self.state}")
+        return lines
+
+
+@dataclass
+class QueueFile:
+    queue_id: str
+    arrival: float
+    sender: str
+    recipients: list[Recipient]
+    message: bytes
+    attempts: int = 0
+    envid: str = ""
+    ret: str = ""
+    log: list[str] = field(default_factory=list)
+    journal_bytes: int = 0  # bytes of journal after the message when read; not written back
+
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == PENDING]
+
+    def add_log(self, when: float, text: str) -> None:
+        self.log = [*self.log, f"{when:.3f} {clean(text)}"][-LOG_KEEP:]
+
+    def to_bytes(self) -> bytes:
+        lines = [
+            f"{MAGIC} {VERSION}",
+            f"id {self.queue_id}",
+            f"arrival {self.arrival:.6f}",
+            f"attempts {self.attempts}",
+            f"sender <{self.sender}>",
+        ]
+        if self.envid:
+            lines.append(f"envid {self.envid}")
+        if self.ret:
+            lines.append(f"ret {self.ret}")
+        lines.extend(f"log {entry}" for entry in self.log)
+        for rcpt in self.recipients:
+            lines.extend(rcpt.header_lines())
+        lines.append(f"size {len(self.message)}")
+        return ("\n".join(lines) + "\n\n").encode() + self.message
+
+
+def journal_record(index: int, rcpt: Recipient) -> bytes:
+    """The journal lines that make `rcpt`'s result durable; `state` comes last on purpose.
+
+    A crash may cut the append short. The reader applies only whole lines, and a group without
+    its final `state` line changes no state, so the recipient is simply tried again.
+    """
+    lines = [f"@{index} {key} {clean(getattr(rcpt, key))}" for key in ("dsn", "relay", "reply")]
+    lines.append(f"@{index} state {rcpt.state}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def parse(data: bytes, where: str = "queue file") -> QueueFile:
+    """Read a whole queue file; `where` (usually the path) prefixes every error."""
+    end = data.find(b"\n\n", 0, MAX_HEADER)
+    if end < 0:
+        raise CorruptQueueFile(f"{where}: no end of header (empty line) in the first {MAX_HEADER} bytes")
+    try:
+        header = data[:end].decode()
+    except UnicodeDecodeError as exc:
+        raise CorruptQueueFile(f"{where}: header is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    fields: dict[str, str] = {}
+    recipients: list[Recipient] = []
+    log: list[str] = []
+    for number, line in enumerate(header.split("\n"), 1):
+        key, _, value = line.partition(" ")
+        if number == 1:
+            if key != MAGIC:
+                raise CorruptQueueFile(f"{where}:1: not a queue file (expected '{MAGIC} {VERSION}')")
+            if value != str(VERSION):
+                raise CorruptQueueFile(f"{where}:1: unsupported queue file version {value!r}")
+        elif key == "rcpt":
+            recipients.append(Recipient(_address(value, f"{where}:{number}", null_ok=False)))
+        elif key in _RECIPIENT_KEYS:
+            if not recipients:
+                raise CorruptQueueFile(f"{where}:{number}: '{key}' before any 'rcpt' line")
+            _set_recipient(recipients[-1], key, value, f"{where}:{number}")
+        elif key == "log":
+            log.append(value)
+        elif key in _ENVELOPE_KEYS:
+            if key in fields:
+                raise CorruptQueueFile(f"{where}:{number}: '{key}' given twice")
+            fields[key] = value
+        else:
+            raise CorruptQueueFile(f"{where}:{number}: unknown key {key!r}")
+    for key in ("id", "arrival", "sender", "size"):
+        if key not in fields:
+            raise CorruptQueueFile(f"{where}: required line '{key}' is missing")
+    if not recipients:
+        raise CorruptQueueFile(f"{where}: no 'rcpt' line")
+    size = _number(fields["size"], int, f"{where}: size")
+    body_start = end + 2
+    message = data[body_start:body_start + size]
+    if len(message) != size:
+        raise CorruptQueueFile(f"{where}: truncated: size says {size} bytes, the file holds {len(message)}")
+    queue_file = QueueFile(
+        queue_id=fields["id"],
+        arrival=_number(fields["arrival"], float, f"{where}: arrival"),
+        sender=_address(fields["sender"], f"{where}: sender", null_ok=True),
+        recipients=recipients,
+        message=message,
+        attempts=_number(fields.get("attempts", "0"), int, f"{where}: attempts"),
+        envid=fields.get("envid", ""),
+        ret=fields.get("ret", ""),
+        log=log,
+    )
+    queue_file.journal_bytes = len(data) - body_start - size
+    _apply_journal(queue_file, data[body_start + size:], where)
+    return queue_file
+
+
+def _apply_journal(queue_file: QueueFile, journal: bytes, where: str) -> None:
+    """Apply whole journal lines; a torn last line (a crash during the append) is ignored."""
+    lines = journal.split(b"\n")[:-1]
+    staged: dict[int, dict[str, str]] = {}
+    for line in lines:
+        match = _JOURNAL.fullmatch(line)
+        if not match:
+            raise CorruptQueueFile(f"{where}: bad journal line {line[:80]!r}")
+        index, key, value = int(match[1]), match[2].decode(), match[3].decode(errors="replace")
+        if index >= len(queue_file.recipients) or key not in _RECIPIENT_KEYS:
+            raise CorruptQueueFile(f"{where}: bad journal line {line[:80]!r}")
+        staged.setdefault(index, {})[key] = value
+        if key == "state":
+            for name, text in staged.pop(index).items():
+                _set_recipient(queue_file.recipients[index], name, text, f"{where}: journal")
+
+
+def _set_recipient(rcpt: Recipient, key: str, value: str, where: str) -> None:
+    if key == "state" and value not in STATES:
+        raise CorruptQueueFile(f"{where}: unknown recipient state {value!r}")
+    setattr(rcpt, key, value)
+
+
+def _address(value: str, where: str, null_ok: bool) -> str:
+    if not (value.startswith("<") and value.endswith(">")):
+        raise CorruptQueueFile(f"{where}: address {value!r} is not in angle brackets")
+    try:
+        return parse_path(value, null_ok=null_ok)
+    except AddressError as exc:
+        raise CorruptQueueFile(f"{where}: {exc}") from None
+
+
+def _number(text: str, kind: type, where: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise CorruptQueueFile(f"{where}: {text!r} is not a number") from None

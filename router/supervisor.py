@@ -1,0 +1,451 @@
+"""The supervisor: owns the spool, watches it with inotify, and feeds a pool of forked workers.
+
+Shaped like a pre-fork arbiter: signals only queue themselves and wake the loop through a pipe;
+the loop reaps children, replaces the ones that die, hands out work and answers the status
+socket. Nothing here delivers mail or reads a message: the supervisor stays small and responsive
+whatever the workers are doing.
+
+Work comes from two places. incoming/ is watched for new files, which go out at once. deferred/
+is read once at start (file mtimes, the next attempt times) into a schedule, which worker reports
+and inotify keep up to date, so a large deferred queue costs no directory scans.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import signal
+import stat
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import psutil
+from inotify_simple import INotify
+from inotify_simple import flags as inotify_flags
+
+from router import status_socket
+from router.config import Config, ConfigError, load
+from router.lock import SpoolLock
+from router.queue_id import is_queue_id
+from router.schedule import Schedule
+from router.spool import ACTIVE, CORRUPT, DEFERRED, HOLD, INCOMING, Spool
+from workers.delivery import CORRUPTED, QUEUED_AGAIN, SKIPPED, Report
+from workers.worker import Worker
+
+log = logging.getLogger("qrouter")
+
+POISON_CRASHES = 3
+YOUNG_WORKER_SECONDS = 1.0
+WATCHED = {
+    INCOMING: inotify_flags.MOVED_TO | inotify_flags.CLOSE_WRITE,
+    DEFERRED: inotify_flags.MOVED_TO | inotify_flags.CLOSE_WRITE | inotify_flags.ATTRIB,
+}
+
+
+class WorkerHandle:
+    """The supervisor's view of one worker process."""
+
+    def __init__(self, pid: int, task_fd: int, report_fd: int):
+        self.pid = pid
+        self.task_fd = task_fd
+        self.report_fd = report_fd
+        self.started = time.monotonic()
+        self.job: tuple[str, str] | None = None
+        self.job_since = 0.0
+        self.done = 0
+        self.retiring = False
+        self.buffer = b""
+
+    def close_tasks(self) -> None:
+        """Closing the task pipe tells the worker to exit after the message in hand."""
+        if self.task_fd >= 0:
+            os.close(self.task_fd)
+            self.task_fd = -1
+
+
+class Supervisor:
+    def __init__(self, config: Config, config_path: str | None = None, flags: Mapping[str, str] | None = None):
+        self.config = config
+        self.config_path = config_path
+        self.flags = dict(flags or {})
+        self.spool = Spool(config.queue_dir, config.spool_group)
+        self.lock = SpoolLock(config.queue_dir)
+        self.selector = selectors.DefaultSelector()
+        self.schedule = Schedule()
+        self.ready: deque[tuple[str, str]] = deque()
+        self.workers: dict[int, WorkerHandle] = {}
+        self.in_flight: dict[str, WorkerHandle] = {}
+        self.crashes: dict[str, int] = {}
+        self.signals: list[int] = []
+        self.counters = {"sent": 0, "deferred": 0, "bounced": 0}
+        self.started = time.time()
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.respawn_after = 0.0
+
+    # -- start and stop -------------------------------------------------------------------
+
+    def run(self, on_ready: Callable[[str | None], None] = lambda error: None) -> int:
+        """Run until stopped; `on_ready` hears None once serving, or why the start failed."""
+        try:
+            self._start()
+        except Exception as exc:
+            message = f"cannot start: {exc}"
+            log.critical(message)
+            on_ready(message)
+            return 1
+        on_ready(None)
+        while not (self.stopping and not self.workers):
+            self._maintain_pool()
+            self._dispatch()
+            for key, _ in self.selector.select(self._timeout()):
+                key.data()
+            self._handle_signals()
+            self._promote_due()
+            self._check_stop_deadline()
+        self._shutdown()
+        return 0
+
+    def _start(self) -> None:
+        os.makedirs(self.config.queue_dir, mode=0o700, exist_ok=True)
+        self.lock.acquire()
+        self.spool.create()
+        for queue_id in self.spool.recover_active():
+            log.warning("%s: left in active/ by an earlier run, queued again", queue_id)
+        for name in self.spool.remove_stale_tmp(time.time()):
+            log.warning("removed stale staging file tmp/%s", name)
+        self._setup_signals()
+        self.inotify = INotify()
+        self.watches = {self.inotify.add_watch(self.spool.path(q), mask): q for q, mask in WATCHED.items()}
+        self.selector.register(self.inotify.fileno(), selectors.EVENT_READ, self._on_inotify)
+        self._scan()
+        self.status_server = status_socket.listen(self.config.socket_path)
+        self.selector.register(self.status_server, selectors.EVENT_READ, self._on_status)
+        for warning in self._config_warnings(self.config):
+            log.warning(warning)
+        self._maintain_pool()
+        log.info("started: spool %s, %d workers, %d queued, %d deferred", self.config.queue_dir,
+                 self.config.workers, len(self.ready), len(self.schedule))
+
+    def _setup_signals(self) -> None:
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wakeup = (read_fd, write_fd)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, lambda signum, frame: self.signals.append(signum))
+        self.selector.register(read_fd, selectors.EVENT_READ, self._on_wakeup)
+
+    def _shutdown(self) -> None:
+        try:
+            os.unlink(self.config.socket_path)
+        except FileNotFoundError:
+            pass
+        left = self.spool.list(ACTIVE)
+        if left:
+            log.warning("stopped with %d message(s) in active/; they are tried again at the next start", len(left))
+        log.info("stopped")
+        self.lock.release()
+
+    def _begin_stop(self, signum: int) -> None:
+        if self.stopping:
+            return
+        log.info("%s received: finishing deliveries in progress (at most %.0fs)",
+                 signal.Signals(signum).name, self.config.shutdown_timeout)
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + self.config.shutdown_timeout
+        for worker in self.workers.values():
+            worker.close_tasks()
+
+    def _check_stop_deadline(self) -> None:
+        if self.stopping and self.workers and time.monotonic() >= self.stop_deadline:
+            for worker in self.workers.values():
+                log.warning("worker %d still busy with %s at the end of shutdown-timeout; killing it",
+                            worker.pid, worker.job[1] if worker.job else "nothing")
+                _kill(worker.pid)
+            self.stop_deadline = float("inf")
+
+    # -- configuration --------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        """SIGHUP: read the config again; if good, replace the workers (each finishes its
+        message first), otherwise keep everything as it is."""
+        try:
+            config = load(self.config_path, self.flags)
+            if config.queue_dir != self.config.queue_dir:
+                raise ConfigError(f"queue-dir cannot change on reload ({self.config.queue_dir} -> {config.queue_dir})")
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return
+        for warning in self._config_warnings(config):
+            log.warning(warning)
+        self.config = config
+        for worker in self.workers.values():
+            worker.retiring = True
+            worker.close_tasks()
+        log.info("reloaded %s: starting %d new workers", self.config_path or "flags", config.workers)
+
+    @staticmethod
+    def _config_warnings(config: Config) -> list[str]:
+        unbuilt = config.unbuilt_keys()
+        return [f"not built in this version yet, ignored: {', '.join(unbuilt)}"] if unbuilt else []
+
+    # -- workers --------------------------------------------------------------------------
+
+    def _maintain_pool(self) -> None:
+        if self.stopping or time.monotonic() < self.respawn_after:
+            return
+        serving = sum(1 for w in self.workers.values() if not w.retiring)
+        for _ in range(self.config.workers - serving):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        task_read, task_write = os.pipe()
+        report_read, report_write = os.pipe()
+        supervisor_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            status = 0
+            try:
+                self._become_worker(task_write, report_read)
+                Worker(task_read, report_write, self.config).run(supervisor_pid)
+            except BaseException:
+                log.exception("worker %d crashed", os.getpid())
+                status = 70
+            finally:
+                os._exit(status)
+        os.close(task_read)
+        os.close(report_write)
+        os.set_blocking(report_read, False)
+        worker = WorkerHandle(pid, task_write, report_read)
+        self.workers[pid] = worker
+        self.selector.register(report_read, selectors.EVENT_READ, lambda: self._on_report(worker))
+
+    def _become_worker(self, *own_fds: int) -> None:
+        """In the new child: let go of everything that belongs to the supervisor."""
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        fds = [*own_fds, *self.wakeup, self.inotify.fileno(), self.status_server.fileno()]
+        for other in self.workers.values():
+            fds += [other.task_fd, other.report_fd]
+        self.selector.close()
+        for fd in fds:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is not None:
+                self._worker_exited(worker, status)
+
+    def _worker_exited(self, worker: WorkerHandle, status: int) -> None:
+        self._on_report(worker)  # a report written just before dying still counts
+        self.selector.unregister(worker.report_fd)
+        os.close(worker.report_fd)
+        worker.close_tasks()
+        how = _describe_exit(status)
+        if worker.job is not None:
+            log.error("worker %d %s while delivering %s", worker.pid, how, worker.job[1])
+            self._job_lost(*worker.job)
+        elif not (worker.retiring or self.stopping) or status != 0:
+            log.error("worker %d %s", worker.pid, how)
+        if not (worker.retiring or self.stopping) and time.monotonic() - worker.started < YOUNG_WORKER_SECONDS:
+            self.respawn_after = time.monotonic() + YOUNG_WORKER_SECONDS
+
+    def _job_lost(self, queue: str, queue_id: str) -> None:
+        """A worker died holding a message: try it again, unless it keeps killing workers."""
+        self.in_flight.pop(queue_id, None)
+        if not os.path.exists(self.spool.path(ACTIVE, queue_id)):
+            self._enqueue_ready(queue, queue_id)  # never claimed: still where it was
+            return
+        if self.stopping:
+            return  # left in active/ for the next start
+        crashes = self.crashes[queue_id] = self.crashes.get(queue_id, 0) + 1
+        if crashes >= POISON_CRASHES:
+            self.spool.move(queue_id, ACTIVE, HOLD)
+            self.crashes.pop(queue_id)
+            log.error("%s: poison message: it killed %d workers; moved to hold/", queue_id, crashes)
+        else:
+            self.spool.move(queue_id, ACTIVE, INCOMING)
+
+    # -- work -----------------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        for name in sorted(self.spool.list(INCOMING)):
+            self._incoming(name)
+        for entry in os.scandir(self.spool.path(DEFERRED)):
+            self._deferred(entry.name)
+
+    def _incoming(self, name: str) -> None:
+        if name.startswith("."):
+            return
+        if not is_queue_id(name):
+            log.error("incoming/%s: not a queue id; moved to corrupt/", name)
+            self.spool.move(name, INCOMING, CORRUPT)
+            return
+        self._enqueue_ready(INCOMING, name)
+
+    def _deferred(self, name: str) -> None:
+        if name.startswith(".") or not is_queue_id(name):
+            return
+        try:
+            info = os.stat(self.spool.path(DEFERRED, name))
+        except FileNotFoundError:
+            return
+        if stat.S_ISREG(info.st_mode):
+            self.schedule.add(name, info.st_mtime)
+
+    def _enqueue_ready(self, queue: str, queue_id: str) -> None:
+        if queue_id not in self.in_flight:
+            self.ready.append((queue, queue_id))
+
+    def _promote_due(self) -> None:
+        for queue_id in self.schedule.pop_due(time.time()):
+            self._enqueue_ready(DEFERRED, queue_id)
+
+    def _dispatch(self) -> None:
+        if self.stopping or not self.ready:
+            return
+        idle = [w for w in self.workers.values() if w.job is None and not w.retiring and w.task_fd >= 0]
+        while idle and self.ready:
+            queue, queue_id = self.ready.popleft()
+            if queue_id in self.in_flight:
+                continue
+            worker = idle.pop()
+            try:
+                os.write(worker.task_fd, f"{queue} {queue_id}\n".encode())
+            except OSError:
+                self.ready.appendleft((queue, queue_id))
+                continue  # that worker is dying; reaping will replace it
+            worker.job = (queue, queue_id)
+            worker.job_since = time.time()
+            self.in_flight[queue_id] = worker
+
+    def _timeout(self) -> float | None:
+        deadlines = []
+        due = self.schedule.next_due()
+        if due is not None:
+            deadlines.append(due - time.time())
+        if self.respawn_after > time.monotonic():
+            deadlines.append(self.respawn_after - time.monotonic())
+        if self.stopping and self.workers:
+            deadlines.append(self.stop_deadline - time.monotonic())
+        return max(0.0, min(deadlines)) if deadlines else None
+
+    # -- event handlers -------------------------------------------------------------------
+
+    def _on_wakeup(self) -> None:
+        try:
+            while os.read(self.wakeup[0], 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum == signal.SIGCHLD:
+                self._reap()
+            elif signum == signal.SIGHUP:
+                self._reload()
+            else:
+                self._begin_stop(signum)
+
+    def _on_inotify(self) -> None:
+        for event in self.inotify.read(timeout=0):
+            if event.mask & inotify_flags.Q_OVERFLOW:
+                log.warning("inotify queue overflowed; rescanning incoming/ and deferred/")
+                self._scan()
+            elif self.watches.get(event.wd) == INCOMING:
+                self._incoming(event.name)
+            elif self.watches.get(event.wd) == DEFERRED:
+                self._deferred(event.name)
+
+    def _on_report(self, worker: WorkerHandle) -> None:
+        try:
+            while chunk := os.read(worker.report_fd, 65536):
+                worker.buffer += chunk
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+        *lines, worker.buffer = worker.buffer.split(b"\n")
+        for line in lines:
+            self._report(worker, Report.from_line(line.decode()))
+
+    def _report(self, worker: WorkerHandle, report: Report) -> None:
+        worker.job = None
+        worker.done += 1
+        self.in_flight.pop(report.queue_id, None)
+        if report.result not in (SKIPPED, CORRUPTED):
+            self.crashes.pop(report.queue_id, None)
+        self.counters["sent"] += report.sent
+        self.counters["deferred"] += report.deferred
+        self.counters["bounced"] += report.bounced
+        if report.result == QUEUED_AGAIN:
+            self.schedule.add(report.queue_id, report.next_attempt)
+
+    def _on_status(self) -> None:
+        status_socket.serve_one(self.status_server, self._answer)
+
+    def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("command", "status") != "status":
+            return {"error": f"unknown command {request.get('command')!r}"}
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        workers = []
+        for worker in self.workers.values():
+            entry: dict[str, Any] = {
+                "pid": worker.pid,
+                "state": "retiring" if worker.retiring else ("busy" if worker.job else "idle"),
+                "queue_id": worker.job[1] if worker.job else None,
+                "busy_for": round(time.time() - worker.job_since, 3) if worker.job else None,
+                "done": worker.done,
+            }
+            try:
+                process = psutil.Process(worker.pid)
+                cpu = process.cpu_times()
+                entry.update(rss=process.memory_info().rss, cpu=round(cpu.user + cpu.system, 2))
+            except psutil.Error:
+                entry.update(rss=None, cpu=None)
+            workers.append(entry)
+        return {
+            "pid": os.getpid(),
+            "now": time.time(),
+            "queue_dir": self.config.queue_dir,
+            "uptime": round(time.time() - self.started, 3),
+            "rss": psutil.Process().memory_info().rss,
+            "queues": self.spool.counts(),
+            "scheduled": len(self.schedule),
+            "workers": workers,
+            "counters": dict(self.counters),
+        }
+
+
+def _describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by signal {os.WTERMSIG(status)} ({signal.Signals(os.WTERMSIG(status)).name})"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

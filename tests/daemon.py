@@ -1,0 +1,99 @@
+"""Helpers to run the real daemon as a subprocess and watch what it does to the spool."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def qrouter(*args: str, stdin: bytes = b"", check: bool = False, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run the `qrouter` command as a user would."""
+    result = subprocess.run([sys.executable, "-m", "router", *args], input=stdin, capture_output=True,
+                            timeout=timeout, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"qrouter {' '.join(args)} exited {result.returncode}: {result.stderr.decode()}")
+    return result
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Daemon:
+    """`qrouter run --foreground` in a subprocess, logging to a file the test can read."""
+
+    def __init__(self, tmp: Path, *args: str, workers: int = 2, preexec_fn=None):
+        self.tmp = tmp
+        self.spool = tmp / "spool"
+        self.mail = tmp / "mail"
+        self.log_path = tmp / "qrouter.log"
+        self.args = ["--queue-dir", str(self.spool), "--workers", str(workers), *args]
+        if "--default-transport" not in args:
+            self.args += ["--default-transport", f"queue/maildir {self.mail}/%d/%u"]
+        self.preexec_fn = preexec_fn
+        self.process: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> Daemon:
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        self.process = subprocess.Popen([sys.executable, "-m", "router", "run", "--foreground", *self.args],
+                                        stdout=log, stderr=log, cwd=ROOT, preexec_fn=self.preexec_fn)
+        log.close()
+        if wait:
+            wait_for(lambda: "started:" in self.log() or self.process.poll() is not None, what="daemon start")
+            assert self.process.poll() is None, f"daemon exited {self.process.returncode}:\n{self.log()}"
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def status(self) -> dict:
+        return json.loads(qrouter("status", "--json", "--queue-dir", str(self.spool), check=True).stdout)
+
+    def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in self.status()["workers"]]
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def files(self, queue: str) -> list[str]:
+        return sorted(os.listdir(self.spool / queue)) if (self.spool / queue).exists() else []
+
+    def delivered(self, pattern: str = "*/*") -> list[Path]:
+        """Messages in the Maildirs under mail/, e.g. pattern "example.org/user"."""
+        return sorted(Path(p) for p in glob.glob(str(self.mail / pattern / "new" / "*")))
+
+    def wait_idle(self, timeout: float = 30) -> None:
+        """Wait until incoming/ and active/ are empty and no worker holds a message."""
+        def idle() -> bool:
+            if self.files("incoming") or self.files("active"):
+                return False
+            return all(w["queue_id"] is None for w in self.status()["workers"])
+        wait_for(idle, timeout, "the queue to drain")

@@ -1,0 +1,75 @@
+"""Enqueue to Maildir delivery through the real daemon, byte for byte."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from router.spool import Spool
+from tests.daemon import qrouter, wait_for
+
+BODIES = {
+    "plain": b"Subject: plain\n\nhello\n",
+    "crlf": b"Subject: crlf\r\n\r\nline one\r\n.dot line\r\n",
+    "eight-bit": "Subject: =?utf-8?q?gr=C3=BC=C3=9Fe?=\n\nGr\u00fc\u00dfe aus K\u00f6ln \u2603\n".encode(),
+    "binary": bytes(range(256)) * 64,
+    "long-line": b"Subject: long\n\n" + b"x" * 1_000_000 + b"\n",
+    "no-final-newline": b"Subject: x\n\nno newline at the end",
+}
+
+
+@pytest.mark.parametrize("name", BODIES)
+def test_message_arrives_byte_for_byte(daemons, name):
+    daemon = daemons()
+    result = qrouter("enqueue", "--queue-dir", str(daemon.spool), "-f", "sender@example.org",
+                     "user@example.org", stdin=BODIES[name], check=True)
+    queue_id = result.stdout.decode().strip()
+    delivered = wait_for(lambda: daemon.delivered("example.org/user"), what="delivery")
+    assert [p.read_bytes() for p in delivered] == [BODIES[name]]
+    wait_for(lambda: f"{queue_id}: removed" in daemon.log(), what="removal")
+    assert daemon.files("incoming") == daemon.files("active") == daemon.files("deferred") == []
+    line = next(ln for ln in daemon.log().splitlines() if f"{queue_id}: to=<user@example.org>" in ln)
+    assert "relay=maildir[" in line and "dsn=2.0.0, status=sent (delivered to maildir as " in line
+    assert "attempts=1" in line and "delay=" in line
+
+
+def test_each_recipient_gets_its_own_maildir(daemons):
+    daemon = daemons()
+    spool = Spool(daemon.spool)
+    spool.enqueue("<>", ["a@one.example", "B@Two.Example", '"../../etc"@one.example'], b"Subject: x\n\nbody\n")
+    wait_for(lambda: len(daemon.delivered()) == 3, what="three deliveries")
+    folders = sorted(str(p.parent.parent.relative_to(daemon.mail)) for p in daemon.delivered())
+    assert folders == ["one.example/%22..%2F..%2Fetc%22", "one.example/a", "two.example/B"]
+    assert not (daemon.tmp / "etc").exists()
+
+
+def test_message_queued_before_start_is_delivered_at_start(daemons, tmp_path):
+    daemon = daemons(start=False)
+    spool = Spool(daemon.spool)
+    spool.create()
+    ids = [spool.enqueue("a@example.org", [f"u{i}@example.org"], f"n={i}\n".encode()) for i in range(20)]
+    daemon.start()
+    wait_for(lambda: len(daemon.delivered()) == 20, what="20 deliveries")
+    assert sorted(p.read_bytes() for p in daemon.delivered()) == sorted(f"n={i}\n".encode() for i in range(20))
+    assert all(f"{queue_id}: removed" in daemon.log() for queue_id in ids)
+
+
+def test_status_reports_queues_workers_and_counters(daemons):
+    daemon = daemons(workers=3)
+    Spool(daemon.spool).enqueue("a@example.org", ["u@example.org"], b"x\n")
+    wait_for(lambda: daemon.delivered(), what="delivery")
+    status = wait_for(lambda: (s := daemon.status())["counters"]["sent"] == 1 and s, what="counters")
+    assert len(status["workers"]) == 3
+    assert all(w["rss"] > 1_000_000 and w["state"] == "idle" for w in status["workers"])
+    assert sum(w["done"] for w in status["workers"]) == 1
+    assert status["queues"]["incoming"] == {"messages": 0, "oldest": None}
+    text = qrouter("status", "--queue-dir", str(daemon.spool), check=True).stdout.decode()
+    assert "since start: 1 sent, 0 deferred, 0 bounced" in text
+    assert oct(os.stat(daemon.spool / "status.sock").st_mode & 0o777) == "0o660"
+
+
+def test_status_without_daemon_fails_clearly(tmp_path):
+    result = qrouter("status", "--queue-dir", str(tmp_path))
+    assert result.returncode == 75
+    assert b"cannot reach the daemon" in result.stderr

@@ -1,0 +1,95 @@
+"""The delivery worker: a forked process that takes queue-file paths from its pipe, delivers,
+and answers one report line each.
+
+It holds no state the supervisor needs: if it dies, the supervisor puts its message back and
+forks another. It exits when its pipe closes (graceful stop, reload) and is killed by the kernel
+when the supervisor dies, so no orphan keeps delivering beside a restarted daemon.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import select
+import signal
+import time
+
+from policy.next_hop import DISCARD, ERROR, LMTP, MAILDIR, MDA, MX, PIPE, RETRY, SMTP
+from policy.routing import Policy
+from router.config import Config
+from router.spool import ACTIVE, DEFERRED, Spool
+from workers.delivery import QUEUED_AGAIN, Delivery, Report
+from workers.maildir import MaildirTransport
+from workers.transport import Transport
+from workers.verdict import VerdictTransport
+
+log = logging.getLogger("qrouter")
+
+IDLE_SECONDS = 5.0
+PR_SET_PDEATHSIG = 1
+
+
+def build_transports() -> dict[str, Transport]:
+    verdict = VerdictTransport()
+    return {MAILDIR: MaildirTransport(), DISCARD: verdict, ERROR: verdict, RETRY: verdict,
+            SMTP: verdict, LMTP: verdict, PIPE: verdict, MDA: verdict, MX: verdict}
+
+
+class Worker:
+    def __init__(self, task_fd: int, report_fd: int, config: Config):
+        self.task_fd = task_fd
+        self.report_fd = report_fd
+        self.config = config
+        self.spool = Spool(config.queue_dir, config.spool_group)
+        self.transports = build_transports()
+        self.delivery = Delivery(self.spool, config, Policy(config.default_transport), self.transports)
+        self.busy = False
+        self.stopping = False
+
+    def run(self, supervisor_pid: int) -> None:
+        _die_with_parent()
+        if os.getppid() != supervisor_pid:
+            return
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._on_term)
+        buffer = b""
+        while not self.stopping:
+            readable, _, _ = select.select([self.task_fd], [], [], IDLE_SECONDS)
+            if not readable:
+                for transport in set(self.transports.values()):
+                    transport.close_idle()
+                continue
+            chunk = os.read(self.task_fd, 4096)
+            if not chunk:
+                return
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                queue, queue_id = line.decode().split()
+                self.busy = True
+                report = self._attempt(queue, queue_id)
+                self.busy = False
+                os.write(self.report_fd, report.to_line())
+
+    def _attempt(self, queue: str, queue_id: str) -> Report:
+        try:
+            return self.delivery.attempt(queue, queue_id)
+        except Exception:
+            log.exception("%s: delivery attempt failed unexpectedly; deferring the message", queue_id)
+            due = time.time() + self.config.min_backoff
+            if self.spool.move(queue_id, ACTIVE, DEFERRED, mtime=due):
+                return Report(queue_id, QUEUED_AGAIN, next_attempt=due)
+            raise
+
+    def _on_term(self, signum: int, frame: object) -> None:
+        """SIGTERM: finish the message in hand, then exit."""
+        if not self.busy:
+            os._exit(0)
+        self.stopping = True
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
