@@ -35,6 +35,10 @@ def parse_path(text: str, *, null_ok: bool = False) -> str:
     """
     if any(c in text for c in "\r\n\0"):
         raise AddressError(f"address {text!r} contains CR, LF or NUL")
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # e.g. a command-line argument that was not UTF-8
+        raise AddressError(f"address {text!r} is not valid UTF-8") from None
     inner = text
     if text.startswith("<") or text.endswith(">"):
         if not (text.startswith("<") and text.endswith(">")):
@@ -83,6 +87,8 @@ def check_domain(domain: str, context: str) -> None:
 
 def _address_literal_ok(literal: str) -> bool:
     if literal.lower().startswith("ipv6:"):
+        if "%" in literal:  # ipaddress accepts a zone ("%eth0"), RFC 5321 has none
+            return False
         try:
             ipaddress.IPv6Address(literal[5:])
         except ValueError:

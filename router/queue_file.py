@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from router.address import AddressError, parse_path
+from router.queue_id import is_queue_id
 
 MAGIC = "qrouter-queue-file"
 VERSION = 1
@@ -24,7 +25,9 @@ LOG_KEEP = 20
 _ENVELOPE_KEYS = {"id", "arrival", "attempts", "sender", "envid", "ret", "log", "size"}
 _RECIPIENT_KEYS = {"notify", "orcpt", "state", "dsn", "relay", "reply"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_JOURNAL = re.compile(rb"@(\d+) (\w+) ?(.*)")
+_JOURNAL = re.compile(rb"@(\d{1,9}) (\w+) ?(.*)")
+_INTEGER = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 class CorruptQueueFile(ValueError):
@@ -85,9 +88,9 @@ class QueueFile:
             f"sender <{self.sender}>",
         ]
         if self.envid:
-            lines.append(f"envid {self.envid}")
+            lines.append(f"envid {clean(self.envid)}")
         if self.ret:
-            lines.append(f"ret {self.ret}")
+            lines.append(f"ret {clean(self.ret)}")
         lines.extend(f"log {entry}" for entry in self.log)
         for rcpt in self.recipients:
             lines.extend(rcpt.header_lines())
@@ -116,6 +119,7 @@ def parse(data: bytes, where: str = "queue file") -> QueueFile:
     except UnicodeDecodeError as exc:
         raise CorruptQueueFile(f"{where}: header is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     fields: dict[str, str] = {}
+    line_of: dict[str, str] = {}
     recipients: list[Recipient] = []
     log: list[str] = []
     for number, line in enumerate(header.split("\n"), 1):
@@ -137,6 +141,7 @@ def parse(data: bytes, where: str = "queue file") -> QueueFile:
             if key in fields:
                 raise CorruptQueueFile(f"{where}:{number}: '{key}' given twice")
             fields[key] = value
+            line_of[key] = f"{where}:{number}"
         else:
             raise CorruptQueueFile(f"{where}:{number}: unknown key {key!r}")
     for key in ("id", "arrival", "sender", "size"):
@@ -144,18 +149,20 @@ def parse(data: bytes, where: str = "queue file") -> QueueFile:
             raise CorruptQueueFile(f"{where}: required line '{key}' is missing")
     if not recipients:
         raise CorruptQueueFile(f"{where}: no 'rcpt' line")
-    size = _number(fields["size"], int, f"{where}: size")
+    if not is_queue_id(fields["id"]):
+        raise CorruptQueueFile(f"{line_of['id']}: {fields['id']!r} is not a queue id")
+    size = _number(fields["size"], int, f"{line_of['size']}: size")
     body_start = end + 2
     message = data[body_start:body_start + size]
     if len(message) != size:
         raise CorruptQueueFile(f"{where}: truncated: size says {size} bytes, the file holds {len(message)}")
     queue_file = QueueFile(
         queue_id=fields["id"],
-        arrival=_number(fields["arrival"], float, f"{where}: arrival"),
-        sender=_address(fields["sender"], f"{where}: sender", null_ok=True),
+        arrival=_number(fields["arrival"], float, f"{line_of['arrival']}: arrival"),
+        sender=_address(fields["sender"], f"{line_of['sender']}: sender", null_ok=True),
         recipients=recipients,
         message=message,
-        attempts=_number(fields.get("attempts", "0"), int, f"{where}: attempts"),
+        attempts=_number(fields.get("attempts", "0"), int, f"{line_of.get('attempts', where)}: attempts"),
         envid=fields.get("envid", ""),
         ret=fields.get("ret", ""),
         log=log,
@@ -198,7 +205,10 @@ def _address(value: str, where: str, null_ok: bool) -> str:
 
 
 def _number(text: str, kind: type, where: str):
+    """Plain decimal digits only: int() and float() would also take "-1", "nan" or "1e9"."""
     try:
-        return kind(text)
-    except ValueError:
-        raise CorruptQueueFile(f"{where}: {text!r} is not a number") from None
+        if (_INTEGER if kind is int else _DECIMAL).fullmatch(text):
+            return kind(text)
+    except ValueError:  # more digits than int() converts
+        pass
+    raise CorruptQueueFile(f"{where}: {text!r} is not a number")

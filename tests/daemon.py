@@ -44,7 +44,7 @@ class Daemon:
         self.mail = tmp / "mail"
         self.log_path = tmp / "qrouter.log"
         self.args = ["--queue-dir", str(self.spool), "--workers", str(workers), *args]
-        if "--default-transport" not in args:
+        if "--default-transport" not in args and "--config" not in args:
             self.args += ["--default-transport", f"queue/maildir {self.mail}/%d/%u"]
         self.preexec_fn = preexec_fn
         self.process: subprocess.Popen | None = None

@@ -139,7 +139,7 @@ class Delivery:
                                     f"{report.deferred} deferred, {report.bounced} bounced")
             self._store(queue_file)
             self.spool.move(queue_id, ACTIVE, DEFERRED, mtime=report.next_attempt)
-            log.info("%s: deferred, next attempt in %.0fs", queue_id, report.next_attempt - now)
+            log.info("%s: deferred, next attempt in %.1fs", queue_id, report.next_attempt - now)
         elif report.bounced and self.config.archive_failed:
             report.result = ARCHIVED
             self._store(queue_file)

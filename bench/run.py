@@ -1,0 +1,447 @@
+"""qrouter benchmarks: delivery latency, drain throughput, and footprint with a large deferred queue.
+
+    bench/run.py                      all three, once each
+    bench/run.py latency drain        a selection
+    bench/run.py --repeat 2           each benchmark twice; the summary shows the better and worse run
+
+These print figures next to their targets; they are not tests (a shared machine makes them noisy).
+Each runs the real daemon (`qrouter run --foreground`) as a subprocess on a spool and Maildirs in a
+fresh directory under /tmp, removed afterwards, and stops by itself.
+
+latency  An idle daemon with 2 workers; messages queued one at a time with Spool.enqueue. Per
+         message: from enqueue() returning to the message's rename into the Maildir's new/,
+         seen through inotify. A message that lands before enqueue() returns (the daemon can
+         deliver while enqueue still fsyncs incoming/) counts as 0 ms.
+drain    10,000 messages of 4 KB for 100 users queued while the daemon is stopped, then the daemon
+         starts with 4 workers: messages/s from process start to the last rename into new/.
+         Reference: a plain loop writing the same messages into the same Maildirs with the same
+         fsyncs (tmp/ file, fsync, rename to new/, fsync new/), on one core.
+memory   100,000 small queue files in deferred/, due in an hour. The daemon starts with 4 workers
+         while one new message is queued: time from process start to that message's delivery,
+         and the supervisor's resident memory once it serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+from inotify_simple import INotify
+from inotify_simple import flags as inotify_flags
+
+from router.queue_file import QueueFile, Recipient
+from router.queue_id import arrival_of, new_queue_id
+from router.spool import DEFERRED, Spool
+from router.status_socket import StatusError, query
+
+ROOT = Path(__file__).resolve().parent.parent
+SENDER = "bench@example.org"
+DOMAIN = "example.org"
+MESSAGE_SIZE = 4096
+
+LATENCY_MESSAGES = 300
+LATENCY_WARMUP = 10
+LATENCY_WORKERS = 2
+LATENCY_PAUSE = 0.005  # lets the worker report back, so every message meets an idle daemon
+
+DRAIN_MESSAGES = 10_000
+DRAIN_USERS = 100
+DRAIN_WORKERS = 4
+
+MEMORY_DEFERRED = 100_000
+MEMORY_WORKERS = 4
+
+DELIVERY_TIMEOUT = 10.0
+DRAIN_TIMEOUT = 150.0
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def message(index: int, size: int = MESSAGE_SIZE) -> bytes:
+    """A plausible mail of exactly `size` bytes."""
+    head = (f"From: <{SENDER}>\nTo: <user{index}@{DOMAIN}>\nSubject: bench message {index}\n"
+            f"Message-ID: <{index}.bench@{DOMAIN}>\n\n").encode()
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .\n"
+    body = line * (size // len(line) + 1)
+    return head + body[:size - len(head)]
+
+
+def make_maildir(path: Path) -> Path:
+    """Create a Maildir as a mail system provisions its users; returns its new/ directory."""
+    for sub in ("tmp", "new", "cur"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    return path / "new"
+
+
+@contextmanager
+def workspace(name: str, keep: bool) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=f"qrouter-bench-{name}-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"  kept {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class Daemon:
+    """`qrouter run --foreground` in a subprocess, logging into a file in the workspace."""
+
+    def __init__(self, root: Path, workers: int):
+        self.spool = root / "spool"
+        self.mail = root / "mail"
+        self.log_path = root / "qrouter.log"
+        self.workers = workers
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        """Launch the daemon; returns the perf_counter() reading just before the launch."""
+        command = [sys.executable, "-m", "router", "run", "--foreground", "--queue-dir", str(self.spool),
+                   "--workers", str(self.workers), "--default-transport", f"queue/maildir {self.mail}/%d/%u"]
+        with open(self.log_path, "ab") as log:
+            started = time.perf_counter()
+            self.process = subprocess.Popen(command, stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
+        return started
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def check_alive(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            raise RuntimeError(f"the daemon exited early; its log:\n{self.log()[-3000:]}")
+
+    def status(self) -> dict[str, Any]:
+        return query(os.path.join(self.spool, "status.sock"), {"command": "status"})
+
+    def wait_serving(self, timeout: float = 20.0) -> dict[str, Any]:
+        """Wait until all workers are forked ("started:" logged) and the status socket answers."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            if "started:" in self.log():
+                try:
+                    return self.status()
+                except StatusError:
+                    pass
+            time.sleep(0.01)
+        raise RuntimeError(f"the daemon did not start within {timeout:.0f}s:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def problems(self) -> list[str]:
+        """Log lines that say something went wrong."""
+        return [line for line in self.log().splitlines()
+                if "error:" in line or "fatal:" in line or "Traceback" in line]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@contextmanager
+def running(daemon: Daemon) -> Iterator[Daemon]:
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def wait_for_renames(inotify: INotify, count: int, timeout: float, daemon: Daemon) -> float:
+    """Block until `count` files have been renamed into the watched new/ directories; returns the
+    perf_counter() reading when the last one was seen."""
+    seen = 0
+    deadline = time.monotonic() + timeout
+    while seen < count:
+        events = inotify.read(timeout=200)
+        now = time.perf_counter()
+        seen += sum(1 for event in events if event.mask & inotify_flags.MOVED_TO)
+        if seen >= count:
+            return now
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {seen} of {count} deliveries after {timeout:.0f}s")
+        if not events:
+            daemon.check_alive()
+    return time.perf_counter()
+
+
+def count_files(directories: list[Path]) -> int:
+    return sum(len(os.listdir(d)) for d in directories)
+
+
+def report_problems(daemon: Daemon) -> list[str]:
+    problems = daemon.problems()
+    for line in problems[:5]:
+        print(f"  daemon log: {line}")
+    if len(problems) > 5:
+        print(f"  daemon log: ... {len(problems) - 5} more problem lines")
+    return problems
+
+
+# -- the benchmarks -------------------------------------------------------------------------
+
+
+def bench_latency(keep: bool) -> dict[str, float]:
+    with workspace("latency", keep) as root:
+        daemon = Daemon(root, LATENCY_WORKERS)
+        spool = Spool(daemon.spool)
+        spool.create()
+        new_dir = make_maildir(daemon.mail / DOMAIN / "user")
+        inotify = INotify()
+        inotify.add_watch(new_dir, inotify_flags.MOVED_TO)
+        body = message(0)
+        latencies = []
+        with running(daemon):
+            daemon.start()
+            daemon.wait_serving()
+            for index in range(LATENCY_WARMUP + LATENCY_MESSAGES):
+                spool.enqueue(SENDER, [f"user@{DOMAIN}"], body)
+                queued = time.perf_counter()
+                arrived = wait_for_renames(inotify, 1, DELIVERY_TIMEOUT, daemon)
+                if index >= LATENCY_WARMUP:
+                    latencies.append(max(0.0, arrived - queued) * 1000)
+                time.sleep(LATENCY_PAUSE)
+            report_problems(daemon)
+        spool.close()
+        inotify.close()
+    delivered = len(latencies)
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    figures = {"p50_ms": cuts[49], "p99_ms": cuts[98], "max_ms": max(latencies), "mean_ms": statistics.fmean(latencies)}
+    print(f"  {delivered} messages: p50 {figures['p50_ms']:.2f} ms, p99 {figures['p99_ms']:.2f} ms, "
+          f"mean {figures['mean_ms']:.2f} ms, max {figures['max_ms']:.2f} ms")
+    return figures
+
+
+def drain_reference(root: Path, bodies: list[bytes]) -> float:
+    """Messages/s of a plain loop doing a Maildir delivery's system calls and nothing else."""
+    new_dirs = [make_maildir(root / DOMAIN / f"user{user}") for user in range(DRAIN_USERS)]
+    started = time.perf_counter()
+    for index, body in enumerate(bodies):
+        maildir = new_dirs[index % DRAIN_USERS].parent
+        name = f"{index}.bench"
+        staged = os.path.join(maildir, "tmp", name)
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(staged, os.path.join(maildir, "new", name))
+        dir_fd = os.open(os.path.join(maildir, "new"), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    elapsed = time.perf_counter() - started
+    if count_files(new_dirs) != len(bodies):
+        raise RuntimeError("reference loop lost messages")
+    return len(bodies) / elapsed
+
+
+def bench_drain(keep: bool) -> dict[str, float]:
+    with workspace("drain", keep) as root:
+        daemon = Daemon(root, DRAIN_WORKERS)
+        spool = Spool(daemon.spool)
+        spool.create()
+        bodies = [message(index) for index in range(DRAIN_MESSAGES)]
+        setup = time.perf_counter()
+        for index, body in enumerate(bodies):
+            spool.enqueue(SENDER, [f"user{index % DRAIN_USERS}@{DOMAIN}"], body)
+        spool.close()
+        print(f"  queued {DRAIN_MESSAGES} messages with Spool.enqueue in {time.perf_counter() - setup:.1f}s")
+        new_dirs = [make_maildir(daemon.mail / DOMAIN / f"user{user}") for user in range(DRAIN_USERS)]
+        inotify = INotify()
+        for new_dir in new_dirs:
+            inotify.add_watch(new_dir, inotify_flags.MOVED_TO)
+        with running(daemon):
+            started = daemon.start()
+            finished = wait_for_renames(inotify, DRAIN_MESSAGES, DRAIN_TIMEOUT, daemon)
+            cpu = psutil.Process(daemon.pid).cpu_times()
+            report_problems(daemon)
+        inotify.close()
+        delivered = count_files(new_dirs)
+        if delivered != DRAIN_MESSAGES:
+            raise RuntimeError(f"{delivered} messages in the Maildirs, expected {DRAIN_MESSAGES}")
+        router_rate = DRAIN_MESSAGES / (finished - started)
+        print(f"  router: {DRAIN_MESSAGES} delivered in {finished - started:.2f}s = {router_rate:.0f} msg/s "
+              f"(supervisor cpu {cpu.user + cpu.system:.2f}s)")
+        reference_rate = drain_reference(root / "reference", bodies)
+        print(f"  reference loop: {reference_rate:.0f} msg/s")
+    ratio = router_rate / reference_rate
+    print(f"  ratio router/reference: {ratio:.2f}")
+    return {"router_rate": router_rate, "reference_rate": reference_rate, "ratio": ratio}
+
+
+def fill_deferred(spool: Spool, count: int, due: float) -> None:
+    """Write small valid queue files straight into deferred/; no fsync, this is only setup."""
+    directory = spool.path(DEFERRED)
+    body = b"Subject: waiting\n\nfor a retry\n"
+    for index in range(count):
+        queue_id = new_queue_id()
+        queue_file = QueueFile(queue_id, arrival_of(queue_id), SENDER,
+                               [Recipient(f"later{index % 1000}@{DOMAIN}")], body, attempts=1)
+        path = os.path.join(directory, queue_id)
+        with open(path, "wb") as handle:
+            handle.write(queue_file.to_bytes())
+        os.utime(path, (due, due))
+
+
+def peak_rss(pid: int) -> int:
+    """The process's high-water resident memory (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def bench_memory(keep: bool) -> dict[str, float]:
+    with workspace("memory", keep) as root:
+        daemon = Daemon(root, MEMORY_WORKERS)
+        spool = Spool(daemon.spool)
+        spool.create()
+        setup = time.perf_counter()
+        fill_deferred(spool, MEMORY_DEFERRED, time.time() + 3600)
+        print(f"  wrote {MEMORY_DEFERRED} queue files into deferred/ in {time.perf_counter() - setup:.1f}s")
+        new_dir = make_maildir(daemon.mail / DOMAIN / "first")
+        inotify = INotify()
+        inotify.add_watch(new_dir, inotify_flags.MOVED_TO)
+        with running(daemon):
+            started = daemon.start()
+            spool.enqueue(SENDER, [f"first@{DOMAIN}"], message(0))
+            delivered = wait_for_renames(inotify, 1, DRAIN_TIMEOUT, daemon)
+            status = daemon.wait_serving()
+            rss = psutil.Process(daemon.pid).memory_info().rss
+            peak = peak_rss(daemon.pid)
+            report_problems(daemon)
+        spool.close()
+        inotify.close()
+        if status["scheduled"] != MEMORY_DEFERRED:
+            raise RuntimeError(f"the daemon scheduled {status['scheduled']} messages, expected {MEMORY_DEFERRED}")
+    first = delivered - started
+    print(f"  first delivery {first:.2f}s after process start; supervisor RSS {rss / 2**20:.1f} MB "
+          f"(status socket says {status['rss'] / 2**20:.1f} MB, peak {peak / 2**20:.1f} MB), "
+          f"{status['scheduled']} scheduled")
+    return {"rss_mb": rss / 2**20, "peak_mb": peak / 2**20, "first_delivery_s": first}
+
+
+# -- the summary ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Figure:
+    benchmark: str
+    key: str
+    label: str
+    unit: str
+    target: float | None  # None: shown for context, no target
+    higher_is_better: bool = False
+
+    def passes(self, value: float) -> bool | None:
+        if self.target is None:
+            return None
+        return value >= self.target if self.higher_is_better else value < self.target
+
+    def target_text(self) -> str:
+        if self.target is None:
+            return "-"
+        return f"{'>=' if self.higher_is_better else '<'} {self.target:g} {self.unit}".strip()
+
+
+FIGURES = [
+    Figure("latency", "p50_ms", "enqueue-to-Maildir p50", "ms", 5),
+    Figure("latency", "p99_ms", "enqueue-to-Maildir p99", "ms", 50),
+    Figure("drain", "router_rate", "router drain rate", "msg/s", None, higher_is_better=True),
+    Figure("drain", "reference_rate", "reference loop rate", "msg/s", None, higher_is_better=True),
+    Figure("drain", "ratio", "ratio router/reference", "", 0.7, higher_is_better=True),
+    Figure("memory", "rss_mb", "supervisor RSS after start", "MB", 100),
+    Figure("memory", "peak_mb", "supervisor peak RSS", "MB", None),
+    Figure("memory", "first_delivery_s", "start to first delivery", "s", 5),
+]
+
+BENCHMARKS: dict[str, Callable[[bool], dict[str, float]]] = {
+    "latency": bench_latency, "drain": bench_drain, "memory": bench_memory}
+
+
+def cell(figure: Figure, value: float | None) -> str:
+    if value is None:
+        return "failed"
+    verdict = figure.passes(value)
+    number = f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+    text = f"{number} {figure.unit}".strip()
+    return text if verdict is None else f"{text} {'PASS' if verdict else 'MISS'}"
+
+
+def summary(results: dict[str, list[dict[str, float] | None]]) -> list[str]:
+    """One row per figure: its target, then the better and the worse run (equal with one run)."""
+    rows = [("benchmark", "figure", "target", "better run", "worse run")]
+    for figure in FIGURES:
+        if figure.benchmark not in results:
+            continue
+        values = [run[figure.key] if run is not None else None for run in results[figure.benchmark]]
+        measured = sorted((v for v in values if v is not None), reverse=figure.higher_is_better)
+        failed = len(values) - len(measured)
+        better = measured[0] if measured else None
+        worse = None if failed else measured[-1]
+        rows.append((figure.benchmark, figure.label, figure.target_text(), cell(figure, better), cell(figure, worse)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmarks", nargs="*", metavar="BENCHMARK",
+                        help=f"any of {', '.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each benchmark (default 1)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directories under /tmp")
+    args = parser.parse_args()
+    unknown = [name for name in args.benchmarks if name not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    chosen = args.benchmarks or list(BENCHMARKS)
+    results: dict[str, list[dict[str, float] | None]] = {name: [] for name in chosen}
+    began = time.monotonic()
+    for name in chosen:
+        for run in range(1, args.repeat + 1):
+            print(f"{name}, run {run}:", flush=True)
+            try:
+                results[name].append(BENCHMARKS[name](args.keep))
+            except RuntimeError as exc:
+                print(f"  FAILED: {exc}")
+                results[name].append(None)
+    print(f"\nsummary ({args.repeat} run(s) each, {time.monotonic() - began:.0f}s in all; "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores):")
+    for line in summary(results):
+        print(line)
+    return 1 if any(run is None for runs in results.values() for run in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The config table: file and flags, file:line errors, relative paths, unbuilt keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from policy.next_hop import MAILDIR, RETRY, SMTP, NextHopError, parse_next_hop
+from router.config import ConfigError, load
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "qrouter.conf"
+    path.write_text(text)
+    return path
+
+
+def test_file_values_comments_and_relative_paths(tmp_path):
+    path = write(tmp_path, "# qrouter\n\nqueue-dir spool   # the spool\nworkers 3\nmax-age 0.5\n"
+                           "archive-failed on\ndefault-transport queue/maildir mail/%d/%u\n")
+    config = load(str(path))
+    assert config.queue_dir == str(tmp_path / "spool")
+    assert (config.workers, config.max_age, config.archive_failed) == (3, 0.5, True)
+    assert config.default_transport.kind == MAILDIR
+    assert config.default_transport.argument == str(tmp_path / "mail/%d/%u")
+    assert config.socket_path == str(tmp_path / "spool" / "status.sock")
+
+
+def test_flags_win_over_the_file(tmp_path):
+    path = write(tmp_path, "workers 3\n")
+    assert load(str(path), {"workers": "7"}).workers == 7
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("workers 0\n", "qrouter.conf:1: workers '0': must be at least 1"),
+    ("\nworkers many\n", "qrouter.conf:2: workers 'many': is not a valid value"),
+    ("max-age -1\n", "qrouter.conf:1: max-age '-1': must be a number of 0 or more"),
+    ("archive-failed maybe\n", "qrouter.conf:1: archive-failed 'maybe': must be yes or no"),
+    ("colour blue\n", "qrouter.conf:1: unknown key 'colour'"),
+    ("workers\n", "qrouter.conf:1: workers needs a value"),
+    ("workers 1\nworkers 2\n", "qrouter.conf:2: workers already set at line 1"),
+    ("default-transport queue/nonsense\n", "qrouter.conf:1: default-transport: unknown queue transport"),
+    ("default-transport mx.example:99999\n", "qrouter.conf:1: default-transport: port 99999"),
+    ("spool-group no-such-group-here\n", "qrouter.conf:1: spool-group: no such group"),
+])
+def test_errors_name_file_line_and_problem(tmp_path, text, error):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load(str(path))
+    assert error in str(caught.value)
+    assert str(caught.value).startswith(str(path))
+
+
+def test_flag_errors_name_the_flag():
+    with pytest.raises(ConfigError, match=r"^--workers: workers '0': must be at least 1"):
+        load(None, {"workers": "0"})
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.conf: cannot read config: No such file"):
+        load(str(tmp_path / "nope.conf"))
+
+
+def test_keys_of_later_features_are_accepted_and_listed(tmp_path):
+    config = load(str(write(tmp_path, "relayhost mx.example.org\nsend-ndr yes\n")))
+    assert config.unbuilt_keys() == ["relayhost", "send-ndr"]
+
+
+@pytest.mark.parametrize(("text", "kind", "argument"), [
+    ("queue/retry", RETRY, "4.0.0"),
+    ("queue/retry 4.2.2 mailbox full", RETRY, "4.2.2 mailbox full"),
+    ("10.1.1.1:2525", SMTP, "10.1.1.1:2525"),
+    ("[::1]:2425", SMTP, "[::1]:2425"),
+    ("mx.foo.bar,mx.backup.foo.bar", SMTP, "mx.foo.bar,mx.backup.foo.bar"),
+])
+def test_next_hops(text, kind, argument):
+    hop = parse_next_hop(text)
+    assert (hop.kind, hop.argument) == (kind, argument)
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("queue/error 4.1.1", "queue/error takes a 5.X.X status, not 4.1.1"),
+    ("queue/maildir", "queue/maildir needs a directory"),
+    ("|", "names no program"),
+    ("host:0", "out of range"),
+    ("bad host!", "is not a host"),
+])
+def test_bad_next_hops(text, error):
+    with pytest.raises(NextHopError, match=error):
+        parse_next_hop(text)
