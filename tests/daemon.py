@@ -50,7 +50,7 @@ class Daemon:
         self.process: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> Daemon:
-        log = open(self.log_path, "ab")  # noqa: SIM115
+        log = open(self.log_path, "ab")
         self.process = subprocess.Popen([sys.executable, "-m", "router", "run", "--foreground", *self.args],
                                         stdout=log, stderr=log, cwd=ROOT, preexec_fn=self.preexec_fn)
         log.close()

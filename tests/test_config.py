@@ -56,7 +56,7 @@ def test_flag_errors_name_the_flag():
 
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="nope.conf: cannot read config: No such file"):
+    with pytest.raises(ConfigError, match=r"nope\.conf: cannot read config: No such file"):
         load(str(tmp_path / "nope.conf"))
 
 
