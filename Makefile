@@ -19,7 +19,7 @@ run: $(VENV)/.installed
 	@mkdir -p var
 	@echo "qrouter: spool ./var/spool, mail delivered into ./var/mail/DOMAIN/USER (Maildir)."
 	@echo "qrouter: in another shell, queue a message with:"
-	@echo "  printf 'Subject: hi\n\nhello\n' | $(VENV)/bin/qrouter enqueue --queue-dir var/spool -f you@example.org user@example.org"
+	@printf '%s\n' "  printf 'Subject: hi\\n\\nhello\\n' | $(VENV)/bin/qrouter enqueue --queue-dir var/spool -f you@example.org user@example.org"
 	@echo "  $(VENV)/bin/qrouter status --queue-dir var/spool"
 	$(VENV)/bin/qrouter run --foreground --queue-dir var/spool --workers 2 \
 		--default-transport 'queue/maildir var/mail/%d/%u'
