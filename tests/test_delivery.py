@@ -73,3 +73,16 @@ def test_status_without_daemon_fails_clearly(tmp_path):
     result = qrouter("status", "--queue-dir", str(tmp_path))
     assert result.returncode == 75
     assert b"cannot reach the daemon" in result.stderr
+
+
+def test_queue_file_whose_id_differs_from_its_name_goes_to_corrupt(daemons):
+    daemon = daemons(start=False)
+    spool = Spool(daemon.spool)
+    spool.create()
+    queue_id = spool.enqueue("a@example.org", ["u@example.org"], b"x\n")
+    other = "0000000000001-1-1"
+    os.rename(daemon.spool / "incoming" / queue_id, daemon.spool / "incoming" / other)
+    daemon.start()
+    wait_for(lambda: daemon.files("corrupt") == [other], what="the file in corrupt/")
+    assert f"its id line says {queue_id}, not its file name" in daemon.log()
+    assert not daemon.delivered()

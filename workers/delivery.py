@@ -59,6 +59,8 @@ class Delivery:
         try:
             with open(path, "rb") as handle:
                 queue_file = parse(handle.read(), path)
+            if queue_file.queue_id != queue_id:
+                raise CorruptQueueFile(f"{path}: its id line says {queue_file.queue_id}, not its file name")
         except CorruptQueueFile as exc:
             log.error("%s: corrupt queue file moved to %s: %s", queue_id, self.spool.path(CORRUPT), exc)
             self.spool.move(queue_id, ACTIVE, CORRUPT)

@@ -1,0 +1,311 @@
+"""Where mail for a domain goes: the DNS half of MX routing (RFC 5321 section 5.1).
+
+`next_hops` turns a destination into the hosts to try, best first, each with its addresses, so
+the SMTP transport only connects and never has to know DNS. Every DNS failure becomes one
+`MXLookupError` whose enhanced status code already says bounce (5.X.X) or defer (4.X.X): a
+name that does not exist is final, a server that does not answer is not.
+
+Destinations take Postfix's notation: `example.org` looks up MX records, `[host]` and `[ip]`
+skip the MX lookup and go to that host. Relay hosts are resolved with `resolve_host`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rcode
+import dns.rdatatype
+import dns.resolver
+
+from router.address import AddressError, check_domain
+
+DEFAULT_TIMEOUT = 10.0
+DNS_PORT = 53
+
+NULL_MX = "5.1.10"  # RFC 7505: the domain says it accepts no mail
+NO_DOMAIN = "5.1.2"  # the recipient's domain does not exist, or cannot receive mail
+BAD_SYNTAX = "5.1.3"  # not something DNS can be asked about
+NO_HOST = "5.4.4"  # a host named in the configuration does not exist
+TRY_AGAIN = "4.4.3"  # DNS could not answer now; the same question may work later
+
+_DOTTED_NUMBERS = re.compile(r"[0-9.]+")
+
+
+class MXLookupError(Exception):
+    """DNS gave no host to deliver to; `dsn` says whether to bounce or to try again later.
+
+    `temporary` is read from the status code rather than stored beside it, so the two can
+    never disagree.
+    """
+
+    def __init__(self, dsn: str, message: str):
+        super().__init__(message)
+        self.dsn = dsn
+        self.message = message
+
+    @property
+    def temporary(self) -> bool:
+        return self.dsn.startswith("4")
+
+
+class ResolverConfigError(ValueError):
+    """`dns-servers` or the timeout cannot be used; the message names the item and says why.
+
+    Messages say "must" so that the config loader shows them as they are.
+    """
+
+
+@dataclass(frozen=True)
+class MXHost:
+    """One host to try: `name` in lower-case A-labels without the final dot (the IP for an address literal),
+    `addresses` IPv4 first, then IPv6, each family in the order DNS gave it."""
+
+    name: str
+    preference: int
+    addresses: tuple[str, ...]
+
+
+def parse_dns_servers(text: str) -> list[tuple[str, int]]:
+    """Split `dns-servers` ("127.0.0.1:5353,[::1]:5353", port 53 when left out) into
+    (address, port) pairs; a name server must be an address since no DNS is there to find it."""
+    servers = []
+    for raw in text.split(","):
+        item = raw.strip()
+        port: str | None = None
+        if item.startswith("["):
+            host, closed, rest = item[1:].partition("]")
+            if not closed or (rest and not rest.startswith(":")):
+                raise ResolverConfigError(f"dns-servers item {item!r} must be [IPv6] or [IPv6]:PORT")
+            port = rest[1:] if rest else None
+        elif item.count(":") == 1:
+            host, port = item.split(":")
+        else:
+            host = item  # IPv4 alone, or a bare IPv6 address whose colons are not a port separator
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ResolverConfigError(f"dns-servers item {item!r}: {host!r} must be an IPv4 or IPv6 address "
+                                      "(write ADDRESS, ADDRESS:PORT or [IPv6]:PORT)") from None
+        if item.startswith("[") and address.version != 6:
+            raise ResolverConfigError(f"dns-servers item {item!r}: brackets must hold an IPv6 address")
+        servers.append((str(address), _port(port, item)))
+    return servers
+
+
+def _port(text: str | None, item: str) -> int:
+    if text is None:
+        return DNS_PORT
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ResolverConfigError(f"dns-servers item {item!r}: port {text!r} must be a number from 1 to 65535")
+    return int(text)
+
+
+def make_resolver(servers: str = "", timeout: float = DEFAULT_TIMEOUT,
+                  resolv_conf: str = "/etc/resolv.conf") -> dns.resolver.Resolver:
+    """A resolver asking `servers` (dns-servers notation), or those of `resolv_conf` when empty.
+
+    `timeout` bounds one whole query, every server and retry included, so a dead DNS delays a
+    delivery by a known amount. Each server gets an equal share of it, so a silent first server
+    does not use up the time the next one needed.
+    """
+    if not timeout > 0 or timeout == float("inf"):
+        raise ResolverConfigError(f"DNS timeout {timeout!r} must be a number of seconds above 0")
+    if servers.strip():
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(address, port)
+                                for address, port in parse_dns_servers(servers)]
+    else:
+        try:
+            resolver = dns.resolver.Resolver(filename=resolv_conf)
+        except dns.resolver.NoResolverConfiguration as exc:
+            raise ResolverConfigError(
+                f"{resolv_conf}: {exc}; it must list a nameserver, or dns-servers must be set") from None
+    resolver.lifetime = timeout
+    resolver.timeout = timeout / len(resolver.nameservers)
+    resolver.search = []
+    return resolver
+
+
+def next_hops(destination: str, resolver: dns.resolver.Resolver,
+              rng: random.Random | None = None) -> list[MXHost]:
+    """Hosts to try for `destination`, best first: MX routing for a domain, the host itself for
+    `[host]` or an address literal (`[192.0.2.1]`, `[IPv6:2001:db8::1]`, `[2001:db8::1]`)."""
+    if destination.startswith("[") and destination.endswith("]"):
+        inside = destination[1:-1]
+        literal = _address_literal(inside)
+        if literal is not None:
+            return [MXHost(literal, 0, (literal,))]
+        if inside.lower().startswith("ipv6:") or _DOTTED_NUMBERS.fullmatch(inside):
+            raise MXLookupError(BAD_SYNTAX, f"{destination}: not a valid IPv4 or IPv6 address literal")
+        return [MXHost(_host_name(_name(inside)), 0, resolve_host(inside, resolver))]
+    return lookup_mx(destination, resolver, rng)
+
+
+def _address_literal(text: str) -> str | None:
+    if text.lower().startswith("ipv6:"):
+        text = text[5:]
+        try:
+            return str(ipaddress.IPv6Address(text))
+        except ValueError:
+            return None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def lookup_mx(domain: str, resolver: dns.resolver.Resolver, rng: random.Random | None = None) -> list[MXHost]:
+    """MX hosts of a recipient domain by preference; equal preferences in a new random order on
+    each call, so retries and parallel deliveries spread over them (RFC 5321 section 5.1)."""
+    try:
+        check_domain(domain.rstrip("."), domain)
+    except AddressError as exc:
+        raise MXLookupError(BAD_SYNTAX, f"{domain}: {exc}") from None
+    if domain.startswith("["):
+        raise MXLookupError(BAD_SYNTAX, f"{domain}: an address literal has no MX records")
+    name = _name(domain)
+    shown = _shown(domain, name)
+    records = _query(resolver, name, dns.rdatatype.MX)
+    if isinstance(records, _Failure):
+        if records.not_found:
+            raise MXLookupError(NO_DOMAIN, f"{shown}: domain does not exist (NXDOMAIN)")
+        raise MXLookupError(TRY_AGAIN, f"{shown}: MX lookup failed: {records.reason}")
+    if not records:
+        return [_implicit_mx(name, shown, resolver)]
+    real = [record for record in records if record.exchange != dns.name.root]
+    if not real:
+        raise MXLookupError(NULL_MX, f"{shown}: domain accepts no mail (null MX, RFC 7505)")
+    return _resolve_exchanges(shown, real, resolver, (rng or random).shuffle)
+
+
+def _implicit_mx(name: dns.name.Name, shown: str, resolver: dns.resolver.Resolver) -> MXHost:
+    """A domain without MX records is its own mail host (RFC 5321 section 5.1)."""
+    addresses, failures = _addresses(resolver, name)
+    if addresses:
+        return MXHost(_host_name(name), 0, addresses)
+    if all(failure.final for failure in failures):
+        raise MXLookupError(NO_DOMAIN, f"{shown}: domain has no MX, A or AAAA records")
+    raise MXLookupError(TRY_AGAIN, f"{shown}: no MX records, and the address lookup failed: "
+                        f"{_reasons(failures)}")
+
+
+def _resolve_exchanges(shown: str, records: list, resolver: dns.resolver.Resolver,
+                       shuffle: Callable[[list], None]) -> list[MXHost]:
+    by_preference: dict[int, list[dns.name.Name]] = {}
+    seen: set[dns.name.Name] = set()
+    for record in sorted(records, key=lambda r: r.preference):
+        if record.exchange not in seen:
+            seen.add(record.exchange)
+            by_preference.setdefault(record.preference, []).append(record.exchange)
+    hosts, skipped = [], []
+    for preference in sorted(by_preference):
+        exchanges = by_preference[preference]
+        shuffle(exchanges)
+        for exchange in exchanges:
+            addresses, failures = _addresses(resolver, exchange)
+            host = _host_name(exchange)
+            if addresses:
+                hosts.append(MXHost(host, preference, addresses))
+            else:
+                skipped.append(f"{host}: {_reasons(failures)}")
+    if not hosts:
+        raise MXLookupError(TRY_AGAIN, f"{shown}: no MX host has an address ({'; '.join(skipped)})")
+    return hosts
+
+
+def resolve_host(host: str, resolver: dns.resolver.Resolver) -> tuple[str, ...]:
+    """Addresses of a host named in the configuration (relay host, `[host]`), without MX lookup.
+
+    One address family failing for a moment while the other answers still gives a usable host.
+    """
+    name = _name(host)
+    shown = _shown(host, name)
+    addresses, failures = _addresses(resolver, name)
+    if addresses:
+        return addresses
+    if all(failure.final for failure in failures):
+        raise MXLookupError(NO_HOST, f"{shown}: host not found ({_reasons(failures)})")
+    raise MXLookupError(TRY_AGAIN, f"{shown}: address lookup failed: {_reasons(failures)}")
+
+
+def _name(text: str) -> dns.name.Name:
+    """The absolute name to ask about; U-labels become A-labels here (IDNA)."""
+    if not text.strip(".") or any(c.isspace() for c in text):
+        raise MXLookupError(BAD_SYNTAX, f"{text!r}: not a domain name")
+    try:
+        return dns.name.from_text(text)
+    except (dns.exception.DNSException, UnicodeError) as exc:
+        raise MXLookupError(BAD_SYNTAX, f"{text!r}: not a valid domain name ({exc})") from None
+
+
+def _host_name(name: dns.name.Name) -> str:
+    """Lower case, since answers may echo the case the question was asked in."""
+    return name.to_text(omit_final_dot=True).lower()
+
+
+def _shown(text: str, name: dns.name.Name) -> str:
+    """The name as the sender wrote it, with the A-labels asked about when they differ."""
+    asked = name.to_text(omit_final_dot=True)
+    return text if text.rstrip(".").lower() == asked.lower() else f"{text} ({asked})"
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Why a query gave no records; `not_found` is NXDOMAIN, `final` also counts NODATA."""
+
+    reason: str
+    not_found: bool = False
+    final: bool = False
+
+
+def _addresses(resolver: dns.resolver.Resolver, name: dns.name.Name) -> tuple[tuple[str, ...], list[_Failure]]:
+    addresses: list[str] = []
+    failures: list[_Failure] = []
+    for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        records = _query(resolver, name, rdtype)
+        if isinstance(records, _Failure):
+            failures.append(records)
+            if records.not_found:
+                break  # the name does not exist for AAAA either: no need to wait for it
+        elif records:
+            addresses.extend(record.address for record in records)
+        else:
+            failures.append(_Failure(f"no {dns.rdatatype.to_text(rdtype)} record", final=True))
+    return tuple(addresses), failures
+
+
+def _query(resolver: dns.resolver.Resolver, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> list | _Failure:
+    """Records of one type (an empty list for NODATA), or why there are none."""
+    try:
+        answer = resolver.resolve(name, rdtype, raise_on_no_answer=False, search=False)
+    except dns.resolver.NXDOMAIN:
+        return _Failure("NXDOMAIN", not_found=True, final=True)
+    except dns.resolver.YXDOMAIN:
+        return _Failure("name too long after DNAME substitution", not_found=True, final=True)
+    except dns.exception.Timeout:
+        return _Failure(f"no answer from the DNS servers within {resolver.lifetime:g}s")
+    except dns.resolver.NoNameservers as exc:
+        return _Failure(f"DNS servers failed: {_server_errors(exc)}")
+    except dns.exception.DNSException as exc:
+        return _Failure(f"DNS error: {exc}")
+    return list(answer.rrset) if answer.rrset is not None else []
+
+
+def _server_errors(exc: dns.resolver.NoNameservers) -> str:
+    """'Do53:127.0.0.1@53 answered SERVFAIL' rather than dnspython's dump of the whole query."""
+    texts = []
+    for server, _tcp, _port, error, response in exc.kwargs.get("errors", []):
+        texts.append(f"{server} answered {dns.rcode.to_text(response.rcode())}" if response is not None
+                     else f"{server} failed: {error}")
+    return "; ".join(dict.fromkeys(texts)) or "no server could be asked"
+
+
+def _reasons(failures: list[_Failure]) -> str:
+    return ", ".join(dict.fromkeys(failure.reason for failure in failures))
