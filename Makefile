@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Debian packages the test suite uses (installed by `make test` when run as root and missing).
 DEB_PACKAGES := util-linux mount
 
-.PHONY: run test bench lint deb-packages clean
+.PHONY: run test bench venv deb-packages clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,7 @@ test: $(VENV)/.installed deb-packages
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH)
 
 clean:
 	rm -rf $(VENV) var

@@ -14,11 +14,13 @@ latency  An idle daemon with 2 workers; messages queued one at a time with Spool
          deliver while enqueue still fsyncs incoming/) counts as 0 ms.
 drain    10,000 messages of 4 KB for 100 users queued while the daemon is stopped, then the daemon
          starts with 4 workers: messages/s from process start to the last rename into new/.
-         Reference: a plain loop writing the same messages into the same Maildirs with the same
-         fsyncs (tmp/ file, fsync, rename to new/, fsync new/), on one core.
+         Reference: a plain loop writing the same messages into Maildirs of the same users with
+         the same fsyncs (tmp/ file, fsync, rename to new/, fsync new/), one process; half of it
+         runs before the daemon and half after.
 memory   100,000 small queue files in deferred/, due in an hour. The daemon starts with 4 workers
          while one new message is queued: time from process start to that message's delivery,
-         and the supervisor's resident memory once it serves.
+         and the supervisor's resident memory right then (before any status request, which
+         lists every queue directory and adds a few MB of its own).
 """
 
 from __future__ import annotations
@@ -151,7 +153,14 @@ class Daemon:
         return [line for line in self.log().splitlines()
                 if "error:" in line or "fatal:" in line or "Traceback" in line]
 
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM, as an init system stops it; SIGKILL if it overstays `timeout`."""
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGTERM)
@@ -160,14 +169,6 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-
-
-@contextmanager
-def running(daemon: Daemon) -> Iterator[Daemon]:
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
 
 
 def wait_for_renames(inotify: INotify, count: int, timeout: float, daemon: Daemon) -> float:
@@ -185,7 +186,7 @@ def wait_for_renames(inotify: INotify, count: int, timeout: float, daemon: Daemo
             raise RuntimeError(f"only {seen} of {count} deliveries after {timeout:.0f}s")
         if not events:
             daemon.check_alive()
-    return time.perf_counter()
+    return time.perf_counter()  # count was 0
 
 
 def count_files(directories: list[Path]) -> int:
@@ -213,34 +214,44 @@ def bench_latency(keep: bool) -> dict[str, float]:
         inotify = INotify()
         inotify.add_watch(new_dir, inotify_flags.MOVED_TO)
         body = message(0)
-        latencies = []
-        with running(daemon):
+        latencies: list[float] = []  # from enqueue() returning, the figure with a target
+        totals: list[float] = []  # from enqueue() being called, for context
+        early = 0
+        with daemon:
             daemon.start()
             daemon.wait_serving()
             for index in range(LATENCY_WARMUP + LATENCY_MESSAGES):
+                called = time.perf_counter()
                 spool.enqueue(SENDER, [f"user@{DOMAIN}"], body)
                 queued = time.perf_counter()
                 arrived = wait_for_renames(inotify, 1, DELIVERY_TIMEOUT, daemon)
                 if index >= LATENCY_WARMUP:
+                    early += arrived - queued < 0.0001
                     latencies.append(max(0.0, arrived - queued) * 1000)
+                    totals.append((arrived - called) * 1000)
                 time.sleep(LATENCY_PAUSE)
+            idle_rss = psutil.Process(daemon.pid).memory_info().rss
             report_problems(daemon)
         spool.close()
         inotify.close()
-    delivered = len(latencies)
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
-    figures = {"p50_ms": cuts[49], "p99_ms": cuts[98], "max_ms": max(latencies), "mean_ms": statistics.fmean(latencies)}
-    print(f"  {delivered} messages: p50 {figures['p50_ms']:.2f} ms, p99 {figures['p99_ms']:.2f} ms, "
-          f"mean {figures['mean_ms']:.2f} ms, max {figures['max_ms']:.2f} ms")
+    total_cuts = statistics.quantiles(totals, n=100, method="inclusive")
+    figures = {"p50_ms": cuts[49], "p99_ms": cuts[98], "max_ms": max(latencies),
+               "total_p50_ms": total_cuts[49], "total_p99_ms": total_cuts[98]}
+    print(f"  {len(latencies)} messages, from enqueue() returning: p50 {figures['p50_ms']:.2f} ms, "
+          f"p99 {figures['p99_ms']:.2f} ms, max {figures['max_ms']:.2f} ms ({early} already delivered)")
+    print(f"  from enqueue() being called: p50 {figures['total_p50_ms']:.2f} ms, p99 {figures['total_p99_ms']:.2f} ms")
+    print(f"  supervisor RSS with an empty spool: {idle_rss / 2**20:.1f} MB")
     return figures
 
 
-def drain_reference(root: Path, bodies: list[bytes]) -> float:
-    """Messages/s of a plain loop doing a Maildir delivery's system calls and nothing else."""
-    new_dirs = [make_maildir(root / DOMAIN / f"user{user}") for user in range(DRAIN_USERS)]
+def drain_reference(root: Path, bodies: list[bytes], first: int) -> float:
+    """Seconds a plain loop takes to do a Maildir delivery's system calls for `bodies` and nothing
+    else; message i (counting from `first`) goes to the Maildir of user i % DRAIN_USERS."""
+    maildirs = [make_maildir(root / DOMAIN / f"user{user}").parent for user in range(DRAIN_USERS)]
     started = time.perf_counter()
-    for index, body in enumerate(bodies):
-        maildir = new_dirs[index % DRAIN_USERS].parent
+    for index, body in enumerate(bodies, first):
+        maildir = maildirs[index % DRAIN_USERS]
         name = f"{index}.bench"
         staged = os.path.join(maildir, "tmp", name)
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -257,13 +268,12 @@ def drain_reference(root: Path, bodies: list[bytes]) -> float:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    elapsed = time.perf_counter() - started
-    if count_files(new_dirs) != len(bodies):
-        raise RuntimeError("reference loop lost messages")
-    return len(bodies) / elapsed
+    return time.perf_counter() - started
 
 
 def bench_drain(keep: bool) -> dict[str, float]:
+    """The reference loop runs half its messages before the daemon and half after, so a change in
+    the machine's load during the run weighs on both sides of the ratio alike."""
     with workspace("drain", keep) as root:
         daemon = Daemon(root, DRAIN_WORKERS)
         spool = Spool(daemon.spool)
@@ -274,25 +284,31 @@ def bench_drain(keep: bool) -> dict[str, float]:
             spool.enqueue(SENDER, [f"user{index % DRAIN_USERS}@{DOMAIN}"], body)
         spool.close()
         print(f"  queued {DRAIN_MESSAGES} messages with Spool.enqueue in {time.perf_counter() - setup:.1f}s")
+        half = DRAIN_MESSAGES // 2
+        reference_seconds = drain_reference(root / "reference", bodies[:half], 0)
         new_dirs = [make_maildir(daemon.mail / DOMAIN / f"user{user}") for user in range(DRAIN_USERS)]
         inotify = INotify()
         for new_dir in new_dirs:
             inotify.add_watch(new_dir, inotify_flags.MOVED_TO)
-        with running(daemon):
+        with daemon:
             started = daemon.start()
             finished = wait_for_renames(inotify, DRAIN_MESSAGES, DRAIN_TIMEOUT, daemon)
             cpu = psutil.Process(daemon.pid).cpu_times()
             report_problems(daemon)
         inotify.close()
+        reference_seconds += drain_reference(root / "reference", bodies[half:], half)
         delivered = count_files(new_dirs)
         if delivered != DRAIN_MESSAGES:
             raise RuntimeError(f"{delivered} messages in the Maildirs, expected {DRAIN_MESSAGES}")
-        router_rate = DRAIN_MESSAGES / (finished - started)
-        print(f"  router: {DRAIN_MESSAGES} delivered in {finished - started:.2f}s = {router_rate:.0f} msg/s "
-              f"(supervisor cpu {cpu.user + cpu.system:.2f}s)")
-        reference_rate = drain_reference(root / "reference", bodies)
-        print(f"  reference loop: {reference_rate:.0f} msg/s")
+        if count_files([root / "reference" / DOMAIN / f"user{user}" / "new" for user in range(DRAIN_USERS)]) \
+                != DRAIN_MESSAGES:
+            raise RuntimeError("the reference loop lost messages")
+    router_rate = DRAIN_MESSAGES / (finished - started)
+    reference_rate = DRAIN_MESSAGES / reference_seconds
     ratio = router_rate / reference_rate
+    print(f"  router: {DRAIN_MESSAGES} delivered in {finished - started:.2f}s = {router_rate:.0f} msg/s "
+          f"(supervisor cpu {cpu.user + cpu.system:.2f}s)")
+    print(f"  reference loop: {DRAIN_MESSAGES} in {reference_seconds:.2f}s = {reference_rate:.0f} msg/s")
     print(f"  ratio router/reference: {ratio:.2f}")
     return {"router_rate": router_rate, "reference_rate": reference_rate, "ratio": ratio}
 
@@ -305,10 +321,12 @@ def fill_deferred(spool: Spool, count: int, due: float) -> None:
         queue_id = new_queue_id()
         queue_file = QueueFile(queue_id, arrival_of(queue_id), SENDER,
                                [Recipient(f"later{index % 1000}@{DOMAIN}")], body, attempts=1)
-        path = os.path.join(directory, queue_id)
-        with open(path, "wb") as handle:
-            handle.write(queue_file.to_bytes())
-        os.utime(path, (due, due))
+        fd = os.open(os.path.join(directory, queue_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, queue_file.to_bytes())
+            os.utime(fd, (due, due))
+        finally:
+            os.close(fd)
 
 
 def peak_rss(pid: int) -> int:
@@ -331,12 +349,15 @@ def bench_memory(keep: bool) -> dict[str, float]:
         new_dir = make_maildir(daemon.mail / DOMAIN / "first")
         inotify = INotify()
         inotify.add_watch(new_dir, inotify_flags.MOVED_TO)
-        with running(daemon):
+        with daemon:
             started = daemon.start()
             spool.enqueue(SENDER, [f"first@{DOMAIN}"], message(0))
             delivered = wait_for_renames(inotify, 1, DRAIN_TIMEOUT, daemon)
-            status = daemon.wait_serving()
-            rss = psutil.Process(daemon.pid).memory_info().rss
+            rss = psutil.Process(daemon.pid).memory_info().rss  # before a status request adds its own
+            daemon.wait_serving()
+            asked = time.perf_counter()
+            status = daemon.status()
+            answered = time.perf_counter()
             peak = peak_rss(daemon.pid)
             report_problems(daemon)
         spool.close()
@@ -344,10 +365,12 @@ def bench_memory(keep: bool) -> dict[str, float]:
         if status["scheduled"] != MEMORY_DEFERRED:
             raise RuntimeError(f"the daemon scheduled {status['scheduled']} messages, expected {MEMORY_DEFERRED}")
     first = delivered - started
-    print(f"  first delivery {first:.2f}s after process start; supervisor RSS {rss / 2**20:.1f} MB "
-          f"(status socket says {status['rss'] / 2**20:.1f} MB, peak {peak / 2**20:.1f} MB), "
+    print(f"  first delivery {first:.2f}s after process start; supervisor RSS then {rss / 2**20:.1f} MB, "
           f"{status['scheduled']} scheduled")
-    return {"rss_mb": rss / 2**20, "peak_mb": peak / 2**20, "first_delivery_s": first}
+    print(f"  a status request took {(answered - asked) * 1000:.0f} ms; RSS in its answer "
+          f"{status['rss'] / 2**20:.1f} MB, peak (VmHWM) {peak / 2**20:.1f} MB")
+    return {"rss_mb": rss / 2**20, "peak_mb": peak / 2**20, "first_delivery_s": first,
+            "status_ms": (answered - asked) * 1000}
 
 
 # -- the summary ----------------------------------------------------------------------------
@@ -376,12 +399,15 @@ class Figure:
 FIGURES = [
     Figure("latency", "p50_ms", "enqueue-to-Maildir p50", "ms", 5),
     Figure("latency", "p99_ms", "enqueue-to-Maildir p99", "ms", 50),
+    Figure("latency", "total_p50_ms", "p50 incl. enqueue() itself", "ms", None),
+    Figure("latency", "total_p99_ms", "p99 incl. enqueue() itself", "ms", None),
     Figure("drain", "router_rate", "router drain rate", "msg/s", None, higher_is_better=True),
     Figure("drain", "reference_rate", "reference loop rate", "msg/s", None, higher_is_better=True),
     Figure("drain", "ratio", "ratio router/reference", "", 0.7, higher_is_better=True),
     Figure("memory", "rss_mb", "supervisor RSS after start", "MB", 100),
     Figure("memory", "peak_mb", "supervisor peak RSS", "MB", None),
     Figure("memory", "first_delivery_s", "start to first delivery", "s", 5),
+    Figure("memory", "status_ms", "status request, 100k deferred", "ms", None),
 ]
 
 BENCHMARKS: dict[str, Callable[[bool], dict[str, float]]] = {
@@ -397,19 +423,20 @@ def cell(figure: Figure, value: float | None) -> str:
     return text if verdict is None else f"{text} {'PASS' if verdict else 'MISS'}"
 
 
-def summary(results: dict[str, list[dict[str, float] | None]]) -> list[str]:
-    """One row per figure: its target, then the better and the worse run (equal with one run)."""
-    rows = [("benchmark", "figure", "target", "better run", "worse run")]
+def summary(results: dict[str, list[dict[str, float] | None]], runs: int) -> list[str]:
+    """One row per figure: its target, then the measured value, or the better and the worse run."""
+    header = ("benchmark", "figure", "target", *(("measured",) if runs == 1 else ("better run", "worse run")))
+    rows = [header]
     for figure in FIGURES:
         if figure.benchmark not in results:
             continue
         values = [run[figure.key] if run is not None else None for run in results[figure.benchmark]]
         measured = sorted((v for v in values if v is not None), reverse=figure.higher_is_better)
-        failed = len(values) - len(measured)
         better = measured[0] if measured else None
-        worse = None if failed else measured[-1]
-        rows.append((figure.benchmark, figure.label, figure.target_text(), cell(figure, better), cell(figure, worse)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        worse = measured[-1] if len(measured) == len(values) else None  # a failed run is the worst
+        cells = (cell(figure, better),) if runs == 1 else (cell(figure, better), cell(figure, worse))
+        rows.append((figure.benchmark, figure.label, figure.target_text(), *cells))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return lines
@@ -419,7 +446,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmarks", nargs="*", metavar="BENCHMARK",
                         help=f"any of {', '.join(BENCHMARKS)} (default: all)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each benchmark (default 1)")
+    parser.add_argument("--repeat", type=int, default=1, choices=range(1, 6), metavar="N",
+                        help="runs of each benchmark, 1 to 5 (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the work directories under /tmp")
     args = parser.parse_args()
     unknown = [name for name in args.benchmarks if name not in BENCHMARKS]
@@ -438,7 +466,7 @@ def main() -> int:
                 results[name].append(None)
     print(f"\nsummary ({args.repeat} run(s) each, {time.monotonic() - began:.0f}s in all; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores):")
-    for line in summary(results):
+    for line in summary(results, args.repeat):
         print(line)
     return 1 if any(run is None for runs in results.values() for run in runs) else 0
 
