@@ -105,6 +105,8 @@ def status(
         answer = query(loaded.socket_path, {"command": "status"})
     except StatusError as exc:
         raise _fail(str(exc), EX_TEMPFAIL) from None
+    # Counted here, not in the daemon: a large archive/ or deferred/ must not stall the supervisor.
+    answer["queues"] = Spool(loaded.queue_dir).counts()
     typer.echo(json.dumps(answer, indent=2) if as_json else format_status(answer))
 
 

@@ -431,7 +431,6 @@ class Supervisor:
             "queue_dir": self.config.queue_dir,
             "uptime": round(time.time() - self.started, 3),
             "rss": psutil.Process().memory_info().rss,
-            "queues": self.spool.counts(),
             "scheduled": len(self.schedule),
             "workers": workers,
             "counters": dict(self.counters),
