@@ -1,0 +1,728 @@
+"""The SMTP and LMTP client the delivery transport speaks through: blocking sockets, one
+message at a time.
+
+A forked worker delivers one message at a time, so plain sockets with a deadline per command
+(RFC 5321 4.5.3.2) are simpler to reason about than an event loop. Every problem with the peer
+(a timeout, a lost connection, a 421, a malformed or oversized reply) closes the connection and
+becomes a temporary failure for each recipient that has no final answer yet: a caller never has
+to guess what state a session is in, and an open connection is always a clean one.
+
+    client = SMTPClient.connect("mx.example.org", 25, ip="192.0.2.7", helo_name="relay.example.net")
+    replies = client.send(sender, recipients, message, ret="HDRS", envid="...")  # one per recipient
+    if client.reset():          # later, before the next message on the same connection
+        ...
+    client.close()              # QUIT
+
+`connect` raises SMTPError (TLSFallback under the `may` TLS policy when the handshake failed);
+`send` never raises for anything the peer does, it answers every recipient.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import select
+import socket
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import NoReturn, Protocol
+
+from workers.transport import BOUNCED, DEFERRED, SENT
+
+SMTP_PORT, LMTP_PORT = 25, 24
+TLS_NONE, TLS_MAY, TLS_ENCRYPT = "none", "may", "encrypt"
+TLS_POLICIES = (TLS_NONE, TLS_MAY, TLS_ENCRYPT)
+MAX_LINE = 2048  # RFC 5321 allows 512 per reply line; leave room for chatty servers
+MAX_REPLY = 64 * 1024  # a multi-line reply larger than this is a hostile or broken peer
+PIPELINE_BATCH = 100  # commands per write: the replies to them fit in socket buffers, so no deadlock
+CHUNK = 64 * 1024  # one "data block" of RFC 5321 4.5.3.2.5, each with its own timeout
+
+GREETING, BODY, END_OF_DATA = "greeting", "message body", "end of DATA"
+
+_ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?: +|$)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NOTIFY = re.compile(r"NEVER|(?:SUCCESS|FAILURE|DELAY)(?:,(?:SUCCESS|FAILURE|DELAY))*")
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
+_CONTROL_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f]")  # would break the command line
+_HOST_NAME = re.compile(r"[\x21-\x7e]+")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds to wait for each step. The defaults are RFC 5321 4.5.3.2's; `block` bounds each
+    64 KiB write of the message, `dot` the reply to the final dot (where a slow server is
+    usually busy delivering, not dead)."""
+
+    connect: float = 30
+    greeting: float = 300
+    helo: float = 300
+    starttls: float = 300
+    auth: float = 300
+    mail: float = 300
+    rcpt: float = 300
+    data: float = 120
+    block: float = 180
+    dot: float = 600
+    rset: float = 20
+    quit: float = 20
+
+    @classmethod
+    def uniform(cls, seconds: float) -> Timeouts:
+        """Every step the same; for tests and for impatient callers."""
+        return cls(**{f.name: seconds for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answer for a recipient or a command: the server's words, or ours (`local`) when the
+    server could not give one (timeout, lost connection) or was never asked (SIZE, SMTPUTF8).
+
+    `unsent` marks a recipient left out of the transaction because the server's recipient limit
+    was reached (452 too many recipients): not refused, and fit for a new transaction at once.
+    `lines` keeps the raw text of each line (EHLO keywords live there).
+    """
+
+    code: int
+    dsn: str
+    text: str
+    command: str = ""
+    local: bool = False
+    unsent: bool = False
+    lines: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def status(self) -> str:
+        """sent, deferred or bounced, as workers.transport names them; anything odd defers."""
+        kind = self.code // 100
+        return SENT if kind == 2 else BOUNCED if kind == 5 else DEFERRED
+
+    @property
+    def ok(self) -> bool:
+        return self.code // 100 == 2
+
+    def __str__(self) -> str:
+        return self.text if self.local else f"{self.code} {self.dsn} {self.text}".rstrip()
+
+    def describe(self, peer: str) -> str:
+        """The reply as a log line or bounce reason, the way Postfix words it."""
+        if self.local:
+            return self.text
+        said = f"host {peer} said: {self}"
+        return said if self.command in ("", GREETING) else f"{said} (in reply to {self.command} command)"
+
+
+class SMTPError(Exception):
+    """The session could not be set up, or a command on it failed; `reply.status` says whether
+    to defer or bounce, `reply.describe(peer)` what to log. The connection is closed."""
+
+    def __init__(self, reply: Reply):
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+class TLSFallback(SMTPError):
+    """Only under the `may` policy: the server offered and accepted STARTTLS but the handshake
+    failed. The connection is closed; connecting again at once with tls=TLS_NONE is the remedy
+    (as Postfix does), since a server that cannot do TLS usually can do without it."""
+
+
+class RecipientLike(Protocol):
+    """What `send` needs of a recipient; router.queue_file.Recipient is one."""
+
+    address: str
+    notify: str
+    orcpt: str
+
+
+class SMTPClient:
+    """One SMTP or LMTP session. Make it with `connect` or `connect_unix`."""
+
+    def __init__(self, sock: socket.socket, peer: str, *, helo_name: str, lmtp: bool, timeouts: Timeouts,
+                 local: bool) -> None:
+        self._sock: socket.socket | None = sock
+        self._buffer = bytearray()
+        self._dirty = False  # a MAIL was sent since the last RSET
+        self._local = local  # a Unix socket: nobody on the wire to hide credentials from
+        self.peer = peer
+        self.helo_name = helo_name
+        self.lmtp = lmtp
+        self.timeouts = timeouts
+        self.extensions: dict[str, str] = {}
+        self.esmtp = False
+        self.tls = ""  # "TLSv1.3 with cipher ..." once encrypted
+        self.tls_verified = False
+        self.authenticated = False
+        self.transactions = 0
+
+    # -- setting up ------------------------------------------------------------------------
+
+    @classmethod
+    def connect(cls, host: str, port: int, *, helo_name: str, ip: str | None = None, lmtp: bool = False,
+                timeouts: Timeouts | None = None, tls: str = TLS_MAY, tls_name: str | None = None,
+                ca_file: str | None = None, auth: tuple[str, str] | None = None,
+                allow_plaintext_auth: bool = False, bind: str | None = None) -> SMTPClient:
+        """Connect over TCP to `ip` (or `host` resolved by the system), read the greeting,
+        EHLO (LHLO), STARTTLS as `tls` asks, AUTH if `auth` is given. The peer is known as
+        `host[ip]:port`. A certificate is verified (under `encrypt` only) against `tls_name`,
+        by default `host`, with `ca_file` or the system's CA store."""
+        _check_setup(helo_name, tls)
+        timeouts = timeouts or Timeouts()
+        where = f"{host}[{ip}]:{port}" if ip else f"{host}:{port}"
+        try:
+            sock = socket.create_connection((ip or host, port), timeout=timeouts.connect,
+                                            source_address=(bind, 0) if bind else None)
+        except socket.gaierror as exc:
+            raise SMTPError(_local(421, "4.4.4", f"connect to {where}: {_reason(exc)}", "connect")) from None
+        except OSError as exc:
+            raise SMTPError(_local(421, "4.4.1", f"connect to {where}: {_reason(exc)}", "connect")) from None
+        peer = f"{host}[{ip or sock.getpeername()[0]}]:{port}"
+        client = cls(sock, peer, helo_name=helo_name, lmtp=lmtp, timeouts=timeouts, local=False)
+        client._start(tls, tls_name or host, ca_file, auth, allow_plaintext_auth)
+        return client
+
+    @classmethod
+    def connect_unix(cls, path: str, *, helo_name: str, lmtp: bool = True, timeouts: Timeouts | None = None,
+                     auth: tuple[str, str] | None = None) -> SMTPClient:
+        """Connect to a Unix socket (`lmtp:/path`); the peer is known as `unix[/path]`. No TLS:
+        the socket never leaves the machine, which is also why credentials may go over it."""
+        _check_setup(helo_name, TLS_NONE)
+        timeouts = timeouts or Timeouts()
+        peer = f"unix[{path}]"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeouts.connect)
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            raise SMTPError(_local(421, "4.4.1", f"connect to {peer}: {_reason(exc)}", "connect")) from None
+        client = cls(sock, peer, helo_name=helo_name, lmtp=lmtp, timeouts=timeouts, local=True)
+        client._start(TLS_NONE, "", None, auth, False)
+        return client
+
+    def _start(self, tls: str, tls_name: str, ca_file: str | None, auth: tuple[str, str] | None,
+               allow_plaintext_auth: bool) -> None:
+        try:
+            greeting = self._read(GREETING, self.timeouts.greeting)
+            if greeting.code != 220:
+                if greeting.code // 100 not in (4, 5):  # never let a failed session read as "sent"
+                    greeting = _local(421, "4.5.0", f"host {self.peer} greeted with {greeting}", GREETING)
+                self._give_up(greeting)
+            self._hello()
+            if tls != TLS_NONE:
+                self._starttls(tls, tls_name, ca_file)
+            if auth:
+                self._auth(auth[0], auth[1], allow_plaintext_auth)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _hello(self) -> None:
+        """EHLO, or HELO when EHLO is refused; LHLO for LMTP, which has no fallback."""
+        verb = "LHLO" if self.lmtp else "EHLO"
+        reply = self._command(f"{verb} {self.helo_name}", verb, self.timeouts.helo)
+        if not self.lmtp and reply.code // 100 == 5:
+            reply = self._command(f"HELO {self.helo_name}", "HELO", self.timeouts.helo)
+            if reply.ok:
+                self.esmtp, self.extensions = False, {}
+                return
+        if not reply.ok:
+            self._give_up(reply)
+        self.esmtp, self.extensions = True, _extensions(reply.lines[1:])
+
+    def _starttls(self, policy: str, name: str, ca_file: str | None) -> None:
+        if "STARTTLS" not in self.extensions:
+            if policy == TLS_ENCRYPT:
+                self._give_up(_local(454, "4.7.4", f"TLS is required, but was not offered by host {self.peer}"))
+            return
+        try:
+            context = _tls_context(policy, ca_file)
+        except (OSError, ValueError) as exc:
+            self._give_up(_local(454, "4.7.5", f"cannot load CA file {ca_file}: {_reason(exc)}"))
+        reply = self._command("STARTTLS", "STARTTLS", self.timeouts.starttls)
+        if reply.code != 220:
+            if policy == TLS_ENCRYPT:
+                self._give_up(_local(454, "4" + reply.dsn[1:], f"TLS is required, but {reply.describe(self.peer)}"))
+            return  # `may`: RFC 3207 lets the session go on unencrypted
+        if self._buffer:  # read before the handshake, so not from the TLS peer: someone injected it
+            self._fail("STARTTLS", "4.5.0", f"host {self.peer} sent data after its STARTTLS reply")
+        assert self._sock is not None
+        try:
+            sock = context.wrap_socket(self._sock, server_hostname=name or None, do_handshake_on_connect=False)
+            self._sock = sock
+            sock.settimeout(self.timeouts.starttls)
+            sock.do_handshake()
+        except (OSError, ValueError) as exc:
+            self.abort()
+            if policy == TLS_MAY:
+                raise TLSFallback(_local(454, "4.7.5", f"TLS handshake with {self.peer} failed: {_reason(exc)}; "
+                                                       "it may be tried again without TLS")) from None
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                text = f"server certificate of {self.peer} not verified for {name}: {exc.verify_message}"
+            else:
+                text = f"TLS is required, but the handshake with {self.peer} failed: {_reason(exc)}"
+            raise SMTPError(_local(454, "4.7.5", text)) from None
+        cipher = sock.cipher()
+        self.tls = f"{sock.version()} with cipher {cipher[0] if cipher else 'unknown'}"
+        self.tls_verified = policy == TLS_ENCRYPT
+        self._hello()
+
+    def _auth(self, user: str, password: str, allow_plaintext: bool) -> None:
+        """AUTH PLAIN, else LOGIN. Every failure defers: a wrong password is an administrator's
+        mistake to fix, not a reason to return mail to its sender."""
+        mechanisms = self.auth_mechanisms
+        if not mechanisms:
+            self._give_up(_local(454, "4.7.0", f"credentials are configured but host {self.peer} offers no AUTH"))
+        if "PLAIN" not in mechanisms and "LOGIN" not in mechanisms:
+            self._give_up(_local(454, "4.7.0", f"no SASL mechanism in common with host {self.peer} "
+                                               f"(it offers {' '.join(sorted(mechanisms))}; we do PLAIN, LOGIN)"))
+        if not (self.tls or self._local or allow_plaintext):
+            self._give_up(_local(454, "4.7.0", f"not sending credentials to host {self.peer} "
+                                               "over an unencrypted connection"))
+        timeout = self.timeouts.auth
+        if "PLAIN" in mechanisms:
+            token = _b64(b"\0" + user.encode() + b"\0" + password.encode())
+            reply = self._command(f"AUTH PLAIN {token}", "AUTH", timeout)
+        else:
+            reply = self._command("AUTH LOGIN", "AUTH", timeout)
+            for secret in (user, password):
+                if reply.code != 334:
+                    break
+                reply = self._command(_b64(secret.encode()), "AUTH", timeout)
+        if reply.code == 334:  # the server wants more than PLAIN or LOGIN give: cancel
+            self._command("*", "AUTH", timeout)
+        if reply.code != 235:
+            self._give_up(_local(454, "4" + reply.dsn[1:], f"SASL authentication failed; "
+                                                           f"{reply.describe(self.peer)}"))
+        self.authenticated = True
+
+    # -- what the session offers -----------------------------------------------------------
+
+    @property
+    def pipelining(self) -> bool:
+        """LMTP servers must pipeline (RFC 2033 4.1), advertised or not."""
+        return "PIPELINING" in self.extensions or self.lmtp
+
+    @property
+    def size_limit(self) -> int | None:
+        value = self.extensions.get("SIZE", "")
+        return int(value) if value.isdigit() and int(value) > 0 else None
+
+    @property
+    def auth_mechanisms(self) -> frozenset[str]:
+        return frozenset(self.extensions.get("AUTH", "").upper().split())
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, sender: str, recipients: Sequence[str | RecipientLike], message: bytes, *, ret: str = "",
+             envid: str = "") -> list[Reply]:
+        """One transaction: answers one Reply per recipient, in order, and never raises for
+        anything the peer does.
+
+        A recipient's reply is final: the answer to the end of data (LMTP: its own), else to
+        DATA, RCPT or MAIL, whichever stopped it; or one of ours (SIZE, SMTPUTF8, a timeout, a
+        lost connection, all `local`). Recipients with `unsent` set met the server's recipient
+        limit and may go in a new transaction right away. DSN parameters (NOTIFY and ORCPT from
+        each recipient, `ret`, `envid`, all unencoded) go only to a server that offers DSN.
+        """
+        rcpts = [(r, "", "") if isinstance(r, str) else (r.address, r.notify, r.orcpt) for r in recipients]
+        results: list[Reply | None] = [None] * len(rcpts)
+        if not rcpts:
+            return []
+        if self._sock is None:
+            return [_local(421, "4.4.2", f"connection with {self.peer} is closed", "MAIL FROM")] * len(rcpts)
+        data = _crlf(message)
+        self._refuse_locally(sender, [r[0] for r in rcpts], len(data), results)
+        try:
+            if any(r is None for r in results):
+                self._transaction(sender, rcpts, data, message, ret, envid, results)
+        except SMTPError as exc:
+            results = [r or exc.reply for r in results]
+        except BaseException:
+            self.abort()
+            raise
+        assert all(results)
+        return [r for r in results if r]
+
+    def _refuse_locally(self, sender: str, addresses: list[str], size: int, results: list[Reply | None]) -> None:
+        """Answer what the server cannot take, without asking it."""
+        everyone = range(len(addresses))
+        limit = self.size_limit
+        if _CONTROL_IN_ADDRESS.search(sender):
+            self._answer(results, everyone, _local(553, "5.1.7", f"bad sender address syntax: <{sender}>"))
+        elif limit and size > limit:
+            self._answer(results, everyone, _local(552, "5.3.4", f"message size {size} exceeds size limit "
+                                                                 f"{limit} of server {self.peer}"))
+        elif "SMTPUTF8" not in self.extensions and not sender.isascii():
+            self._answer(results, everyone, _local(553, "5.6.7", f"SMTPUTF8 is required for sender <{sender}>, "
+                                                                 f"but was not offered by host {self.peer}"))
+        for index, address in enumerate(addresses):
+            if _CONTROL_IN_ADDRESS.search(address) and not results[index]:
+                results[index] = _local(553, "5.1.3", f"bad recipient address syntax: <{address}>")
+            elif "SMTPUTF8" not in self.extensions and not address.isascii() and not results[index]:
+                results[index] = _local(553, "5.6.7", "SMTPUTF8 is required, but was not offered by host "
+                                                      f"{self.peer}")
+
+    @staticmethod
+    def _answer(results: list[Reply | None], indexes: Sequence[int], reply: Reply) -> None:
+        for index in indexes:
+            if results[index] is None:
+                results[index] = reply
+
+    def _transaction(self, sender: str, rcpts: list[tuple[str, str, str]], data: bytes, message: bytes,
+                     ret: str, envid: str, results: list[Reply | None]) -> None:
+        if self._dirty:
+            self._rset()
+        self._dirty = True
+        self.transactions += 1
+        todo = [i for i, r in enumerate(results) if r is None]
+        dsn = "DSN" in self.extensions
+        mail = f"MAIL FROM:<{sender}>{self._mail_parameters(sender, rcpts, todo, data, message, ret, envid)}"
+        commands = [mail] + [f"RCPT TO:<{rcpts[i][0]}>{_rcpt_parameters(*rcpts[i], dsn)}" for i in todo]
+        accepted = self._envelope(commands, todo, results)
+        if not accepted:
+            return
+        reply = self._command("DATA", "DATA", self.timeouts.data)
+        if reply.code // 100 in (4, 5):
+            self._answer(results, accepted, reply)
+            return
+        if reply.code != 354:  # a "250" here would claim a delivery that never happened
+            self._fail("DATA", "4.5.0", f"host {self.peer} answered DATA with {reply}")
+        self._write_body(_stuff(data))
+        if self.lmtp:
+            for index in accepted:
+                results[index] = self._read(END_OF_DATA, self.timeouts.dot)
+        else:
+            self._answer(results, accepted, self._read(END_OF_DATA, self.timeouts.dot))
+
+    def _mail_parameters(self, sender: str, rcpts: list[tuple[str, str, str]], todo: list[int], data: bytes,
+                         message: bytes, ret: str, envid: str) -> str:
+        """Only what the server offered: RFC 1870 SIZE, RFC 6152 BODY, RFC 6531 SMTPUTF8, RFC 3461
+        RET and ENVID."""
+        params = []
+        if "SIZE" in self.extensions:
+            params.append(f"SIZE={len(data)}")
+        if "8BITMIME" in self.extensions and not message.isascii():
+            params.append("BODY=8BITMIME")
+        end = data.find(b"\r\n\r\n")
+        header = data[:end] if end >= 0 else data
+        international = not sender.isascii() or any(not rcpts[i][0].isascii() for i in todo)
+        if "SMTPUTF8" in self.extensions and (international or not header.isascii()):
+            params.append("SMTPUTF8")
+        if "DSN" in self.extensions:
+            if ret.upper() in ("FULL", "HDRS"):
+                params.append(f"RET={ret.upper()}")
+            if envid:
+                params.append(f"ENVID={xtext(envid)}")
+        return "".join(f" {p}" for p in params)
+
+    def _envelope(self, commands: list[str], todo: list[int], results: list[Reply | None]) -> list[int]:
+        """MAIL and the RCPTs, all in one write per batch when the server pipelines; answers the
+        recipients refused and returns the indexes of those accepted."""
+        batch = PIPELINE_BATCH if self.pipelining else 1
+        accepted: list[int] = []
+        mail: Reply | None = None
+        limit: Reply | None = None  # the "too many recipients" reply, once met
+        sent = 0
+        while sent < len(commands) and limit is None and (mail is None or mail.ok):
+            group = commands[sent:sent + batch]
+            first = "MAIL FROM" if sent == 0 else "RCPT TO"
+            self._write(b"".join(c.encode() + b"\r\n" for c in group), first,
+                        self.timeouts.mail if sent == 0 else self.timeouts.rcpt)
+            for position in range(sent, sent + len(group)):
+                if position == 0:
+                    mail = self._read("MAIL FROM", self.timeouts.mail)
+                    continue
+                reply = self._read("RCPT TO", self.timeouts.rcpt)
+                index = todo[position - 1]
+                assert mail is not None
+                if not mail.ok:
+                    results[index] = mail
+                elif reply.ok:
+                    accepted.append(index)
+                elif accepted and _too_many(reply):
+                    limit = limit or reply
+                    results[index] = replace(reply, unsent=True)
+                else:
+                    results[index] = reply
+            sent += len(group)
+        assert mail is not None
+        left = todo[sent - 1:]  # commands[k] is the RCPT of todo[k - 1]
+        self._answer(results, left, mail if not mail.ok else replace(limit or mail, unsent=True))
+        return accepted
+
+    def _write_body(self, wire: bytes) -> None:
+        view = memoryview(wire)
+        for start in range(0, len(view), CHUNK):
+            self._write(view[start:start + CHUNK], BODY, self.timeouts.block)
+
+    # -- keeping a connection --------------------------------------------------------------
+
+    def is_alive(self) -> bool:
+        """Whether a kept connection still looks usable, without a round trip: open, and the
+        server has said nothing unasked (a 421 or the end of the connection). Closes it if not."""
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            pending = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+            readable = bool(self._buffer) or pending or bool(select.select([sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            readable = True
+        if readable:
+            self.abort()
+        return not readable
+
+    def reset(self) -> bool:
+        """RSET before the next message on a kept connection; False (and closed) if the
+        connection is gone or the server will not reset. `send` resets by itself when needed."""
+        if not self.is_alive():
+            return False
+        try:
+            self._rset()
+        except SMTPError:
+            return False
+        return True
+
+    def _rset(self) -> None:
+        reply = self._command("RSET", "RSET", self.timeouts.rset)
+        if not reply.ok:
+            self.abort()
+            raise SMTPError(_local(421, "4" + reply.dsn[1:], f"{reply.describe(self.peer)}; connection closed", "RSET"))
+        self._dirty = False
+
+    def close(self) -> None:
+        """QUIT and close; never raises, and may be called again."""
+        if self.is_alive():
+            try:
+                self._command("QUIT", "QUIT", self.timeouts.quit)
+            except SMTPError:
+                pass
+        self.abort()
+
+    def abort(self) -> None:
+        """Close without QUIT: for a connection in an unknown state."""
+        sock, self._sock = self._sock, None
+        self._buffer.clear()
+        if sock is not None:
+            sock.close()
+
+    def __enter__(self) -> SMTPClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _give_up(self, reply: Reply) -> NoReturn:
+        """End a session that cannot go on, politely (QUIT), and say why."""
+        self.close()
+        raise SMTPError(reply)
+
+    # -- the wire --------------------------------------------------------------------------
+
+    def _command(self, line: str, what: str, timeout: float) -> Reply:
+        self._write(line.encode() + b"\r\n", what, timeout)
+        return self._read(what, timeout)
+
+    def _write(self, data: bytes | memoryview, what: str, timeout: float) -> None:
+        if self._sock is None:
+            raise SMTPError(_local(421, "4.4.2", f"connection with {self.peer} is closed", what))
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.sendall(data)
+        except TimeoutError:
+            self._fail(what, "4.4.2", f"conversation with {self.peer} timed out while {_doing(what)}")
+        except OSError as exc:
+            self._fail(what, "4.4.2", f"lost connection with {self.peer} while {_doing(what)} ({_reason(exc)})")
+
+    def _read(self, what: str, timeout: float) -> Reply:
+        """Read one whole reply within `timeout`; a 421 ends the session (RFC 5321 3.8)."""
+        deadline = time.monotonic() + timeout
+        lines: list[bytes] = []
+        size = 0
+        while True:
+            line = self._read_line(what, deadline)
+            size += len(line)
+            if size > MAX_REPLY:
+                self._fail(what, "4.5.0", f"host {self.peer} sent a reply longer than {MAX_REPLY} bytes "
+                                          f"while {_doing(what)}")
+            code, separator = line[:3], line[3:4]
+            if (not code.isdigit() or code[:1] not in (b"2", b"3", b"4", b"5") or separator not in (b"", b" ", b"-")
+                    or (lines and code != lines[0][:3])):
+                self._fail(what, "4.5.0", f"host {self.peer} sent a malformed reply while {_doing(what)}: "
+                                          f"{_text(line[:100])!r}")
+            lines.append(line)
+            if separator != b"-":
+                break
+        reply = _parse_reply(lines, what)
+        if reply.code == 421 and what != "QUIT":
+            self.abort()
+            raise SMTPError(reply)
+        return reply
+
+    def _read_line(self, what: str, deadline: float) -> bytes:
+        while True:
+            end = self._buffer.find(b"\n", 0, MAX_LINE)
+            if end >= 0:
+                line = bytes(self._buffer[:end]).rstrip(b"\r")
+                del self._buffer[:end + 1]
+                return line
+            if len(self._buffer) >= MAX_LINE:
+                self._fail(what, "4.5.0", f"host {self.peer} sent a reply line longer than {MAX_LINE} bytes "
+                                          f"while {_doing(what)}")
+            remaining = deadline - time.monotonic()
+            if self._sock is None:
+                self._fail(what, "4.4.2", f"connection with {self.peer} is closed")
+            if remaining <= 0:
+                self._fail(what, "4.4.2", f"conversation with {self.peer} timed out while {_doing(what)}")
+            try:
+                self._sock.settimeout(remaining)
+                chunk = self._sock.recv(CHUNK)
+            except TimeoutError:
+                self._fail(what, "4.4.2", f"conversation with {self.peer} timed out while {_doing(what)}")
+            except OSError as exc:
+                self._fail(what, "4.4.2", f"lost connection with {self.peer} while {_doing(what)} "
+                                          f"({_reason(exc)})")
+            if not chunk:
+                self._fail(what, "4.4.2", f"lost connection with {self.peer} while {_doing(what)}")
+            self._buffer += chunk
+
+    def _fail(self, what: str, dsn: str, text: str) -> NoReturn:
+        """The connection is no longer trustworthy: drop it and defer."""
+        self.abort()
+        raise SMTPError(_local(421, dsn, text, what))
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _check_setup(helo_name: str, tls: str) -> None:
+    if not _HOST_NAME.fullmatch(helo_name):
+        raise ValueError(f"helo_name {helo_name!r} is not a host name")
+    if tls not in TLS_POLICIES:
+        raise ValueError(f"unknown TLS policy {tls!r} (known: {', '.join(TLS_POLICIES)})")
+
+
+def _tls_context(policy: str, ca_file: str | None) -> ssl.SSLContext:
+    if policy == TLS_ENCRYPT:
+        return ssl.create_default_context(cafile=ca_file)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _extensions(lines: Sequence[str]) -> dict[str, str]:
+    """EHLO keywords (upper case) and their parameters; the old `AUTH=` form counts as AUTH."""
+    found: dict[str, str] = {}
+    for line in lines:
+        keyword, _, params = line.strip().partition(" ")
+        keyword = keyword.upper()
+        if keyword.startswith("AUTH="):
+            keyword, params = "AUTH", f"{keyword[5:]} {params}"
+        if keyword == "AUTH" and keyword in found:
+            params = f"{found[keyword]} {params}"
+        if keyword:
+            found[keyword] = params.strip()
+    return found
+
+
+def _parse_reply(lines: list[bytes], what: str) -> Reply:
+    """Code, enhanced status code (RFC 3463; derived from the code when absent) and the text
+    of all lines joined by spaces, for logs."""
+    code = int(lines[0][:3])
+    raw = tuple(_text(line[4:]) for line in lines)
+    dsn = ""
+    texts = []
+    for text in raw:
+        match = _ENHANCED.match(text)
+        if match and match[1] == str(code)[0]:
+            dsn = dsn or match[0].strip()
+            text = text[match.end():]
+        if text.strip():
+            texts.append(text.strip())
+    return Reply(code, dsn or f"{code // 100}.0.0", " ".join(texts), what, lines=raw)
+
+
+def _too_many(reply: Reply) -> bool:
+    """RFC 5321 4.5.3.1.10: 452 (or the old 552) for the recipient limit, not for a full mailbox."""
+    if reply.code == 452:
+        return reply.dsn in ("4.5.3", "4.0.0") or "too many" in reply.text.lower()
+    return reply.code == 552 and reply.dsn == "5.5.3"
+
+
+def _rcpt_parameters(address: str, notify: str, orcpt: str, dsn: bool) -> str:
+    if not dsn:
+        return ""
+    params = ""
+    if _NOTIFY.fullmatch(notify.upper().replace(" ", "")):
+        params += f" NOTIFY={notify.upper().replace(' ', '')}"
+    if orcpt:
+        params += f" ORCPT={_orcpt(orcpt)}"
+    return params
+
+
+def xtext(text: str) -> str:
+    """RFC 3461 xtext: printable ASCII but `+` and `=` as is, every other byte as +HH."""
+    return "".join(c if "!" <= c <= "~" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
+                   for c in text)
+
+
+def _orcpt(value: str) -> str:
+    """ORCPT from `type;address` (or a bare address, taken as rfc822): xtext for an ASCII
+    address, RFC 6533 utf-8-addr-xtext for an internationalized one."""
+    kind, separator, address = value.partition(";")
+    if not separator:
+        kind, address = "rfc822", value
+    if not _ADDR_TYPE.fullmatch(kind):
+        kind = "rfc822"
+    if address.isascii():
+        return f"{kind};{xtext(address)}"
+    return "utf-8;" + "".join(c if "!" <= c <= "~" and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in address)
+
+
+def _crlf(message: bytes) -> bytes:
+    """Every line end (LF or CRLF) as CRLF, and one after a last line that lacks it. A CR not
+    before an LF is data and stays, so binary content goes through unchanged otherwise."""
+    data = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return data + b"\r\n" if data and not data.endswith(b"\r\n") else data
+
+
+def _stuff(data: bytes) -> bytes:
+    """Dot-stuffing (RFC 5321 4.5.2) of CRLF-ended data, and the terminating dot line."""
+    data = data.replace(b"\r\n.", b"\r\n..")
+    return (b"." + data if data.startswith(b".") else data) + b".\r\n"
+
+
+def wire_data(message: bytes) -> bytes:
+    """Exactly what follows a 354: the message with CRLF line ends, dot-stuffed, terminated."""
+    return _stuff(_crlf(message))
+
+
+def _local(code: int, dsn: str, text: str, what: str = "") -> Reply:
+    return Reply(code, dsn, text, what, local=True)
+
+
+def _doing(what: str) -> str:
+    if what == GREETING:
+        return "receiving the initial server greeting"
+    if what == END_OF_DATA:
+        return "sending end of data -- message may be sent more than once"
+    return f"sending {what}"
+
+
+def _text(raw: bytes) -> str:
+    return _CONTROL.sub("?", raw.decode("utf-8", "replace"))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
