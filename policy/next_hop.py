@@ -40,7 +40,11 @@ class NextHop:
         return self.text or self.kind
 
 
-MX_ROUTING = NextHop(MX, "", "MX routing")
+
+
+def mx_route(domain: str) -> NextHop:
+    """MX routing to one domain: a next hop of its own, so recipients group by domain."""
+    return NextHop(MX, domain.lower(), f"MX routing for {domain.lower()}")
 
 
 def parse_next_hop(text: str, base_dir: str = "") -> NextHop:
@@ -90,7 +94,10 @@ def _parse_queue_transport(text: str, base_dir: str) -> NextHop:
 
 
 def parse_hosts(text: str) -> list[tuple[str, int | None]]:
-    """Split relay-host notation into (host, port) pairs; port None means the default."""
+    """Split relay-host notation into (destination, port) pairs; port None means the default.
+
+    A destination keeps its brackets: `[host]` means "no MX lookup" (Postfix's convention).
+    """
     hosts = []
     for item in text.split(","):
         item = item.strip()
@@ -100,5 +107,6 @@ def parse_hosts(text: str) -> list[tuple[str, int | None]]:
         port = match["port"]
         if port is not None and not 0 < int(port) < 65536:
             raise NextHopError(f"port {port} in {item!r} is out of range (1-65535)")
-        hosts.append((match["literal"] or match["name"], int(port) if port else None))
+        destination = f"[{match['literal']}]" if match["literal"] else match["name"]
+        hosts.append((destination, int(port) if port else None))
     return hosts

@@ -17,7 +17,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from policy.next_hop import NextHop, NextHopError, parse_next_hop
+from policy.next_hop import SMTP, NextHop, NextHopError, parse_next_hop
+from workers.mx_lookup import parse_dns_servers
+from workers.relay_auth import RelayAuthError, load_relay_auth
+from workers.smtp_client import TLS_MAY, TLS_POLICIES, Timeouts
+
+QPSMTPD_ME = "/etc/qpsmtpd/me"
 
 _COMMENT = re.compile(r"(?:^|\s)#.*")
 
@@ -65,6 +70,54 @@ def _next_hop(text: str, base_dir: str) -> NextHop:
     return parse_next_hop(text, base_dir)
 
 
+def _relayhost(text: str, base_dir: str) -> NextHop:
+    hop = parse_next_hop(text, base_dir)
+    if hop.kind != SMTP:
+        raise NextHopError(f"relayhost takes mail servers (host, host:port, [ip]:port, a,b), not {text!r}")
+    return hop
+
+
+def _port(text: str, base_dir: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise ValueError("must be a port number from 1 to 65535")
+    return value
+
+
+def _dns_servers(text: str, base_dir: str) -> str:
+    parse_dns_servers(text)
+    return text
+
+
+def _tls_policy(text: str, base_dir: str) -> str:
+    if text not in TLS_POLICIES:
+        raise ValueError(f"must be one of {', '.join(TLS_POLICIES)}")
+    return text
+
+
+def _existing_file(text: str, base_dir: str) -> str:
+    path = _path(text, base_dir)
+    if not os.path.isfile(path):
+        raise ValueError(f"must be an existing file ({path} is not)")
+    return path
+
+
+def _relay_auth(text: str, base_dir: str) -> dict[str, tuple[str, str]]:
+    return load_relay_auth(_path(text, base_dir))
+
+
+def _timeouts(text: str, base_dir: str) -> Timeouts:
+    """`connect=10,dot=300`: only the steps named change from RFC 5321's defaults."""
+    known = {f.name for f in dataclasses.fields(Timeouts)}
+    values = {}
+    for item in text.split(","):
+        name, _, seconds = item.strip().partition("=")
+        if name not in known:
+            raise ValueError(f"must name steps among {', '.join(sorted(known))} (not {name!r})")
+        values[name] = _non_negative(seconds, base_dir)
+    return Timeouts(**values)
+
+
 def _log_target(text: str, base_dir: str) -> str:
     return text if text in ("syslog", "stderr") else _path(text, base_dir)
 
@@ -88,8 +141,20 @@ class Config:
     status_socket: str = _key("status-socket", _path, "", "status socket path (default: QUEUE-DIR/status.sock)")
     spool_group: str = _key("spool-group", _group, "", "group that may write the spool (queue dirs 2770)")
     log: str = _key("log", _log_target, "", "syslog, stderr or a file (default: stderr in the foreground, else syslog)")
-    me: str = _key("me", _text, "", "this host's name (default: the machine's FQDN)")
-    relayhost: str = _key("relayhost", _text, "", "SMTP relay hosts", built=False)
+    me: str = _key("me", _text, "", f"this host's name (default: {QPSMTPD_ME}, else the machine's FQDN)")
+    relayhost: NextHop | None = _key("relayhost", _relayhost, None, "SMTP relay hosts for all mail, round robin")
+    smtp_port: int = _key("smtp-port", _port, 25, "TCP port of MX hosts and of relay hosts given without one")
+    dns_servers: str = _key("dns-servers", _dns_servers, "", "DNS servers, ip:port,... (default: /etc/resolv.conf)")
+    dns_timeout: float = _key("dns-timeout", _non_negative, 10.0, "seconds for one DNS lookup")
+    smtp_tls: str = _key("smtp-tls", _tls_policy, TLS_MAY, "STARTTLS: may, encrypt (verified) or none")
+    smtp_tls_ca: str = _key("smtp-tls-ca", _existing_file, "", "CA certificates for smtp-tls encrypt")
+    relay_auth: dict = _key("relay-auth", _relay_auth, None, "file of 'host user password' lines (mode 0600)")
+    smtp_plaintext_auth: bool = _key(
+        "smtp-plaintext-auth", _boolean, False, "allow AUTH over connections without TLS")
+    smtp_timeouts: Timeouts = _key("smtp-timeouts", _timeouts, Timeouts(),
+                                   "per-step SMTP timeouts, e.g. connect=30,rcpt=300,dot=600")
+    smtp_idle_timeout: float = _key(
+        "smtp-idle-timeout", _non_negative, 5.0, "seconds an idle connection is kept for the next message")
     transports: str = _key("transports", _path, "", "transport policy file", built=False)
     transport_defs: str = _key("transport-defs", _path, "", "variables for the transport policy", built=False)
     rewriting: str = _key("rewriting", _path, "", "address rewriting rules", built=False)
@@ -103,7 +168,15 @@ class Config:
 
     @property
     def hostname(self) -> str:
-        return self.me or socket.getfqdn()
+        """Our name in EHLO and for qualifying short relay host names."""
+        if self.me:
+            return self.me
+        try:
+            with open(QPSMTPD_ME, encoding="utf-8") as handle:
+                name = handle.readline().strip()
+        except OSError:
+            name = ""
+        return name or socket.getfqdn()
 
     def unbuilt_keys(self) -> list[str]:
         """Keys set to something whose feature this version does not have yet."""
@@ -127,7 +200,7 @@ def parse_value(key: str, text: str, where: str, base_dir: str) -> tuple[str, An
         raise ConfigError(f"{where}: {key} needs a value")
     try:
         return f.name, f.metadata["parse"](text, base_dir)
-    except NextHopError as exc:
+    except (NextHopError, RelayAuthError) as exc:
         raise ConfigError(f"{where}: {key}: {exc}") from None
     except KeyError:
         raise ConfigError(f"{where}: {key}: no such group {text!r}") from None

@@ -38,20 +38,22 @@ def wait_for(condition: Callable[[], object], timeout: float = 20.0, what: str =
 class Daemon:
     """`qrouter run --foreground` in a subprocess, logging to a file the test can read."""
 
-    def __init__(self, tmp: Path, *args: str, workers: int = 2, preexec_fn=None):
+    def __init__(self, tmp: Path, *args: str, workers: int = 2, preexec_fn=None, launcher: list[str] | None = None,
+                 maildir: bool = True):
         self.tmp = tmp
         self.spool = tmp / "spool"
         self.mail = tmp / "mail"
         self.log_path = tmp / "qrouter.log"
         self.args = ["--queue-dir", str(self.spool), "--workers", str(workers), *args]
-        if "--default-transport" not in args and "--config" not in args:
+        if maildir and "--default-transport" not in args and "--config" not in args:
             self.args += ["--default-transport", f"queue/maildir {self.mail}/%d/%u"]
         self.preexec_fn = preexec_fn
+        self.launcher = launcher or [sys.executable, "-m", "router"]  # what runs `qrouter`
         self.process: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> Daemon:
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "router", "run", "--foreground", *self.args],
+        self.process = subprocess.Popen([*self.launcher, "run", "--foreground", *self.args],
                                         stdout=log, stderr=log, cwd=ROOT, preexec_fn=self.preexec_fn)
         log.close()
         if wait:

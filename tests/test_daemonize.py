@@ -14,14 +14,14 @@ from tests.daemon import qrouter, wait_for
 def test_background_daemon_serves_and_stops(tmp_path):
     spool, mail, log = tmp_path / "spool", tmp_path / "mail", tmp_path / "qrouter.log"
     args = ["run", "--queue-dir", str(spool), "--workers", "1", "--log", str(log),
-            "--default-transport", f"queue/maildir {mail}/%d/%u", "--relayhost", "relay.example"]
+            "--default-transport", f"queue/maildir {mail}/%d/%u", "--send-ndr", "yes"]
     result = qrouter(*args)
     assert result.returncode == 0, result.stderr
     pid = int((spool / "qrouter.pid").read_text())
     try:
         assert psutil.pid_exists(pid)
         assert os.getsid(pid) != os.getsid(0), "the daemon did not leave the caller's session"
-        assert "warning: not built in this version yet, ignored: relayhost" in log.read_text()
+        assert "warning: not built in this version yet, ignored: send-ndr" in log.read_text()
         Spool(spool).enqueue("a@example.org", ["u@example.org"], b"background\n")
         wait_for(lambda: list((mail / "example.org" / "u" / "new").glob("*")) if (mail / "example.org").exists()
                  else [], what="delivery")

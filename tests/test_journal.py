@@ -41,8 +41,9 @@ def attempt_in_child(spool: Spool, policy: Policy, queue: str, queue_id: str) ->
     pid = os.fork()
     if pid == 0:
         try:
-            transports = {**build_transports(), "kill": KillTransport()}
-            Delivery(spool, load(None, {"queue-dir": str(spool.root)}), policy, transports).attempt(queue, queue_id)
+            config = load(None, {"queue-dir": str(spool.root)})
+            transports = {**build_transports(config), "kill": KillTransport()}
+            Delivery(spool, config, policy, transports).attempt(queue, queue_id)
         finally:
             os._exit(0)
     return os.waitpid(pid, 0)[1]

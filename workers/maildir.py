@@ -75,3 +75,6 @@ class MaildirTransport:
 
     def close_idle(self) -> None:
         pass
+
+    def close(self) -> None:
+        pass

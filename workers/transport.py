@@ -34,4 +34,7 @@ class Transport(Protocol):
         """Deliver to `recipients`; never raise for a delivery problem, answer it."""
 
     def close_idle(self) -> None:
-        """Called when the worker has been idle a while: let go of what is held open."""
+        """Called when the worker is idle: let go of what has been held open too long."""
+
+    def close(self) -> None:
+        """Called when the worker exits: let go of everything, politely (SMTP QUIT)."""

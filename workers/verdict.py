@@ -23,3 +23,6 @@ class VerdictTransport:
 
     def close_idle(self) -> None:
         pass
+
+    def close(self) -> None:
+        pass

@@ -21,19 +21,22 @@ from router.config import Config
 from router.spool import ACTIVE, DEFERRED, Spool
 from workers.delivery import QUEUED_AGAIN, Delivery, Report
 from workers.maildir import MaildirTransport
+from workers.smtp import SMTPTransport
 from workers.transport import Transport
 from workers.verdict import VerdictTransport
 
 log = logging.getLogger("qrouter")
 
-IDLE_SECONDS = 5.0
+IDLE_SECONDS = 1.0  # how often an idle worker lets transports drop what they hold open
 PR_SET_PDEATHSIG = 1
 
 
-def build_transports() -> dict[str, Transport]:
+def build_transports(config: Config) -> dict[str, Transport]:
+    """One instance of each delivery method, by next-hop kind, for the life of a worker."""
     verdict = VerdictTransport()
+    smtp = SMTPTransport(config)
     return {MAILDIR: MaildirTransport(), DISCARD: verdict, ERROR: verdict, RETRY: verdict,
-            SMTP: verdict, LMTP: verdict, PIPE: verdict, MDA: verdict, MX: verdict}
+            SMTP: smtp, LMTP: smtp, MX: smtp, PIPE: verdict, MDA: verdict}
 
 
 class Worker:
@@ -42,8 +45,9 @@ class Worker:
         self.report_fd = report_fd
         self.config = config
         self.spool = Spool(config.queue_dir, config.spool_group)
-        self.transports = build_transports()
-        self.delivery = Delivery(self.spool, config, Policy(config.default_transport), self.transports)
+        self.transports = build_transports(config)
+        policy = Policy(config.default_transport, config.relayhost)
+        self.delivery = Delivery(self.spool, config, policy, self.transports)
         self.busy = False
         self.stopping = False
 
@@ -54,6 +58,13 @@ class Worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._on_term)
+        try:
+            self._serve()
+        finally:
+            for transport in set(self.transports.values()):
+                transport.close()
+
+    def _serve(self) -> None:
         buffer = b""
         while not self.stopping:
             readable, _, _ = select.select([self.task_fd], [], [], IDLE_SECONDS)

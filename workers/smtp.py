@@ -1,0 +1,213 @@
+"""SMTP and LMTP delivery: relay hosts (round robin, failover), DNS MX routing, kept connections.
+
+For each next hop the transport works out the servers to try, best first, and walks down the list:
+a server that cannot be reached or answers a recipient with 4xx hands that recipient to the next
+server; 2xx and 5xx are final. Connections stay open for the next message to the same server
+(RSET between) until `smtp-idle-timeout` passes, so a stream of mail to one hop costs one TCP and
+TLS handshake, not one per message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass
+
+from policy.next_hop import LMTP, MX, NextHop, parse_hosts
+from router.config import Config
+from router.queue_file import QueueFile, Recipient
+from workers.mx_lookup import MXHost, MXLookupError, ResolverConfigError, make_resolver, next_hops
+from workers.smtp_client import LMTP_PORT, SMTP_PORT, TLS_NONE, SMTPClient, SMTPError, TLSFallback
+from workers.transport import BOUNCED, DEFERRED, Outcome
+
+log = logging.getLogger("qrouter")
+
+MAX_KEPT = 16  # connections a worker keeps open at most
+
+
+@dataclass(frozen=True)
+class Server:
+    """One place to deliver to: a host name with one of its addresses, or a Unix socket."""
+
+    name: str
+    ip: str = ""
+    port: int = SMTP_PORT
+    lmtp: bool = False
+    socket_path: str = ""
+    auth: tuple[str, str] | None = None
+
+    @property
+    def peer(self) -> str:
+        return f"unix[{self.socket_path}]" if self.socket_path else f"{self.name}[{self.ip}]:{self.port}"
+
+
+class SMTPTransport:
+    def __init__(self, config: Config):
+        self.config = config
+        self.helo_name = config.hostname
+        self.credentials = config.relay_auth or {}
+        self.kept: dict[Server, tuple[SMTPClient, float]] = {}
+        self.turn: dict[str, int] = {}
+        self._resolver = None
+
+    # -- the Transport interface ----------------------------------------------------------
+
+    def deliver(self, message: QueueFile, recipients: list[Recipient], hop: NextHop) -> list[Outcome]:
+        self.close_idle()
+        try:
+            servers = self._servers(hop)
+        except (MXLookupError, ResolverConfigError) as exc:
+            temporary = not isinstance(exc, MXLookupError) or exc.temporary or hop.kind != MX
+            dsn = "4.3.5" if isinstance(exc, ResolverConfigError) else exc.dsn
+            status = DEFERRED if temporary else BOUNCED
+            return Outcome.same_for(recipients, status, "4" + dsn[1:] if temporary else dsn, str(exc), "none")
+        outcomes: list[Outcome | None] = [None] * len(recipients)
+        todo = list(range(len(recipients)))
+        for server in servers:
+            todo = self._deliver_to(server, message, recipients, todo, outcomes)
+            if not todo:
+                break
+        return [outcome or Outcome(DEFERRED, "4.4.1", f"no server to try for {hop}", "none")
+                for outcome in outcomes]
+
+    def close_idle(self) -> None:
+        limit = time.monotonic() - self.config.smtp_idle_timeout
+        for server, (client, last_used) in list(self.kept.items()):
+            if last_used <= limit:
+                del self.kept[server]
+                client.close()
+
+    def close(self) -> None:
+        for client, _ in self.kept.values():
+            client.close()
+        self.kept.clear()
+
+    # -- one server -----------------------------------------------------------------------
+
+    def _deliver_to(self, server: Server, message: QueueFile, recipients: list[Recipient], todo: list[int],
+                    outcomes: list[Outcome | None]) -> list[int]:
+        """Try `todo` at one server; return the recipients the next server should try."""
+        for fresh in (False, True):
+            try:
+                client, reused = self._connection(server, message.queue_id, fresh)
+            except SMTPError as exc:
+                problem = _deferred(exc.reply.dsn, exc.reply.describe(server.peer), server.peer)
+                for index in todo:
+                    outcomes[index] = problem
+                return todo
+            replies = self._send(client, message, [recipients[i] for i in todo])
+            if not (reused and all(reply.local and reply.code == 421 for reply in replies)):
+                break  # only a kept connection that died under us earns a fresh try
+        after: list[int] = []
+        for index, reply in zip(todo, replies, strict=True):
+            text = str(reply) if reply.ok else reply.describe(client.peer)
+            outcomes[index] = Outcome(reply.status, reply.dsn, text, client.peer)
+            if reply.status == DEFERRED:
+                after.append(index)
+        if client.is_alive():
+            self._keep(server, client)
+        return after
+
+    def _send(self, client: SMTPClient, message: QueueFile, recipients: list[Recipient]) -> list:
+        """Send, opening new transactions while the server takes only part of the recipients
+        (452 too many recipients, RFC 5321 4.5.3.1.10)."""
+        replies: list = [None] * len(recipients)
+        waiting = list(range(len(recipients)))
+        while waiting:
+            answers = client.send(message.sender, [recipients[i] for i in waiting], message.message,
+                                  ret=message.ret, envid=message.envid)
+            unsent = [i for i, reply in zip(waiting, answers, strict=True) if reply.unsent]
+            for i, reply in zip(waiting, answers, strict=True):
+                replies[i] = reply
+            if len(unsent) == len(waiting) or not client.is_alive():
+                break
+            waiting = unsent
+        return replies
+
+    def _connection(self, server: Server, queue_id: str, fresh: bool) -> tuple[SMTPClient, bool]:
+        """A kept connection to `server` if one is alive (and `fresh` is not asked), else a new
+        one; the flag says which."""
+        kept = self.kept.pop(server, None)
+        if kept is not None:
+            if not fresh and kept[0].is_alive():
+                return kept[0], True
+            kept[0].abort()
+        try:
+            return self._open(server, self.config.smtp_tls), False
+        except TLSFallback as exc:
+            log.warning("%s: TLS with %s failed (%s); trying again in plain text", queue_id, server.peer,
+                        exc.reply.text)
+            return self._open(server, TLS_NONE), False
+
+    def _open(self, server: Server, tls: str) -> SMTPClient:
+        timeouts = self.config.smtp_timeouts
+        if server.socket_path:
+            return SMTPClient.connect_unix(server.socket_path, helo_name=self.helo_name, timeouts=timeouts,
+                                           auth=server.auth)
+        return SMTPClient.connect(server.name, server.port, ip=server.ip, helo_name=self.helo_name,
+                                  lmtp=server.lmtp, timeouts=timeouts, tls=tls, tls_name=server.name,
+                                  ca_file=self.config.smtp_tls_ca or None, auth=server.auth,
+                                  allow_plaintext_auth=self.config.smtp_plaintext_auth)
+
+    def _keep(self, server: Server, client: SMTPClient) -> None:
+        self.kept[server] = (client, time.monotonic())
+        while len(self.kept) > MAX_KEPT:
+            oldest = min(self.kept, key=lambda s: self.kept[s][1])
+            self.kept.pop(oldest)[0].close()
+
+    # -- where to deliver -----------------------------------------------------------------
+
+    def _servers(self, hop: NextHop) -> list[Server]:
+        if hop.kind == MX:
+            return _expand(next_hops(hop.argument, self._dns()), self.config.smtp_port, lmtp=False, auth=None)
+        lmtp = hop.kind == LMTP
+        if lmtp and hop.argument.startswith("/"):
+            return [Server(hop.argument, lmtp=True, socket_path=hop.argument)]
+        hosts = parse_hosts(hop.argument)
+        start = self.turn.get(hop.argument, 0)
+        self.turn[hop.argument] = start + 1
+        servers: list[Server] = []
+        failure: MXLookupError | None = None
+        for destination, port in hosts[start % len(hosts):] + hosts[:start % len(hosts)]:
+            auth = self.credentials.get(destination.strip("[]").lower())
+            try:
+                found = self._relay(destination, lmtp)
+            except MXLookupError as exc:
+                failure = exc
+                continue
+            servers += _expand(found, port or (LMTP_PORT if lmtp else self.config.smtp_port), lmtp=lmtp, auth=auth)
+        if not servers and failure is not None:
+            raise failure
+        return servers
+
+    def _relay(self, destination: str, lmtp: bool) -> list[MXHost]:
+        """A relay host: an address as it is; `[name]` (and any LMTP host) by its A/AAAA records;
+        a bare name by MX lookup first, as Postfix does, qualified under our domain if short."""
+        bare = destination.strip("[]")
+        try:
+            address = str(ipaddress.ip_address(bare))
+            return [MXHost(address, 0, (address,))]
+        except ValueError:
+            pass
+        if destination.startswith("[") or lmtp:
+            return next_hops(f"[{bare}]", self._dns())
+        return next_hops(self._qualify(bare), self._dns())
+
+    def _qualify(self, name: str) -> str:
+        domain = self.helo_name.partition(".")[2]
+        return f"{name}.{domain}" if "." not in name and domain else name
+
+    def _dns(self):
+        if self._resolver is None:
+            self._resolver = make_resolver(self.config.dns_servers, self.config.dns_timeout)
+        return self._resolver
+
+
+def _expand(hosts: list[MXHost], port: int, *, lmtp: bool, auth: tuple[str, str] | None) -> list[Server]:
+    return [Server(host.name, ip, port, lmtp=lmtp, auth=auth) for host in hosts for ip in host.addresses]
+
+
+def _deferred(dsn: str, text: str, relay: str) -> Outcome:
+    """A server we could not use: never final, since another server or a later attempt may work."""
+    return Outcome(DEFERRED, "4" + dsn[1:], text, relay)
