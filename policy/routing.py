@@ -1,8 +1,8 @@
 """The routing decision: which next hop a recipient goes to, decided afresh at every attempt.
 
-Precedence: `relayhost` over everything, then (later) the transport map and aliases, then
-`default-transport`, then DNS MX routing. Nothing about a route is stored in the queue file, so a
-policy fixed and reloaded reaches mail already waiting in deferred/.
+Precedence: `relayhost` over everything, then the transport map (first matching rule), then
+`default-transport`, then DNS MX routing. Nothing about a route is stored in the queue file, so
+a policy fixed and reloaded reaches mail already waiting in deferred/.
 """
 
 from __future__ import annotations
@@ -10,23 +10,46 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from policy.next_hop import NextHop, mx_route
+from policy.transport_map import PolicyError, Rule, TransportMap, load_definitions, load_transport_map
 from router.address import split_address
+from router.config import Config
 
 
 @dataclass(frozen=True)
 class Route:
     next_hop: NextHop
-    reason: str
+    reason: str  # why this next hop, in words an administrator can act on
+    rule: Rule | None = None
 
 
 class Policy:
-    def __init__(self, default_transport: NextHop | None, relayhost: NextHop | None = None):
+    def __init__(self, default_transport: NextHop | None, relayhost: NextHop | None = None,
+                 transport_map: TransportMap | None = None):
         self.default_transport = default_transport
         self.relayhost = relayhost
+        self.transport_map = transport_map
 
     def route(self, recipient: str) -> Route:
         if self.relayhost is not None:
             return Route(self.relayhost, "relayhost")
+        if self.transport_map is not None:
+            rule = self.transport_map.lookup(recipient)
+            if rule is not None:
+                return Route(rule.next_hop, f"transports rule {rule.where} ({rule.destination})", rule)
         if self.default_transport is not None:
             return Route(self.default_transport, "default-transport")
-        return Route(mx_route(split_address(recipient)[1]), "no rule matched")
+        return Route(mx_route(split_address(recipient)[1]), "no rule matched: MX routing")
+
+
+def load_policy(config: Config) -> Policy:
+    """Read every policy file the config names; PolicyError (FILE:LINE: ...) on the first problem.
+
+    Done once in the supervisor, at start and on reload, and inherited by the workers it forks,
+    so every worker routes by exactly the files that were checked.
+    """
+    definitions = load_definitions(config.transport_defs) if config.transport_defs else {}
+    if config.transport_defs and not config.transports:
+        raise PolicyError(f"{config.transport_defs}: transport-defs is set but transports is not")
+    transport_map = (load_transport_map(config.transports, definitions, config.transport_defs)
+                     if config.transports else None)
+    return Policy(config.default_transport, config.relayhost, transport_map)

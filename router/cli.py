@@ -8,9 +8,12 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from policy.routing import Policy, load_policy
+from policy.transport_map import PolicyError
 from router import config as config_module
 from router import daemon
 from router import log as log_module
+from router.address import AddressError, parse_path
 from router.config import KEYS, Config, ConfigError
 from router.spool import INCOMING, Spool, SpoolError
 from router.status_socket import StatusError, query
@@ -41,7 +44,7 @@ def run(config: ConfigOption = None,
         foreground: Annotated[bool, typer.Option("--foreground", help="stay in the foreground, log to stderr")] = False,
         **settings: Any) -> None:
     """Run the daemon: supervisor, workers and status socket."""
-    flags = {KEYS_BY_PARAM[name]: value for name, value in settings.items() if value is not None}
+    flags = _flags(settings)
     loaded = _config(config, flags)
     if foreground:
         log_module.setup(loaded.log or "stderr")
@@ -52,6 +55,11 @@ def run(config: ConfigOption = None,
 
 
 KEYS_BY_PARAM = {key.replace("-", "_"): key for key in KEYS}
+
+
+def _flags(settings: dict[str, Any]) -> dict[str, str]:
+    """The config-key flags given on the command line, as key -> text."""
+    return {KEYS_BY_PARAM[name]: value for name, value in settings.items() if value is not None}
 
 
 def _with_config_flags(function):
@@ -67,6 +75,49 @@ def _with_config_flags(function):
 
 
 app.command("run")(_with_config_flags(run))
+
+
+def check_config(config: ConfigOption = None, **settings: Any) -> None:
+    """Check the config and every policy file it names; exit non-zero on the first error."""
+    loaded = _config(config, _flags(settings))
+    _policy(loaded)
+    typer.echo(f"qrouter: config {config or '(flags only)'} and its policy files are valid")
+
+
+app.command("check-config")(_with_config_flags(check_config))
+
+
+@app.command()
+def route(
+    address: Annotated[str, typer.Argument(help="recipient address")],
+    sender: Annotated[str, typer.Option("--from", help="envelope sender")] = "<>",
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Explain where a recipient goes now: the rule that matched and the next hop."""
+    loaded = _config(config, {})
+    policy = _policy(loaded)
+    try:
+        recipient = parse_path(address)
+        parse_path(sender, null_ok=True)
+    except AddressError as exc:
+        raise _fail(str(exc), EX_USAGE) from None
+    decision = policy.route(recipient)
+    answer = {"recipient": recipient, "reason": decision.reason,
+              "rule": decision.rule.where if decision.rule else None,
+              "method": decision.next_hop.kind, "next_hop": str(decision.next_hop)}
+    if as_json:
+        typer.echo(json.dumps(answer, indent=2))
+        return
+    typer.echo(f"recipient: {recipient}\nreason:    {decision.reason}\n"
+               f"method:    {decision.next_hop.kind}\nnext hop:  {decision.next_hop}")
+
+
+def _policy(loaded: Config) -> Policy:
+    try:
+        return load_policy(loaded)
+    except PolicyError as exc:
+        raise _fail(str(exc), EX_CONFIG) from None
 
 
 @app.command()

@@ -155,8 +155,8 @@ class Config:
                                    "per-step SMTP timeouts, e.g. connect=30,rcpt=300,dot=600")
     smtp_idle_timeout: float = _key(
         "smtp-idle-timeout", _non_negative, 5.0, "seconds an idle connection is kept for the next message")
-    transports: str = _key("transports", _path, "", "transport policy file", built=False)
-    transport_defs: str = _key("transport-defs", _path, "", "variables for the transport policy", built=False)
+    transports: str = _key("transports", _path, "", "transport policy file: destination next-hop a line")
+    transport_defs: str = _key("transport-defs", _path, "", "variables ($name value) for the transports file")
     rewriting: str = _key("rewriting", _path, "", "address rewriting rules", built=False)
     rewrite_both: bool = _key("rewrite-both", _boolean, False, "also rewrite From:/To:/Cc: headers", built=False)
     aliases: str = _key("aliases", _path, "", "aliases for local delivery", built=False)

@@ -27,6 +27,8 @@ import psutil
 from inotify_simple import INotify
 from inotify_simple import flags as inotify_flags
 
+from policy.routing import load_policy
+from policy.transport_map import PolicyError
 from router import status_socket
 from router.config import Config, ConfigError, load
 from router.lock import SpoolLock
@@ -111,6 +113,7 @@ class Supervisor:
         return 0
 
     def _start(self) -> None:
+        self.policy = load_policy(self.config)
         os.makedirs(self.config.queue_dir, mode=0o700, exist_ok=True)
         self.lock.acquire()
         self.spool.create()
@@ -177,12 +180,13 @@ class Supervisor:
             config = load(self.config_path, self.flags)
             if config.queue_dir != self.config.queue_dir:
                 raise ConfigError(f"queue-dir cannot change on reload ({self.config.queue_dir} -> {config.queue_dir})")
-        except ConfigError as exc:
-            log.error("reload refused, keeping the running config: %s", exc)
+            policy = load_policy(config)
+        except (ConfigError, PolicyError) as exc:
+            log.error("reload refused, keeping the running config and policy: %s", exc)
             return
         for warning in self._config_warnings(config):
             log.warning(warning)
-        self.config = config
+        self.config, self.policy = config, policy
         for worker in self.workers.values():
             worker.retiring = True
             worker.close_tasks()
@@ -190,8 +194,14 @@ class Supervisor:
 
     @staticmethod
     def _config_warnings(config: Config) -> list[str]:
+        warnings = []
         unbuilt = config.unbuilt_keys()
-        return [f"not built in this version yet, ignored: {', '.join(unbuilt)}"] if unbuilt else []
+        if unbuilt:
+            warnings.append(f"not built in this version yet, ignored: {', '.join(unbuilt)}")
+        if config.relayhost is not None and (config.transports or config.default_transport):
+            warnings.append(f"relayhost {config.relayhost} takes precedence: every message goes there, "
+                            "transports and default-transport are not used")
+        return warnings
 
     # -- workers --------------------------------------------------------------------------
 
@@ -211,7 +221,7 @@ class Supervisor:
             status = 0
             try:
                 self._become_worker(task_write, report_read)
-                Worker(task_read, report_write, self.config).run(supervisor_pid)
+                Worker(task_read, report_write, self.config, self.policy).run(supervisor_pid)
             except BaseException:
                 log.exception("worker %d crashed", os.getpid())
                 status = 70

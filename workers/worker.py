@@ -40,13 +40,12 @@ def build_transports(config: Config) -> dict[str, Transport]:
 
 
 class Worker:
-    def __init__(self, task_fd: int, report_fd: int, config: Config):
+    def __init__(self, task_fd: int, report_fd: int, config: Config, policy: Policy):
         self.task_fd = task_fd
         self.report_fd = report_fd
         self.config = config
         self.spool = Spool(config.queue_dir, config.spool_group)
         self.transports = build_transports(config)
-        policy = Policy(config.default_transport, config.relayhost)
         self.delivery = Delivery(self.spool, config, policy, self.transports)
         self.busy = False
         self.stopping = False
