@@ -35,9 +35,11 @@ class NextHop:
     kind: str
     argument: str = ""
     text: str = ""
+    user: str = ""  # local delivery: the unix user the aliases file gave
 
     def __str__(self) -> str:
-        return self.text or self.kind
+        text = self.text or self.kind
+        return f"{text} (user {self.user})" if self.user else text
 
 
 

@@ -7,9 +7,11 @@ a policy fixed and reloaded reaches mail already waiting in deferred/.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from policy.next_hop import NextHop, mx_route
+from policy.aliases import Alias, Aliases, load_aliases
+from policy.next_hop import ERROR, MDA, NextHop, mx_route
 from policy.transport_map import PolicyError, Rule, TransportMap, load_definitions, load_transport_map
 from router.address import split_address
 from router.config import Config
@@ -20,16 +22,32 @@ class Route:
     next_hop: NextHop
     reason: str  # why this next hop, in words an administrator can act on
     rule: Rule | None = None
+    alias: Alias | None = None
 
 
 class Policy:
     def __init__(self, default_transport: NextHop | None, relayhost: NextHop | None = None,
-                 transport_map: TransportMap | None = None):
+                 transport_map: TransportMap | None = None, aliases: Aliases | None = None):
         self.default_transport = default_transport
         self.relayhost = relayhost
         self.transport_map = transport_map
+        self.aliases = aliases
 
     def route(self, recipient: str) -> Route:
+        found = self._next_hop(recipient)
+        if found.next_hop.kind != MDA:
+            return found
+        local = split_address(recipient)[0]
+        alias = self.aliases.lookup(local) if self.aliases else None
+        if alias is None:
+            refusal = NextHop(ERROR, f"5.1.1 no alias for local part {local!r} in {self.aliases.path}"
+                              if self.aliases else "5.1.1 no aliases file for local delivery")
+            return Route(refusal, f"{found.reason}, but no alias", found.rule)
+        hop = dataclasses.replace(found.next_hop, user=alias.user)
+        return Route(hop, f"{found.reason}, alias {alias.where} ({alias.virtual} -> {alias.user})",
+                     found.rule, alias)
+
+    def _next_hop(self, recipient: str) -> Route:
         if self.relayhost is not None:
             return Route(self.relayhost, "relayhost")
         if self.transport_map is not None:
@@ -52,4 +70,9 @@ def load_policy(config: Config) -> Policy:
         raise PolicyError(f"{config.transport_defs}: transport-defs is set but transports is not")
     transport_map = (load_transport_map(config.transports, definitions, config.transport_defs)
                      if config.transports else None)
-    return Policy(config.default_transport, config.relayhost, transport_map)
+    hops = [config.default_transport, *(rule.next_hop for rule in (transport_map.rules if transport_map else []))]
+    local = next((hop for hop in hops if hop is not None and hop.kind == MDA), None)
+    if local is not None and config.relayhost is None and not config.aliases:
+        raise PolicyError(f"local delivery ({local}) needs an aliases file: set the aliases key")
+    aliases = load_aliases(config.aliases, local_delivery=local is not None) if config.aliases else None
+    return Policy(config.default_transport, config.relayhost, transport_map, aliases)

@@ -94,7 +94,7 @@ class TransportMap:
 def load_definitions(path: str) -> dict[str, str]:
     """The transport-defs file: `name value` a line, for `$name` in the transports file."""
     definitions: dict[str, str] = {}
-    for where, line in _lines(path):
+    for where, line in file_lines(path):
         name, _, value = line.partition(" ")
         if not _NAME.fullmatch(name):
             raise PolicyError(f"{where}: {name!r} is not a variable name (letters, digits, _)")
@@ -109,7 +109,7 @@ def load_definitions(path: str) -> dict[str, str]:
 def load_transport_map(path: str, definitions: dict[str, str], defs_path: str = "") -> TransportMap:
     base_dir = os.path.dirname(os.path.abspath(path))
     rules = []
-    for position, (where, line) in enumerate(_lines(path)):
+    for position, (where, line) in enumerate(file_lines(path)):
         line = _substitute(line, definitions, where, defs_path)
         destination, hop_text = _split_rule(line, where)
         _check_destination(destination, where)
@@ -121,7 +121,7 @@ def load_transport_map(path: str, definitions: dict[str, str], defs_path: str = 
     return TransportMap(rules)
 
 
-def _lines(path: str) -> list[tuple[str, str]]:
+def file_lines(path: str) -> list[tuple[str, str]]:
     """(FILE:LINE, text) of every line that is not blank or a comment."""
     try:
         with open(path, encoding="utf-8") as handle:

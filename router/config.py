@@ -159,7 +159,7 @@ class Config:
     transport_defs: str = _key("transport-defs", _path, "", "variables ($name value) for the transports file")
     rewriting: str = _key("rewriting", _path, "", "address rewriting rules", built=False)
     rewrite_both: bool = _key("rewrite-both", _boolean, False, "also rewrite From:/To:/Cc: headers", built=False)
-    aliases: str = _key("aliases", _path, "", "aliases for local delivery", built=False)
+    aliases: str = _key("aliases", _path, "", "aliases for local delivery: virtual-user unix-user a line")
     send_ndr: bool = _key("send-ndr", _boolean, False, "send non-delivery reports", built=False)
 
     @property

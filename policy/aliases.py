@@ -1,0 +1,77 @@
+"""The aliases file for local delivery: `virtual-user unix-user` a line, local parts only.
+
+    root        admin
+    postmaster  admin
+    .*master    admin       # a regex: any local part ending in "master"
+
+A virtual user with regex characters (`*?[](){}|^$\\`) is a regex matched against the whole local
+part, case-insensitively; otherwise it is compared case-insensitively as it is. The first entry
+in file order wins. The local delivery agent never runs as root, so root's mail must be aliased
+to someone, and no alias may point at root.
+"""
+
+from __future__ import annotations
+
+import pwd
+import re
+from dataclasses import dataclass
+
+from policy.transport_map import PolicyError, file_lines
+
+_REGEX_CHARS = re.compile(r"[*?\[\](){}|^$\\]")
+
+
+@dataclass(frozen=True)
+class Alias:
+    virtual: str
+    user: str
+    where: str
+    position: int
+
+
+class Aliases:
+    def __init__(self, entries: list[Alias], path: str):
+        self.path = path
+        self._exact: dict[str, Alias] = {}
+        self._regexes: list[tuple[re.Pattern[str], Alias]] = []
+        for entry in entries:
+            if _REGEX_CHARS.search(entry.virtual):
+                self._regexes.append((re.compile(entry.virtual, re.IGNORECASE), entry))
+            else:
+                self._exact.setdefault(entry.virtual.lower(), entry)
+
+    def lookup(self, local_part: str) -> Alias | None:
+        best = self._exact.get(local_part.lower())
+        for pattern, entry in self._regexes:
+            if best is not None and entry.position > best.position:
+                break
+            if pattern.fullmatch(local_part):
+                return entry
+        return best
+
+
+def load_aliases(path: str, *, local_delivery: bool) -> Aliases:
+    """Read the file; with local delivery configured, an entry for root is required."""
+    entries = []
+    for position, (where, line) in enumerate(file_lines(path)):
+        fields = line.split()
+        if len(fields) != 2:
+            raise PolicyError(f"{where}: expected 'virtual-user unix-user'")
+        virtual, user = fields
+        if "@" in virtual:
+            raise PolicyError(f"{where}: {virtual!r}: aliases take local parts, not addresses")
+        if _REGEX_CHARS.search(virtual):
+            try:
+                re.compile(virtual)
+            except re.error as exc:
+                raise PolicyError(f"{where}: bad regex {virtual!r}: {exc}") from None
+        try:
+            if pwd.getpwnam(user).pw_uid == 0:
+                raise PolicyError(f"{where}: {virtual} -> {user}: local delivery never runs as root")
+        except KeyError:
+            raise PolicyError(f"{where}: no such unix user {user!r}") from None
+        entries.append(Alias(virtual, user, where, position))
+    aliases = Aliases(entries, path)
+    if local_delivery and aliases.lookup("root") is None:
+        raise PolicyError(f"{path}: no entry for root (local delivery never delivers to root: alias it)")
+    return aliases
