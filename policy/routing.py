@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 from policy.aliases import Alias, Aliases, load_aliases
 from policy.next_hop import ERROR, MDA, NextHop, mx_route
+from policy.rewriting import FROM, TO, Rewriter, RewritingError, load_rewriting
 from policy.transport_map import PolicyError, Rule, TransportMap, load_definitions, load_transport_map
 from router.address import split_address
 from router.config import Config
+from router.queue_file import QueueFile
 
 
 @dataclass(frozen=True)
@@ -27,11 +29,35 @@ class Route:
 
 class Policy:
     def __init__(self, default_transport: NextHop | None, relayhost: NextHop | None = None,
-                 transport_map: TransportMap | None = None, aliases: Aliases | None = None):
+                 transport_map: TransportMap | None = None, aliases: Aliases | None = None,
+                 rewriter: Rewriter | None = None, rewrite_headers: bool = False):
         self.default_transport = default_transport
         self.relayhost = relayhost
         self.transport_map = transport_map
         self.aliases = aliases
+        self.rewriter = rewriter or Rewriter()
+        self.rewrite_headers = rewrite_headers
+
+    def rewrite(self, queue_file: QueueFile) -> list[str]:
+        """Apply the rewriting rules to a new message: envelope sender (from rules), recipients
+        (to rules) and, with rewrite-both, the From:/To:/Cc: headers. Returns what changed, for
+        the log; the caller records that it was done so it never happens twice."""
+        changes = []
+        sender, rule = self.rewriter.rewrite(FROM, queue_file.sender)
+        if rule is not None:
+            changes.append(f"from=<{queue_file.sender}> rewritten to <{sender}> by {rule.where}")
+            queue_file.sender = sender
+        for rcpt in queue_file.recipients:
+            address, rule = self.rewriter.rewrite(TO, rcpt.address)
+            if rule is not None:
+                changes.append(f"to=<{rcpt.address}> rewritten to <{address}> by {rule.where}")
+                rcpt.address = address
+        if self.rewrite_headers:
+            message = self.rewriter.rewrite_headers(queue_file.message)
+            if message != queue_file.message:
+                changes.append("From:/To:/Cc: header addresses rewritten")
+                queue_file.message = message
+        return changes
 
     def route(self, recipient: str) -> Route:
         found = self._next_hop(recipient)
@@ -75,4 +101,8 @@ def load_policy(config: Config) -> Policy:
     if local is not None and config.relayhost is None and not config.aliases:
         raise PolicyError(f"local delivery ({local}) needs an aliases file: set the aliases key")
     aliases = load_aliases(config.aliases, local_delivery=local is not None) if config.aliases else None
-    return Policy(config.default_transport, config.relayhost, transport_map, aliases)
+    try:
+        rewriter = load_rewriting(config.rewriting) if config.rewriting else None
+    except RewritingError as exc:
+        raise PolicyError(str(exc)) from None
+    return Policy(config.default_transport, config.relayhost, transport_map, aliases, rewriter, config.rewrite_both)

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from policy.rewriting import FROM, TO
 from policy.routing import Policy, load_policy
 from policy.transport_map import PolicyError
 from router import config as config_module
@@ -94,23 +95,35 @@ def route(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Explain where a recipient goes now: the rule that matched and the next hop."""
+    """Explain where a recipient goes now: rewriting, the rule that matched, the alias, the next hop."""
     loaded = _config(config, {})
     policy = _policy(loaded)
     try:
         recipient = parse_path(address)
-        parse_path(sender, null_ok=True)
+        sender = parse_path(sender, null_ok=True)
     except AddressError as exc:
         raise _fail(str(exc), EX_USAGE) from None
-    decision = policy.route(recipient)
-    answer = {"recipient": recipient, "reason": decision.reason,
-              "rule": decision.rule.where if decision.rule else None,
+    rewritten, rewrite_rule = policy.rewriter.rewrite(TO, recipient)
+    new_sender, sender_rule = policy.rewriter.rewrite(FROM, sender)
+    decision = policy.route(rewritten)
+    answer = {"recipient": recipient, "rewritten": rewritten,
+              "rewrite_rule": rewrite_rule.where if rewrite_rule else None,
+              "sender": sender, "rewritten_sender": new_sender,
+              "sender_rewrite_rule": sender_rule.where if sender_rule else None,
+              "reason": decision.reason, "rule": decision.rule.where if decision.rule else None,
+              "alias": decision.alias.user if decision.alias else None,
               "method": decision.next_hop.kind, "next_hop": str(decision.next_hop)}
     if as_json:
         typer.echo(json.dumps(answer, indent=2))
         return
-    typer.echo(f"recipient: {recipient}\nreason:    {decision.reason}\n"
-               f"method:    {decision.next_hop.kind}\nnext hop:  {decision.next_hop}")
+    lines = [f"recipient: {recipient}"]
+    if rewrite_rule:
+        lines.append(f"rewritten: {rewritten} (rewriting rule {rewrite_rule.where})")
+    if sender_rule:
+        lines.append(f"sender:    <{sender}> rewritten to <{new_sender}> (rewriting rule {sender_rule.where})")
+    lines += [f"reason:    {decision.reason}", f"method:    {decision.next_hop.kind}",
+              f"next hop:  {decision.next_hop}"]
+    typer.echo("\n".join(lines))
 
 
 def _policy(loaded: Config) -> Policy:

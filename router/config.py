@@ -115,6 +115,8 @@ def _timeouts(text: str, base_dir: str) -> Timeouts:
         if name not in known:
             raise ValueError(f"must name steps among {', '.join(sorted(known))} (not {name!r})")
         values[name] = _non_negative(seconds, base_dir)
+        if not values[name]:  # a socket with timeout 0 never waits: every delivery would fail
+            raise ValueError(f"must give each step more than 0 seconds (not {item.strip()!r})")
     return Timeouts(**values)
 
 
@@ -157,8 +159,8 @@ class Config:
         "smtp-idle-timeout", _non_negative, 5.0, "seconds an idle connection is kept for the next message")
     transports: str = _key("transports", _path, "", "transport policy file: destination next-hop a line")
     transport_defs: str = _key("transport-defs", _path, "", "variables ($name value) for the transports file")
-    rewriting: str = _key("rewriting", _path, "", "address rewriting rules", built=False)
-    rewrite_both: bool = _key("rewrite-both", _boolean, False, "also rewrite From:/To:/Cc: headers", built=False)
+    rewriting: str = _key("rewriting", _path, "", "address rewriting rules: direction old new a line")
+    rewrite_both: bool = _key("rewrite-both", _boolean, False, "also rewrite From:/To:/Cc: header addresses")
     aliases: str = _key("aliases", _path, "", "aliases for local delivery: virtual-user unix-user a line")
     send_ndr: bool = _key("send-ndr", _boolean, False, "send non-delivery reports", built=False)
 

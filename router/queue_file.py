@@ -22,7 +22,7 @@ STATES = (PENDING, DELIVERED, FAILED)
 MAX_HEADER = 1 << 20
 LOG_KEEP = 20
 
-_ENVELOPE_KEYS = {"id", "arrival", "attempts", "sender", "envid", "ret", "log", "size"}
+_ENVELOPE_KEYS = {"id", "arrival", "attempts", "sender", "envid", "ret", "rewritten", "log", "size"}
 _RECIPIENT_KEYS = {"notify", "orcpt", "state", "dsn", "relay", "reply"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _JOURNAL = re.compile(rb"@(\d{1,9}) (\w+) ?(.*)")
@@ -70,6 +70,7 @@ class QueueFile:
     attempts: int = 0
     envid: str = ""
     ret: str = ""
+    rewritten: bool = False  # address rewriting done: never again, also after a restart
     log: list[str] = field(default_factory=list)
     journal_bytes: int = 0  # bytes of journal after the message when read; not written back
 
@@ -91,6 +92,8 @@ class QueueFile:
             lines.append(f"envid {clean(self.envid)}")
         if self.ret:
             lines.append(f"ret {clean(self.ret)}")
+        if self.rewritten:
+            lines.append("rewritten yes")
         lines.extend(f"log {entry}" for entry in self.log)
         for rcpt in self.recipients:
             lines.extend(rcpt.header_lines())
@@ -149,6 +152,8 @@ def parse(data: bytes, where: str = "queue file") -> QueueFile:
             raise CorruptQueueFile(f"{where}: required line '{key}' is missing")
     if not recipients:
         raise CorruptQueueFile(f"{where}: no 'rcpt' line")
+    if fields.get("rewritten", "yes") != "yes":
+        raise CorruptQueueFile(f"{line_of['rewritten']}: rewritten: {fields['rewritten']!r} is not 'yes'")
     if not is_queue_id(fields["id"]):
         raise CorruptQueueFile(f"{line_of['id']}: {fields['id']!r} is not a queue id")
     size = _number(fields["size"], int, f"{line_of['size']}: size")
@@ -165,6 +170,7 @@ def parse(data: bytes, where: str = "queue file") -> QueueFile:
         attempts=_number(fields.get("attempts", "0"), int, f"{line_of.get('attempts', where)}: attempts"),
         envid=fields.get("envid", ""),
         ret=fields.get("ret", ""),
+        rewritten="rewritten" in fields,
         log=log,
     )
     queue_file.journal_bytes = len(data) - body_start - size

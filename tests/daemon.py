@@ -52,12 +52,14 @@ class Daemon:
         self.process: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> Daemon:
+        before = self.log().count("started:")
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen([*self.launcher, "run", "--foreground", *self.args],
                                         stdout=log, stderr=log, cwd=ROOT, preexec_fn=self.preexec_fn)
         log.close()
         if wait:
-            wait_for(lambda: "started:" in self.log() or self.process.poll() is not None, what="daemon start")
+            wait_for(lambda: self.log().count("started:") > before or self.process.poll() is not None,
+                     what="daemon start")
             assert self.process.poll() is None, f"daemon exited {self.process.returncode}:\n{self.log()}"
         return self
 

@@ -141,7 +141,9 @@ def test_route_command_explains_the_decision(tmp_path):
     ]
     answer = json.loads(qrouter("route", "--json", "--config", str(tmp_path / "qrouter.conf"),
                                 "nobody@nowhere.example", check=True).stdout)
-    assert answer == {"recipient": "nobody@nowhere.example", "reason": "no rule matched: MX routing", "rule": None,
+    assert answer == {"recipient": "nobody@nowhere.example", "rewritten": "nobody@nowhere.example",
+                      "rewrite_rule": None, "sender": "", "rewritten_sender": "", "sender_rewrite_rule": None,
+                      "reason": "no rule matched: MX routing", "rule": None, "alias": None,
                       "method": "mx", "next_hop": "MX routing for nowhere.example"}
     bad = qrouter("route", "--config", str(tmp_path / "qrouter.conf"), "not an address")
     assert bad.returncode == 64 and b"not an address" in bad.stderr

@@ -67,12 +67,33 @@ class Delivery:
             return Report(queue_id, CORRUPTED)
         if queue_file.journal_bytes:
             self._store(queue_file)
+        if queue_file.attempts == 0 and not queue_file.rewritten and self.policy.rewriter.rules:
+            refused = self._rewrite(queue_file)
+            if refused is not None:
+                return refused
         queue_file.attempts += 1
         report = Report(queue_id, REMOVED)
         self._deliver(queue_file, report)
         if queue_file.pending() and time.time() - queue_file.arrival >= self.config.max_age * 86400:
             self._expire(queue_file, report)
         return self._file_away(queue_file, report)
+
+    def _rewrite(self, queue_file: QueueFile) -> Report | None:
+        """Rewrite addresses once, before the first delivery, and make that durable first; if
+        it cannot be stored, deliver nothing now (a deferral report) rather than risk rewriting
+        twice."""
+        changes = self.policy.rewrite(queue_file)
+        queue_file.rewritten = True
+        try:
+            self.spool.write(queue_file, ACTIVE)
+        except OSError as exc:
+            due = time.time() + self.config.min_backoff
+            log.error("%s: cannot store rewritten addresses, trying again later: %s", queue_file.queue_id, exc)
+            self.spool.move(queue_file.queue_id, ACTIVE, DEFERRED, mtime=due)
+            return Report(queue_file.queue_id, QUEUED_AGAIN, next_attempt=due)
+        for change in changes:
+            log.info("%s: %s", queue_file.queue_id, change)
+        return None
 
     def _deliver(self, queue_file: QueueFile, report: Report) -> None:
         """Deliver to every pending recipient, next hop by next hop, journalling between them.
