@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from policy.next_hop import MAILDIR, RETRY, SMTP, NextHopError, parse_next_hop
-from router.config import ConfigError, load
+from router.config import KEYS, ConfigError, load
 
 
 def write(tmp_path, text: str):
@@ -87,3 +89,9 @@ def test_next_hops(text, kind, argument):
 def test_bad_next_hops(text, error):
     with pytest.raises(NextHopError, match=error):
         parse_next_hop(text)
+
+
+def test_readme_documents_every_key():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [key for key in KEYS if f"| `{key}` |" not in readme]
+    assert missing == []
