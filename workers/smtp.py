@@ -183,7 +183,8 @@ class SMTPTransport:
 
     def _relay(self, destination: str, lmtp: bool) -> list[MXHost]:
         """A relay host: an address as it is; `[name]` (and any LMTP host) by its A/AAAA records;
-        a bare name by MX lookup first, as Postfix does, qualified under our domain if short."""
+        a bare name by MX lookup first, as Postfix does. A short name, bracketed or not, is
+        qualified under our domain."""
         bare = destination.strip("[]")
         try:
             address = str(ipaddress.ip_address(bare))
@@ -191,12 +192,13 @@ class SMTPTransport:
         except ValueError:
             pass
         if destination.startswith("[") or lmtp:
-            return next_hops(f"[{bare}]", self._dns())
+            return next_hops(f"[{self._qualify(bare)}]", self._dns())
         return next_hops(self._qualify(bare), self._dns())
 
     def _qualify(self, name: str) -> str:
+        """`name` under our domain if it has no dot; `localhost` means this machine (RFC 6761)."""
         domain = self.helo_name.partition(".")[2]
-        return f"{name}.{domain}" if "." not in name and domain else name
+        return f"{name}.{domain}" if "." not in name and domain and name.lower() != "localhost" else name
 
     def _dns(self):
         if self._resolver is None:
