@@ -1,0 +1,359 @@
+"""qpsmtpd in front of qrouter: the real qpsmtpd-forkserver with the queue/router plugin from
+packaging/qpsmtpd, a real qrouter daemon behind it (started by the plugin, or separately), real
+aiosmtpd servers as next hops and swaks as the client. Loopback only."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from router.address import AddressError, parse_path
+from router.queue_file import parse
+from router.spool import Spool
+from tests.daemon import wait_for
+from tests.qpsmtpd_server import PLUGIN_DIR, QpsmtpdServer, alive, daemon_pid, smtp_data, stop_daemon, swaks
+from tests.smtp_servers import AioServer
+
+QROUTER = str(Path(sys.executable).parent / "qrouter")
+QUEUE_ID = re.compile(r"[0-9A-F]{13}-[0-9A-F]+-[0-9A-F]+")
+FAST = ["smtp-timeouts", "connect=2,greeting=3,helo=3,mail=3,rcpt=3,data=3,block=3,dot=10",
+        "min-backoff", "60", "me", "relay.qrouter.test"]
+
+# CRLF line ends as on the wire; 8-bit in a header and the body; lines starting with dots,
+# one of them a lone dot; trailing white space; an empty last line.
+MESSAGE = (b"From: Alice <alice@example.org>\r\n"
+           b"To: a@one.example, b@two.example\r\n"
+           b"Subject: =?utf-8?q?gr=C3=BC=C3=9Fe?=\r\n"
+           b"X-Raw: gr\xc3\xbc\xc3\x9fe, 8-bit in a header\r\n"
+           b"\r\n"
+           b".leading dot\r\n"
+           b"..two leading dots\r\n"
+           b".\r\n"
+           b"Latin-1 \xe4\xf6\xfc and every high byte: " + bytes(range(0x80, 0x100)) + b"\r\n"
+           b"trailing white space \t \r\n"
+           b"\r\n")
+
+
+def as_flags(pairs: list[str]) -> list[str]:
+    """Plugin-line pairs as `qrouter run` flags."""
+    return [f"--{item}" if i % 2 == 0 else item for i, item in enumerate(pairs)]
+
+
+@pytest.fixture
+def qpsmtpd(tmp_path):
+    """`qpsmtpd(spool, *plugin_args)` makes a qpsmtpd whose plugin line is `queue/router qrouter
+    QROUTER queue-dir SPOOL ARGS`, plus `no-daemon 1` if not own_daemon; without spool_on_line
+    the spool comes from a config file in ARGS. Every server is stopped after the test, and so is
+    every daemon the plugin started (found by SPOOL/qrouter.pid)."""
+    servers: list[QpsmtpdServer] = []
+    plugin_spools: list[Path] = []
+
+    def make(spool: Path, *plugin_args: str, own_daemon: bool = True, start: bool = True,
+             spool_on_line: bool = True) -> QpsmtpdServer:
+        args = ["qrouter", QROUTER, *(["queue-dir", str(spool)] if spool_on_line else []), *plugin_args]
+        if not own_daemon:
+            args += ["no-daemon", "1"]
+        server = QpsmtpdServer(tmp_path / f"qpsmtpd{len(servers)}", args)
+        servers.append(server)
+        if own_daemon:
+            plugin_spools.append(spool)
+        return server.start() if start else server
+
+    yield make
+    for server in servers:
+        server.stop()
+    for spool in plugin_spools:
+        stop_daemon(spool)
+
+
+def added_by_qpsmtpd(content: bytes, message: bytes) -> list[bytes]:
+    """What arrived is qpsmtpd's own header lines, then the message exactly as sent; those lines."""
+    assert content.endswith(message), "the message did not arrive byte for byte"
+    added = content[: len(content) - len(message)]
+    assert added.endswith(b"\r\n")
+    lines = added[:-2].split(b"\r\n")
+    assert lines[0].startswith(b"Received: from ")
+    assert all(line.startswith((b"Received: ", b"Authentication-Results: ", b" ", b"\t")) for line in lines), lines
+    return lines
+
+
+def queued_as(result) -> str:
+    out = result.stdout.decode(errors="replace")
+    assert result.returncode == 0, out + result.stderr.decode(errors="replace")
+    match = re.search(r"^<-  250 Queued as (\S+)$", out, re.MULTILINE)
+    assert match, out
+    assert QUEUE_ID.fullmatch(match.group(1))
+    return match.group(1)
+
+
+def arrival(queue_id: str) -> str:
+    """The arrival time a writer puts beside this id: the id's microseconds, six decimals."""
+    seconds, micros = divmod(int(queue_id[:13], 16), 10**6)
+    return f"{seconds}.{micros:06d}"
+
+
+def lock_held(spool: Path) -> bool:
+    try:
+        fd = os.open(spool / "qrouter.pid", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def test_plugin_starts_one_daemon_and_every_recipient_reaches_its_next_hop_byte_for_byte(tmp_path, qpsmtpd):
+    spool = tmp_path / "spool"
+    data = tmp_path / "message.smtp"
+    data.write_bytes(smtp_data(MESSAGE))
+    with AioServer(host="127.0.0.2") as one, AioServer(host="127.0.0.3") as two:
+        transports = tmp_path / "transports"
+        transports.write_text(f"one.example  [127.0.0.2]:{one.port}\ntwo.example  [127.0.0.3]:{two.port}\n")
+        plugin_args = ["transports", str(transports), "workers", "2", "log", str(tmp_path / "qrouter.log"), *FAST]
+        server = qpsmtpd(spool, *plugin_args)
+        pid = daemon_pid(spool)
+        assert pid and alive(pid) and lock_held(spool)
+        assert os.getsid(pid) != os.getsid(server.process.pid), "the daemon stayed in qpsmtpd's session"
+        assert f"qrouter daemon pid {pid} serves {spool}" in server.log()
+
+        first = queued_as(swaks(server.port, "--from", "alice@example.org",
+                                "--to", "a@one.example,b@two.example,c@one.example", data=data))
+        bounce = queued_as(swaks(server.port, "--from", "<>", "--to", "d@two.example", data=data))
+        assert first != bounce
+        wait_for(lambda: len(one.handler.messages) == 1 and len(two.handler.messages) == 2, what="three deliveries")
+
+        # qpsmtpd restarts: the plugin finds the daemon serving the spool and starts no other
+        server.stop()
+        again = qpsmtpd(spool, *plugin_args)
+        assert f"qrouter daemon pid {pid} already serves {spool}" in again.log()
+        assert daemon_pid(spool) == pid and alive(pid)
+        queued_as(swaks(again.port, "--from", "carol@example.org", "--to", "e@one.example", data=data))
+        wait_for(lambda: len(one.handler.messages) == 2, what="delivery after the restart")
+
+    [to_one, after_restart] = one.handler.messages
+    assert (to_one.mail_from, to_one.rcpt_tos) == ("alice@example.org", ["a@one.example", "c@one.example"])
+    assert (after_restart.mail_from, after_restart.rcpt_tos) == ("carol@example.org", ["e@one.example"])
+    by_sender = {m.mail_from: m for m in two.handler.messages}
+    assert by_sender["alice@example.org"].rcpt_tos == ["b@two.example"]
+    assert by_sender["<>"].rcpt_tos == ["d@two.example"]  # the null sender stays null
+    for received in [*one.handler.messages, *two.handler.messages]:
+        added = added_by_qpsmtpd(received.content, MESSAGE)
+        assert any(b"by qpsmtpd.example.test" in line for line in added)
+    log = (tmp_path / "qrouter.log").read_text()
+    assert f"{first}: to=<a@one.example>, relay=127.0.0.2[127.0.0.2]:{one.port}" in log
+    assert f"{bounce}: to=<d@two.example>, relay=127.0.0.3[127.0.0.3]:{two.port}" in log
+
+
+def test_queue_file_is_written_as_the_format_says_and_waits_for_the_daemon(tmp_path, qpsmtpd, daemons):
+    spool = tmp_path / "spool"
+    Spool(spool).create()
+    data = tmp_path / "message.smtp"
+    data.write_bytes(smtp_data(MESSAGE))
+    server = qpsmtpd(spool, own_daemon=False)
+    assert f"no qrouter daemon serves {spool} yet" in server.log()
+    queue_id = queued_as(swaks(server.port, "--from", "alice@example.org",
+                               "--to", "b@two.example,a@one.example,b@two.example", data=data))
+    assert listing(spool / "tmp") == []
+    assert listing(spool / "incoming") == [queue_id]
+    path = spool / "incoming" / queue_id
+    assert path.stat().st_mode & 0o777 == 0o660
+    content = path.read_bytes()
+    head, message = content.split(b"\n\n", 1)
+    assert head.decode().split("\n") == [
+        "qrouter-queue-file 1", f"id {queue_id}", f"arrival {arrival(queue_id)}", "attempts 0",
+        "sender <alice@example.org>",
+        "rcpt <b@two.example>", "rcpt <a@one.example>", "rcpt <b@two.example>",  # in RCPT order, as given
+        f"size {len(message)}"]
+    # as qpsmtpd hands it over: its own header lines first, line ends LF
+    lf_message = MESSAGE.replace(b"\r\n", b"\n")
+    assert message.endswith(lf_message)
+    assert message.startswith(b"Received: from ")
+    assert parse(content, str(path)).message == message
+
+    daemon = daemons()  # started later: the waiting message goes out
+    wait_for(lambda: f"{queue_id}: removed" in daemon.log(), what="delivery of the waiting message")
+    [delivered] = daemon.delivered("two.example/b")
+    assert delivered.read_bytes().endswith(lf_message)
+    assert len(daemon.delivered("one.example/a")) == 1
+
+
+def test_separately_started_daemon_gets_a_10_mb_message_byte_for_byte(tmp_path, qpsmtpd, daemons):
+    rng = random.Random(10)
+    printable = bytes(b if b >= 0x20 else b + 0x40 for b in range(256))  # no CR, LF or other controls
+    lines = [rng.randbytes(98).translate(printable) for _ in range(10 * 2**20 // 100)]
+    message = b"Subject: ten megabytes\r\n\r\n" + b"\r\n".join(lines) + b"\r\n"
+    data = tmp_path / "big.smtp"
+    data.write_bytes(smtp_data(message))
+    with AioServer() as sink:
+        daemon = daemons("--relayhost", f"[127.0.0.1]:{sink.port}", *as_flags(FAST), maildir=False)
+        server = qpsmtpd(daemon.spool, own_daemon=False)
+        assert f"qrouter daemon pid {daemon.process.pid} serves {daemon.spool}" in server.log()
+        queue_id = queued_as(swaks(server.port, "--from", "big@example.org", "--to", "r@example.net", data=data))
+        wait_for(lambda: f"{queue_id}: removed" in daemon.log(), timeout=60, what="the big message")
+    [received] = sink.handler.messages
+    assert len(message) > 10 * 10**6
+    added_by_qpsmtpd(received.content, message)
+    assert daemon_pid(daemon.spool) == daemon.process.pid  # qpsmtpd started no daemon of its own
+
+
+def test_unwritable_spool_gives_a_temporary_failure_and_leaves_nothing_behind(tmp_path, qpsmtpd, daemons):
+    data = tmp_path / "message.smtp"
+    data.write_bytes(smtp_data(MESSAGE))
+    with AioServer() as sink:
+        daemon = daemons("--relayhost", f"[127.0.0.1]:{sink.port}", *as_flags(FAST), maildir=False)
+        server = qpsmtpd(daemon.spool, own_daemon=False)
+        for queue in ("incoming", "tmp"):
+            server.read_only(daemon.spool / queue)
+            try:
+                result = swaks(server.port, "--from", "a@example.org", "--to", "u@example.net", data=data)
+            finally:
+                server.writable(daemon.spool / queue)
+            out = result.stdout.decode(errors="replace")
+            assert result.returncode == 26, out  # swaks: the server did not accept the mail after DATA
+            assert "<** 452 Queue temporarily unavailable, try again later" in out
+            assert listing(daemon.spool / "tmp") == listing(daemon.spool / "incoming") == []
+        log = server.log()
+        assert "cannot rename" in log and "cannot create" in log and "Read-only file system" in log
+        # the client tries again once the spool is back: the message arrives, once
+        queue_id = queued_as(swaks(server.port, "--from", "a@example.org", "--to", "u@example.net", data=data))
+        wait_for(lambda: f"{queue_id}: removed" in daemon.log(), what="delivery of the retried message")
+    [received] = sink.handler.messages
+    added_by_qpsmtpd(received.content, MESSAGE)
+    assert listing(daemon.spool / "tmp") == listing(daemon.spool / "incoming") == listing(daemon.spool / "active") == []
+
+
+def test_addresses_qrouter_cannot_queue_are_refused_before_the_message_is_accepted(tmp_path, qpsmtpd, daemons):
+    daemon = daemons()  # delivers into Maildirs under tmp_path/mail
+    server = qpsmtpd(daemon.spool, own_daemon=False)
+    result = swaks(server.port, "--from", "a@example.org", "--to", "postmaster,ok@example.org")
+    out = result.stdout.decode(errors="replace")
+    assert "<** 550 Recipient address has no local part and domain (user@domain)" in out
+    queue_id = queued_as(result)
+    long_local = "x" * 65
+    result = swaks(server.port, "--from", f"{long_local}@example.org", "--to", "ok@example.org")
+    out = result.stdout.decode(errors="replace")
+    assert result.returncode == 23, out  # refused at MAIL FROM
+    assert "<** 550 Sender address has a local part longer than 64 octets" in out
+    wait_for(lambda: f"{queue_id}: removed" in daemon.log(), what="delivery")
+    assert len(daemon.delivered("example.org/ok")) == 1
+    assert listing(daemon.spool / "incoming") == listing(daemon.spool / "corrupt") == []
+
+
+def test_500_messages_from_10_concurrent_clients_arrive_exactly_once(tmp_path, qpsmtpd):
+    with AioServer() as sink:
+        config_dir = tmp_path / "etc"
+        config_dir.mkdir()
+        config = config_dir / "qrouter.conf"
+        # queue-dir relative to the config file, as qrouter itself reads it
+        settings = ["queue-dir", "../spool", "relayhost", f"[127.0.0.1]:{sink.port}", "workers", "4",
+                    "log", str(tmp_path / "qrouter.log"), *FAST]
+        config.write_text("".join(f"{k} {v}\n" for k, v in zip(settings[::2], settings[1::2], strict=True)))
+        spool = tmp_path / "spool"
+        server = qpsmtpd(spool, "config", str(config), spool_on_line=False)
+        assert daemon_pid(spool) and lock_held(spool)
+
+        def client(number: int) -> list[str]:
+            ids = []
+            for n in range(number * 50, number * 50 + 50):
+                ids.append(queued_as(swaks(server.port, "--from", f"s{n}@example.org", "--to", f"r{n}@example.net",
+                                           "--header", f"Subject: message {n}", "--suppress-data")))
+            return ids
+
+        with ThreadPoolExecutor(10) as pool:
+            ids = [queue_id for chunk in pool.map(client, range(10)) for queue_id in chunk]
+        assert len(set(ids)) == 500
+        wait_for(lambda: len(sink.handler.messages) >= 500, timeout=60, what="500 deliveries")
+        wait_for(lambda: not any(listing(spool / q) for q in ("incoming", "active", "deferred")), what="an empty queue")
+    subjects = Counter(re.search(rb"^Subject: message (\d+)\r$", m.content, re.MULTILINE).group(1)
+                       for m in sink.handler.messages)
+    assert len(sink.handler.messages) == 500
+    assert sorted(int(s) for s in subjects) == list(range(500)) and set(subjects.values()) == {1}
+    for message in sink.handler.messages:
+        n = re.search(rb"^Subject: message (\d+)\r$", message.content, re.MULTILINE).group(1).decode()
+        assert (message.mail_from, message.rcpt_tos) == (f"s{n}@example.org", [f"r{n}@example.net"])
+
+
+def test_a_daemon_that_cannot_start_keeps_qpsmtpd_from_starting(tmp_path, qpsmtpd):
+    spool = tmp_path / "spool"
+    (tmp_path / "bad.transports").write_text("one.example  [127.0.0.2]:2525\nfoo.example  queue/nonsense x\n")
+    config = tmp_path / "qrouter.conf"
+    config.write_text("transports bad.transports\n")
+    server = qpsmtpd(spool, "config", str(config), start=False)
+    server.start(wait=False)
+    assert server.wait_exit() != 0
+    log = server.log()
+    assert f"cannot start the qrouter daemon for {spool}" in log
+    assert f"{tmp_path / 'bad.transports'}:2: next hop 'queue/nonsense x': unknown queue transport" in log
+    assert not lock_held(spool)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+
+
+def test_without_a_spool_qpsmtpd_with_no_daemon_refuses_to_start(tmp_path, qpsmtpd):
+    spool = tmp_path / "spool"
+    server = qpsmtpd(spool, own_daemon=False, start=False)
+    server.start(wait=False)
+    assert server.wait_exit() != 0
+    assert f"cannot queue into {spool}: {spool}/tmp is missing" in server.log()
+
+
+ADDRESSES = [
+    "<>", "<user@example.org>", '<"john smith"@example.org>', '<"john\\ smith"@example.org>',
+    "<jörg@bücher.example>", "<postmaster@[192.0.2.1]>", "<root@[IPv6:::1]>", "<a@[IPv6:::ffff:1.2.3.4]>",
+    "<a@[x-tag:text]>", "<a@xn--bcher-kva.example>", f"<{'l' * 64}@example.org>", f"<a@{'d' * 63}.org>",
+    f"<a@{'.'.join(['d' * 60] * 4)}>",
+    "<user>", "<postmaster>", "<user@-example.org>", "<user@example.org.>", "<a..b@example.org>",
+    f"<{'l' * 65}@example.org>", f"<a@{'d' * 64}.org>", "<.a@example.org>", "<a.@example.org>",
+    "<a@b..c>", "<@example.org>", "<a@>", "<a@[300.1.1.1]>", "<a@[01.1.1.1]>", "<a@[1.2.3]>",
+    "<a@[IPv6:fe80::1%eth0]>", "<a@[IPv6:1:2:3:4:5:6:7:8:9]>", "<a@[tag:]>", '<"open@example.org>',
+    "<a b@example.org>", "<a@exa mple.org>", "<a@b_c.org>", "<a@[1.2.3.4]x>", "user@example.org",
+    f"<{'l' * 64}@{'d' * 63}.{'d' * 63}.{'d' * 63}.{'d' * 60}>",
+]
+
+
+def test_the_plugin_refuses_exactly_the_addresses_qrouter_refuses():
+    """The plugin's address check (at MAIL and RCPT) is a copy of qrouter's rules in Perl; run it
+    through qpsmtpd's own plugin loader and compare, address by address."""
+    script = """
+        use Qpsmtpd::Plugin;
+        Qpsmtpd::Plugin->compile('queue::router', 'Qpsmtpd::Plugin::queue::router', $ARGV[0]);
+        binmode STDIN; binmode STDOUT;
+        while (my $line = <STDIN>) {
+            chomp $line;
+            my $problem = Qpsmtpd::Plugin::queue::router::path_problem($line, 1);
+            print defined $problem ? "refused: $problem\\n" : "ok\\n";
+        }
+    """
+    result = subprocess.run(["perl", "-e", script, str(PLUGIN_DIR / "queue" / "router")], capture_output=True,
+                            input="".join(f"{a}\n" for a in ADDRESSES).encode(), timeout=30, check=True)
+    verdicts = result.stdout.decode().splitlines()
+    assert len(verdicts) == len(ADDRESSES), result.stderr.decode()
+
+    def qrouter_accepts(address: str) -> bool:
+        try:
+            parse_path(address, null_ok=True)
+        except AddressError:
+            return False
+        return address.startswith("<")  # queue files hold paths in angle brackets
+
+    disagreements = [(a, v) for a, v in zip(ADDRESSES, verdicts, strict=True) if (v == "ok") != qrouter_accepts(a)]
+    assert disagreements == []
+    assert sum(v == "ok" for v in verdicts) == 13
