@@ -12,10 +12,14 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def write_synced(path: str, data: bytes, *, exclusive: bool = False, mode: int = 0o600) -> None:
-    """Write `data` as the whole content of `path` and fsync it; on failure remove the file."""
+    """Write `data` as the whole content of `path` and fsync it; on failure remove the file.
+
+    `mode` is set exactly, whatever the umask: a spool shared with a group needs its files
+    group-writable, or the daemon could not append to a file a front door wrote."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
     fd = os.open(path, flags, mode)
     try:
+        os.fchmod(fd, mode)
         write_all(fd, data)
         os.fsync(fd)
     except BaseException:

@@ -24,7 +24,7 @@ WAIT = 10.0  # how long a server side waits for the client before giving up on i
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on `host` right now."""
-    with socket.socket() as probe:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
 

@@ -99,3 +99,12 @@ def test_kept_connection_carries_the_next_message(daemons):
     commands = sink.handler.commands
     assert commands.count("QUIT") == 1 and "RSET" in commands
     assert len(sink.handler.messages) == 2
+
+
+def test_relay_over_ipv6(daemons):
+    with AioServer(host="::1") as sink:
+        daemon = daemons("--relayhost", f"[::1]:{sink.port}", *FAST)
+        queue_id = enqueue(daemon, ["v6@example.org"])
+        wait_for(lambda: f"{queue_id}: removed" in daemon.log(), what="delivery over IPv6")
+    assert [m.rcpt_tos for m in sink.handler.messages] == [["v6@example.org"]]
+    assert f"relay=::1[::1]:{sink.port}," in daemon.log()
