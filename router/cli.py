@@ -157,6 +157,25 @@ def enqueue(
     typer.echo(queue_id)
 
 
+class _UnparsedArgs(typer.core.TyperCommand):
+    """A command that takes its arguments exactly as given (`--` and all) in ctx.meta["args"]."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["args"] = list(args)
+        return super().parse_args(ctx, [])
+
+
+@app.command(cls=_UnparsedArgs)
+def sendmail(ctx: typer.Context) -> None:
+    """Queue the message on standard input as sendmail does: -t, -i/-oi, -f SENDER, -F NAME...
+
+    The same as the qrouter-sendmail command (`qrouter sendmail --help` lists the options).
+    Prints nothing; exits 75 when the spool cannot take it, 64 for bad arguments or addresses."""
+    from router.sendmail import submit  # the sendmail command line lives there, for qrouter-sendmail too
+
+    raise typer.Exit(submit(ctx.meta["args"], prog="qrouter sendmail"))
+
+
 @app.command()
 def status(
     queue_dir: QueueDirOption = None,

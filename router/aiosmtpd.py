@@ -1,0 +1,94 @@
+"""`QueueHandler`: an aiosmtpd handler that queues every message it accepts into qrouter.
+
+A Python SMTP server built on aiosmtpd becomes a qrouter front door with one line:
+
+    from aiosmtpd.controller import Controller
+    from router.aiosmtpd import QueueHandler
+
+    Controller(QueueHandler("/var/spool/qrouter"), hostname="127.0.0.1", port=25).start()
+
+At the end of DATA the envelope (the sender, `<>` for none, and the recipients in the order given)
+and the message exactly as received (`envelope.original_content`, after dot-unstuffing, CRLF line
+ends as on the wire) are queued with `Spool.enqueue`: the file is fsynced before the client hears
+
+    250 2.0.0 Queued as QUEUE-ID
+
+The fsyncs run in an executor thread, so other sessions go on meanwhile. When the spool cannot take
+the message (disk full, read-only, missing) the client hears `451 4.3.0 <reason>` and keeps it to
+try again later; nothing is left half-written in the queue. Addresses are checked with the rules
+every qrouter front door uses: a sender that is not valid is refused at MAIL (`553 5.1.7`), a
+recipient at RCPT (`553 5.1.3`), so the others of the transaction still go through.
+
+DSN parameters (RET, ENVID, NOTIFY, ORCPT) are not taken: aiosmtpd does not offer DSN.
+
+aiosmtpd is not a dependency of qrouter. Install it next to qrouter to use this module
+(`pip install aiosmtpd`, or Debian's python3-aiosmtpd); importing the module without it fails
+with an ImportError that says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import Executor
+
+try:
+    from aiosmtpd.smtp import SMTP, Envelope, Session
+except ImportError as exc:
+    raise ImportError(
+        "router.aiosmtpd needs the aiosmtpd package, which qrouter does not install itself: "
+        "pip install aiosmtpd (or apt install python3-aiosmtpd)", name=exc.name) from exc
+
+from router.address import AddressError, parse_path
+from router.queue_file import clean
+from router.spool import Spool, SpoolError
+
+
+class QueueHandler:
+    """Queue into the spool at `queue_dir`. `group` is the config's spool-group, if any (files are
+    then made 0660, for a server that runs as a member of that group). `executor` runs the writes
+    (default: the event loop's default thread pool)."""
+
+    def __init__(self, queue_dir: str | os.PathLike, *, group: str = "", executor: Executor | None = None) -> None:
+        self.queue_dir = queue_dir
+        self.group = group
+        self.executor = executor
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        try:
+            parse_path(address, null_ok=True)
+        except AddressError as exc:
+            return f"553 5.1.7 {clean(str(exc))}"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender ok"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        try:
+            parse_path(address)
+        except AddressError as exc:
+            return f"553 5.1.3 {clean(str(exc))}"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Recipient ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        loop = asyncio.get_running_loop()
+        try:
+            queue_id = await loop.run_in_executor(self.executor, self.enqueue, envelope.mail_from or "<>",
+                                                  list(envelope.rcpt_tos), envelope.original_content or b"")
+        except SpoolError as exc:
+            if exc.temporary:
+                return f"451 4.3.0 {clean(str(exc))}"
+            return f"550 5.1.3 {clean(str(exc))}"
+        return f"250 2.0.0 Queued as {queue_id}"
+
+    def enqueue(self, sender: str, recipients: list[str], message: bytes) -> str:
+        """Queue one message durably (blocking: it fsyncs) and return its queue id."""
+        spool = Spool(self.queue_dir, self.group)
+        try:
+            return spool.enqueue(sender, recipients, message)
+        finally:
+            spool.close()

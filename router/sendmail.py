@@ -1,0 +1,421 @@
+"""`qrouter-sendmail` (also `qrouter sendmail`): the sendmail command line, queueing into the spool.
+
+cron, mailx, logwatch and other local programs hand mail to `/usr/sbin/sendmail`; an administrator
+who wants it to go through qrouter links that name to `qrouter-sendmail`. The options are the ones
+these programs use, read as Postfix's sendmail reads them:
+
+    -t              also take recipients from the To:, Cc: and Bcc: header fields, and take the
+                    Bcc: fields (with their continuation lines) out of the message. Recipients on
+                    the command line are added, not removed. Without -t the header is not read.
+    -i, -oi         a line holding a single "." is message text. Without them such a line ends
+                    the message, as in sendmail; whatever follows it is read and thrown away.
+    -f SENDER       the envelope sender (also -fSENDER, and the old -r); "" or "<>" for none.
+                    Default: the invoking user (by real uid) at `me`, e.g. root@mail.example.org.
+    -F NAME         the sender's full name: accepted and ignored. qrouter does not add a From:
+                    field; the only change ever made to the message is the removal of Bcc: by -t.
+    -N DSN          NOTIFY for every recipient: never, or success,delay,failure in any mix
+    -R RET          full or hdrs;  -V ENVID  the envelope id (RFC 3461)
+    -v              report the queue id on standard error
+    --queue-dir DIR, --config FILE   where the spool is; without --config the file named by
+                    $QROUTER_CONFIG is read, else /etc/qrouter/qrouter.conf if it exists, so a
+                    /usr/sbin/sendmail link finds the daemon's spool. Only the keys queue-dir, me
+                    and spool-group are read from it: a user's cron job must not fail on a file
+                    (relay-auth) that only root may read.
+
+Accepted and ignored, as Postfix does: -bm, -n, -m, -U, -G, -B TYPE, -h HOPS, -om, -o7, -o8,
+-od<mode> (delivery mode: mail is always queued for the daemon) and -oe<mode> (errors are always
+reported by exit code). Any other option, and the other -b modes (-bp, -bs...), is a usage error.
+
+Addresses are read as RFC 5322 address lists, on the command line as in the header: `a@x, b@y`,
+`Name <a@x>`, groups and comments are understood. An address without a domain (`root`) gets
+`@me`, the host name qrouter uses for itself (the `me` config key, /etc/qpsmtpd/me, else the
+machine's FQDN), as Postfix appends `@$myorigin`. The same recipient given twice is queued once.
+
+Nothing is printed on success. Exit codes (sysexits): 0 queued; 64 bad arguments, an address that
+is not valid, or no recipients; 75 the spool cannot take the message now (the caller keeps it and
+may try again); 78 the config file cannot be used. Every failure says why on standard error, and none
+leaves anything in the queue.
+
+The spool is writable by root and by the `spool-group` only: other users who should send mail
+through this command need to be in that group.
+"""
+
+from __future__ import annotations
+
+import getopt
+import os
+import pwd
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO, TextIO
+
+from router import config as config_module
+from router.address import AddressError, parse_path
+from router.config import Config, ConfigError
+from router.spool import Spool, SpoolError
+
+EX_OK, EX_USAGE, EX_TEMPFAIL, EX_CONFIG = 0, 64, 75, 78
+DEFAULT_CONFIG = "/etc/qrouter/qrouter.conf"
+SPOOL_KEYS = ("queue-dir", "me", "spool-group")
+
+USAGE = ("usage: qrouter-sendmail [-t] [-i] [-f sender] [-F name] [-N dsn] [-R full|hdrs] [-V envid] [-v]\n"
+         "                        [--queue-dir DIR] [--config FILE] [recipient ...] < message")
+
+_SHORT_OPTIONS = "tivnmUGf:r:F:o:b:N:R:V:B:h:"
+_LONG_OPTIONS = ["queue-dir=", "config=", "help"]
+_NOTIFY = re.compile(r"never|(?:success|delay|failure)(?:,(?:success|delay|failure))*")
+_LONE_DOT = re.compile(rb"^\.\r?(?:\n|\Z)", re.MULTILINE)
+_LINE = re.compile(rb"[^\n]*\n|[^\n]+")
+_FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_RECIPIENT_FIELDS = ("to", "cc", "bcc")
+_COMMENT = re.compile(r"(?:^|\s)#.*")
+
+
+class UsageError(Exception):
+    """Arguments or addresses that cannot be used; the message says which."""
+
+
+@dataclass
+class Invocation:
+    """What the command line asks for."""
+
+    recipients: list[str] = field(default_factory=list)
+    sender: str | None = None  # None: the invoking user at `me`
+    extract: bool = False  # -t
+    lone_dot_ends: bool = True  # no -i / -oi
+    notify: str = ""
+    ret: str = ""
+    envid: str = ""
+    verbose: bool = False
+    queue_dir: str | None = None
+    config: str | None = None
+    help: bool = False
+
+
+def parse_args(argv: list[str]) -> Invocation:
+    """Read sendmail's options; options and recipients may come in any order, `--` ends options."""
+    try:
+        options, recipients = getopt.gnu_getopt(argv, _SHORT_OPTIONS, _LONG_OPTIONS)
+    except getopt.GetoptError as exc:
+        raise UsageError(str(exc)) from None
+    result = Invocation(recipients=recipients)
+    for option, value in options:
+        if option in ("-f", "-r"):
+            result.sender = value
+        elif option == "-t":
+            result.extract = True
+        elif option == "-i":
+            result.lone_dot_ends = False
+        elif option == "-o":
+            _sendmail_option(value, result)
+        elif option == "-b":
+            if value != "m":
+                raise UsageError(f"-b{value} is not supported: qrouter-sendmail only queues mail (-bm)")
+        elif option == "-N":
+            if not _NOTIFY.fullmatch(value.lower().replace(" ", "")):
+                raise UsageError(f"-N {value!r}: give never, or success, delay and failure separated by commas")
+            result.notify = value.upper().replace(" ", "")
+        elif option == "-R":
+            if value.lower() not in ("full", "hdrs"):
+                raise UsageError(f"-R {value!r}: give full or hdrs")
+            result.ret = value.upper()
+        elif option == "-V":
+            if not value or not all("!" <= c <= "~" for c in value) or len(value) > 100:
+                raise UsageError(f"-V {value!r}: an envelope id is 1 to 100 printable ASCII characters")
+            result.envid = value
+        elif option == "-v":
+            result.verbose = True
+        elif option == "--queue-dir":
+            result.queue_dir = value
+        elif option == "--config":
+            result.config = value
+        elif option == "--help":
+            result.help = True
+        # -F, -n, -m, -U, -G, -B and -h are accepted and change nothing here.
+    return result
+
+
+def _sendmail_option(value: str, result: Invocation) -> None:
+    """sendmail's -oX: -oi means -i; the rest that callers use are about delivery and error modes
+    qrouter does not have (it always queues and always answers by exit code)."""
+    if value == "i":
+        result.lone_dot_ends = False
+    elif value in ("m", "7", "8") or (value[:1] in ("d", "e") and len(value) > 1):
+        pass
+    else:
+        raise UsageError(f"-o{value} is not supported")
+
+
+def cut_at_lone_dot(data: bytes) -> bytes:
+    """The message as sendmail without -i reads it: up to the first line that is just "."."""
+    match = _LONE_DOT.search(data)
+    return data[:match.start()] if match else data
+
+
+@dataclass
+class HeaderField:
+    name: str  # lower case
+    first: int  # index of its first line
+    end: int  # index after its last continuation line
+    value: str  # unfolded, decoded as UTF-8 (undecodable bytes kept as surrogates)
+
+
+def header_fields(lines: list[bytes]) -> list[HeaderField]:
+    """The fields of the header: it ends at the first line that is neither a field nor a
+    continuation line (normally the empty line before the body)."""
+    fields: list[HeaderField] = []
+    raw: list[bytes] = []
+    for index, line in enumerate(lines):
+        if line[:1] in (b" ", b"\t") and fields:
+            raw.append(line)
+            fields[-1].end = index + 1
+            continue
+        if fields:
+            fields[-1].value = _unfold(raw)
+        match = _FIELD_NAME.match(line)
+        if not match:
+            return fields
+        fields.append(HeaderField(match.group(1).decode("ascii").lower(), index, index + 1, ""))
+        raw = [line[match.end():]]
+    if fields:
+        fields[-1].value = _unfold(raw)
+    return fields
+
+
+def _unfold(raw: list[bytes]) -> str:
+    text = b"".join(raw).decode("utf-8", "surrogateescape")
+    return _FOLD.sub("", text).strip(" \t\r\n")
+
+
+def extract(message: bytes) -> tuple[list[tuple[str, str]], bytes]:
+    """For -t: the addresses of To:, Cc: and Bcc: in header order, each with the field it came
+    from, and the message with every Bcc: field (first line and continuation lines) taken out,
+    all else byte for byte."""
+    lines = _LINE.findall(message)
+    fields = header_fields(lines)
+    addresses = [(f.name, a) for f in fields if f.name in _RECIPIENT_FIELDS for a in address_list(f.value, f.name)]
+    dropped = {i for f in fields if f.name == "bcc" for i in range(f.first, f.end)}
+    if not dropped:
+        return addresses, message
+    return addresses, b"".join(line for i, line in enumerate(lines) if i not in dropped)
+
+
+def address_list(text: str, where: str = "") -> list[str]:
+    """The addresses of an RFC 5322 address list, in order, without display names, comments and
+    group names. An entry that is not one address raises UsageError (not guessed at)."""
+    addresses: list[str] = []
+    outside: list[str] = []  # the current entry outside <...>, comments taken out
+    inside: list[str] | None = None  # the <...> of the current entry, once it has one
+    in_angle = after_angle = False
+    i = 0
+
+    def finish() -> None:
+        nonlocal inside, in_angle, after_angle
+        entry = "".join(outside).strip()
+        if in_angle:
+            raise UsageError(_bad(where, text, "'<' without '>'"))
+        if inside is not None:
+            addresses.append("".join(inside).strip())
+        elif entry:
+            addresses.append(entry)
+        outside.clear()
+        inside, in_angle, after_angle = None, False, False
+
+    while i < len(text):
+        char = text[i]
+        if char == '"':
+            end = _quoted_end(text, i)
+            _add(text[i:end], in_angle, after_angle, outside, inside, where, text)
+            i = end
+            continue
+        if char == "(":
+            i = _comment_end(text, i, where)  # a comment is dropped, wherever it is
+            continue
+        if in_angle:
+            if char == ">":
+                in_angle, after_angle = False, True
+            else:
+                assert inside is not None
+                inside.append(char)
+        elif char == "<":
+            if inside is not None:
+                raise UsageError(_bad(where, text, "two <addresses> in one entry"))
+            inside, in_angle = [], True
+        elif char in ",;":
+            finish()
+        elif char == ":":
+            outside.clear()  # the name of a group; its members follow
+        else:
+            _add(char, in_angle, after_angle, outside, inside, where, text)
+        i += 1
+    finish()
+    return addresses
+
+
+def _add(piece: str, in_angle: bool, after_angle: bool, outside: list[str], inside: list[str] | None,
+         where: str, text: str) -> None:
+    if in_angle and inside is not None:
+        inside.append(piece)
+    elif after_angle and piece.strip():
+        raise UsageError(_bad(where, text, "text after '>'"))
+    else:
+        outside.append(piece)
+
+
+def _quoted_end(text: str, start: int) -> int:
+    i = start + 1
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+        elif text[i] == '"':
+            return i + 1
+        else:
+            i += 1
+    return len(text)  # unterminated: parse_path will refuse what it got
+
+
+def _comment_end(text: str, start: int, where: str) -> int:
+    depth, i = 0, start
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == "(":
+            depth += 1
+        elif text[i] == ")":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    raise UsageError(_bad(where, text, "'(' without ')'"))
+
+
+def _bad(where: str, text: str, problem: str) -> str:
+    return f"{where.capitalize() + ': header' if where else 'address list'} {text!r}: {problem}"
+
+
+def qualify(address: str, me: Callable[[], str]) -> str:
+    """`user` becomes `user@me`; anything with a domain is left as it is."""
+    at = address.rfind("@")
+    return address if at >= 0 and at > address.rfind('"') else f"{address}@{me()}"
+
+
+def check(address: str, me: Callable[[], str], *, sender: bool = False, where: str = "") -> str:
+    """A recipient (or the sender) qualified and checked; UsageError, naming `where` the address
+    came from, if it is not valid."""
+    text = address.strip()
+    if sender and text in ("", "<>"):
+        return ""
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1]
+    try:
+        if not text:
+            raise AddressError("the null address <> is only valid as a sender (-f '<>')")
+        return parse_path(qualify(text, me))
+    except AddressError as exc:
+        raise UsageError(f"{where}: {exc}" if where else str(exc)) from None
+
+
+def spool_config(path: str | None, queue_dir: str | None) -> Config:
+    """The keys this command needs (SPOOL_KEYS) from the config file, with --queue-dir winning.
+
+    The file is `path`, else $QROUTER_CONFIG, else DEFAULT_CONFIG if it exists, else none (the
+    defaults). It is read as `qrouter run` reads it; the other keys are skipped unread."""
+    if path is None:
+        path = os.environ.get("QROUTER_CONFIG") or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    values = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                lines = handle.read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read config: {getattr(exc, 'strerror', None) or exc}") from None
+        base_dir = os.path.dirname(os.path.abspath(path))
+        for number, raw in enumerate(lines, 1):
+            key, _, text = _COMMENT.sub("", raw).strip().partition(" ")
+            if key in SPOOL_KEYS:
+                name, value = config_module.parse_value(key, text.strip(), f"{path}:{number}", base_dir)
+                values[name] = value
+    if queue_dir is not None:
+        name, value = config_module.parse_value("queue-dir", queue_dir, "--queue-dir", os.getcwd())
+        values[name] = value
+    return Config(**values)
+
+
+def invoking_user() -> str:
+    """The login name of the real uid, as Postfix takes it; the number if it has none."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def submit(argv: list[str], stdin: BinaryIO | None = None, stderr: TextIO | None = None,
+           prog: str = "qrouter-sendmail") -> int:
+    """Queue one message as `sendmail ARGV < STDIN` would; returns the exit code."""
+    stdin = stdin or sys.stdin.buffer
+    stderr = stderr or sys.stderr
+
+    def fail(message: str, code: int) -> int:
+        print(f"{prog}: {message}", file=stderr)
+        return code
+
+    try:
+        invocation = parse_args(argv)
+    except UsageError as exc:
+        return fail(f"{exc}\n{USAGE}", EX_USAGE)
+    if invocation.help:
+        print(f"{USAGE}\n\n{__doc__.split(chr(10) * 2, 1)[1].rstrip()}" if __doc__ else USAGE)
+        return EX_OK
+    if not invocation.recipients and not invocation.extract:
+        return fail(f"no recipients given (name them, or use -t to read them from the header)\n{USAGE}",
+                    EX_USAGE)
+    try:
+        loaded = spool_config(invocation.config, invocation.queue_dir)
+    except ConfigError as exc:
+        return fail(str(exc), EX_CONFIG)
+    hostname: list[str] = []
+
+    def me() -> str:  # looked up once, and only when an address needs it
+        if not hostname:
+            hostname.append(loaded.hostname)
+        return hostname[0]
+
+    try:
+        if invocation.sender is None:
+            sender = check(invoking_user(), me, sender=True, where="sender (the invoking user)")
+        else:
+            sender = check(invocation.sender, me, sender=True, where="sender (-f)")
+        recipients = [check(a, me) for arg in invocation.recipients for a in address_list(arg)]
+        message = stdin.read()
+        if invocation.lone_dot_ends:
+            message = cut_at_lone_dot(message)
+        if invocation.extract:
+            found, message = extract(message)
+            recipients += [check(a, me, where=f"{name.capitalize()}: header") for name, a in found]
+        recipients = list(dict.fromkeys(recipients))
+        if not recipients:
+            raise UsageError("no recipients: none given and none in To:, Cc: or Bcc:")
+    except UsageError as exc:
+        return fail(str(exc), EX_USAGE)
+    spool = Spool(loaded.queue_dir, loaded.spool_group)
+    try:
+        queue_id = spool.enqueue(sender, recipients, message, notify=invocation.notify,
+                                 envid=invocation.envid, ret=invocation.ret)
+    except SpoolError as exc:
+        return fail(str(exc), EX_TEMPFAIL if exc.temporary else EX_USAGE)
+    except OSError as exc:
+        return fail(f"cannot queue into {loaded.queue_dir}: {exc.strerror or exc}", EX_TEMPFAIL)
+    finally:
+        spool.close()
+    if invocation.verbose:
+        print(f"{prog}: queued as {queue_id}", file=stderr)
+    return EX_OK
+
+
+def main() -> None:
+    """The `qrouter-sendmail` console script."""
+    sys.exit(submit(sys.argv[1:], prog=os.path.basename(sys.argv[0]) or "qrouter-sendmail"))
