@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 MAILDIR, DISCARD, ERROR, RETRY = "maildir", "discard", "error", "retry"
 SMTP, LMTP, PIPE, MDA, MX = "smtp", "lmtp", "pipe", "mda", "mx"
-BUILT = frozenset({MAILDIR, DISCARD, ERROR, RETRY})
 
 _DSN = re.compile(r"([245])\.\d{1,3}\.\d{1,3}")
 _HOST = re.compile(r"(?:\[(?P<literal>[^\]]+)\]|(?P<name>[A-Za-z0-9.\-_]+))(?::(?P<port>\d+))?")

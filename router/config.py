@@ -13,7 +13,7 @@ import grp
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,8 +211,9 @@ def parse_value(key: str, text: str, where: str, base_dir: str) -> tuple[str, An
         raise ConfigError(f"{where}: {key} {text!r}: {detail}") from None
 
 
-def read_file(path: str) -> dict[str, Any]:
-    """Values set in a config file, by field name."""
+def read_file(path: str, only: Collection[str] | None = None) -> dict[str, Any]:
+    """Values set in a config file, by field name; with `only`, other keys are skipped unread
+    (a command that needs just the spool must not fail on a key it has no business checking)."""
     try:
         with open(path, encoding="utf-8") as handle:
             lines = handle.read().splitlines()
@@ -226,6 +227,8 @@ def read_file(path: str) -> dict[str, Any]:
         if not line:
             continue
         key, _, text = line.partition(" ")
+        if only is not None and key not in only:
+            continue
         where = f"{path}:{number}"
         if key in seen:
             raise ConfigError(f"{where}: {key} already set at line {seen[key]}")
@@ -235,9 +238,10 @@ def read_file(path: str) -> dict[str, Any]:
     return values
 
 
-def load(path: str | None = None, flags: Mapping[str, str] | None = None) -> Config:
+def load(path: str | None = None, flags: Mapping[str, str] | None = None,
+         only: Collection[str] | None = None) -> Config:
     """Build the config from a file (optional) and flags given as key -> text; flags win."""
-    values = read_file(path) if path else {}
+    values = read_file(path, only) if path else {}
     for key, text in (flags or {}).items():
         name, value = parse_value(key, text, f"--{key}", os.getcwd())
         values[name] = value

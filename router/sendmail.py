@@ -326,23 +326,7 @@ def spool_config(path: str | None, queue_dir: str | None) -> Config:
     defaults). It is read as `qrouter run` reads it; the other keys are skipped unread."""
     if path is None:
         path = os.environ.get("QROUTER_CONFIG") or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
-    values = {}
-    if path:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                lines = handle.read().splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read config: {getattr(exc, 'strerror', None) or exc}") from None
-        base_dir = os.path.dirname(os.path.abspath(path))
-        for number, raw in enumerate(lines, 1):
-            key, _, text = _COMMENT.sub("", raw).strip().partition(" ")
-            if key in SPOOL_KEYS:
-                name, value = config_module.parse_value(key, text.strip(), f"{path}:{number}", base_dir)
-                values[name] = value
-    if queue_dir is not None:
-        name, value = config_module.parse_value("queue-dir", queue_dir, "--queue-dir", os.getcwd())
-        values[name] = value
-    return Config(**values)
+    return config_module.load(path, {"queue-dir": queue_dir} if queue_dir is not None else {}, only=SPOOL_KEYS)
 
 
 def invoking_user() -> str:
