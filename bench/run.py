@@ -1,6 +1,7 @@
-"""qrouter benchmarks: delivery latency, drain throughput, and footprint with a large deferred queue.
+"""qrouter benchmarks: delivery latency, drain throughput, and footprint with a large deferred queue;
+the same latency and throughput through SMTP to a relay host.
 
-    bench/run.py                      all three, once each
+    bench/run.py                      all of them, once each
     bench/run.py latency drain        a selection
     bench/run.py --repeat 2           each benchmark twice; the summary shows the better and worse run
 
@@ -21,6 +22,19 @@ memory   100,000 small queue files in deferred/, due in an hour. The daemon star
          while one new message is queued: time from process start to that message's delivery,
          and the supervisor's resident memory right then (before any status request, which
          lists every queue directory and adds a few MB of its own).
+smtp-drain
+         10,000 messages of 4 KB, one recipient each, queued while the daemon is stopped; then the
+         daemon starts with 4 workers and `--relayhost` pointing at a lean SMTP sink on loopback
+         (bench/smtp_sink.py, 2 processes, no disk): messages/s from process start to the last
+         message the sink accepted. Reference (the ceiling): the same 10,000 messages sent to the
+         same sink by a plain pipelining client over 4 connections, 4 processes (EHLO once; per
+         message MAIL, RCPT, DATA in one write, then the message); half of it runs before the
+         daemon and half after. For context, Postfix relays about 1,250 already-queued 4 KB
+         messages/s to a loopback sink on a 2-core machine like this one.
+smtp-latency
+         An idle daemon with 2 workers relaying to the sink; messages queued one at a time with
+         Spool.enqueue. Per message: from enqueue() returning to the sink's acceptance of the
+         message (its reply to the final dot), timed by the sink with the same monotonic clock.
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +57,7 @@ from typing import Any
 import psutil
 from inotify_simple import INotify
 from inotify_simple import flags as inotify_flags
+from smtp_sink import Sink, blast, wire_message
 
 from router.queue_file import QueueFile, Recipient
 from router.queue_id import arrival_of, new_queue_id
@@ -65,6 +80,12 @@ DRAIN_WORKERS = 4
 
 MEMORY_DEFERRED = 100_000
 MEMORY_WORKERS = 4
+
+SMTP_MESSAGES = 10_000
+SMTP_WORKERS = 4
+SMTP_CONNECTIONS = 4  # of the ceiling client, one process each
+SINK_PROCESSES = 2
+POSTFIX_RATE = 1250.0  # msg/s, Postfix relaying queued 4 KB messages to a loopback sink, 2 cores
 
 DELIVERY_TIMEOUT = 10.0
 DRAIN_TIMEOUT = 150.0
@@ -104,17 +125,19 @@ def workspace(name: str, keep: bool) -> Iterator[Path]:
 class Daemon:
     """`qrouter run --foreground` in a subprocess, logging into a file in the workspace."""
 
-    def __init__(self, root: Path, workers: int):
+    def __init__(self, root: Path, workers: int, routing: Sequence[str] = ()):
+        """`routing`: the flags that say where mail goes; by default into Maildirs under mail/."""
         self.spool = root / "spool"
         self.mail = root / "mail"
         self.log_path = root / "qrouter.log"
         self.workers = workers
+        self.routing = list(routing) or ["--default-transport", f"queue/maildir {self.mail}/%d/%u"]
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> float:
         """Launch the daemon; returns the perf_counter() reading just before the launch."""
         command = [sys.executable, "-m", "router", "run", "--foreground", "--queue-dir", str(self.spool),
-                   "--workers", str(self.workers), "--default-transport", f"queue/maildir {self.mail}/%d/%u"]
+                   "--workers", str(self.workers), *self.routing]
         with open(self.log_path, "ab") as log:
             started = time.perf_counter()
             self.process = subprocess.Popen(command, stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
@@ -373,6 +396,146 @@ def bench_memory(keep: bool) -> dict[str, float]:
             "status_ms": (answered - asked) * 1000}
 
 
+def relay_to(sink: Sink) -> list[str]:
+    return ["--relayhost", f"127.0.0.1:{sink.port}"]
+
+
+def wait_for_sink(sink: Sink, count: int, timeout: float, daemon: Daemon | None = None) -> float:
+    """Block until the sink has accepted `count` messages in all; returns the perf_counter()
+    reading of the last acceptance, as the sink noted it."""
+    deadline = time.monotonic() + timeout
+    while (accepted := sink.accepted()) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the sink accepted {accepted} of {count} messages after {timeout:.0f}s")
+        if daemon is not None:
+            daemon.check_alive()
+        time.sleep(0.005)
+    return sink.last_accepted()
+
+
+def smtp_ceiling(sink: Sink, envelopes: list[tuple[str, bytes]]) -> tuple[float, float]:
+    """Seconds the plain pipelining client takes to have `envelopes` accepted by the sink, and
+    the CPU seconds the sink used meanwhile."""
+    before, cpu = sink.accepted(), sink.cpu_seconds()
+    started = blast(sink.port, SENDER, envelopes, SMTP_CONNECTIONS)
+    seconds = wait_for_sink(sink, before + len(envelopes), DRAIN_TIMEOUT) - started
+    return seconds, sink.cpu_seconds() - cpu
+
+
+def wait_for_counter(daemon: Daemon, sent: int, timeout: float = DELIVERY_TIMEOUT) -> dict[str, Any]:
+    """The daemon's status once its "sent" counter reaches `sent` (its files are gone by then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = daemon.status()
+        if status["counters"]["sent"] >= sent:
+            return status
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the daemon counted {status['counters']} after {timeout:.0f}s, expected {sent} sent")
+        time.sleep(0.01)
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time (user + system) of a process and of all its children together."""
+    process = psutil.Process(pid)
+    own = process.cpu_times()
+    children = 0.0
+    for child in process.children():
+        try:
+            times = child.cpu_times()
+            children += times.user + times.system
+        except psutil.Error:
+            pass
+    return own.user + own.system, children
+
+
+def bench_smtp_drain(keep: bool) -> dict[str, float]:
+    """The ceiling client runs half its messages before the daemon and half after, so a change in
+    the machine's load during the run weighs on both sides of the ratio alike."""
+    with workspace("smtp-drain", keep) as root, Sink(SINK_PROCESSES) as sink:
+        daemon = Daemon(root, SMTP_WORKERS, relay_to(sink))
+        spool = Spool(daemon.spool)
+        spool.create()
+        envelopes = [(f"user{index % DRAIN_USERS}@{DOMAIN}", message(index)) for index in range(SMTP_MESSAGES)]
+        setup = time.perf_counter()
+        for recipient, body in envelopes:
+            spool.enqueue(SENDER, [recipient], body)
+        spool.close()
+        print(f"  queued {SMTP_MESSAGES} messages with Spool.enqueue in {time.perf_counter() - setup:.1f}s")
+        wires = [(recipient, wire_message(body)) for recipient, body in envelopes]
+        half = SMTP_MESSAGES // 2
+        ceiling_seconds, ceiling_sink_cpu = smtp_ceiling(sink, wires[:half])
+        with daemon:
+            before = sink.accepted()
+            sink_cpu = sink.cpu_seconds()
+            started = daemon.start()
+            finished = wait_for_sink(sink, before + SMTP_MESSAGES, DRAIN_TIMEOUT, daemon)
+            sink_cpu = sink.cpu_seconds() - sink_cpu
+            supervisor_cpu, workers_cpu = cpu_seconds(daemon.pid)
+            status = wait_for_counter(daemon, SMTP_MESSAGES)
+            report_problems(daemon)
+        seconds, cpu = smtp_ceiling(sink, wires[half:])
+        ceiling_seconds, ceiling_sink_cpu = ceiling_seconds + seconds, ceiling_sink_cpu + cpu
+        if sink.accepted() != 2 * SMTP_MESSAGES:
+            raise RuntimeError(f"the sink accepted {sink.accepted()} messages, expected {2 * SMTP_MESSAGES}")
+        if status["counters"] != {"sent": SMTP_MESSAGES, "deferred": 0, "bounced": 0}:
+            raise RuntimeError(f"the daemon counted {status['counters']}")
+        left = {queue: len(spool.list(queue)) for queue in ("incoming", "active", "deferred")}
+        if any(left.values()):
+            raise RuntimeError(f"messages left in the spool: {left}")
+    router_rate = SMTP_MESSAGES / (finished - started)
+    ceiling_rate = SMTP_MESSAGES / ceiling_seconds
+    ratio = router_rate / ceiling_rate
+    print(f"  router: {SMTP_MESSAGES} relayed in {finished - started:.2f}s = {router_rate:.0f} msg/s "
+          f"(cpu: supervisor {supervisor_cpu:.2f}s, workers {workers_cpu:.2f}s, sink {sink_cpu:.2f}s "
+          f"= {sink_cpu / (finished - started) / SINK_PROCESSES:.0%} of its {SINK_PROCESSES} processes' time); "
+          f"{router_rate / POSTFIX_RATE:.2f}x Postfix's {POSTFIX_RATE:.0f} msg/s")
+    print(f"  sink ceiling (plain pipelining client, {SMTP_CONNECTIONS} connections): "
+          f"{SMTP_MESSAGES} in {ceiling_seconds:.2f}s = {ceiling_rate:.0f} msg/s "
+          f"(sink cpu {ceiling_sink_cpu:.2f}s = {ceiling_sink_cpu / ceiling_seconds / SINK_PROCESSES:.0%} "
+          f"of its processes' time)")
+    print(f"  ratio router/ceiling: {ratio:.2f}")
+    return {"router_rate": router_rate, "ceiling_rate": ceiling_rate, "ratio": ratio,
+            "postfix_factor": router_rate / POSTFIX_RATE}
+
+
+def bench_smtp_latency(keep: bool) -> dict[str, float]:
+    with workspace("smtp-latency", keep) as root, Sink(SINK_PROCESSES, notify=True) as sink:
+        daemon = Daemon(root, LATENCY_WORKERS, relay_to(sink))
+        spool = Spool(daemon.spool)
+        spool.create()
+        body = message(0)
+        latencies: list[float] = []  # from enqueue() returning, the figure with a target
+        totals: list[float] = []  # from enqueue() being called, for context
+        early = 0
+        with daemon:
+            daemon.start()
+            daemon.wait_serving()
+            for index in range(LATENCY_WARMUP + LATENCY_MESSAGES):
+                called = time.perf_counter()
+                spool.enqueue(SENDER, [f"user@{DOMAIN}"], body)
+                queued = time.perf_counter()
+                arrived = sink.wait_accepted(DELIVERY_TIMEOUT)
+                if arrived is None:
+                    daemon.check_alive()
+                    raise RuntimeError(f"message {index} not accepted by the sink after {DELIVERY_TIMEOUT:.0f}s")
+                if index >= LATENCY_WARMUP:
+                    early += arrived - queued < 0.0001
+                    latencies.append(max(0.0, arrived - queued) * 1000)
+                    totals.append((arrived - called) * 1000)
+                time.sleep(LATENCY_PAUSE)
+            wait_for_counter(daemon, LATENCY_WARMUP + LATENCY_MESSAGES)
+            report_problems(daemon)
+        spool.close()
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    total_cuts = statistics.quantiles(totals, n=100, method="inclusive")
+    figures = {"p50_ms": cuts[49], "p99_ms": cuts[98], "max_ms": max(latencies),
+               "total_p50_ms": total_cuts[49], "total_p99_ms": total_cuts[98]}
+    print(f"  {len(latencies)} messages, from enqueue() returning to the sink's 250: p50 {figures['p50_ms']:.2f} ms, "
+          f"p99 {figures['p99_ms']:.2f} ms, max {figures['max_ms']:.2f} ms ({early} already accepted)")
+    print(f"  from enqueue() being called: p50 {figures['total_p50_ms']:.2f} ms, p99 {figures['total_p99_ms']:.2f} ms")
+    return figures
+
+
 # -- the summary ----------------------------------------------------------------------------
 
 
@@ -408,10 +571,19 @@ FIGURES = [
     Figure("memory", "peak_mb", "supervisor peak RSS", "MB", None),
     Figure("memory", "first_delivery_s", "start to first delivery", "s", 5),
     Figure("memory", "status_ms", "status request, 100k deferred", "ms", None),
+    Figure("smtp-drain", "router_rate", "router relay rate", "msg/s", None, higher_is_better=True),
+    Figure("smtp-drain", "ceiling_rate", "sink ceiling (plain client)", "msg/s", None, higher_is_better=True),
+    Figure("smtp-drain", "ratio", "ratio router/ceiling", "", 0.6, higher_is_better=True),
+    Figure("smtp-drain", "postfix_factor", "router rate / Postfix 1250 msg/s", "", None, higher_is_better=True),
+    Figure("smtp-latency", "p50_ms", "enqueue-to-sink p50", "ms", 5),
+    Figure("smtp-latency", "p99_ms", "enqueue-to-sink p99", "ms", 50),
+    Figure("smtp-latency", "total_p50_ms", "p50 incl. enqueue() itself", "ms", None),
+    Figure("smtp-latency", "total_p99_ms", "p99 incl. enqueue() itself", "ms", None),
 ]
 
 BENCHMARKS: dict[str, Callable[[bool], dict[str, float]]] = {
-    "latency": bench_latency, "drain": bench_drain, "memory": bench_memory}
+    "latency": bench_latency, "drain": bench_drain, "memory": bench_memory,
+    "smtp-drain": bench_smtp_drain, "smtp-latency": bench_smtp_latency}
 
 
 def cell(figure: Figure, value: float | None) -> str:

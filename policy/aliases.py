@@ -66,10 +66,11 @@ def load_aliases(path: str, *, local_delivery: bool) -> Aliases:
             except re.error as exc:
                 raise PolicyError(f"{where}: bad regex {virtual!r}: {exc}") from None
         try:
-            if pwd.getpwnam(user).pw_uid == 0:
-                raise PolicyError(f"{where}: {virtual} -> {user}: local delivery never runs as root")
-        except KeyError:
+            uid = pwd.getpwnam(user).pw_uid
+        except (KeyError, ValueError):  # ValueError: a name no account can have (a NUL byte)
             raise PolicyError(f"{where}: no such unix user {user!r}") from None
+        if uid == 0:
+            raise PolicyError(f"{where}: {virtual} -> {user}: local delivery never runs as root")
         entries.append(Alias(virtual, user, where, position))
     aliases = Aliases(entries, path)
     if local_delivery and aliases.lookup("root") is None:

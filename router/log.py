@@ -13,14 +13,29 @@ _PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITI
 
 
 class _Formatter(logging.Formatter):
+    _stamp: tuple[int, str] = (-1, "")  # (second, its text), one tuple so threads see a matching pair
+
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.prefix = _PREFIX.get(record.levelno, "")
         return super().formatMessage(record)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """The time stamp has no fraction of a second, so it is made once a second: localtime()
+        and strftime() were a good part of what a line cost, and a busy worker logs two a message."""
+        second = int(record.created)
+        if self._stamp[0] != second:
+            self._stamp = (second, super().formatTime(record, datefmt))
+        return self._stamp[1]
 
 
 def setup(target: str) -> logging.Logger:
     """Send the `qrouter` logger to `target`: "stderr", "syslog" or a file path. Without a
     syslog socket (/dev/log), "syslog" falls back to stderr and says so."""
+    # Per record, logging looks up the caller's file and line, the thread and the process name;
+    # no line shows them, so skip the work (the logging manual's "Optimization" section).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     logger = logging.getLogger("qrouter")
     logger.handlers.clear()
     logger.setLevel(logging.INFO)

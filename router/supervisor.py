@@ -41,6 +41,7 @@ from workers.worker import Worker
 log = logging.getLogger("qrouter")
 
 POISON_CRASHES = 3
+PREFETCH = 2  # messages a worker holds: the next one waits in its pipe while it delivers
 YOUNG_WORKER_SECONDS = 1.0
 WATCHED = {
     INCOMING: inotify_flags.MOVED_TO | inotify_flags.CLOSE_WRITE,
@@ -56,11 +57,29 @@ class WorkerHandle:
         self.task_fd = task_fd
         self.report_fd = report_fd
         self.started = time.monotonic()
-        self.job: tuple[str, str] | None = None
-        self.job_since = 0.0
+        self.jobs: dict[str, str] = {}  # queue id -> its queue, in the order handed out
+        self.job_since = 0.0  # when the oldest of them became the one in hand
         self.done = 0
         self.retiring = False
         self.buffer = b""
+
+    @property
+    def job(self) -> tuple[str, str] | None:
+        """(queue, queue id) of the message in hand: the oldest handed out, since a worker takes
+        its messages in order."""
+        for queue_id, queue in self.jobs.items():
+            return queue, queue_id
+        return None
+
+    def give(self, queue: str, queue_id: str, now: float) -> None:
+        if not self.jobs:
+            self.job_since = now
+        self.jobs[queue_id] = queue
+
+    def finish(self, queue_id: str, now: float) -> None:
+        if next(iter(self.jobs), None) == queue_id:
+            self.job_since = now  # the next one, if any, is in hand from now on
+        self.jobs.pop(queue_id, None)
 
     def close_tasks(self) -> None:
         """Closing the task pipe tells the worker to exit after the message in hand."""
@@ -263,16 +282,20 @@ class Supervisor:
                 self._worker_exited(worker, status)
 
     def _worker_exited(self, worker: WorkerHandle, status: int) -> None:
-        self._on_report(worker)  # a report written just before dying still counts
+        self._on_report(worker, drain=True)  # a report written just before dying still counts
         self.selector.unregister(worker.report_fd)
         os.close(worker.report_fd)
         worker.close_tasks()
         how = _describe_exit(status)
-        if worker.job is not None:
-            log.error("worker %d %s while delivering %s", worker.pid, how, worker.job[1])
-            self._job_lost(*worker.job)
-        elif not (worker.retiring or self.stopping) or status != 0:
+        lost = [(queue, queue_id) for queue_id, queue in worker.jobs.items()]
+        worker.jobs.clear()
+        held = [queue_id for _, queue_id in lost if os.path.exists(self.spool.path(ACTIVE, queue_id))]
+        for queue_id in held:  # claimed, so being delivered; the others were still waiting in the pipe
+            log.error("worker %d %s while delivering %s", worker.pid, how, queue_id)
+        if not held and (not (worker.retiring or self.stopping) or status != 0):
             log.error("worker %d %s", worker.pid, how)
+        for job in lost:
+            self._job_lost(*job)
         if not (worker.retiring or self.stopping) and time.monotonic() - worker.started < YOUNG_WORKER_SECONDS:
             self.respawn_after = time.monotonic() + YOUNG_WORKER_SECONDS
 
@@ -328,22 +351,33 @@ class Supervisor:
             self._enqueue_ready(DEFERRED, queue_id)
 
     def _dispatch(self) -> None:
+        """Hand out ready messages, each to the worker holding the fewest: an idle worker first
+        (no message waits behind another while one is free), then up to PREFETCH each, so a
+        worker that finishes finds its next message in its pipe instead of waiting for this
+        loop to hear its report. One write per worker."""
         if self.stopping or not self.ready:
             return
-        idle = [w for w in self.workers.values() if w.job is None and not w.retiring and w.task_fd >= 0]
-        while idle and self.ready:
+        open_ = [w for w in self.workers.values() if len(w.jobs) < PREFETCH and not w.retiring and w.task_fd >= 0]
+        given: dict[WorkerHandle, list[tuple[str, str]]] = {}
+        now = time.time()
+        while open_ and self.ready:
             queue, queue_id = self.ready.popleft()
             if queue_id in self.in_flight:
                 continue
-            worker = idle.pop()
-            try:
-                os.write(worker.task_fd, f"{queue} {queue_id}\n".encode())
-            except OSError:
-                self.ready.appendleft((queue, queue_id))
-                continue  # that worker is dying; reaping will replace it
-            worker.job = (queue, queue_id)
-            worker.job_since = time.time()
+            worker = min(open_, key=lambda w: len(w.jobs))
+            worker.give(queue, queue_id, now)
             self.in_flight[queue_id] = worker
+            given.setdefault(worker, []).append((queue, queue_id))
+            if len(worker.jobs) >= PREFETCH:
+                open_.remove(worker)
+        for worker, jobs in given.items():
+            try:
+                os.write(worker.task_fd, "".join(f"{queue} {queue_id}\n" for queue, queue_id in jobs).encode())
+            except OSError:  # that worker is dying; reaping will replace it
+                for queue, queue_id in reversed(jobs):
+                    worker.jobs.pop(queue_id)
+                    self.in_flight.pop(queue_id)
+                    self.ready.appendleft((queue, queue_id))
 
     def _timeout(self) -> float | None:
         deadlines = []
@@ -385,10 +419,15 @@ class Supervisor:
             elif self.watches.get(event.wd) == DEFERRED:
                 self._deferred(event.name)
 
-    def _on_report(self, worker: WorkerHandle) -> None:
+    def _on_report(self, worker: WorkerHandle, drain: bool = False) -> None:
+        """Read what the worker reported. One read is enough when the pipe is readable (a worker
+        has at most PREFETCH reports to give, and whatever is left makes the selector call
+        again); `drain` reads to the end, for a worker that has exited."""
         try:
             while chunk := os.read(worker.report_fd, 65536):
                 worker.buffer += chunk
+                if not drain:
+                    break
         except BlockingIOError:
             pass
         except OSError as exc:
@@ -399,7 +438,7 @@ class Supervisor:
             self._report(worker, Report.from_line(line.decode()))
 
     def _report(self, worker: WorkerHandle, report: Report) -> None:
-        worker.job = None
+        worker.finish(report.queue_id, time.time())
         worker.done += 1
         self.in_flight.pop(report.queue_id, None)
         if report.result not in (SKIPPED, CORRUPTED):

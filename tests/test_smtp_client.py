@@ -230,7 +230,9 @@ def test_a_refused_sender_answers_every_recipient_and_no_data_is_sent():
         peer.expect("MAIL FROM:")
         peer.expect("RCPT TO:")
         peer.expect("RCPT TO:")
-        peer.send("553 5.1.8 sender domain does not exist", "503 5.5.1 need MAIL", "503 5.5.1 need MAIL")
+        peer.expect("DATA")  # pipelined with the envelope (RFC 2920); refused, so no data follows
+        peer.send("553 5.1.8 sender domain does not exist", "503 5.5.1 need MAIL", "503 5.5.1 need MAIL",
+                  "503 5.5.1 need RCPT")
         peer.expect("QUIT")
         peer.send("221 bye")
 

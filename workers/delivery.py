@@ -8,12 +8,15 @@ before the next one is tried, so a crash never delivers twice to a recipient alr
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from policy.next_hop import NextHop
 from policy.routing import Policy
 from router.config import Config
+from router.durable import unlink_quietly
 from router.queue_file import DELIVERED, FAILED, PENDING, CorruptQueueFile, QueueFile, Recipient, parse
 from router.spool import ACTIVE, ARCHIVE, CORRUPT, DEFERRED, Spool
 from workers.transport import BOUNCED, SENT, Outcome, Transport
@@ -45,20 +48,45 @@ class Report:
         return cls(queue_id, result, int(sent), int(deferred), int(bounced), float(next_attempt))
 
 
+def read_whole(path: str) -> bytes:
+    """A file's content in one read(2): half the system calls and time of open().read(), which
+    also asks isatty() and seeks (this runs once per message)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)  # a regular file reads short only at its end
+        while len(data) > size and (more := os.read(fd, 1 << 16)):  # it grew since the fstat
+            data += more
+        return data
+    finally:
+        os.close(fd)
+
+
+def unlink_retired(path: str | None, queue_id: str) -> None:
+    """Unlink a retired queue file (Spool.retire), then log "removed": once that line is in the
+    log, nothing of the message is left in the spool."""
+    if path is not None:
+        unlink_quietly(path)
+    log.info("%s: removed", queue_id)
+
+
 class Delivery:
-    def __init__(self, spool: Spool, config: Config, policy: Policy, transports: dict[str, Transport]):
+    def __init__(self, spool: Spool, config: Config, policy: Policy, transports: dict[str, Transport],
+                 unlink: Callable[[str | None, str], None] = unlink_retired):
+        """`unlink` finishes a message delivered to everyone; a worker passes one that does it
+        in the background."""
         self.spool = spool
         self.config = config
         self.policy = policy
         self.transports = transports
+        self.unlink = unlink
 
     def attempt(self, queue: str, queue_id: str) -> Report:
         path = self.spool.claim(queue, queue_id)
         if path is None:
             return Report(queue_id, SKIPPED)
         try:
-            with open(path, "rb") as handle:
-                queue_file = parse(handle.read(), path)
+            queue_file = parse(read_whole(path), path)
             if queue_file.queue_id != queue_id:
                 raise CorruptQueueFile(f"{path}: its id line says {queue_file.queue_id}, not its file name")
         except CorruptQueueFile as exc:
@@ -169,8 +197,7 @@ class Delivery:
             self.spool.move(queue_id, ACTIVE, ARCHIVE)
             log.info("%s: archived", queue_id)
         else:
-            self.spool.remove(ACTIVE, queue_id)
-            log.info("%s: removed", queue_id)
+            self.unlink(self.spool.retire(ACTIVE, queue_id), queue_id)
         return report
 
     def _store(self, queue_file: QueueFile) -> None:

@@ -9,6 +9,7 @@ TLS handshake, not one per message.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import time
@@ -50,6 +51,7 @@ class SMTPTransport:
         self.kept: dict[Server, tuple[SMTPClient, float]] = {}
         self.turn: dict[str, int] = {}
         self._resolver = None
+        self._fixed: dict[tuple[str, int | None, bool], list[Server]] = {}  # see _relay_servers
 
     # -- the Transport interface ----------------------------------------------------------
 
@@ -105,7 +107,7 @@ class SMTPTransport:
             outcomes[index] = Outcome(reply.status, reply.dsn, text, client.peer)
             if reply.status == DEFERRED:
                 after.append(index)
-        if client.is_alive():
+        if client.is_open:  # whether the server said something since is checked when it is reused
             self._keep(server, client)
         return after
 
@@ -120,7 +122,7 @@ class SMTPTransport:
             unsent = [i for i, reply in zip(waiting, answers, strict=True) if reply.unsent]
             for i, reply in zip(waiting, answers, strict=True):
                 replies[i] = reply
-            if len(unsent) == len(waiting) or not client.is_alive():
+            if not unsent or len(unsent) == len(waiting) or not client.is_alive():
                 break
             waiting = unsent
         return replies
@@ -164,21 +166,32 @@ class SMTPTransport:
         lmtp = hop.kind == LMTP
         if lmtp and hop.argument.startswith("/"):
             return [Server(hop.argument, lmtp=True, socket_path=hop.argument)]
-        hosts = parse_hosts(hop.argument)
+        hosts = _relay_hosts(hop.argument)
         start = self.turn.get(hop.argument, 0)
         self.turn[hop.argument] = start + 1
         servers: list[Server] = []
         failure: MXLookupError | None = None
         for destination, port in hosts[start % len(hosts):] + hosts[:start % len(hosts)]:
-            auth = self.credentials.get(destination.strip("[]").lower())
             try:
-                found = self._relay(destination, lmtp)
+                servers += self._relay_servers(destination, port, lmtp)
             except MXLookupError as exc:
                 failure = exc
-                continue
-            servers += _expand(found, port or (LMTP_PORT if lmtp else self.config.smtp_port), lmtp=lmtp, auth=auth)
         if not servers and failure is not None:
             raise failure
+        return servers
+
+    def _relay_servers(self, destination: str, port: int | None, lmtp: bool) -> list[Server]:
+        """The servers of one relay host. Those of an IP address never change, so they are
+        worked out once: a relayhost given as an address costs no parsing per message."""
+        key = (destination, port, lmtp)
+        fixed = self._fixed.get(key)
+        if fixed is not None:
+            return fixed
+        auth = self.credentials.get(destination.strip("[]").lower())
+        found = self._relay(destination, lmtp)
+        servers = _expand(found, port or (LMTP_PORT if lmtp else self.config.smtp_port), lmtp=lmtp, auth=auth)
+        if _is_address(destination.strip("[]")):
+            self._fixed[key] = servers
         return servers
 
     def _relay(self, destination: str, lmtp: bool) -> list[MXHost]:
@@ -204,6 +217,20 @@ class SMTPTransport:
         if self._resolver is None:
             self._resolver = make_resolver(self.config.dns_servers, self.config.dns_timeout)
         return self._resolver
+
+
+@functools.lru_cache(maxsize=256)
+def _relay_hosts(text: str) -> tuple[tuple[str, int | None], ...]:
+    """parse_hosts, once per relay host list rather than once per message."""
+    return tuple(parse_hosts(text))
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _expand(hosts: list[MXHost], port: int, *, lmtp: bool, auth: tuple[str, str] | None) -> list[Server]:

@@ -372,7 +372,10 @@ class SMTPClient:
 
     def _transaction(self, sender: str, rcpts: list[tuple[str, str, str]], data: bytes, message: bytes,
                      ret: str, envid: str, results: list[Reply | None]) -> None:
-        if self._dirty:
+        """With PIPELINING the whole envelope is one write (RFC 2920): RSET if the connection
+        was used, MAIL, the RCPTs and DATA, so a message costs two round trips, not four."""
+        reset = self._dirty
+        if reset and not self.pipelining:
             self._rset()
         self._dirty = True
         self.transactions += 1
@@ -380,10 +383,13 @@ class SMTPClient:
         dsn = "DSN" in self.extensions
         mail = f"MAIL FROM:<{sender}>{self._mail_parameters(sender, rcpts, todo, data, message, ret, envid)}"
         commands = [mail] + [f"RCPT TO:<{rcpts[i][0]}>{_rcpt_parameters(*rcpts[i], dsn)}" for i in todo]
-        accepted = self._envelope(commands, todo, results)
+        accepted, reply = self._envelope(commands, todo, results, reset=reset and self.pipelining)
+        if reply is not None and not accepted and reply.code // 100 not in (4, 5):
+            self.abort()  # DATA went through with no recipient to send to: never start a message
         if not accepted:
             return
-        reply = self._command("DATA", "DATA", self.timeouts.data)
+        if reply is None:
+            reply = self._command("DATA", "DATA", self.timeouts.data)
         if reply.code // 100 in (4, 5):
             self._answer(results, accepted, reply)
             return
@@ -417,19 +423,27 @@ class SMTPClient:
                 params.append(f"ENVID={xtext(envid)}")
         return "".join(f" {p}" for p in params)
 
-    def _envelope(self, commands: list[str], todo: list[int], results: list[Reply | None]) -> list[int]:
-        """MAIL and the RCPTs, all in one write per batch when the server pipelines; answers the
-        recipients refused and returns the indexes of those accepted."""
-        batch = PIPELINE_BATCH if self.pipelining else 1
+    def _envelope(self, commands: list[str], todo: list[int], results: list[Reply | None],
+                  reset: bool) -> tuple[list[int], Reply | None]:
+        """MAIL and the RCPTs, all in one write per batch when the server pipelines, after RSET
+        if `reset` and before DATA if the batch is the last one; answers the recipients refused
+        and returns the indexes of those accepted, and the reply to DATA if it was sent."""
+        pipelining = self.pipelining
+        batch = PIPELINE_BATCH if pipelining else 1
         accepted: list[int] = []
         mail: Reply | None = None
+        data: Reply | None = None
         limit: Reply | None = None  # the "too many recipients" reply, once met
         sent = 0
         while sent < len(commands) and limit is None and (mail is None or mail.ok):
             group = commands[sent:sent + batch]
-            first = "MAIL FROM" if sent == 0 else "RCPT TO"
-            self._write(b"".join(c.encode() + b"\r\n" for c in group), first,
+            with_data = pipelining and sent + len(group) == len(commands)
+            lines = ["RSET"] * (reset and sent == 0) + group + ["DATA"] * with_data
+            first = "RSET" if reset and sent == 0 else "MAIL FROM" if sent == 0 else "RCPT TO"
+            self._write("".join(f"{line}\r\n" for line in lines).encode(), first,
                         self.timeouts.mail if sent == 0 else self.timeouts.rcpt)
+            if reset and sent == 0:
+                self._check_rset(self._read("RSET", self.timeouts.rset))
             for position in range(sent, sent + len(group)):
                 if position == 0:
                     mail = self._read("MAIL FROM", self.timeouts.mail)
@@ -447,10 +461,13 @@ class SMTPClient:
                 else:
                     results[index] = reply
             sent += len(group)
+            if with_data:
+                data = self._read("DATA", self.timeouts.data)
         assert mail is not None
         left = todo[sent - 1:]  # commands[k] is the RCPT of todo[k - 1]
-        self._answer(results, left, mail if not mail.ok else replace(limit or mail, unsent=True))
-        return accepted
+        if left:
+            self._answer(results, left, mail if not mail.ok else replace(limit or mail, unsent=True))
+        return accepted, data
 
     def _write_body(self, wire: bytes) -> None:
         view = memoryview(wire)
@@ -458,6 +475,11 @@ class SMTPClient:
             self._write(view[start:start + CHUNK], BODY, self.timeouts.block)
 
     # -- keeping a connection --------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        """Not closed by us (`is_alive` also asks the socket whether the server hung up)."""
+        return self._sock is not None
 
     def is_alive(self) -> bool:
         """Whether a kept connection still looks usable, without a round trip: open, and the
@@ -486,11 +508,14 @@ class SMTPClient:
         return True
 
     def _rset(self) -> None:
-        reply = self._command("RSET", "RSET", self.timeouts.rset)
+        self._check_rset(self._command("RSET", "RSET", self.timeouts.rset))
+        self._dirty = False
+
+    def _check_rset(self, reply: Reply) -> None:
+        """A server that will not reset is in a state we cannot trust: close the connection."""
         if not reply.ok:
             self.abort()
             raise SMTPError(_local(421, "4" + reply.dsn[1:], f"{reply.describe(self.peer)}; connection closed", "RSET"))
-        self._dirty = False
 
     def close(self) -> None:
         """QUIT and close; never raises, and may be called again."""
@@ -537,12 +562,22 @@ class SMTPClient:
             self._fail(what, "4.4.2", f"lost connection with {self.peer} while {_doing(what)} ({_reason(exc)})")
 
     def _read(self, what: str, timeout: float) -> Reply:
-        """Read one whole reply within `timeout`; a 421 ends the session (RFC 5321 3.8)."""
-        deadline = time.monotonic() + timeout
+        """Read one whole reply within `timeout`; a 421 ends the session (RFC 5321 3.8).
+
+        Replies to pipelined commands usually arrive together, so most are already in the
+        buffer: the clock is read only when there is something to wait for."""
+        deadline = 0.0
         lines: list[bytes] = []
         size = 0
+        buffer = self._buffer
         while True:
-            line = self._read_line(what, deadline)
+            end = buffer.find(b"\n", 0, MAX_LINE)
+            if end < 0:
+                deadline = deadline or time.monotonic() + timeout
+                self._receive(what, deadline)
+                continue
+            line = bytes(buffer[:end]).rstrip(b"\r")
+            del buffer[:end + 1]
             size += len(line)
             if size > MAX_REPLY:
                 self._fail(what, "4.5.0", f"host {self.peer} sent a reply longer than {MAX_REPLY} bytes "
@@ -555,38 +590,33 @@ class SMTPClient:
             lines.append(line)
             if separator != b"-":
                 break
-        reply = _parse_reply(lines, what)
+        reply = _known_reply(lines, what)
         if reply.code == 421 and what != "QUIT":
             self.abort()
             raise SMTPError(reply)
         return reply
 
-    def _read_line(self, what: str, deadline: float) -> bytes:
-        while True:
-            end = self._buffer.find(b"\n", 0, MAX_LINE)
-            if end >= 0:
-                line = bytes(self._buffer[:end]).rstrip(b"\r")
-                del self._buffer[:end + 1]
-                return line
-            if len(self._buffer) >= MAX_LINE:
-                self._fail(what, "4.5.0", f"host {self.peer} sent a reply line longer than {MAX_LINE} bytes "
-                                          f"while {_doing(what)}")
-            remaining = deadline - time.monotonic()
-            if self._sock is None:
-                self._fail(what, "4.4.2", f"connection with {self.peer} is closed")
-            if remaining <= 0:
-                self._fail(what, "4.4.2", f"conversation with {self.peer} timed out while {_doing(what)}")
-            try:
-                self._sock.settimeout(remaining)
-                chunk = self._sock.recv(CHUNK)
-            except TimeoutError:
-                self._fail(what, "4.4.2", f"conversation with {self.peer} timed out while {_doing(what)}")
-            except OSError as exc:
-                self._fail(what, "4.4.2", f"lost connection with {self.peer} while {_doing(what)} "
-                                          f"({_reason(exc)})")
-            if not chunk:
-                self._fail(what, "4.4.2", f"lost connection with {self.peer} while {_doing(what)}")
-            self._buffer += chunk
+    def _receive(self, what: str, deadline: float) -> None:
+        """Add what the server sends next to the buffer, which holds no whole line yet."""
+        if len(self._buffer) >= MAX_LINE:
+            self._fail(what, "4.5.0", f"host {self.peer} sent a reply line longer than {MAX_LINE} bytes "
+                                      f"while {_doing(what)}")
+        remaining = deadline - time.monotonic()
+        if self._sock is None:
+            self._fail(what, "4.4.2", f"connection with {self.peer} is closed")
+        if remaining <= 0:
+            self._fail(what, "4.4.2", f"conversation with {self.peer} timed out while {_doing(what)}")
+        try:
+            self._sock.settimeout(remaining)
+            chunk = self._sock.recv(CHUNK)
+        except TimeoutError:
+            self._fail(what, "4.4.2", f"conversation with {self.peer} timed out while {_doing(what)}")
+        except OSError as exc:
+            self._fail(what, "4.4.2", f"lost connection with {self.peer} while {_doing(what)} "
+                                      f"({_reason(exc)})")
+        if not chunk:
+            self._fail(what, "4.4.2", f"lost connection with {self.peer} while {_doing(what)}")
+        self._buffer += chunk
 
     def _fail(self, what: str, dsn: str, text: str) -> NoReturn:
         """The connection is no longer trustworthy: drop it and defer."""
@@ -626,6 +656,22 @@ def _extensions(lines: Sequence[str]) -> dict[str, str]:
         if keyword:
             found[keyword] = params.strip()
     return found
+
+
+_KNOWN: dict[tuple[tuple[bytes, ...], str], Reply] = {}
+KNOWN_REPLIES = 256
+
+
+def _known_reply(lines: list[bytes], what: str) -> Reply:
+    """_parse_reply, remembered: a server answers MAIL, RCPT, DATA and RSET with the same bytes
+    message after message, and a Reply is immutable, so one parse serves them all."""
+    key = (tuple(lines), what)
+    reply = _KNOWN.get(key)
+    if reply is None:
+        if len(_KNOWN) >= KNOWN_REPLIES:
+            _KNOWN.clear()
+        reply = _KNOWN[key] = _parse_reply(lines, what)
+    return reply
 
 
 def _parse_reply(lines: list[bytes], what: str) -> Reply:

@@ -13,13 +13,15 @@ import logging
 import os
 import select
 import signal
+import threading
 import time
+from queue import SimpleQueue
 
 from policy.next_hop import DISCARD, ERROR, LMTP, MAILDIR, MDA, MX, PIPE, RETRY, SMTP
 from policy.routing import Policy
 from router.config import Config
 from router.spool import ACTIVE, DEFERRED, Spool
-from workers.delivery import QUEUED_AGAIN, Delivery, Report
+from workers.delivery import QUEUED_AGAIN, Delivery, Report, unlink_retired
 from workers.maildir import MaildirTransport
 from workers.smtp import SMTPTransport
 from workers.transport import Transport
@@ -39,6 +41,38 @@ def build_transports(config: Config) -> dict[str, Transport]:
             SMTP: smtp, LMTP: smtp, MX: smtp, PIPE: verdict, MDA: verdict}
 
 
+class BackgroundUnlinker:
+    """Unlinks retired queue files (and logs "removed") in a thread, in order.
+
+    An unlink can wait for the disk for milliseconds (freeing blocks), a delivery cannot wait
+    for it: the message is already out of every queue (Spool.retire), so the worker reports it
+    and goes on while this thread catches up. `close` waits for the backlog.
+    """
+
+    def __init__(self) -> None:
+        self._backlog: SimpleQueue[tuple[str | None, str] | None] = SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, path: str | None, queue_id: str) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="unlinker", daemon=True)
+            self._thread.start()
+        self._backlog.put((path, queue_id))
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._backlog.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while (item := self._backlog.get()) is not None:
+            try:
+                unlink_retired(*item)
+            except Exception:
+                log.exception("%s: cannot finish removing the message", item[1])
+
+
 class Worker:
     def __init__(self, task_fd: int, report_fd: int, config: Config, policy: Policy):
         self.task_fd = task_fd
@@ -46,7 +80,8 @@ class Worker:
         self.config = config
         self.spool = Spool(config.queue_dir, config.spool_group)
         self.transports = build_transports(config)
-        self.delivery = Delivery(self.spool, config, policy, self.transports)
+        self.unlinker = BackgroundUnlinker()
+        self.delivery = Delivery(self.spool, config, policy, self.transports, unlink=self.unlinker)
         self.busy = False
         self.stopping = False
 
@@ -60,28 +95,39 @@ class Worker:
         try:
             self._serve()
         finally:
+            self.unlinker.close()
             for transport in set(self.transports.values()):
                 transport.close()
 
     def _serve(self) -> None:
+        """One message at a time, as the supervisor hands them out (up to PREFETCH ahead, so a
+        busy worker finds the next one waiting and waits only when there is none).
+
+        Before each message the pipe is read to its end: once the supervisor has closed it (stop,
+        reload), the worker takes no new message, not even one already handed out; that one is
+        still in its queue for another worker or the next start. SIGTERM stops it the same way.
+        """
         buffer = b""
+        os.set_blocking(self.task_fd, False)
         while not self.stopping:
-            readable, _, _ = select.select([self.task_fd], [], [], IDLE_SECONDS)
-            if not readable:
-                for transport in set(self.transports.values()):
-                    transport.close_idle()
+            try:
+                while chunk := os.read(self.task_fd, 4096):
+                    buffer += chunk
+                return  # end of file: closed by the supervisor
+            except BlockingIOError:
+                pass
+            line, found, buffer = buffer.partition(b"\n")
+            if not found:
+                buffer = line
+                if not select.select([self.task_fd], [], [], IDLE_SECONDS)[0]:
+                    for transport in set(self.transports.values()):
+                        transport.close_idle()
                 continue
-            chunk = os.read(self.task_fd, 4096)
-            if not chunk:
-                return
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                queue, queue_id = line.decode().split()
-                self.busy = True
-                report = self._attempt(queue, queue_id)
-                self.busy = False
-                os.write(self.report_fd, report.to_line())
+            queue, queue_id = line.decode().split()
+            self.busy = True
+            report = self._attempt(queue, queue_id)
+            self.busy = False
+            os.write(self.report_fd, report.to_line())
 
     def _attempt(self, queue: str, queue_id: str) -> Report:
         try:
@@ -96,6 +142,7 @@ class Worker:
     def _on_term(self, signum: int, frame: object) -> None:
         """SIGTERM: finish the message in hand, then exit."""
         if not self.busy:
+            self.unlinker.close()
             os._exit(0)
         self.stopping = True
 

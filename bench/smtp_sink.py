@@ -1,0 +1,290 @@
+"""A lean SMTP sink and a plain pipelining client, for the SMTP benchmarks in bench/run.py.
+
+The sink must never be what limits a benchmark, and aiosmtpd (one asyncio process, a coroutine
+per command) is far too slow for that. This one is a listening socket on loopback shared by a few
+forked processes, each a small selectors loop that speaks just enough SMTP for a client that
+pipelines: 220, EHLO (PIPELINING, 8BITMIME, SIZE), MAIL, RCPT, DATA, RSET, NOOP, QUIT. It answers
+every complete command in a read with one write, throws the message away (no disk), and counts
+messages in shared memory with the time of the last one, so the benchmark reads both without
+asking the sink anything. With `notify` it also writes each acceptance time to a pipe, for a
+latency benchmark that waits for one message at a time.
+
+`blast` is the ceiling the router is measured against: the same messages sent by the simplest
+client that pipelines (EHLO once; per message MAIL, RCPT and DATA in one write, the message and
+its dot in one write, then the next MAIL), one connection per process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import select
+import selectors
+import signal
+import socket
+import struct
+import time
+from collections.abc import Sequence
+
+GREETING = b"220 sink.bench ESMTP\r\n"
+EHLO = b"250-sink.bench\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 52428800\r\n"
+REPLIES = {
+    b"HELO": b"250 sink.bench\r\n",
+    b"MAIL": b"250 2.1.0 Ok\r\n",
+    b"RCPT": b"250 2.1.5 Ok\r\n",
+    b"RSET": b"250 2.0.0 Ok\r\n",
+    b"NOOP": b"250 2.0.0 Ok\r\n",
+}
+DATA_GO = b"354 End data with <CR><LF>.<CR><LF>\r\n"
+QUEUED = b"250 2.0.0 Ok: queued\r\n"
+BYE = b"221 2.0.0 Bye\r\n"
+UNKNOWN = b"502 5.5.2 Error: command not recognized\r\n"
+END = b"\r\n.\r\n"
+SLOT = struct.Struct("qdq")  # per process: messages accepted, perf_counter() of the last, connections
+STAMP = struct.Struct("d")
+PR_SET_PDEATHSIG = 1
+
+
+class Session:
+    """One client connection: a read buffer and whether it is inside DATA."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buffer = bytearray()
+        self.in_data = False
+        self.scan = 0  # where to look for the end of data next
+
+
+class Sink:
+    """`processes` forked servers on one loopback socket; use as a context manager."""
+
+    def __init__(self, processes: int = 2, notify: bool = False):
+        self.processes = processes
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = self.listener.getsockname()[1]
+        self.shared = mmap.mmap(-1, SLOT.size * processes)
+        self.notify_read, self.notify_write = os.pipe() if notify else (-1, -1)
+        self.pids: list[int] = []
+
+    def __enter__(self) -> Sink:
+        for index in range(self.processes):
+            pid = os.fork()
+            if pid == 0:
+                status = 0
+                try:
+                    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the benchmark
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
+                    self._serve(index)
+                except BaseException:
+                    status = 70
+                finally:
+                    os._exit(status)
+            self.pids.append(pid)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for pid in self.pids:
+            os.waitpid(pid, 0)
+        self.listener.close()
+        for fd in (self.notify_read, self.notify_write):
+            if fd >= 0:
+                os.close(fd)
+
+    # -- what the benchmark reads ---------------------------------------------------------------
+
+    def accepted(self) -> int:
+        """Messages accepted so far, by all processes."""
+        return sum(SLOT.unpack_from(self.shared, i * SLOT.size)[0] for i in range(self.processes))
+
+    def last_accepted(self) -> float:
+        """perf_counter() when the latest message was accepted (0.0 before any)."""
+        return max(SLOT.unpack_from(self.shared, i * SLOT.size)[1] for i in range(self.processes))
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server processes have used so far."""
+        total = 0.0
+        for pid in self.pids:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        return total
+
+    def wait_accepted(self, timeout: float) -> float | None:
+        """One notification (sink made with notify=True): the acceptance time of the next
+        message, or None after `timeout` seconds."""
+        readable, _, _ = select.select([self.notify_read], [], [], timeout)
+        if not readable:
+            return None
+        return STAMP.unpack(os.read(self.notify_read, STAMP.size))[0]
+
+    # -- one server process ----------------------------------------------------------------------
+
+    def _serve(self, index: int) -> None:
+        if self.notify_read >= 0:
+            os.close(self.notify_read)
+        offset = index * SLOT.size
+        selector = selectors.DefaultSelector()
+        self.listener.setblocking(False)
+        selector.register(self.listener, selectors.EVENT_READ, None)
+        stats = [0, 0.0, 0]
+        while True:
+            for key, _ in selector.select():
+                if key.data is None:
+                    if self._fewest_connections(index, stats[2]):
+                        self._accept(selector, stats, offset)
+                    continue
+                session: Session = key.data
+                if not self._on_readable(session, stats, offset):
+                    selector.unregister(session.sock)
+                    session.sock.close()
+                    stats[2] -= 1
+                    SLOT.pack_into(self.shared, offset, *stats)
+
+    def _fewest_connections(self, index: int, mine: int) -> bool:
+        """Spread connections evenly over the processes: only one with the fewest accepts (the
+        others see the listener readable again until it has)."""
+        others = (SLOT.unpack_from(self.shared, i * SLOT.size)[2] for i in range(self.processes) if i != index)
+        if mine <= min(others, default=mine):
+            return True
+        time.sleep(0.0005)
+        return False
+
+    def _accept(self, selector: selectors.BaseSelector, stats: list, offset: int) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(True)  # one write per read: the client reads its replies before it writes more
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(GREETING)
+        selector.register(sock, selectors.EVENT_READ, Session(sock))
+        stats[2] += 1
+        SLOT.pack_into(self.shared, offset, *stats)
+
+    def _on_readable(self, session: Session, stats: list, offset: int) -> bool:
+        """Handle everything complete in the buffer; False when the session is over."""
+        try:
+            chunk = session.sock.recv(256 * 1024)
+        except ConnectionError:
+            return False
+        if not chunk:
+            return False
+        buffer = session.buffer
+        buffer += chunk
+        out: list[bytes] = []
+        position = 0
+        open_ = True
+        while True:
+            if session.in_data:
+                end = buffer.find(END, session.scan)
+                if end < 0:  # keep only what may be the start of the end marker
+                    del buffer[:max(session.scan, len(buffer) - len(END) + 1)]
+                    session.scan = 0
+                    break
+                position = end + len(END)
+                session.in_data = False
+                stats[0] += 1
+                stats[1] = time.perf_counter()
+                SLOT.pack_into(self.shared, offset, *stats)
+                if self.notify_write >= 0:
+                    os.write(self.notify_write, STAMP.pack(stats[1]))
+                out.append(QUEUED)
+                continue
+            end = buffer.find(b"\r\n", position)
+            if end < 0:
+                del buffer[:position]
+                break
+            verb = bytes(buffer[position:position + 4]).upper()
+            position = end + 2
+            if verb == b"DATA":
+                session.in_data = True
+                session.scan = position - 2  # the CRLF of the DATA line may begin the end marker
+                out.append(DATA_GO)
+            elif verb == b"EHLO":
+                out.append(EHLO)
+            elif verb == b"QUIT":
+                out.append(BYE)
+                open_ = False
+                break
+            else:
+                out.append(REPLIES.get(verb, UNKNOWN))
+        if out:
+            try:
+                session.sock.sendall(b"".join(out))
+            except ConnectionError:
+                return False
+        return open_
+
+
+# -- the ceiling: a plain pipelining client ------------------------------------------------------
+
+
+def wire_message(message: bytes) -> bytes:
+    """What follows a 354: CRLF line ends, dot-stuffed, and the final dot."""
+    data = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    data = data.replace(b"\r\n.", b"\r\n..")
+    return (b"." + data if data.startswith(b".") else data) + b".\r\n"
+
+
+def _read_replies(sock: socket.socket, buffer: bytearray, count: int) -> None:
+    """Wait for `count` single-line replies; any that is not 2xx or 354 is an error."""
+    while buffer.count(b"\r\n") < count:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the sink closed the connection")
+        buffer += chunk
+    for _ in range(count):
+        end = buffer.index(b"\r\n")
+        if buffer[:1] != b"2" and buffer[:3] != b"354":
+            raise ConnectionError(f"the sink said {bytes(buffer[:end])!r}")
+        del buffer[:end + 2]
+
+
+def _client(port: int, sender: str, envelopes: Sequence[tuple[str, bytes]]) -> None:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buffer = bytearray()
+    _read_replies(sock, buffer, 1)
+    sock.sendall(b"EHLO client.bench\r\n")
+    while b"250 " not in buffer:
+        buffer += sock.recv(65536)
+    buffer.clear()
+    for recipient, wire in envelopes:
+        sock.sendall(f"MAIL FROM:<{sender}> SIZE={len(wire)}\r\nRCPT TO:<{recipient}>\r\nDATA\r\n".encode())
+        _read_replies(sock, buffer, 3)
+        sock.sendall(wire)
+        _read_replies(sock, buffer, 1)
+    sock.sendall(b"QUIT\r\n")
+    _read_replies(sock, buffer, 1)
+    sock.close()
+
+
+def blast(port: int, sender: str, envelopes: Sequence[tuple[str, bytes]], connections: int) -> float:
+    """Send (recipient, wire message) pairs over `connections` forked clients, message i on
+    connection i % connections; returns the perf_counter() reading before the first fork."""
+    started = time.perf_counter()
+    pids = []
+    for index in range(connections):
+        pid = os.fork()
+        if pid == 0:
+            status = 0
+            try:
+                _client(port, sender, envelopes[index::connections])
+            except BaseException:
+                status = 1
+            finally:
+                os._exit(status)
+        pids.append(pid)
+    failed = [pid for pid in pids if os.waitpid(pid, 0)[1] != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {connections} ceiling clients failed")
+    return started
