@@ -232,6 +232,33 @@ def report_problems(daemon: Daemon) -> list[str]:
 # -- the benchmarks -------------------------------------------------------------------------
 
 
+def measure_latency(spool: Spool, arrival: Callable[[int], float], where: str) -> dict[str, float]:
+    """Queue messages one at a time; `arrival(index)` waits for one to land and says when (the
+    perf_counter clock). Prints and returns the percentiles."""
+    body = message(0)
+    latencies: list[float] = []  # from enqueue() returning, the figure with a target
+    totals: list[float] = []  # from enqueue() being called, for context
+    early = 0
+    for index in range(LATENCY_WARMUP + LATENCY_MESSAGES):
+        called = time.perf_counter()
+        spool.enqueue(SENDER, [f"user@{DOMAIN}"], body)
+        queued = time.perf_counter()
+        arrived = arrival(index)
+        if index >= LATENCY_WARMUP:
+            early += arrived - queued < 0.0001
+            latencies.append(max(0.0, arrived - queued) * 1000)
+            totals.append((arrived - called) * 1000)
+        time.sleep(LATENCY_PAUSE)
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    total_cuts = statistics.quantiles(totals, n=100, method="inclusive")
+    figures = {"p50_ms": cuts[49], "p99_ms": cuts[98], "max_ms": max(latencies),
+               "total_p50_ms": total_cuts[49], "total_p99_ms": total_cuts[98]}
+    print(f"  {len(latencies)} messages, from enqueue() returning to {where}: p50 {figures['p50_ms']:.2f} ms, "
+          f"p99 {figures['p99_ms']:.2f} ms, max {figures['max_ms']:.2f} ms ({early} there already)")
+    print(f"  from enqueue() being called: p50 {figures['total_p50_ms']:.2f} ms, p99 {figures['total_p99_ms']:.2f} ms")
+    return figures
+
+
 def bench_latency(keep: bool) -> dict[str, float]:
     with workspace("latency", keep) as root:
         daemon = Daemon(root, LATENCY_WORKERS)
@@ -240,34 +267,15 @@ def bench_latency(keep: bool) -> dict[str, float]:
         new_dir = make_maildir(daemon.mail / DOMAIN / "user")
         inotify = INotify()
         inotify.add_watch(new_dir, inotify_flags.MOVED_TO)
-        body = message(0)
-        latencies: list[float] = []  # from enqueue() returning, the figure with a target
-        totals: list[float] = []  # from enqueue() being called, for context
-        early = 0
         with daemon:
             daemon.start()
             daemon.wait_serving()
-            for index in range(LATENCY_WARMUP + LATENCY_MESSAGES):
-                called = time.perf_counter()
-                spool.enqueue(SENDER, [f"user@{DOMAIN}"], body)
-                queued = time.perf_counter()
-                arrived = wait_for_renames(inotify, 1, DELIVERY_TIMEOUT, daemon)
-                if index >= LATENCY_WARMUP:
-                    early += arrived - queued < 0.0001
-                    latencies.append(max(0.0, arrived - queued) * 1000)
-                    totals.append((arrived - called) * 1000)
-                time.sleep(LATENCY_PAUSE)
+            figures = measure_latency(
+                spool, lambda index: wait_for_renames(inotify, 1, DELIVERY_TIMEOUT, daemon), "the Maildir")
             idle_rss = psutil.Process(daemon.pid).memory_info().rss
             report_problems(daemon)
         spool.close()
         inotify.close()
-    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
-    total_cuts = statistics.quantiles(totals, n=100, method="inclusive")
-    figures = {"p50_ms": cuts[49], "p99_ms": cuts[98], "max_ms": max(latencies),
-               "total_p50_ms": total_cuts[49], "total_p99_ms": total_cuts[98]}
-    print(f"  {len(latencies)} messages, from enqueue() returning: p50 {figures['p50_ms']:.2f} ms, "
-          f"p99 {figures['p99_ms']:.2f} ms, max {figures['max_ms']:.2f} ms ({early} already delivered)")
-    print(f"  from enqueue() being called: p50 {figures['total_p50_ms']:.2f} ms, p99 {figures['total_p99_ms']:.2f} ms")
     print(f"  supervisor RSS with an empty spool: {idle_rss / 2**20:.1f} MB")
     return figures
 
@@ -507,36 +515,21 @@ def bench_smtp_latency(keep: bool) -> dict[str, float]:
         daemon = Daemon(root, LATENCY_WORKERS, relay_to(sink))
         spool = Spool(daemon.spool)
         spool.create()
-        body = message(0)
-        latencies: list[float] = []  # from enqueue() returning, the figure with a target
-        totals: list[float] = []  # from enqueue() being called, for context
-        early = 0
+
+        def accepted(index: int) -> float:
+            arrived = sink.wait_accepted(DELIVERY_TIMEOUT)
+            if arrived is None:
+                daemon.check_alive()
+                raise RuntimeError(f"message {index} not accepted by the sink after {DELIVERY_TIMEOUT:.0f}s")
+            return arrived
+
         with daemon:
             daemon.start()
             daemon.wait_serving()
-            for index in range(LATENCY_WARMUP + LATENCY_MESSAGES):
-                called = time.perf_counter()
-                spool.enqueue(SENDER, [f"user@{DOMAIN}"], body)
-                queued = time.perf_counter()
-                arrived = sink.wait_accepted(DELIVERY_TIMEOUT)
-                if arrived is None:
-                    daemon.check_alive()
-                    raise RuntimeError(f"message {index} not accepted by the sink after {DELIVERY_TIMEOUT:.0f}s")
-                if index >= LATENCY_WARMUP:
-                    early += arrived - queued < 0.0001
-                    latencies.append(max(0.0, arrived - queued) * 1000)
-                    totals.append((arrived - called) * 1000)
-                time.sleep(LATENCY_PAUSE)
+            figures = measure_latency(spool, accepted, "the sink's 250")
             wait_for_counter(daemon, LATENCY_WARMUP + LATENCY_MESSAGES)
             report_problems(daemon)
         spool.close()
-    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
-    total_cuts = statistics.quantiles(totals, n=100, method="inclusive")
-    figures = {"p50_ms": cuts[49], "p99_ms": cuts[98], "max_ms": max(latencies),
-               "total_p50_ms": total_cuts[49], "total_p99_ms": total_cuts[98]}
-    print(f"  {len(latencies)} messages, from enqueue() returning to the sink's 250: p50 {figures['p50_ms']:.2f} ms, "
-          f"p99 {figures['p99_ms']:.2f} ms, max {figures['max_ms']:.2f} ms ({early} already accepted)")
-    print(f"  from enqueue() being called: p50 {figures['total_p50_ms']:.2f} ms, p99 {figures['total_p99_ms']:.2f} ms")
     return figures
 
 
