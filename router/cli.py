@@ -3,6 +3,7 @@
 import inspect
 import json
 import os
+import signal
 import sys
 from typing import Annotated, Any, Optional
 
@@ -45,6 +46,9 @@ def run(config: ConfigOption = None,
         foreground: Annotated[bool, typer.Option("--foreground", help="stay in the foreground, log to stderr")] = False,
         **settings: Any) -> None:
     """Run the daemon: supervisor, workers and status socket."""
+    # A reload asked for while starting (systemd, a script) must not kill the daemon with
+    # SIGHUP's default action; the supervisor installs its own handler once it can act on it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     flags = _flags(settings)
     loaded = _config(config, flags)
     if foreground:
