@@ -16,9 +16,8 @@ from aiosmtpd.controller import Controller
 
 from router.aiosmtpd import QueueHandler
 from router.spool import Spool
-from tests.daemon import ROOT, wait_for
+from tests.daemon import ROOT, read_only, wait_for
 from tests.smtp_servers import AioServer, free_port
-from tests.test_sendmail import read_only
 
 QUEUED = re.compile(rb"2\.0\.0 Queued as ([0-9A-F]{13}-[0-9A-F]+-[0-9A-F]+)")
 FAST = ["--smtp-timeouts", "connect=2,greeting=3,helo=3,mail=3,rcpt=3,data=3,block=3,dot=3",

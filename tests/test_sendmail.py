@@ -8,14 +8,13 @@ import os
 import pwd
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from router.queue_file import parse
 from router.spool import Spool
-from tests.daemon import ROOT, wait_for
+from tests.daemon import ROOT, read_only, wait_for
 from tests.smtp_servers import AioServer
 
 BIN = Path(sys.executable).parent
@@ -43,17 +42,6 @@ def queued(spool: Path) -> list[str]:
 
 def ok(result: subprocess.CompletedProcess) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b""), result.stderr.decode()
-
-
-@contextmanager
-def read_only(directory: Path):
-    """`directory` made read-only by a bind mount over itself, for the length of a `with`."""
-    subprocess.run(["mount", "--bind", str(directory), str(directory)], check=True)
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(directory)], check=True)
-        yield
-    finally:
-        subprocess.run(["umount", str(directory)], check=True)
 
 
 # To and Cc with display names, a quoted comma, a group, a comment and a folded line; two Bcc
