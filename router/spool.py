@@ -132,9 +132,6 @@ class Spool:
             return False
         return True
 
-    def remove(self, queue: str, queue_id: str) -> None:
-        unlink_quietly(self.path(queue, queue_id))
-
     def retire(self, queue: str, queue_id: str) -> str | None:
         """Take a finished message out of `queue` for good by renaming it into tmp/; returns the
         path the caller then unlinks (None if the file was not there).

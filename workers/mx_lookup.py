@@ -139,7 +139,7 @@ def next_hops(destination: str, resolver: dns.resolver.Resolver,
     `[host]` or an address literal (`[192.0.2.1]`, `[IPv6:2001:db8::1]`, `[2001:db8::1]`)."""
     if destination.startswith("[") and destination.endswith("]"):
         inside = destination[1:-1]
-        literal = _address_literal(inside)
+        literal = address_literal(inside)
         if literal is not None:
             return [MXHost(literal, 0, (literal,))]
         if inside.lower().startswith("ipv6:") or _DOTTED_NUMBERS.fullmatch(inside):
@@ -148,7 +148,8 @@ def next_hops(destination: str, resolver: dns.resolver.Resolver,
     return lookup_mx(destination, resolver, rng)
 
 
-def _address_literal(text: str) -> str | None:
+def address_literal(text: str) -> str | None:
+    """The IP address in `text` (an IPv4 or IPv6 address, or `IPv6:...`), or None if it is a name."""
     if text.lower().startswith("ipv6:"):
         text = text[5:]
         try:

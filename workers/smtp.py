@@ -10,7 +10,6 @@ TLS handshake, not one per message.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from policy.next_hop import LMTP, MX, NextHop, parse_hosts
 from router.config import Config
 from router.queue_file import QueueFile, Recipient
-from workers.mx_lookup import MXHost, MXLookupError, ResolverConfigError, make_resolver, next_hops
+from workers.mx_lookup import MXHost, MXLookupError, ResolverConfigError, address_literal, make_resolver, next_hops
 from workers.smtp_client import LMTP_PORT, SMTP_PORT, TLS_NONE, SMTPClient, SMTPError, TLSFallback
 from workers.transport import BOUNCED, DEFERRED, Outcome
 
@@ -187,23 +186,19 @@ class SMTPTransport:
         fixed = self._fixed.get(key)
         if fixed is not None:
             return fixed
-        auth = self.credentials.get(destination.strip("[]").lower())
-        found = self._relay(destination, lmtp)
-        servers = _expand(found, port or (LMTP_PORT if lmtp else self.config.smtp_port), lmtp=lmtp, auth=auth)
-        if _is_address(destination.strip("[]")):
+        bare = destination.strip("[]")
+        address = address_literal(bare)
+        found = [MXHost(address, 0, (address,))] if address else self._relay(destination, bare, lmtp)
+        servers = _expand(found, port or (LMTP_PORT if lmtp else self.config.smtp_port), lmtp=lmtp,
+                          auth=self.credentials.get(bare.lower()))
+        if address:
             self._fixed[key] = servers
         return servers
 
-    def _relay(self, destination: str, lmtp: bool) -> list[MXHost]:
-        """A relay host: an address as it is; `[name]` (and any LMTP host) by its A/AAAA records;
-        a bare name by MX lookup first, as Postfix does. A short name, bracketed or not, is
-        qualified under our domain."""
-        bare = destination.strip("[]")
-        try:
-            address = str(ipaddress.ip_address(bare))
-            return [MXHost(address, 0, (address,))]
-        except ValueError:
-            pass
+    def _relay(self, destination: str, bare: str, lmtp: bool) -> list[MXHost]:
+        """A relay host given by name: `[name]` (and any LMTP host) by its A/AAAA records, a bare
+        name by MX lookup first, as Postfix does. A short name, bracketed or not, is qualified
+        under our domain."""
         if destination.startswith("[") or lmtp:
             return next_hops(f"[{self._qualify(bare)}]", self._dns())
         return next_hops(self._qualify(bare), self._dns())
@@ -223,14 +218,6 @@ class SMTPTransport:
 def _relay_hosts(text: str) -> tuple[tuple[str, int | None], ...]:
     """parse_hosts, once per relay host list rather than once per message."""
     return tuple(parse_hosts(text))
-
-
-def _is_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _expand(hosts: list[MXHost], port: int, *, lmtp: bool, auth: tuple[str, str] | None) -> list[Server]:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import NoReturn, Protocol
 
+from router.queue_file import clean
 from workers.transport import BOUNCED, DEFERRED, SENT
 
 SMTP_PORT, LMTP_PORT = 25, 24
@@ -42,7 +43,6 @@ CHUNK = 64 * 1024  # one "data block" of RFC 5321 4.5.3.2.5, each with its own t
 GREETING, BODY, END_OF_DATA = "greeting", "message body", "end of DATA"
 
 _ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?: +|$)")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NOTIFY = re.compile(r"NEVER|(?:SUCCESS|FAILURE|DELAY)(?:,(?:SUCCESS|FAILURE|DELAY))*")
 _ADDR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
 _CONTROL_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f]")  # would break the command line
@@ -759,7 +759,7 @@ def _doing(what: str) -> str:
 
 
 def _text(raw: bytes) -> str:
-    return _CONTROL.sub("?", raw.decode("utf-8", "replace"))
+    return clean(raw.decode("utf-8", "replace"))
 
 
 def _reason(exc: BaseException) -> str:
