@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,41 +34,22 @@ def written(text: str) -> Iterator[str]:
         yield str(path)
 
 
+PARSERS = {
+    "transports": (lambda path: load_transport_map(path, {"x": "queue/discard"}), PolicyError),
+    "transport-defs": (load_definitions, PolicyError),
+    "aliases, local delivery": (lambda path: load_aliases(path, local_delivery=True), PolicyError),
+    "aliases, no local delivery": (lambda path: load_aliases(path, local_delivery=False), PolicyError),
+    "config": (read_file, ConfigError),
+}
+
+
+@pytest.mark.parametrize("name", PARSERS)
 @SETTINGS
-@given(TEXT)
-def test_transport_map_parser(text):
+@given(text=TEXT)
+def test_parser_reports_errors_naming_the_file(name, text):
+    parser, error = PARSERS[name]
     with written(text) as path:
         try:
-            load_transport_map(path, {"x": "queue/discard"})
-        except PolicyError as exc:
-            assert str(exc).startswith(path)
-
-
-@SETTINGS
-@given(TEXT)
-def test_definitions_parser(text):
-    with written(text) as path:
-        try:
-            load_definitions(path)
-        except PolicyError as exc:
-            assert str(exc).startswith(path)
-
-
-@SETTINGS
-@given(TEXT, st.booleans())
-def test_aliases_parser(text, local):
-    with written(text) as path:
-        try:
-            load_aliases(path, local_delivery=local)
-        except PolicyError as exc:
-            assert str(exc).startswith(path)
-
-
-@SETTINGS
-@given(TEXT)
-def test_config_parser(text):
-    with written(text) as path:
-        try:
-            read_file(path)
-        except ConfigError as exc:
+            parser(path)
+        except error as exc:
             assert str(exc).startswith(path)
