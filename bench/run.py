@@ -62,6 +62,7 @@ from inotify_simple import INotify
 from inotify_simple import flags as inotify_flags
 from policy_lookup import bench_policy
 from smtp_sink import Sink, blast, wire_message
+from spool_floor import relay_spool
 
 from router.queue_file import QueueFile, Recipient
 from router.queue_id import arrival_of, new_queue_id
@@ -434,6 +435,14 @@ def smtp_ceiling(sink: Sink, envelopes: list[tuple[str, bytes]]) -> tuple[float,
     return seconds, sink.cpu_seconds() - cpu
 
 
+def spool_floor(sink: Sink, spool: Spool, queue_ids: list[str], log_path: Path) -> float:
+    """Seconds the spool floor (bench/spool_floor.py) takes to relay `queue_ids` from `spool`
+    until the sink has accepted them all."""
+    before = sink.accepted()
+    started = relay_spool(str(spool.root), queue_ids, sink.port, SMTP_CONNECTIONS, str(log_path))
+    return wait_for_sink(sink, before + len(queue_ids), DRAIN_TIMEOUT) - started
+
+
 def wait_for_counter(daemon: Daemon, sent: int, timeout: float = DELIVERY_TIMEOUT) -> dict[str, Any]:
     """The daemon's status once its "sent" counter reaches `sent` (its files are gone by then)."""
     deadline = time.monotonic() + timeout
@@ -461,21 +470,25 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 
 def bench_smtp_drain(keep: bool) -> dict[str, float]:
-    """The ceiling client runs half its messages before the daemon and half after, so a change in
-    the machine's load during the run weighs on both sides of the ratio alike."""
+    """The ceiling client and the spool floor each run half their messages before the daemon and
+    half after, so a change in the machine's load during the run weighs on all sides alike."""
     with workspace("smtp-drain", keep) as root, Sink(SINK_PROCESSES) as sink:
         daemon = Daemon(root, SMTP_WORKERS, relay_to(sink))
         spool = Spool(daemon.spool)
-        spool.create()
+        floor_spool = Spool(root / "floor-spool")
         envelopes = [(f"user{index % DRAIN_USERS}@{DOMAIN}", message(index)) for index in range(SMTP_MESSAGES)]
         setup = time.perf_counter()
-        for recipient, body in envelopes:
-            spool.enqueue(SENDER, [recipient], body)
-        spool.close()
-        print(f"  queued {SMTP_MESSAGES} messages with Spool.enqueue in {time.perf_counter() - setup:.1f}s")
+        floor_ids = []
+        for queue in (spool, floor_spool):
+            queue.create()
+            floor_ids = [queue.enqueue(SENDER, [recipient], body) for recipient, body in envelopes]
+            queue.close()
+        print(f"  queued {SMTP_MESSAGES} messages twice (router, spool floor) with Spool.enqueue "
+              f"in {time.perf_counter() - setup:.1f}s")
         wires = [(recipient, wire_message(body)) for recipient, body in envelopes]
         half = SMTP_MESSAGES // 2
         ceiling_seconds, ceiling_sink_cpu = smtp_ceiling(sink, wires[:half])
+        floor_seconds = spool_floor(sink, floor_spool, floor_ids[:half], root / "floor.log")
         with daemon:
             before = sink.accepted()
             sink_cpu = sink.cpu_seconds()
@@ -485,10 +498,13 @@ def bench_smtp_drain(keep: bool) -> dict[str, float]:
             supervisor_cpu, workers_cpu = cpu_seconds(daemon.pid)
             status = wait_for_counter(daemon, SMTP_MESSAGES)
             report_problems(daemon)
+        floor_seconds += spool_floor(sink, floor_spool, floor_ids[half:], root / "floor.log")
         seconds, cpu = smtp_ceiling(sink, wires[half:])
         ceiling_seconds, ceiling_sink_cpu = ceiling_seconds + seconds, ceiling_sink_cpu + cpu
-        if sink.accepted() != 2 * SMTP_MESSAGES:
-            raise RuntimeError(f"the sink accepted {sink.accepted()} messages, expected {2 * SMTP_MESSAGES}")
+        if sink.accepted() != 3 * SMTP_MESSAGES:
+            raise RuntimeError(f"the sink accepted {sink.accepted()} messages, expected {3 * SMTP_MESSAGES}")
+        if floor_spool.list("incoming") or floor_spool.list("active"):
+            raise RuntimeError("the spool floor left messages in its spool")
         if status["counters"] != {"sent": SMTP_MESSAGES, "deferred": 0, "bounced": 0}:
             raise RuntimeError(f"the daemon counted {status['counters']}")
         left = {queue: len(spool.list(queue)) for queue in ("incoming", "active", "deferred")}
@@ -497,6 +513,7 @@ def bench_smtp_drain(keep: bool) -> dict[str, float]:
     router_rate = SMTP_MESSAGES / (finished - started)
     ceiling_rate = SMTP_MESSAGES / ceiling_seconds
     ratio = router_rate / ceiling_rate
+    floor_rate = SMTP_MESSAGES / floor_seconds
     print(f"  router: {SMTP_MESSAGES} relayed in {finished - started:.2f}s = {router_rate:.0f} msg/s "
           f"(cpu: supervisor {supervisor_cpu:.2f}s, workers {workers_cpu:.2f}s, sink {sink_cpu:.2f}s "
           f"= {sink_cpu / (finished - started) / SINK_PROCESSES:.0%} of its {SINK_PROCESSES} processes' time); "
@@ -505,9 +522,12 @@ def bench_smtp_drain(keep: bool) -> dict[str, float]:
           f"{SMTP_MESSAGES} in {ceiling_seconds:.2f}s = {ceiling_rate:.0f} msg/s "
           f"(sink cpu {ceiling_sink_cpu:.2f}s = {ceiling_sink_cpu / ceiling_seconds / SINK_PROCESSES:.0%} "
           f"of its processes' time)")
-    print(f"  ratio router/ceiling: {ratio:.2f}")
+    print(f"  spool floor (claim, read, send, unlink, log; {SMTP_CONNECTIONS} processes): {SMTP_MESSAGES} in "
+          f"{floor_seconds:.2f}s = {floor_rate:.0f} msg/s = {floor_rate / ceiling_rate:.2f} of the ceiling")
+    print(f"  ratio router/ceiling: {ratio:.2f}; router/spool floor: {router_rate / floor_rate:.2f}")
     return {"router_rate": router_rate, "ceiling_rate": ceiling_rate, "ratio": ratio,
-            "postfix_factor": router_rate / POSTFIX_RATE}
+            "floor_rate": floor_rate, "floor_ratio": floor_rate / ceiling_rate,
+            "router_floor_ratio": router_rate / floor_rate, "postfix_factor": router_rate / POSTFIX_RATE}
 
 
 def bench_smtp_latency(keep: bool) -> dict[str, float]:
@@ -571,6 +591,10 @@ FIGURES = [
     Figure("smtp-drain", "router_rate", "router relay rate", "msg/s", None, higher_is_better=True),
     Figure("smtp-drain", "ceiling_rate", "sink ceiling (plain client)", "msg/s", None, higher_is_better=True),
     Figure("smtp-drain", "ratio", "ratio router/ceiling", "", 0.6, higher_is_better=True),
+    Figure("smtp-drain", "floor_rate", "spool floor (least a spooling relay does)", "msg/s", None,
+           higher_is_better=True),
+    Figure("smtp-drain", "floor_ratio", "ratio spool floor/ceiling", "", None, higher_is_better=True),
+    Figure("smtp-drain", "router_floor_ratio", "ratio router/spool floor", "", None, higher_is_better=True),
     Figure("smtp-drain", "postfix_factor", "router rate / Postfix 1250 msg/s", "", None, higher_is_better=True),
     Figure("smtp-latency", "p50_ms", "enqueue-to-sink p50", "ms", 5),
     Figure("smtp-latency", "p99_ms", "enqueue-to-sink p99", "ms", 50),

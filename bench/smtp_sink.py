@@ -25,7 +25,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 GREETING = b"220 sink.bench ESMTP\r\n"
 EHLO = b"250-sink.bench\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 52428800\r\n"
@@ -271,14 +271,21 @@ def _client(port: int, sender: str, envelopes: Sequence[tuple[str, bytes]]) -> N
 def blast(port: int, sender: str, envelopes: Sequence[tuple[str, bytes]], connections: int) -> float:
     """Send (recipient, wire message) pairs over `connections` forked clients, message i on
     connection i % connections; returns the perf_counter() reading before the first fork."""
+    return run_forked([lambda part=envelopes[i::connections]: _client(port, sender, part) for i in range(connections)],
+                      "ceiling clients")
+
+
+def run_forked(jobs: Sequence[Callable[[], None]], what: str) -> float:
+    """Run each job in a forked process of its own and wait for all; returns the perf_counter()
+    reading before the first fork, and raises if any of them failed."""
     started = time.perf_counter()
     pids = []
-    for index in range(connections):
+    for job in jobs:
         pid = os.fork()
         if pid == 0:
             status = 0
             try:
-                _client(port, sender, envelopes[index::connections])
+                job()
             except BaseException:
                 status = 1
             finally:
@@ -286,5 +293,5 @@ def blast(port: int, sender: str, envelopes: Sequence[tuple[str, bytes]], connec
         pids.append(pid)
     failed = [pid for pid in pids if os.waitpid(pid, 0)[1] != 0]
     if failed:
-        raise RuntimeError(f"{len(failed)} of {connections} ceiling clients failed")
+        raise RuntimeError(f"{len(failed)} of {len(jobs)} {what} failed")
     return started

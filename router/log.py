@@ -10,6 +10,15 @@ import os
 import sys
 
 _PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)  # a worker's lines carry its own pid, asked once, not per line
 
 
 class _Formatter(logging.Formatter):
@@ -17,6 +26,7 @@ class _Formatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.prefix = _PREFIX.get(record.levelno, "")
+        record.process = _pid
         return super().formatMessage(record)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
@@ -31,11 +41,12 @@ class _Formatter(logging.Formatter):
 def setup(target: str) -> logging.Logger:
     """Send the `qrouter` logger to `target`: "stderr", "syslog" or a file path. Without a
     syslog socket (/dev/log), "syslog" falls back to stderr and says so."""
-    # Per record, logging looks up the caller's file and line, the thread and the process name;
+    # Per record, logging looks up the caller's file and line, the thread, the process and its name;
     # no line shows them, so skip the work (the logging manual's "Optimization" section).
     logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
+    logging.logProcesses = False
     logger = logging.getLogger("qrouter")
     logger.handlers.clear()
     logger.setLevel(logging.INFO)

@@ -29,7 +29,6 @@ TMP, INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT, ARCHIVE = (
     "tmp", "incoming", "active", "deferred", "hold", "corrupt", "archive")
 QUEUES = (TMP, INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT, ARCHIVE)
 STALE_TMP_SECONDS = 36 * 3600
-RETIRED = ".retired"  # suffix in tmp/ of a finished message waiting to be unlinked
 
 
 class SpoolError(Exception):
@@ -132,21 +131,18 @@ class Spool:
             return False
         return True
 
-    def retire(self, queue: str, queue_id: str) -> str | None:
-        """Take a finished message out of `queue` for good by renaming it into tmp/; returns the
-        path the caller then unlinks (None if the file was not there).
+    def remove(self, queue: str, queue_id: str) -> bool:
+        """Unlink a finished message; False if it was not in `queue`.
 
-        The unlink is left to the caller because freeing a file's blocks can wait for the disk
-        (1-2 ms per file on a VM disk mounted with `discard`), where a rename does not: a worker
-        unlinks in the background and goes on with its next message. A crash in between leaves
-        only a file in tmp/ that no queue lists, removed at the next start.
+        Done in the delivering worker itself: an unlink can wait on the disk for a while
+        (freeing blocks), but with more workers than cores another worker uses the CPU meanwhile,
+        where handing unlinks to a thread cost more CPU in lock handoffs than the unlink itself.
         """
-        target = self.path(TMP, queue_id + RETIRED)
         try:
-            os.rename(self.path(queue, queue_id), target)
+            os.unlink(self.path(queue, queue_id))
         except FileNotFoundError:
-            return None
-        return target
+            return False
+        return True
 
     def journal(self, queue_id: str, results: Iterable[tuple[int, Recipient]]) -> None:
         """Append recipient results to an active file and fsync: from here on a crash cannot
@@ -179,14 +175,11 @@ class Spool:
         return recovered
 
     def remove_stale_tmp(self, now: float) -> list[str]:
-        """Drop staging files of writers that died long ago (a live writer's are recent), and
-        quietly any retired message a crash left before its unlink."""
+        """Drop staging files of writers that died long ago (a live writer's are recent)."""
         stale = []
         for entry in os.scandir(self.path(TMP)):
             try:
-                if entry.name.endswith(RETIRED):
-                    os.unlink(entry.path)
-                elif entry.stat().st_mtime < now - STALE_TMP_SECONDS:
+                if entry.stat().st_mtime < now - STALE_TMP_SECONDS:
                     os.unlink(entry.path)
                     stale.append(entry.name)
             except FileNotFoundError:

@@ -274,7 +274,7 @@ def test_too_many_recipients_leaves_the_rest_for_a_new_transaction(pipelining):
     first_rcpts = handler.commands[:handler.commands.index("DATA")]
     # Without pipelining the client stops at the first 452; with it all were already sent.
     assert len(first_rcpts) == 1 + (5 if pipelining else 3)
-    assert handler.commands.count("RSET") == 2
+    assert handler.commands.count("RSET") == 0  # each transaction ended with the reply to its data
 
 
 def test_other_452s_are_ordinary_deferrals():
@@ -556,22 +556,27 @@ def test_multiline_replies_are_joined_and_status_codes_parsed_or_derived():
 # -- keeping a connection ------------------------------------------------------------------------
 
 
-def test_rset_between_messages_and_quit_on_close():
-    with AioServer() as server:
+def test_rset_only_after_an_unfinished_transaction_and_quit_on_close():
+    """A transaction ends with the reply to its data (RFC 5321 4.1.1.4), so the next MAIL follows
+    at once; one that stopped earlier (every recipient refused) is reset before the next."""
+    with AioServer(Recorder(rcpt={"x@example.org": "550 5.1.1 no such user"})) as server:
         client = connect(server)
         client.send("s@example.org", ["a@example.org"], b"one\n")
-        assert client.is_alive() and client.reset()
+        assert client.is_alive()
         client.send("s@example.org", ["b@example.org"], b"two\n")
+        client.send("s@example.org", ["x@example.org"], b"refused\n")
         client.send("s@example.org", ["c@example.org"], b"three\n")  # resets by itself
         client.close()
         client.close()
         after = client.send("s@example.org", ["d@example.org"], b"four\n")
     assert server.handler.commands == [
-        "MAIL s@example.org", "RCPT a@example.org", "DATA", "RSET",
-        "MAIL s@example.org", "RCPT b@example.org", "DATA", "RSET",
+        "MAIL s@example.org", "RCPT a@example.org", "DATA",
+        "MAIL s@example.org", "RCPT b@example.org", "DATA",
+        "MAIL s@example.org", "RCPT x@example.org", "RSET",
         "MAIL s@example.org", "RCPT c@example.org", "DATA", "QUIT",
     ]
-    assert client.transactions == 3 and not client.is_alive()
+    assert [m.rcpt_tos for m in server.handler.messages] == [["a@example.org"], ["b@example.org"], ["c@example.org"]]
+    assert client.transactions == 4 and not client.is_alive()
     assert outcomes(after) == [(DEFERRED, "4.4.2")]
     assert after[0].text == f"connection with {client.peer} is closed"
 
@@ -581,8 +586,7 @@ def test_a_kept_connection_the_server_closed_is_noticed():
         client = connect(server)
         assert client.is_alive()
         time.sleep(0.8)
-        assert not client.is_alive()
-        assert not client.reset()
+        assert not client.is_alive() and not client.is_open  # and closed on our side
         stale = connect(server)
         time.sleep(0.8)
         replies = stale.send("s@example.org", ["a@example.org"], b"x\n")  # without asking first

@@ -10,13 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from policy.next_hop import NextHop
 from policy.routing import Policy
 from router.config import Config
-from router.durable import unlink_quietly
 from router.queue_file import DELIVERED, FAILED, PENDING, CorruptQueueFile, QueueFile, Recipient, parse
 from router.spool import ACTIVE, ARCHIVE, CORRUPT, DEFERRED, Spool
 from workers.transport import BOUNCED, SENT, Outcome, Transport
@@ -62,24 +60,12 @@ def read_whole(path: str) -> bytes:
         os.close(fd)
 
 
-def unlink_retired(path: str | None, queue_id: str) -> None:
-    """Unlink a retired queue file (Spool.retire), then log "removed": once that line is in the
-    log, nothing of the message is left in the spool."""
-    if path is not None:
-        unlink_quietly(path)
-    log.info("%s: removed", queue_id)
-
-
 class Delivery:
-    def __init__(self, spool: Spool, config: Config, policy: Policy, transports: dict[str, Transport],
-                 unlink: Callable[[str | None, str], None] = unlink_retired):
-        """`unlink` finishes a message delivered to everyone; a worker passes one that does it
-        in the background."""
+    def __init__(self, spool: Spool, config: Config, policy: Policy, transports: dict[str, Transport]):
         self.spool = spool
         self.config = config
         self.policy = policy
         self.transports = transports
-        self.unlink = unlink
 
     def attempt(self, queue: str, queue_id: str) -> Report:
         path = self.spool.claim(queue, queue_id)
@@ -197,7 +183,8 @@ class Delivery:
             self.spool.move(queue_id, ACTIVE, ARCHIVE)
             log.info("%s: archived", queue_id)
         else:
-            self.unlink(self.spool.retire(ACTIVE, queue_id), queue_id)
+            self.spool.remove(ACTIVE, queue_id)
+            log.info("%s: removed", queue_id)
         return report
 
     def _store(self, queue_file: QueueFile) -> None:

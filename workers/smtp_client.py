@@ -9,7 +9,7 @@ to guess what state a session is in, and an open connection is always a clean on
 
     client = SMTPClient.connect("mx.example.org", 25, ip="192.0.2.7", helo_name="relay.example.net")
     replies = client.send(sender, recipients, message, ret="HDRS", envid="...")  # one per recipient
-    if client.reset():          # later, before the next message on the same connection
+    if client.is_alive():       # later: the server has not hung up, so the next message can follow
         ...
     client.close()              # QUIT
 
@@ -141,9 +141,11 @@ class SMTPClient:
 
     def __init__(self, sock: socket.socket, peer: str, *, helo_name: str, lmtp: bool, timeouts: Timeouts,
                  local: bool) -> None:
+        sock.setblocking(False)  # deadlines are ours (_wait): no timeout switching per command
         self._sock: socket.socket | None = sock
+        self._poller = select.poll()
         self._buffer = bytearray()
-        self._dirty = False  # a MAIL was sent since the last RSET
+        self._dirty = False  # a transaction was begun and not ended by the reply to its data
         self._local = local  # a Unix socket: nobody on the wire to hide credentials from
         self.peer = peer
         self.helo_name = helo_name
@@ -253,6 +255,7 @@ class SMTPClient:
             self._sock = sock
             sock.settimeout(self.timeouts.starttls)
             sock.do_handshake()
+            sock.setblocking(False)
         except (OSError, ValueError) as exc:
             self.abort()
             if policy == TLS_MAY:
@@ -372,8 +375,9 @@ class SMTPClient:
 
     def _transaction(self, sender: str, rcpts: list[tuple[str, str, str]], data: bytes, message: bytes,
                      ret: str, envid: str, results: list[Reply | None]) -> None:
-        """With PIPELINING the whole envelope is one write (RFC 2920): RSET if the connection
-        was used, MAIL, the RCPTs and DATA, so a message costs two round trips, not four."""
+        """With PIPELINING the whole envelope is one write (RFC 2920): RSET if the last
+        transaction stopped before its data, MAIL, the RCPTs and DATA, so a message costs two
+        round trips, not four."""
         reset = self._dirty
         if reset and not self.pipelining:
             self._rset()
@@ -401,6 +405,7 @@ class SMTPClient:
                 results[index] = self._read(END_OF_DATA, self.timeouts.dot)
         else:
             self._answer(results, accepted, self._read(END_OF_DATA, self.timeouts.dot))
+        self._dirty = False  # the reply to the data ends the transaction (RFC 5321 4.1.1.4): no RSET needed
 
     def _mail_parameters(self, sender: str, rcpts: list[tuple[str, str, str]], todo: list[int], data: bytes,
                          message: bytes, ret: str, envid: str) -> str:
@@ -489,23 +494,12 @@ class SMTPClient:
             return False
         try:
             pending = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
-            readable = bool(self._buffer) or pending or bool(select.select([sock], [], [], 0)[0])
+            readable = bool(self._buffer) or pending or self._ready(select.POLLIN, 0)
         except (OSError, ValueError):
             readable = True
         if readable:
             self.abort()
         return not readable
-
-    def reset(self) -> bool:
-        """RSET before the next message on a kept connection; False (and closed) if the
-        connection is gone or the server will not reset. `send` resets by itself when needed."""
-        if not self.is_alive():
-            return False
-        try:
-            self._rset()
-        except SMTPError:
-            return False
-        return True
 
     def _rset(self) -> None:
         self._check_rset(self._command("RSET", "RSET", self.timeouts.rset))
@@ -551,15 +545,25 @@ class SMTPClient:
         return self._read(what, timeout)
 
     def _write(self, data: bytes | memoryview, what: str, timeout: float) -> None:
-        if self._sock is None:
+        """Write all of `data` within `timeout`. The socket is tried first and polled only when
+        full, so a command costs one system call."""
+        sock = self._sock
+        if sock is None:
             raise SMTPError(_local(421, "4.4.2", f"connection with {self.peer} is closed", what))
-        try:
-            self._sock.settimeout(timeout)
-            self._sock.sendall(data)
-        except TimeoutError:
-            self._fail(what, "4.4.2", f"conversation with {self.peer} timed out while {_doing(what)}")
-        except OSError as exc:
-            self._fail(what, "4.4.2", f"lost connection with {self.peer} while {_doing(what)} ({_reason(exc)})")
+        view = memoryview(data)
+        deadline = 0.0
+        while view:
+            try:
+                view = view[sock.send(view):]
+                continue
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                wanted = select.POLLOUT
+            except ssl.SSLWantReadError:  # TLS renegotiation: it must read first
+                wanted = select.POLLIN
+            except OSError as exc:
+                self._fail(what, "4.4.2", f"lost connection with {self.peer} while {_doing(what)} ({_reason(exc)})")
+            deadline = deadline or time.monotonic() + timeout
+            self._wait(wanted, what, deadline)
 
     def _read(self, what: str, timeout: float) -> Reply:
         """Read one whole reply within `timeout`; a 421 ends the session (RFC 5321 3.8).
@@ -601,22 +605,34 @@ class SMTPClient:
         if len(self._buffer) >= MAX_LINE:
             self._fail(what, "4.5.0", f"host {self.peer} sent a reply line longer than {MAX_LINE} bytes "
                                       f"while {_doing(what)}")
-        remaining = deadline - time.monotonic()
-        if self._sock is None:
+        sock = self._sock
+        if sock is None:
             self._fail(what, "4.4.2", f"connection with {self.peer} is closed")
-        if remaining <= 0:
-            self._fail(what, "4.4.2", f"conversation with {self.peer} timed out while {_doing(what)}")
-        try:
-            self._sock.settimeout(remaining)
-            chunk = self._sock.recv(CHUNK)
-        except TimeoutError:
-            self._fail(what, "4.4.2", f"conversation with {self.peer} timed out while {_doing(what)}")
-        except OSError as exc:
-            self._fail(what, "4.4.2", f"lost connection with {self.peer} while {_doing(what)} "
-                                      f"({_reason(exc)})")
+        while True:
+            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):  # else decrypted bytes are waiting
+                self._wait(select.POLLIN, what, deadline)
+            try:
+                chunk = sock.recv(CHUNK)
+                break
+            except (BlockingIOError, ssl.SSLWantReadError):  # woken early, or half a TLS record
+                continue
+            except OSError as exc:
+                self._fail(what, "4.4.2", f"lost connection with {self.peer} while {_doing(what)} "
+                                          f"({_reason(exc)})")
         if not chunk:
             self._fail(what, "4.4.2", f"lost connection with {self.peer} while {_doing(what)}")
         self._buffer += chunk
+
+    def _wait(self, events: int, what: str, deadline: float) -> None:
+        """Until the socket is ready for `events` (or has hung up); a timeout ends the session."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not self._ready(events, remaining):
+            self._fail(what, "4.4.2", f"conversation with {self.peer} timed out while {_doing(what)}")
+
+    def _ready(self, events: int, seconds: float) -> bool:
+        assert self._sock is not None
+        self._poller.register(self._sock, events)  # a dict update: the system call is poll() alone
+        return bool(self._poller.poll(seconds * 1000))
 
     def _fail(self, what: str, dsn: str, text: str) -> NoReturn:
         """The connection is no longer trustworthy: drop it and defer."""

@@ -13,15 +13,13 @@ import logging
 import os
 import select
 import signal
-import threading
 import time
-from queue import SimpleQueue
 
 from policy.next_hop import DISCARD, ERROR, LMTP, MAILDIR, MDA, MX, PIPE, RETRY, SMTP
 from policy.routing import Policy
 from router.config import Config
 from router.spool import ACTIVE, DEFERRED, Spool
-from workers.delivery import QUEUED_AGAIN, Delivery, Report, unlink_retired
+from workers.delivery import QUEUED_AGAIN, Delivery, Report
 from workers.maildir import MaildirTransport
 from workers.smtp import SMTPTransport
 from workers.transport import Transport
@@ -41,38 +39,6 @@ def build_transports(config: Config) -> dict[str, Transport]:
             SMTP: smtp, LMTP: smtp, MX: smtp, PIPE: verdict, MDA: verdict}
 
 
-class BackgroundUnlinker:
-    """Unlinks retired queue files (and logs "removed") in a thread, in order.
-
-    An unlink can wait for the disk for milliseconds (freeing blocks), a delivery cannot wait
-    for it: the message is already out of every queue (Spool.retire), so the worker reports it
-    and goes on while this thread catches up. `close` waits for the backlog.
-    """
-
-    def __init__(self) -> None:
-        self._backlog: SimpleQueue[tuple[str | None, str] | None] = SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def __call__(self, path: str | None, queue_id: str) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="unlinker", daemon=True)
-            self._thread.start()
-        self._backlog.put((path, queue_id))
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._backlog.put(None)
-            self._thread.join()
-            self._thread = None
-
-    def _run(self) -> None:
-        while (item := self._backlog.get()) is not None:
-            try:
-                unlink_retired(*item)
-            except Exception:
-                log.exception("%s: cannot finish removing the message", item[1])
-
-
 class Worker:
     def __init__(self, task_fd: int, report_fd: int, config: Config, policy: Policy):
         self.task_fd = task_fd
@@ -80,8 +46,7 @@ class Worker:
         self.config = config
         self.spool = Spool(config.queue_dir, config.spool_group)
         self.transports = build_transports(config)
-        self.unlinker = BackgroundUnlinker()
-        self.delivery = Delivery(self.spool, config, policy, self.transports, unlink=self.unlinker)
+        self.delivery = Delivery(self.spool, config, policy, self.transports)
         self.busy = False
         self.stopping = False
 
@@ -95,7 +60,6 @@ class Worker:
         try:
             self._serve()
         finally:
-            self.unlinker.close()
             for transport in set(self.transports.values()):
                 transport.close()
 
@@ -142,7 +106,6 @@ class Worker:
     def _on_term(self, signum: int, frame: object) -> None:
         """SIGTERM: finish the message in hand, then exit."""
         if not self.busy:
-            self.unlinker.close()
             os._exit(0)
         self.stopping = True
 
