@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policy.next_hop import SMTP, NextHop, NextHopError, parse_next_hop
-from workers.mx_lookup import parse_dns_servers
+from workers.mx_hosts import parse_dns_servers
 from workers.relay_auth import RelayAuthError, load_relay_auth
 from workers.smtp_client import TLS_MAY, TLS_POLICIES, Timeouts
 

@@ -11,7 +11,6 @@ skip the MX lookup and go to that host. Relay hosts are resolved with `resolve_h
 
 from __future__ import annotations
 
-import ipaddress
 import random
 import re
 from collections.abc import Callable
@@ -25,9 +24,9 @@ import dns.rdatatype
 import dns.resolver
 
 from router.address import AddressError, check_domain
+from workers.mx_hosts import MXHost, MXLookupError, ResolverConfigError, address_literal, parse_dns_servers
 
 DEFAULT_TIMEOUT = 10.0
-DNS_PORT = 53
 
 NULL_MX = "5.1.10"  # RFC 7505: the domain says it accepts no mail
 NO_DOMAIN = "5.1.2"  # the recipient's domain does not exist, or cannot receive mail
@@ -36,75 +35,6 @@ NO_HOST = "5.4.4"  # a host named in the configuration does not exist
 TRY_AGAIN = "4.4.3"  # DNS could not answer now; the same question may work later
 
 _DOTTED_NUMBERS = re.compile(r"[0-9.]+")
-
-
-class MXLookupError(Exception):
-    """DNS gave no host to deliver to; `dsn` says whether to bounce or to try again later.
-
-    `temporary` is read from the status code rather than stored beside it, so the two can
-    never disagree.
-    """
-
-    def __init__(self, dsn: str, message: str):
-        super().__init__(message)
-        self.dsn = dsn
-        self.message = message
-
-    @property
-    def temporary(self) -> bool:
-        return self.dsn.startswith("4")
-
-
-class ResolverConfigError(ValueError):
-    """`dns-servers` or the timeout cannot be used; the message names the item and says why.
-
-    Messages say "must" so that the config loader shows them as they are.
-    """
-
-
-@dataclass(frozen=True)
-class MXHost:
-    """One host to try: `name` in lower-case A-labels without the final dot (the IP for an address literal),
-    `addresses` IPv4 first, then IPv6, each family in the order DNS gave it."""
-
-    name: str
-    preference: int
-    addresses: tuple[str, ...]
-
-
-def parse_dns_servers(text: str) -> list[tuple[str, int]]:
-    """Split `dns-servers` ("127.0.0.1:5353,[::1]:5353", port 53 when left out) into
-    (address, port) pairs; a name server must be an address since no DNS is there to find it."""
-    servers = []
-    for raw in text.split(","):
-        item = raw.strip()
-        port: str | None = None
-        if item.startswith("["):
-            host, closed, rest = item[1:].partition("]")
-            if not closed or (rest and not rest.startswith(":")):
-                raise ResolverConfigError(f"dns-servers item {item!r} must be [IPv6] or [IPv6]:PORT")
-            port = rest[1:] if rest else None
-        elif item.count(":") == 1:
-            host, port = item.split(":")
-        else:
-            host = item  # IPv4 alone, or a bare IPv6 address whose colons are not a port separator
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            raise ResolverConfigError(f"dns-servers item {item!r}: {host!r} must be an IPv4 or IPv6 address "
-                                      "(write ADDRESS, ADDRESS:PORT or [IPv6]:PORT)") from None
-        if item.startswith("[") and address.version != 6:
-            raise ResolverConfigError(f"dns-servers item {item!r}: brackets must hold an IPv6 address")
-        servers.append((str(address), _port(port, item)))
-    return servers
-
-
-def _port(text: str | None, item: str) -> int:
-    if text is None:
-        return DNS_PORT
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ResolverConfigError(f"dns-servers item {item!r}: port {text!r} must be a number from 1 to 65535")
-    return int(text)
 
 
 def make_resolver(servers: str = "", timeout: float = DEFAULT_TIMEOUT,
@@ -146,20 +76,6 @@ def next_hops(destination: str, resolver: dns.resolver.Resolver,
             raise MXLookupError(BAD_SYNTAX, f"{destination}: not a valid IPv4 or IPv6 address literal")
         return [MXHost(_host_name(_name(inside)), 0, resolve_host(inside, resolver))]
     return lookup_mx(destination, resolver, rng)
-
-
-def address_literal(text: str) -> str | None:
-    """The IP address in `text` (an IPv4 or IPv6 address, or `IPv6:...`), or None if it is a name."""
-    if text.lower().startswith("ipv6:"):
-        text = text[5:]
-        try:
-            return str(ipaddress.IPv6Address(text))
-        except ValueError:
-            return None
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
 
 
 def lookup_mx(domain: str, resolver: dns.resolver.Resolver, rng: random.Random | None = None) -> list[MXHost]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from policy.next_hop import LMTP, MX, NextHop, parse_hosts
 from router.config import Config
 from router.queue_file import QueueFile, Recipient
-from workers.mx_lookup import MXHost, MXLookupError, ResolverConfigError, address_literal, make_resolver, next_hops
+from workers.mx_hosts import MXHost, MXLookupError, ResolverConfigError, address_literal
 from workers.smtp_client import LMTP_PORT, SMTP_PORT, TLS_NONE, SMTPClient, SMTPError, TLSFallback
 from workers.transport import BOUNCED, DEFERRED, Outcome
 
@@ -161,7 +161,7 @@ class SMTPTransport:
 
     def _servers(self, hop: NextHop) -> list[Server]:
         if hop.kind == MX:
-            return _expand(next_hops(hop.argument, self._dns()), self.config.smtp_port, lmtp=False, auth=None)
+            return _expand(self._lookup(hop.argument), self.config.smtp_port, lmtp=False, auth=None)
         lmtp = hop.kind == LMTP
         if lmtp and hop.argument.startswith("/"):
             return [Server(hop.argument, lmtp=True, socket_path=hop.argument)]
@@ -200,18 +200,22 @@ class SMTPTransport:
         name by MX lookup first, as Postfix does. A short name, bracketed or not, is qualified
         under our domain."""
         if destination.startswith("[") or lmtp:
-            return next_hops(f"[{self._qualify(bare)}]", self._dns())
-        return next_hops(self._qualify(bare), self._dns())
+            return self._lookup(f"[{self._qualify(bare)}]")
+        return self._lookup(self._qualify(bare))
 
     def _qualify(self, name: str) -> str:
         """`name` under our domain if it has no dot; `localhost` means this machine (RFC 6761)."""
         domain = self.helo_name.partition(".")[2]
         return f"{name}.{domain}" if "." not in name and domain and name.lower() != "localhost" else name
 
-    def _dns(self):
+    def _lookup(self, destination: str) -> list[MXHost]:
+        """mx_lookup.next_hops, with the DNS library loaded on first use: a worker that only
+        relays to addresses never loads it."""
+        from workers import mx_lookup
+
         if self._resolver is None:
-            self._resolver = make_resolver(self.config.dns_servers, self.config.dns_timeout)
-        return self._resolver
+            self._resolver = mx_lookup.make_resolver(self.config.dns_servers, self.config.dns_timeout)
+        return mx_lookup.next_hops(destination, self._resolver)
 
 
 @functools.lru_cache(maxsize=256)
