@@ -27,18 +27,22 @@ ME = "qpsmtpd.example.test"
 
 
 class QpsmtpdServer:
-    """qpsmtpd-forkserver with `relay`, `rcpt_ok` and `queue/router ARGS`; log in `log_path`."""
+    """qpsmtpd-forkserver with `relay`, `rcpt_ok` and `queue/router ARGS`, running as `user`
+    (by default ours); log in `log_path`."""
 
-    def __init__(self, directory: Path, plugin_args: list[str]) -> None:
+    def __init__(self, directory: Path, plugin_args: list[str], user: str | None = None) -> None:
         self.directory = directory
         self.config_dir = directory / "config"
         self.log_path = directory / "qpsmtpd.log"
         self.pid_file = directory / "qpsmtpd.pid"
         self.plugin_args = plugin_args
+        self.user = user or pwd.getpwuid(os.getuid()).pw_name
         self.port = free_port()
         self.process: subprocess.Popen | None = None
         self.config_dir.mkdir(parents=True, exist_ok=True)
         (directory / "qpsmtpd-spool").mkdir(mode=0o700, exist_ok=True)
+        account = pwd.getpwnam(self.user)
+        os.chown(directory / "qpsmtpd-spool", account.pw_uid, account.pw_gid)
         files = {
             "plugin_dirs": f"{PLUGIN_DIR}\n{SYSTEM_PLUGINS}\n",
             "plugins": "relay\nrcpt_ok\n" + " ".join(["queue/router", *plugin_args]) + "\n",
@@ -55,11 +59,10 @@ class QpsmtpdServer:
     def start(self, wait: bool = True) -> QpsmtpdServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RES_")}
         env["QPSMTPD_CONFIG"] = str(self.config_dir)
-        user = pwd.getpwuid(os.getuid()).pw_name
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", FORKSERVER, "--listen-address", "127.0.0.1",
-             "--port", str(self.port), "--user", user, "--pid-file", str(self.pid_file),
+             "--port", str(self.port), "--user", self.user, "--pid-file", str(self.pid_file),
              "--limit-connections", "40", "--max-from-ip", "40"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=self.directory, start_new_session=True)
         log.close()

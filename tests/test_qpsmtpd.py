@@ -5,12 +5,16 @@ aiosmtpd servers as next hops and swaks as the client. Loopback only."""
 from __future__ import annotations
 
 import fcntl
+import grp
 import os
+import pwd
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +24,7 @@ import pytest
 from router.address import AddressError, parse_path
 from router.queue_file import parse
 from router.spool import Spool
-from tests.daemon import wait_for
+from tests.daemon import Daemon, wait_for
 from tests.qpsmtpd_server import PLUGIN_DIR, QpsmtpdServer, alive, daemon_pid, smtp_data, stop_daemon, swaks
 from tests.smtp_servers import AioServer
 
@@ -193,6 +197,50 @@ def test_queue_file_is_written_as_the_format_says_and_waits_for_the_daemon(tmp_p
     [delivered] = daemon.delivered("two.example/b")
     assert delivered.read_bytes().endswith(lf_message)
     assert len(daemon.delivered("one.example/a")) == 1
+
+
+def test_qpsmtpd_as_another_user_queues_through_spool_group():
+    """qpsmtpd as `nobody` (group nogroup) in front of qrouter with `spool-group nogroup`: the
+    spool is the group's to write, qpsmtpd's files are the group's to read, and they go out.
+
+    qrouter itself runs as root here: the only Python on the test machines lives under /root,
+    which no other user may enter, so a qrouter user cannot be tried; as root it would read
+    any file anyway, hence the check of the queued file's owner, group and mode."""
+    nobody = pwd.getpwnam("nobody")
+    nogroup = grp.getgrnam("nogroup").gr_gid
+    base = Path(tempfile.mkdtemp(prefix="qrouter-users-", dir="/tmp"))  # pytest's tmp_path is root's alone
+    os.chmod(base, 0o755)
+    spool = base / "spool"
+    sink = AioServer()
+    daemon = Daemon(base, "--relayhost", f"[127.0.0.1]:{sink.port}", "--spool-group", "nogroup",
+                    *as_flags(FAST), maildir=False)
+    try:
+        with sink:
+            daemon.start()  # makes the spool
+            for directory in [spool, *(spool / q for q in ("tmp", "incoming", "active", "deferred"))]:
+                info = directory.stat()
+                assert (info.st_gid, info.st_mode & 0o7777) == (nogroup, 0o2770), directory
+            assert daemon.stop() == 0  # so the message waits in incoming/ to be looked at
+
+            server = QpsmtpdServer(base / "qpsmtpd", ["qrouter", QROUTER, "queue-dir", str(spool), "no-daemon", "1"],
+                                   user="nobody").start()
+            try:
+                assert "Running as user nobody" in server.log()
+                queue_id = queued_as(swaks(server.port, "--from", "alice@example.org", "--to", "r@example.net"))
+            finally:
+                server.stop()
+            info = (spool / "incoming" / queue_id).stat()
+            assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (nobody.pw_uid, nogroup, 0o660)
+
+            daemon.start()
+            wait_for(lambda: f"{queue_id}: removed" in daemon.log(), what="delivery of the message qpsmtpd queued")
+            assert daemon.stop() == 0
+        [received] = sink.handler.messages
+        assert (received.mail_from, received.rcpt_tos) == ("alice@example.org", ["r@example.net"])
+        assert listing(spool / "incoming") == listing(spool / "active") == listing(spool / "tmp") == []
+    finally:
+        daemon.stop()
+        shutil.rmtree(base)
 
 
 def test_separately_started_daemon_gets_a_10_mb_message_byte_for_byte(tmp_path, qpsmtpd, daemons):
