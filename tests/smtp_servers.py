@@ -9,6 +9,7 @@ answer garbage, or whose exact bytes on the wire matter.
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -213,10 +214,22 @@ class Peer:
     def greet(self, *extensions: str, verb: str = "EHLO") -> str:
         """220, then a 250 to the client's EHLO (or LHLO) listing `extensions`; the client's name."""
         self.send(f"220 {SERVER_NAME} ESMTP ready")
+        return self.hello(*extensions, verb=verb)
+
+    def hello(self, *extensions: str, verb: str = "EHLO") -> str:
+        """A 250 to the client's EHLO (or LHLO) listing `extensions`; the client's name."""
         name = self.expect(verb)[5:]
         keywords = [SERVER_NAME, *extensions]
         self.send(*(f"250{'-' if i < len(keywords) - 1 else ' '}{k}" for i, k in enumerate(keywords)))
         return name
+
+    def starttls(self, context: ssl.SSLContext, *extensions: str) -> None:
+        """Answer STARTTLS, do the server's side of the handshake, and answer the client's
+        EHLO over TLS listing `extensions`."""
+        self.expect("STARTTLS")
+        self.send("220 2.0.0 ready to start TLS")
+        self.sock = context.wrap_socket(self.sock, server_side=True)
+        self.hello(*extensions)
 
     def _fill(self) -> None:
         chunk = self.sock.recv(65536)

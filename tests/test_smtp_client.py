@@ -828,6 +828,59 @@ def test_starttls_may_encrypts_without_verifying(pki):
     assert "STARTTLS" not in client.extensions
 
 
+def test_over_tls_replies_cut_anywhere_are_put_together(pki):
+    """Over TLS replies may come a few bytes at a time, lines cut across records; each reply is
+    read whole."""
+    context, _ = pki
+
+    def dribble(peer: Peer) -> None:
+        peer.greet("STARTTLS")
+        peer.starttls(context, "PIPELINING")
+        for command in ("MAIL FROM:", "RCPT TO:", "DATA"):
+            peer.expect(command)
+        for piece in (b"250 2.1", b".0 ok\r\n250 2.1.5 o", b"k\r\n35", b"4 go ahead\r\n"):
+            peer.send(piece)
+            time.sleep(0.02)
+        peer.data()
+        for piece in (b"250-2.0.0 que", b"ued\r\n250 2.0.0 as X\r\n"):
+            peer.send(piece)
+            time.sleep(0.02)
+        quit_or_hang_up(peer)
+
+    with ScriptedServer(dribble) as server:
+        client = connect(server, tls=TLS_MAY)
+        replies = client.send("s@example.org", ["a@example.org"], b"x\n")
+        client.close()
+    assert client.tls.startswith("TLSv1.")
+    assert outcomes(replies) == [(SENT, "2.0.0")]
+    assert str(replies[0]) == "250 2.0.0 queued as X"
+
+
+def test_over_tls_a_server_that_stops_reading_the_message_times_out(pki):
+    """A TLS write that cannot go on waits for the socket, within the block timeout."""
+    context, _ = pki
+
+    def stop_reading(peer: Peer) -> None:
+        peer.greet("STARTTLS")
+        peer.starttls(context)
+        peer.expect("MAIL FROM:")
+        peer.send("250 2.1.0 ok")
+        peer.expect("RCPT TO:")
+        peer.send("250 2.1.5 ok")
+        peer.expect("DATA")
+        peer.send("354 go ahead")
+        peer.stall()
+
+    with ScriptedServer(stop_reading, receive_buffer=4096) as server:
+        client = connect(server, tls=TLS_MAY, timeouts=patient_except(block=SHORT))
+        started = time.monotonic()
+        replies = client.send("s@example.org", ["a@example.org"], (b"y" * 999 + b"\n") * 16_000)
+    assert client.tls.startswith("TLSv1.")
+    assert time.monotonic() - started < 3
+    assert outcomes(replies) == [(DEFERRED, "4.4.2")]
+    assert replies[0].text == f"conversation with {client.peer} timed out while sending message body"
+
+
 def test_starttls_may_handshake_failure_allows_a_plain_retry():
     def broken_tls(peer: Peer) -> None:
         peer.greet("STARTTLS")
