@@ -274,7 +274,7 @@ def test_too_many_recipients_leaves_the_rest_for_a_new_transaction(pipelining):
     first_rcpts = handler.commands[:handler.commands.index("DATA")]
     # Without pipelining the client stops at the first 452; with it all were already sent.
     assert len(first_rcpts) == 1 + (5 if pipelining else 3)
-    assert handler.commands.count("RSET") == 0  # each transaction ended with the reply to its data
+    assert handler.commands.count("RSET") == 2
 
 
 def test_other_452s_are_ordinary_deferrals():
@@ -556,9 +556,9 @@ def test_multiline_replies_are_joined_and_status_codes_parsed_or_derived():
 # -- keeping a connection ------------------------------------------------------------------------
 
 
-def test_rset_only_after_an_unfinished_transaction_and_quit_on_close():
-    """A transaction ends with the reply to its data (RFC 5321 4.1.1.4), so the next MAIL follows
-    at once; one that stopped earlier (every recipient refused) is reset before the next."""
+def test_rset_between_messages_and_quit_on_close():
+    """Each transaction on a kept connection starts with RSET, whether the last one ended with
+    its data or stopped before it (every recipient refused)."""
     with AioServer(Recorder(rcpt={"x@example.org": "550 5.1.1 no such user"})) as server:
         client = connect(server)
         client.send("s@example.org", ["a@example.org"], b"one\n")
@@ -570,8 +570,8 @@ def test_rset_only_after_an_unfinished_transaction_and_quit_on_close():
         client.close()
         after = client.send("s@example.org", ["d@example.org"], b"four\n")
     assert server.handler.commands == [
-        "MAIL s@example.org", "RCPT a@example.org", "DATA",
-        "MAIL s@example.org", "RCPT b@example.org", "DATA",
+        "MAIL s@example.org", "RCPT a@example.org", "DATA", "RSET",
+        "MAIL s@example.org", "RCPT b@example.org", "DATA", "RSET",
         "MAIL s@example.org", "RCPT x@example.org", "RSET",
         "MAIL s@example.org", "RCPT c@example.org", "DATA", "QUIT",
     ]

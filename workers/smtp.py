@@ -3,7 +3,7 @@
 For each next hop the transport works out the servers to try, best first, and walks down the list:
 a server that cannot be reached or answers a recipient with 4xx hands that recipient to the next
 server; 2xx and 5xx are final. Connections stay open for the next message to the same server
-until `smtp-idle-timeout` passes, so a stream of mail to one hop costs one TCP and
+(RSET between) until `smtp-idle-timeout` passes, so a stream of mail to one hop costs one TCP and
 TLS handshake, not one per message.
 """
 

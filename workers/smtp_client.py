@@ -145,7 +145,7 @@ class SMTPClient:
         self._sock: socket.socket | None = sock
         self._poller = select.poll()
         self._buffer = bytearray()
-        self._dirty = False  # a transaction was begun and not ended by the reply to its data
+        self._dirty = False  # a MAIL was sent since the last RSET
         self._local = local  # a Unix socket: nobody on the wire to hide credentials from
         self.peer = peer
         self.helo_name = helo_name
@@ -375,9 +375,8 @@ class SMTPClient:
 
     def _transaction(self, sender: str, rcpts: list[tuple[str, str, str]], data: bytes, message: bytes,
                      ret: str, envid: str, results: list[Reply | None]) -> None:
-        """With PIPELINING the whole envelope is one write (RFC 2920): RSET if the last
-        transaction stopped before its data, MAIL, the RCPTs and DATA, so a message costs two
-        round trips, not four."""
+        """With PIPELINING the whole envelope is one write (RFC 2920): RSET if the connection
+        was used, MAIL, the RCPTs and DATA, so a message costs two round trips, not four."""
         reset = self._dirty
         if reset and not self.pipelining:
             self._rset()
@@ -405,7 +404,6 @@ class SMTPClient:
                 results[index] = self._read(END_OF_DATA, self.timeouts.dot)
         else:
             self._answer(results, accepted, self._read(END_OF_DATA, self.timeouts.dot))
-        self._dirty = False  # the reply to the data ends the transaction (RFC 5321 4.1.1.4): no RSET needed
 
     def _mail_parameters(self, sender: str, rcpts: list[tuple[str, str, str]], todo: list[int], data: bytes,
                          message: bytes, ret: str, envid: str) -> str:
