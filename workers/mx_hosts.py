@@ -1,7 +1,7 @@
 """What MX routing hands the SMTP transport (MXHost), how it fails (MXLookupError,
 ResolverConfigError), and what it parses (the `dns-servers` setting, address literals).
 
-None of it needs the DNS library, which takes a good part of a second to load; so the
+None of it needs the DNS library, which takes about a tenth of a second to load; so the
 configuration, which every command and front door loads, never loads it, and the transport
 loads workers.mx_lookup only once a name has to be looked up.
 """
