@@ -235,36 +235,46 @@ def wire_message(message: bytes) -> bytes:
     return (b"." + data if data.startswith(b".") else data) + b".\r\n"
 
 
-def _read_replies(sock: socket.socket, buffer: bytearray, count: int) -> None:
-    """Wait for `count` single-line replies; any that is not 2xx or 354 is an error."""
+def read_replies(sock: socket.socket, buffer: bytearray, count: int) -> bytes:
+    """Wait for `count` single-line replies and return the last; any that is not 2xx or 354 is
+    an error."""
     while buffer.count(b"\r\n") < count:
         chunk = sock.recv(65536)
         if not chunk:
             raise ConnectionError("the sink closed the connection")
         buffer += chunk
+    reply = b""
     for _ in range(count):
         end = buffer.index(b"\r\n")
-        if buffer[:1] != b"2" and buffer[:3] != b"354":
-            raise ConnectionError(f"the sink said {bytes(buffer[:end])!r}")
+        reply = bytes(buffer[:end])
+        if not reply.startswith((b"2", b"354")):
+            raise ConnectionError(f"the sink said {reply!r}")
         del buffer[:end + 2]
+    return reply
 
 
-def _client(port: int, sender: str, envelopes: Sequence[tuple[str, bytes]]) -> None:
+def open_session(port: int, name: bytes) -> tuple[socket.socket, bytearray]:
+    """Connect to the sink and say EHLO; the socket and an empty reply buffer."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buffer = bytearray()
-    _read_replies(sock, buffer, 1)
-    sock.sendall(b"EHLO client.bench\r\n")
+    read_replies(sock, buffer, 1)
+    sock.sendall(b"EHLO " + name + b"\r\n")
     while b"250 " not in buffer:
         buffer += sock.recv(65536)
     buffer.clear()
+    return sock, buffer
+
+
+def _client(port: int, sender: str, envelopes: Sequence[tuple[str, bytes]]) -> None:
+    sock, buffer = open_session(port, b"client.bench")
     for recipient, wire in envelopes:
         sock.sendall(f"MAIL FROM:<{sender}> SIZE={len(wire)}\r\nRCPT TO:<{recipient}>\r\nDATA\r\n".encode())
-        _read_replies(sock, buffer, 3)
+        read_replies(sock, buffer, 3)
         sock.sendall(wire)
-        _read_replies(sock, buffer, 1)
+        read_replies(sock, buffer, 1)
     sock.sendall(b"QUIT\r\n")
-    _read_replies(sock, buffer, 1)
+    read_replies(sock, buffer, 1)
     sock.close()
 
 

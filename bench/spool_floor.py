@@ -13,31 +13,13 @@ is the router's own cost, and the gap between this and the ceiling is the cost o
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Sequence
 
-from smtp_sink import run_forked, wire_message
-
-
-def _replies(sock: socket.socket, count: int) -> bytes:
-    buffer = b""
-    while buffer.count(b"\r\n") < count:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("the sink closed the connection")
-        buffer += chunk
-    if any(not line.startswith((b"2", b"354")) for line in buffer.split(b"\r\n")[:-1]):
-        raise ConnectionError(f"the sink said {buffer!r}")
-    return buffer
+from smtp_sink import open_session, read_replies, run_forked, wire_message
 
 
 def _relay(spool: str, queue_ids: Sequence[str], port: int, log_path: str) -> None:
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    _replies(sock, 1)
-    sock.sendall(b"EHLO floor.bench\r\n")
-    while b"250 " not in sock.recv(65536):
-        pass
+    sock, buffer = open_session(port, b"floor.bench")
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     for queue_id in queue_ids:
         active = f"{spool}/active/{queue_id}"
@@ -50,11 +32,11 @@ def _relay(spool: str, queue_ids: Sequence[str], port: int, log_path: str) -> No
         wire = wire_message(rest[:int(fields[b"size"])])
         envelope = (fields[b"sender"], len(wire), fields[b"rcpt"])
         sock.sendall(b"MAIL FROM:%s SIZE=%d\r\nRCPT TO:%s\r\nDATA\r\n" % envelope)
-        _replies(sock, 3)
+        read_replies(sock, buffer, 3)
         sock.sendall(wire)
-        reply = _replies(sock, 1)
+        reply = read_replies(sock, buffer, 1)
         os.unlink(active)
-        os.write(log, b"%s: to=%s, status=sent (%s)\n" % (queue_id.encode(), fields[b"rcpt"], reply.rstrip()))
+        os.write(log, b"%s: to=%s, status=sent (%s)\n" % (queue_id.encode(), fields[b"rcpt"], reply))
     sock.sendall(b"QUIT\r\n")
     sock.close()
 
