@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import pwd
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from policy.transport_map import PolicyError, file_lines
+from policy.transport_map import PolicyError, compile_regex, file_lines
 
 _REGEX_CHARS = re.compile(r"[*?\[\](){}|^$\\]")
 
@@ -27,6 +27,7 @@ class Alias:
     user: str
     where: str
     position: int
+    pattern: re.Pattern[str] | None = field(default=None, repr=False, compare=False)  # of a regex entry
 
 
 class Aliases:
@@ -35,8 +36,8 @@ class Aliases:
         self._exact: dict[str, Alias] = {}
         self._regexes: list[tuple[re.Pattern[str], Alias]] = []
         for entry in entries:
-            if _REGEX_CHARS.search(entry.virtual):
-                self._regexes.append((re.compile(entry.virtual, re.IGNORECASE), entry))
+            if entry.pattern is not None:
+                self._regexes.append((entry.pattern, entry))
             else:
                 self._exact.setdefault(entry.virtual.lower(), entry)
 
@@ -60,18 +61,14 @@ def load_aliases(path: str, *, local_delivery: bool) -> Aliases:
         virtual, user = fields
         if "@" in virtual:
             raise PolicyError(f"{where}: {virtual!r}: aliases take local parts, not addresses")
-        if _REGEX_CHARS.search(virtual):
-            try:
-                re.compile(virtual)
-            except re.error as exc:
-                raise PolicyError(f"{where}: bad regex {virtual!r}: {exc}") from None
+        pattern = compile_regex(virtual, repr(virtual), where) if _REGEX_CHARS.search(virtual) else None
         try:
             uid = pwd.getpwnam(user).pw_uid
         except (KeyError, ValueError):  # ValueError: a name no account can have (a NUL byte)
             raise PolicyError(f"{where}: no such unix user {user!r}") from None
         if uid == 0:
             raise PolicyError(f"{where}: {virtual} -> {user}: local delivery never runs as root")
-        entries.append(Alias(virtual, user, where, position))
+        entries.append(Alias(virtual, user, where, position, pattern))
     aliases = Aliases(entries, path)
     if local_delivery and aliases.lookup("root") is None:
         raise PolicyError(f"{path}: no entry for root (local delivery never delivers to root: alias it)")

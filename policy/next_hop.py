@@ -106,8 +106,15 @@ def parse_hosts(text: str) -> list[tuple[str, int | None]]:
         if not match:
             raise NextHopError(f"{item!r} is not a host, host:port or [address]:port")
         port = match["port"]
-        if port is not None and not 0 < int(port) < 65536:
-            raise NextHopError(f"port {port} in {item!r} is out of range (1-65535)")
         destination = f"[{match['literal']}]" if match["literal"] else match["name"]
-        hosts.append((destination, int(port) if port else None))
+        hosts.append((destination, _port(port, item) if port else None))
     return hosts
+
+
+def _port(digits: str, item: str) -> int:
+    """The port `digits` name; the length is checked before int(), which refuses numbers of
+    over 4,300 digits with a ValueError of its own."""
+    significant = digits.lstrip("0")
+    if len(significant) > 5 or not 0 < int(significant or "0") < 65536:
+        raise NextHopError(f"port {digits} in {item!r} is out of range (1-65535)")
+    return int(significant)

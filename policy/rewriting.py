@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
 
+from policy.transport_map import compile_regex
 from router.address import AddressError, check_domain
 
 FROM, TO, BOTH = "from", "to", "both"
@@ -170,10 +171,7 @@ def _compile(old: str, where: str) -> re.Pattern[str]:
         raise RewritingError(f"{where}: regex {old!r} does not end with '/' (write /regex/)")
     if old == "//":
         raise RewritingError(f"{where}: empty regex '//'")
-    try:
-        return re.compile(old[1:-1], re.IGNORECASE)
-    except (re.error, OverflowError, RecursionError, ValueError) as exc:
-        raise RewritingError(f"{where}: bad regex {old}: {exc}") from None
+    return compile_regex(old[1:-1], old, where, RewritingError)
 
 
 def parse_rewriting(text: bytes | str, source: str) -> Rewriter:
@@ -196,8 +194,8 @@ def load_rewriting(path: str) -> Rewriter:
     try:
         with open(path, "rb") as handle:
             data = handle.read()
-    except OSError as exc:
-        raise RewritingError(f"{path}: cannot read rewriting rules: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise RewritingError(f"{path}: cannot read rewriting rules: {getattr(exc, 'strerror', None) or exc}") from None
     return parse_rewriting(data, path)
 
 

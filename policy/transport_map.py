@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from policy.next_hop import NextHop, NextHopError, parse_next_hop
 from router.address import AddressError, check_domain, parse_path, split_address
@@ -29,12 +29,37 @@ class PolicyError(ValueError):
     """A policy file that cannot be used; the text starts with FILE:LINE."""
 
 
+def compile_regex(regex: str, shown: str, where: str, error: type[ValueError] = PolicyError) -> re.Pattern[str]:
+    """`regex` compiled case-insensitively, or `error` saying `where: bad regex SHOWN: why`.
+
+    Every policy file that takes regexes compiles them here, so a hostile one is refused like any
+    other bad line instead of ending a reload: besides re.error, re.compile raises OverflowError
+    (a repeat count or character code too large for it), RecursionError (groups nested about 500
+    deep) and ValueError (clashing flags, a repeat count of thousands of digits).
+    """
+    try:
+        return re.compile(regex, re.IGNORECASE)
+    except (re.error, OverflowError, RecursionError, ValueError) as exc:
+        raise error(f"{where}: bad regex {shown}: {_regex_problem(exc)}") from None
+
+
+def _regex_problem(exc: Exception) -> str:
+    """What is wrong with a regex, in words for whoever wrote it rather than for a programmer."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    # int() refuses over 4,300 digits with advice to call sys.set_int_max_str_digits()
+    if isinstance(exc, OverflowError) or "integer string conversion" in str(exc):
+        return "a repeat count or character code is too large"
+    return str(exc)
+
+
 @dataclass(frozen=True)
 class Rule:
     destination: str
     next_hop: NextHop
     where: str  # FILE:LINE, for errors and for `qrouter route`
     position: int
+    pattern: re.Pattern[str] | None = field(default=None, repr=False, compare=False)  # of a /regex/ rule
 
 
 def normalize_domain(domain: str) -> str:
@@ -63,8 +88,8 @@ class TransportMap:
         self._regexes: list[tuple[re.Pattern[str], Rule]] = []
         for rule in rules:
             text = rule.destination
-            if text.startswith("/"):
-                self._regexes.append((re.compile(text[1:-1], re.IGNORECASE), rule))
+            if rule.pattern is not None:
+                self._regexes.append((rule.pattern, rule))
             elif text.startswith("*."):
                 self._wildcards.setdefault(normalize_domain(text[2:]), rule)
             elif "@" in text:
@@ -112,12 +137,12 @@ def load_transport_map(path: str, definitions: dict[str, str], defs_path: str = 
     for position, (where, line) in enumerate(file_lines(path)):
         line = _substitute(line, definitions, where, defs_path)
         destination, hop_text = _split_rule(line, where)
-        _check_destination(destination, where)
+        pattern = _check_destination(destination, where)
         try:
             next_hop = parse_next_hop(hop_text, base_dir)
         except NextHopError as exc:
             raise PolicyError(f"{where}: next hop {hop_text!r}: {exc}") from None
-        rules.append(Rule(destination, next_hop, where, position))
+        rules.append(Rule(destination, next_hop, where, position, pattern))
     return TransportMap(rules)
 
 
@@ -126,7 +151,7 @@ def file_lines(path: str) -> list[tuple[str, str]]:
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or a NUL byte in the path
         raise PolicyError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
     return [(f"{path}:{number}", line.strip()) for number, line in enumerate(text.splitlines(), 1)
             if line.strip() and not line.lstrip().startswith("#")]
@@ -158,17 +183,18 @@ def _split_rule(line: str, where: str) -> tuple[str, str]:
     return destination, rest.strip()
 
 
-def _check_destination(destination: str, where: str) -> None:
+def _check_destination(destination: str, where: str) -> re.Pattern[str] | None:
+    """Refuse a destination that is not a regex, wildcard, address or domain; a regex is
+    compiled here, once, and the pattern returned for its rule (None for the other kinds)."""
+    if destination.startswith("/"):
+        return compile_regex(destination[1:-1], destination, where)
     try:
-        if destination.startswith("/"):
-            re.compile(destination[1:-1], re.IGNORECASE)
-        elif destination.startswith("*."):
+        if destination.startswith("*."):
             check_domain(destination[2:], destination)
         elif "@" in destination:
             parse_path(destination)
         else:
             check_domain(destination, destination)
-    except re.error as exc:
-        raise PolicyError(f"{where}: bad regex {destination}: {exc}") from None
     except AddressError as exc:
         raise PolicyError(f"{where}: bad destination: {exc}") from None
+    return None

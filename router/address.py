@@ -1,8 +1,9 @@
 """RFC 5321 paths: the one place that decides whether an envelope address is acceptable.
 
-Every front door (the Python API, `qrouter enqueue`, later the SMTP and sendmail ones) calls
-`parse_path`, so a queue file never holds an address a next hop could misread: no CR, LF or NUL,
-no unbalanced quotes, nothing longer than RFC 5321 allows. UTF-8 is accepted (RFC 6531).
+Every front door (the Python API, `qrouter enqueue`, `qrouter-sendmail`, the aiosmtpd
+QueueHandler; the qpsmtpd plugin has a copy of these rules in Perl) calls `parse_path`, so a queue
+file never holds an address a next hop could misread: no CR, LF or NUL, no unbalanced quotes,
+nothing longer than RFC 5321 allows. UTF-8 is accepted (RFC 6531).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
 MAX_PATH = 256
 
-# atext of RFC 5322, widened by RFC 6531 to any non-ASCII character.
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
+# atext of RFC 5322, widened by RFC 6531 to any non-ASCII character: the inside of a [...] class.
+ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff"
+_ATOM = rf"[{ATEXT}]+"
 _DOT_STRING = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
 _QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"')
 _LABEL = re.compile(r"[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]*[A-Za-z0-9\u0080-\U0010ffff])?")
@@ -33,7 +35,7 @@ def parse_path(text: str, *, null_ok: bool = False) -> str:
     `null_ok` admits the null reverse-path `<>` (returned as ""), valid only as a sender.
     A source route (`<@a,@b:user@c>`) is accepted and dropped, as RFC 5321 section C asks.
     """
-    if any(c in text for c in "\r\n\0"):
+    if has_cr_lf_nul(text):
         raise AddressError(f"address {text!r} contains CR, LF or NUL")
     try:
         text.encode()
@@ -53,6 +55,12 @@ def parse_path(text: str, *, null_ok: bool = False) -> str:
         inner = inner[route.end():]
     check_mailbox(inner)
     return inner
+
+
+def has_cr_lf_nul(text: str) -> bool:
+    """Whether `text` holds CR, LF or NUL: where a queue file line or an SMTP command would end,
+    so no front door may pass such text on, an address or any other value."""
+    return "\r" in text or "\n" in text or "\0" in text
 
 
 def check_mailbox(mailbox: str) -> None:

@@ -16,8 +16,16 @@ ends as on the wire) are queued with `Spool.enqueue`: the file is fsynced before
 The fsyncs run in an executor thread, so other sessions go on meanwhile. When the spool cannot take
 the message (disk full, read-only, missing) the client hears `451 4.3.0 <reason>` and keeps it to
 try again later; nothing is left half-written in the queue. Addresses are checked with the rules
-every qrouter front door uses: a sender that is not valid is refused at MAIL (`553 5.1.7`), a
-recipient at RCPT (`553 5.1.3`), so the others of the transaction still go through.
+every qrouter front door uses (router/address.py): a sender that is not valid is refused at MAIL
+(`553 5.1.7`), a recipient at RCPT (`553 5.1.3`), so the others of the transaction still go
+through. The addresses and the message are all that reaches the queue file; the MAIL and RCPT
+parameters are not kept.
+
+`size_limit` is qrouter's message-size-limit (give the config's `message_size_limit`; default
+100 MiB): a larger message is refused at the end of DATA with `552 5.3.4`. How much aiosmtpd
+reads and buffers, and the SIZE it announces, is its own `data_size_limit` (32 MiB unless the
+server sets it), the server's business: set it to at most `size_limit` so that a client hears of
+the limit at MAIL FROM, and a larger message is not received only to be refused.
 
 DSN parameters (RET, ENVID, NOTIFY, ORCPT) are not taken: aiosmtpd does not offer DSN.
 
@@ -41,17 +49,20 @@ except ImportError as exc:
 
 from router.address import AddressError, parse_path
 from router.queue_file import clean
-from router.spool import Spool, SpoolError
+from router.spool import DEFAULT_SIZE_LIMIT, Spool, SpoolError
 
 
 class QueueHandler:
     """Queue into the spool at `queue_dir`. `group` is the config's spool-group, if any (files are
-    then made 0660, for a server that runs as a member of that group). `executor` runs the writes
-    (default: the event loop's default thread pool)."""
+    then made 0660, for a server that runs as a member of that group). `size_limit` is the
+    config's message-size-limit in bytes. `executor` runs the writes (default: the event loop's
+    default thread pool)."""
 
-    def __init__(self, queue_dir: str | os.PathLike, *, group: str = "", executor: Executor | None = None) -> None:
+    def __init__(self, queue_dir: str | os.PathLike, *, group: str = "", size_limit: int = DEFAULT_SIZE_LIMIT,
+                 executor: Executor | None = None) -> None:
         self.queue_dir = queue_dir
         self.group = group
+        self.size_limit = size_limit
         self.executor = executor
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
@@ -82,12 +93,14 @@ class QueueHandler:
         except SpoolError as exc:
             if exc.temporary:
                 return f"451 4.3.0 {clean(str(exc))}"
-            return f"550 5.1.3 {clean(str(exc))}"
+            # Addresses were checked at MAIL and RCPT, and aiosmtpd takes no DATA without a
+            # recipient: what the spool refuses for good here is the size.
+            return f"552 5.3.4 {clean(str(exc))}"
         return f"250 2.0.0 Queued as {queue_id}"
 
     def enqueue(self, sender: str, recipients: list[str], message: bytes) -> str:
         """Queue one message durably (blocking: it fsyncs) and return its queue id."""
-        spool = Spool(self.queue_dir, self.group)
+        spool = Spool(self.queue_dir, self.group, size_limit=self.size_limit)
         try:
             return spool.enqueue(sender, recipients, message)
         finally:

@@ -147,13 +147,15 @@ def enqueue(
 ) -> None:
     """Queue the message on standard input; print its queue id.
 
-    Exits 75 when the spool cannot take it (try again later), 64 for bad arguments."""
+    Exits 75 when the spool cannot take it (try again later), 64 for bad arguments or a message
+    larger than message-size-limit."""
     loaded = _config(config, {"queue-dir": queue_dir} if queue_dir else {})
-    spool = Spool(loaded.queue_dir, loaded.spool_group)
+    spool = Spool(loaded.queue_dir, loaded.spool_group, loaded.message_size_limit)
     try:
         if not os.path.isdir(spool.path(INCOMING)):
             spool.create()
-        queue_id = spool.enqueue(sender, recipients, sys.stdin.buffer.read(), notify=notify)
+        message = sys.stdin.buffer.read(loaded.message_size_limit + 1)  # more is refused: no need to read it all
+        queue_id = spool.enqueue(sender, recipients, message, notify=notify)
     except SpoolError as exc:
         raise _fail(str(exc), EX_TEMPFAIL if exc.temporary else EX_USAGE) from None
     except OSError as exc:
@@ -191,6 +193,9 @@ def status(
     try:
         answer = query(loaded.socket_path, {"command": "status"})
     except StatusError as exc:
+        if not os.path.exists(loaded.socket_path):  # a daemon on a full disk may run without one
+            raise _fail(f"{exc} (the daemon is not running or its status socket is unavailable; "
+                        "see the log)", EX_TEMPFAIL) from None
         raise _fail(str(exc), EX_TEMPFAIL) from None
     # Counted here, not in the daemon: a large archive/ or deferred/ must not stall the supervisor.
     answer["queues"] = Spool(loaded.queue_dir).counts()

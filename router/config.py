@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policy.next_hop import SMTP, NextHop, NextHopError, parse_next_hop
+from router.spool import DEFAULT_SIZE_LIMIT
 from workers.mx_hosts import parse_dns_servers
 from workers.relay_auth import RelayAuthError, load_relay_auth
 from workers.smtp_client import TLS_MAY, TLS_POLICIES, Timeouts
@@ -38,10 +39,13 @@ def _positive_int(text: str, base_dir: str) -> int:
     return value
 
 
+MAX_NUMBER = 1_000_000  # seconds or days: more is a typo, and a timer of more overflows poll(2)
+
+
 def _non_negative(text: str, base_dir: str) -> float:
     value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise ValueError("must be a number of 0 or more")
+    if not 0 <= value <= MAX_NUMBER:
+        raise ValueError(f"must be a number from 0 to {MAX_NUMBER}")
     return value
 
 
@@ -162,6 +166,8 @@ class Config:
     rewriting: str = _key("rewriting", _path, "", "address rewriting rules: direction old new a line")
     rewrite_both: bool = _key("rewrite-both", _boolean, False, "also rewrite From:/To:/Cc: header addresses")
     aliases: str = _key("aliases", _path, "", "aliases for local delivery: virtual-user unix-user a line")
+    message_size_limit: int = _key("message-size-limit", _positive_int, DEFAULT_SIZE_LIMIT,
+                                   "largest message in bytes, at enqueue and in the queue")
     send_ndr: bool = _key("send-ndr", _boolean, False, "send non-delivery reports", built=False)
 
     @property
@@ -186,8 +192,18 @@ class Config:
                 if not f.metadata["built"] and getattr(self, f.name) != f.default]
 
     def backoff(self, attempts: int) -> float:
-        """Seconds to wait after the `attempts`-th failed attempt: doubling, as Postfix does."""
-        return min(self.min_backoff * 2 ** max(attempts - 1, 0), max(self.max_backoff, self.min_backoff))
+        """Seconds to wait after the `attempts`-th failed attempt: doubling, as Postfix does.
+
+        Doubles one step at a time and stops at the cap, rather than computing 2 ** (attempts - 1),
+        which no longer fits a float after 1,024 attempts; even from the smallest float the cap
+        is reached in about 2,100 steps."""
+        cap = max(self.max_backoff, self.min_backoff)
+        delay = self.min_backoff
+        for _ in range(max(attempts - 1, 0)):
+            if not 0 < delay < cap:  # at the cap, or 0, which doubling never changes
+                break
+            delay *= 2
+        return min(delay, cap)
 
 
 KEYS: dict[str, dataclasses.Field] = {f.metadata["key"]: f for f in dataclasses.fields(Config)}
@@ -200,6 +216,8 @@ def parse_value(key: str, text: str, where: str, base_dir: str) -> tuple[str, An
         raise ConfigError(f"{where}: unknown key {key!r}")
     if not text:
         raise ConfigError(f"{where}: {key} needs a value")
+    if "\0" in text:  # no key has a use for one, and a path holding one would fail only when opened
+        raise ConfigError(f"{where}: {key}: contains a NUL byte")
     try:
         return f.name, f.metadata["parse"](text, base_dir)
     except (NextHopError, RelayAuthError) as exc:

@@ -1,16 +1,25 @@
 """Logging in the shape mail administrators know: `qrouter[pid]: QUEUEID: ...`, with
 `warning:` and `error:` prefixes as Postfix writes them; to stderr, syslog (facility mail) or
-a file."""
+a file.
+
+Every log call is one line, whatever its text holds: addresses (UTF-8 is valid in them), replies
+of other servers and file names come from outside, and a line break in them (CR, LF, U+2028,
+U+0085, a vertical tab...) would let them forge log lines. So every character str.isprintable()
+refuses (controls, format characters, line and paragraph separators, lone surrogates) is written
+as Python would escape it: \\n, \\x85, \\u2028. A traceback after the message stays as it is.
+"""
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
 import os
+import re
 import sys
 
 _PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
 _pid = os.getpid()
+_NOT_ASCII_PRINTABLE = re.compile(r"[^\x20-\x7e]")  # where an unprintable character may be
 
 
 def _forked() -> None:
@@ -21,13 +30,28 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)  # a worker's lines carry its own pid, asked once, not per line
 
 
+def one_line(text: str) -> str:
+    """`text` with every unprintable character escaped (`\\u2028`), so it is one line and shows
+    what it holds. The common line is all printable, which a C-level test tells; only the others
+    are searched character by character."""
+    if text.isprintable():
+        return text
+    return _NOT_ASCII_PRINTABLE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return char if char.isprintable() else repr(char)[1:-1]
+
+
 class _Formatter(logging.Formatter):
     _stamp: tuple[int, str] = (-1, "")  # (second, its text), one tuple so threads see a matching pair
 
     def formatMessage(self, record: logging.LogRecord) -> str:
+        """The line without a traceback (format() appends that): escaped to stay one line."""
         record.prefix = _PREFIX.get(record.levelno, "")
         record.process = _pid
-        return super().formatMessage(record)
+        return one_line(super().formatMessage(record))
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         """The time stamp has no fraction of a second, so it is made once a second: localtime()

@@ -20,6 +20,7 @@ VERSION = 1
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 STATES = (PENDING, DELIVERED, FAILED)
 MAX_HEADER = 1 << 20
+MAX_OVERHEAD = 4 * MAX_HEADER  # a file may hold this much more than its message: header and journal
 LOG_KEEP = 20
 
 _ENVELOPE_KEYS = {"id", "arrival", "attempts", "sender", "envid", "ret", "rewritten", "log", "size"}

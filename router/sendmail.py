@@ -18,23 +18,30 @@ these programs use, read as Postfix's sendmail reads them:
     -v              report the queue id on standard error
     --queue-dir DIR, --config FILE   where the spool is; without --config the file named by
                     $QROUTER_CONFIG is read, else /etc/qrouter/qrouter.conf if it exists, so a
-                    /usr/sbin/sendmail link finds the daemon's spool. Only the keys queue-dir, me
-                    and spool-group are read from it: a user's cron job must not fail on a file
-                    (relay-auth) that only root may read.
+                    /usr/sbin/sendmail link finds the daemon's spool. Only the keys queue-dir, me,
+                    spool-group and message-size-limit are read from it: a user's cron job must
+                    not fail on a file (relay-auth) that only root may read.
 
 Accepted and ignored, as Postfix does: -bm, -n, -m, -U, -G, -B TYPE, -h HOPS, -om, -o7, -o8,
 -od<mode> (delivery mode: mail is always queued for the daemon) and -oe<mode> (errors are always
 reported by exit code). Any other option, and the other -b modes (-bp, -bs...), is a usage error.
 
 Addresses are read as RFC 5322 address lists, on the command line as in the header: `a@x, b@y`,
-`Name <a@x>`, groups and comments are understood. An address without a domain (`root`) gets
+`Name <a@x>`, groups and comments are understood, and quoted strings and domain literals are
+read whole (`"a:b"@x`, `a@[IPv6:::1]`). A group name (before `:`) must be words and quoted
+strings: an address is never taken for one. Each address is then checked as every front door
+checks it (router/address.py). An address without a domain (`root`) gets
 `@me`, the host name qrouter uses for itself (the `me` config key, /etc/qpsmtpd/me, else the
 machine's FQDN), as Postfix appends `@$myorigin`. The same recipient given twice is queued once.
+CR, LF and NUL are refused in every argument and in the To:, Cc: and Bcc: fields -t reads.
+
+The message is read up to message-size-limit bytes (config key, default 100 MiB); a larger one
+is refused, not read to its end.
 
 Nothing is printed on success. Exit codes (sysexits): 0 queued; 64 bad arguments, an address that
-is not valid, or no recipients; 75 the spool cannot take the message now (the caller keeps it and
-may try again); 78 the config file cannot be used. Every failure says why on standard error, and none
-leaves anything in the queue.
+is not valid, no recipients, or a message larger than message-size-limit; 75 the spool cannot take
+the message now (the caller keeps it and may try again); 78 the config file cannot be used. Every
+failure says why on standard error, and none leaves anything in the queue.
 
 The spool is writable by root and by the `spool-group` only: other users who should send mail
 through this command need to be in that group.
@@ -47,18 +54,18 @@ import os
 import pwd
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
 from router import config as config_module
-from router.address import AddressError, parse_path
+from router.address import ATEXT, AddressError, has_cr_lf_nul, parse_path
 from router.config import Config, ConfigError
 from router.spool import Spool, SpoolError
 
 EX_OK, EX_USAGE, EX_TEMPFAIL, EX_CONFIG = 0, 64, 75, 78
 DEFAULT_CONFIG = "/etc/qrouter/qrouter.conf"
-SPOOL_KEYS = ("queue-dir", "me", "spool-group")
+SPOOL_KEYS = ("queue-dir", "me", "spool-group", "message-size-limit")
 
 USAGE = ("usage: qrouter-sendmail [-t] [-i] [-f sender] [-F name] [-N dsn] [-R full|hdrs] [-V envid] [-v]\n"
          "                        [--queue-dir DIR] [--config FILE] [recipient ...] < message")
@@ -71,7 +78,12 @@ _LINE = re.compile(rb"[^\n]*\n|[^\n]+")
 _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _RECIPIENT_FIELDS = ("to", "cc", "bcc")
-_COMMENT = re.compile(r"(?:^|\s)#.*")
+_CHUNK = 1 << 16  # bytes read from standard input at a time
+# One token of an address list: a quoted string or a domain literal (unterminated ones run to the
+# end, for parse_path to refuse), one special character, or a run of anything else. Comments,
+# which nest, are cut out by _tokens before this is tried.
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|\[(?:[^\]\\]|\\.)*\]?|[<>,;:]|[^"(\[<>,;:]+', re.DOTALL)
+_PHRASE_TEXT = re.compile(rf"[{ATEXT}. \t]*")  # a phrase's words and white space, outside quotes
 
 
 class UsageError(Exception):
@@ -103,6 +115,7 @@ def parse_args(argv: list[str]) -> Invocation:
         raise UsageError(str(exc)) from None
     result = Invocation(recipients=recipients)
     for option, value in options:
+        refuse_cr_lf_nul(option, value)  # recipients are checked by address_list
         if option in ("-f", "-r"):
             result.sender = value
         elif option == "-t":
@@ -149,6 +162,29 @@ def _sendmail_option(value: str, result: Invocation) -> None:
         raise UsageError(f"-o{value} is not supported")
 
 
+def read_message(stdin: BinaryIO, limit: int, lone_dot_ends: bool) -> bytes:
+    """The message on `stdin`, up to a lone dot line if `lone_dot_ends`; UsageError if it is
+    larger than `limit` bytes (message-size-limit). Never more than limit + 3 bytes are read
+    into memory: enough to see whole a lone dot line (".\\r\\n") that starts within the limit."""
+    data = _read_up_to(stdin, limit + 3)
+    message = cut_at_lone_dot(data) if lone_dot_ends else data
+    if len(message) > limit:
+        raise UsageError(f"message larger than message-size-limit ({limit} bytes)")
+    while stdin.read(_CHUNK):  # what follows a lone dot is read and thrown away
+        pass
+    return message
+
+
+def _read_up_to(stdin: BinaryIO, size: int) -> bytes:
+    """`size` bytes, fewer only at the end of the input. Read in chunks: read(size) would make
+    room for all `size` bytes first, the whole limit for a message of a few lines."""
+    chunks: list[bytes] = []
+    while size > 0 and (chunk := stdin.read(min(size, _CHUNK))):
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
 def cut_at_lone_dot(data: bytes) -> bytes:
     """The message as sendmail without -i reads it: up to the first line that is just "."."""
     match = _LONE_DOT.search(data)
@@ -192,89 +228,102 @@ def _unfold(raw: list[bytes]) -> str:
 
 def extract(message: bytes) -> tuple[list[tuple[str, str]], bytes]:
     """For -t: the addresses of To:, Cc: and Bcc: in header order, each with the field it came
-    from, and the message with every Bcc: field (first line and continuation lines) taken out,
-    all else byte for byte."""
+    from ("To: header"), and the message with every Bcc: field (first line and continuation
+    lines) taken out, all else byte for byte."""
     lines = _LINE.findall(message)
     fields = header_fields(lines)
-    addresses = [(f.name, a) for f in fields if f.name in _RECIPIENT_FIELDS for a in address_list(f.value, f.name)]
+    addresses: list[tuple[str, str]] = []
+    for f in fields:
+        if f.name in _RECIPIENT_FIELDS:
+            where = f"{f.name.capitalize()}: header"
+            addresses += [(where, a) for a in address_list(f.value, where)]
     dropped = {i for f in fields if f.name == "bcc" for i in range(f.first, f.end)}
     if not dropped:
         return addresses, message
     return addresses, b"".join(line for i, line in enumerate(lines) if i not in dropped)
 
 
-def address_list(text: str, where: str = "") -> list[str]:
+def address_list(text: str, where: str = "address list") -> list[str]:
     """The addresses of an RFC 5322 address list, in order, without display names, comments and
-    group names. An entry that is not one address raises UsageError (not guessed at)."""
-    addresses: list[str] = []
-    outside: list[str] = []  # the current entry outside <...>, comments taken out
-    inside: list[str] | None = None  # the <...> of the current entry, once it has one
-    in_angle = after_angle = False
+    group names; `where` names the list in messages ("recipient", "To: header").
+
+    This only splits the list: whether an address is valid is parse_path's business. Quoted
+    strings, domain literals and comments are read whole, so the `:` and `,` of `"a:b"@x` or
+    `a@[IPv6:::1]` stay in the address. A group name (before `:`) must be a phrase, words and
+    quoted strings, so that addresses are never dropped as one; a display name (before `<`) is
+    dropped whatever it is, as mail readers do (`a@x <a@x>` is common). CR, LF or NUL anywhere,
+    or an entry that is not one address, raises UsageError (not guessed at)."""
+    refuse_cr_lf_nul(where, text)
+    reader = _ListReader(text, where)
+    for token in _tokens(text, where):
+        reader.take(token)
+    reader.end_entry()
+    return reader.addresses
+
+
+def _tokens(text: str, where: str) -> Iterator[str]:
+    """The tokens of an address list (_TOKEN), its comments left out."""
     i = 0
-
-    def finish() -> None:
-        nonlocal inside, in_angle, after_angle
-        entry = "".join(outside).strip()
-        if in_angle:
-            raise UsageError(_bad(where, text, "'<' without '>'"))
-        if inside is not None:
-            addresses.append("".join(inside).strip())
-        elif entry:
-            addresses.append(entry)
-        outside.clear()
-        inside, in_angle, after_angle = None, False, False
-
     while i < len(text):
-        char = text[i]
-        if char == '"':
-            end = _quoted_end(text, i)
-            _add(text[i:end], in_angle, after_angle, outside, inside, where, text)
-            i = end
-            continue
-        if char == "(":
+        if text[i] == "(":
             i = _comment_end(text, i, where)  # a comment is dropped, wherever it is
             continue
-        if in_angle:
-            if char == ">":
-                in_angle, after_angle = False, True
+        match = _TOKEN.match(text, i)
+        assert match, "every character but '(' starts a token"
+        yield match.group()
+        i = match.end()
+
+
+class _ListReader:
+    """address_list's state between tokens: the addresses read and the entry being read."""
+
+    def __init__(self, text: str, where: str) -> None:
+        self.text, self.where = text, where
+        self.addresses: list[str] = []
+        self.outside: list[str] = []  # the entry's tokens outside <...>
+        self.angle: list[str] | None = None  # its tokens inside <...>, once it has one
+        self.closed = False  # its '>' has been read
+
+    def take(self, token: str) -> None:
+        if self.angle is not None and not self.closed:
+            if token == ">":
+                self.closed = True
             else:
-                assert inside is not None
-                inside.append(char)
-        elif char == "<":
-            if inside is not None:
-                raise UsageError(_bad(where, text, "two <addresses> in one entry"))
-            inside, in_angle = [], True
-        elif char in ",;":
-            finish()
-        elif char == ":":
-            outside.clear()  # the name of a group; its members follow
+                self.angle.append(token)  # parse_path judges all between < and >
+        elif token == "<":
+            if self.angle is not None:
+                raise UsageError(self._bad("two <addresses> in one entry"))
+            self.angle = []
+        elif token in (",", ";"):
+            self.end_entry()
+        elif token == ":":
+            if self.angle is not None:
+                raise UsageError(self._bad("':' after <address>"))
+            self._check_group_name()
+            self.outside.clear()  # the group's members follow
+        elif self.closed:
+            if token.strip():
+                raise UsageError(self._bad("text after '>'"))
         else:
-            _add(char, in_angle, after_angle, outside, inside, where, text)
-        i += 1
-    finish()
-    return addresses
+            self.outside.append(token)
 
+    def end_entry(self) -> None:
+        if self.angle is not None and not self.closed:
+            raise UsageError(self._bad("'<' without '>'"))
+        address = "".join(self.outside if self.angle is None else self.angle).strip()
+        if address or self.angle is not None:  # "<>" is kept, for check() to refuse by name
+            self.addresses.append(address)
+        self.outside.clear()
+        self.angle, self.closed = None, False
 
-def _add(piece: str, in_angle: bool, after_angle: bool, outside: list[str], inside: list[str] | None,
-         where: str, text: str) -> None:
-    if in_angle and inside is not None:
-        inside.append(piece)
-    elif after_angle and piece.strip():
-        raise UsageError(_bad(where, text, "text after '>'"))
-    else:
-        outside.append(piece)
+    def _check_group_name(self) -> None:
+        if not all(token.startswith('"') or _PHRASE_TEXT.fullmatch(token) for token in self.outside):
+            name = "".join(self.outside).strip()
+            raise UsageError(self._bad(f"group name {name!r} is not a phrase (words and quoted strings): "
+                                       "an address or a ',' missing?"))
 
-
-def _quoted_end(text: str, start: int) -> int:
-    i = start + 1
-    while i < len(text):
-        if text[i] == "\\":
-            i += 2
-        elif text[i] == '"':
-            return i + 1
-        else:
-            i += 1
-    return len(text)  # unterminated: parse_path will refuse what it got
+    def _bad(self, problem: str) -> str:
+        return _bad(self.where, self.text, problem)
 
 
 def _comment_end(text: str, start: int, where: str) -> int:
@@ -294,7 +343,14 @@ def _comment_end(text: str, start: int, where: str) -> int:
 
 
 def _bad(where: str, text: str, problem: str) -> str:
-    return f"{where.capitalize() + ': header' if where else 'address list'} {text!r}: {problem}"
+    return f"{where} {text!r}: {problem}"
+
+
+def refuse_cr_lf_nul(where: str, text: str) -> None:
+    """UsageError naming `where` (an option, a header field) if `text` holds CR, LF or NUL:
+    what comes after them could be read as another queue file line or SMTP command."""
+    if has_cr_lf_nul(text):
+        raise UsageError(_bad(where, text, "contains CR, LF or NUL"))
 
 
 def qualify(address: str, me: Callable[[], str]) -> str:
@@ -373,19 +429,18 @@ def submit(argv: list[str], stdin: BinaryIO | None = None, stderr: TextIO | None
             sender = check(invoking_user(), me, sender=True, where="sender (the invoking user)")
         else:
             sender = check(invocation.sender, me, sender=True, where="sender (-f)")
-        recipients = [check(a, me) for arg in invocation.recipients for a in address_list(arg)]
-        message = stdin.read()
-        if invocation.lone_dot_ends:
-            message = cut_at_lone_dot(message)
+        recipients = [check(a, me, where="recipient") for arg in invocation.recipients
+                      for a in address_list(arg, "recipient")]
+        message = read_message(stdin, loaded.message_size_limit, invocation.lone_dot_ends)
         if invocation.extract:
             found, message = extract(message)
-            recipients += [check(a, me, where=f"{name.capitalize()}: header") for name, a in found]
+            recipients += [check(a, me, where=where) for where, a in found]
         recipients = list(dict.fromkeys(recipients))
         if not recipients:
             raise UsageError("no recipients: none given and none in To:, Cc: or Bcc:")
     except UsageError as exc:
         return fail(str(exc), EX_USAGE)
-    spool = Spool(loaded.queue_dir, loaded.spool_group)
+    spool = Spool(loaded.queue_dir, loaded.spool_group, size_limit=loaded.message_size_limit)
     try:
         queue_id = spool.enqueue(sender, recipients, message, notify=invocation.notify,
                                  envid=invocation.envid, ret=invocation.ret)

@@ -15,8 +15,10 @@ crash leaves either the old or the new file, never a torn one.
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,6 +31,53 @@ TMP, INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT, ARCHIVE = (
     "tmp", "incoming", "active", "deferred", "hold", "corrupt", "archive")
 QUEUES = (TMP, INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT, ARCHIVE)
 STALE_TMP_SECONDS = 36 * 3600
+_NOT_READABLE = {errno.ELOOP: "a symbolic link, not a queue file", errno.EACCES: "cannot be read (permission denied)",
+                 errno.EPERM: "cannot be read (operation not permitted)", errno.ENXIO: "a socket or device, not a file"}
+DEFAULT_SIZE_LIMIT = 100 * 2**20  # message-size-limit: no message, and so no read, is larger
+
+
+def staging_name(queue_id: str, queue: str) -> str:
+    """The name in tmp/ under which a file for `queue` is written (see Spool.write)."""
+    return queue_id if queue == INCOMING else f"{queue_id}.{queue}"
+
+
+def read_queue_file(path: str, limit: int) -> bytes:
+    """The bytes of a queue file, read as a file someone else may have put there: a symbolic
+    link is not followed, a FIFO or device is not waited on, and no more than `limit` bytes are
+    read. Raises NotAQueueFile for anything that is not a regular file of at most `limit` bytes,
+    OSError for a failure of the disk (the file may be fine later)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        if exc.errno in _NOT_READABLE:
+            raise NotAQueueFile(f"{path}: {_NOT_READABLE[exc.errno]}") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotAQueueFile(f"{path}: not a regular file but {_kind(info.st_mode)}")
+        if info.st_size > limit:
+            raise NotAQueueFile(f"{path}: {info.st_size} bytes, larger than any queue file may be ({limit})")
+        data = os.read(fd, info.st_size + 1)  # a regular file reads short only at its end
+        while info.st_size < len(data) <= limit and (more := os.read(fd, 1 << 16)):
+            data += more  # it grew since the fstat: a journal append
+        if len(data) > limit:
+            raise NotAQueueFile(f"{path}: grew past {limit} bytes while being read")
+        return data
+    finally:
+        os.close(fd)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a file"
+
+
+class NotAQueueFile(Exception):
+    """Something in a queue directory that no queue file can be; it belongs in corrupt/."""
 
 
 class SpoolError(Exception):
@@ -40,8 +89,9 @@ class SpoolError(Exception):
 
 
 class Spool:
-    def __init__(self, root: str | os.PathLike, group: str = ""):
+    def __init__(self, root: str | os.PathLike, group: str = "", size_limit: int = DEFAULT_SIZE_LIMIT):
         self.root = Path(root)
+        self.size_limit = size_limit
         self._prefix = os.path.join(self.root, "")  # "ROOT/": paths are made several times a message
         self.group = group
         self._dir_fds: dict[str, int] = {}
@@ -77,6 +127,9 @@ class Spool:
             raise SpoolError(str(exc), temporary=False) from None
         if not rcpts:
             raise SpoolError("no recipients given", temporary=False)
+        if len(message) > self.size_limit:
+            raise SpoolError(f"message is larger than message-size-limit ({self.size_limit} bytes)",
+                             temporary=False)
         queue_id = new_queue_id()
         queue_file = QueueFile(queue_id, arrival_of(queue_id), sender, rcpts, message,
                                envid=envid, ret=ret)
@@ -87,8 +140,12 @@ class Spool:
         return queue_id
 
     def write(self, queue_file: QueueFile, queue: str) -> None:
-        """Write a queue file to `queue` atomically and durably, replacing any file of that id."""
-        staged = self.path(TMP, queue_file.queue_id)
+        """Write a queue file to `queue` atomically and durably, replacing any file of that id.
+
+        A new message is staged as `tmp/ID`, as every front door stages it; the daemon's own
+        rewrites of a queued message as `tmp/ID.QUEUE`, so that the daemon can tell its own
+        leftovers (a worker killed while rewriting) from a front door's file still being written."""
+        staged = self.path(TMP, staging_name(queue_file.queue_id, queue))
         write_synced(staged, queue_file.to_bytes(), mode=0o660 if self.group else 0o600)
         try:
             os.rename(staged, self.path(queue, queue_file.queue_id))
@@ -131,6 +188,19 @@ class Spool:
             return False
         return True
 
+    def set_aside(self, name: str, source: str) -> str:
+        """Move anything that is not a usable queue file (a file, a directory, a FIFO, a link)
+        from `source` into corrupt/ for inspection, never over an earlier one of the same name;
+        returns the name it got there. Raises OSError if it cannot be moved (a full disk)."""
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"{name!r} is not a name in {source}/")
+        target, number = name, 0
+        while os.path.lexists(self.path(CORRUPT, target)):
+            number += 1
+            target = f"{name}.{number}"
+        os.rename(self.path(source, name), self.path(CORRUPT, target))
+        return target
+
     def remove(self, queue: str, queue_id: str) -> bool:
         """Unlink a finished message; False if it was not in `queue`.
 
@@ -162,29 +232,42 @@ class Spool:
     # -- looking at queues ----------------------------------------------------------------
 
     def list(self, queue: str) -> list[str]:
+        """Every name in a queue directory, whatever it is: the caller decides what to do with
+        names that are not queue ids or entries that are not files."""
         try:
-            return [entry.name for entry in os.scandir(self.path(queue)) if entry.is_file()]
+            return [entry.name for entry in os.scandir(self.path(queue))]
         except FileNotFoundError:
             return []
 
-    def recover_active(self) -> list[str]:
-        """Put files a crashed run left in active/ back into incoming/ (before any worker runs)."""
-        recovered = self.list(ACTIVE)
-        for queue_id in recovered:
-            self.move(queue_id, ACTIVE, INCOMING)
-        return recovered
-
     def remove_stale_tmp(self, now: float) -> list[str]:
-        """Drop staging files of writers that died long ago (a live writer's are recent)."""
+        """Drop staging files of front doors that died long ago (a live writer's are recent).
+        Only files and links: anything else in tmp/ was put there by someone else."""
         stale = []
         for entry in os.scandir(self.path(TMP)):
             try:
-                if entry.stat().st_mtime < now - STALE_TMP_SECONDS:
+                if not entry.is_dir(follow_symlinks=False) and \
+                        entry.stat(follow_symlinks=False).st_mtime < now - STALE_TMP_SECONDS:
                     os.unlink(entry.path)
                     stale.append(entry.name)
-            except FileNotFoundError:
+            except OSError:
                 pass
         return stale
+
+    def remove_own_staging(self, queue_ids: Iterable[str] | None = None) -> list[str]:
+        """Drop the daemon's own staging files (`tmp/ID.QUEUE`) of the given messages, or of all
+        messages when none are given: left by a worker killed while rewriting, they are a full copy
+        of a message that is still safe in its queue. Front doors' `tmp/ID` files are not touched."""
+        wanted = None if queue_ids is None else set(queue_ids)
+        removed = []
+        for name in self.list(TMP):
+            queue_id, dot, queue = name.partition(".")
+            if dot and queue in QUEUES and is_queue_id(queue_id) and (wanted is None or queue_id in wanted):
+                try:
+                    os.unlink(self.path(TMP, name))
+                    removed.append(name)
+                except OSError:
+                    pass
+        return removed
 
     def counts(self) -> dict[str, dict[str, float | int | None]]:
         """Messages per queue and the arrival of the oldest, read from the ids alone."""

@@ -6,52 +6,186 @@ answers are one JSON object a line; the socket is mode 0660 so the spool group m
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import selectors
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
+from router.durable import unlink_quietly
+from router.lock import NO_SPACE
+
 MAX_REQUEST = 64 * 1024
+MAX_CONNECTIONS = 64
+CONNECTION_SECONDS = 5.0  # from connect to the end of the answer
+
+log = logging.getLogger("qrouter")
 
 
 class StatusError(RuntimeError):
     pass
 
 
-def listen(path: str) -> socket.socket:
-    """Bind the socket, replacing one a dead daemon left (the spool lock says none runs)."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    os.chmod(path, 0o660)
-    server.listen(16)
-    server.setblocking(False)
-    return server
+class _Connection:
+    """One client: the request read so far, then the answer still to send."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock = sock
+        self.deadline = deadline
+        self.request = bytearray()
+        self.answer: memoryview | None = None  # set once the request is complete
 
 
-def serve_one(server: socket.socket, answer: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-    """Answer one waiting client; a slow or broken client costs at most a second."""
-    try:
-        conn, _ = server.accept()
-    except BlockingIOError:
-        return
-    with conn:
-        conn.settimeout(1.0)
+class StatusServer:
+    """The daemon's side of the status socket, served by the supervisor's own event loop.
+
+    That loop also hands out mail, and anyone in the spool group can connect, so nothing here
+    may wait for a client: sockets are non-blocking and driven by the loop's selector, and a
+    client gets at most MAX_REQUEST bytes of request, one answer of output buffer, and
+    `timeout` seconds from connect to the end of its answer (past that, `expire`, which the
+    loop calls before every select, closes it). At most `max_connections` are open: a new one
+    drops the oldest, which is nearest its deadline anyway, so that a fresh `qrouter status`
+    gets through however many clients sit idle.
+
+    When there is no room on the disk for the socket, the daemon runs without it (logged):
+    only delivery frees space, so a full disk must not stop the daemon from starting.
+    """
+
+    def __init__(self, path: str, answer: Callable[[dict[str, Any]], dict[str, Any]],
+                 selector: selectors.BaseSelector, *, timeout: float = CONNECTION_SECONDS,
+                 max_connections: int = MAX_CONNECTIONS):
+        self.path = path
+        self.answer = answer
+        self.selector = selector
+        self.timeout = timeout
+        self.max_connections = max_connections
+        self.connections: dict[_Connection, None] = {}  # oldest first, hence in deadline order
+        self.listener = self._listen()
+        if self.listener is not None:
+            selector.register(self.listener, selectors.EVENT_READ, functools.partial(self._on_accept, self.listener))
+
+    def _listen(self) -> socket.socket | None:
+        """Bind the socket, replacing one a dead daemon left (the spool lock says none runs)."""
         try:
-            request = json.loads(_read_line(conn) or b"{}")
-            if not isinstance(request, dict):
-                raise ValueError("request is not a JSON object")
-            reply = answer(request)
-        except (ValueError, OSError) as exc:
-            reply = {"error": f"bad request: {exc}"}
-        try:
-            conn.sendall(json.dumps(reply).encode() + b"\n")
-        except OSError:
+            os.unlink(self.path)
+        except FileNotFoundError:
             pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(self.path)
+        except OSError as exc:
+            listener.close()
+            if exc.errno not in NO_SPACE:
+                raise
+            log.warning("cannot make status socket %s: %s; running without it (qrouter status cannot "
+                        "reach the daemon)", self.path, exc.strerror)
+            return None
+        os.chmod(self.path, 0o660)
+        listener.listen(self.max_connections)
+        listener.setblocking(False)
+        return listener
+
+    def fds(self) -> list[int]:
+        """Every descriptor the server holds, for a forked worker to close."""
+        sockets = [self.listener] if self.listener is not None else []
+        return [sock.fileno() for sock in (*sockets, *(conn.sock for conn in self.connections))]
+
+    def expire(self) -> float | None:
+        """Close the connections past their deadline; return the seconds until the next one is
+        due (None with no connection open), for the loop to wake up in time."""
+        now = time.monotonic()
+        while self.connections:
+            oldest = next(iter(self.connections))
+            if oldest.deadline > now:
+                return oldest.deadline - now
+            self._close(oldest)
+        return None
+
+    def close(self) -> None:
+        """Stop serving: drop every connection and remove the socket."""
+        while self.connections:
+            self._close(next(iter(self.connections)))
+        if self.listener is not None:
+            self.selector.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+            unlink_quietly(self.path)
+
+    def _on_accept(self, listener: socket.socket) -> None:
+        """Take the waiting clients, at most max_connections in one go: the loop has mail to
+        hand out too, and the selector calls again for the rest."""
+        for _ in range(self.max_connections):
+            try:
+                sock, _ = listener.accept()
+            except OSError:  # none waiting, or no descriptor left: at the next event
+                return
+            if len(self.connections) >= self.max_connections:
+                self._close(next(iter(self.connections)))
+            sock.setblocking(False)
+            conn = _Connection(sock, time.monotonic() + self.timeout)
+            self.connections[conn] = None
+            self.selector.register(sock, selectors.EVENT_READ, functools.partial(self._on_ready, conn))
+
+    def _on_ready(self, conn: _Connection) -> None:
+        if conn not in self.connections:  # dropped earlier in the same round of events
+            return
+        if conn.answer is None:
+            self._receive(conn)
+        else:
+            self._send(conn, conn.answer)
+
+    def _receive(self, conn: _Connection) -> None:
+        try:
+            chunk = conn.sock.recv(MAX_REQUEST + 1 - len(conn.request))
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.request += chunk
+        if b"\n" in chunk or not chunk:  # a whole line, or all the client is going to send
+            self._reply(conn, self._respond(bytes(conn.request.partition(b"\n")[0])))
+        elif len(conn.request) > MAX_REQUEST:
+            self._reply(conn, {"error": f"bad request: longer than {MAX_REQUEST} bytes"})
+
+    def _respond(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line or b"{}")
+        except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested thousands deep
+            return {"error": f"bad request: {exc}"}
+        if not isinstance(request, dict):
+            return {"error": "bad request: request is not a JSON object"}
+        try:
+            return self.answer(request)
+        except Exception:  # a bug answering one client must not end the daemon
+            log.exception("status socket: cannot answer %.200r", line)
+            return {"error": "internal error answering the request; see the daemon's log"}
+
+    def _reply(self, conn: _Connection, reply: dict[str, Any]) -> None:
+        """Send what the socket takes now, the rest as the client reads."""
+        conn.answer = memoryview(json.dumps(reply).encode() + b"\n")
+        self.selector.modify(conn.sock, selectors.EVENT_WRITE, functools.partial(self._on_ready, conn))
+        self._send(conn, conn.answer)
+
+    def _send(self, conn: _Connection, answer: memoryview) -> None:
+        try:
+            conn.answer = answer[conn.sock.send(answer):]
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not conn.answer:
+            self._close(conn)
+
+    def _close(self, conn: _Connection) -> None:
+        del self.connections[conn]
+        self.selector.unregister(conn.sock)
+        conn.sock.close()
 
 
 def query(path: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:

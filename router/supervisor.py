@@ -34,8 +34,8 @@ from router.config import Config, ConfigError, load
 from router.lock import SpoolLock
 from router.queue_id import is_queue_id
 from router.schedule import Schedule
-from router.spool import ACTIVE, CORRUPT, DEFERRED, HOLD, INCOMING, Spool
-from workers.delivery import CORRUPTED, QUEUED_AGAIN, SKIPPED, Report
+from router.spool import ACTIVE, DEFERRED, HOLD, INCOMING, Spool
+from workers.delivery import CORRUPTED, KEPT, QUEUED_AGAIN, SKIPPED, Report
 from workers.worker import Worker
 
 log = logging.getLogger("qrouter")
@@ -43,9 +43,13 @@ log = logging.getLogger("qrouter")
 POISON_CRASHES = 3
 PREFETCH = 2  # messages a worker holds: the next one waits in its pipe while it delivers
 YOUNG_WORKER_SECONDS = 1.0
+TROUBLE_LOG_SECONDS = 60.0  # "spool full" is said at most this often
+_GONE = inotify_flags.DELETE_SELF | inotify_flags.MOVE_SELF  # the watched directory itself went away
+ROOT = ""  # the spool directory: watched for its queue directories being moved away or removed
+_ROOT_MASK = inotify_flags.DELETE | inotify_flags.MOVED_FROM | inotify_flags.ONLYDIR
 WATCHED = {
-    INCOMING: inotify_flags.MOVED_TO | inotify_flags.CLOSE_WRITE,
-    DEFERRED: inotify_flags.MOVED_TO | inotify_flags.CLOSE_WRITE | inotify_flags.ATTRIB,
+    INCOMING: inotify_flags.MOVED_TO | inotify_flags.CLOSE_WRITE | _GONE,
+    DEFERRED: inotify_flags.MOVED_TO | inotify_flags.CLOSE_WRITE | inotify_flags.ATTRIB | _GONE,
 }
 
 
@@ -101,6 +105,9 @@ class Supervisor:
         self.workers: dict[int, WorkerHandle] = {}
         self.in_flight: dict[str, WorkerHandle] = {}
         self.crashes: dict[str, int] = {}
+        self.kept: dict[str, str] = {}  # queue id -> where a message waits that could not be filed away
+        self.unsaved: dict[str, str] = {}  # queue id -> results its file does not record (Report.states)
+        self.trouble_logged = -TROUBLE_LOG_SECONDS
         self.signals: list[int] = []
         self.counters = {"sent": 0, "deferred": 0, "bounced": 0}
         self.started = time.time()
@@ -136,22 +143,34 @@ class Supervisor:
         os.makedirs(self.config.queue_dir, mode=0o700, exist_ok=True)
         self.lock.acquire()
         self.spool.create()
-        for queue_id in self.spool.recover_active():
-            log.warning("%s: left in active/ by an earlier run, queued again", queue_id)
-        for name in self.spool.remove_stale_tmp(time.time()):
+        self._recover_active()
+        for name in self.spool.remove_stale_tmp(time.time()) + self.spool.remove_own_staging():
             log.warning("removed stale staging file tmp/%s", name)
         self._setup_signals()
         self.inotify = INotify()
-        self.watches = {self.inotify.add_watch(self.spool.path(q), mask): q for q, mask in WATCHED.items()}
+        self.watches: dict[int, str] = {}
+        self.watches[self.inotify.add_watch(self.config.queue_dir, _ROOT_MASK)] = ROOT
+        for queue in WATCHED:
+            self._watch(queue)
         self.selector.register(self.inotify.fileno(), selectors.EVENT_READ, self._on_inotify)
         self._scan()
-        self.status_server = status_socket.listen(self.config.socket_path)
-        self.selector.register(self.status_server, selectors.EVENT_READ, self._on_status)
+        self.status_server = status_socket.StatusServer(self.config.socket_path, self._answer, self.selector)
         for warning in self._config_warnings(self.config):
             log.warning(warning)
         self._maintain_pool()
         log.info("started: spool %s, %d workers, %d queued, %d deferred", self.config.queue_dir,
                  self.config.workers, len(self.ready), len(self.schedule))
+
+    def _recover_active(self) -> None:
+        """Files an earlier run left in active/ go back to incoming/ (before any worker runs);
+        one that cannot be moved (a full disk) is delivered from where it is."""
+        for name in self.spool.list(ACTIVE):
+            if not is_queue_id(name):
+                self._set_aside(name, ACTIVE)
+                continue
+            log.warning("%s: left in active/ by an earlier run, queued again", name)
+            if not self._move(name, ACTIVE, INCOMING):
+                self._enqueue_ready(ACTIVE, name)
 
     def _setup_signals(self) -> None:
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -162,10 +181,7 @@ class Supervisor:
         self.selector.register(read_fd, selectors.EVENT_READ, self._on_wakeup)
 
     def _shutdown(self) -> None:
-        try:
-            os.unlink(self.config.socket_path)
-        except FileNotFoundError:
-            pass
+        self.status_server.close()
         left = self.spool.list(ACTIVE)
         if left:
             log.warning("stopped with %d message(s) in active/; they are tried again at the next start", len(left))
@@ -202,6 +218,9 @@ class Supervisor:
             policy = load_policy(config)
         except (ConfigError, PolicyError) as exc:
             log.error("reload refused, keeping the running config and policy: %s", exc)
+            return
+        except Exception:  # a parser that let something through: a bug, but never the daemon's end
+            log.exception("reload refused, keeping the running config and policy: unexpected error")
             return
         for warning in self._config_warnings(config):
             log.warning(warning)
@@ -258,7 +277,7 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
-        fds = [*own_fds, *self.wakeup, self.inotify.fileno(), self.status_server.fileno()]
+        fds = [*own_fds, *self.wakeup, self.inotify.fileno(), *self.status_server.fds()]
         for other in self.workers.values():
             fds += [other.task_fd, other.report_fd]
         self.selector.close()
@@ -296,6 +315,8 @@ class Supervisor:
             log.error("worker %d %s", worker.pid, how)
         for job in lost:
             self._job_lost(*job)
+        for name in self.spool.remove_own_staging(queue_id for _, queue_id in lost):
+            log.warning("removed tmp/%s, a rewrite the worker did not finish", name)
         if not (worker.retiring or self.stopping) and time.monotonic() - worker.started < YOUNG_WORKER_SECONDS:
             self.respawn_after = time.monotonic() + YOUNG_WORKER_SECONDS
 
@@ -308,12 +329,16 @@ class Supervisor:
         if self.stopping:
             return  # left in active/ for the next start
         crashes = self.crashes[queue_id] = self.crashes.get(queue_id, 0) + 1
-        if crashes >= POISON_CRASHES:
-            self.spool.move(queue_id, ACTIVE, HOLD)
+        if crashes < POISON_CRASHES:
+            if not self._move(queue_id, ACTIVE, INCOMING):
+                self._enqueue_ready(ACTIVE, queue_id)
+        elif self._move(queue_id, ACTIVE, HOLD):
             self.crashes.pop(queue_id)
+            self.unsaved.pop(queue_id, None)
             log.error("%s: poison message: it killed %d workers; moved to hold/", queue_id, crashes)
         else:
-            self.spool.move(queue_id, ACTIVE, INCOMING)
+            log.error("%s: poison message: it killed %d workers; left in active/ until the next start",
+                      queue_id, crashes)
 
     # -- work -----------------------------------------------------------------------------
 
@@ -324,23 +349,62 @@ class Supervisor:
             self._deferred(entry.name)
 
     def _incoming(self, name: str) -> None:
-        if name.startswith("."):
+        if name.startswith("."):  # hidden: an editor's or a copying tool's own file
             return
         if not is_queue_id(name):
-            log.error("incoming/%s: not a queue id; moved to corrupt/", name)
-            self.spool.move(name, INCOMING, CORRUPT)
+            self._set_aside(name, INCOMING)
             return
         self._enqueue_ready(INCOMING, name)
 
     def _deferred(self, name: str) -> None:
-        if name.startswith(".") or not is_queue_id(name):
+        """Schedule a deferred message by its mtime. Anything that cannot be a deferred queue
+        file goes to corrupt/ at once, so it is not retried (and logged) forever; a regular
+        file that turns out unreadable goes there from the worker that tries it."""
+        if name.startswith("."):
+            return
+        if not is_queue_id(name):
+            self._set_aside(name, DEFERRED)
             return
         try:
-            info = os.stat(self.spool.path(DEFERRED, name))
+            info = os.lstat(self.spool.path(DEFERRED, name))
         except FileNotFoundError:
             return
         if stat.S_ISREG(info.st_mode):
             self.schedule.add(name, info.st_mtime)
+        else:
+            self._set_aside(name, DEFERRED, "not a regular file")
+
+    def _set_aside(self, name: str, queue: str, why: str = "not a queue id") -> None:
+        try:
+            target = self.spool.set_aside(name, queue)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("%s/%s: %s; cannot move it to corrupt/: %s", queue, name, why, exc.strerror or exc)
+            return
+        log.error("%s/%s: %s; moved to corrupt/%s", queue, name, why, target)
+
+    def _move(self, queue_id: str, source: str, target: str) -> bool:
+        """Move a message between queues; False, with the reason logged, if the disk refuses
+        (full, failing): the supervisor never dies of its spool."""
+        try:
+            return self.spool.move(queue_id, source, target)
+        except OSError as exc:
+            self._spool_trouble(errno.errorcode.get(exc.errno or 0, "EIO"), f"cannot move {source}/{queue_id} "
+                                f"to {target}/")
+            return False
+
+    def _spool_trouble(self, error: str, what: str) -> None:
+        """Say that the spool cannot store state, once a minute however many messages it hits."""
+        now = time.monotonic()
+        if now < self.trouble_logged + TROUBLE_LOG_SECONDS:
+            return
+        self.trouble_logged = now
+        full = error in ("ENOSPC", "EDQUOT")
+        reason = os.strerror(getattr(errno, error, errno.EIO))
+        log.error("%s %s (%s): %s; %d message(s) wait where they are and are retried, nothing is lost",
+                  "spool full:" if full else "spool write error:", self.config.queue_dir, reason, what,
+                  len(self.kept))
 
     def _enqueue_ready(self, queue: str, queue_id: str) -> None:
         if queue_id not in self.in_flight:
@@ -348,7 +412,7 @@ class Supervisor:
 
     def _promote_due(self) -> None:
         for queue_id in self.schedule.pop_due(time.time()):
-            self._enqueue_ready(DEFERRED, queue_id)
+            self._enqueue_ready(self.kept.pop(queue_id, DEFERRED), queue_id)
 
     def _dispatch(self) -> None:
         """Hand out ready messages, each to the worker holding the fewest: an idle worker first
@@ -372,12 +436,18 @@ class Supervisor:
                 open_.remove(worker)
         for worker, jobs in given.items():
             try:
-                os.write(worker.task_fd, "".join(f"{queue} {queue_id}\n" for queue, queue_id in jobs).encode())
+                os.write(worker.task_fd, "".join(self._task(queue, queue_id) for queue, queue_id in jobs).encode())
             except OSError:  # that worker is dying; reaping will replace it
                 for queue, queue_id in reversed(jobs):
                     worker.jobs.pop(queue_id)
                     self.in_flight.pop(queue_id)
                     self.ready.appendleft((queue, queue_id))
+
+    def _task(self, queue: str, queue_id: str) -> str:
+        """The line that hands a message to a worker, with the results an earlier attempt
+        could not store, if any."""
+        states = self.unsaved.get(queue_id)
+        return f"{queue} {queue_id} {states}\n" if states else f"{queue} {queue_id}\n"
 
     def _timeout(self) -> float | None:
         deadlines = []
@@ -388,6 +458,9 @@ class Supervisor:
             deadlines.append(self.respawn_after - time.monotonic())
         if self.stopping and self.workers:
             deadlines.append(self.stop_deadline - time.monotonic())
+        status_due = self.status_server.expire()  # status socket: closes late clients, says when the next is due
+        if status_due is not None:
+            deadlines.append(status_due)
         return max(0.0, min(deadlines)) if deadlines else None
 
     # -- event handlers -------------------------------------------------------------------
@@ -410,14 +483,54 @@ class Supervisor:
                 self._begin_stop(signum)
 
     def _on_inotify(self) -> None:
+        """Events name files in a watched directory; an event without a name is about the
+        directory itself (moved away, removed, its watch dropped) and never names a message.
+        The spool directory's own events say at once that a queue directory was moved away or
+        removed (the directory's IN_DELETE_SELF waits until no process holds it open)."""
+        gone: set[str] = set()
         for event in self.inotify.read(timeout=0):
+            queue = self.watches.get(event.wd)
             if event.mask & inotify_flags.Q_OVERFLOW:
                 log.warning("inotify queue overflowed; rescanning incoming/ and deferred/")
                 self._scan()
-            elif self.watches.get(event.wd) == INCOMING:
+            elif queue is None:
+                continue  # a watch already replaced
+            elif queue == ROOT:
+                if event.name in WATCHED:
+                    gone.add(event.name)
+            elif event.mask & (_GONE | inotify_flags.IGNORED):
+                gone.add(queue)
+            elif not event.name:
+                continue
+            elif queue == INCOMING:
                 self._incoming(event.name)
-            elif self.watches.get(event.wd) == DEFERRED:
+            else:
                 self._deferred(event.name)
+        for queue in gone:
+            self._rewatch(queue)
+
+    def _watch(self, queue: str) -> None:
+        self.watches[self.inotify.add_watch(self.spool.path(queue), WATCHED[queue])] = queue
+
+    def _rewatch(self, queue: str) -> None:
+        """A watched directory was moved away or removed (by hand): watch the one now at its
+        path, made anew if there is none, and read what it holds. What was in the old one is
+        wherever it was moved; put it back into incoming/ to have it delivered."""
+        for wd in [wd for wd, watched in self.watches.items() if watched == queue]:
+            del self.watches[wd]
+            try:
+                self.inotify.rm_watch(wd)
+            except OSError:
+                pass  # the kernel dropped it already (IN_IGNORED)
+        try:
+            self.spool.create()
+            self._watch(queue)
+        except OSError as exc:
+            log.critical("%s/ was moved away or removed and cannot be made again: %s; new mail there is "
+                         "not seen until the daemon is restarted", self.spool.path(queue), exc.strerror or exc)
+            return
+        log.warning("%s/ was moved away or removed; watching the directory now at that path", self.spool.path(queue))
+        self._scan()
 
     def _on_report(self, worker: WorkerHandle, drain: bool = False) -> None:
         """Read what the worker reported. One read is enough when the pipe is readable (a worker
@@ -446,11 +559,16 @@ class Supervisor:
         self.counters["sent"] += report.sent
         self.counters["deferred"] += report.deferred
         self.counters["bounced"] += report.bounced
-        if report.result == QUEUED_AGAIN:
+        if report.result == KEPT:
+            self.kept[report.queue_id] = report.queue
+            if report.states:
+                self.unsaved[report.queue_id] = report.states
+        else:
+            self.unsaved.pop(report.queue_id, None)
+        if report.error:
+            self._spool_trouble(report.error, f"cannot store the state of {report.queue_id}")
+        if report.result in (QUEUED_AGAIN, KEPT):
             self.schedule.add(report.queue_id, report.next_attempt)
-
-    def _on_status(self) -> None:
-        status_socket.serve_one(self.status_server, self._answer)
 
     def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
         if request.get("command", "status") != "status":

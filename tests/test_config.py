@@ -35,7 +35,10 @@ def test_flags_win_over_the_file(tmp_path):
 @pytest.mark.parametrize(("text", "error"), [
     ("workers 0\n", "qrouter.conf:1: workers '0': must be at least 1"),
     ("\nworkers many\n", "qrouter.conf:2: workers 'many': is not a valid value"),
-    ("max-age -1\n", "qrouter.conf:1: max-age '-1': must be a number of 0 or more"),
+    ("max-age -1\n", "qrouter.conf:1: max-age '-1': must be a number from 0 to 1000000"),
+    ("dns-timeout 1e300\n", "qrouter.conf:1: dns-timeout '1e300': must be a number from 0 to 1000000"),
+    ("smtp-timeouts connect=1e300\n",
+     "qrouter.conf:1: smtp-timeouts 'connect=1e300': must be a number from 0 to 1000000"),
     ("archive-failed maybe\n", "qrouter.conf:1: archive-failed 'maybe': must be yes or no"),
     ("colour blue\n", "qrouter.conf:1: unknown key 'colour'"),
     ("workers\n", "qrouter.conf:1: workers needs a value"),
@@ -95,3 +98,21 @@ def test_readme_documents_every_key():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     missing = [key for key in KEYS if f"| `{key}` |" not in readme]
     assert missing == []
+
+
+@pytest.mark.parametrize(("attempts", "seconds"), [
+    (0, 300), (1, 300), (2, 600), (5, 4000), (1025, 4000), (10**9, 4000),
+])
+def test_backoff_doubles_up_to_the_maximum_at_any_attempt(attempts, seconds):
+    # 2 ** 1024 does not fit a float: from attempt 1,025 on, a plain power raised OverflowError
+    assert load(None, {"min-backoff": "300", "max-backoff": "4000"}).backoff(attempts) == seconds
+
+
+@pytest.mark.parametrize(("low", "high", "seconds"), [
+    ("0", "4000", 0),  # min-backoff 0 never waits
+    ("5000", "4000", 5000),  # a minimum above the maximum wins
+    ("600000", "1000000", 1000000),  # the largest value a duration may have
+    ("0.000001", "1000000", 1000000),  # about 40 doublings to the cap
+])
+def test_backoff_at_the_edges(low, high, seconds):
+    assert load(None, {"min-backoff": low, "max-backoff": high}).backoff(10**9) == seconds

@@ -305,6 +305,38 @@ def test_addresses_qrouter_cannot_queue_are_refused_before_the_message_is_accept
     assert listing(daemon.spool / "incoming") == listing(daemon.spool / "corrupt") == []
 
 
+def test_cr_lf_nul_in_an_address_never_reach_the_queue_file(tmp_path, qpsmtpd):
+    """A bare CR or a NUL inside MAIL FROM or RCPT TO (swaks would not send them: a raw session
+    does): refused one by one, and the queue file holds the good recipient alone."""
+    spool = tmp_path / "spool"
+    Spool(spool).create()
+    server = qpsmtpd(spool, own_daemon=False)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock, sock.makefile("rb") as replies:
+
+        def reply() -> bytes:
+            while (line := replies.readline())[3:4] == b"-":
+                pass
+            return line[:3]
+
+        def command(line: bytes) -> bytes:
+            sock.sendall(line + b"\r\n")
+            return reply()
+
+        assert reply() == b"220"
+        assert command(b"EHLO client.example") == b"250"
+        assert command(b"MAIL FROM:<s@example.org\rRCPT TO:<evil@example.org>>")[:1] == b"5"
+        assert command(b"MAIL FROM:<s\x00@example.org>")[:1] == b"5"
+        assert command(b"MAIL FROM:<s@example.org>") == b"250"
+        assert command(b"RCPT TO:<a@example.org\rRCPT TO:<evil@example.org>>")[:1] == b"5"
+        assert command(b"RCPT TO:<a\x00RCPT TO:<evil@example.org>>")[:1] == b"5"
+        assert command(b"RCPT TO:<ok@example.org>") == b"250"
+        assert command(b"DATA") == b"354"
+        assert command(b"Subject: x\r\n\r\nx\r\n.") == b"250"
+    [name] = listing(spool / "incoming")
+    stored = parse((spool / "incoming" / name).read_bytes())
+    assert (stored.sender, [r.address for r in stored.recipients]) == ("s@example.org", ["ok@example.org"])
+
+
 def test_500_messages_from_10_concurrent_clients_arrive_exactly_once(tmp_path, qpsmtpd):
     with AioServer() as sink:
         config_dir = tmp_path / "etc"

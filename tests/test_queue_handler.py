@@ -4,6 +4,7 @@ when the envelope is what is being looked at)."""
 
 from __future__ import annotations
 
+import os
 import re
 import smtplib
 import subprocess
@@ -170,3 +171,17 @@ def test_without_aiosmtpd_the_import_says_what_to_install():
     # ...and installing qrouter does not pull it in: it is only among the test extras.
     runtime = [r for r in requires("qpsmtpd-router") or [] if "extra ==" not in r]
     assert runtime and not any(r.lower().startswith("aiosmtpd") for r in runtime)
+
+
+def test_a_message_over_the_size_limit_is_refused_at_the_end_of_data(tmp_path):
+    spool = tmp_path / "spool"
+    Spool(spool).create()
+    with front(spool, size_limit=1000) as port:
+        code, reply, refused = send(port, "s@example.org", ["u@one.example"], (b"x" * 98 + b"\r\n") * 20)
+        assert (code, refused) == (552, {})
+        assert reply.startswith(b"5.3.4 ") and b"larger than message-size-limit (1000 bytes)" in reply
+        assert sorted(os.listdir(spool / "incoming")) == sorted(os.listdir(spool / "tmp")) == []
+        code, reply, _ = send(port, "s@example.org", ["u@one.example"], (b"x" * 98 + b"\r\n") * 10)
+        assert code == 250
+    [name] = os.listdir(spool / "incoming")
+    assert name == queue_id(reply)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from router.queue_file import parse
+from router.sendmail import UsageError, address_list
 from router.spool import Spool
 from tests.daemon import ROOT, read_only, wait_for
 from tests.smtp_servers import AioServer
@@ -236,3 +238,29 @@ def test_dsn_options_go_into_the_queue_file(tmp_path, config):
     assert [(r.address, r.notify) for r in stored.recipients] == [("a@one.example", "SUCCESS,FAILURE"),
                                                                   ("b@two.example", "SUCCESS,FAILURE")]
     assert (stored.ret, stored.envid, stored.message) == ("HDRS", "job-42", b"Subject: dsn\n\nx\n")
+
+
+@pytest.mark.parametrize(("text", "addresses"), [
+    ("a@[IPv6:::1], b@x.test", ["a@[IPv6:::1]", "b@x.test"]),
+    ('"a,b:c;d<e>(f)"@x.test', ['"a,b:c;d<e>(f)"@x.test']),
+    ("Name (with: a comment, (nested)) <a@[x-tag:text]>", ["a@[x-tag:text]"]),
+    ("undisclosed-recipients:;", []),
+    ('team: "Doe, J." <j@x.test>, k@[192.0.2.1];, l@x.test', ["j@x.test", "k@[192.0.2.1]", "l@x.test"]),
+    ("Dr. J. O'Brien <j@x.test>", ["j@x.test"]),
+    ("j@x.test <j@x.test>, [Ops] Team <ops@x.test>", ["j@x.test", "ops@x.test"]),  # display names as found
+    ("<@r.test,@s.test:a@x.test>", ["@r.test,@s.test:a@x.test"]),  # all within <...> is parse_path's
+    ("a@[x:y, b@x.test", ["a@[x:y, b@x.test"]),  # unterminated: kept whole, for parse_path to refuse
+])
+def test_address_list_splits_only_between_addresses(text, addresses):
+    assert address_list(text) == addresses
+
+
+@pytest.mark.parametrize(("text", "complaint"), [
+    ("a@x.test\u2028b@x.test: c@x.test", "group name 'a@x.test\\u2028b@x.test' is not a phrase"),
+    ("<a@x.test> <b@x.test>", "two <addresses> in one entry"),
+    ("<a@x.test>: b@x.test", "':' after <address>"),
+    ("a@x.test (open", "'(' without ')'"),
+])
+def test_address_list_refuses_what_it_would_have_to_guess(text, complaint):
+    with pytest.raises(UsageError, match=re.escape(complaint)):
+        address_list(text, "recipient")

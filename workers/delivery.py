@@ -7,27 +7,33 @@ before the next one is tried, so a crash never delivers twice to a recipient alr
 
 from __future__ import annotations
 
+import errno
 import logging
-import os
 import time
 from dataclasses import dataclass
 
 from policy.next_hop import NextHop
 from policy.routing import Policy
 from router.config import Config
-from router.queue_file import DELIVERED, FAILED, PENDING, CorruptQueueFile, QueueFile, Recipient, parse
-from router.spool import ACTIVE, ARCHIVE, CORRUPT, DEFERRED, Spool
+from router.queue_file import DELIVERED, FAILED, MAX_OVERHEAD, PENDING, CorruptQueueFile, QueueFile, Recipient, parse
+from router.spool import ACTIVE, ARCHIVE, CORRUPT, DEFERRED, NotAQueueFile, Spool, read_queue_file
 from workers.transport import BOUNCED, SENT, Outcome, Transport
 from workers.transport import DEFERRED as STATUS_DEFERRED
 
 log = logging.getLogger("qrouter")
 
 REMOVED, QUEUED_AGAIN, ARCHIVED, SKIPPED, CORRUPTED = "removed", "deferred", "archived", "skipped", "corrupt"
+KEPT = "kept"  # its state could not be stored: left where it is, its results told to the supervisor
+KEPT_RETRY_SECONDS = 60.0  # a kept message is tried again this soon at most: space may be back
 
 
 @dataclass
 class Report:
-    """What a worker tells the supervisor about one message, as one line over its pipe."""
+    """What a worker tells the supervisor about one message, as one line over its pipe.
+
+    A KEPT message is in `queue` still, and `states` holds the results of recipients done
+    that its file does not record yet; `error` names the errno of a failure to store (ENOSPC),
+    which the supervisor logs once a minute rather than once per message."""
 
     queue_id: str
     result: str
@@ -35,29 +41,33 @@ class Report:
     deferred: int = 0
     bounced: int = 0
     next_attempt: float = 0.0
+    queue: str = ""
+    states: str = ""
+    error: str = ""
 
     def to_line(self) -> bytes:
         return (f"{self.queue_id} {self.result} {self.sent} {self.deferred} {self.bounced} "
-                f"{self.next_attempt:.6f}\n").encode()
+                f"{self.next_attempt:.6f} {self.queue or '-'} {self.states or '-'} {self.error or '-'}\n").encode()
 
     @classmethod
     def from_line(cls, line: str) -> Report:
-        queue_id, result, sent, deferred, bounced, next_attempt = line.split()
-        return cls(queue_id, result, int(sent), int(deferred), int(bounced), float(next_attempt))
+        queue_id, result, sent, deferred, bounced, next_attempt, queue, states, error = (
+            "" if word == "-" else word for word in line.split())
+        return cls(queue_id, result, int(sent), int(deferred), int(bounced), float(next_attempt), queue, states, error)
 
 
-def read_whole(path: str) -> bytes:
-    """A file's content in one read(2): half the system calls and time of open().read(), which
-    also asks isatty() and seeks (this runs once per message)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        data = os.read(fd, size + 1)  # a regular file reads short only at its end
-        while len(data) > size and (more := os.read(fd, 1 << 16)):  # it grew since the fstat
-            data += more
-        return data
-    finally:
-        os.close(fd)
+def encode_states(queue_file: QueueFile) -> str:
+    """The recipients that are done, as `INDEX=STATE,...`, for a file that could not record them."""
+    return ",".join(f"{index}={rcpt.state}" for index, rcpt in enumerate(queue_file.recipients)
+                    if rcpt.state != PENDING)
+
+
+def apply_states(queue_file: QueueFile, states: str) -> None:
+    """Mark recipients done as an earlier attempt reported them (see encode_states)."""
+    for item in filter(None, states.split(",")):
+        index, _, state = item.partition("=")
+        if state in (DELIVERED, FAILED) and index.isdigit() and int(index) < len(queue_file.recipients):
+            queue_file.recipients[int(index)].state = state
 
 
 class Delivery:
@@ -67,48 +77,70 @@ class Delivery:
         self.policy = policy
         self.transports = transports
 
-    def attempt(self, queue: str, queue_id: str) -> Report:
-        path = self.spool.claim(queue, queue_id)
-        if path is None:
-            return Report(queue_id, SKIPPED)
+    def attempt(self, queue: str, queue_id: str, states: str = "") -> Report:
+        """One attempt. `states` are results an earlier attempt could not store (a full disk):
+        they are applied and stored first, so those recipients are not delivered twice."""
+        report = Report(queue_id, REMOVED)
+        path = None
         try:
-            queue_file = parse(read_whole(path), path)
-            if queue_file.queue_id != queue_id:
-                raise CorruptQueueFile(f"{path}: its id line says {queue_file.queue_id}, not its file name")
-        except CorruptQueueFile as exc:
-            log.error("%s: corrupt queue file moved to %s: %s", queue_id, self.spool.path(CORRUPT), exc)
-            self.spool.move(queue_id, ACTIVE, CORRUPT)
-            return Report(queue_id, CORRUPTED)
-        if queue_file.journal_bytes:
-            self._store(queue_file)
+            path = self.spool.claim(queue, queue_id)
+            if path is None:
+                return Report(queue_id, SKIPPED)
+            queue_file = parse(read_queue_file(path, self.config.message_size_limit + MAX_OVERHEAD), path)
+        except (CorruptQueueFile, NotAQueueFile) as exc:
+            return self._set_aside(queue_id, exc)
+        except OSError as exc:  # the disk, not the file: it stays where it is for later
+            return self._keep(report, queue if path is None else ACTIVE, states, exc)
+        if queue_file.queue_id != queue_id:
+            return self._set_aside(queue_id, CorruptQueueFile(
+                f"{path}: its id line says {queue_file.queue_id}, not its file name"))
+        apply_states(queue_file, states)
+        try:
+            return self._attempt(queue_file, report, stored=not (queue_file.journal_bytes or states))
+        except Exception:
+            log.exception("%s: delivery attempt failed unexpectedly; recording what was done and deferring it",
+                          queue_id)
+            return self._defer(queue_file, report, time.time() + self.config.min_backoff)
+
+    def _attempt(self, queue_file: QueueFile, report: Report, stored: bool) -> Report:
+        if not stored:
+            try:
+                self._store(queue_file, report)
+            except OSError:
+                pass  # the states stay in memory and go back in the report if they cannot be stored later
         if queue_file.attempts == 0 and not queue_file.rewritten and self.policy.rewriter.rules:
-            refused = self._rewrite(queue_file)
+            refused = self._rewrite(queue_file, report)
             if refused is not None:
                 return refused
         queue_file.attempts += 1
-        report = Report(queue_id, REMOVED)
         self._deliver(queue_file, report)
         if queue_file.pending() and time.time() - queue_file.arrival >= self.config.max_age * 86400:
             self._expire(queue_file, report)
         return self._file_away(queue_file, report)
 
-    def _rewrite(self, queue_file: QueueFile) -> Report | None:
+    def _set_aside(self, queue_id: str, problem: Exception) -> Report:
+        kind = "corrupt queue file" if isinstance(problem, CorruptQueueFile) else "not a queue file,"
+        try:
+            name = self.spool.set_aside(queue_id, ACTIVE)
+        except OSError as exc:
+            log.error("%s: %s left in active/, it cannot be moved to corrupt/ (%s): %s", queue_id, kind,
+                      exc.strerror or exc, problem)
+        else:
+            log.error("%s: %s moved to %s: %s", queue_id, kind, self.spool.path(CORRUPT, name), problem)
+        return Report(queue_id, CORRUPTED)
+
+    def _rewrite(self, queue_file: QueueFile, report: Report) -> Report | None:
         """Rewrite addresses once, before the first delivery, and make that durable first; if
-        it cannot be stored, deliver nothing now (a deferral report) rather than risk rewriting
-        twice."""
+        it cannot be stored, deliver nothing now rather than risk rewriting twice."""
         changes = self.policy.rewrite(queue_file)
         queue_file.rewritten = True
         try:
             self.spool.write(queue_file, ACTIVE)
         except OSError as exc:
-            due = time.time() + self.config.min_backoff
-            log.error("%s: cannot store rewritten addresses, trying again later: %s", queue_file.queue_id, exc)
-            self.spool.move(queue_file.queue_id, ACTIVE, DEFERRED, mtime=due)
-            return Report(queue_file.queue_id, QUEUED_AGAIN, next_attempt=due)
+            return self._keep(report, ACTIVE, encode_states(queue_file), exc)
         for change in changes:
             log.info("%s: %s", queue_file.queue_id, change)
         return None
-
     def _deliver(self, queue_file: QueueFile, report: Report) -> None:
         """Deliver to every pending recipient, next hop by next hop, journalling between them.
 
@@ -167,40 +199,56 @@ class Delivery:
             log_delivery(queue_file, rcpt, "expired")
 
     def _file_away(self, queue_file: QueueFile, report: Report) -> Report:
-        queue_id = queue_file.queue_id
-        now = time.time()
         if queue_file.pending():
-            report.result = QUEUED_AGAIN
-            report.next_attempt = now + self.config.backoff(queue_file.attempts)
-            queue_file.add_log(now, f"attempt {queue_file.attempts}: {report.sent} sent, "
-                                    f"{report.deferred} deferred, {report.bounced} bounced")
-            self._store(queue_file)
-            self.spool.move(queue_id, ACTIVE, DEFERRED, mtime=report.next_attempt)
-            log.info("%s: deferred, next attempt in %.1fs", queue_id, report.next_attempt - now)
-        elif report.bounced and self.config.archive_failed:
-            report.result = ARCHIVED
-            self._store(queue_file)
-            self.spool.move(queue_id, ACTIVE, ARCHIVE)
-            log.info("%s: archived", queue_id)
-        else:
-            self.spool.remove(ACTIVE, queue_id)
-            log.info("%s: removed", queue_id)
+            return self._defer(queue_file, report, time.time() + self.config.backoff(queue_file.attempts))
+        queue_id = queue_file.queue_id
+        try:
+            if report.bounced and self.config.archive_failed:
+                report.result = ARCHIVED
+                self._store(queue_file, report)
+                self.spool.move(queue_id, ACTIVE, ARCHIVE)
+                log.info("%s: archived", queue_id)
+            else:
+                self.spool.remove(ACTIVE, queue_id)
+                log.info("%s: removed", queue_id)
+        except OSError as exc:
+            return self._keep(report, ACTIVE, encode_states(queue_file), exc)
         return report
 
-    def _store(self, queue_file: QueueFile) -> None:
+    def _defer(self, queue_file: QueueFile, report: Report, due: float) -> Report:
+        """Store the states and move the message to deferred/, to be tried at `due`; if the disk
+        cannot take that, keep it in active/ (see _keep)."""
+        now = time.time()
+        report.result, report.next_attempt = QUEUED_AGAIN, due
+        queue_file.add_log(now, f"attempt {queue_file.attempts}: {report.sent} sent, "
+                                f"{report.deferred} deferred, {report.bounced} bounced")
+        try:
+            self._store(queue_file, report)
+            self.spool.move(queue_file.queue_id, ACTIVE, DEFERRED, mtime=due)
+        except OSError as exc:
+            return self._keep(report, ACTIVE, encode_states(queue_file), exc)
+        log.info("%s: deferred, next attempt in %.1fs", queue_file.queue_id, due - now)
+        return report
+
+    def _keep(self, report: Report, queue: str, states: str, exc: OSError) -> Report:
+        """The disk cannot take the message's new state (full, over quota, failing): leave the
+        file where it is and tell the supervisor the results it does not record, so that it is
+        tried again soon and nothing done is done twice. A full disk is never a worker's death."""
+        report.result, report.queue, report.states = KEPT, queue, states
+        report.error = errno.errorcode.get(exc.errno or 0, "EIO")
+        report.next_attempt = time.time() + min(self.config.min_backoff, KEPT_RETRY_SECONDS)
+        return report
+
+    def _store(self, queue_file: QueueFile, report: Report) -> None:
         """Rewrite the active file with the current states. If the disk is full, fall back to
-        the journal (a few bytes), and failing that keep the file as it is: at worst a recipient
-        done in this attempt is tried again."""
+        the journal (a few bytes, often room in the file's last block), and failing that raise
+        OSError. A failure is named in the report, for the supervisor's "spool full" line."""
         try:
             self.spool.write(queue_file, ACTIVE)
             return
         except OSError as exc:
-            log.error("%s: cannot rewrite queue file: %s", queue_file.queue_id, exc)
-        try:
-            self.spool.journal(queue_file.queue_id, enumerate(queue_file.recipients))
-        except OSError as exc:
-            log.error("%s: cannot journal results either, recipients done now may be tried again: %s",
-                      queue_file.queue_id, exc)
+            report.error = errno.errorcode.get(exc.errno or 0, "EIO")
+        self.spool.journal(queue_file.queue_id, enumerate(queue_file.recipients))
 
 
 def log_delivery(queue_file: QueueFile, rcpt: Recipient, status: str) -> None:

@@ -13,13 +13,12 @@ import logging
 import os
 import select
 import signal
-import time
 
 from policy.next_hop import DISCARD, ERROR, LMTP, MAILDIR, MDA, MX, PIPE, RETRY, SMTP
 from policy.routing import Policy
 from router.config import Config
-from router.spool import ACTIVE, DEFERRED, Spool
-from workers.delivery import QUEUED_AGAIN, Delivery, Report
+from router.spool import Spool
+from workers.delivery import Delivery
 from workers.maildir import MaildirTransport
 from workers.smtp import SMTPTransport
 from workers.transport import Transport
@@ -87,21 +86,11 @@ class Worker:
                     for transport in set(self.transports.values()):
                         transport.close_idle()
                 continue
-            queue, queue_id = line.decode().split()
+            queue, queue_id, *states = line.decode().split()
             self.busy = True
-            report = self._attempt(queue, queue_id)
+            report = self.delivery.attempt(queue, queue_id, *states)
             self.busy = False
             os.write(self.report_fd, report.to_line())
-
-    def _attempt(self, queue: str, queue_id: str) -> Report:
-        try:
-            return self.delivery.attempt(queue, queue_id)
-        except Exception:
-            log.exception("%s: delivery attempt failed unexpectedly; deferring the message", queue_id)
-            due = time.time() + self.config.min_backoff
-            if self.spool.move(queue_id, ACTIVE, DEFERRED, mtime=due):
-                return Report(queue_id, QUEUED_AGAIN, next_attempt=due)
-            raise
 
     def _on_term(self, signum: int, frame: object) -> None:
         """SIGTERM: finish the message in hand, then exit."""
