@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from urllib.parse import quote
 
 MAILDIR, DISCARD, ERROR, RETRY = "maildir", "discard", "error", "retry"
 SMTP, LMTP, PIPE, MDA, MX = "smtp", "lmtp", "pipe", "mda", "mx"
@@ -39,6 +40,12 @@ class NextHop:
     def __str__(self) -> str:
         text = self.text or self.kind
         return f"{text} (user {self.user})" if self.user else text
+
+    @property
+    def destination(self) -> str:
+        """The destination the scheduler counts sessions against and judges alive or dead: one
+        word (no white space, no comma), the same for every recipient routed to this next hop."""
+        return quote(f"{self.kind}:{self.argument}", safe=":/[]._-@+")
 
 
 

@@ -208,12 +208,20 @@ def format_status(answer: dict[str, Any]) -> str:
     for queue, info in answer["queues"].items():
         oldest = _age(answer["now"] - info["oldest"]) if info["oldest"] else "-"
         lines.append(f"{queue:<10} {info['messages']:>8}  {oldest}")
-    lines.append(f"{'worker':>8}  {'state':<8} {'queue id':<26} {'done':>7} {'rss':>8} {'cpu':>7}")
+    lines.append(f"{'worker':>8}  {'state':<8} {'sessions':>8} {'oldest queue id':<26} {'done':>7} {'rss':>8} "
+                 f"{'cpu':>7}")
     for worker in answer["workers"]:
         rss = f"{worker['rss'] / 2**20:.1f}M" if worker["rss"] else "-"
         cpu = f"{worker['cpu']:.1f}s" if worker["cpu"] is not None else "-"
-        lines.append(f"{worker['pid']:>8}  {worker['state']:<8} {worker['queue_id'] or '-':<26} "
-                     f"{worker['done']:>7} {rss:>8} {cpu:>7}")
+        lines.append(f"{worker['pid']:>8}  {worker['state']:<8} {worker['sessions']:>8} "
+                     f"{worker['queue_id'] or '-':<26} {worker['done']:>7} {rss:>8} {cpu:>7}")
+    lines.append(f"sessions: {answer['sessions']} of {answer['max_sessions']}")
+    if answer.get("destinations"):
+        lines.append(f"{'destination':<40} {'sessions':>8} {'window':>6} {'waiting':>7} {'deferred':>8}  state")
+        for shown in answer["destinations"]:
+            state = f"dead: {shown['last_error']}" if shown["dead"] else "ok"
+            lines.append(f"{shown['destination']:<40} {shown['sessions']:>8} {shown['window']:>6g} "
+                         f"{shown['waiting']:>7} {shown['deferred']:>8}  {state}")
     counters = answer["counters"]
     lines.append(f"since start: {counters['sent']} sent, {counters['deferred']} deferred, "
                  f"{counters['bounced']} bounced")

@@ -135,7 +135,12 @@ def _key(name: str, parse: Callable[[str, str], Any], default: Any, help: str, b
 @dataclass(frozen=True)
 class Config:
     queue_dir: str = _key("queue-dir", _path, "/var/spool/qrouter", "spool directory")
-    workers: int = _key("workers", _positive_int, 4, "number of delivery worker processes")
+    workers: int = _key("workers", _positive_int, os.cpu_count() or 1,
+                        "number of delivery worker processes (default: one per core)")
+    max_sessions: int = _key("max-sessions", _positive_int, 100,
+                             "deliveries in progress at once, over all workers")
+    destination_concurrency: int = _key("destination-concurrency", _positive_int, 20,
+                                        "deliveries in progress at once to one destination")
     default_transport: NextHop | None = _key(
         "default-transport", _next_hop, None, "next hop when no rule applies (unset: DNS MX routing)")
     max_age: float = _key("max-age", _non_negative, 5.0, "days a message may stay queued")
@@ -190,6 +195,11 @@ class Config:
         """Keys set to something whose feature this version does not have yet."""
         return [f.metadata["key"] for f in KEYS.values()
                 if not f.metadata["built"] and getattr(self, f.name) != f.default]
+
+    @property
+    def sessions_per_worker(self) -> int:
+        """max-sessions shared out over the workers, at least one each."""
+        return max(1, -(-self.max_sessions // self.workers))
 
     def backoff(self, attempts: int) -> float:
         """Seconds to wait after the `attempts`-th failed attempt: doubling, as Postfix does.

@@ -5,6 +5,11 @@ ending with an empty line, the message bytes (as many as the `size` line says), 
 `@N key value` lines that record per-recipient results appended during a delivery attempt. The
 journal lets a worker make "recipient N was delivered" durable with one small append and fsync,
 without rewriting a message that may be megabytes long.
+
+The journal also holds `@* crash` lines, one for each worker that died holding the message
+(appended by the supervisor), and `@* held` when it was set aside as poison: the count of deaths
+lives in the file, so it survives a restart of the daemon. Version 2 of the format adds the
+`crashes` header key, where a rewrite keeps that count; a file without it is written as version 1.
 """
 
 from __future__ import annotations
@@ -16,14 +21,19 @@ from router.address import AddressError, parse_path
 from router.queue_id import is_queue_id
 
 MAGIC = "qrouter-queue-file"
-VERSION = 1
+VERSION = 1  # what a file is written as when it needs nothing newer, so older readers still read it
+CRASHES_VERSION = 2  # the version that adds the `crashes` key
+VERSIONS = (VERSION, CRASHES_VERSION)
+POISON_CRASHES = 3  # a message whose delivery killed this many workers is moved to hold/
+CRASH_RECORD = b"@* crash\n"  # journal: a worker died holding the message (appended by the supervisor)
+HELD_RECORD = b"@* held\n"  # journal: set aside as poison; a release from hold/ starts counting again
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 STATES = (PENDING, DELIVERED, FAILED)
 MAX_HEADER = 1 << 20
 MAX_OVERHEAD = 4 * MAX_HEADER  # a file may hold this much more than its message: header and journal
 LOG_KEEP = 20
 
-_ENVELOPE_KEYS = {"id", "arrival", "attempts", "sender", "envid", "ret", "rewritten", "log", "size"}
+_ENVELOPE_KEYS = {"id", "arrival", "attempts", "crashes", "sender", "envid", "ret", "rewritten", "log", "size"}
 _RECIPIENT_KEYS = {"notify", "orcpt", "state", "dsn", "relay", "reply"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _JOURNAL = re.compile(rb"@(\d{1,9}) (\w+) ?(.*)")
@@ -73,6 +83,7 @@ class QueueFile:
     ret: str = ""
     rewritten: bool = False  # address rewriting done: never again, also after a restart
     log: list[str] = field(default_factory=list)
+    crashes: int = 0  # workers that died holding it (header and journal), since queued or last held
     journal_bytes: int = 0  # bytes of journal after the message when read; not written back
 
     def pending(self) -> list[Recipient]:
@@ -83,12 +94,14 @@ class QueueFile:
 
     def to_bytes(self) -> bytes:
         lines = [
-            f"{MAGIC} {VERSION}",
+            f"{MAGIC} {CRASHES_VERSION if self.crashes else VERSION}",
             f"id {self.queue_id}",
             f"arrival {self.arrival:.6f}",
             f"attempts {self.attempts}",
-            f"sender <{self.sender}>",
         ]
+        if self.crashes:
+            lines.append(f"crashes {self.crashes}")
+        lines.append(f"sender <{self.sender}>")
         if self.envid:
             lines.append(f"envid {clean(self.envid)}")
         if self.ret:
@@ -126,13 +139,15 @@ def parse(data: bytes, where: str = "queue file") -> QueueFile:
     line_of: dict[str, str] = {}
     recipients: list[Recipient] = []
     log: list[str] = []
+    version = VERSION
     for number, line in enumerate(header.split("\n"), 1):
         key, _, value = line.partition(" ")
         if number == 1:
             if key != MAGIC:
                 raise CorruptQueueFile(f"{where}:1: not a queue file (expected '{MAGIC} {VERSION}')")
-            if value != str(VERSION):
+            if value not in map(str, VERSIONS):
                 raise CorruptQueueFile(f"{where}:1: unsupported queue file version {value!r}")
+            version = int(value)
         elif key == "rcpt":
             recipients.append(Recipient(_address(value, f"{where}:{number}", null_ok=False)))
         elif key in _RECIPIENT_KEYS:
@@ -142,6 +157,9 @@ def parse(data: bytes, where: str = "queue file") -> QueueFile:
         elif key == "log":
             log.append(value)
         elif key in _ENVELOPE_KEYS:
+            if key == "crashes" and version < CRASHES_VERSION:
+                raise CorruptQueueFile(f"{where}:{number}: 'crashes' needs version {CRASHES_VERSION} of the format, "
+                                       f"the file says {version}")
             if key in fields:
                 raise CorruptQueueFile(f"{where}:{number}: '{key}' given twice")
             fields[key] = value
@@ -173,6 +191,7 @@ def parse(data: bytes, where: str = "queue file") -> QueueFile:
         ret=fields.get("ret", ""),
         rewritten="rewritten" in fields,
         log=log,
+        crashes=_number(fields.get("crashes", "0"), int, f"{line_of.get('crashes', where)}: crashes"),
     )
     queue_file.journal_bytes = len(data) - body_start - size
     _apply_journal(queue_file, data[body_start + size:], where)
@@ -184,6 +203,12 @@ def _apply_journal(queue_file: QueueFile, journal: bytes, where: str) -> None:
     lines = journal.split(b"\n")[:-1]
     staged: dict[int, dict[str, str]] = {}
     for line in lines:
+        if line == CRASH_RECORD[:-1]:
+            queue_file.crashes += 1
+            continue
+        if line == HELD_RECORD[:-1]:
+            queue_file.crashes = 0
+            continue
         match = _JOURNAL.fullmatch(line)
         if not match:
             raise CorruptQueueFile(f"{where}: bad journal line {line[:80]!r}")
@@ -194,6 +219,21 @@ def _apply_journal(queue_file: QueueFile, journal: bytes, where: str) -> None:
         if key == "state":
             for name, text in staged.pop(index).items():
                 _set_recipient(queue_file.recipients[index], name, text, f"{where}: journal")
+
+
+def journal_start(head: bytes) -> int | None:
+    """Where the message ends and the journal starts, by the `size` line of the header at the
+    start of `head`; None if `head` holds no complete header with one plain `size` line.
+
+    This reads no more of the header than that: it serves the supervisor, which appends to a
+    file a dead worker left without reading the message (see Spool.record_crash)."""
+    end = head.find(b"\n\n", 0, MAX_HEADER)
+    if end < 0 or not head.startswith(f"{MAGIC} ".encode()):
+        return None
+    sizes = [line[5:] for line in head[:end].split(b"\n") if line.startswith(b"size ")]
+    if len(sizes) != 1 or not re.fullmatch(rb"[0-9]{1,18}", sizes[0]):
+        return None
+    return end + 2 + int(sizes[0])
 
 
 def _set_recipient(rcpt: Recipient, key: str, value: str, where: str) -> None:

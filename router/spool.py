@@ -18,13 +18,23 @@ from __future__ import annotations
 import errno
 import grp
 import os
+import resource
 import stat
 from collections.abc import Iterable
 from pathlib import Path
 
 from router.address import AddressError, parse_path
 from router.durable import unlink_quietly, write_all, write_synced
-from router.queue_file import QueueFile, Recipient, journal_record
+from router.queue_file import (
+    CRASH_RECORD,
+    HELD_RECORD,
+    MAX_HEADER,
+    MAX_OVERHEAD,
+    QueueFile,
+    Recipient,
+    journal_record,
+    journal_start,
+)
 from router.queue_id import arrival_of, is_queue_id, new_queue_id
 
 TMP, INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT, ARCHIVE = (
@@ -218,16 +228,121 @@ class Spool:
         """Append recipient results to an active file and fsync: from here on a crash cannot
         make qrouter deliver to those recipients again."""
         record = b"".join(journal_record(index, rcpt) for index, rcpt in results)
-        fd = os.open(self.path(ACTIVE, queue_id), os.O_WRONLY | os.O_APPEND)
-        size = os.fstat(fd).st_size
+        opened = self._open_for_record(queue_id)  # cuts a line torn by a worker killed earlier
+        if opened is None:
+            raise FileNotFoundError(errno.ENOENT, "no queue file to journal in", self.path(ACTIVE, queue_id))
+        fd, end = opened
+        try:
+            self._append_record(fd, end, record)  # a torn record must not glue itself to the next one
+        finally:
+            os.close(fd)
+
+    # -- the count of workers a message killed --------------------------------------------
+
+    def record_crash(self, queue_id: str) -> None:
+        """Count a worker's death against the message it held: append `@* crash` to its file in
+        active/ and fsync, so that the count survives a restart (docs/queue-format.md).
+
+        The supervisor calls this once the worker is dead: nothing else writes the file then.
+        A journal line the worker tore (killed in the middle of an append) is cut off first,
+        since the record glued onto it would make the file unreadable; the message itself is
+        never cut. Anything in active/ that is no queue file (a link, a FIFO, a directory, no
+        header) is left alone for a worker to set aside. Raises OSError if the disk refuses
+        (full, failing); the file is then as it was, but for the torn line."""
+        opened = self._open_for_record(queue_id)
+        if opened is None:
+            return
+        fd, end = opened
+        try:
+            self._append_record(fd, end, CRASH_RECORD)
+        finally:
+            os.close(fd)
+
+    def hold_poison(self, queue_id: str) -> None:
+        """Set aside a message that killed too many workers: append `@* held` to its file in
+        active/ (its count starts again, so `mv hold/ID incoming/` gives it its tries again) and
+        move it to hold/. Raises OSError if either step fails; the file then stays in active/
+        with the count it had, never held halfway."""
+        opened = self._open_for_record(queue_id)
+        if opened is None:
+            raise FileNotFoundError(errno.ENOENT, "no queue file to hold", self.path(ACTIVE, queue_id))
+        fd, end = opened
+        try:
+            self._append_record(fd, end, HELD_RECORD)
+            try:
+                os.rename(self.path(ACTIVE, queue_id), self.path(HOLD, queue_id))
+            except OSError:
+                os.ftruncate(fd, end)  # still in active/: it must not be delivered as if released
+                os.fsync(fd)
+                raise
+        finally:
+            os.close(fd)
+        try:
+            self.sync_dir(HOLD)
+        except OSError:
+            pass  # it is in hold/ already; should the rename be lost, the count holds it again
+
+    def _open_for_record(self, queue_id: str) -> tuple[int, int] | None:
+        """Open active/ID to append a journal record: the descriptor and the end of its last
+        whole line, to which the file has been cut. None for anything that is not a regular
+        file with a queue file's header, or is gone."""
+        try:
+            fd = os.open(self.path(ACTIVE, queue_id), os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_NOCTTY)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                return None
+            raise
+        try:
+            info = os.fstat(fd)
+            end = self._whole_lines_end(fd, info.st_size) if stat.S_ISREG(info.st_mode) and info.st_size else None
+            if end is not None and end < info.st_size:
+                os.ftruncate(fd, end)
+        except BaseException:
+            os.close(fd)
+            raise
+        if end is None:
+            os.close(fd)
+            return None
+        return fd, end
+
+    @staticmethod
+    def _whole_lines_end(fd: int, size: int) -> int | None:
+        """Where the last whole journal line of a file of `size` bytes ends: its end if the file
+        ends with LF; else the last LF after the message, found by the header's `size` line (a
+        message need not end with LF). None if there is no such header or the file is shorter."""
+        if os.pread(fd, 1, size - 1) == b"\n":
+            return size  # the common case: nothing but one byte read
+        start = journal_start(os.pread(fd, min(size, 1 << 16), 0))
+        if start is None and size > 1 << 16:
+            start = journal_start(os.pread(fd, min(size, MAX_HEADER), 0))
+        if start is None or start > size:
+            return None
+        position = size
+        while position > start:
+            if size - position > MAX_OVERHEAD:
+                return None  # no torn append is that long: leave the file as it is
+            chunk_start = max(start, position - (1 << 16))
+            newline = os.pread(fd, position - chunk_start, chunk_start).rfind(b"\n")
+            if newline >= 0:
+                return chunk_start + newline + 1
+            position = chunk_start
+        return start
+
+    @staticmethod
+    def _append_record(fd: int, end: int, record: bytes) -> None:
+        """Append and fsync; on failure cut the file back to `end` (no torn record is left)."""
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and end + len(record) > limit:
+            # What write(2) would say, without the SIGXFSZ that kills a process that has it at
+            # its default action: the supervisor must never die of a message.
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
         try:
             write_all(fd, record)
             os.fsync(fd)
         except OSError:
-            os.ftruncate(fd, size)  # a torn record must not glue itself to the next one
+            os.ftruncate(fd, end)
             raise
-        finally:
-            os.close(fd)
 
     # -- looking at queues ----------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import random
 import selectors
 import signal
 import stat
@@ -22,27 +23,35 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import unquote
 
 import psutil
 from inotify_simple import INotify
 from inotify_simple import flags as inotify_flags
 
+from policy.rewriting import TO
 from policy.routing import load_policy
 from policy.transport_map import PolicyError
 from router import status_socket
 from router.config import Config, ConfigError, load
+from router.envelope import pending_recipients
 from router.lock import SpoolLock
-from router.queue_id import is_queue_id
+from router.queue_file import POISON_CRASHES
+from router.queue_id import arrival_of, is_queue_id
 from router.schedule import Schedule
+from router.scheduler import PROBE_SECONDS, RECOVERY_SPREAD, Destination, Scheduler
 from router.spool import ACTIVE, DEFERRED, HOLD, INCOMING, Spool
 from workers.delivery import CORRUPTED, KEPT, QUEUED_AGAIN, SKIPPED, Report
 from workers.worker import Worker
 
 log = logging.getLogger("qrouter")
 
-POISON_CRASHES = 3
-PREFETCH = 2  # messages a worker holds: the next one waits in its pipe while it delivers
 YOUNG_WORKER_SECONDS = 1.0
+YOUNG_DEATHS = 5  # workers dying this young, in a row: the daemon stops instead of forking forever
+BOOT_ERROR = 3  # a worker's exit status when it could not start at all (as gunicorn's workers)
+TAKE_BACK_SECONDS = 3.0  # a worker silent this long gets no more mail, and what it has not begun is given to others
+DISPATCH_BUDGET = 2000  # ready messages looked at in one turn of the loop
+WATCHDOG_SECONDS = 15.0  # a worker silent this long is killed: its main thread says it is alive every second
 TROUBLE_LOG_SECONDS = 60.0  # "spool full" is said at most this often
 _GONE = inotify_flags.DELETE_SELF | inotify_flags.MOVE_SELF  # the watched directory itself went away
 ROOT = ""  # the spool directory: watched for its queue directories being moved away or removed
@@ -60,33 +69,37 @@ class WorkerHandle:
         self.pid = pid
         self.task_fd = task_fd
         self.report_fd = report_fd
-        self.started = time.monotonic()
-        self.jobs: dict[str, str] = {}  # queue id -> its queue, in the order handed out
-        self.job_since = 0.0  # when the oldest of them became the one in hand
+        self.started = self.heard = time.monotonic()
+        self.jobs: dict[str, tuple[str, float]] = {}  # queue id -> (its queue, when handed out), oldest first
         self.done = 0
         self.retiring = False
+        self.silent = False  # has not answered for TAKE_BACK_SECONDS
+        self.solo = False  # delivers a suspect message alone: it is given nothing else meanwhile
+        self.draining = False  # given nothing new until it is idle, to deliver a suspect alone
+        self.killed = False  # by the watchdog
         self.buffer = b""
 
     @property
-    def job(self) -> tuple[str, str] | None:
-        """(queue, queue id) of the message in hand: the oldest handed out, since a worker takes
-        its messages in order."""
-        for queue_id, queue in self.jobs.items():
-            return queue, queue_id
+    def job(self) -> tuple[str, str, float] | None:
+        """(queue, queue id, since) of the oldest message handed out."""
+        for queue_id, (queue, since) in self.jobs.items():
+            return queue, queue_id, since
         return None
 
-    def give(self, queue: str, queue_id: str, now: float) -> None:
-        if not self.jobs:
-            self.job_since = now
-        self.jobs[queue_id] = queue
+    def open(self, sessions: int) -> int:
+        """How many more messages it may be given now."""
+        if self.retiring or self.silent or self.solo or self.draining or self.task_fd < 0:
+            return 0
+        return max(0, sessions - len(self.jobs))
 
-    def finish(self, queue_id: str, now: float) -> None:
-        if next(iter(self.jobs), None) == queue_id:
-            self.job_since = now  # the next one, if any, is in hand from now on
+    def give(self, queue: str, queue_id: str, now: float) -> None:
+        self.jobs[queue_id] = (queue, now)
+
+    def finish(self, queue_id: str) -> None:
         self.jobs.pop(queue_id, None)
 
     def close_tasks(self) -> None:
-        """Closing the task pipe tells the worker to exit after the message in hand."""
+        """Closing the task pipe tells the worker to exit after the deliveries in progress."""
         if self.task_fd >= 0:
             os.close(self.task_fd)
             self.task_fd = -1
@@ -101,7 +114,13 @@ class Supervisor:
         self.lock = SpoolLock(config.queue_dir)
         self.selector = selectors.DefaultSelector()
         self.schedule = Schedule()
-        self.ready: deque[tuple[str, str]] = deque()
+        self.fresh: deque[tuple[str, str]] = deque()  # (queue, id) never tried, or given back
+        self.retries: deque[tuple[str, str]] = deque()  # (queue, id) due again
+        self.queued: set[str] = set()  # ids in fresh, retries or a destination's waiting line
+        self.suspects: set[str] = set()  # in progress, with others, in a worker that died
+        self.isolated: deque[tuple[str, str]] = deque()  # suspects waiting to be delivered alone
+        self.routes: dict[str, list[str]] = {}  # queue id in flight -> its destinations
+        self.scheduler = Scheduler(config.destination_concurrency, min(config.min_backoff, PROBE_SECONDS))
         self.workers: dict[int, WorkerHandle] = {}
         self.in_flight: dict[str, WorkerHandle] = {}
         self.crashes: dict[str, int] = {}
@@ -114,6 +133,9 @@ class Supervisor:
         self.stopping = False
         self.stop_deadline = 0.0
         self.respawn_after = 0.0
+        self.young_deaths = 0
+        self.more_ready = False  # _dispatch stopped at its budget with mail still ready
+        self.exit_code = 0
 
     # -- start and stop -------------------------------------------------------------------
 
@@ -134,9 +156,10 @@ class Supervisor:
                 key.data()
             self._handle_signals()
             self._promote_due()
+            self._watch_workers()
             self._check_stop_deadline()
         self._shutdown()
-        return 0
+        return self.exit_code
 
     def _start(self) -> None:
         self.policy = load_policy(self.config)
@@ -159,7 +182,7 @@ class Supervisor:
             log.warning(warning)
         self._maintain_pool()
         log.info("started: spool %s, %d workers, %d queued, %d deferred", self.config.queue_dir,
-                 self.config.workers, len(self.ready), len(self.schedule))
+                 self.config.workers, len(self.fresh), len(self.schedule))
 
     def _recover_active(self) -> None:
         """Files an earlier run left in active/ go back to incoming/ (before any worker runs);
@@ -202,7 +225,7 @@ class Supervisor:
         if self.stopping and self.workers and time.monotonic() >= self.stop_deadline:
             for worker in self.workers.values():
                 log.warning("worker %d still busy with %s at the end of shutdown-timeout; killing it",
-                            worker.pid, worker.job[1] if worker.job else "nothing")
+                            worker.pid, ", ".join(worker.jobs) or "nothing")
                 _kill(worker.pid)
             self.stop_deadline = float("inf")
 
@@ -225,6 +248,8 @@ class Supervisor:
         for warning in self._config_warnings(config):
             log.warning(warning)
         self.config, self.policy = config, policy
+        self.scheduler.limit = config.destination_concurrency
+        self.scheduler.probe_seconds = min(config.min_backoff, PROBE_SECONDS)
         for worker in self.workers.values():
             worker.retiring = True
             worker.close_tasks()
@@ -256,10 +281,16 @@ class Supervisor:
         supervisor_pid = os.getpid()
         pid = os.fork()
         if pid == 0:
-            status = 0
             try:
                 self._become_worker(task_write, report_read)
-                Worker(task_read, report_write, self.config, self.policy).run(supervisor_pid)
+                worker = Worker(task_read, report_write, self.config, self.policy)
+                worker.start(supervisor_pid)
+            except BaseException:
+                log.exception("worker %d cannot start", os.getpid())
+                os._exit(BOOT_ERROR)
+            status = 0
+            try:
+                worker.serve()
             except BaseException:
                 log.exception("worker %d crashed", os.getpid())
                 status = 70
@@ -306,33 +337,79 @@ class Supervisor:
         os.close(worker.report_fd)
         worker.close_tasks()
         how = _describe_exit(status)
-        lost = [(queue, queue_id) for queue_id, queue in worker.jobs.items()]
+        lost = [(queue, queue_id) for queue_id, (queue, _) in worker.jobs.items()]
         worker.jobs.clear()
+        claimed = [queue_id for _, queue_id in lost if os.path.exists(self.spool.path(ACTIVE, queue_id))]
+        if len(claimed) > 1 and not worker.killed:
+            self.suspects.update(claimed)  # which one killed it is not known: each goes again alone
+        for _, queue_id in lost:
+            if self.in_flight.get(queue_id) is worker:
+                self._finished(queue_id, {})
         held = [queue_id for _, queue_id in lost if os.path.exists(self.spool.path(ACTIVE, queue_id))]
         for queue_id in held:  # claimed, so being delivered; the others were still waiting in the pipe
             log.error("worker %d %s while delivering %s", worker.pid, how, queue_id)
         if not held and (not (worker.retiring or self.stopping) or status != 0):
             log.error("worker %d %s", worker.pid, how)
-        for job in lost:
-            self._job_lost(*job)
+        blame = not worker.killed and len(claimed) <= 1  # see _dispatch_isolated
+        for queue, queue_id in lost:
+            self._job_lost(queue, queue_id, blame)
         for name in self.spool.remove_own_staging(queue_id for _, queue_id in lost):
             log.warning("removed tmp/%s, a rewrite the worker did not finish", name)
-        if not (worker.retiring or self.stopping) and time.monotonic() - worker.started < YOUNG_WORKER_SECONDS:
-            self.respawn_after = time.monotonic() + YOUNG_WORKER_SECONDS
+        self._judge_start(worker, status)
 
-    def _job_lost(self, queue: str, queue_id: str) -> None:
-        """A worker died holding a message: try it again, unless it keeps killing workers."""
+    def _judge_start(self, worker: WorkerHandle, status: int) -> None:
+        """A worker that could not start, or workers that keep dying as soon as they start, stop
+        the daemon with the reason, rather than being forked again every second forever."""
+        if worker.retiring or self.stopping:
+            return
+        young = time.monotonic() - worker.started < YOUNG_WORKER_SECONDS
+        self.young_deaths = self.young_deaths + 1 if young else 0
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == BOOT_ERROR:
+            log.critical("a worker cannot start (the reason is logged above); stopping")
+        elif self.young_deaths >= YOUNG_DEATHS:
+            log.critical("%d workers in a row died within %.0fs of starting; stopping", self.young_deaths,
+                         YOUNG_WORKER_SECONDS)
+        else:
+            if young:
+                self.respawn_after = time.monotonic() + YOUNG_WORKER_SECONDS
+            return
+        self.exit_code = 1
+        self._begin_stop(signal.SIGTERM)
+
+    def _job_lost(self, queue: str, queue_id: str, blame: bool) -> None:
+        """A worker died holding a message: try it again, unless it keeps killing workers.
+        Without `blame` (the watchdog killed the worker, or it died with others in progress) the
+        death is not counted against the message.
+
+        The death is counted in the message's file (`@* crash`), where the count survives a
+        restart and the worker that claims the message next enforces it (POISON_CRASHES: hold/).
+        The count in memory holds it back within this run even if the file cannot take the record."""
         self.in_flight.pop(queue_id, None)
         if not os.path.exists(self.spool.path(ACTIVE, queue_id)):
             self._enqueue_ready(queue, queue_id)  # never claimed: still where it was
             return
         if self.stopping:
             return  # left in active/ for the next start
+        if not blame:
+            if not self._move(queue_id, ACTIVE, INCOMING):
+                self._enqueue_ready(ACTIVE, queue_id)
+            return
+        try:
+            self.spool.record_crash(queue_id)
+        except OSError as exc:  # a full disk: never the supervisor's death
+            log.error("%s: cannot count the worker's death in its queue file (%s); counted until the next start only",
+                      queue_id, exc.strerror or exc)
         crashes = self.crashes[queue_id] = self.crashes.get(queue_id, 0) + 1
         if crashes < POISON_CRASHES:
             if not self._move(queue_id, ACTIVE, INCOMING):
                 self._enqueue_ready(ACTIVE, queue_id)
-        elif self._move(queue_id, ACTIVE, HOLD):
+            return
+        try:
+            self.spool.hold_poison(queue_id)  # its count starts again, should it be released
+            held = True
+        except OSError:
+            held = self._move(queue_id, ACTIVE, HOLD)
+        if held:
             self.crashes.pop(queue_id)
             self.unsaved.pop(queue_id, None)
             log.error("%s: poison message: it killed %d workers; moved to hold/", queue_id, crashes)
@@ -384,11 +461,11 @@ class Supervisor:
             return
         log.error("%s/%s: %s; moved to corrupt/%s", queue, name, why, target)
 
-    def _move(self, queue_id: str, source: str, target: str) -> bool:
+    def _move(self, queue_id: str, source: str, target: str, *, mtime: float | None = None) -> bool:
         """Move a message between queues; False, with the reason logged, if the disk refuses
         (full, failing): the supervisor never dies of its spool."""
         try:
-            return self.spool.move(queue_id, source, target)
+            return self.spool.move(queue_id, source, target, mtime=mtime)
         except OSError as exc:
             self._spool_trouble(errno.errorcode.get(exc.errno or 0, "EIO"), f"cannot move {source}/{queue_id} "
                                 f"to {target}/")
@@ -406,42 +483,171 @@ class Supervisor:
                   "spool full:" if full else "spool write error:", self.config.queue_dir, reason, what,
                   len(self.kept))
 
-    def _enqueue_ready(self, queue: str, queue_id: str) -> None:
-        if queue_id not in self.in_flight:
-            self.ready.append((queue, queue_id))
+    def _enqueue_ready(self, queue: str, queue_id: str, *, retry: bool = False) -> None:
+        if queue_id not in self.in_flight and queue_id not in self.queued:
+            self.queued.add(queue_id)
+            if queue_id in self.suspects:
+                self.isolated.append((queue, queue_id))
+            else:
+                (self.retries if retry else self.fresh).append((queue, queue_id))
 
     def _promote_due(self) -> None:
         for queue_id in self.schedule.pop_due(time.time()):
-            self._enqueue_ready(self.kept.pop(queue_id, DEFERRED), queue_id)
+            self._enqueue_ready(self.kept.pop(queue_id, DEFERRED), queue_id, retry=True)
+
+    def _next_ready(self, turn: int) -> tuple[str, str]:
+        """New mail and retries by turns, so a burst of due retries delays new mail by one
+        message at most, and the other way round."""
+        source = self.fresh if (turn % 2 == 0 and self.fresh) or not self.retries else self.retries
+        queue, queue_id = source.popleft()
+        self.queued.discard(queue_id)
+        return queue, queue_id
 
     def _dispatch(self) -> None:
-        """Hand out ready messages, each to the worker holding the fewest: an idle worker first
-        (no message waits behind another while one is free), then up to PREFETCH each, so a
-        worker that finishes finds its next message in its pipe instead of waiting for this
-        loop to hear its report. One write per worker."""
-        if self.stopping or not self.ready:
+        """Hand out ready messages while workers have free sessions and each message's
+        destinations have room in their windows. A message waits in the line of a destination
+        whose window is full, is deferred without an attempt when a destination is dead, and
+        goes preferably to the worker its first destination belongs to, so that connections
+        kept open to a destination serve all of its mail. One write per worker."""
+        if self.stopping:
             return
-        open_ = [w for w in self.workers.values() if len(w.jobs) < PREFETCH and not w.retiring and w.task_fd >= 0]
+        if self.isolated:
+            self._dispatch_isolated()
+        if not (self.fresh or self.retries):
+            return
+        sessions = self.config.sessions_per_worker
+        open_ = {w: free for w in sorted(self.workers.values(), key=lambda w: w.pid) if (free := w.open(sessions))}
         given: dict[WorkerHandle, list[tuple[str, str]]] = {}
         now = time.time()
-        while open_ and self.ready:
-            queue, queue_id = self.ready.popleft()
+        turn = 0
+        self.more_ready = False
+        while open_ and (self.fresh or self.retries):
+            if turn == DISPATCH_BUDGET:  # the loop has signals, reports and clients to serve too
+                self.more_ready = True
+                break
+            queue, queue_id = self._next_ready(turn)
+            turn += 1
             if queue_id in self.in_flight:
                 continue
-            worker = min(open_, key=lambda w: len(w.jobs))
+            route = self._route(queue, queue_id)
+            if route is None:
+                continue  # gone meanwhile
+            names, addresses = route
+            blocker = self.scheduler.blocker(names, now)
+            if blocker is not None:
+                if blocker.dead and not blocker.probing and queue != ACTIVE:
+                    self._suspend(queue, queue_id, blocker, addresses)
+                else:
+                    blocker.waiting.append((queue, queue_id))
+                    self.queued.add(queue_id)
+                continue
+            worker = self._pick(open_, names)
+            self.scheduler.start(names, now)
+            self.routes[queue_id] = names
             worker.give(queue, queue_id, now)
             self.in_flight[queue_id] = worker
             given.setdefault(worker, []).append((queue, queue_id))
-            if len(worker.jobs) >= PREFETCH:
-                open_.remove(worker)
+            open_[worker] -= 1
+            if not open_[worker]:
+                del open_[worker]
         for worker, jobs in given.items():
             try:
                 os.write(worker.task_fd, "".join(self._task(queue, queue_id) for queue, queue_id in jobs).encode())
             except OSError:  # that worker is dying; reaping will replace it
                 for queue, queue_id in reversed(jobs):
                     worker.jobs.pop(queue_id)
-                    self.in_flight.pop(queue_id)
-                    self.ready.appendleft((queue, queue_id))
+                    self._finished(queue_id, {})
+                    self.queued.add(queue_id)
+                    self.fresh.appendleft((queue, queue_id))
+
+    def _dispatch_isolated(self) -> None:
+        """A worker that dies with several messages in progress gives no clue which one killed
+        it, so none is blamed: each goes again alone, to a worker given nothing else until it
+        reports. One that kills that worker too is blamed (a poison message after three);
+        the others are delivered as usual."""
+        while self.isolated:
+            idle = [w for w in self.workers.values()
+                    if not (w.jobs or w.retiring or w.silent or w.solo) and w.task_fd >= 0]
+            if not idle:
+                if not any(w.draining for w in self.workers.values()):
+                    busy = [w for w in self.workers.values() if not (w.retiring or w.silent) and w.task_fd >= 0]
+                    if busy:
+                        min(busy, key=lambda w: len(w.jobs)).draining = True
+                return
+            worker = next((w for w in idle if w.draining), idle[0])
+            queue, queue_id = self.isolated.popleft()
+            self.queued.discard(queue_id)
+            worker.draining, worker.solo = False, True
+            worker.give(queue, queue_id, time.time())
+            self.in_flight[queue_id] = worker
+            try:
+                os.write(worker.task_fd, self._task(queue, queue_id).encode())
+            except OSError:  # that worker is dying; reaping will replace it and give it back
+                pass
+
+    def _route(self, queue: str, queue_id: str) -> tuple[list[str], list[str]] | None:
+        """The destinations of a message's pending recipients (and the recipients), by the
+        policy in force; no destinations if its file cannot be read this way; None if it is gone."""
+        path = self.spool.path(queue, queue_id)
+        envelope = pending_recipients(path)
+        if envelope is None:
+            return None if not os.path.lexists(path) else ([], [])
+        addresses, rewritten = envelope
+        names: dict[str, None] = {}
+        for address in addresses:
+            try:
+                target = address if rewritten else self.policy.rewriter.rewrite(TO, address)[0]
+                names[self.policy.route(target).next_hop.destination] = None
+            except Exception:  # the worker routes it again and says what is wrong
+                continue
+        return list(names), addresses
+
+    def _pick(self, open_: dict[WorkerHandle, int], names: list[str]) -> WorkerHandle:
+        """The worker a destination belongs to (by its name) if it has a free session, else
+        the one with the most."""
+        serving = sorted((w for w in self.workers.values() if not w.retiring), key=lambda w: w.pid)
+        if names and serving:
+            preferred = serving[hash(names[0]) % len(serving)]
+            if preferred in open_:
+                return preferred
+        return max(open_, key=open_.__getitem__)
+
+    def _suspend(self, queue: str, queue_id: str, destination: Destination, addresses: list[str]) -> None:
+        """Defer a message for a dead destination without trying it, until its probe time. If
+        the spool cannot take the move now, the message waits where it is, due at the same time."""
+        due = destination.dead_until + random.uniform(0, RECOVERY_SPREAD * 20)
+        if not self._move(queue_id, queue, DEFERRED, mtime=due):
+            self.kept[queue_id] = queue
+        self.schedule.add(queue_id, due)
+        destination.deferred.add(queue_id)
+        delay = time.time() - arrival_of(queue_id)
+        for address in addresses:
+            log.info("%s: to=<%s>, relay=none, delay=%.2f, dsn=4.4.1, status=deferred (delivery temporarily "
+                     "suspended: %s: %s)", queue_id, address, delay, unquote(destination.name),
+                     destination.last_error)
+
+    def _finished(self, queue_id: str, reach: dict[str, str]) -> None:
+        """A message is no longer in flight: free its sessions, learn from what it found."""
+        self.in_flight.pop(queue_id, None)
+        names = self.routes.pop(queue_id, [])
+        now = time.time()
+        revived, died = self.scheduler.finish(names, reach, now)
+        for destination in died:
+            log.warning("destination %s is not reachable (%s); its mail waits without new attempts until a "
+                        "probe in %.0fs", unquote(destination.name), destination.last_error,
+                        destination.dead_until - now)
+        for destination in revived:
+            log.info("destination %s answers again; retrying the %d message(s) deferred for it",
+                     unquote(destination.name), len(destination.deferred))
+            for deferred_id, due in self.scheduler.recovery_times(destination, now):
+                self.schedule.add(deferred_id, due)
+        for name in names:
+            destination = self.scheduler.get(name)
+            room = len(destination.waiting) if destination.dead else int(destination.window) - destination.in_flight
+            for _ in range(min(room, len(destination.waiting))):
+                queue, waiting_id = destination.waiting.popleft()
+                self.queued.discard(waiting_id)
+                self._enqueue_ready(queue, waiting_id)
 
     def _task(self, queue: str, queue_id: str) -> str:
         """The line that hands a message to a worker, with the results an earlier attempt
@@ -449,8 +655,37 @@ class Supervisor:
         states = self.unsaved.get(queue_id)
         return f"{queue} {queue_id} {states}\n" if states else f"{queue} {queue_id}\n"
 
+    def _watch_workers(self) -> None:
+        """A worker that stops saying it is alive (frozen, wedged) gets no more mail; what it
+        has not begun goes to the others; and if it stays silent it is killed and replaced, and
+        the messages it was delivering go back to the queue (as gunicorn's arbiter does)."""
+        now = time.monotonic()
+        for worker in list(self.workers.values()):
+            silent = now - worker.heard
+            if silent >= WATCHDOG_SECONDS and not worker.killed:
+                log.error("worker %d has not answered for %.0fs; killing it", worker.pid, silent)
+                worker.killed = True
+                _kill(worker.pid)
+            elif silent >= TAKE_BACK_SECONDS and not worker.silent:
+                worker.silent = True
+                self._take_back(worker, silent)
+
+    def _take_back(self, worker: WorkerHandle, silent: float) -> None:
+        """Give the messages a silent worker has not claimed (still in their queue) to others.
+        Should it wake up and claim one after all, the rename lets only one worker have it."""
+        unclaimed = [(queue, queue_id) for queue_id, (queue, _) in worker.jobs.items()
+                     if queue != ACTIVE and os.path.lexists(self.spool.path(queue, queue_id))]
+        for queue, queue_id in unclaimed:
+            worker.jobs.pop(queue_id)
+            self._finished(queue_id, {})
+            self._enqueue_ready(queue, queue_id)
+        log.warning("worker %d has not answered for %.0fs; %d message(s) it had not begun given to others",
+                    worker.pid, silent, len(unclaimed))
+
     def _timeout(self) -> float | None:
-        deadlines = []
+        if self.more_ready:
+            return 0.0
+        deadlines = [TAKE_BACK_SECONDS] if self.workers else []
         due = self.schedule.next_due()
         if due is not None:
             deadlines.append(due - time.time())
@@ -533,8 +768,8 @@ class Supervisor:
         self._scan()
 
     def _on_report(self, worker: WorkerHandle, drain: bool = False) -> None:
-        """Read what the worker reported. One read is enough when the pipe is readable (a worker
-        has at most PREFETCH reports to give, and whatever is left makes the selector call
+        """Read what the worker reported: report lines, and empty lines that only say it is
+        alive. One read when the pipe is readable (whatever is left makes the selector call
         again); `drain` reads to the end, for a worker that has exited."""
         try:
             while chunk := os.read(worker.report_fd, 65536):
@@ -546,29 +781,43 @@ class Supervisor:
         except OSError as exc:
             if exc.errno != errno.EBADF:
                 raise
+        worker.heard = time.monotonic()
+        worker.silent = False
         *lines, worker.buffer = worker.buffer.split(b"\n")
         for line in lines:
-            self._report(worker, Report.from_line(line.decode()))
+            if line:
+                self._report(worker, Report.from_line(line.decode()))
 
     def _report(self, worker: WorkerHandle, report: Report) -> None:
-        worker.finish(report.queue_id, time.time())
+        queue_id = report.queue_id
+        worker.finish(queue_id)
         worker.done += 1
-        self.in_flight.pop(report.queue_id, None)
+        if worker.solo and not worker.jobs:
+            worker.solo = False
+            self.suspects.discard(queue_id)
+        if self.in_flight.get(queue_id) is worker:
+            self._finished(queue_id, report.reach)
+        elif report.result == SKIPPED:
+            return  # a message taken back from this worker, now another's
         if report.result not in (SKIPPED, CORRUPTED):
-            self.crashes.pop(report.queue_id, None)
+            self.crashes.pop(queue_id, None)
         self.counters["sent"] += report.sent
         self.counters["deferred"] += report.deferred
         self.counters["bounced"] += report.bounced
         if report.result == KEPT:
-            self.kept[report.queue_id] = report.queue
+            self.kept[queue_id] = report.queue
             if report.states:
-                self.unsaved[report.queue_id] = report.states
+                self.unsaved[queue_id] = report.states
         else:
-            self.unsaved.pop(report.queue_id, None)
+            self.unsaved.pop(queue_id, None)
         if report.error:
-            self._spool_trouble(report.error, f"cannot store the state of {report.queue_id}")
+            self._spool_trouble(report.error, f"cannot store the state of {queue_id}")
         if report.result in (QUEUED_AGAIN, KEPT):
-            self.schedule.add(report.queue_id, report.next_attempt)
+            self.schedule.add(queue_id, report.next_attempt)
+        if report.result == QUEUED_AGAIN:
+            for name, why in report.reach.items():
+                if why:
+                    self.scheduler.get(name).deferred.add(queue_id)
 
     def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
         if request.get("command", "status") != "status":
@@ -577,12 +826,16 @@ class Supervisor:
 
     def status(self) -> dict[str, Any]:
         workers = []
+        now = time.time()
         for worker in self.workers.values():
+            job = worker.job
             entry: dict[str, Any] = {
                 "pid": worker.pid,
-                "state": "retiring" if worker.retiring else ("busy" if worker.job else "idle"),
-                "queue_id": worker.job[1] if worker.job else None,
-                "busy_for": round(time.time() - worker.job_since, 3) if worker.job else None,
+                "state": "retiring" if worker.retiring else ("silent" if worker.silent else
+                                                             ("busy" if job else "idle")),
+                "sessions": len(worker.jobs),
+                "queue_id": job[1] if job else None,
+                "busy_for": round(now - job[2], 3) if job else None,
                 "done": worker.done,
             }
             try:
@@ -594,12 +847,15 @@ class Supervisor:
             workers.append(entry)
         return {
             "pid": os.getpid(),
-            "now": time.time(),
+            "now": now,
             "queue_dir": self.config.queue_dir,
-            "uptime": round(time.time() - self.started, 3),
+            "uptime": round(now - self.started, 3),
             "rss": psutil.Process().memory_info().rss,
             "scheduled": len(self.schedule),
+            "sessions": len(self.in_flight),
+            "max_sessions": self.config.sessions_per_worker * self.config.workers,
             "workers": workers,
+            "destinations": [{**d, "destination": unquote(str(d["destination"]))} for d in self.scheduler.status()],
             "counters": dict(self.counters),
         }
 

@@ -315,3 +315,111 @@ class ScriptedServer:
                 peer.sock.close()
             except OSError:
                 pass
+
+
+class CountingSink:
+    """A minimal SMTP server that answers every read after `delay` seconds (a pipelined batch
+    costs one delay, like a round trip), counts the connections open at once (`most`) and all it
+    ever had (`connections`), and keeps each message's envelope and data. With `accepting`
+    False it closes every connection at once, as a host that is down but still listening."""
+
+    def __init__(self, delay: float = 0.0, host: str = "127.0.0.1") -> None:
+        self.delay = delay
+        self.accepting = True
+        self.messages: list[Received] = []
+        self.open = self.most = self.connections = 0
+        self.lock = threading.Lock()
+        self.listener = socket.create_server((host, 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.stopping = threading.Event()
+        self.acceptor = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> CountingSink:
+        self.acceptor.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stopping.set()
+        self.acceptor.join(WAIT)
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            with self.lock:
+                self.connections += 1
+            if not self.accepting:
+                sock.close()
+                continue
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        with self.lock:
+            self.open += 1
+            self.most = max(self.most, self.open)
+        try:
+            sock.settimeout(WAIT)
+            self._converse(sock)
+        except (OSError, EOFError):
+            pass
+        finally:
+            with self.lock:
+                self.open -= 1
+            sock.close()
+
+    def _converse(self, sock: socket.socket) -> None:
+        buffer = b""
+        envelope: list[str] = []
+        time.sleep(self.delay)
+        sock.sendall(f"220 {SERVER_NAME} ESMTP\r\n".encode())
+        while not self.stopping.is_set():
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            buffer += chunk
+            replies = []
+            while b"\r\n" in buffer:
+                if envelope and envelope[-1] == "DATA":
+                    end = buffer.find(b"\r\n.\r\n")
+                    if end < 0 and not buffer.startswith(b".\r\n"):
+                        break
+                    data, buffer = (b"", buffer[3:]) if buffer.startswith(b".\r\n") else (
+                        buffer[:end + 2], buffer[end + 5:])
+                    with self.lock:
+                        self.messages.append(Received(_path_of(envelope[0]), [],
+                                                      [_path_of(a) for a in envelope[1:-1]], data))
+                    envelope = []
+                    replies.append("250 2.0.0 queued")
+                    continue
+                line, buffer = buffer.split(b"\r\n", 1)
+                command = line.decode(errors="replace")
+                verb = command[:4].upper()
+                if verb in ("EHLO", "HELO"):
+                    replies.append(f"250-{SERVER_NAME}\r\n250-PIPELINING\r\n250 8BITMIME")
+                elif verb == "MAIL":
+                    envelope = [command]
+                    replies.append("250 2.1.0 ok")
+                elif verb == "RCPT":
+                    envelope.append(command)
+                    replies.append("250 2.1.5 ok")
+                elif verb == "DATA":
+                    envelope.append("DATA")
+                    replies.append("354 go ahead")
+                elif verb == "QUIT":
+                    sock.sendall(b"221 2.0.0 bye\r\n")
+                    return
+                else:
+                    envelope = []
+                    replies.append("250 2.0.0 ok")
+            if replies:
+                time.sleep(self.delay)
+                sock.sendall("".join(f"{reply}\r\n" for reply in replies).encode())
+
+
+def _path_of(command: str) -> str:
+    """The address in `MAIL FROM:<a> ...` or `RCPT TO:<a> ...`."""
+    return command[command.index("<") + 1:command.index(">")]

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import psutil
 
-from router.queue_file import parse
+from router.queue_file import QueueFile, Recipient, parse
+from router.queue_id import arrival_of
 from router.spool import Spool
 from tests.daemon import Daemon, qrouter, wait_for
 
@@ -199,12 +200,15 @@ def test_message_that_kills_workers_goes_to_hold_and_others_flow(daemons):
     wait_for(held.exists, what="the poison message in hold/")
     log = daemon.log()
     assert f"{poison}: poison message: it killed 3 workers; moved to hold/" in log
-    assert log.count(f"was killed by signal 25 (SIGXFSZ) while delivering {poison}") == 3
+    # A death with other mail in progress in the same worker blames no one (each goes again alone),
+    # so it may take a fourth.
+    assert 3 <= log.count(f"was killed by signal 25 (SIGXFSZ) while delivering {poison}") <= 4
     assert parse(held.read_bytes(), str(held)).message == big
     assert not daemon.delivered("example.org/big")
 
     delivered = wait_for(lambda: daemon.delivered("example.org/small"), what="the small message")
-    assert [p.read_bytes() for p in delivered] == [b"Subject: small\n\nafter the big one\n"]
+    # At least once: in progress in the worker the poison killed, it may have arrived before that death.
+    assert {p.read_bytes() for p in delivered} == {b"Subject: small\n\nafter the big one\n"}
     wait_for(lambda: f"{small}: removed" in daemon.log(), what="the small message removed")
     later = [spool.enqueue("sender@example.org", ["later@example.org"], f"later {i}\n".encode()) for i in range(20)]
     wait_for(lambda: len(daemon.delivered("example.org/later")) == 20, what="mail queued after the poison")
@@ -213,6 +217,33 @@ def test_message_that_kills_workers_goes_to_hold_and_others_flow(daemons):
     assert daemon.files("incoming") == daemon.files("active") == []
     wait_for(lambda: len(daemon.worker_pids()) == 2, what="the pool back to 2")
     assert daemon.process.poll() is None
+
+
+def test_crash_count_the_file_cannot_take_is_kept_in_memory_and_logged(daemons):
+    """The count of deaths lives in the queue file; when the file cannot grow (here: past the file
+    size limit, as a full disk would refuse it) the supervisor says so, survives, and its count in
+    memory still stops the message within the run."""
+    daemon = daemons(workers=2, preexec_fn=limit_file_size, launcher=DEFAULT_SIGXFSZ)
+    spool = Spool(daemon.spool)
+    big = b"Subject: too big\n\n" + b"y" * (2 << 20)
+    poison = spool.enqueue("sender@example.org", ["big@example.org"], big)
+    held = daemon.spool / "hold" / poison
+    wait_for(held.exists, what="the poison message in hold/")
+    log = daemon.log()
+    assert log.count(f"{poison}: cannot count the worker's death in its queue file (File too large); "
+                     "counted until the next start only") == 3
+    assert f"{poison}: poison message: it killed 3 workers; moved to hold/" in log
+    assert held.read_bytes() == spool_file_bytes(poison, big)  # nothing appended, nothing cut
+    assert parse(held.read_bytes()).crashes == 0
+    assert daemon.process.poll() is None
+    later = spool.enqueue("sender@example.org", ["later@example.org"], b"after the poison\n")
+    wait_for(lambda: f"{later}: removed" in daemon.log(), what="mail queued after the poison")
+
+
+def spool_file_bytes(queue_id: str, message: bytes) -> bytes:
+    """The queue file `Spool.enqueue` writes for one message of the tests above."""
+    return QueueFile(queue_id, arrival_of(queue_id), "sender@example.org", [Recipient("big@example.org")],
+                     message).to_bytes()
 
 
 def test_sigterm_mid_run_exits_0_loses_nothing_and_releases_the_lock(daemons):

@@ -209,12 +209,170 @@ def test_later_journal_group_wins():
     (b"@0state delivered\n", "bad journal line"),
     (b"@0 state lost\n", "journal: unknown recipient state 'lost'"),
     (b"@" + b"1" * 5000 + b" state delivered\n", "bad journal line b'@111"),
+    (b"@* crashed\n", "bad journal line b'@* crashed'"),
+    (b"@* crash 2\n", "bad journal line b'@* crash 2'"),
+    (b"@*crash\n", "bad journal line b'@*crash'"),
+    (b"@* state delivered\n", "bad journal line b'@* state delivered'"),
+    (b"@0 sta@* crash\n", "bad journal line b'@0 sta@* crash'"),
 ], ids=["garbage", "empty-line", "no-such-recipient", "unknown-key", "bad-index", "negative-index",
-        "no-space", "unknown-state", "huge-index"])
+        "no-space", "unknown-state", "huge-index", "unknown-envelope-record", "envelope-record-value",
+        "envelope-record-no-space", "envelope-state", "record-glued-to-a-torn-line"])
 def test_bad_journal_line_is_an_error(journal, expected):
     message = corrupt_message(full_queue_file().to_bytes() + journal)
     assert message.startswith(f"{WHERE}: ")
     assert expected in message
+
+
+# -- the count of workers a message killed (version 2) ------------------------------------
+
+
+def test_crashes_survive_the_round_trip_in_a_version_2_header():
+    original = full_queue_file()
+    original.crashes = 2
+    data = original.to_bytes()
+    assert data.startswith(b"qrouter-queue-file 2\n")
+    assert b"\nattempts 3\ncrashes 2\nsender <alice@example.com>\n" in data
+    parsed = parse(data, WHERE)
+    assert parsed.crashes == 2
+    assert parsed == original
+    assert parsed.to_bytes() == data
+
+
+def test_a_file_without_crashes_is_still_written_as_version_1():
+    data = full_queue_file().to_bytes()
+    assert data.startswith(b"qrouter-queue-file 1\n")
+    assert b"\ncrashes " not in data.split(b"\n\n", 1)[0]
+    assert parse(data, WHERE).crashes == 0
+
+
+def test_version_1_file_is_still_read():
+    parsed = parse(header(*BASE), WHERE)
+    assert (parsed.queue_id, parsed.sender, parsed.crashes) == ("60A2418202240-1A2B-1", "a@example.org", 0)
+    assert [r.address for r in parsed.recipients] == ["b@example.org"]
+    assert parsed.to_bytes() == header(*BASE)
+
+
+def test_version_2_header_without_crashes_is_read():
+    assert parse(header(*with_line(1, "qrouter-queue-file 2")), WHERE).crashes == 0
+
+
+def test_crash_records_add_to_the_header_count():
+    original = full_queue_file()
+    original.crashes = 1
+    data = original.to_bytes()
+    carol = journal_record(2, delivered_carol())
+    parsed = parse(data + b"@* crash\n" + carol + b"@* crash\n", WHERE)
+    assert parsed.crashes == 3
+    assert parsed.recipients[2].state == DELIVERED
+    assert parsed.journal_bytes == len(carol) + 2 * len(b"@* crash\n")
+    rewritten = parsed.to_bytes()
+    assert b"\ncrashes 3\n" in rewritten and parse(rewritten, WHERE).crashes == 3
+
+
+def test_crash_records_follow_a_version_1_header():
+    """The daemon appends them to whatever file a dead worker held, a front door's included."""
+    parsed = parse(header(*BASE) + b"@* crash\n@* crash\n", WHERE)
+    assert parsed.crashes == 2
+    assert parsed.to_bytes().startswith(b"qrouter-queue-file 2\n")
+
+
+def test_crash_record_inside_an_unfinished_group_leaves_the_group_unfinished():
+    data = header(*BASE) + b"@0 dsn 2.0.0\n@* crash\n"
+    parsed = parse(data, WHERE)
+    assert parsed.crashes == 1
+    assert (parsed.recipients[0].state, parsed.recipients[0].dsn) == (PENDING, "")
+
+
+def test_held_record_starts_the_count_again():
+    original = full_queue_file()
+    original.crashes = 2
+    data = original.to_bytes()
+    assert parse(data + b"@* crash\n@* held\n", WHERE).crashes == 0
+    assert parse(data + b"@* crash\n@* held\n@* crash\n", WHERE).crashes == 1
+
+
+def test_torn_crash_record_is_ignored():
+    data = header(*BASE) + b"@* crash\n"
+    for cut in range(len(b"@* crash\n")):
+        assert parse(data[:len(data) - len(b"@* crash\n") + cut], WHERE).crashes == 0
+
+
+# -- Spool.record_crash: the supervisor's append to a file a dead worker left -----------------
+
+
+def active_file(tmp_path: Path, queue_file: QueueFile, tail: bytes = b"") -> tuple[Spool, str]:
+    spool = Spool(tmp_path / "spool")
+    spool.create()
+    path = spool.path("active", queue_file.queue_id)
+    Path(path).write_bytes(queue_file.to_bytes() + tail)
+    return spool, path
+
+
+def test_record_crash_after_a_torn_journal_line_keeps_the_file_readable(tmp_path):
+    queue_file = full_queue_file()
+    first = journal_record(0, Recipient("bob@example.org", state=DELIVERED, dsn="2.0.0", relay="r", reply="ok"))
+    second = journal_record(2, delivered_carol())
+    for cut in range(len(second)):
+        spool, path = active_file(tmp_path, queue_file, first + second[:cut])
+        spool.record_crash(queue_file.queue_id)
+        data = Path(path).read_bytes()
+        whole_lines = second[:cut][:second[:cut].rfind(b"\n") + 1]
+        assert data == queue_file.to_bytes() + first + whole_lines + b"@* crash\n", f"cut at {cut}"
+        parsed = parse(data, path)
+        assert parsed.crashes == 1
+        assert parsed.recipients[0].reply == "ok"
+        assert parsed.recipients[2] == queue_file.recipients[2]
+
+
+def test_record_crash_onto_a_torn_line_that_gluing_would_make_corrupt(tmp_path):
+    queue_file = parse(header(*BASE, message=b"hello\n"))
+    spool, path = active_file(tmp_path, queue_file, b"@0 sta")
+    with pytest.raises(CorruptQueueFile):
+        parse(Path(path).read_bytes() + b"@* crash\n", path)  # what a plain append would leave
+    spool.record_crash(queue_file.queue_id)
+    spool.record_crash(queue_file.queue_id)
+    assert Path(path).read_bytes() == header(*BASE, message=b"hello\n") + b"@* crash\n@* crash\n"
+    assert parse(Path(path).read_bytes(), path).crashes == 2
+
+
+@pytest.mark.parametrize("message", [b"no final newline", b"", b"ends in a torn-looking line\n@0 sta"])
+def test_record_crash_never_cuts_the_message(tmp_path, message):
+    queue_file = parse(header(*BASE, message=message))
+    spool, path = active_file(tmp_path, queue_file)
+    spool.record_crash(queue_file.queue_id)
+    parsed = parse(Path(path).read_bytes(), path)
+    assert (parsed.message, parsed.crashes) == (message, 1)
+    spool, path = active_file(tmp_path, queue_file, b"@0 dsn 2.0.0\n@0 sta")
+    spool.record_crash(queue_file.queue_id)
+    parsed = parse(Path(path).read_bytes(), path)
+    assert (parsed.message, parsed.crashes) == (message, 1)
+    assert Path(path).read_bytes().endswith(message + b"@0 dsn 2.0.0\n@* crash\n")
+
+
+def test_record_crash_on_a_version_1_file_from_a_front_door(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.create()
+    queue_id = spool.enqueue("a@example.org", ["b@example.org"], b"no final newline")
+    os.rename(spool.path("incoming", queue_id), spool.path("active", queue_id))
+    spool.record_crash(queue_id)
+    data = Path(spool.path("active", queue_id)).read_bytes()
+    assert data.startswith(b"qrouter-queue-file 1\n") and data.endswith(b"no final newline@* crash\n")
+    assert parse(data).crashes == 1
+
+
+def test_record_crash_leaves_what_is_not_a_queue_file_alone(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.create()
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"not yours")
+    os.symlink(target, spool.path("active", "60A2418202240-1A2B-1"))
+    os.mkfifo(spool.path("active", "60A2418202240-1A2B-2"))
+    os.mkdir(spool.path("active", "60A2418202240-1A2B-3"))
+    Path(spool.path("active", "60A2418202240-1A2B-4")).write_bytes(b"no header at all")
+    for number in range(1, 6):  # 5 does not exist
+        spool.record_crash(f"60A2418202240-1A2B-{number}")
+    assert target.read_bytes() == b"not yours"
+    assert Path(spool.path("active", "60A2418202240-1A2B-4")).read_bytes() == b"no header at all"
 
 
 # -- corrupt files: every error names the file and, for a header line, its number -------------
@@ -223,7 +381,8 @@ def test_bad_journal_line_is_an_error(journal, expected):
 HEADER_ERRORS = [
     (with_line(1, "hello 1"), f"{WHERE}:1: not a queue file (expected 'qrouter-queue-file 1')"),
     (with_line(1, "qrouter-queue-file"), f"{WHERE}:1: unsupported queue file version ''"),
-    (with_line(1, "qrouter-queue-file 2"), f"{WHERE}:1: unsupported queue file version '2'"),
+    (with_line(1, "qrouter-queue-file 3"), f"{WHERE}:1: unsupported queue file version '3'"),
+    (with_line(1, "qrouter-queue-file 0"), f"{WHERE}:1: unsupported queue file version '0'"),
     (with_line(1, "qrouter-queue-file 1.0"), f"{WHERE}:1: unsupported queue file version '1.0'"),
     (with_line(2, "id ../../etc/passwd"), f"{WHERE}:2: '../../etc/passwd' is not a queue id"),
     (with_line(2, "id 60a2418202240-1a2b-1"), f"{WHERE}:2: '60a2418202240-1a2b-1' is not a queue id"),
@@ -232,6 +391,7 @@ HEADER_ERRORS = [
     (with_line(3, "arrival "), f"{WHERE}:3: arrival: '' is not a number"),
     (with_line(4, "attempts -1"), f"{WHERE}:4: attempts: '-1' is not a number"),
     (with_line(4, "attempts " + "9" * 5000), f"{WHERE}:4: attempts: '{'9' * 5000}' is not a number"),
+    (with_line(4, "crashes 1"), f"{WHERE}:4: 'crashes' needs version 2 of the format, the file says 1"),
     (with_line(4, "colour blue"), f"{WHERE}:4: unknown key 'colour'"),
     (with_line(4, "Attempts 0"), f"{WHERE}:4: unknown key 'Attempts'"),
     (with_line(4, " 0"), f"{WHERE}:4: unknown key ''"),
@@ -335,7 +495,8 @@ def queue_files(draw) -> QueueFile:
     queue_id = f"{usec:013X}-{draw(st.integers(1, 2 ** 22)):X}-{draw(st.integers(1, 10 ** 6)):X}"
     queue_file = QueueFile(queue_id, arrival_of(queue_id), draw(st.sampled_from(["", *ADDRESSES])),
                            draw(st.lists(recipients, min_size=1, max_size=4)), draw(st.binary(max_size=300)),
-                           attempts=draw(st.integers(0, 10 ** 6)), envid=draw(text_values), ret=draw(text_values))
+                           attempts=draw(st.integers(0, 10 ** 6)), envid=draw(text_values), ret=draw(text_values),
+                           crashes=draw(st.sampled_from([0, 0, 1, 3, 10 ** 6])))
     for entry in draw(st.lists(text_values, max_size=3)):
         queue_file.add_log(draw(st.floats(0, 4e9)), entry)
     return queue_file
@@ -387,6 +548,10 @@ def mutated_files(draw) -> tuple[QueueFile, bytes, bytes]:
     data = queue_file.to_bytes()
     if draw(st.booleans()):
         data += b"".join(journal_record(i, r) for i, r in enumerate(queue_file.recipients))
+    if draw(st.booleans()):
+        data += b"@* crash\n"
+    if draw(st.booleans()):
+        data += b"@* held\n"
     original = data
     for _ in range(draw(st.integers(1, 4))):
         where = draw(st.integers(0, len(data)))
@@ -450,6 +615,17 @@ def test_doc_journal_example_reads_as_described():
     assert parsed.journal_bytes == len(journal_record(1, parsed.recipients[1]))
     assert is_queue_id(parsed.queue_id) and arrival_of(parsed.queue_id) == parsed.arrival
     assert parsed.message.endswith(b"Noon on Friday?\n")
+
+
+def test_doc_crashes_example_reads_as_described():
+    data = doc_block("crashes").encode()
+    parsed = parse(data, "example")
+    assert parsed.crashes == qf.POISON_CRASHES == 3
+    assert parsed.journal_bytes == len(b"@* crash\n")
+    assert is_queue_id(parsed.queue_id) and arrival_of(parsed.queue_id) == parsed.arrival
+    assert parsed.message == b"Subject: a message that kills workers\n\nHi Bob\n"
+    parsed.crashes -= 1
+    assert parsed.to_bytes() == data[:-parsed.journal_bytes]  # the header is what qrouter writes
 
 
 def test_doc_perl_listing_is_the_tested_script():

@@ -10,12 +10,23 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import quote, unquote
 
 from policy.next_hop import NextHop
 from policy.routing import Policy
 from router.config import Config
-from router.queue_file import DELIVERED, FAILED, MAX_OVERHEAD, PENDING, CorruptQueueFile, QueueFile, Recipient, parse
+from router.queue_file import (
+    DELIVERED,
+    FAILED,
+    MAX_OVERHEAD,
+    PENDING,
+    POISON_CRASHES,
+    CorruptQueueFile,
+    QueueFile,
+    Recipient,
+    parse,
+)
 from router.spool import ACTIVE, ARCHIVE, CORRUPT, DEFERRED, NotAQueueFile, Spool, read_queue_file
 from workers.transport import BOUNCED, SENT, Outcome, Transport
 from workers.transport import DEFERRED as STATUS_DEFERRED
@@ -24,6 +35,8 @@ log = logging.getLogger("qrouter")
 
 REMOVED, QUEUED_AGAIN, ARCHIVED, SKIPPED, CORRUPTED = "removed", "deferred", "archived", "skipped", "corrupt"
 KEPT = "kept"  # its state could not be stored: left where it is, its results told to the supervisor
+HELD = "held"  # poison: its file counts POISON_CRASHES workers it killed; moved to hold/, not delivered
+UNREACHABLE = "4.4."  # the enhanced status class of "no answer": connection refused, timed out, lost
 KEPT_RETRY_SECONDS = 60.0  # a kept message is tried again this soon at most: space may be back
 
 
@@ -33,7 +46,9 @@ class Report:
 
     A KEPT message is in `queue` still, and `states` holds the results of recipients done
     that its file does not record yet; `error` names the errno of a failure to store (ENOSPC),
-    which the supervisor logs once a minute rather than once per message."""
+    which the supervisor logs once a minute rather than once per message. `reach` says for each
+    destination tried whether it could be reached (""), or why not (no server answered), which
+    the scheduler needs to open or close its window and to find dead destinations."""
 
     queue_id: str
     result: str
@@ -44,16 +59,21 @@ class Report:
     queue: str = ""
     states: str = ""
     error: str = ""
+    reach: dict[str, str] = field(default_factory=dict)
 
     def to_line(self) -> bytes:
+        reached = ",".join(f"{destination}={quote(why, safe='')}" for destination, why in self.reach.items())
         return (f"{self.queue_id} {self.result} {self.sent} {self.deferred} {self.bounced} "
-                f"{self.next_attempt:.6f} {self.queue or '-'} {self.states or '-'} {self.error or '-'}\n").encode()
+                f"{self.next_attempt:.6f} {self.queue or '-'} {self.states or '-'} {self.error or '-'} "
+                f"{reached or '-'}\n").encode()
 
     @classmethod
     def from_line(cls, line: str) -> Report:
-        queue_id, result, sent, deferred, bounced, next_attempt, queue, states, error = (
+        queue_id, result, sent, deferred, bounced, next_attempt, queue, states, error, reached = (
             "" if word == "-" else word for word in line.split())
-        return cls(queue_id, result, int(sent), int(deferred), int(bounced), float(next_attempt), queue, states, error)
+        return cls(queue_id, result, int(sent), int(deferred), int(bounced), float(next_attempt), queue, states,
+                   error, {destination: unquote(why) for destination, _, why in
+                           (item.rpartition("=") for item in filter(None, reached.split(",")))})
 
 
 def encode_states(queue_file: QueueFile) -> str:
@@ -94,6 +114,13 @@ class Delivery:
         if queue_file.queue_id != queue_id:
             return self._set_aside(queue_id, CorruptQueueFile(
                 f"{path}: its id line says {queue_file.queue_id}, not its file name"))
+        if queue_file.crashes >= POISON_CRASHES:  # counted in the file: deaths in earlier runs count too
+            try:
+                self.spool.hold_poison(queue_id)
+            except OSError as exc:  # still in active/ with its count: never delivered, tried again later
+                return self._keep(report, ACTIVE, states, exc)
+            log.error("%s: poison message: it killed %d workers; moved to hold/", queue_id, queue_file.crashes)
+            return Report(queue_id, HELD)
         apply_states(queue_file, states)
         try:
             return self._attempt(queue_file, report, stored=not (queue_file.journal_bytes or states))
@@ -154,6 +181,8 @@ class Delivery:
         for position, (hop, indexes) in enumerate(groups.items(), 1):
             recipients = [queue_file.recipients[i] for i in indexes]
             outcomes = self._outcomes(queue_file, recipients, hop)
+            unreachable = all(o.status == STATUS_DEFERRED and o.dsn.startswith(UNREACHABLE) for o in outcomes)
+            report.reach[hop.destination] = (outcomes[0].reply or "unreachable") if unreachable and outcomes else ""
             for rcpt, outcome in zip(recipients, outcomes, strict=True):
                 self._record(queue_file, rcpt, outcome, report)
             if position < len(groups):

@@ -4,13 +4,16 @@ For each next hop the transport works out the servers to try, best first, and wa
 a server that cannot be reached or answers a recipient with 4xx hands that recipient to the next
 server; 2xx and 5xx are final. Connections stay open for the next message to the same server
 (RSET between) until `smtp-idle-timeout` passes, so a stream of mail to one hop costs one TCP and
-TLS handshake, not one per message.
+TLS handshake, not one per message. The worker's session threads share one transport: a thread
+takes a kept connection out of the pool for its message and puts it back after, so a connection
+serves one message at a time and every message to that server in the worker.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -23,7 +26,6 @@ from workers.transport import BOUNCED, DEFERRED, Outcome
 
 log = logging.getLogger("qrouter")
 
-MAX_KEPT = 16  # connections a worker keeps open at most
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,9 @@ class SMTPTransport:
         self.config = config
         self.helo_name = config.hostname
         self.credentials = config.relay_auth or {}
-        self.kept: dict[Server, tuple[SMTPClient, float]] = {}
+        self.kept: dict[Server, list[tuple[SMTPClient, float]]] = {}  # idle connections, last used last
+        self.max_kept = config.sessions_per_worker  # idle ones never outnumber the sessions that use them
+        self._lock = threading.Lock()
         self.turn: dict[str, int] = {}
         self._resolver = None
         self._fixed: dict[tuple[str, int | None, bool], list[Server]] = {}  # see _relay_servers
@@ -74,15 +78,21 @@ class SMTPTransport:
 
     def close_idle(self) -> None:
         limit = time.monotonic() - self.config.smtp_idle_timeout
-        for server, (client, last_used) in list(self.kept.items()):
-            if last_used <= limit:
-                del self.kept[server]
-                client.close()
+        with self._lock:
+            stale = [client for clients in self.kept.values() for client, last_used in clients if last_used <= limit]
+            for server, clients in list(self.kept.items()):
+                clients[:] = [(client, last_used) for client, last_used in clients if last_used > limit]
+                if not clients:
+                    del self.kept[server]
+        for client in stale:  # QUIT outside the lock: it waits for the server
+            client.close()
 
     def close(self) -> None:
-        for client, _ in self.kept.values():
+        with self._lock:
+            clients = [client for kept in self.kept.values() for client, _ in kept]
+            self.kept.clear()
+        for client in clients:
             client.close()
-        self.kept.clear()
 
     # -- one server -----------------------------------------------------------------------
 
@@ -129,7 +139,11 @@ class SMTPTransport:
     def _connection(self, server: Server, queue_id: str, fresh: bool) -> tuple[SMTPClient, bool]:
         """A kept connection to `server` if one is alive (and `fresh` is not asked), else a new
         one; the flag says which."""
-        kept = self.kept.pop(server, None)
+        with self._lock:
+            clients = self.kept.get(server)
+            kept = clients.pop() if clients else None
+            if clients == []:
+                del self.kept[server]
         if kept is not None:
             if not fresh and kept[0].is_alive():
                 return kept[0], True
@@ -152,10 +166,15 @@ class SMTPTransport:
                                   allow_plaintext_auth=self.config.smtp_plaintext_auth)
 
     def _keep(self, server: Server, client: SMTPClient) -> None:
-        self.kept[server] = (client, time.monotonic())
-        while len(self.kept) > MAX_KEPT:
-            oldest = min(self.kept, key=lambda s: self.kept[s][1])
-            self.kept.pop(oldest)[0].close()
+        with self._lock:
+            self.kept.setdefault(server, []).append((client, time.monotonic()))
+            if sum(len(clients) for clients in self.kept.values()) <= self.max_kept:
+                return
+            oldest = min(self.kept, key=lambda s: self.kept[s][0][1])
+            evicted = self.kept[oldest].pop(0)[0]
+            if not self.kept[oldest]:
+                del self.kept[oldest]
+        evicted.close()
 
     # -- where to deliver -----------------------------------------------------------------
 

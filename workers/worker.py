@@ -1,9 +1,21 @@
-"""The delivery worker: a forked process that takes queue-file paths from its pipe, delivers,
-and answers one report line each.
+"""The delivery worker: a forked process that takes queue ids from its pipe, delivers many
+messages at once, and answers one report line for each.
 
-It holds no state the supervisor needs: if it dies, the supervisor puts its message back and
-forks another. It exits when its pipe closes (graceful stop, reload) and is killed by the kernel
-when the supervisor dies, so no orphan keeps delivering beside a restarted daemon.
+Concurrency inside a worker is a fixed set of session threads (`max-sessions` shared out over the
+workers), started once with the worker: each takes the next message from the pipe and makes one
+whole attempt with the same synchronous code as ever (claim, route, deliver, journal, file away),
+so the journal and the claim by rename stay exactly as strong. A thread waits on the network with
+the interpreter lock released, which is all that delivery at internet latency needs: hundreds of
+milliseconds per reply, microseconds of Python per reply.
+
+The main thread only reads the pipe, hands messages to the threads, and says it is alive (an empty
+line every HEARTBEAT_SECONDS) whatever the deliveries are doing, so the supervisor can tell a
+worker that stopped answering (frozen, wedged) from one that is busy.
+
+It holds no state the supervisor needs: if it dies, the supervisor puts its messages back and
+forks another. It exits when its pipe closes (graceful stop, reload), after the deliveries in
+progress, without starting those not begun (they are still in their queue), and it is killed by
+the kernel when the supervisor dies, so no orphan keeps delivering beside a restarted daemon.
 """
 
 from __future__ import annotations
@@ -11,8 +23,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import queue
 import select
 import signal
+import threading
+import time
 
 from policy.next_hop import DISCARD, ERROR, LMTP, MAILDIR, MDA, MX, PIPE, RETRY, SMTP
 from policy.routing import Policy
@@ -26,7 +41,8 @@ from workers.verdict import VerdictTransport
 
 log = logging.getLogger("qrouter")
 
-IDLE_SECONDS = 1.0  # how often an idle worker lets transports drop what they hold open
+SESSION_STACK = 1 << 20  # a session thread's stack: Python frames live on the heap; 8 MB is for C code
+HEARTBEAT_SECONDS = 1.0  # how often the worker says it is alive, and an idle one drops idle connections
 PR_SET_PDEATHSIG = 1
 
 
@@ -46,57 +62,97 @@ class Worker:
         self.spool = Spool(config.queue_dir, config.spool_group)
         self.transports = build_transports(config)
         self.delivery = Delivery(self.spool, config, policy, self.transports)
-        self.busy = False
-        self.stopping = False
+        self.tasks: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
+        self.report_lock = threading.Lock()
+        self.busy_lock = threading.Lock()
+        self.busy = 0  # threads in an attempt
+        self.closing = False  # the pipe is closed or SIGTERM came: start nothing new
+        self.sessions: list[threading.Thread] = []
 
-    def run(self, supervisor_pid: int) -> None:
+    def start(self, supervisor_pid: int) -> None:
+        """Everything that can keep a worker from working at all (the supervisor stops the
+        daemon rather than fork workers that fail here again and again)."""
         _die_with_parent()
         if os.getppid() != supervisor_pid:
-            return
+            raise RuntimeError("the supervisor is gone")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._on_term)
+        threading.stack_size(SESSION_STACK)
+        self.sessions = [threading.Thread(target=self._session, name=f"session-{n}", daemon=True)
+                         for n in range(self.config.sessions_per_worker)]
+        for thread in self.sessions:
+            thread.start()
+
+    def serve(self) -> None:
+        """Deliver until the pipe closes; then finish what is in progress, still saying it is
+        alive, and let go of kept connections."""
         try:
-            self._serve()
+            self._read_tasks()
         finally:
+            self.closing = True
+            for _ in self.sessions:
+                self.tasks.put(None)
+            for thread in self.sessions:
+                while thread.is_alive():
+                    thread.join(HEARTBEAT_SECONDS)
+                    self._beat()
             for transport in set(self.transports.values()):
                 transport.close()
 
-    def _serve(self) -> None:
-        """One message at a time, as the supervisor hands them out (up to PREFETCH ahead, so a
-        busy worker finds the next one waiting and waits only when there is none).
-
-        Before each message the pipe is read to its end: once the supervisor has closed it (stop,
-        reload), the worker takes no new message, not even one already handed out; that one is
-        still in its queue for another worker or the next start. SIGTERM stops it the same way.
-        """
+    def _read_tasks(self) -> None:
+        """Read the pipe until the supervisor closes it (stop, reload) or SIGTERM says stop."""
         buffer = b""
-        os.set_blocking(self.task_fd, False)
-        while not self.stopping:
-            try:
-                while chunk := os.read(self.task_fd, 4096):
-                    buffer += chunk
-                return  # end of file: closed by the supervisor
-            except BlockingIOError:
-                pass
-            line, found, buffer = buffer.partition(b"\n")
-            if not found:
-                buffer = line
-                if not select.select([self.task_fd], [], [], IDLE_SECONDS)[0]:
-                    for transport in set(self.transports.values()):
-                        transport.close_idle()
+        beat = 0.0
+        while not self.closing:
+            readable = select.select([self.task_fd], [], [], HEARTBEAT_SECONDS)[0]
+            if readable:
+                chunk = os.read(self.task_fd, 65536)
+                if not chunk:
+                    return
+                *lines, buffer = (buffer + chunk).split(b"\n")
+                for line in lines:
+                    self.tasks.put(line.decode().split())
+            elif not self.busy:
+                for transport in set(self.transports.values()):
+                    transport.close_idle()
+            if time.monotonic() - beat >= HEARTBEAT_SECONDS:
+                beat = time.monotonic()
+                self._beat()
+
+    def _session(self) -> None:
+        """One session thread: attempt messages one after the other until told to stop. A
+        message handed out but not begun when the worker closes is left alone: it is still in
+        its queue, and the supervisor gives it to another worker."""
+        while (task := self.tasks.get()) is not None:
+            if self.closing:
                 continue
-            queue, queue_id, *states = line.decode().split()
-            self.busy = True
-            report = self.delivery.attempt(queue, queue_id, *states)
-            self.busy = False
-            os.write(self.report_fd, report.to_line())
+            queue_name, queue_id, *states = task
+            with self.busy_lock:
+                self.busy += 1
+            try:
+                report = self.delivery.attempt(queue_name, queue_id, *states)
+            finally:
+                with self.busy_lock:
+                    self.busy -= 1
+            self._write(report.to_line())
+
+    def _beat(self) -> None:
+        """Say "alive" (an empty line); a supervisor that is gone takes this worker with it."""
+        try:
+            self._write(b"\n")
+        except OSError:
+            pass
+
+    def _write(self, data: bytes) -> None:
+        with self.report_lock:  # a long report is more than one atomic pipe write
+            os.write(self.report_fd, data)
 
     def _on_term(self, signum: int, frame: object) -> None:
-        """SIGTERM: finish the message in hand, then exit."""
+        """SIGTERM: finish the deliveries in progress, start no other, then exit."""
         if not self.busy:
             os._exit(0)
-        self.stopping = True
+        self.closing = True
 
 
 def _die_with_parent() -> None:

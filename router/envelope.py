@@ -1,0 +1,53 @@
+"""The pending recipients of a queued message, read from its queue file's header alone.
+
+The supervisor routes every message before it hands it out, so that it can count sessions per
+destination, as Postfix's queue manager reads each message's envelope. It reads only the header
+(the recipients come before the message), never more than the header may be, and a file it cannot
+read this way is simply handed out with no destination known: the worker that tries it says what
+is wrong with it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from router.queue_file import MAX_HEADER, PENDING
+
+FIRST_READ = 16384  # holds the header of nearly every message
+
+
+def pending_recipients(path: str) -> tuple[list[str], bool] | None:
+    """The addresses of the recipients still pending, and whether they are rewritten already;
+    None if the file is gone or is not a queue file. Results only in the journal (a crash in the
+    middle of an attempt) are not seen here: such a recipient is counted as pending, which costs
+    at most a session slot it will not use."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, FIRST_READ)
+        end = data.find(b"\n\n")
+        if end < 0 and len(data) == FIRST_READ:
+            data += os.read(fd, MAX_HEADER - FIRST_READ)
+            end = data.find(b"\n\n")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if end < 0:
+        return None
+    recipients: list[tuple[str, str]] = []  # (address, state)
+    rewritten = False
+    for line in data[:end].decode(errors="replace").split("\n"):
+        key, _, value = line.partition(" ")
+        if key == "rcpt":
+            recipients.append((value.strip("<>"), PENDING))
+        elif key == "state" and recipients:
+            recipients[-1] = (recipients[-1][0], value)
+        elif key == "rewritten":
+            rewritten = True
+    return [address for address, state in recipients if state == PENDING], rewritten

@@ -1,0 +1,182 @@
+"""Poison across restarts: a message that kills every worker delivering it reaches hold/ after
+three deaths, even when the supervisor is killed (and started again) between them, because the
+count is kept in the message's own queue file.
+
+The message here crashes the worker in the Maildir transport (a stand-in for a bug that a message
+triggers), after leaving a torn journal line behind, as a worker killed in the middle of an append
+would. A message too large for RLIMIT_FSIZE (tests/test_crash.py) would not do: the count is
+appended to the same file, which the limit forbids to grow.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from router.queue_file import POISON_CRASHES, parse
+from router.spool import Spool
+from tests.daemon import Daemon, wait_for
+
+MARK = b"crash the worker"
+
+# `qrouter` with a Maildir transport that dies on a message holding MARK, as a worker with a bug
+# does: a torn journal line is left at the end of the queue file, then the process gets SIGSEGV
+# (sent to the delivering thread itself, so that it cannot go on to deliver before it dies).
+CRASH_ON_POISON = [sys.executable, "-c", """
+import os, signal, sys, threading, time
+from workers.maildir import MaildirTransport
+
+spool = sys.argv[sys.argv.index("--queue-dir") + 1]
+deliver = MaildirTransport.deliver
+
+def deliver_or_crash(self, message, recipients, hop):
+    if b"crash the worker" in message.message:
+        with open(os.path.join(spool, "active", message.queue_id), "ab") as queue_file:
+            queue_file.write(b"@0 sta")
+        signal.pthread_kill(threading.get_ident(), signal.SIGSEGV)  # this thread: it goes no further
+        time.sleep(60)
+    return deliver(self, message, recipients, hop)
+
+MaildirTransport.deliver = deliver_or_crash
+from router.cli import main
+main()
+"""]
+
+
+def no_core_dumps() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def kill_daemon(daemon: Daemon) -> None:
+    """kill -9 the supervisor; its workers die with it (PR_SET_PDEATHSIG) and free the spool lock."""
+    assert daemon.process is not None
+    workers = [child.pid for child in psutil.Process(daemon.process.pid).children()]
+    daemon.kill()
+    wait_for(lambda: all(gone(pid) for pid in workers), timeout=5, what="the workers to die with the supervisor")
+
+
+def where(daemon: Daemon, queue_id: str) -> list[str]:
+    return [queue for queue in ("incoming", "active", "deferred", "hold", "corrupt")
+            if (daemon.spool / queue / queue_id).exists()]
+
+
+def crashes_in_file(daemon: Daemon, queue: str, queue_id: str) -> int:
+    path = daemon.spool / queue / queue_id
+    return parse(path.read_bytes(), str(path)).crashes
+
+
+def test_poison_reaches_hold_after_three_deaths_across_supervisor_restarts(daemons):
+    daemon = daemons(workers=1, start=False, preexec_fn=no_core_dumps, launcher=CRASH_ON_POISON)
+    spool = Spool(daemon.spool)
+    spool.create()
+    body = b"Subject: poison\n\n" + MARK + b"\n"
+    poison = spool.enqueue("sender@example.org", ["victim@example.org"], body)
+    death = f"was killed by signal 11 (SIGSEGV) while delivering {poison}"
+    poison_line = f"{poison}: poison message: it killed 3 workers; moved to hold/"
+
+    for run in range(1, POISON_CRASHES):
+        daemon.start()
+        # The replacement of a worker that died young is forked a second later: the message waits
+        # in incoming/ meanwhile, its death counted in its file, and the supervisor dies now.
+        wait_for(lambda run=run: daemon.log().count(death) == run and where(daemon, poison) == ["incoming"],
+                 timeout=10, what=f"worker death {run}, the message back in incoming/")
+        kill_daemon(daemon)
+        assert daemon.log().count(death) == run
+        assert where(daemon, poison) == ["incoming"]
+        assert crashes_in_file(daemon, "incoming", poison) == run
+        data = (daemon.spool / "incoming" / poison).read_bytes()
+        assert data.endswith(body + b"@* crash\n"), "the torn line was not cut off before the record"
+
+    others = [spool.enqueue("sender@example.org", ["other@example.org"], f"other {i}\n".encode())
+              for i in range(5)]
+    daemon.start()
+    held = daemon.spool / "hold" / poison
+    wait_for(held.exists, timeout=10, what="the poison message in hold/")
+    wait_for(lambda: poison_line in daemon.log(), timeout=5, what="the poison log line")
+    log = daemon.log()
+    # the last run has other mail in progress beside it: a death shared with it blames no one
+    assert POISON_CRASHES <= log.count(death) <= POISON_CRASHES + 1
+    assert log.count(poison_line) == 1
+    assert daemon.log().count("started:") == POISON_CRASHES
+    parsed = parse(held.read_bytes(), str(held))
+    assert parsed.message == body
+    assert parsed.crashes == 0  # counting starts again if an administrator releases it
+    assert held.read_bytes().endswith(b"@* crash\n@* held\n")
+    assert not daemon.delivered("example.org/victim")
+
+    # Mail a worker had in hand beside the poison when it died may arrive twice (at least once).
+    wait_for(lambda: all(f"{queue_id}: removed" in daemon.log() for queue_id in others), what="the other mail")
+    assert {p.read_bytes() for p in daemon.delivered("example.org/other")} == {
+        f"other {i}\n".encode() for i in range(5)}
+    later = spool.enqueue("sender@example.org", ["later@example.org"], b"after the poison\n")
+    wait_for(lambda: f"{later}: removed" in daemon.log(), what="mail queued after the poison")
+    assert [p.read_bytes() for p in daemon.delivered("example.org/later")] == [b"after the poison\n"]
+    assert daemon.files("hold") == [poison]
+    assert daemon.files("incoming") == daemon.files("active") == daemon.files("corrupt") == []
+    assert not daemon.delivered("example.org/victim")
+    assert daemon.process.poll() is None
+
+
+def test_released_poison_gets_three_more_tries(daemons):
+    """`mv hold/ID incoming/` must not send the message straight back: its count starts again."""
+    daemon = daemons(workers=1, start=False, preexec_fn=no_core_dumps, launcher=CRASH_ON_POISON)
+    spool = Spool(daemon.spool)
+    spool.create()
+    poison = spool.enqueue("sender@example.org", ["victim@example.org"], b"Subject: poison\n\n" + MARK + b"\n")
+    death = f"while delivering {poison}"
+    daemon.start()
+    held = daemon.spool / "hold" / poison
+    wait_for(held.exists, timeout=15, what="the poison message in hold/")
+    assert daemon.log().count(death) == POISON_CRASHES
+
+    # Workers that die within a second of starting, several in a row, stop the daemon as workers
+    # that cannot start: let the one alive grow older than that before it meets the message.
+    wait_for(daemon.worker_pids, what="a worker")
+    time.sleep(1.5)
+    os.rename(held, daemon.spool / "incoming" / poison)
+    wait_for(lambda: daemon.log().count(death) == POISON_CRASHES + 1, timeout=10, what="a fourth death")
+    wait_for(held.exists, timeout=15, what="the poison message in hold/ again")
+    log = daemon.log()
+    assert log.count(death) == 2 * POISON_CRASHES
+    assert log.count(f"{poison}: poison message: it killed 3 workers; moved to hold/") == 2
+    assert not daemon.delivered()
+
+
+@pytest.mark.parametrize("rename_fails", [False, True])
+def test_hold_poison_resets_the_count_or_changes_nothing(tmp_path, rename_fails):
+    spool = Spool(tmp_path / "spool")
+    spool.create()
+    queue_id = spool.enqueue("a@example.org", ["b@example.org"], b"no final newline")
+    os.rename(spool.path("incoming", queue_id), spool.path("active", queue_id))
+    for _ in range(POISON_CRASHES):
+        spool.record_crash(queue_id)
+    with open(spool.path("active", queue_id), "ab") as torn:
+        torn.write(b"@0 st")
+    before = Path(spool.path("active", queue_id)).read_bytes()
+    if rename_fails:
+        os.rmdir(spool.path("hold"))
+        with pytest.raises(OSError):
+            spool.hold_poison(queue_id)
+        after = Path(spool.path("active", queue_id)).read_bytes()
+        assert after == before[:-len(b"@0 st")]  # only the torn line is gone
+        assert parse(after).crashes == POISON_CRASHES
+        return
+    spool.hold_poison(queue_id)
+    assert not os.path.exists(spool.path("active", queue_id))
+    data = Path(spool.path("hold", queue_id)).read_bytes()
+    assert data == before[:-len(b"@0 st")] + b"@* held\n"
+    assert parse(data).crashes == 0
+    assert parse(data).message == b"no final newline"
