@@ -1,9 +1,18 @@
 """qrouter benchmarks: delivery latency, drain throughput, and footprint with a large deferred queue;
-the same latency and throughput through SMTP to a relay host.
+the same latency and throughput through SMTP to a relay host; delivery to next hops at internet
+latency, and past a destination that hardly answers.
 
     bench/run.py                      all of them, once each
     bench/run.py latency drain        a selection
     bench/run.py --repeat 2           each benchmark twice; the summary shows the better and worse run
+    bench/run.py smtp-drain --baseline ../old
+                                      each benchmark with the daemon running this tree's code, then
+                                      ../old's (a checkout made with `git worktree add ../old COMMIT`);
+                                      the summary shows both and their ratio
+
+With --baseline the daemon (and `qrouter status`) runs from DIR (it is the working directory and
+PYTHONPATH of `python -m router`); the benchmark itself, and the queue files it writes, come from
+this tree. `policy` runs no daemon and runs from this tree only.
 
 These print figures next to their targets; they are not tests (a shared machine makes them noisy).
 Each runs the real daemon (`qrouter run --foreground`) as a subprocess on a spool and Maildirs in a
@@ -20,8 +29,9 @@ drain    10,000 messages of 4 KB for 100 users queued while the daemon is stoppe
          runs before the daemon and half after.
 memory   100,000 small queue files in deferred/, due in an hour. The daemon starts with 4 workers
          while one new message is queued: time from process start to that message's delivery,
-         and the supervisor's resident memory right then (before any status request, which
-         lists every queue directory and adds a few MB of its own).
+         and the supervisor's resident memory (RSS and PSS) right then (before any status request,
+         which adds a few MB of its own); then the time of a status request on the socket, and of
+         the `qrouter status` command (a new process, which also counts the queue directories).
 smtp-drain
          10,000 messages of 4 KB, one recipient each, queued while the daemon is stopped; then the
          daemon starts with 4 workers and `--relayhost` pointing at a lean SMTP sink on loopback
@@ -42,11 +52,37 @@ smtp-latency
          An idle daemon with 2 workers relaying to the sink; messages queued one at a time with
          Spool.enqueue. Per message: from enqueue() returning to the sink's acceptance of the
          message (its reply to the final dot), timed by the sink with the same monotonic clock.
+smtp-wan Delivery at internet latency. 2,000 messages of 4 KB, one recipient each, spread over 10
+         destinations (d0.example ... d9.example, sent by a transports file to 10 ports of
+         bench/wan_sink.py, no disk), queued while the daemon is stopped; then the daemon starts
+         with its default settings: messages/s from process start to the last message accepted.
+         The sink sends every reply D after the read that caused it (a pipelined batch costs one
+         D, like a round trip), its greeting after D, and its reply to the final dot S later
+         still. Two variants: D=50 ms, S=0 and D=50 ms, S=500 ms. Also per variant: the most
+         connections open at once to each destination, as the sink saw them, and the peak of the
+         summed PSS (from smaps_rollup; shared pages count once) and RSS of the supervisor and
+         all workers, sampled every 0.5 s. Reference (Postfix 3.7 with its defaults on a 2-core
+         machine like this one): about 500 and 140 msg/s, about 180 MB PSS over its ~100
+         processes. Then the sink is checked: the same messages from memory through the same
+         delays by a plain pipelining client over connections enough for 2,000 msg/s (400 at S=0,
+         1,200 at S=500: two round trips and S per message), with the sink's own CPU time.
+slow-destination
+         Head-of-line blocking. 500 messages to a destination that answers every command after
+         20 s, queued while the daemon is stopped; the daemon starts with its default settings
+         and 2 s after its launch 200 messages to a destination that answers at once are queued:
+         from the first of them queued to all 200 accepted, and the p50 and p99 of each one's
+         enqueue() returning to its acceptance. It gives up 60 s after they were queued (shown as
+         a timeout), then stops the sink, so deliveries stuck in a 20 s wait fail at once, and
+         the daemon.
+deferred-200k
+         memory with 200,000 queue files in deferred/ and the daemon's default workers.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import os
 import shutil
 import signal
@@ -54,12 +90,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import psutil
 from inotify_simple import INotify
@@ -67,6 +104,7 @@ from inotify_simple import flags as inotify_flags
 from policy_lookup import bench_policy
 from smtp_sink import Sink, blast, wire_message
 from spool_floor import relay_spool
+from wan_sink import Delay, WanSink, push
 
 from router.queue_file import QueueFile, Recipient
 from router.queue_id import arrival_of, new_queue_id
@@ -95,6 +133,25 @@ SMTP_WORKERS = 4
 SMTP_CONNECTIONS = 4  # of the ceiling client, one process each
 SINK_PROCESSES = 2
 POSTFIX_RATE = 1250.0  # msg/s, Postfix relaying queued 4 KB messages to a loopback sink, 2 cores
+
+WAN_DESTINATIONS = 10
+WAN_MESSAGES = 2_000
+WAN_VARIANTS = {"s0": Delay(0.050), "s500": Delay(0.050, 0.500)}  # figure prefix -> D and S
+WAN_TARGETS = {"s0": 1000.0, "s500": 300.0}  # msg/s, from the issue
+POSTFIX_WAN = {"s0": 500.0, "s500": 140.0}  # msg/s, Postfix 3.7 with its defaults, 2 cores
+POSTFIX_WAN_PSS_MB = 180  # over its ~100 processes
+WAN_PSS_TARGET_MB = 150
+WAN_CHECK_RATE = 2000.0  # msg/s the client that checks the sink could reach if the sink kept up
+WAN_TIMEOUT = 600.0
+MEMORY_INTERVAL = 0.5  # seconds between samples of the daemon's memory
+
+SLOW_MESSAGES = 500
+FAST_MESSAGES = 200
+SLOW, FAST = Delay(20.0), Delay(0.0)
+FAST_AFTER = 2.0  # seconds from the daemon's launch to queueing the fast messages
+FAST_TIMEOUT = 60.0
+
+DEFERRED_200K = 200_000
 
 DELIVERY_TIMEOUT = 10.0
 DRAIN_TIMEOUT = 150.0
@@ -131,11 +188,37 @@ def workspace(name: str, keep: bool) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def from_checkout(code: Path) -> dict[str, Any]:
+    """Popen arguments under which `python -m router` imports router/, workers/ and policy/ from
+    the checkout `code`: it is both the working directory and PYTHONPATH (the virtualenv's
+    editable install finds its own checkout only after the path)."""
+    return {"cwd": code, "env": {**os.environ, "PYTHONPATH": str(code)}}
+
+
+def qrouter(*args: str) -> tuple[list[str], dict[str, Any]]:
+    """The command line and Popen arguments that run `python -m router ARGS` with the code of
+    the checkout in Daemon.code."""
+    return [sys.executable, "-m", "router", *args], from_checkout(Daemon.code)
+
+
+def check_checkout(code: Path) -> str | None:
+    """Why the daemon could not run the code of the checkout `code`, or None if it can."""
+    probe = "import policy, router, workers; print(*(m.__file__ for m in (policy, router, workers)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, **from_checkout(code))
+    if done.returncode != 0:
+        return f"{code}: cannot import router, workers and policy from it: {done.stderr.strip()[-500:]}"
+    strays = [path for path in done.stdout.split() if not Path(path).resolve().is_relative_to(code)]
+    return f"{code}: the daemon would import {', '.join(strays)} instead" if strays else None
+
+
 class Daemon:
     """`qrouter run --foreground` in a subprocess, logging into a file in the workspace."""
 
-    def __init__(self, root: Path, workers: int, routing: Sequence[str] = ()):
-        """`routing`: the flags that say where mail goes; by default into Maildirs under mail/."""
+    code: ClassVar[Path] = ROOT  # whose code the daemon runs; main() points it at --baseline DIR
+
+    def __init__(self, root: Path, workers: int | None, routing: Sequence[str] = ()):
+        """`workers`: None leaves the daemon's default. `routing`: the flags that say where mail
+        goes; by default into Maildirs under mail/."""
         self.spool = root / "spool"
         self.mail = root / "mail"
         self.log_path = root / "qrouter.log"
@@ -145,11 +228,11 @@ class Daemon:
 
     def start(self) -> float:
         """Launch the daemon; returns the perf_counter() reading just before the launch."""
-        command = [sys.executable, "-m", "router", "run", "--foreground", "--queue-dir", str(self.spool),
-                   "--workers", str(self.workers), *self.routing]
+        workers = [] if self.workers is None else ["--workers", str(self.workers)]
+        command, where = qrouter("run", "--foreground", "--queue-dir", str(self.spool), *workers, *self.routing)
         with open(self.log_path, "ab") as log:
             started = time.perf_counter()
-            self.process = subprocess.Popen(command, stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
+            self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True, **where)
         return started
 
     @property
@@ -232,6 +315,63 @@ def report_problems(daemon: Daemon) -> list[str]:
     if len(problems) > 5:
         print(f"  daemon log: ... {len(problems) - 5} more problem lines")
     return problems
+
+
+def memory_of(pid: int) -> tuple[int, int]:
+    """PSS and RSS of a process, in bytes, from /proc/PID/smaps_rollup. PSS charges a page that n
+    processes share 1/n to each, so PSS adds up across processes to what they really take; forked
+    workers share most of their pages with the supervisor, which a sum of RSS counts again in each."""
+    sizes = {}
+    with open(f"/proc/{pid}/smaps_rollup") as handle:
+        for line in handle:
+            key, _, rest = line.partition(":")
+            if key in ("Pss", "Rss"):
+                sizes[key] = int(rest.split()[0]) * 1024
+    return sizes["Pss"], sizes["Rss"]
+
+
+class MemorySampler:
+    """Samples the PSS and RSS of a process and all its descendants, summed, every `interval`
+    seconds in a thread, and keeps the peaks (a daemon's workers come and go; the sum of one
+    moment is what the machine has to hold)."""
+
+    def __init__(self, pid: int, interval: float = MEMORY_INTERVAL):
+        self.pid = pid
+        self.interval = interval
+        self.peak_pss = self.peak_rss = self.peak_processes = self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> None:
+        try:
+            supervisor = psutil.Process(self.pid)
+            pids = [self.pid, *(child.pid for child in supervisor.children(recursive=True))]
+        except psutil.Error:
+            return
+        pss = rss = processes = 0
+        for pid in pids:
+            try:
+                one_pss, one_rss = memory_of(pid)
+            except (OSError, KeyError):  # it exited meanwhile
+                continue
+            pss, rss, processes = pss + one_pss, rss + one_rss, processes + 1
+        self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
+        self.peak_processes = max(self.peak_processes, processes)
+        self.samples += 1
 
 
 # -- the benchmarks -------------------------------------------------------------------------
@@ -378,14 +518,16 @@ def peak_rss(pid: int) -> int:
     return 0
 
 
-def bench_memory(keep: bool) -> dict[str, float]:
-    with workspace("memory", keep) as root:
-        daemon = Daemon(root, MEMORY_WORKERS)
+def bench_memory(keep: bool, deferred: int = MEMORY_DEFERRED, workers: int | None = MEMORY_WORKERS,
+                 name: str = "memory") -> dict[str, float]:
+    """`memory`, and with other arguments `deferred-200k` (twice the messages, default workers)."""
+    with workspace(name, keep) as root:
+        daemon = Daemon(root, workers)
         spool = Spool(daemon.spool)
         spool.create()
         setup = time.perf_counter()
-        fill_deferred(spool, MEMORY_DEFERRED, time.time() + 3600)
-        print(f"  wrote {MEMORY_DEFERRED} queue files into deferred/ in {time.perf_counter() - setup:.1f}s")
+        fill_deferred(spool, deferred, time.time() + 3600)
+        print(f"  wrote {deferred} queue files into deferred/ in {time.perf_counter() - setup:.1f}s")
         new_dir = make_maildir(daemon.mail / DOMAIN / "first")
         inotify = INotify()
         inotify.add_watch(new_dir, inotify_flags.MOVED_TO)
@@ -393,31 +535,46 @@ def bench_memory(keep: bool) -> dict[str, float]:
             started = daemon.start()
             spool.enqueue(SENDER, [f"first@{DOMAIN}"], message(0))
             delivered = wait_for_renames(inotify, 1, DRAIN_TIMEOUT, daemon)
-            rss = psutil.Process(daemon.pid).memory_info().rss  # before a status request adds its own
+            pss, rss = memory_of(daemon.pid)  # before a status request adds its own
             daemon.wait_serving()
             asked = time.perf_counter()
             status = daemon.status()
             answered = time.perf_counter()
+            command, where = qrouter("status", "--queue-dir", str(daemon.spool))
+            shown = subprocess.run(command, capture_output=True, text=True, timeout=60, **where)
+            command_seconds = time.perf_counter() - answered
             peak = peak_rss(daemon.pid)
             report_problems(daemon)
         spool.close()
         inotify.close()
-        if status["scheduled"] != MEMORY_DEFERRED:
-            raise RuntimeError(f"the daemon scheduled {status['scheduled']} messages, expected {MEMORY_DEFERRED}")
+        if status["scheduled"] != deferred:
+            raise RuntimeError(f"the daemon scheduled {status['scheduled']} messages, expected {deferred}")
+        if shown.returncode != 0 or str(deferred) not in shown.stdout:
+            raise RuntimeError(f"qrouter status failed or missed the deferred messages:\n{shown.stdout}{shown.stderr}")
     first = delivered - started
     print(f"  first delivery {first:.2f}s after process start; supervisor RSS then {rss / 2**20:.1f} MB, "
-          f"{status['scheduled']} scheduled")
+          f"PSS {pss / 2**20:.1f} MB, {status['scheduled']} scheduled")
     print(f"  a status request took {(answered - asked) * 1000:.0f} ms; RSS in its answer "
           f"{status['rss'] / 2**20:.1f} MB, peak (VmHWM) {peak / 2**20:.1f} MB")
-    return {"rss_mb": rss / 2**20, "peak_mb": peak / 2**20, "first_delivery_s": first,
-            "status_ms": (answered - asked) * 1000}
+    print(f"  the `qrouter status` command (a new Python process that asks the socket and counts the queue "
+          f"directories) took {command_seconds:.2f}s")
+    return {"rss_mb": rss / 2**20, "pss_mb": pss / 2**20, "peak_mb": peak / 2**20, "first_delivery_s": first,
+            "status_ms": (answered - asked) * 1000, "status_command_s": command_seconds}
 
 
 def relay_to(sink: Sink) -> list[str]:
     return ["--relayhost", f"127.0.0.1:{sink.port}"]
 
 
-def wait_for_sink(sink: Sink, count: int, timeout: float, daemon: Daemon | None = None) -> float:
+class Accepting(Protocol):
+    """What the wait functions read from a sink (smtp_sink.Sink or wan_sink.WanSink)."""
+
+    def accepted(self) -> int: ...
+
+    def last_accepted(self) -> float: ...
+
+
+def wait_for_sink(sink: Accepting, count: int, timeout: float, daemon: Daemon | None = None) -> float:
     """Block until the sink has accepted `count` messages in all; returns the perf_counter()
     reading of the last acceptance, as the sink noted it."""
     deadline = time.monotonic() + timeout
@@ -430,7 +587,7 @@ def wait_for_sink(sink: Sink, count: int, timeout: float, daemon: Daemon | None 
     return sink.last_accepted()
 
 
-def wait_for_first(sink: Sink, before: int, timeout: float, daemon: Daemon) -> float:
+def wait_for_first(sink: Accepting, before: int, timeout: float, daemon: Daemon) -> float:
     """perf_counter() when the sink's count first passed `before`, polled every millisecond."""
     deadline = time.monotonic() + timeout
     while sink.accepted() <= before:
@@ -574,6 +731,128 @@ def bench_smtp_latency(keep: bool) -> dict[str, float]:
     return figures
 
 
+def transports_to(root: Path, sink: WanSink, domains: Sequence[str]) -> list[str]:
+    """A transports file sending domain i to the sink's port i, and the flag that uses it."""
+    path = root / "transports"
+    path.write_text("".join(f"{domain} 127.0.0.1:{port}\n" for domain, port in zip(domains, sink.ports, strict=True)))
+    return ["--transports", str(path)]
+
+
+def bench_smtp_wan(keep: bool) -> dict[str, float]:
+    """Both variants, each with a sink and a spool of its own; figures are named by variant."""
+    figures: dict[str, float] = {}
+    with workspace("smtp-wan", keep) as root:
+        for variant, delay in WAN_VARIANTS.items():
+            print(f"  {delay} (ms):", flush=True)
+            figures.update({f"{variant}_{key}": value for key, value in
+                            wan_variant(root / variant, delay, POSTFIX_WAN[variant]).items()})
+    return figures
+
+
+def wan_variant(root: Path, delay: Delay, postfix_rate: float) -> dict[str, float]:
+    domains = [f"d{index}.example" for index in range(WAN_DESTINATIONS)]
+    envelopes = [(index % len(domains), f"m{index}@{domains[index % len(domains)]}", message(index))
+                 for index in range(WAN_MESSAGES)]
+    root.mkdir()
+    with WanSink([delay] * len(domains)) as sink:
+        daemon = Daemon(root, None, transports_to(root, sink, domains))
+        spool = Spool(daemon.spool)
+        spool.create()
+        for _, recipient, body in envelopes:
+            spool.enqueue(SENDER, [recipient], body)
+        spool.close()
+        with daemon:
+            sink_cpu = sink.cpu_seconds()
+            started = daemon.start()
+            with MemorySampler(daemon.pid) as memory:
+                finished = wait_for_sink(sink, WAN_MESSAGES, WAN_TIMEOUT, daemon)
+            sink_cpu = sink.cpu_seconds() - sink_cpu
+            wait_for_counter(daemon, WAN_MESSAGES)
+            report_problems(daemon)
+        peaks = sink.peak_connections()
+        spread = [sink.accepted(port) for port in range(len(domains))]
+        # the check: the same messages from memory through the same delays, many connections at once
+        check_cpu = sink.cpu_seconds()
+        wires = [(port, recipient, wire_message(body)) for port, recipient, body in envelopes]
+        per_port = max(40, math.ceil(WAN_CHECK_RATE * (2 * delay.reply + delay.dot) / len(domains)))
+        check_started = push(sink, SENDER, wires, per_port)
+        check_seconds = wait_for_sink(sink, 2 * WAN_MESSAGES, DRAIN_TIMEOUT) - check_started
+        check_cpu = sink.cpu_seconds() - check_cpu
+    seconds = finished - started
+    rate = WAN_MESSAGES / seconds
+    check_rate = WAN_MESSAGES / check_seconds
+    print(f"    router: {WAN_MESSAGES} relayed to {len(domains)} destinations in {seconds:.1f}s = {rate:.0f} msg/s; "
+          f"Postfix does about {postfix_rate:.0f} msg/s ({rate / postfix_rate:.2f}x)")
+    print(f"    most connections open at once, per destination: {peaks}; messages per destination "
+          f"{min(spread)} to {max(spread)}")
+    print(f"    all qrouter processes together, peak of {memory.samples} samples: "
+          f"PSS {memory.peak_pss / 2**20:.1f} MB, RSS {memory.peak_rss / 2**20:.1f} MB, "
+          f"{memory.peak_processes} processes; Postfix about "
+          f"{POSTFIX_WAN_PSS_MB} MB PSS over ~100 processes")
+    print(f"    sink: cpu {sink_cpu:.2f}s = {sink_cpu / seconds:.1%} of one core while the router ran; "
+          f"checked with a plain client ({per_port * len(domains)} connections): {check_rate:.0f} msg/s "
+          f"with the sink at {check_cpu / check_seconds:.0%} of one core")
+    return {"rate": rate, "postfix_factor": rate / postfix_rate, "peak_connections": max(peaks),
+            "pss_mb": memory.peak_pss / 2**20, "rss_mb": memory.peak_rss / 2**20,
+            "sink_cpu": sink_cpu / seconds, "check_rate": check_rate, "check_sink_cpu": check_cpu / check_seconds}
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    """Nearest-rank percentile; works with math.inf standing for a message never accepted."""
+    ranked = sorted(values)
+    return ranked[max(0, math.ceil(share * len(ranked)) - 1)]
+
+
+def bench_slow_destination(keep: bool) -> dict[str, float]:
+    """The fast messages are queued while the daemon is busy with the slow ones; at the end the
+    sink stops first, so the workers stuck in 20 s waits fail at once and the daemon stops
+    without waiting out its shutdown-timeout."""
+    with workspace("slow-destination", keep) as root, WanSink([SLOW, FAST]) as sink:
+        slow_port, fast_port = 0, 1
+        daemon = Daemon(root, None, transports_to(root, sink, ["slow.example", "fast.example"]))
+        spool = Spool(daemon.spool)
+        spool.create()
+        for index in range(SLOW_MESSAGES):
+            spool.enqueue(SENDER, [f"m{index}@slow.example"], message(index))
+        bodies = [message(index) for index in range(FAST_MESSAGES)]
+        with daemon:
+            try:
+                started = daemon.start()
+                daemon.wait_serving()
+                time.sleep(max(0.0, started + FAST_AFTER - time.perf_counter()))
+                queued = []
+                burst = time.perf_counter()
+                for index, body in enumerate(bodies):
+                    spool.enqueue(SENDER, [f"m{index}@fast.example"], body)
+                    queued.append(time.perf_counter())
+                while sink.accepted(fast_port) < FAST_MESSAGES and time.perf_counter() < queued[-1] + FAST_TIMEOUT:
+                    daemon.check_alive()
+                    time.sleep(0.01)
+                accepted = {record.tag: record.at for record in sink.records() if record.port == fast_port}
+                slow_accepted, peaks = sink.accepted(slow_port), sink.peak_connections()
+            finally:
+                sink.close()
+            report_problems(daemon)
+        spool.close()
+    # one accepted before its enqueue() returned (the daemon may deliver while enqueue still fsyncs) counts as 0
+    latencies = [max(0.0, accepted.get(index, math.inf) - at) for index, at in enumerate(queued)]
+    all_seconds = max(accepted.values()) - burst if len(accepted) == FAST_MESSAGES else math.inf
+    print(f"  {SLOW_MESSAGES} to a destination that answers after {SLOW.reply:.0f}s, then {FAST_MESSAGES} to one that "
+          f"answers at once, queued {burst - started:.1f}s after the daemon's launch "
+          f"(taking {queued[-1] - burst:.2f}s)")
+    if math.isinf(all_seconds):
+        print(f"  TIMEOUT: {len(accepted)} of {FAST_MESSAGES} fast messages accepted {FAST_TIMEOUT:.0f}s after "
+              f"they were queued")
+    else:
+        print(f"  all {FAST_MESSAGES} fast messages accepted {all_seconds:.2f}s after the first of them was queued")
+    p50, p99 = (percentile(latencies, share) * 1000 for share in (0.5, 0.99))
+    print(f"  fast messages, enqueue() returned to accepted: p50 {p50:.1f} ms, p99 {p99:.1f} ms (inf: not accepted)")
+    print(f"  slow destination: {slow_accepted} accepted, at most {peaks[slow_port]} connections at once; "
+          f"fast destination: at most {peaks[fast_port]}")
+    return {"fast_all_s": all_seconds, "fast_p50_ms": p50, "fast_p99_ms": p99, "fast_accepted": len(accepted),
+            "slow_connections": peaks[slow_port]}
+
+
 # -- the summary ----------------------------------------------------------------------------
 
 
@@ -606,9 +885,17 @@ FIGURES = [
     Figure("drain", "reference_rate", "reference loop rate", "msg/s", None, higher_is_better=True),
     Figure("drain", "ratio", "ratio router/reference", "", 0.7, higher_is_better=True),
     Figure("memory", "rss_mb", "supervisor RSS after start", "MB", 100),
+    Figure("memory", "pss_mb", "supervisor PSS after start", "MB", None),
     Figure("memory", "peak_mb", "supervisor peak RSS", "MB", None),
     Figure("memory", "first_delivery_s", "start to first delivery", "s", 5),
     Figure("memory", "status_ms", "status request, 100k deferred", "ms", None),
+    Figure("memory", "status_command_s", "`qrouter status` command, 100k deferred", "s", None),
+    Figure("deferred-200k", "rss_mb", "supervisor RSS after start", "MB", None),
+    Figure("deferred-200k", "pss_mb", "supervisor PSS after start", "MB", None),
+    Figure("deferred-200k", "peak_mb", "supervisor peak RSS", "MB", None),
+    Figure("deferred-200k", "first_delivery_s", "start to first delivery", "s", 5),
+    Figure("deferred-200k", "status_ms", "status request (socket only), 200k deferred", "ms", None),
+    Figure("deferred-200k", "status_command_s", "`qrouter status` command, 200k deferred", "s", 1),
     Figure("smtp-drain", "router_rate", "router relay rate", "msg/s", None, higher_is_better=True),
     Figure("smtp-drain", "startup_s", "start-up: launch to first message accepted", "s", None),
     Figure("smtp-drain", "steady_rate", "router relay rate after start-up", "msg/s", None, higher_is_better=True),
@@ -623,6 +910,27 @@ FIGURES = [
     Figure("smtp-latency", "p99_ms", "enqueue-to-sink p99", "ms", 50),
     Figure("smtp-latency", "total_p50_ms", "p50 incl. enqueue() itself", "ms", None),
     Figure("smtp-latency", "total_p99_ms", "p99 incl. enqueue() itself", "ms", None),
+    *(figure for variant, delay in WAN_VARIANTS.items() for figure in (
+        Figure("smtp-wan", f"{variant}_rate", f"{delay}: rate, launch to last accepted", "msg/s",
+               WAN_TARGETS[variant], higher_is_better=True),
+        Figure("smtp-wan", f"{variant}_postfix_factor", f"{delay}: rate / Postfix {POSTFIX_WAN[variant]:.0f} msg/s", "",
+               None, higher_is_better=True),
+        Figure("smtp-wan", f"{variant}_peak_connections", f"{delay}: most connections to one destination", "",
+               None),
+        Figure("smtp-wan", f"{variant}_pss_mb",
+               f"{delay}: peak PSS, all qrouter processes (Postfix ~{POSTFIX_WAN_PSS_MB})", "MB", WAN_PSS_TARGET_MB),
+        Figure("smtp-wan", f"{variant}_rss_mb", f"{delay}: peak RSS summed, all qrouter processes", "MB", None),
+        Figure("smtp-wan", f"{variant}_sink_cpu", f"{delay}: sink CPU under the router, share of a core", "", None),
+        Figure("smtp-wan", f"{variant}_check_rate", f"{delay}: sink check, plain client", "msg/s", None,
+               higher_is_better=True),
+        Figure("smtp-wan", f"{variant}_check_sink_cpu", f"{delay}: sink CPU in the check, share of a core", "",
+               None))),
+    Figure("slow-destination", "fast_all_s", "first fast message queued to all accepted", "s", 3),
+    Figure("slow-destination", "fast_p99_ms", "fast messages: enqueue-to-accepted p99", "ms", 1000),
+    Figure("slow-destination", "fast_p50_ms", "fast messages: enqueue-to-accepted p50", "ms", None),
+    Figure("slow-destination", "fast_accepted", f"fast messages accepted within {FAST_TIMEOUT:.0f} s", "", None,
+           higher_is_better=True),
+    Figure("slow-destination", "slow_connections", "connections held by the slow destination", "", None),
     Figure("policy", "load_ms", "load 10,000 transport rules", "ms", None),
     Figure("policy", "lookups_per_s", "lookups with 10,000 rules", "/s", None, higher_is_better=True),
     Figure("policy", "speedup", "lookups, ratio to a first-match linear scan", "", None, higher_is_better=True),
@@ -630,30 +938,58 @@ FIGURES = [
 
 BENCHMARKS: dict[str, Callable[[bool], dict[str, float]]] = {
     "latency": bench_latency, "drain": bench_drain, "memory": bench_memory,
-    "smtp-drain": bench_smtp_drain, "smtp-latency": bench_smtp_latency, "policy": bench_policy}
+    "smtp-drain": bench_smtp_drain, "smtp-latency": bench_smtp_latency, "policy": bench_policy,
+    "smtp-wan": bench_smtp_wan, "slow-destination": bench_slow_destination,
+    "deferred-200k": functools.partial(bench_memory, deferred=DEFERRED_200K, workers=None, name="deferred-200k")}
+IN_PROCESS = {"policy"}  # runs no daemon, so --baseline has nothing to run it with
 
 
 def cell(figure: Figure, value: float | None) -> str:
     if value is None:
         return "failed"
+    if math.isinf(value):
+        return "timeout MISS" if figure.target is not None else "timeout"
     verdict = figure.passes(value)
-    number = f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+    number = f"{value:.2f}" if abs(value) < 100 and not isinstance(value, int) else f"{value:.0f}"
     text = f"{number} {figure.unit}".strip()
     return text if verdict is None else f"{text} {'PASS' if verdict else 'MISS'}"
 
 
-def summary(results: dict[str, list[dict[str, float] | None]], runs: int) -> list[str]:
-    """One row per figure: its target, then the measured value, or the better and the worse run."""
-    header = ("benchmark", "figure", "target", *(("measured",) if runs == 1 else ("better run", "worse run")))
+Results = dict[str, list[dict[str, float] | None]]  # benchmark -> one entry per run, None if it failed
+
+
+def better_and_worse(figure: Figure, runs: list[dict[str, float] | None]) -> tuple[float | None, float | None]:
+    """The better and the worse of a figure's runs; None for a benchmark that failed."""
+    values = [run[figure.key] if run is not None else None for run in runs]
+    measured = sorted((v for v in values if v is not None), reverse=figure.higher_is_better)
+    better = measured[0] if measured else None
+    worse = measured[-1] if len(measured) == len(values) else None  # a failed run is the worst
+    return better, worse
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    if value is None or base is None or not math.isfinite(value) or not math.isfinite(base) or base == 0:
+        return "-"
+    return f"{value / base:.2f}"
+
+
+def summary(results: Results, runs: int, baseline: Results | None = None) -> list[str]:
+    """One row per figure: its target, then the measured value, or the better and the worse run;
+    with a baseline, the better run of each checkout and their ratio (this tree / baseline)."""
+    columns = ("this tree", "baseline", "ratio") if baseline is not None else \
+        ("measured",) if runs == 1 else ("better run", "worse run")
+    header = ("benchmark", "figure", "target", *columns)
     rows = [header]
     for figure in FIGURES:
         if figure.benchmark not in results:
             continue
-        values = [run[figure.key] if run is not None else None for run in results[figure.benchmark]]
-        measured = sorted((v for v in values if v is not None), reverse=figure.higher_is_better)
-        better = measured[0] if measured else None
-        worse = measured[-1] if len(measured) == len(values) else None  # a failed run is the worst
-        cells = (cell(figure, better),) if runs == 1 else (cell(figure, better), cell(figure, worse))
+        better, worse = better_and_worse(figure, results[figure.benchmark])
+        if baseline is not None:
+            base = better_and_worse(figure, baseline[figure.benchmark])[0] if figure.benchmark in baseline else None
+            shown = cell(figure, base) if figure.benchmark in baseline else "-"
+            cells: tuple[str, ...] = (cell(figure, better), shown, ratio(better, base))
+        else:
+            cells = (cell(figure, better),) if runs == 1 else (cell(figure, better), cell(figure, worse))
         rows.append((figure.benchmark, figure.label, figure.target_text(), *cells))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -668,26 +1004,44 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, choices=range(1, 6), metavar="N",
                         help="runs of each benchmark, 1 to 5 (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the work directories under /tmp")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="also run each benchmark with the daemon running the code of another checkout "
+                             "(e.g. one made by `git worktree add DIR COMMIT`), and show both figures and their ratio")
     args = parser.parse_args()
     unknown = [name for name in args.benchmarks if name not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     chosen = args.benchmarks or list(BENCHMARKS)
-    results: dict[str, list[dict[str, float] | None]] = {name: [] for name in chosen}
+    checkouts = {"this tree": ROOT}
+    if args.baseline is not None:
+        problem = check_checkout(args.baseline.resolve())
+        if problem:
+            parser.error(problem)
+        checkouts["baseline"] = args.baseline.resolve()
+        skipped = [name for name in chosen if name in IN_PROCESS]
+        if skipped:
+            print(f"{', '.join(skipped)}: no daemon to run from the baseline; this tree only")
+    results: dict[str, Results] = {
+        label: {name: [] for name in chosen if label == "this tree" or name not in IN_PROCESS} for label in checkouts}
     began = time.monotonic()
     for name in chosen:
         for run in range(1, args.repeat + 1):
-            print(f"{name}, run {run}:", flush=True)
-            try:
-                results[name].append(BENCHMARKS[name](args.keep))
-            except RuntimeError as exc:
-                print(f"  FAILED: {exc}")
-                results[name].append(None)
+            # which checkout goes first alternates, so a drift in the machine's load weighs on both alike
+            for label, code in list(checkouts.items())[::1 if run % 2 else -1]:
+                if name not in results[label]:
+                    continue
+                Daemon.code = code
+                print(f"{name}, run {run}{f', {label} ({code})' if len(checkouts) > 1 else ''}:", flush=True)
+                try:
+                    results[label][name].append(BENCHMARKS[name](args.keep))
+                except RuntimeError as exc:
+                    print(f"  FAILED: {exc}")
+                    results[label][name].append(None)
     print(f"\nsummary ({args.repeat} run(s) each, {time.monotonic() - began:.0f}s in all; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores):")
-    for line in summary(results, args.repeat):
+    for line in summary(results["this tree"], args.repeat, results.get("baseline")):
         print(line)
-    return 1 if any(run is None for runs in results.values() for run in runs) else 0
+    return 1 if any(run is None for by_name in results.values() for runs in by_name.values() for run in runs) else 0
 
 
 if __name__ == "__main__":

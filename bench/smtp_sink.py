@@ -47,13 +47,97 @@ PR_SET_PDEATHSIG = 1
 
 
 class Session:
-    """One client connection: a read buffer and whether it is inside DATA."""
+    """The SMTP state of one client connection: its unparsed input, whether it is inside DATA, and
+    the latest RCPT. Both sinks (this one and bench/wan_sink.py) speak through it, so they answer
+    exactly alike and differ only in when their replies go out."""
 
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
+    def __init__(self) -> None:
         self.buffer = bytearray()
         self.in_data = False
         self.scan = 0  # where to look for the end of data next
+        self.recipient = b""  # the argument of the latest RCPT
+
+    def feed(self, chunk: bytes) -> tuple[list[bytes], list[bytes], bool]:
+        """Take what one read returned: the replies to everything now complete, in order (one
+        QUEUED among them per message accepted), the RCPT argument of each message accepted, and
+        False once the client has said QUIT."""
+        buffer = self.buffer
+        buffer += chunk
+        out: list[bytes] = []
+        accepted: list[bytes] = []
+        position = 0
+        while True:
+            if self.in_data:
+                end = buffer.find(END, self.scan)
+                if end < 0:  # keep only what may be the start of the end marker
+                    del buffer[:max(self.scan, len(buffer) - len(END) + 1)]
+                    self.scan = 0
+                    return out, accepted, True
+                position = end + len(END)
+                self.in_data = False
+                accepted.append(self.recipient)
+                out.append(QUEUED)
+                continue
+            end = buffer.find(b"\r\n", position)
+            if end < 0:
+                del buffer[:position]
+                return out, accepted, True
+            verb = bytes(buffer[position:position + 4]).upper()
+            if verb == b"RCPT":
+                self.recipient = bytes(buffer[position + 8:end])
+            position = end + 2
+            if verb == b"DATA":
+                self.in_data = True
+                self.scan = position - 2  # the CRLF of the DATA line may begin the end marker
+                out.append(DATA_GO)
+            elif verb == b"EHLO":
+                out.append(EHLO)
+            elif verb == b"QUIT":
+                out.append(BYE)
+                return out, accepted, False
+            else:
+                out.append(REPLIES.get(verb, UNKNOWN))
+
+
+def fork_server(serve: Callable[[], None]) -> int:
+    """Run `serve` in a forked child that dies with the benchmark (even a kill -9 of it) and on
+    SIGTERM; returns the child's pid."""
+    pid = os.fork()
+    if pid == 0:
+        status = 0
+        try:
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the benchmark
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            serve()
+        except BaseException:
+            status = 70
+        finally:
+            os._exit(status)
+    return pid
+
+
+def stop_servers(pids: list[int]) -> None:
+    """SIGTERM the servers fork_server started and reap them; forgets them, so a second call
+    does nothing."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for pid in pids:
+        os.waitpid(pid, 0)
+    pids.clear()
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU time (user + system) the processes have used so far."""
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rpartition(")")[2].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
 
 
 class Sink:
@@ -69,29 +153,11 @@ class Sink:
 
     def __enter__(self) -> Sink:
         for index in range(self.processes):
-            pid = os.fork()
-            if pid == 0:
-                status = 0
-                try:
-                    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the benchmark
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    signal.signal(signal.SIGINT, signal.SIG_IGN)
-                    self._serve(index)
-                except BaseException:
-                    status = 70
-                finally:
-                    os._exit(status)
-            self.pids.append(pid)
+            self.pids.append(fork_server(lambda index=index: self._serve(index)))
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for pid in self.pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for pid in self.pids:
-            os.waitpid(pid, 0)
+        stop_servers(self.pids)
         self.listener.close()
         for fd in (self.notify_read, self.notify_write):
             if fd >= 0:
@@ -109,12 +175,7 @@ class Sink:
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the server processes have used so far."""
-        total = 0.0
-        for pid in self.pids:
-            with open(f"/proc/{pid}/stat") as handle:
-                fields = handle.read().rpartition(")")[2].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-        return total
+        return cpu_seconds(self.pids)
 
     def wait_accepted(self, timeout: float) -> float | None:
         """One notification (sink made with notify=True): the acceptance time of the next
@@ -140,10 +201,10 @@ class Sink:
                     if self._fewest_connections(index, stats[2]):
                         self._accept(selector, stats, offset)
                     continue
-                session: Session = key.data
-                if not self._on_readable(session, stats, offset):
-                    selector.unregister(session.sock)
-                    session.sock.close()
+                sock, session = key.data
+                if not self._on_readable(sock, session, stats, offset):
+                    selector.unregister(sock)
+                    sock.close()
                     stats[2] -= 1
                     SLOT.pack_into(self.shared, offset, *stats)
 
@@ -164,60 +225,29 @@ class Sink:
         sock.setblocking(True)  # one write per read: the client reads its replies before it writes more
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(GREETING)
-        selector.register(sock, selectors.EVENT_READ, Session(sock))
+        selector.register(sock, selectors.EVENT_READ, (sock, Session()))
         stats[2] += 1
         SLOT.pack_into(self.shared, offset, *stats)
 
-    def _on_readable(self, session: Session, stats: list, offset: int) -> bool:
-        """Handle everything complete in the buffer; False when the session is over."""
+    def _on_readable(self, sock: socket.socket, session: Session, stats: list, offset: int) -> bool:
+        """Answer everything complete in the input at once, in one write; False when the session
+        is over."""
         try:
-            chunk = session.sock.recv(256 * 1024)
+            chunk = sock.recv(256 * 1024)
         except ConnectionError:
             return False
         if not chunk:
             return False
-        buffer = session.buffer
-        buffer += chunk
-        out: list[bytes] = []
-        position = 0
-        open_ = True
-        while True:
-            if session.in_data:
-                end = buffer.find(END, session.scan)
-                if end < 0:  # keep only what may be the start of the end marker
-                    del buffer[:max(session.scan, len(buffer) - len(END) + 1)]
-                    session.scan = 0
-                    break
-                position = end + len(END)
-                session.in_data = False
-                stats[0] += 1
-                stats[1] = time.perf_counter()
-                SLOT.pack_into(self.shared, offset, *stats)
-                if self.notify_write >= 0:
-                    os.write(self.notify_write, STAMP.pack(stats[1]))
-                out.append(QUEUED)
-                continue
-            end = buffer.find(b"\r\n", position)
-            if end < 0:
-                del buffer[:position]
-                break
-            verb = bytes(buffer[position:position + 4]).upper()
-            position = end + 2
-            if verb == b"DATA":
-                session.in_data = True
-                session.scan = position - 2  # the CRLF of the DATA line may begin the end marker
-                out.append(DATA_GO)
-            elif verb == b"EHLO":
-                out.append(EHLO)
-            elif verb == b"QUIT":
-                out.append(BYE)
-                open_ = False
-                break
-            else:
-                out.append(REPLIES.get(verb, UNKNOWN))
+        out, accepted, open_ = session.feed(chunk)
+        if accepted:
+            stats[0] += len(accepted)
+            stats[1] = time.perf_counter()
+            SLOT.pack_into(self.shared, offset, *stats)
+            if self.notify_write >= 0:
+                os.write(self.notify_write, STAMP.pack(stats[1]) * len(accepted))
         if out:
             try:
-                session.sock.sendall(b"".join(out))
+                sock.sendall(b"".join(out))
             except ConnectionError:
                 return False
         return open_

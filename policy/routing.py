@@ -59,6 +59,17 @@ class Policy:
                 queue_file.message = message
         return changes
 
+    @property
+    def only_next_hop(self) -> NextHop | None:
+        """The next hop of every recipient whatever its address, if the policy has just one (a
+        relayhost, or a default-transport with no transports file that is no local agent): the
+        scheduler then needs to read no message to know its destination."""
+        if self.relayhost is not None:
+            return self.relayhost
+        if self.transport_map is None and self.default_transport is not None and self.default_transport.kind != MDA:
+            return self.default_transport
+        return None
+
     def route(self, recipient: str) -> Route:
         found = self._next_hop(recipient)
         if found.next_hop.kind != MDA:

@@ -3,10 +3,12 @@ which are dead. Postfix's queue manager is the model (SCHEDULER_README):
 
 - A destination is what the policy routes a recipient to (NextHop.destination): a relay host
   list, an MX domain, an LMTP socket, a Maildir template.
-- Its concurrency window starts at INITIAL_WINDOW and grows by 1/window for every delivery that
-  reached it (one more session per window's worth of successes) up to `destination-concurrency`,
-  and shrinks by 1/window for every attempt that could not reach it (connection refused, timed
-  out, lost), never below 1.
+- Its concurrency window starts at INITIAL_WINDOW and grows with every delivery that reached it,
+  up to `destination-concurrency`: by 1 each until the destination first fails (a slow start, as
+  TCP's: a destination that takes everything gets its full window within a few rounds), by
+  1/window each after that (one more session per window's worth of successes). It shrinks by
+  1/window for every attempt that could not reach it (connection refused, timed out, lost),
+  never below 1.
 - When every attempt of a whole round fails (as many in a row as the window is wide), the
   destination is dead: its mail is deferred without new connections until the probe time; then
   one message goes as the probe. If it reaches the destination, the window opens again from 1
@@ -34,6 +36,7 @@ class Destination:
     failures: int = 0  # attempts in a row that could not reach it
     dead_until: float = 0.0  # dead while > 0; the probe may go at this time
     probing: bool = False
+    failed_once: bool = False  # ends the slow start
     last_error: str = ""
     waiting: deque[tuple[str, str]] = field(default_factory=deque)  # (queue, id) held back: window full
     deferred: set[str] = field(default_factory=set)  # deferred because it could not be reached
@@ -102,13 +105,15 @@ class Scheduler:
         if destination.dead:
             destination.dead_until, destination.probing, destination.window = 0.0, False, 1.0
             return True
-        destination.window = min(float(self.limit), destination.window + 1 / destination.window)
+        growth = 1 / destination.window if destination.failed_once else 1.0
+        destination.window = min(float(self.limit), destination.window + growth)
         return False
 
     def _unreachable(self, destination: Destination, why: str, now: float) -> bool:
         """Learn that an attempt could not reach it; True if that makes it dead now."""
         destination.last_error = why
         destination.failures += 1
+        destination.failed_once = True
         destination.window = max(1.0, destination.window - 1 / destination.window)
         was_dead = destination.dead
         if destination.probing or destination.failures >= int(destination.window):

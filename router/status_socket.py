@@ -21,6 +21,7 @@ from router.lock import NO_SPACE
 
 MAX_REQUEST = 64 * 1024
 MAX_CONNECTIONS = 64
+LISTEN_BACKLOG = 128  # connections the kernel holds until the loop accepts them
 CONNECTION_SECONDS = 5.0  # from connect to the end of the answer
 
 log = logging.getLogger("qrouter")
@@ -85,7 +86,7 @@ class StatusServer:
                         "reach the daemon)", self.path, exc.strerror)
             return None
         os.chmod(self.path, 0o660)
-        listener.listen(self.max_connections)
+        listener.listen(max(LISTEN_BACKLOG, self.max_connections))
         listener.setblocking(False)
         return listener
 
@@ -193,7 +194,7 @@ def query(path: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
             client.settimeout(timeout)
-            client.connect(path)
+            _connect(client, path, time.monotonic() + timeout)
             client.sendall(json.dumps(request).encode() + b"\n")
             data = _read_line(client)
     except OSError as exc:
@@ -202,6 +203,20 @@ def query(path: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str
         return json.loads(data)
     except ValueError:
         raise StatusError(f"unreadable answer from the daemon at {path}") from None
+
+
+def _connect(client: socket.socket, path: str, deadline: float) -> None:
+    """Connect, waiting for room while the daemon's listen queue is full: a Unix socket with a
+    timeout does not wait for that but fails at once (EAGAIN), for instance while many idle
+    clients wait to be accepted."""
+    while True:
+        try:
+            client.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _read_line(conn: socket.socket) -> bytes:

@@ -20,7 +20,7 @@ import selectors
 import signal
 import stat
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import unquote
@@ -71,6 +71,7 @@ class WorkerHandle:
         self.report_fd = report_fd
         self.started = self.heard = time.monotonic()
         self.jobs: dict[str, tuple[str, float]] = {}  # queue id -> (its queue, when handed out), oldest first
+        self.destinations: Counter[str] = Counter()  # messages in progress here, by destination
         self.done = 0
         self.retiring = False
         self.silent = False  # has not answered for TAKE_BACK_SECONDS
@@ -507,8 +508,8 @@ class Supervisor:
         """Hand out ready messages while workers have free sessions and each message's
         destinations have room in their windows. A message waits in the line of a destination
         whose window is full, is deferred without an attempt when a destination is dead, and
-        goes preferably to the worker its first destination belongs to, so that connections
-        kept open to a destination serve all of its mail. One write per worker."""
+        goes to the worker with the most free sessions whose share of its destinations is not
+        all in use (see _pick). One write per worker."""
         if self.stopping:
             return
         if self.isolated:
@@ -529,22 +530,26 @@ class Supervisor:
             turn += 1
             if queue_id in self.in_flight:
                 continue
-            route = self._route(queue, queue_id)
-            if route is None:
+            names = self._route(queue, queue_id)
+            if names is None:
                 continue  # gone meanwhile
-            names, addresses = route
             blocker = self.scheduler.blocker(names, now)
             if blocker is not None:
                 if blocker.dead and not blocker.probing and queue != ACTIVE:
-                    self._suspend(queue, queue_id, blocker, addresses)
+                    self._suspend(queue, queue_id, blocker)
                 else:
                     blocker.waiting.append((queue, queue_id))
                     self.queued.add(queue_id)
                 continue
             worker = self._pick(open_, names)
+            if worker is None:  # its share of the destination is in use in every worker with room
+                self.scheduler.get(names[0]).waiting.append((queue, queue_id))
+                self.queued.add(queue_id)
+                continue
             self.scheduler.start(names, now)
             self.routes[queue_id] = names
             worker.give(queue, queue_id, now)
+            worker.destinations.update(names)
             self.in_flight[queue_id] = worker
             given.setdefault(worker, []).append((queue, queue_id))
             open_[worker] -= 1
@@ -585,13 +590,17 @@ class Supervisor:
             except OSError:  # that worker is dying; reaping will replace it and give it back
                 pass
 
-    def _route(self, queue: str, queue_id: str) -> tuple[list[str], list[str]] | None:
-        """The destinations of a message's pending recipients (and the recipients), by the
-        policy in force; no destinations if its file cannot be read this way; None if it is gone."""
+    def _route(self, queue: str, queue_id: str) -> list[str] | None:
+        """The destinations of a message's pending recipients, by the policy in force; none if
+        its file cannot be read this way; None if it is gone. A policy with one next hop for
+        everyone (a relayhost) needs no file read."""
+        only = self.policy.only_next_hop
+        if only is not None:
+            return [only.destination]
         path = self.spool.path(queue, queue_id)
         envelope = pending_recipients(path)
         if envelope is None:
-            return None if not os.path.lexists(path) else ([], [])
+            return None if not os.path.lexists(path) else []
         addresses, rewritten = envelope
         names: dict[str, None] = {}
         for address in addresses:
@@ -600,19 +609,17 @@ class Supervisor:
                 names[self.policy.route(target).next_hop.destination] = None
             except Exception:  # the worker routes it again and says what is wrong
                 continue
-        return list(names), addresses
+        return list(names)
 
-    def _pick(self, open_: dict[WorkerHandle, int], names: list[str]) -> WorkerHandle:
-        """The worker a destination belongs to (by its name) if it has a free session, else
-        the one with the most."""
-        serving = sorted((w for w in self.workers.values() if not w.retiring), key=lambda w: w.pid)
-        if names and serving:
-            preferred = serving[hash(names[0]) % len(serving)]
-            if preferred in open_:
-                return preferred
-        return max(open_, key=open_.__getitem__)
+    def _pick(self, open_: dict[WorkerHandle, int], names: list[str]) -> WorkerHandle | None:
+        """The worker with the most free sessions among those whose share of each destination
+        (destination-concurrency divided over the workers, as each worker keeps its own
+        connections) is not all in use; None if there is none."""
+        share = self.config.destination_share
+        fits = [w for w in open_ if all(w.destinations[name] < share for name in names)]
+        return max(fits, key=open_.__getitem__) if fits else None
 
-    def _suspend(self, queue: str, queue_id: str, destination: Destination, addresses: list[str]) -> None:
+    def _suspend(self, queue: str, queue_id: str, destination: Destination) -> None:
         """Defer a message for a dead destination without trying it, until its probe time. If
         the spool cannot take the move now, the message waits where it is, due at the same time."""
         due = destination.dead_until + random.uniform(0, RECOVERY_SPREAD * 20)
@@ -621,15 +628,18 @@ class Supervisor:
         self.schedule.add(queue_id, due)
         destination.deferred.add(queue_id)
         delay = time.time() - arrival_of(queue_id)
-        for address in addresses:
+        envelope = pending_recipients(self.spool.path(DEFERRED if queue_id not in self.kept else queue, queue_id))
+        for address in envelope[0] if envelope else ["?"]:
             log.info("%s: to=<%s>, relay=none, delay=%.2f, dsn=4.4.1, status=deferred (delivery temporarily "
                      "suspended: %s: %s)", queue_id, address, delay, unquote(destination.name),
                      destination.last_error)
 
     def _finished(self, queue_id: str, reach: dict[str, str]) -> None:
         """A message is no longer in flight: free its sessions, learn from what it found."""
-        self.in_flight.pop(queue_id, None)
+        worker = self.in_flight.pop(queue_id, None)
         names = self.routes.pop(queue_id, [])
+        if worker is not None:
+            worker.destinations.subtract(names)
         now = time.time()
         revived, died = self.scheduler.finish(names, reach, now)
         for destination in died:

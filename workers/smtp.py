@@ -15,6 +15,7 @@ import functools
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from policy.next_hop import LMTP, MX, NextHop, parse_hosts
@@ -51,6 +52,9 @@ class SMTPTransport:
         self.credentials = config.relay_auth or {}
         self.kept: dict[Server, list[tuple[SMTPClient, float]]] = {}  # idle connections, last used last
         self.max_kept = config.sessions_per_worker  # idle ones never outnumber the sessions that use them
+        self.share = config.destination_share
+        self.in_use: Counter[str] = Counter()  # connections a session holds, by destination
+        self.destination_of: dict[Server, str] = {}
         self._lock = threading.Lock()
         self.turn: dict[str, int] = {}
         self._resolver = None
@@ -70,7 +74,12 @@ class SMTPTransport:
         outcomes: list[Outcome | None] = [None] * len(recipients)
         todo = list(range(len(recipients)))
         for server in servers:
-            todo = self._deliver_to(server, message, recipients, todo, outcomes)
+            self._reserve(server, hop.destination)
+            try:
+                todo = self._deliver_to(server, message, recipients, todo, outcomes)
+            finally:
+                with self._lock:
+                    self.in_use[hop.destination] -= 1
             if not todo:
                 break
         return [outcome or Outcome(DEFERRED, "4.4.1", f"no server to try for {hop}", "none")
@@ -95,6 +104,26 @@ class SMTPTransport:
             client.close()
 
     # -- one server -----------------------------------------------------------------------
+
+    def _reserve(self, server: Server, destination: str) -> None:
+        """Count a connection to `server` as in use for `destination`, and close kept ones to
+        the destination's other servers as needed so that, in use and kept together, this
+        worker never has more than its share of the destination (Config.destination_share)."""
+        evicted = []
+        with self._lock:
+            self.in_use[destination] += 1
+            self.destination_of[server] = destination
+            if not self.kept.get(server):  # no kept connection to reuse: a new one will be opened
+                idle = sorted(((last_used, other) for other, clients in self.kept.items()
+                               if self.destination_of.get(other) == destination for _, last_used in clients),
+                              key=lambda entry: entry[0])
+                while idle and self.in_use[destination] + len(idle) > self.share:
+                    _, other = idle.pop(0)
+                    evicted.append(self.kept[other].pop(0)[0])
+                    if not self.kept[other]:
+                        del self.kept[other]
+        for client in evicted:
+            client.abort()  # no QUIT: a session must not wait a round trip, nor the old one linger
 
     def _deliver_to(self, server: Server, message: QueueFile, recipients: list[Recipient], todo: list[int],
                     outcomes: list[Outcome | None]) -> list[int]:
@@ -174,7 +203,7 @@ class SMTPTransport:
             evicted = self.kept[oldest].pop(0)[0]
             if not self.kept[oldest]:
                 del self.kept[oldest]
-        evicted.close()
+        evicted.abort()  # see _reserve
 
     # -- where to deliver -----------------------------------------------------------------
 
