@@ -780,9 +780,13 @@ def wan_variant(root: Path, delay: Delay, postfix_rate: float) -> dict[str, floa
         check_cpu = sink.cpu_seconds() - check_cpu
     seconds = finished - started
     rate = WAN_MESSAGES / seconds
+    times = [record.at for record in sink.records()][:WAN_MESSAGES]  # the router's, before the check's
+    steady = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
     check_rate = WAN_MESSAGES / check_seconds
     print(f"    router: {WAN_MESSAGES} relayed to {len(domains)} destinations in {seconds:.1f}s = {rate:.0f} msg/s; "
           f"Postfix does about {postfix_rate:.0f} msg/s ({rate / postfix_rate:.2f}x)")
+    print(f"    of which start-up (launch to the first message accepted) {times[0] - started:.2f}s; "
+          f"from then on {steady:.0f} msg/s")
     print(f"    most connections open at once, per destination: {peaks}; messages per destination "
           f"{min(spread)} to {max(spread)}")
     print(f"    all qrouter processes together, peak of {memory.samples} samples: "
@@ -792,7 +796,8 @@ def wan_variant(root: Path, delay: Delay, postfix_rate: float) -> dict[str, floa
     print(f"    sink: cpu {sink_cpu:.2f}s = {sink_cpu / seconds:.1%} of one core while the router ran; "
           f"checked with a plain client ({per_port * len(domains)} connections): {check_rate:.0f} msg/s "
           f"with the sink at {check_cpu / check_seconds:.0%} of one core")
-    return {"rate": rate, "postfix_factor": rate / postfix_rate, "peak_connections": max(peaks),
+    return {"rate": rate, "steady_rate": steady, "postfix_factor": rate / postfix_rate,
+            "peak_connections": max(peaks),
             "pss_mb": memory.peak_pss / 2**20, "rss_mb": memory.peak_rss / 2**20,
             "sink_cpu": sink_cpu / seconds, "check_rate": check_rate, "check_sink_cpu": check_cpu / check_seconds}
 
@@ -913,6 +918,8 @@ FIGURES = [
     *(figure for variant, delay in WAN_VARIANTS.items() for figure in (
         Figure("smtp-wan", f"{variant}_rate", f"{delay}: rate, launch to last accepted", "msg/s",
                WAN_TARGETS[variant], higher_is_better=True),
+        Figure("smtp-wan", f"{variant}_steady_rate", f"{delay}: rate from the first message accepted", "msg/s",
+               None, higher_is_better=True),
         Figure("smtp-wan", f"{variant}_postfix_factor", f"{delay}: rate / Postfix {POSTFIX_WAN[variant]:.0f} msg/s", "",
                None, higher_is_better=True),
         Figure("smtp-wan", f"{variant}_peak_connections", f"{delay}: most connections to one destination", "",

@@ -51,7 +51,9 @@ class SMTPTransport:
         self.helo_name = config.hostname
         self.credentials = config.relay_auth or {}
         self.kept: dict[Server, list[tuple[SMTPClient, float]]] = {}  # idle connections, last used last
-        self.max_kept = config.sessions_per_worker  # idle ones never outnumber the sessions that use them
+        # Kept connections: a destination's are bounded by its share (see _reserve); this bounds
+        # them all, above the sessions, so mail to many destinations by turns does not churn them.
+        self.max_kept = 4 * config.sessions_per_worker
         self.share = config.destination_share
         self.in_use: Counter[str] = Counter()  # connections a session holds, by destination
         self.destination_of: dict[Server, str] = {}
