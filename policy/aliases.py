@@ -7,7 +7,8 @@
 A virtual user with regex characters (`*?[](){}|^$\\`) is a regex matched against the whole local
 part, case-insensitively; otherwise it is compared case-insensitively as it is. The first entry
 in file order wins. The local delivery agent never runs as root, so root's mail must be aliased
-to someone, and no alias may point at root.
+to someone, and no alias may point at root. Lines and comments are read as in every policy file
+(policy/policy_file.py).
 """
 
 from __future__ import annotations

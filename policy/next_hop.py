@@ -6,6 +6,7 @@ One parser for every place a next hop is written, so they all mean the same thin
     queue/discard             accept and throw away (logged as sent)
     queue/error [D.D.D] TEXT  refuse permanently (default 5.0.0)
     queue/retry [D.D.D] TEXT  defer (default 4.0.0): holds mail back until the policy changes
+    queue/NAME ARGUMENT       a transport another package registers (policy/transport_registry.py)
     host, host:port, [host]:port, [::1]:2425, a,b,...   SMTP relay hosts, round robin
     lmtp:host:port, lmtp:/path/to/socket                 LMTP
     |program args                                       pipe into a program
@@ -19,7 +20,10 @@ import re
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from policy import transport_registry
+
 MAILDIR, DISCARD, ERROR, RETRY = "maildir", "discard", "error", "retry"
+BUILTIN_QUEUE = (MAILDIR, DISCARD, ERROR, RETRY)  # their arguments are checked here
 SMTP, LMTP, PIPE, MDA, MX = "smtp", "lmtp", "pipe", "mda", "mx"
 
 _DSN = re.compile(r"([245])\.\d{1,3}\.\d{1,3}")
@@ -97,8 +101,42 @@ def _parse_queue_transport(text: str, base_dir: str) -> NextHop:
         else:
             argument = f"{wanted}.0.0 {argument}".strip()
         return NextHop(name, argument, text)
-    raise NextHopError(f"unknown queue transport 'queue/{name}' (known: queue/maildir, "
-                       "queue/discard, queue/error, queue/retry)")
+    return _parse_plugin(name, argument, text)
+
+
+def queue_kind(name: str) -> str:
+    """The NextHop kind of `queue/NAME`: a built-in's name, else `queue/NAME` (so that no
+    package can take the kind of SMTP, LMTP or a pipe)."""
+    return name if name in BUILTIN_QUEUE else f"queue/{name}"
+
+
+def queue_name(kind: str) -> str | None:
+    """The NAME of `queue/NAME` for a NextHop kind; None when the kind is not a queue transport."""
+    if kind in BUILTIN_QUEUE:
+        return kind
+    return kind[len("queue/"):] if kind.startswith("queue/") else None
+
+
+def _parse_plugin(name: str, argument: str, text: str) -> NextHop:
+    """A transport of another package: known by its entry point, its argument checked by its
+    factory's `check`, if it has one (the argument is given as written, paths not resolved)."""
+    installed = transport_registry.installed()
+    if name not in installed:
+        known = [*BUILTIN_QUEUE, *sorted(set(installed) - set(BUILTIN_QUEUE))]
+        raise NextHopError(f"unknown queue transport 'queue/{name}' (known: "
+                           f"{', '.join(f'queue/{known_name}' for known_name in known)})")
+    try:
+        check = getattr(transport_registry.load(name), "check", None)
+    except Exception as exc:
+        raise NextHopError(f"queue/{name} cannot be loaded: {type(exc).__name__}: {exc}") from None
+    try:
+        if check is not None:
+            check(argument)
+    except ValueError as exc:
+        raise NextHopError(f"queue/{name}: {exc}") from None
+    except Exception as exc:
+        raise NextHopError(f"queue/{name}: checking {argument!r} failed: {type(exc).__name__}: {exc}") from None
+    return NextHop(queue_kind(name), argument, text)
 
 
 def parse_hosts(text: str) -> list[tuple[str, int | None]]:

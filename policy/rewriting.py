@@ -1,7 +1,8 @@
 """Address rewriting: the `rewriting FILE` rules, applied to envelope addresses and, with
 `rewrite-both`, to the From:, To: and Cc: header fields.
 
-The file holds one rule a line, `direction old new` (`#` starts a comment):
+The file holds one rule a line, `direction old new`; comments and line ends are those of every
+policy file (policy/policy_file.py: `#` at the start of a line or after white space):
 
     from  *.servers.company.foo  company.foo    # any subdomain, not the domain itself
     to    /.*\\.foo\\.bar/         foo.bar        # a regex, case-insensitive, whole domain
@@ -27,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
 
+from policy.policy_file import read_bytes, split_lines
 from policy.transport_map import compile_regex
 from router.address import AddressError, check_domain
 
@@ -34,7 +36,6 @@ FROM, TO, BOTH = "from", "to", "both"
 DIRECTIONS = (FROM, TO, BOTH)
 DOMAIN, WILDCARD, REGEX = "domain", "wildcard", "regex"
 
-_COMMENT = re.compile(r"(?:^|\s)#.*")
 _USAGE = "a rule is 'direction old new'"
 
 
@@ -131,12 +132,10 @@ class Rule:
         return key == self.key
 
 
-def _parse_rule(text: str, source: str, line: int) -> Rule | None:
-    """The rule on one line of a file, None for a blank or comment line."""
+def _parse_rule(text: str, source: str, line: int) -> Rule:
+    """The rule on one line of a file, its comment already removed."""
     where = f"{source}:{line}"
-    fields = _COMMENT.sub("", text).split()
-    if not fields:
-        return None
+    fields = text.split()
     if len(fields) < 3:
         missing = "new domain" if len(fields) == 2 else "old and new domains"
         raise RewritingError(f"{where}: missing {missing} ({_USAGE})")
@@ -177,26 +176,12 @@ def _compile(old: str, where: str) -> re.Pattern[str]:
 def parse_rewriting(text: bytes | str, source: str) -> Rewriter:
     """The rules in `text`, read as the file `source` (which names every error)."""
     data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
-    rules = []
-    for number, raw in enumerate(data.split(b"\n"), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise RewritingError(f"{source}:{number}: not valid UTF-8") from None
-        rule = _parse_rule(line, source, number)
-        if rule is not None:
-            rules.append(rule)
-    return Rewriter(rules)
+    return Rewriter(_parse_rule(line, source, number) for number, line in split_lines(data, source, RewritingError))
 
 
 def load_rewriting(path: str) -> Rewriter:
     """The rules of a rewriting file; errors start with `path:line: `."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        raise RewritingError(f"{path}: cannot read rewriting rules: {getattr(exc, 'strerror', None) or exc}") from None
-    return parse_rewriting(data, path)
+    return parse_rewriting(read_bytes(path, RewritingError, what="rewriting rules"), path)
 
 
 # -- rewriting -------------------------------------------------------------------------------

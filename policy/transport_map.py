@@ -7,18 +7,21 @@ address, first matching rule winning.
     *.foo                   [10.1.1.1]
     /.*spl-[0-9]{6}\\.foo\\.bar/  $splunkmta
 
-Rules are kept in hashes (addresses, domains, wildcard suffixes) plus a list of compiled regexes,
-and every rule remembers its line: a lookup takes the matching rule with the lowest line number,
-so first-match order holds without scanning thousands of plain domain rules per recipient.
+Lines and comments are read as in every policy file (policy/policy_file.py). Rules are kept in
+hashes (addresses, domains, wildcard suffixes) plus a list of compiled regexes, and every rule
+remembers its line: a lookup takes the matching rule with the lowest line number, so first-match
+order holds without scanning thousands of plain domain rules per recipient.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from policy.next_hop import NextHop, NextHopError, parse_next_hop
+from policy.policy_file import read_lines
 from router.address import AddressError, check_domain, parse_path, split_address
 
 _VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -146,15 +149,9 @@ def load_transport_map(path: str, definitions: dict[str, str], defs_path: str = 
     return TransportMap(rules)
 
 
-def file_lines(path: str) -> list[tuple[str, str]]:
-    """(FILE:LINE, text) of every line that is not blank or a comment."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or a NUL byte in the path
-        raise PolicyError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
-    return [(f"{path}:{number}", line.strip()) for number, line in enumerate(text.splitlines(), 1)
-            if line.strip() and not line.lstrip().startswith("#")]
+def file_lines(path: str) -> Iterator[tuple[str, str]]:
+    """(FILE:LINE, text) of every line that holds more than a comment (policy/policy_file.py)."""
+    return ((f"{path}:{number}", text) for number, text in read_lines(path, PolicyError))
 
 
 def _substitute(line: str, definitions: dict[str, str], where: str, defs_path: str) -> str:

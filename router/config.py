@@ -1,6 +1,7 @@
 """The daemon's configuration: one table of keys, read from a file, flags or plugin parameters.
 
-The file holds one `key value` a line (`#` starts a comment), the same keys the qpsmtpd plugin
+The file holds one `key value` a line, read as every policy file is (docs/policy-files.md: a `#`
+at the start of a line or after white space starts a comment), the same keys the qpsmtpd plugin
 line takes. Every key is also a flag of `qrouter run` (`--max-age 5`), and flags win over the
 file. Errors name the file and line; keys whose feature is not built yet are accepted and named
 in a warning at start, so a config written for a later version does not stop the daemon.
@@ -11,21 +12,19 @@ from __future__ import annotations
 import dataclasses
 import grp
 import os
-import re
 import socket
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from policy.next_hop import SMTP, NextHop, NextHopError, parse_next_hop
+from policy.policy_file import read_lines
 from router.spool import DEFAULT_SIZE_LIMIT
 from workers.mx_hosts import parse_dns_servers
 from workers.relay_auth import RelayAuthError, load_relay_auth
 from workers.smtp_client import TLS_MAY, TLS_POLICIES, Timeouts
 
 QPSMTPD_ME = "/etc/qpsmtpd/me"
-
-_COMMENT = re.compile(r"(?:^|\s)#.*")
 
 
 class ConfigError(ValueError):
@@ -249,18 +248,10 @@ def parse_value(key: str, text: str, where: str, base_dir: str) -> tuple[str, An
 def read_file(path: str, only: Collection[str] | None = None) -> dict[str, Any]:
     """Values set in a config file, by field name; with `only`, other keys are skipped unread
     (a command that needs just the spool must not fail on a key it has no business checking)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config: {getattr(exc, 'strerror', None) or exc}") from None
     base_dir = os.path.dirname(os.path.abspath(path))
     values: dict[str, Any] = {}
     seen: dict[str, int] = {}
-    for number, raw in enumerate(lines, 1):
-        line = _COMMENT.sub("", raw).strip()
-        if not line:
-            continue
+    for number, line in read_lines(path, ConfigError, what="config"):
         key, _, text = line.partition(" ")
         if only is not None and key not in only:
             continue

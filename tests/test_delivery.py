@@ -52,7 +52,8 @@ def test_message_queued_before_start_is_delivered_at_start(daemons, tmp_path):
     daemon.start()
     wait_for(lambda: len(daemon.delivered()) == 20, what="20 deliveries")
     assert sorted(p.read_bytes() for p in daemon.delivered()) == sorted(f"n={i}\n".encode() for i in range(20))
-    assert all(f"{queue_id}: removed" in daemon.log() for queue_id in ids)
+    # the Maildir file comes before the "removed" line: with deliveries side by side, wait for it
+    wait_for(lambda: all(f"{queue_id}: removed" in daemon.log() for queue_id in ids), what="20 removed")
 
 
 def test_status_reports_queues_workers_and_counters(daemons):

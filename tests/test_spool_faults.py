@@ -240,7 +240,7 @@ def test_a_replaced_incoming_directory_is_watched_again(daemons, how):
         incoming.rmdir()
     else:
         os.rename(incoming, daemon.spool / "incoming.old")
-        incoming.mkdir(mode=0o700)
+        incoming.mkdir(mode=0o700, exist_ok=True)  # the daemon may have made it again already
     wait_for(lambda: "incoming/ was moved away or removed; watching the directory now at that path" in daemon.log(),
              what="the warning")
     assert incoming.is_dir()

@@ -12,12 +12,16 @@ import os
 import re
 import socket
 import time
+from typing import TYPE_CHECKING
 
 from policy.next_hop import NextHop
 from router.address import split_address
 from router.durable import fsync_dir, write_synced
 from router.queue_file import QueueFile, Recipient
-from workers.transport import DEFERRED, SENT, Outcome
+from workers.transport import DEFERRED, SENT, NoOpClose, Outcome
+
+if TYPE_CHECKING:
+    from router.config import Config
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_+=@.,\-\u0080-\U0010ffff]|^\.")
 _counter = itertools.count(1)
@@ -34,8 +38,10 @@ def maildir_for(template: str, recipient: str) -> str:
     return template.replace("%d", escape(domain.lower())).replace("%u", escape(local))
 
 
-class MaildirTransport:
-    def __init__(self) -> None:
+class MaildirTransport(NoOpClose):
+    """Registered as `maildir` in the entry point group qrouter.transports (pyproject.toml)."""
+
+    def __init__(self, config: Config | None = None) -> None:
         self.hostname = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         self.known: set[str] = set()
 
@@ -72,9 +78,3 @@ class MaildirTransport:
         now = time.time()
         seconds = int(now)
         return f"{seconds}.M{int((now - seconds) * 1e6)}P{os.getpid()}Q{next(_counter)}.{self.hostname}"
-
-    def close_idle(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

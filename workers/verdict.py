@@ -1,15 +1,24 @@
 """Transports that deliver nothing and only give a verdict: queue/discard, queue/error,
 queue/retry, and the stand-in for delivery methods not built yet (which defers, so mail routed
-there waits in deferred/ instead of being lost)."""
+there waits in deferred/ instead of being lost). Registered as `discard`, `error` and `retry` in
+the entry point group qrouter.transports (pyproject.toml)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from policy.next_hop import DISCARD, ERROR, RETRY, NextHop
 from router.queue_file import QueueFile, Recipient
-from workers.transport import BOUNCED, DEFERRED, SENT, Outcome
+from workers.transport import BOUNCED, DEFERRED, SENT, NoOpClose, Outcome
+
+if TYPE_CHECKING:
+    from router.config import Config
 
 
-class VerdictTransport:
+class VerdictTransport(NoOpClose):
+    def __init__(self, config: Config | None = None) -> None:
+        pass  # it needs nothing from the config
+
     def deliver(self, message: QueueFile, recipients: list[Recipient], hop: NextHop) -> list[Outcome]:
         if hop.kind == DISCARD:
             return Outcome.same_for(recipients, SENT, "2.0.0", "discarded", "none")
@@ -20,9 +29,3 @@ class VerdictTransport:
         return Outcome.same_for(recipients, DEFERRED, "4.3.0",
                                 f"delivery method {hop.kind} ({hop}) is not available in this version",
                                 "none")
-
-    def close_idle(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -30,14 +30,13 @@ import sys
 import threading
 import time
 
-from policy.next_hop import DISCARD, ERROR, LMTP, MAILDIR, MDA, MX, PIPE, RETRY, SMTP
+from policy.next_hop import LMTP, MDA, MX, PIPE, SMTP
 from policy.routing import Policy
 from router.config import Config
 from router.spool import Spool
 from workers.delivery import Delivery
-from workers.maildir import MaildirTransport
 from workers.smtp import SMTPTransport
-from workers.transport import Transport
+from workers.transport import Transports
 from workers.verdict import VerdictTransport
 
 log = logging.getLogger("qrouter")
@@ -49,12 +48,13 @@ HEARTBEAT_SECONDS = 1.0  # how often the worker says it is alive, and an idle on
 PR_SET_PDEATHSIG = 1
 
 
-def build_transports(config: Config) -> dict[str, Transport]:
-    """One instance of each delivery method, by next-hop kind, for the life of a worker."""
-    verdict = VerdictTransport()
+def build_transports(config: Config) -> Transports:
+    """One instance of each delivery method, by next-hop kind, for the life of a worker: SMTP,
+    LMTP and MX routing share one, pipes and local delivery agents are not built yet, and each
+    `queue/NAME` comes from the entry point group qrouter.transports (the built-ins included)."""
     smtp = SMTPTransport(config)
-    return {MAILDIR: MaildirTransport(), DISCARD: verdict, ERROR: verdict, RETRY: verdict,
-            SMTP: smtp, LMTP: smtp, MX: smtp, PIPE: verdict, MDA: verdict}
+    stand_in = VerdictTransport(config)
+    return Transports(config, {SMTP: smtp, LMTP: smtp, MX: smtp, PIPE: stand_in, MDA: stand_in})
 
 
 class Worker:

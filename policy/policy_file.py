@@ -1,0 +1,94 @@
+"""The one reader of the config file and every policy file (transports, transport-defs, aliases,
+rewriting, relay-auth): how a file is opened, decoded, cut into lines and rid of comments.
+docs/policy-files.md describes the rules for whoever writes the files.
+
+- Only a regular file is read, of at most MAX_SIZE bytes: a FIFO, a device or a directory is
+  refused at once, never waited on or read without end.
+- The text is UTF-8; a line that is not is refused, naming its line.
+- Lines end at "\\n" only, and a "\\r" before it is dropped, so CRLF files read the same. Other
+  characters that str.splitlines() would break at (\\x0b, \\x0c, \\x1c-\\x1e, U+0085, U+2028,
+  U+2029) are part of the line, so line numbers are those of any editor and no character can cut
+  a rule in two.
+- A `#` at the start of a line, or after a space or tab, starts a comment that runs to the end of
+  the line; a `#` after anything else (`a#b`) is kept.
+- Spaces and tabs around the text are dropped; lines left empty are skipped.
+
+This module imports nothing of the project, so any layer may use it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterator
+
+MAX_SIZE = 16 * 1024 * 1024
+
+_COMMENT = re.compile(r"(?:^|[ \t])#.*", re.DOTALL)
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_lines(path: str, error: type[Exception], *, what: str = "",
+               private: bool = False) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every line of the file at `path` that holds more than a comment.
+
+    The file is read here, at the call; its lines are decoded as they are taken. Every problem is
+    raised as `error`, its text starting `PATH: ` or `PATH:LINE: `: `PATH: cannot read WHAT: why`
+    for a file that cannot be read, `PATH:LINE: not valid UTF-8` for a line that is not text. With
+    `private`, a file that group or others have any access to is refused (it holds passwords).
+    """
+    return split_lines(read_bytes(path, error, what=what, private=private), path, error)
+
+
+def read_bytes(path: str, error: type[Exception], *, what: str = "", private: bool = False) -> bytes:
+    """The bytes of a regular file of at most MAX_SIZE bytes; see read_lines."""
+    cannot = f"{path}: cannot read{' ' + what if what else ''}"
+    try:
+        # O_NONBLOCK: opening a FIFO does not wait for a writer; O_NOCTTY: a terminal does not
+        # become ours. Neither changes how a regular file reads.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise error(f"{cannot}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        info = os.fstat(fd)
+        for test, kind in _KINDS:
+            if test(info.st_mode):
+                raise error(f"{cannot}: {kind}, not a regular file")
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{cannot}: not a regular file")
+        if private and info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise error(f"{path}: readable by group or others (mode {stat.S_IMODE(info.st_mode):04o}); "
+                        "make it 0600")
+        data = _read_at_most(fd, MAX_SIZE + 1)  # one byte more: a file that has grown is caught too
+    except OSError as exc:
+        raise error(f"{cannot}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SIZE:
+        raise error(f"{cannot}: larger than {MAX_SIZE // (1024 * 1024)} MB")
+    return data
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks = []
+    while limit > 0:
+        chunk = os.read(fd, min(limit, 1024 * 1024))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        limit -= len(chunk)
+    return b"".join(chunks)
+
+
+def split_lines(data: bytes, source: str, error: type[Exception]) -> Iterator[tuple[int, str]]:
+    """The lines of `data` as read_lines gives them, errors naming `source`."""
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.removesuffix(b"\r").decode("utf-8")
+        except UnicodeDecodeError:
+            raise error(f"{source}:{number}: not valid UTF-8") from None
+        text = _COMMENT.sub("", line, count=1).strip(" \t")
+        if text:
+            yield number, text
