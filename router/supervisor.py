@@ -356,15 +356,18 @@ class Supervisor:
             self._job_lost(queue, queue_id, blame)
         for name in self.spool.remove_own_staging(queue_id for _, queue_id in lost):
             log.warning("removed tmp/%s, a rewrite the worker did not finish", name)
-        self._judge_start(worker, status)
+        self._judge_start(worker, status, delivering=bool(lost))
 
-    def _judge_start(self, worker: WorkerHandle, status: int) -> None:
+    def _judge_start(self, worker: WorkerHandle, status: int, delivering: bool) -> None:
         """A worker that could not start, or workers that keep dying as soon as they start, stop
-        the daemon with the reason, rather than being forked again every second forever."""
+        the daemon with the reason, rather than being forked again every second forever. A worker
+        that died delivering is the poison count's business (a message, not the daemon, is at
+        fault), so such a death is no sign that workers cannot start; it is still forked again
+        a second later, not at once."""
         if worker.retiring or self.stopping:
             return
         young = time.monotonic() - worker.started < YOUNG_WORKER_SECONDS
-        self.young_deaths = self.young_deaths + 1 if young else 0
+        self.young_deaths = self.young_deaths + 1 if young and not delivering else 0
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == BOOT_ERROR:
             log.critical("a worker cannot start (the reason is logged above); stopping")
         elif self.young_deaths >= YOUNG_DEATHS:

@@ -184,3 +184,21 @@ def test_hold_poison_resets_the_count_or_changes_nothing(tmp_path, rename_fails)
     assert data == before[:-len(b"@0 st")] + b"@* held\n"
     assert parse(data).crashes == 0
     assert parse(data).message == b"no final newline"
+
+
+def test_poison_messages_killing_workers_one_after_another_do_not_stop_the_daemon(daemons):
+    """Three poison messages kill a young worker again and again (nine deaths or more, most within
+    a second of the worker's start): that is the poison count's business, not a sign that workers
+    cannot start, so the daemon goes on, holds all three and delivers the rest."""
+    daemon = daemons(workers=1, start=False, preexec_fn=no_core_dumps, launcher=CRASH_ON_POISON)
+    spool = Spool(daemon.spool)
+    spool.create()
+    poisons = [spool.enqueue("sender@example.org", ["victim@example.org"], b"Subject: poison\n\n" + MARK + b"\n")
+               for _ in range(3)]
+    good = spool.enqueue("sender@example.org", ["good@example.org"], b"fine\n")
+    daemon.start()
+    wait_for(lambda: sorted(daemon.files("hold")) == sorted(poisons), timeout=60, what="all three poisons in hold/")
+    wait_for(lambda: daemon.delivered("example.org/good"), what="the good message")
+    assert daemon.process.poll() is None
+    assert "stopping" not in daemon.log()
+    assert not (daemon.spool / "incoming" / good).exists()
