@@ -17,7 +17,8 @@ from router import daemon
 from router import log as log_module
 from router.address import AddressError, parse_path
 from router.config import KEYS, Config, ConfigError
-from router.spool import INCOMING, Spool, SpoolError
+from router.sendmail import prepend_fields, queue_local, received
+from router.spool import Spool, SpoolError
 from router.status_socket import StatusError, query
 from router.supervisor import Supervisor
 
@@ -87,6 +88,8 @@ def check_config(config: ConfigOption = None, **settings: Any) -> None:
     loaded = _config(config, _flags(settings))
     _policy(loaded)
     typer.echo(f"qrouter: config {config or '(flags only)'} and its policy files are valid")
+    name, source = loaded.hostname_choice()
+    typer.echo(f"qrouter: EHLO name: {name} (from {source})")
 
 
 app.command("check-config")(_with_config_flags(check_config))
@@ -145,21 +148,19 @@ def enqueue(
     config: ConfigOption = None,
     notify: Annotated[str, typer.Option("--notify", help="DSN NOTIFY for every recipient")] = "",
 ) -> None:
-    """Queue the message on standard input; print its queue id.
+    """Queue the message on standard input, after a Received: field naming the submitting user;
+    print its queue id. The spool is made if the daemon has not made it yet.
 
     Exits 75 when the spool cannot take it (try again later), 64 for bad arguments or a message
     larger than message-size-limit."""
     loaded = _config(config, {"queue-dir": queue_dir} if queue_dir else {})
-    spool = Spool(loaded.queue_dir, loaded.spool_group, loaded.message_size_limit)
+    message = sys.stdin.buffer.read(loaded.message_size_limit + 1)  # more is refused: no need to read it all
     try:
-        if not os.path.isdir(spool.path(INCOMING)):
-            spool.create()
-        message = sys.stdin.buffer.read(loaded.message_size_limit + 1)  # more is refused: no need to read it all
-        queue_id = spool.enqueue(sender, recipients, message, notify=notify)
+        queue_id = queue_local(loaded, sender, recipients,
+                               lambda queue_id: prepend_fields(message, [received(loaded.hostname, queue_id)]),
+                               notify=notify)
     except SpoolError as exc:
         raise _fail(str(exc), EX_TEMPFAIL if exc.temporary else EX_USAGE) from None
-    except OSError as exc:
-        raise _fail(f"cannot queue into {loaded.queue_dir}: {exc.strerror or exc}", EX_TEMPFAIL) from None
     typer.echo(queue_id)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import ipaddress
 import os
 import socket
 from collections.abc import Callable, Collection, Mapping
@@ -127,6 +128,43 @@ def _log_target(text: str, base_dir: str) -> str:
     return text if text in ("syslog", "stderr") else _path(text, base_dir)
 
 
+LOCAL_NAMES = ("localhost", "localhost.localdomain")
+
+
+def choose_hostname(me: str, qpsmtpd_me: str, fqdn: str, hostname: str) -> tuple[str, str]:
+    """The name qrouter gives itself, and where it came from: `me`, else qpsmtpd's me file,
+    else the FQDN, else the host name (socket.gethostname()).
+
+    An FQDN that is localhost or an address is passed over: getfqdn() gives `localhost` when
+    the host name resolves to 127.0.0.1 and /etc/hosts names that address localhost first (VMs,
+    containers), and a receiver would then stamp `Received: from localhost`; even a short host
+    name tells more."""
+    if me:
+        return me, "the me setting"
+    if qpsmtpd_me:
+        return qpsmtpd_me, QPSMTPD_ME
+    if fqdn and fqdn.lower() not in LOCAL_NAMES and not _is_address(fqdn):
+        return fqdn, "the FQDN"
+    return hostname or fqdn, "the host name"
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _first_line(path: str) -> str:
+    """The first line of a file, stripped; "" if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.readline().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 def _key(name: str, parse: Callable[[str, str], Any], default: Any, help: str, built: bool = True):
     return field(default=default, metadata={"key": name, "parse": parse, "help": help, "built": built})
 
@@ -151,7 +189,8 @@ class Config:
     status_socket: str = _key("status-socket", _path, "", "status socket path (default: QUEUE-DIR/status.sock)")
     spool_group: str = _key("spool-group", _group, "", "group that may write the spool (queue dirs 2770)")
     log: str = _key("log", _log_target, "", "syslog, stderr or a file (default: stderr in the foreground, else syslog)")
-    me: str = _key("me", _text, "", f"this host's name (default: {QPSMTPD_ME}, else the machine's FQDN)")
+    me: str = _key("me", _text, "",
+                   f"this host's name (default: {QPSMTPD_ME}, else the FQDN unless localhost, else the host name)")
     relayhost: NextHop | None = _key("relayhost", _relayhost, None, "SMTP relay hosts for all mail, round robin")
     smtp_port: int = _key("smtp-port", _port, 25, "TCP port of MX hosts and of relay hosts given without one")
     dns_servers: str = _key("dns-servers", _dns_servers, "", "DNS servers, ip:port,... (default: /etc/resolv.conf)")
@@ -181,14 +220,14 @@ class Config:
     @property
     def hostname(self) -> str:
         """Our name in EHLO and for qualifying short relay host names."""
-        if self.me:
-            return self.me
-        try:
-            with open(QPSMTPD_ME, encoding="utf-8") as handle:
-                name = handle.readline().strip()
-        except OSError:
-            name = ""
-        return name or socket.getfqdn()
+        return self.hostname_choice()[0]
+
+    def hostname_choice(self) -> tuple[str, str]:
+        """The host name and where it came from (choose_hostname). qpsmtpd's me file is read,
+        and the FQDN looked up (DNS, which may be slow), only when nothing before them is set."""
+        qpsmtpd_me = "" if self.me else _first_line(QPSMTPD_ME)
+        fqdn = "" if self.me or qpsmtpd_me else socket.getfqdn()
+        return choose_hostname(self.me, qpsmtpd_me, fqdn, socket.gethostname())
 
     def unbuilt_keys(self) -> list[str]:
         """Keys set to something whose feature this version does not have yet."""

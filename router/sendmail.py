@@ -11,8 +11,7 @@ these programs use, read as Postfix's sendmail reads them:
                     the message, as in sendmail; whatever follows it is read and thrown away.
     -f SENDER       the envelope sender (also -fSENDER, and the old -r); "" or "<>" for none.
                     Default: the invoking user (by real uid) at `me`, e.g. root@mail.example.org.
-    -F NAME         the sender's full name: accepted and ignored. qrouter does not add a From:
-                    field; the only change ever made to the message is the removal of Bcc: by -t.
+    -F NAME         the sender's full name, for the From: field added when the message has none.
     -N DSN          NOTIFY for every recipient: never, or success,delay,failure in any mix
     -R RET          full or hdrs;  -V ENVID  the envelope id (RFC 3461)
     -v              report the queue id on standard error
@@ -32,11 +31,17 @@ read whole (`"a:b"@x`, `a@[IPv6:::1]`). A group name (before `:`) must be words 
 strings: an address is never taken for one. Each address is then checked as every front door
 checks it (router/address.py). An address without a domain (`root`) gets
 `@me`, the host name qrouter uses for itself (the `me` config key, /etc/qpsmtpd/me, else the
-machine's FQDN), as Postfix appends `@$myorigin`. The same recipient given twice is queued once.
+FQDN unless it is localhost, else the host name), as Postfix appends `@$myorigin`. The same
+recipient given twice is queued once.
 CR, LF and NUL are refused in every argument and in the To:, Cc: and Bcc: fields -t reads.
 
 The message is read up to message-size-limit bytes (config key, default 100 MiB); a larger one
-is refused, not read to its end.
+is refused, not read to its end. As Postfix's pickup and cleanup do for local submissions, a
+`Received: by ME (qrouter, from userid UID)` field is put first, and a missing From: (the
+envelope sender, else the invoking user at `me`, with the -F name), Date: or Message-ID:
+(<QUEUE-ID@me>) is added after it; otherwise the message is queued byte for byte, but for the
+Bcc: fields -t takes out. A spool that does not exist yet (the daemon never started) is made,
+as `qrouter enqueue` makes it.
 
 Nothing is printed on success. Exit codes (sysexits): 0 queued; 64 bad arguments, an address that
 is not valid, no recipients, or a message larger than message-size-limit; 75 the spool cannot take
@@ -49,6 +54,7 @@ through this command need to be in that group.
 
 from __future__ import annotations
 
+import email.utils
 import getopt
 import os
 import pwd
@@ -61,7 +67,8 @@ from typing import BinaryIO, TextIO
 from router import config as config_module
 from router.address import ATEXT, AddressError, has_cr_lf_nul, parse_path
 from router.config import Config, ConfigError
-from router.spool import Spool, SpoolError
+from router.queue_id import arrival_of, new_queue_id
+from router.spool import INCOMING, Spool, SpoolError
 
 EX_OK, EX_USAGE, EX_TEMPFAIL, EX_CONFIG = 0, 64, 75, 78
 DEFAULT_CONFIG = "/etc/qrouter/qrouter.conf"
@@ -77,6 +84,7 @@ _LONE_DOT = re.compile(rb"^\.\r?(?:\n|\Z)", re.MULTILINE)
 _LINE = re.compile(rb"[^\n]*\n|[^\n]+")
 _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
+_HEADER_END = re.compile(rb"\n\r?\n")
 _RECIPIENT_FIELDS = ("to", "cc", "bcc")
 _CHUNK = 1 << 16  # bytes read from standard input at a time
 # One token of an address list: a quoted string or a domain literal (unterminated ones run to the
@@ -96,6 +104,7 @@ class Invocation:
 
     recipients: list[str] = field(default_factory=list)
     sender: str | None = None  # None: the invoking user at `me`
+    full_name: str = ""  # -F
     extract: bool = False  # -t
     lone_dot_ends: bool = True  # no -i / -oi
     notify: str = ""
@@ -147,7 +156,9 @@ def parse_args(argv: list[str]) -> Invocation:
             result.config = value
         elif option == "--help":
             result.help = True
-        # -F, -n, -m, -U, -G, -B and -h are accepted and change nothing here.
+        elif option == "-F":
+            result.full_name = value
+        # -n, -m, -U, -G, -B and -h are accepted and change nothing here.
     return result
 
 
@@ -169,7 +180,7 @@ def read_message(stdin: BinaryIO, limit: int, lone_dot_ends: bool) -> bytes:
     data = _read_up_to(stdin, limit + 3)
     message = cut_at_lone_dot(data) if lone_dot_ends else data
     if len(message) > limit:
-        raise UsageError(f"message larger than message-size-limit ({limit} bytes)")
+        raise UsageError(f"message is larger than message-size-limit ({limit} bytes)")
     while stdin.read(_CHUNK):  # what follows a lone dot is read and thrown away
         pass
     return message
@@ -393,6 +404,57 @@ def invoking_user() -> str:
         return str(os.getuid())
 
 
+def queue_local(loaded: Config, sender: str, recipients: list[str], build: Callable[[str], bytes],
+                **options: str) -> str:
+    """Queue a message submitted on this host (`qrouter enqueue`, qrouter-sendmail) and return
+    its queue id; SpoolError otherwise, temporary for a failure of the disk.
+
+    The spool is made first if the daemon has not made it yet: mail from cron on a freshly
+    installed host must not end in dead.letter because qrouter has never run. `build` makes the
+    message from its queue id, which the Received: field names. `options` are Spool.enqueue's
+    DSN keywords (notify, envid, ret)."""
+    spool = Spool(loaded.queue_dir, loaded.spool_group, size_limit=loaded.message_size_limit)
+    try:
+        if not os.path.isdir(spool.path(INCOMING)):
+            spool.create()
+        queue_id = new_queue_id()
+        return spool.enqueue(sender, recipients, build(queue_id), queue_id=queue_id, **options)
+    except OSError as exc:
+        raise SpoolError(f"cannot queue into {loaded.queue_dir}: {exc.strerror or exc}", temporary=True) from None
+    finally:
+        spool.close()
+
+
+def received(hostname: str, queue_id: str) -> str:
+    """The trace field Postfix's pickup writes for a local submission: who submitted it (the
+    real uid), on which host, under which queue id and when (its arrival)."""
+    return (f"Received: by {hostname} (qrouter, from userid {os.getuid()})\n"
+            f"\tid {queue_id}; {email.utils.formatdate(arrival_of(queue_id), localtime=True)}")
+
+
+def prepend_fields(message: bytes, fields: list[str]) -> bytes:
+    """`fields` ("Name: value", folded with "\\n") put before the message, in the line ending its
+    first line uses (LF or CRLF). The message follows byte for byte; when it has no header at
+    all, an empty line comes first, so that its first line stays the body's."""
+    newline = b"\r\n" if re.match(rb"[^\n]*\r\n", message) else b"\n"
+    added = b"".join(f.encode("utf-8", "surrogateescape").replace(b"\n", newline) + newline for f in fields)
+    if message[:1] not in (b"\n", b"\r") and not _FIELD_NAME.match(message):
+        added += newline
+    return added + message
+
+
+def missing_fields(message: bytes, author: str, hostname: str, queue_id: str) -> list[str]:
+    """From:, Date: and Message-ID: for a message without them, as Postfix's cleanup adds them
+    to local submissions: mail from cron and scripts often has none, and receivers may refuse
+    or mark such mail. `author` is the From: value."""
+    end = _HEADER_END.search(message)
+    present = {f.name for f in header_fields(_LINE.findall(message[:end.end()] if end else message))}
+    candidates = {"from": f"From: {author}",
+                  "date": f"Date: {email.utils.formatdate(arrival_of(queue_id), localtime=True)}",
+                  "message-id": f"Message-ID: <{queue_id}@{hostname}>"}
+    return [text for name, text in candidates.items() if name not in present]
+
+
 def submit(argv: list[str], stdin: BinaryIO | None = None, stderr: TextIO | None = None,
            prog: str = "qrouter-sendmail") -> int:
     """Queue one message as `sendmail ARGV < STDIN` would; returns the exit code."""
@@ -419,7 +481,7 @@ def submit(argv: list[str], stdin: BinaryIO | None = None, stderr: TextIO | None
         return fail(str(exc), EX_CONFIG)
     hostname: list[str] = []
 
-    def me() -> str:  # looked up once, and only when an address needs it
+    def me() -> str:  # looked up once, when first needed
         if not hostname:
             hostname.append(loaded.hostname)
         return hostname[0]
@@ -438,18 +500,20 @@ def submit(argv: list[str], stdin: BinaryIO | None = None, stderr: TextIO | None
         recipients = list(dict.fromkeys(recipients))
         if not recipients:
             raise UsageError("no recipients: none given and none in To:, Cc: or Bcc:")
+        author = email.utils.formataddr(
+            (invocation.full_name, sender or check(invoking_user(), me, where="From: (the invoking user)")))
     except UsageError as exc:
         return fail(str(exc), EX_USAGE)
-    spool = Spool(loaded.queue_dir, loaded.spool_group, size_limit=loaded.message_size_limit)
+
+    def build(queue_id: str) -> bytes:
+        return prepend_fields(message, [received(me(), queue_id),
+                                        *missing_fields(message, author, me(), queue_id)])
+
     try:
-        queue_id = spool.enqueue(sender, recipients, message, notify=invocation.notify,
-                                 envid=invocation.envid, ret=invocation.ret)
+        queue_id = queue_local(loaded, sender, recipients, build, notify=invocation.notify,
+                               envid=invocation.envid, ret=invocation.ret)
     except SpoolError as exc:
         return fail(str(exc), EX_TEMPFAIL if exc.temporary else EX_USAGE)
-    except OSError as exc:
-        return fail(f"cannot queue into {loaded.queue_dir}: {exc.strerror or exc}", EX_TEMPFAIL)
-    finally:
-        spool.close()
     if invocation.verbose:
         print(f"{prog}: queued as {queue_id}", file=stderr)
     return EX_OK

@@ -123,12 +123,13 @@ class Spool:
     # -- writing new messages -------------------------------------------------------------
 
     def enqueue(self, sender: str, recipients: Iterable[str], message: bytes, *,
-                notify: str = "", envid: str = "", ret: str = "") -> str:
+                notify: str = "", envid: str = "", ret: str = "", queue_id: str = "") -> str:
         """Queue a message durably and return its queue id; raise SpoolError otherwise.
 
         Addresses are checked first (a permanent error); then the file is staged in tmp/,
         fsynced, renamed into incoming/ and incoming/ fsynced. On any failure nothing is left
-        in incoming/.
+        in incoming/. `queue_id` is one made beforehand by new_queue_id(), for a writer whose
+        message names its id (a Received: field); by default a new one is made.
         """
         try:
             sender = parse_path(sender, null_ok=True)
@@ -140,7 +141,7 @@ class Spool:
         if len(message) > self.size_limit:
             raise SpoolError(f"message is larger than message-size-limit ({self.size_limit} bytes)",
                              temporary=False)
-        queue_id = new_queue_id()
+        queue_id = queue_id or new_queue_id()
         queue_file = QueueFile(queue_id, arrival_of(queue_id), sender, rcpts, message,
                                envid=envid, ret=ret)
         try:

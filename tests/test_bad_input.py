@@ -121,7 +121,7 @@ def test_enqueue_onto_full_disk_is_75_and_leaves_nothing(tmp_path):
     assert out[1] == "left: "
     queue_id = out[2]
     assert out[3:6] == ["small: 0", f"incoming: {queue_id}", "tmp: "]
-    assert result.stdout.endswith(b"\n\n" + MESSAGE)
+    assert result.stdout.endswith(MESSAGE)
     assert listing(spool) == []  # the tmpfs went with the namespace
     assert not mounted_under(spool)
 

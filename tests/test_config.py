@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
 from policy.next_hop import MAILDIR, RETRY, SMTP, NextHopError, parse_next_hop
-from router.config import KEYS, ConfigError, load
+from router.config import KEYS, QPSMTPD_ME, ConfigError, choose_hostname, load
+from tests.daemon import qrouter
 
 
 def write(tmp_path, text: str):
@@ -116,3 +118,33 @@ def test_backoff_doubles_up_to_the_maximum_at_any_attempt(attempts, seconds):
 ])
 def test_backoff_at_the_edges(low, high, seconds):
     assert load(None, {"min-backoff": low, "max-backoff": high}).backoff(10**9) == seconds
+
+
+@pytest.mark.parametrize("me, qpsmtpd_me, fqdn, hostname, chosen", [
+    ("mx.example", "qp.example", "vm.example", "vm", ("mx.example", "the me setting")),
+    ("", "qp.example", "vm.example", "vm", ("qp.example", QPSMTPD_ME)),
+    ("", "", "vm.example", "vm", ("vm.example", "the FQDN")),
+    ("", "", "localhost", "vm", ("vm", "the host name")),  # getfqdn() on a host known only to /etc/hosts
+    ("", "", "LOCALHOST.localdomain", "vm", ("vm", "the host name")),
+    ("", "", "127.0.1.1", "vm", ("vm", "the host name")),
+    ("", "", "::1", "vm.example", ("vm.example", "the host name")),
+    ("", "", "localhost", "", ("localhost", "the host name")),  # nothing better known
+])
+def test_the_host_name_is_never_localhost_when_anything_better_is_known(me, qpsmtpd_me, fqdn, hostname, chosen):
+    assert choose_hostname(me, qpsmtpd_me, fqdn, hostname) == chosen
+
+
+def test_check_config_names_the_ehlo_name_and_where_it_came_from(tmp_path):
+    given = qrouter("check-config", "--config", str(write(tmp_path, "me mx.qrouter.test\n")))
+    assert given.returncode == 0, given.stderr
+    assert given.stdout.decode().splitlines()[-1] == "qrouter: EHLO name: mx.qrouter.test (from the me setting)"
+    found = qrouter("check-config")
+    assert found.returncode == 0, found.stderr
+    try:
+        qpsmtpd_me = Path(QPSMTPD_ME).read_text().split("\n")[0].strip()
+    except OSError:
+        qpsmtpd_me = ""
+    name, source = choose_hostname("", qpsmtpd_me, socket.getfqdn(), socket.gethostname())
+    assert found.stdout.decode().splitlines()[-1] == f"qrouter: EHLO name: {name} (from {source})"
+    if socket.gethostname() not in ("localhost", ""):
+        assert name != "localhost"

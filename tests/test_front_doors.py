@@ -131,13 +131,15 @@ def test_qrouter_enqueue_and_sendmail_agree(spool, config, address):
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_sendmail_refuses_a_message_over_message_size_limit(spool, config, entry):
     refused(sendmail("--config", str(config), "a@b.test", stdin=b"x" * 1999 + b"\n", entry=entry),
-            spool, "message larger than message-size-limit (1000 bytes)")
-    # At the limit it is queued; a lone dot within the limit ends the message, however long the rest.
-    ok = sendmail("--config", str(config), "a@b.test", stdin=b"x" * 999 + b"\n")
+            spool, "message is larger than message-size-limit (1000 bytes)")
+    # The limit is on the message as queued, with the header lines qrouter adds (Received:, and
+    # From:, Date: and Message-ID: when missing). A lone dot ends the message, however long the rest.
+    ok = sendmail("--config", str(config), "a@b.test", stdin=b"x" * 599 + b"\n")
     assert (ok.returncode, ok.stderr) == (0, b"")
-    ok = sendmail("--config", str(config), "a@b.test", stdin=b"x" * 997 + b"\n.\n" + b"y" * 5000)
+    ok = sendmail("--config", str(config), "a@b.test", stdin=b"x" * 597 + b"\n.\n" + b"y" * 5000)
     assert (ok.returncode, ok.stderr) == (0, b"")
-    assert [f.message for f in queue_files(spool)] == [b"x" * 999 + b"\n", b"x" * 997 + b"\n"]
+    assert sorted(f.message.rpartition(b"\n\n")[2] for f in queue_files(spool)) == sorted(
+        [b"x" * 599 + b"\n", b"x" * 597 + b"\n"])
 
 
 # -- logs: one line per call whatever the text -------------------------------------------------

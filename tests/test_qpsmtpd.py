@@ -25,7 +25,7 @@ from router.address import AddressError, parse_path
 from router.queue_file import parse
 from router.spool import Spool
 from tests.daemon import Daemon, wait_for
-from tests.qpsmtpd_server import PLUGIN_DIR, QpsmtpdServer, alive, daemon_pid, smtp_data, stop_daemon, swaks
+from tests.qpsmtpd_server import ME, PLUGIN_DIR, QpsmtpdServer, alive, daemon_pid, smtp_data, stop_daemon, swaks
 from tests.smtp_servers import AioServer
 
 QROUTER = str(Path(sys.executable).parent / "qrouter")
@@ -164,6 +164,24 @@ def test_plugin_starts_one_daemon_and_every_recipient_reaches_its_next_hop_byte_
     log = (tmp_path / "qrouter.log").read_text()
     assert f"{first}: to=<a@one.example>, relay=127.0.0.2[127.0.0.2]:{one.port}" in log
     assert f"{bounce}: to=<d@two.example>, relay=127.0.0.3[127.0.0.3]:{two.port}" in log
+
+
+@pytest.mark.parametrize("where, ehlo", [("nowhere", ME), ("line", "line.qrouter.test"),
+                                         ("config", "config.qrouter.test")])
+def test_the_daemon_says_ehlo_as_qpsmtpd_s_me_unless_qrouter_s_me_is_set(tmp_path, qpsmtpd, where, ehlo):
+    """Without `me` on the plugin line or in the config file, the daemon the plugin starts gets
+    qpsmtpd's own name (its config/me), not a name of its own that may be `localhost`."""
+    spool = tmp_path / "spool"
+    config = tmp_path / "qrouter.conf"
+    config.write_text("me config.qrouter.test\n" if where == "config" else "workers 1\n")
+    with AioServer() as sink:
+        server = qpsmtpd(spool, "config", str(config), "relayhost", f"[127.0.0.1]:{sink.port}",
+                         *(["me", ehlo] if where == "line" else []))
+        command = Path(f"/proc/{daemon_pid(spool)}/cmdline").read_bytes().split(b"\0")
+        assert (b"--me" in command) == (where != "config")
+        queue_id = queued_as(swaks(server.port, "--from", "a@example.org", "--to", "r@example.net"))
+        wait_for(lambda: sink.handler.messages, what=f"delivery of {queue_id}")
+    assert sink.handler.hellos == [ehlo]
 
 
 def test_queue_file_is_written_as_the_format_says_and_waits_for_the_daemon(tmp_path, qpsmtpd, daemons):

@@ -101,7 +101,7 @@ def test_envelope_null_sender_and_recipients_in_order(daemons):
     first, second = sorted(sink.handler.messages, key=lambda m: m.mail_from != "<>")  # delivered side by side
     assert (first.mail_from, first.rcpt_tos, first.content) == ("<>", recipients, EIGHT_BIT)
     assert (second.mail_from, second.rcpt_tos) == ("bounce-me@example.org", ["x@one.example"])
-    assert f"{queue_id(reply)}: removed" in daemon.log()
+    wait_for(lambda: f"{queue_id(reply)}: removed" in daemon.log(), what="the first message removed")
 
 
 def test_bad_addresses_are_refused_one_by_one(daemons):

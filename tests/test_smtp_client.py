@@ -4,6 +4,7 @@ does, and scripted raw-socket servers for the hostile, the broken and the byte-e
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -26,6 +27,8 @@ from workers.smtp_client import (
     SMTPError,
     Timeouts,
     TLSFallback,
+    wire_data,
+    wrap_long_lines,
 )
 from workers.transport import BOUNCED, DEFERRED, SENT
 
@@ -296,7 +299,8 @@ def test_other_452s_are_ordinary_deferrals():
 def test_message_over_the_size_limit_fails_permanently_without_being_sent():
     with AioServer(data_size_limit=1000) as server:
         client = connect(server)
-        too_big = client.send("s@example.org", ["a@example.org", "b@example.org"], b"x" * 999 + b"\n")
+        too_big = client.send("s@example.org", ["a@example.org", "b@example.org"],
+                              b"x" * 499 + b"\n" + b"y" * 498 + b"\n")
         fits = client.send("s@example.org", ["a@example.org"], b"a\nb\n")
         client.close()
     assert outcomes(too_big) == [(BOUNCED, "5.3.4")] * 2
@@ -1064,3 +1068,65 @@ def test_auth_configured_but_not_offered_is_a_temporary_failure():
     reply = caught.value.reply
     assert (reply.status, reply.dsn) == (DEFERRED, "4.7.0")
     assert "offers no AUTH" in reply.text
+
+
+def test_a_reply_without_an_enhanced_code_is_quoted_as_the_server_wrote_it():
+    handler = Recorder(rcpt={"gone@example.org": "550 no such user"}, data="250 Ok: queued as 0001")
+    with AioServer(handler) as server:
+        client = connect(server)
+        replies = client.send("s@example.org", ["a@example.org", "gone@example.org"], b"x\n")
+        client.close()
+    assert outcomes(replies) == [(SENT, "2.0.0"), (BOUNCED, "5.0.0")]  # the status code is derived
+    assert str(replies[0]) == "250 Ok: queued as 0001"
+    assert replies[1].describe(client.peer) == (f"host {client.peer} said: 550 no such user "
+                                                "(in reply to RCPT TO command)")
+
+
+# -- lines too long for the wire ---------------------------------------------------------------
+
+LONG_HEADER = (b"X-Long: " + b" ".join(b"w%07d" % i for i in range(400)))[:3000]
+LONG_BODY_LINE = bytes(33 + i % 94 for i in range(5000))  # no white space anywhere
+
+
+def unfold(header: bytes) -> bytes:
+    return re.sub(rb"\r?\n(?=[ \t])", b"", header)
+
+
+def test_a_strict_server_gets_long_lines_wrapped_and_takes_the_message():
+    """aiosmtpd refuses a message with a line over 998 octets (500 Line too long)."""
+    message = b"Subject: long lines\n" + LONG_HEADER + b"\n\nshort\n" + LONG_BODY_LINE + b"\nlast\n"
+    with AioServer() as server:
+        client = connect(server)
+        replies = client.send("s@example.org", ["a@example.org"], message)
+        client.close()
+    assert outcomes(replies) == [(SENT, "2.0.0")]
+    content = server.handler.messages[0].content
+    assert all(len(line) <= 998 for line in content.split(b"\r\n"))
+    header, _, body = content.partition(b"\r\n\r\n")
+    assert unfold(header) == b"Subject: long lines\r\n" + LONG_HEADER
+    lines = body.split(b"\r\n")
+    assert lines[0] == b"short" and lines[-2:] == [b"last", b""]
+    assert b"".join(lines[1:-2]) == LONG_BODY_LINE
+
+
+def test_wrap_long_lines_folds_headers_at_white_space_and_splits_body_lines():
+    addresses = b"To: " + b", ".join(b"user%04d@example.org" % i for i in range(100))
+    wrapped = wrap_long_lines(addresses + b"\n\n" + b"z" * 2500 + b"\n")
+    header, _, body = wrapped.partition(b"\n\n")
+    assert all(0 < len(line) <= 998 for line in header.split(b"\n"))
+    assert all(line.startswith(b" ") for line in header.split(b"\n")[1:])
+    assert header.replace(b"\n", b"") == addresses  # folded only at white space: unfolding restores it
+    assert body.split(b"\n") == [b"z" * 998, b"z" * 998, b"z" * 504, b""]
+
+
+def test_wrap_long_lines_splits_a_header_without_white_space_with_an_added_space():
+    token = b"X-Token:" + b"a" * 2000
+    assert wrap_long_lines(token) == b"X-Token:" + b"a" * 990 + b"\n " + b"a" * 997 + b"\n " + b"a" * 13
+
+
+def test_wrap_long_lines_leaves_lines_at_the_limit_and_the_first_line_is_checked_too():
+    fits = b"Subject: " + b"s" * 989 + b"\n\n" + b"b" * 998 + b"\n"
+    assert wire_data(fits) == fits.replace(b"\n", b"\r\n") + b".\r\n"
+    first_too_long = b"X: " + b"y" * 1200 + b"\n\nbody\n"
+    lines = wire_data(first_too_long).split(b"\r\n")
+    assert [len(line) for line in lines] == [2, 998, 204, 0, 4, 1, 0]  # "X:", then " y..." folded

@@ -3,6 +3,7 @@ daemon: aiosmtpd servers with certificates from a test CA, a real DNS server, lo
 
 from __future__ import annotations
 
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from router.queue_file import PENDING, parse
 from router.spool import Spool
 from tests.daemon import qrouter, wait_for
 from tests.dns_server import DNSServer
-from tests.smtp_servers import SERVER_NAME, AioServer, Recorder
+from tests.smtp_servers import SERVER_NAME, AioServer, Peer, Recorder, ScriptedServer
 
 ME = "relay.qrouter.test"
 MX = "mx.qrouter.test"
@@ -152,8 +153,41 @@ def test_may_sends_in_plain_text_at_once_when_the_tls_handshake_fails(daemons, p
         line = delivered(daemon, queue_id)
     assert "attempts=1," in line and "status=sent" in line
     assert server.handler.sessions == [(None, None)] and len(server.handler.messages) == 1
-    warning = next(ln for ln in daemon.log().splitlines() if "trying again in plain text" in ln)
-    assert f"{queue_id}: TLS with 127.0.0.1[127.0.0.1]:{server.port} failed (TLS handshake" in warning
+    [warning] = [ln for ln in daemon.log().splitlines() if "TLS" in ln and queue_id in ln]
+    assert f"{queue_id}: TLS handshake with 127.0.0.1[127.0.0.1]:{server.port} failed: " in warning
+    assert warning.endswith("; retrying without TLS") and warning.count("fail") == 1
+
+
+def test_a_server_that_hangs_up_in_the_tls_handshake_gets_the_message_in_plain_text(daemons):
+    wires: list[bytes] = []
+
+    def hangs_up_in_the_handshake(peer: Peer) -> None:
+        peer.greet("STARTTLS")
+        peer.expect("STARTTLS")
+        peer.send("220 2.0.0 ready to start TLS")
+        peer.sock.recv(65536)  # the client hello, never answered
+        peer.sock.shutdown(socket.SHUT_RDWR)
+
+    def plain(peer: Peer) -> None:
+        peer.greet("STARTTLS")
+        for command in ("MAIL FROM:", "RCPT TO:"):
+            peer.expect(command)
+            peer.send("250 2.0.0 ok")
+        peer.expect("DATA")
+        peer.send("354 go ahead")
+        wires.append(peer.data())
+        peer.send("250 2.0.0 queued as 4711")
+
+    with ScriptedServer(hangs_up_in_the_handshake, plain) as server:
+        daemon = daemons("--relayhost", f"[127.0.0.1]:{server.port}", *FAST, maildir=False)
+        queue_id = enqueue(daemon)
+        line = delivered(daemon, queue_id)
+    assert "attempts=1," in line and "status=sent (250 2.0.0 queued as 4711)" in line
+    assert wires == [b"Subject: t\r\n\r\nbody\r\n.\r\n"] and server.peers[1].lines[0].startswith("EHLO")
+    assert "STARTTLS" not in server.peers[1].lines  # the retry is plain from the start
+    [warning] = [ln for ln in daemon.log().splitlines() if "TLS" in ln and queue_id in ln]
+    assert warning.endswith(f"{queue_id}: TLS handshake with 127.0.0.1[127.0.0.1]:{server.port} failed: "
+                            "connection closed by the server; retrying without TLS")
 
 
 @pytest.mark.parametrize("relayhost", ["[mx.qrouter.test]", "mx.qrouter.test"])

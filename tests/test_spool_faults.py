@@ -131,6 +131,7 @@ def test_fifo_links_directories_and_huge_files_in_incoming_go_to_corrupt(daemons
 
     wait_for(lambda: daemon.delivered("example.org/good"), 10, "the good message, behind the bad ones")
     wait_for(lambda: len(daemon.files("corrupt")) == 5, 10, "five things in corrupt/")
+    wait_for(lambda: f"{good}: removed" in daemon.log(), 10, "the good message removed")
     log = daemon.log()
     corrupt = daemon.spool / "corrupt"
     assert f"{fifo}: not a queue file, moved to {corrupt / fifo}: " in log and "not a regular file but a FIFO" in log
@@ -142,7 +143,6 @@ def test_fifo_links_directories_and_huge_files_in_incoming_go_to_corrupt(daemons
     assert f"{huge}: not a queue file, moved to {corrupt / huge}: " in log
     assert "20971520 bytes, larger than any queue file may be" in log
     assert os.readlink(corrupt / zero) == "/dev/zero" and (corrupt / directory).is_dir()
-    assert f"{good}: removed" in log
     assert deaths(daemon) == [] and daemon.process.poll() is None
 
 
@@ -155,7 +155,7 @@ def test_enqueue_refuses_a_message_over_message_size_limit(tmp_path):
     assert b"qrouter: message is larger than message-size-limit (1000 bytes)" in result.stderr
     assert os.listdir(tmp_path / "spool" / "incoming") == os.listdir(tmp_path / "spool" / "tmp") == []
     accepted = qrouter("enqueue", "--config", str(config), "-f", "a@example.org", "u@example.org",
-                       stdin=b"x" * 1000)
+                       stdin=b"x" * 700)  # the limit counts the Received: line qrouter adds too
     assert accepted.returncode == 0, accepted.stderr
 
 

@@ -135,6 +135,7 @@ class SMTPTransport:
                 client, reused = self._connection(server, message.queue_id, fresh)
             except SMTPError as exc:
                 problem = _deferred(exc.reply.dsn, exc.reply.describe(server.peer), server.peer)
+                _note_failure(message, problem.reply)
                 for index in todo:
                     outcomes[index] = problem
                 return todo
@@ -181,9 +182,8 @@ class SMTPTransport:
             kept[0].abort()
         try:
             return self._open(server, self.config.smtp_tls), False
-        except TLSFallback as exc:
-            log.warning("%s: TLS with %s failed (%s); trying again in plain text", queue_id, server.peer,
-                        exc.reply.text)
+        except TLSFallback as exc:  # its text names the host, what failed and why
+            log.warning("%s: %s; retrying without TLS", queue_id, exc.reply.text)
             return self._open(server, TLS_NONE), False
 
     def _open(self, server: Server, tls: str) -> SMTPClient:
@@ -276,6 +276,14 @@ def _relay_hosts(text: str) -> tuple[tuple[str, int | None], ...]:
 
 def _expand(hosts: list[MXHost], port: int, *, lmtp: bool, auth: tuple[str, str] | None) -> list[Server]:
     return [Server(host.name, ip, port, lmtp=lmtp, auth=auth) for host in hosts for ip in host.addresses]
+
+
+def _note_failure(message: QueueFile, text: str) -> None:
+    """A server that could not be used, logged once as Postfix does ("connect to ...: Connection
+    refused") and kept in the message's history (stored if it stays queued): when the next server
+    takes the message, its `sent` line alone would leave no trace of the server that failed."""
+    log.info("%s: %s", message.queue_id, text)
+    message.add_log(time.time(), text)
 
 
 def _deferred(dsn: str, text: str, relay: str) -> Outcome:

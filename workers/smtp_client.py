@@ -39,6 +39,7 @@ MAX_LINE = 2048  # RFC 5321 allows 512 per reply line; leave room for chatty ser
 MAX_REPLY = 64 * 1024  # a multi-line reply larger than this is a hostile or broken peer
 PIPELINE_BATCH = 100  # commands per write: the replies to them fit in socket buffers, so no deadlock
 CHUNK = 64 * 1024  # one "data block" of RFC 5321 4.5.3.2.5, each with its own timeout
+MAX_TEXT_LINE = 998  # octets of a message line before its CRLF (RFC 5321 4.5.3.1.6)
 
 GREETING, BODY, END_OF_DATA = "greeting", "message body", "end of DATA"
 
@@ -47,6 +48,10 @@ _NOTIFY = re.compile(r"NEVER|(?:SUCCESS|FAILURE|DELAY)(?:,(?:SUCCESS|FAILURE|DEL
 _ADDR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
 _CONTROL_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f]")  # would break the command line
 _HOST_NAME = re.compile(r"[\x21-\x7e]+")
+# A line too long for the wire, past the first line: its literal first byte lets re skip ahead
+# with a fast scan, which keeps the check for the common case (none) cheaper than the CRLF pass.
+_LONG_LINE = re.compile(rb"\n[^\n]{%d}" % (MAX_TEXT_LINE + 1))
+_HEADER_LINE = re.compile(rb"[!-9;-~]+:|[ \t]")  # a field name and colon, or a folded continuation
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,8 @@ class Reply:
 
     `unsent` marks a recipient left out of the transaction because the server's recipient limit
     was reached (452 too many recipients): not refused, and fit for a new transaction at once.
+    `derived` says the server gave no enhanced status code and `dsn` was derived from `code`:
+    it is then left out of the reply as quoted, which keeps the server's words verbatim.
     `lines` keeps the raw text of each line (EHLO keywords live there).
     """
 
@@ -90,6 +97,7 @@ class Reply:
     command: str = ""
     local: bool = False
     unsent: bool = False
+    derived: bool = False
     lines: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     @property
@@ -103,7 +111,10 @@ class Reply:
         return self.code // 100 == 2
 
     def __str__(self) -> str:
-        return self.text if self.local else f"{self.code} {self.dsn} {self.text}".rstrip()
+        if self.local:
+            return self.text
+        quoted = self.text if self.derived else f"{self.dsn} {self.text}"
+        return f"{self.code} {quoted}".rstrip()
 
     def describe(self, peer: str) -> str:
         """The reply as a log line or bounce reason, the way Postfix words it."""
@@ -258,13 +269,13 @@ class SMTPClient:
             sock.setblocking(False)
         except (OSError, ValueError) as exc:
             self.abort()
-            if policy == TLS_MAY:
-                raise TLSFallback(_local(454, "4.7.5", f"TLS handshake with {self.peer} failed: {_reason(exc)}; "
-                                                       "it may be tried again without TLS")) from None
+            if policy == TLS_MAY:  # the certificate is not checked: only the handshake itself can fail
+                raise TLSFallback(_local(454, "4.7.5", f"TLS handshake with {self.peer} failed: "
+                                                       f"{_tls_reason(exc)}")) from None
             if isinstance(exc, ssl.SSLCertVerificationError):
                 text = f"server certificate of {self.peer} not verified for {name}: {exc.verify_message}"
             else:
-                text = f"TLS is required, but the handshake with {self.peer} failed: {_reason(exc)}"
+                text = f"TLS is required, but the handshake with {self.peer} failed: {_tls_reason(exc)}"
             raise SMTPError(_local(454, "4.7.5", text)) from None
         cipher = sock.cipher()
         self.tls = f"{sock.version()} with cipher {cipher[0] if cipher else 'unknown'}"
@@ -702,7 +713,7 @@ def _parse_reply(lines: list[bytes], what: str) -> Reply:
             text = text[match.end():]
         if text.strip():
             texts.append(text.strip())
-    return Reply(code, dsn or f"{code // 100}.0.0", " ".join(texts), what, lines=raw)
+    return Reply(code, dsn or f"{code // 100}.0.0", " ".join(texts), what, derived=not dsn, lines=raw)
 
 
 def _too_many(reply: Reply) -> bool:
@@ -743,10 +754,63 @@ def _orcpt(value: str) -> str:
 
 
 def _crlf(message: bytes) -> bytes:
-    """Every line end (LF or CRLF) as CRLF, and one after a last line that lacks it. A CR not
-    before an LF is data and stays, so binary content goes through unchanged otherwise."""
-    data = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    """Every line end (LF or CRLF) as CRLF, and one after a last line that lacks it; a line too
+    long for the wire wrapped (wrap_long_lines). A CR not before an LF is data and stays, so
+    binary content goes through unchanged otherwise."""
+    data = message.replace(b"\r\n", b"\n")
+    if _has_long_line(data):
+        data = wrap_long_lines(data)
+    data = data.replace(b"\n", b"\r\n")
     return data + b"\r\n" if data and not data.endswith(b"\r\n") else data
+
+
+def _has_long_line(data: bytes) -> bool:
+    """Whether a line of LF-ended `data` is longer than MAX_TEXT_LINE: the first line by a find
+    bounded to its first MAX_TEXT_LINE + 1 bytes, the others by one search (see _LONG_LINE)."""
+    first_is_long = len(data) > MAX_TEXT_LINE and data.find(b"\n", 0, MAX_TEXT_LINE + 1) < 0
+    return first_is_long or _LONG_LINE.search(data) is not None
+
+
+def wrap_long_lines(data: bytes) -> bytes:
+    """Every line of LF-ended `data` longer than MAX_TEXT_LINE wrapped, as Postfix's
+    smtp_line_length_limit does: a strict server refuses the whole message for one such line
+    (500), which would return mail that can be delivered. Header lines (up to the first line
+    that is empty or not a header line) are folded, so that unfolding gives the field back
+    (_fold); body lines are split into pieces of MAX_TEXT_LINE octets."""
+    lines = data.split(b"\n")
+    in_header = True
+    for index, line in enumerate(lines):
+        in_header = in_header and _HEADER_LINE.match(line) is not None
+        if len(line) > MAX_TEXT_LINE:
+            lines[index] = _fold(line) if in_header else _split(line)
+    return b"\n".join(lines)
+
+
+def _fold(line: bytes) -> bytes:
+    """A header line folded (RFC 5322 2.2.3) into lines of at most MAX_TEXT_LINE octets: before
+    white space where there is some, so unfolding restores it exactly; else at the limit, with a
+    space added to start the continuation line."""
+    pieces = []
+    while len(line) > MAX_TEXT_LINE:
+        cut = _fold_point(line)
+        pieces.append(line[:cut])
+        line = line[cut:] if line[cut:cut + 1] in (b" ", b"\t") else b" " + line[cut:]
+    pieces.append(line)
+    return b"\n".join(pieces)
+
+
+def _fold_point(line: bytes) -> int:
+    """The last white space within the limit that has text before it (a line of white space
+    alone is not a folded line), else the limit itself."""
+    text_starts = len(line) - len(line.lstrip(b" \t"))
+    end = MAX_TEXT_LINE + 1
+    cut = max(line.rfind(b" ", text_starts + 1, end), line.rfind(b"\t", text_starts + 1, end))
+    return cut if cut > 0 else MAX_TEXT_LINE
+
+
+def _split(line: bytes) -> bytes:
+    """A body line as lines of MAX_TEXT_LINE octets, the last one shorter."""
+    return b"\n".join(line[start:start + MAX_TEXT_LINE] for start in range(0, len(line), MAX_TEXT_LINE))
 
 
 def _stuff(data: bytes) -> bytes:
@@ -782,6 +846,19 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason)
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """Why a handshake failed, from where we stand: OpenSSL words the server hanging up from its
+    own side ("TLS/SSL connection has been closed (EOF)", UNEXPECTED_EOF_WHILE_READING), which
+    reads as if we had closed the connection, and its other reasons as constant names."""
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return "connection closed by the server"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset by the server"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason).lower().replace("_", " ")
+    return _reason(exc)
 
 
 def _b64(data: bytes) -> str:
