@@ -50,13 +50,25 @@ def run(config: ConfigOption = None,
     # A reload asked for while starting (systemd, a script) must not kill the daemon with
     # SIGHUP's default action; the supervisor installs its own handler once it can act on it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # nor a log rotation's SIGUSR1
     flags = _flags(settings)
     loaded = _config(config, flags)
     if foreground:
         log_module.setup(loaded.log or "stderr")
         raise typer.Exit(Supervisor(loaded, config, flags).run())
+    # Detached, stderr is /dev/null: without a syslog socket the lines go to a file in the
+    # spool, made (or refused, exit 1) and announced here, while the caller still hears us.
+    target = loaded.log or "syslog"
+    fallback_file = os.path.join(loaded.queue_dir, "log", "qrouter.log")
+    where = log_module.choose(target, fallback_file)
+    if where != target:
+        try:
+            log_module.prepare_file(where, loaded.spool_group)
+        except OSError as exc:
+            raise _fail(f"no syslog ({log_module.SYSLOG_SOCKET}) and cannot write {where}: {exc}", 1) from None
+        typer.echo(f"qrouter: no syslog ({log_module.SYSLOG_SOCKET}); logging to {where}", err=True)
     ready = daemon.detach()
-    log_module.setup(loaded.log or "syslog")
+    log_module.setup(target, fallback_file, loaded.spool_group)
     raise typer.Exit(Supervisor(loaded, config, flags).run(ready))
 
 
@@ -69,7 +81,9 @@ def _flags(settings: dict[str, Any]) -> dict[str, str]:
 
 
 def _with_config_flags(function):
-    """Give `run` one --flag per config key, from the one table in router.config."""
+    """Give a command that reads the config (run, check-config, route, status) one --flag per
+    config key, from the one table in router.config, so each answers for the configuration that
+    `qrouter run` with the same flags uses."""
     signature = inspect.signature(function)
     params = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     for param_name, key in KEYS_BY_PARAM.items():
@@ -95,15 +109,22 @@ def check_config(config: ConfigOption = None, **settings: Any) -> None:
 app.command("check-config")(_with_config_flags(check_config))
 
 
-@app.command()
 def route(
     address: Annotated[str, typer.Argument(help="recipient address")],
     sender: Annotated[str, typer.Option("--from", help="envelope sender")] = "<>",
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    resolve: Annotated[bool, typer.Option(
+        "--resolve", help="also ask DNS (dns-servers, dns-timeout) for the hosts and addresses delivery "
+        "would try now; without it route is offline and asks no DNS")] = False,
+    **settings: Any,
 ) -> None:
-    """Explain where a recipient goes now: rewriting, the rule that matched, the alias, the next hop."""
-    loaded = _config(config, {})
+    """Explain where a recipient goes now: rewriting, the rule that matched, the alias, the next hop.
+
+    Takes every config key as a flag, as `qrouter run` does. With --resolve it also shows, in the
+    order delivery tries them, the MX hosts (by preference; equal preferences are shuffled at each
+    delivery) or relay hosts and their addresses, or why mail would bounce or be deferred."""
+    loaded = _config(config, _flags(settings))
     policy = _policy(loaded)
     try:
         recipient = parse_path(address)
@@ -120,6 +141,8 @@ def route(
               "reason": decision.reason, "rule": decision.rule.where if decision.rule else None,
               "alias": decision.alias.user if decision.alias else None,
               "method": decision.next_hop.kind, "next_hop": str(decision.next_hop)}
+    if resolve:
+        answer.update(_resolve(loaded, decision.next_hop))
     if as_json:
         typer.echo(json.dumps(answer, indent=2))
         return
@@ -130,7 +153,76 @@ def route(
         lines.append(f"sender:    <{sender}> rewritten to <{new_sender}> (rewriting rule {sender_rule.where})")
     lines += [f"reason:    {decision.reason}", f"method:    {decision.next_hop.kind}",
               f"next hop:  {decision.next_hop}"]
+    if resolve:
+        lines += _format_resolved(answer)
     typer.echo("\n".join(lines))
+
+
+app.command("route")(_with_config_flags(route))
+
+_BOUNCE_REASONS = {"5.1.10": "null MX", "5.1.2": "no such domain"}
+
+
+def _resolve(loaded: Config, hop: Any) -> dict[str, Any]:
+    """What DNS says now about `hop` (a policy.next_hop.NextHop), asked as delivery asks
+    (workers.mx_lookup): `resolved`, the hosts in the order tried, and, when there is none to try,
+    `error` {dsn, message}. Relay hosts that fail while others answer are listed in `unresolved`."""
+    from policy.next_hop import LMTP, MX, SMTP, parse_hosts
+    from workers.mx_hosts import MXLookupError, ResolverConfigError
+
+    if hop.kind not in (MX, SMTP, LMTP) or hop.argument.startswith("/"):
+        return {"resolved": [], "note": f"no DNS: {hop.kind} delivery connects to no host"}
+    from workers import mx_lookup  # the DNS library only when asked to resolve
+
+    try:
+        resolver = mx_lookup.make_resolver(loaded.dns_servers, loaded.dns_timeout)
+    except ResolverConfigError as exc:
+        raise _fail(str(exc), EX_CONFIG) from None
+    if hop.kind == MX:
+        destinations = [(hop.argument, hop.argument)]
+    else:  # relay hosts as the SMTP transport looks them up: a bare name by MX first, [name] (and LMTP) by A/AAAA
+        domain = loaded.hostname.partition(".")[2]
+        destinations = []
+        for destination, _port in parse_hosts(hop.argument):
+            bare = destination.strip("[]")
+            if "." not in bare and ":" not in bare and domain and bare.lower() != "localhost":
+                bare = f"{bare}.{domain}"  # a short name is qualified under our domain
+            asked = f"[{bare}]" if destination.startswith("[") or hop.kind == LMTP else bare
+            destinations.append((destination, asked))
+    resolved: list[dict[str, Any]] = []
+    unresolved: list[dict[str, str]] = []
+    for destination, asked in destinations:
+        try:
+            hosts = mx_lookup.next_hops(asked, resolver)
+        except MXLookupError as exc:
+            unresolved.append({"destination": destination, "dsn": exc.dsn, "message": exc.message})
+            continue
+        resolved += [{"host": host.name, "preference": host.preference, "addresses": list(host.addresses)}
+                     for host in hosts]
+    if not resolved and unresolved:
+        failure = unresolved[-1]
+        return {"error": {"dsn": failure["dsn"], "message": failure["message"]}}
+    answer: dict[str, Any] = {"resolved": resolved}
+    if unresolved:
+        answer["unresolved"] = unresolved
+    return answer
+
+
+def _format_resolved(answer: dict[str, Any]) -> list[str]:
+    error = answer.get("error")
+    if error:
+        if error["dsn"].startswith("4"):
+            return [f"resolved:  DNS lookup failed now ({error['dsn']}): {error['message']}"]
+        reason = _BOUNCE_REASONS.get(error["dsn"], "DNS says no")
+        return [f"resolved:  would bounce: {reason} ({error['dsn']}): {error['message']}"]
+    if "note" in answer:
+        return [f"resolved:  {answer['note']}"]
+    lines = ["resolved:  hosts in the order tried (equal preferences are shuffled at each delivery):"]
+    lines += [f"  {host['preference']:>5} {host['host']}  {', '.join(host['addresses'])}"
+              for host in answer['resolved']]
+    lines += [f"  not resolved: {item['destination']}: ({item['dsn']}) {item['message']}"
+              for item in answer.get("unresolved", [])]
+    return lines
 
 
 def _policy(loaded: Config) -> Policy:
@@ -183,14 +275,15 @@ def sendmail(ctx: typer.Context) -> None:
     raise typer.Exit(submit(ctx.meta["args"], prog="qrouter sendmail"))
 
 
-@app.command()
 def status(
-    queue_dir: QueueDirOption = None,
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    **settings: Any,
 ) -> None:
-    """Show the queues, the workers and what has been delivered since start."""
-    loaded = _config(config, {"queue-dir": queue_dir} if queue_dir else {})
+    """Show the queues, the workers and what has been delivered since start.
+
+    Takes every config key as a flag, as `qrouter run` does (--queue-dir, --status-socket...)."""
+    loaded = _config(config, _flags(settings))
     try:
         answer = query(loaded.socket_path, {"command": "status"})
     except StatusError as exc:
@@ -203,8 +296,12 @@ def status(
     typer.echo(json.dumps(answer, indent=2) if as_json else format_status(answer))
 
 
+app.command("status")(_with_config_flags(status))
+
+
 def format_status(answer: dict[str, Any]) -> str:
-    lines = [f"qrouter pid {answer['pid']}, up {_age(answer['uptime'])}, spool {answer['queue_dir']}",
+    lines = [f"qrouter pid {answer['pid']}, up {_age(answer['uptime'])}, spool {answer['queue_dir']}, "
+             f"logs to {answer.get('log', 'syslog')}",
              f"{'queue':<10} {'messages':>8}  oldest"]
     for queue, info in answer["queues"].items():
         oldest = _age(answer["now"] - info["oldest"]) if info["oldest"] else "-"

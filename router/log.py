@@ -7,14 +7,20 @@ of other servers and file names come from outside, and a line break in them (CR,
 U+0085, a vertical tab...) would let them forge log lines. So every character str.isprintable()
 refuses (controls, format characters, line and paragraph separators, lone surrogates) is written
 as Python would escape it: \\n, \\x85, \\u2028. A traceback after the message stays as it is.
+
+A file log is opened through a WatchedFileHandler: every process (the supervisor and each forked
+worker) sees at its next line that the file was moved or removed (logrotate) and opens a new one,
+so no signal is needed; the supervisor also reopens its own at once on SIGUSR1 (`reopen()`).
 """
 
 from __future__ import annotations
 
+import grp
 import logging
 import logging.handlers
 import os
 import re
+import stat
 import sys
 
 _PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
@@ -62,9 +68,81 @@ class _Formatter(logging.Formatter):
         return self._stamp[1]
 
 
-def setup(target: str) -> logging.Logger:
+SYSLOG_SOCKET = "/dev/log"
+_where = "stderr"  # where the lines go now: "syslog", "stderr" or a file path (`qrouter status` shows it)
+
+
+def where() -> str:
+    return _where
+
+
+def choose(target: str, fallback_file: str | None = None) -> str:
+    """Where `target` ("stderr", "syslog" or a file path) really sends the lines: "syslog" without
+    a syslog socket becomes `fallback_file`, or stderr when there is none."""
+    if target == "syslog" and not os.path.exists(SYSLOG_SOCKET):
+        return fallback_file or "stderr"
+    return target
+
+
+def prepare_file(path: str, group: str = "") -> None:
+    """Make the fallback log's directory as the queue directories are made (0700, or 2770 owned by
+    `group`), and the file 0600 (0660 with a group); raises OSError if it cannot be written."""
+    mode = 0o2770 if group else 0o700
+    gid = grp.getgrnam(group).gr_gid if group else -1
+    parent = os.path.dirname(path)
+    os.makedirs(os.path.dirname(parent) or ".", mode=0o700, exist_ok=True)  # the queue dir, if new
+    os.makedirs(parent, mode=mode, exist_ok=True)
+    os.chmod(parent, mode)
+    if gid >= 0:
+        os.chown(parent, -1, gid)
+    os.close(_open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o660 if group else 0o600))
+
+
+def _open_file(path: str, flags: int, mode: int) -> int:
+    """Open a log file; a new one gets `mode` whatever the umask. The log directory may be
+    writable by the spool group, so a symbolic link, FIFO or device there is refused."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise OSError(f"{path}: not a regular file")
+    if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != mode:
+        os.fchmod(fd, mode)
+    return fd
+
+
+class _FileHandler(logging.handlers.WatchedFileHandler):
+    """A WatchedFileHandler whose new files (after a rotation) get `file_mode`, not the umask's."""
+
+    def __init__(self, path: str, file_mode: int | None) -> None:
+        self.file_mode = file_mode
+        super().__init__(path, encoding="utf-8", errors="backslashreplace")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """A file that cannot be opened again (its directory removed, a link put in its place)
+        loses this line, as a full disk would, and is tried again at the next: a log call never
+        raises into the daemon."""
+        try:
+            self.reopenIfNeeded()
+            if self.stream is None:
+                self.stream = self._open()
+        except Exception:
+            self.handleError(record)
+            return
+        super().emit(record)
+
+    def _open(self):
+        if self.file_mode is None:
+            return super()._open()
+        return open(self.baseFilename, "a", encoding=self.encoding, errors=self.errors,
+                    opener=lambda path, flags: _open_file(path, flags, self.file_mode))
+
+
+def setup(target: str, fallback_file: str | None = None, group: str = "") -> logging.Logger:
     """Send the `qrouter` logger to `target`: "stderr", "syslog" or a file path. Without a
-    syslog socket (/dev/log), "syslog" falls back to stderr and says so."""
+    syslog socket (/dev/log), "syslog" falls back to `fallback_file` (made by prepare_file(),
+    mode 0600, or 0660 with `group`) or, without one, to stderr, and says so."""
+    global _where
     # Per record, logging looks up the caller's file and line, the thread, the process and its name;
     # no line shows them, so skip the work (the logging manual's "Optimization" section).
     logging._srcfile = None
@@ -72,21 +150,47 @@ def setup(target: str) -> logging.Logger:
     logging.logMultiprocessing = False
     logging.logProcesses = False
     logger = logging.getLogger("qrouter")
+    for old in logger.handlers:
+        if isinstance(old, logging.FileHandler):
+            old.close()
     logger.handlers.clear()
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    fallback = ""
-    if target == "syslog" and os.path.exists("/dev/log"):
+    chosen = choose(target, fallback_file)
+    fallback = f"no syslog ({SYSLOG_SOCKET}), logging to {chosen}" if chosen != target else ""
+    if chosen == "syslog":
         handler: logging.Handler = logging.handlers.SysLogHandler(
-            "/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
+            SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL)
         handler.setFormatter(_Formatter("qrouter[%(process)d]: %(prefix)s%(message)s"))
     else:
-        fallback = "no /dev/log, logging to stderr" if target == "syslog" else ""
-        stream = sys.stderr if target in ("stderr", "syslog") else open(target, "a", buffering=1)
-        handler = logging.StreamHandler(stream)
+        if chosen == "stderr":
+            handler = logging.StreamHandler(sys.stderr)
+        else:
+            if chosen == fallback_file:
+                prepare_file(chosen, group)
+            handler = _FileHandler(chosen, (0o660 if group else 0o600) if chosen == fallback_file else None)
         handler.setFormatter(_Formatter("%(asctime)s qrouter[%(process)d]: %(prefix)s%(message)s",
                                         "%b %d %H:%M:%S"))
     logger.addHandler(handler)
+    _where = chosen
     if fallback:
         logger.warning(fallback)
     return logger
+
+
+def reopen() -> None:
+    """Reopen a file log now (SIGUSR1 after logrotate moved it); nothing for syslog or stderr."""
+    for handler in logging.getLogger("qrouter").handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                if handler.stream:
+                    handler.stream.close()
+                handler.stream = None
+                handler.stream = handler._open()
+                if isinstance(handler, logging.handlers.WatchedFileHandler):
+                    handler._statstream()
+            except OSError:
+                pass  # the next line tries again (_FileHandler.emit), and never kills the daemon
+            finally:
+                handler.release()

@@ -32,6 +32,7 @@ from inotify_simple import flags as inotify_flags
 from policy.rewriting import TO
 from policy.routing import load_policy
 from policy.transport_map import PolicyError
+from router import log as log_module
 from router import status_socket
 from router.config import Config, ConfigError, load
 from router.envelope import pending_recipients
@@ -200,7 +201,7 @@ class Supervisor:
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wakeup = (read_fd, write_fd)
         signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
             signal.signal(signum, lambda signum, frame: self.signals.append(signum))
         self.selector.register(read_fd, selectors.EVENT_READ, self._on_wakeup)
 
@@ -727,6 +728,8 @@ class Supervisor:
                 self._reap()
             elif signum == signal.SIGHUP:
                 self._reload()
+            elif signum == signal.SIGUSR1:
+                log_module.reopen()  # logrotate moved the file log; workers reopen by themselves
             else:
                 self._begin_stop(signum)
 
@@ -862,6 +865,7 @@ class Supervisor:
             "pid": os.getpid(),
             "now": now,
             "queue_dir": self.config.queue_dir,
+            "log": log_module.where(),
             "uptime": round(now - self.started, 3),
             "rss": psutil.Process().memory_info().rss,
             "scheduled": len(self.schedule),
