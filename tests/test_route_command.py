@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import typer
 
 from router.cli import app
@@ -101,21 +102,17 @@ def test_resolve_shows_mx_hosts_in_order_with_addresses():
     assert "error" not in answer
 
 
-def test_resolve_null_mx_would_bounce():
+@pytest.mark.parametrize(("address", "said", "dsn"), [
+    ("user@nullmx.test", "would bounce: null MX (5.1.10)", "5.1.10"),
+    ("user@nowhere.test", "would bounce: no such domain (5.1.2)", "5.1.2"),
+], ids=["null-mx", "no-such-domain"])
+def test_resolve_says_when_mail_would_bounce(address, said, dsn):
     with DNSServer(ZONE) as dns:
-        out = route("--resolve", "--dns-servers", dns.servers, *FAST, "user@nullmx.test")
-        answer = route_json("--resolve", "--dns-servers", dns.servers, *FAST, "user@nullmx.test")
-    assert "would bounce: null MX (5.1.10)" in out
-    assert answer["error"]["dsn"] == "5.1.10"
+        out = route("--resolve", "--dns-servers", dns.servers, *FAST, address)
+        answer = route_json("--resolve", "--dns-servers", dns.servers, *FAST, address)
+    assert said in out
+    assert answer["error"]["dsn"] == dsn
     assert "resolved" not in answer
-
-
-def test_resolve_nonexistent_domain_would_bounce():
-    with DNSServer(ZONE) as dns:
-        out = route("--resolve", "--dns-servers", dns.servers, *FAST, "user@nowhere.test")
-        answer = route_json("--resolve", "--dns-servers", dns.servers, *FAST, "user@nowhere.test")
-    assert "would bounce: no such domain (5.1.2)" in out
-    assert answer["error"]["dsn"] == "5.1.2"
 
 
 def test_resolve_temporary_failure():
