@@ -17,7 +17,7 @@ from router import daemon
 from router import log as log_module
 from router.address import AddressError, parse_path
 from router.config import KEYS, Config, ConfigError
-from router.sendmail import prepend_fields, queue_local, received
+from router.sendmail import prepend_fields, queue_local, read_up_to, received
 from router.spool import Spool, SpoolError
 from router.status_socket import StatusError, query
 from router.supervisor import Supervisor
@@ -246,7 +246,7 @@ def enqueue(
     Exits 75 when the spool cannot take it (try again later), 64 for bad arguments or a message
     larger than message-size-limit."""
     loaded = _config(config, {"queue-dir": queue_dir} if queue_dir else {})
-    message = sys.stdin.buffer.read(loaded.message_size_limit + 1)  # more is refused: no need to read it all
+    message = read_up_to(sys.stdin.buffer, loaded.message_size_limit + 1)  # more is refused: no need to read it all
     try:
         queue_id = queue_local(loaded, sender, recipients,
                                lambda queue_id: prepend_fields(message, [received(loaded.hostname, queue_id)]),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import grp
 import os
 
 
@@ -43,3 +45,17 @@ def unlink_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def error_name(exc: OSError) -> str:
+    """The errno name of a failure (ENOSPC), one word for a report line or a log; EIO if none."""
+    return errno.errorcode.get(exc.errno or 0, "EIO")
+
+
+def make_shared_dir(path: str, group: str = "") -> None:
+    """Make a directory of the spool: 0700, or 2770 owned by `group` so that other users of that
+    group (a front door such as qpsmtpd, an administrator reading logs) can use it."""
+    os.makedirs(path, exist_ok=True)
+    os.chmod(path, 0o2770 if group else 0o700)
+    if group:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)

@@ -15,13 +15,14 @@ so no signal is needed; the supervisor also reopens its own at once on SIGUSR1 (
 
 from __future__ import annotations
 
-import grp
 import logging
 import logging.handlers
 import os
 import re
 import stat
 import sys
+
+from router.durable import make_shared_dir
 
 _PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
 _pid = os.getpid()
@@ -87,14 +88,9 @@ def choose(target: str, fallback_file: str | None = None) -> str:
 def prepare_file(path: str, group: str = "") -> None:
     """Make the fallback log's directory as the queue directories are made (0700, or 2770 owned by
     `group`), and the file 0600 (0660 with a group); raises OSError if it cannot be written."""
-    mode = 0o2770 if group else 0o700
-    gid = grp.getgrnam(group).gr_gid if group else -1
     parent = os.path.dirname(path)
     os.makedirs(os.path.dirname(parent) or ".", mode=0o700, exist_ok=True)  # the queue dir, if new
-    os.makedirs(parent, mode=mode, exist_ok=True)
-    os.chmod(parent, mode)
-    if gid >= 0:
-        os.chown(parent, -1, gid)
+    make_shared_dir(parent, group)
     os.close(_open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o660 if group else 0o600))
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 INITIAL_WINDOW = 5
 PROBE_SECONDS = 60.0  # a dead destination is probed after min-backoff, or after this if sooner
@@ -42,11 +43,16 @@ class Destination:
     deferred: set[str] = field(default_factory=set)  # deferred because it could not be reached
 
     @property
+    def label(self) -> str:
+        """The name as an administrator wrote it (NextHop.destination quotes white space and commas)."""
+        return unquote(self.name)
+
+    @property
     def dead(self) -> bool:
         return self.dead_until > 0
 
     def status(self) -> dict[str, object]:
-        return {"destination": self.name, "sessions": self.in_flight, "window": round(self.window, 2),
+        return {"destination": self.label, "sessions": self.in_flight, "window": round(self.window, 2),
                 "dead": self.dead, "waiting": len(self.waiting), "deferred": len(self.deferred),
                 "last_error": self.last_error or None}
 

@@ -177,7 +177,7 @@ def read_message(stdin: BinaryIO, limit: int, lone_dot_ends: bool) -> bytes:
     """The message on `stdin`, up to a lone dot line if `lone_dot_ends`; UsageError if it is
     larger than `limit` bytes (message-size-limit). Never more than limit + 3 bytes are read
     into memory: enough to see whole a lone dot line (".\\r\\n") that starts within the limit."""
-    data = _read_up_to(stdin, limit + 3)
+    data = read_up_to(stdin, limit + 3)
     message = cut_at_lone_dot(data) if lone_dot_ends else data
     if len(message) > limit:
         raise UsageError(f"message is larger than message-size-limit ({limit} bytes)")
@@ -186,7 +186,7 @@ def read_message(stdin: BinaryIO, limit: int, lone_dot_ends: bool) -> bytes:
     return message
 
 
-def _read_up_to(stdin: BinaryIO, size: int) -> bytes:
+def read_up_to(stdin: BinaryIO, size: int) -> bytes:
     """`size` bytes, fewer only at the end of the input. Read in chunks: read(size) would make
     room for all `size` bytes first, the whole limit for a message of a few lines."""
     chunks: list[bytes] = []

@@ -16,7 +16,6 @@ crash leaves either the old or the new file, never a torn one.
 from __future__ import annotations
 
 import errno
-import grp
 import os
 import resource
 import stat
@@ -24,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from router.address import AddressError, parse_path
-from router.durable import unlink_quietly, write_all, write_synced
+from router.durable import make_shared_dir, unlink_quietly, write_all, write_synced
 from router.queue_file import (
     CRASH_RECORD,
     HELD_RECORD,
@@ -112,13 +111,8 @@ class Spool:
     def create(self) -> None:
         """Make the queue directories: 0700, or 2770 owned by `group` so a front door running as
         another user of that group (qpsmtpd) can queue into it."""
-        mode = 0o2770 if self.group else 0o700
-        gid = grp.getgrnam(self.group).gr_gid if self.group else -1
-        for directory in (self.root, *(self.path(q) for q in QUEUES)):
-            os.makedirs(directory, exist_ok=True)
-            os.chmod(directory, mode)
-            if gid >= 0:
-                os.chown(directory, -1, gid)
+        for directory in (str(self.root), *(self.path(q) for q in QUEUES)):
+            make_shared_dir(directory, self.group)
 
     # -- writing new messages -------------------------------------------------------------
 

@@ -23,7 +23,6 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import unquote
 
 import psutil
 from inotify_simple import INotify
@@ -35,6 +34,7 @@ from policy.transport_map import PolicyError
 from router import log as log_module
 from router import status_socket
 from router.config import Config, ConfigError, load
+from router.durable import error_name
 from router.envelope import pending_recipients
 from router.lock import SpoolLock
 from router.queue_file import POISON_CRASHES
@@ -194,8 +194,13 @@ class Supervisor:
                 self._set_aside(name, ACTIVE)
                 continue
             log.warning("%s: left in active/ by an earlier run, queued again", name)
-            if not self._move(name, ACTIVE, INCOMING):
-                self._enqueue_ready(ACTIVE, name)
+            self._requeue_active(name)
+
+    def _requeue_active(self, queue_id: str) -> None:
+        """Put a message from active/ back into incoming/; if the disk refuses the move, deliver it
+        from where it is."""
+        if not self._move(queue_id, ACTIVE, INCOMING):
+            self._enqueue_ready(ACTIVE, queue_id)
 
     def _setup_signals(self) -> None:
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -347,10 +352,9 @@ class Supervisor:
         for _, queue_id in lost:
             if self.in_flight.get(queue_id) is worker:
                 self._finished(queue_id, {})
-        held = [queue_id for _, queue_id in lost if os.path.exists(self.spool.path(ACTIVE, queue_id))]
-        for queue_id in held:  # claimed, so being delivered; the others were still waiting in the pipe
+        for queue_id in claimed:  # being delivered; the others were still waiting in the pipe
             log.error("worker %d %s while delivering %s", worker.pid, how, queue_id)
-        if not held and (not (worker.retiring or self.stopping) or status != 0):
+        if not claimed and (not (worker.retiring or self.stopping) or status != 0):
             log.error("worker %d %s", worker.pid, how)
         blame = not worker.killed and len(claimed) <= 1  # see _dispatch_isolated
         for queue, queue_id in lost:
@@ -389,15 +393,13 @@ class Supervisor:
         The death is counted in the message's file (`@* crash`), where the count survives a
         restart and the worker that claims the message next enforces it (POISON_CRASHES: hold/).
         The count in memory holds it back within this run even if the file cannot take the record."""
-        self.in_flight.pop(queue_id, None)
         if not os.path.exists(self.spool.path(ACTIVE, queue_id)):
             self._enqueue_ready(queue, queue_id)  # never claimed: still where it was
             return
         if self.stopping:
             return  # left in active/ for the next start
         if not blame:
-            if not self._move(queue_id, ACTIVE, INCOMING):
-                self._enqueue_ready(ACTIVE, queue_id)
+            self._requeue_active(queue_id)
             return
         try:
             self.spool.record_crash(queue_id)
@@ -406,8 +408,7 @@ class Supervisor:
                       queue_id, exc.strerror or exc)
         crashes = self.crashes[queue_id] = self.crashes.get(queue_id, 0) + 1
         if crashes < POISON_CRASHES:
-            if not self._move(queue_id, ACTIVE, INCOMING):
-                self._enqueue_ready(ACTIVE, queue_id)
+            self._requeue_active(queue_id)
             return
         try:
             self.spool.hold_poison(queue_id)  # its count starts again, should it be released
@@ -472,8 +473,7 @@ class Supervisor:
         try:
             return self.spool.move(queue_id, source, target, mtime=mtime)
         except OSError as exc:
-            self._spool_trouble(errno.errorcode.get(exc.errno or 0, "EIO"), f"cannot move {source}/{queue_id} "
-                                f"to {target}/")
+            self._spool_trouble(error_name(exc), f"cannot move {source}/{queue_id} to {target}/")
             return False
 
     def _spool_trouble(self, error: str, what: str) -> None:
@@ -542,13 +542,11 @@ class Supervisor:
                 if blocker.dead and not blocker.probing and queue != ACTIVE:
                     self._suspend(queue, queue_id, blocker)
                 else:
-                    blocker.waiting.append((queue, queue_id))
-                    self.queued.add(queue_id)
+                    self._wait_in_line(blocker, queue, queue_id)
                 continue
             worker = self._pick(open_, names)
             if worker is None:  # its share of the destination is in use in every worker with room
-                self.scheduler.get(names[0]).waiting.append((queue, queue_id))
-                self.queued.add(queue_id)
+                self._wait_in_line(self.scheduler.get(names[0]), queue, queue_id)
                 continue
             self.scheduler.start(names, now)
             self.routes[queue_id] = names
@@ -568,6 +566,11 @@ class Supervisor:
                     self._finished(queue_id, {})
                     self.queued.add(queue_id)
                     self.fresh.appendleft((queue, queue_id))
+
+    def _wait_in_line(self, destination: Destination, queue: str, queue_id: str) -> None:
+        """Hold a message back until `destination` has room again (see _finished)."""
+        destination.waiting.append((queue, queue_id))
+        self.queued.add(queue_id)
 
     def _dispatch_isolated(self) -> None:
         """A worker that dies with several messages in progress gives no clue which one killed
@@ -635,7 +638,7 @@ class Supervisor:
         envelope = pending_recipients(self.spool.path(DEFERRED if queue_id not in self.kept else queue, queue_id))
         for address in envelope[0] if envelope else ["?"]:
             log.info("%s: to=<%s>, relay=none, delay=%.2f, dsn=4.4.1, status=deferred (delivery temporarily "
-                     "suspended: %s: %s)", queue_id, address, delay, unquote(destination.name),
+                     "suspended: %s: %s)", queue_id, address, delay, destination.label,
                      destination.last_error)
 
     def _finished(self, queue_id: str, reach: dict[str, str]) -> None:
@@ -648,11 +651,11 @@ class Supervisor:
         revived, died = self.scheduler.finish(names, reach, now)
         for destination in died:
             log.warning("destination %s is not reachable (%s); its mail waits without new attempts until a "
-                        "probe in %.0fs", unquote(destination.name), destination.last_error,
+                        "probe in %.0fs", destination.label, destination.last_error,
                         destination.dead_until - now)
         for destination in revived:
             log.info("destination %s answers again; retrying the %d message(s) deferred for it",
-                     unquote(destination.name), len(destination.deferred))
+                     destination.label, len(destination.deferred))
             for deferred_id, due in self.scheduler.recovery_times(destination, now):
                 self.schedule.add(deferred_id, due)
         for name in names:
@@ -872,7 +875,7 @@ class Supervisor:
             "sessions": len(self.in_flight),
             "max_sessions": self.config.sessions_per_worker * self.config.workers,
             "workers": workers,
-            "destinations": [{**d, "destination": unquote(str(d["destination"]))} for d in self.scheduler.status()],
+            "destinations": self.scheduler.status(),
             "counters": dict(self.counters),
         }
 

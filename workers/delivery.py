@@ -7,7 +7,6 @@ before the next one is tried, so a crash never delivers twice to a recipient alr
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from urllib.parse import quote, unquote
 from policy.next_hop import NextHop
 from policy.routing import Policy
 from router.config import Config
+from router.durable import error_name
 from router.queue_file import (
     DELIVERED,
     FAILED,
@@ -168,6 +168,7 @@ class Delivery:
         for change in changes:
             log.info("%s: %s", queue_file.queue_id, change)
         return None
+
     def _deliver(self, queue_file: QueueFile, report: Report) -> None:
         """Deliver to every pending recipient, next hop by next hop, journalling between them.
 
@@ -264,7 +265,7 @@ class Delivery:
         file where it is and tell the supervisor the results it does not record, so that it is
         tried again soon and nothing done is done twice. A full disk is never a worker's death."""
         report.result, report.queue, report.states = KEPT, queue, states
-        report.error = errno.errorcode.get(exc.errno or 0, "EIO")
+        report.error = error_name(exc)
         report.next_attempt = time.time() + min(self.config.min_backoff, KEPT_RETRY_SECONDS)
         return report
 
@@ -276,7 +277,7 @@ class Delivery:
             self.spool.write(queue_file, ACTIVE)
             return
         except OSError as exc:
-            report.error = errno.errorcode.get(exc.errno or 0, "EIO")
+            report.error = error_name(exc)
         self.spool.journal(queue_file.queue_id, enumerate(queue_file.recipients))
 
 
