@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the test suite uses (installed by `make test` when run as root and missing).
-DEB_PACKAGES := util-linux mount e2fsprogs qpsmtpd swaks libnet-ip-perl
+DEB_PACKAGES := util-linux mount e2fsprogs qpsmtpd swaks libnet-ip-perl maildrop procmail
 
-.PHONY: run test bench venv deb-packages clean
+.PHONY: run test bench venv deb-packages run-as-root clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,14 +15,30 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-run: $(VENV)/.installed
-	@mkdir -p var
+run: $(VENV)/.installed run-as-root
+	@mkdir -p var/mail
 	@echo "qrouter: spool ./var/spool, mail delivered into ./var/mail/DOMAIN/USER (Maildir)."
+	@if [ "$$(id -u)" = 0 ]; then echo "qrouter: started as root: supervisor and workers run as user qrouter"; \
+	else echo "qrouter: supervisor and workers run as $$(id -un)"; fi
 	@echo "qrouter: in another shell, queue a message with:"
 	@printf '%s\n' "  printf 'Subject: hi\\n\\nhello\\n' | $(VENV)/bin/qrouter enqueue --queue-dir var/spool -f you@example.org user@example.org"
 	@echo "  $(VENV)/bin/qrouter status --queue-dir var/spool"
 	$(VENV)/bin/qrouter run --foreground --queue-dir var/spool --workers 2 \
 		--default-transport 'queue/maildir var/mail/%d/%u'
+
+# Run as root, the daemon becomes the unprivileged user qrouter (router/privileges.py), as a package
+# would set it up: the user exists, owns the Maildirs it writes, and can reach the interpreter
+# (a Python under a private home directory gets that directory made traversable, o+x only).
+run-as-root:
+	@if [ "$$(id -u)" = 0 ]; then \
+		id qrouter >/dev/null 2>&1 || useradd --system --home-dir /nonexistent --shell /usr/sbin/nologin qrouter; \
+		mkdir -p var/mail && chown qrouter var/mail; \
+		d=$$(dirname "$$(readlink -f $(PY))"); \
+		while [ "$$d" != / ]; do \
+			if [ -n "$$(find "$$d" -maxdepth 0 ! -perm -o+x)" ]; then chmod o+x "$$d"; echo "made $$d traversable (o+x) for user qrouter"; fi; \
+			d=$$(dirname "$$d"); \
+		done; \
+	fi
 
 deb-packages:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -31,7 +47,7 @@ deb-packages:
 		else echo "missing Debian packages:$$missing (run make test as root, or install them)"; exit 1; fi; \
 	fi
 
-test: $(VENV)/.installed deb-packages
+test: $(VENV)/.installed deb-packages run-as-root
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

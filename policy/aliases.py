@@ -4,10 +4,12 @@
     postmaster  admin
     .*master    admin       # a regex: any local part ending in "master"
 
-A virtual user with regex characters (`*?[](){}|^$\\`) is a regex matched against the whole local
-part, case-insensitively; otherwise it is compared case-insensitively as it is. The first entry
-in file order wins. The local delivery agent never runs as root, so root's mail must be aliased
-to someone, and no alias may point at root. Lines and comments are read as in every policy file
+A local part with an extension (`alice+lists`) that has no entry of its own is looked up
+without it (`alice`), as Postfix's local(8) does. A virtual user with regex characters
+(`*?[](){}|^$\\`) is a regex matched against the whole local part, case-insensitively; otherwise
+it is compared case-insensitively as it is. The first entry in file order wins. The local
+delivery agent never runs as root, so root's mail must be aliased to someone, and no alias may
+point at root. Lines and comments are read as in every policy file
 (policy/policy_file.py).
 """
 
@@ -34,6 +36,7 @@ class Alias:
 class Aliases:
     def __init__(self, entries: list[Alias], path: str):
         self.path = path
+        self.entries = entries
         self._exact: dict[str, Alias] = {}
         self._regexes: list[tuple[re.Pattern[str], Alias]] = []
         for entry in entries:

@@ -9,8 +9,8 @@ One parser for every place a next hop is written, so they all mean the same thin
     queue/NAME ARGUMENT       a transport another package registers (policy/transport_registry.py)
     host, host:port, [host]:port, [::1]:2425, a,b,...   SMTP relay hosts, round robin
     lmtp:host:port, lmtp:/path/to/socket                 LMTP
-    |program args                                       pipe into a program
-    /usr/bin/maildrop ...                               local delivery agent
+    |[user=NAME] [per=message] /program args            pipe into a program (policy/command_line.py)
+    /usr/bin/maildrop -f ${sender}                      local delivery agent, as the aliased unix user
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from policy import transport_registry
+from policy.command_line import PER_RECIPIENT, CommandLineError, parse_command_line
 
 MAILDIR, DISCARD, ERROR, RETRY = "maildir", "discard", "error", "retry"
 BUILTIN_QUEUE = (MAILDIR, DISCARD, ERROR, RETRY)  # their arguments are checked here
@@ -39,7 +40,9 @@ class NextHop:
     kind: str
     argument: str = ""
     text: str = ""
-    user: str = ""  # local delivery: the unix user the aliases file gave
+    user: str = ""  # local delivery: the unix user the aliases file gave; a pipe: the one it runs as
+    argv: tuple[str, ...] = ()  # a pipe's or local agent's program and arguments, placeholders unexpanded
+    per: str = PER_RECIPIENT  # a pipe: one run per recipient, or per message (policy/command_line.py)
 
     def __str__(self) -> str:
         text = self.text or self.kind
@@ -67,12 +70,13 @@ def parse_next_hop(text: str, base_dir: str = "") -> NextHop:
         raise NextHopError("empty next hop")
     if text.startswith("queue/"):
         return _parse_queue_transport(text, base_dir)
-    if text.startswith("|"):
-        if not text[1:].strip():
-            raise NextHopError("pipe next hop '|' names no program")
-        return NextHop(PIPE, text[1:].strip(), text)
-    if text.startswith("/"):
-        return NextHop(MDA, text, text)
+    if text.startswith(("|", "/")):
+        pipe = text.startswith("|")
+        try:
+            line = parse_command_line(text[1:] if pipe else text, options=pipe)
+        except CommandLineError as exc:
+            raise NextHopError(f"{'pipe' if pipe else 'local delivery agent'}: {exc}") from None
+        return NextHop(PIPE if pipe else MDA, text[1:].strip() if pipe else text, text, line.user, line.argv, line.per)
     if text.startswith("lmtp:"):
         target = text[5:]
         if not target.startswith("/"):

@@ -8,10 +8,12 @@ a policy fixed and reloaded reaches mail already waiting in deferred/.
 from __future__ import annotations
 
 import dataclasses
+import pwd
 from dataclasses import dataclass
 
 from policy.aliases import Alias, Aliases, load_aliases
-from policy.next_hop import ERROR, MDA, NextHop, mx_route
+from policy.command_line import split_local
+from policy.next_hop import ERROR, MDA, PIPE, NextHop, mx_route
 from policy.rewriting import FROM, TO, Rewriter, RewritingError, load_rewriting
 from policy.transport_map import PolicyError, Rule, TransportMap, load_definitions, load_transport_map
 from router.address import split_address
@@ -30,13 +32,14 @@ class Route:
 class Policy:
     def __init__(self, default_transport: NextHop | None, relayhost: NextHop | None = None,
                  transport_map: TransportMap | None = None, aliases: Aliases | None = None,
-                 rewriter: Rewriter | None = None, rewrite_headers: bool = False):
+                 rewriter: Rewriter | None = None, rewrite_headers: bool = False, pipe_user: str = "nobody"):
         self.default_transport = default_transport
         self.relayhost = relayhost
         self.transport_map = transport_map
         self.aliases = aliases
         self.rewriter = rewriter or Rewriter()
         self.rewrite_headers = rewrite_headers
+        self.pipe_user = pipe_user  # who a pipe without user= runs as
 
     def rewrite(self, queue_file: QueueFile) -> list[str]:
         """Apply the rewriting rules to a new message: envelope sender (from rules), recipients
@@ -59,6 +62,15 @@ class Policy:
                 queue_file.message = message
         return changes
 
+    def next_hops(self) -> list[NextHop]:
+        """Every next hop the policy sends mail to: the relayhost, or default-transport and the
+        transport rules."""
+        if self.relayhost is not None:
+            return [self.relayhost]
+        hops = [self.relayhost, self.default_transport, *(rule.next_hop for rule in
+                                                          (self.transport_map.rules if self.transport_map else []))]
+        return [hop for hop in hops if hop is not None]
+
     @property
     def only_next_hop(self) -> NextHop | None:
         """The next hop of every recipient whatever its address, if the policy has just one (a
@@ -72,10 +84,12 @@ class Policy:
 
     def route(self, recipient: str) -> Route:
         found = self._next_hop(recipient)
+        if found.next_hop.kind == PIPE and not found.next_hop.user:
+            return dataclasses.replace(found, next_hop=dataclasses.replace(found.next_hop, user=self.pipe_user))
         if found.next_hop.kind != MDA:
             return found
         local = split_address(recipient)[0]
-        alias = self.aliases.lookup(local) if self.aliases else None
+        alias = self.aliases.lookup(local) or self.aliases.lookup(split_local(local)[0]) if self.aliases else None
         if alias is None:
             refusal = NextHop(ERROR, f"5.1.1 no alias for local part {local!r} in {self.aliases.path}"
                               if self.aliases else "5.1.1 no aliases file for local delivery")
@@ -96,11 +110,13 @@ class Policy:
         return Route(mx_route(split_address(recipient)[1]), "no rule matched: MX routing")
 
 
-def load_policy(config: Config) -> Policy:
+def load_policy(config: Config, runs_as: str | None = None) -> Policy:
     """Read every policy file the config names; PolicyError (FILE:LINE: ...) on the first problem.
 
     Done once in the supervisor, at start and on reload, and inherited by the workers it forks,
-    so every worker routes by exactly the files that were checked.
+    so every worker routes by exactly the files that were checked. `runs_as` is the only user a
+    pipe or local agent can run as, when the daemon cannot switch users (not started as root);
+    a rule that needs another is an error of its line.
     """
     definitions = load_definitions(config.transport_defs) if config.transport_defs else {}
     if config.transport_defs and not config.transports:
@@ -116,4 +132,34 @@ def load_policy(config: Config) -> Policy:
         rewriter = load_rewriting(config.rewriting) if config.rewriting else None
     except RewritingError as exc:
         raise PolicyError(str(exc)) from None
-    return Policy(config.default_transport, config.relayhost, transport_map, aliases, rewriter, config.rewrite_both)
+    pipe_user = runs_as or config.pipe_user
+    rules = [("default-transport", config.default_transport),
+             *((rule.where, rule.next_hop) for rule in (transport_map.rules if transport_map else []))]
+    for where, hop in rules:
+        if hop is not None and hop.kind == PIPE:
+            _check_program_user(where, hop.user or pipe_user, config, runs_as, "pipe")
+    if local is not None and aliases is not None:
+        for alias in aliases.entries:
+            _check_program_user(alias.where, alias.user, config, runs_as, "local delivery", own_user_ok=True)
+    return Policy(config.default_transport, config.relayhost, transport_map, aliases, rewriter, config.rewrite_both,
+                  pipe_user)
+
+
+def _check_program_user(where: str, user: str, config: Config, runs_as: str | None, what: str,
+                        own_user_ok: bool = False) -> None:
+    """A pipe or local agent runs as `user`: it must exist and not be root; a pipe never runs
+    as the daemon's own unprivileged user (whose files are the spool), a local agent only when an
+    alias names it; and without the right to switch users, only the daemon's own user can be had."""
+    try:
+        uid = pwd.getpwnam(user).pw_uid
+    except (KeyError, ValueError):
+        raise PolicyError(f"{where}: {what} would run as {user!r}: no such unix user") from None
+    if uid == 0:
+        raise PolicyError(f"{where}: {what} never runs as root")
+    if runs_as is not None and user != runs_as:
+        raise PolicyError(f"{where}: {what} would run as {user!r}, but qrouter runs as {runs_as!r} without the "
+                          f"right to switch users: start it as root (it then runs as its user {config.user!r}, "
+                          f"keeping only that right for local delivery), or use {runs_as!r}")
+    if runs_as is None and user == config.user and not own_user_ok:
+        raise PolicyError(f"{where}: {what} never runs as qrouter's own user {user!r} (the spool's owner): "
+                          "choose another with user=NAME or pipe-user")

@@ -9,18 +9,22 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from policy.next_hop import MDA, PIPE, NextHop
 from policy.rewriting import FROM, TO
 from policy.routing import Policy, load_policy
 from policy.transport_map import PolicyError
 from router import config as config_module
-from router import daemon
+from router import daemon, privileges
 from router import log as log_module
 from router.address import AddressError, parse_path
 from router.config import KEYS, Config, ConfigError
+from router.queue_file import QueueFile, Recipient
 from router.sendmail import prepend_fields, queue_local, read_up_to, received
 from router.spool import Spool, SpoolError
 from router.status_socket import StatusError, query
 from router.supervisor import Supervisor
+from workers.command import Account, environment, workdir
+from workers.local import command_for
 
 EX_USAGE, EX_TEMPFAIL, EX_CONFIG = 64, 75, 78
 
@@ -101,6 +105,12 @@ def check_config(config: ConfigOption = None, **settings: Any) -> None:
     """Check the config and every policy file it names; exit non-zero on the first error."""
     loaded = _config(config, _flags(settings))
     _policy(loaded)
+    if os.geteuid() == 0:
+        try:
+            entry = privileges.account(loaded.user)
+        except privileges.PrivilegeError as exc:
+            raise _fail(str(exc), EX_CONFIG) from None
+        typer.echo(f"qrouter: started as root, runs as user {entry.pw_name} (uid {entry.pw_uid})")
     typer.echo(f"qrouter: config {config or '(flags only)'} and its policy files are valid")
     name, source = loaded.hostname_choice()
     typer.echo(f"qrouter: EHLO name: {name} (from {source})")
@@ -141,6 +151,8 @@ def route(
               "reason": decision.reason, "rule": decision.rule.where if decision.rule else None,
               "alias": decision.alias.user if decision.alias else None,
               "method": decision.next_hop.kind, "next_hop": str(decision.next_hop)}
+    if decision.next_hop.kind in (MDA, PIPE):
+        answer["program"] = _program(loaded, decision.next_hop, new_sender, rewritten)
     if resolve:
         answer.update(_resolve(loaded, decision.next_hop))
     if as_json:
@@ -153,12 +165,33 @@ def route(
         lines.append(f"sender:    <{sender}> rewritten to <{new_sender}> (rewriting rule {sender_rule.where})")
     lines += [f"reason:    {decision.reason}", f"method:    {decision.next_hop.kind}",
               f"next hop:  {decision.next_hop}"]
+    if "program" in answer:
+        lines += _format_program(answer["program"])
     if resolve:
         lines += _format_resolved(answer)
     typer.echo("\n".join(lines))
 
 
 app.command("route")(_with_config_flags(route))
+
+def _program(loaded: Config, hop: NextHop, sender: str, recipient: str) -> dict[str, Any]:
+    """What a pipe or local agent would be run with for this recipient alone; nothing runs."""
+    account = Account.named(hop.user)
+    message = QueueFile("QUEUEID", 0.0, sender, [Recipient(recipient)], b"")
+    command = command_for(message, message.recipients, hop, account, loaded.command_time_limit)
+    return {"argv": list(command.argv), "user": account.name, "uid": account.uid, "gid": account.gid,
+            "groups": list(account.groups), "cwd": workdir(account),
+            "environment": environment(account, command.env), "time_limit": command.time_limit,
+            "per": hop.per}
+
+
+def _format_program(program: dict[str, Any]) -> list[str]:
+    return [f"argv:      {json.dumps(program['argv'])}",
+            f"runs as:   {program['user']} (uid {program['uid']}, gid {program['gid']}, groups "
+            f"{','.join(map(str, program['groups'])) or 'none'}), in {program['cwd']}",
+            f"time limit: {program['time_limit']:g}s, one run per {program['per']}",
+            "environment:", *(f"  {name}={value}" for name, value in program["environment"].items())]
+
 
 _BOUNCE_REASONS = {"5.1.10": "null MX", "5.1.2": "no such domain"}
 
@@ -227,7 +260,7 @@ def _format_resolved(answer: dict[str, Any]) -> list[str]:
 
 def _policy(loaded: Config) -> Policy:
     try:
-        return load_policy(loaded)
+        return load_policy(loaded, privileges.fixed_agent_user())
     except PolicyError as exc:
         raise _fail(str(exc), EX_CONFIG) from None
 

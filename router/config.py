@@ -13,6 +13,7 @@ import dataclasses
 import grp
 import ipaddress
 import os
+import pwd
 import socket
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -62,6 +63,13 @@ def _path(text: str, base_dir: str) -> str:
 
 
 def _text(text: str, base_dir: str) -> str:
+    return text
+
+
+def _user(text: str, base_dir: str) -> str:
+    """A unix user that exists (the daemon's own may be missing until it runs as root: see
+    router/privileges.py, which says what to do then)."""
+    pwd.getpwnam(text)
     return text
 
 
@@ -211,6 +219,17 @@ class Config:
     aliases: str = _key("aliases", _path, "", "aliases for local delivery: virtual-user unix-user a line")
     message_size_limit: int = _key("message-size-limit", _positive_int, DEFAULT_SIZE_LIMIT,
                                    "largest message in bytes, at enqueue and in the queue")
+    user: str = _key("user", _text, "qrouter",
+                     "unprivileged user the daemon becomes when started as root (it refuses to run as root)")
+    pipe_user: str = _key("pipe-user", _user, "nobody",
+                          "user pipe next hops run as without a user= option (never root, never user)")
+    command_time_limit: float = _key("command-time-limit", _non_negative, 1000.0,
+                                     "seconds a pipe or local delivery agent may run; then its process group is "
+                                     "killed and the delivery fails (5.3.0)")
+    local_workers: int = _key("local-workers", _positive_int, 1,
+                              "worker processes for pipes and local delivery agents (when the policy has any)")
+    local_sessions: int = _key("local-sessions", _positive_int, 20,
+                               "pipes and local agents running at once, over all local workers")
     send_ndr: bool = _key("send-ndr", _boolean, False, "send non-delivery reports", built=False)
 
     @property
@@ -278,7 +297,7 @@ def parse_value(key: str, text: str, where: str, base_dir: str) -> tuple[str, An
     except (NextHopError, RelayAuthError) as exc:
         raise ConfigError(f"{where}: {key}: {exc}") from None
     except KeyError:
-        raise ConfigError(f"{where}: {key}: no such group {text!r}") from None
+        raise ConfigError(f"{where}: {key}: no such {'user' if key.endswith('user') else 'group'} {text!r}") from None
     except ValueError as exc:
         detail = str(exc) if "must" in str(exc) else "is not a valid value"
         raise ConfigError(f"{where}: {key} {text!r}: {detail}") from None

@@ -89,6 +89,13 @@ class QueueFile:
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state == PENDING]
 
+    def copy_for(self, queue_id: str, arrival: float, recipients: list[Recipient]) -> QueueFile:
+        """A new message of these recipients (pending, with their DSN fields), with this one's
+        sender, bytes, ENVID and RET: a part split off, or the message handed to another spool."""
+        return QueueFile(queue_id, arrival, self.sender,
+                         [Recipient(r.address, notify=r.notify, orcpt=r.orcpt) for r in recipients],
+                         self.message, envid=self.envid, ret=self.ret)
+
     def add_log(self, when: float, text: str) -> None:
         self.log = [*self.log, f"{when:.3f} {clean(text)}"][-LOG_KEEP:]
 

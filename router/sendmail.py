@@ -232,6 +232,12 @@ def header_fields(lines: list[bytes]) -> list[HeaderField]:
     return fields
 
 
+def message_fields(message: bytes) -> list[HeaderField]:
+    """The fields of a whole message's header."""
+    end = _HEADER_END.search(message)
+    return header_fields(_LINE.findall(message[:end.end()] if end else message))
+
+
 def _unfold(raw: list[bytes]) -> str:
     text = b"".join(raw).decode("utf-8", "surrogateescape")
     return _FOLD.sub("", text).strip(" \t\r\n")
@@ -447,8 +453,7 @@ def missing_fields(message: bytes, author: str, hostname: str, queue_id: str) ->
     """From:, Date: and Message-ID: for a message without them, as Postfix's cleanup adds them
     to local submissions: mail from cron and scripts often has none, and receivers may refuse
     or mark such mail. `author` is the From: value."""
-    end = _HEADER_END.search(message)
-    present = {f.name for f in header_fields(_LINE.findall(message[:end.end()] if end else message))}
+    present = {f.name for f in message_fields(message)}
     candidates = {"from": f"From: {author}",
                   "date": f"Date: {email.utils.formatdate(arrival_of(queue_id), localtime=True)}",
                   "message-id": f"Message-ID: <{queue_id}@{hostname}>"}

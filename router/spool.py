@@ -151,7 +151,8 @@ class Spool:
         rewrites of a queued message as `tmp/ID.QUEUE`, so that the daemon can tell its own
         leftovers (a worker killed while rewriting) from a front door's file still being written."""
         staged = self.path(TMP, staging_name(queue_file.queue_id, queue))
-        write_synced(staged, queue_file.to_bytes(), mode=0o660 if self.group else 0o600)
+        owner = os.stat(self.root).st_uid if os.geteuid() == 0 else -1  # root's files would be unreadable
+        write_synced(staged, queue_file.to_bytes(), mode=0o660 if self.group else 0o600, owner=owner)
         try:
             os.rename(staged, self.path(queue, queue_file.queue_id))
             self.sync_dir(queue)

@@ -28,11 +28,12 @@ import psutil
 from inotify_simple import INotify
 from inotify_simple import flags as inotify_flags
 
+from policy.next_hop import NextHop
 from policy.rewriting import TO
 from policy.routing import load_policy
 from policy.transport_map import PolicyError
 from router import log as log_module
-from router import status_socket
+from router import privileges, status_socket
 from router.config import Config, ConfigError, load
 from router.durable import error_name
 from router.envelope import pending_recipients
@@ -43,6 +44,7 @@ from router.schedule import Schedule
 from router.scheduler import PROBE_SECONDS, RECOVERY_SPREAD, Destination, Scheduler
 from router.spool import ACTIVE, DEFERRED, HOLD, INCOMING, Spool
 from workers.delivery import CORRUPTED, KEPT, QUEUED_AGAIN, SKIPPED, Report
+from workers.pools import LOCAL, NETWORK, pool_for, pool_of
 from workers.worker import Worker
 
 log = logging.getLogger("qrouter")
@@ -66,8 +68,10 @@ WATCHED = {
 class WorkerHandle:
     """The supervisor's view of one worker process."""
 
-    def __init__(self, pid: int, task_fd: int, report_fd: int):
+    def __init__(self, pid: int, task_fd: int, report_fd: int, pool: str, sessions: int):
         self.pid = pid
+        self.pool = pool  # network or local (workers/pools.py)
+        self.sessions = sessions  # how many messages it may have at once
         self.task_fd = task_fd
         self.report_fd = report_fd
         self.started = self.heard = time.monotonic()
@@ -88,11 +92,11 @@ class WorkerHandle:
             return queue, queue_id, since
         return None
 
-    def open(self, sessions: int) -> int:
+    def open(self) -> int:
         """How many more messages it may be given now."""
         if self.retiring or self.silent or self.solo or self.draining or self.task_fd < 0:
             return 0
-        return max(0, sessions - len(self.jobs))
+        return max(0, self.sessions - len(self.jobs))
 
     def give(self, queue: str, queue_id: str, now: float) -> None:
         self.jobs[queue_id] = (queue, now)
@@ -164,7 +168,8 @@ class Supervisor:
         return self.exit_code
 
     def _start(self) -> None:
-        self.policy = load_policy(self.config)
+        self._take_identity()
+        self.policy = load_policy(self.config, privileges.fixed_agent_user())
         os.makedirs(self.config.queue_dir, mode=0o700, exist_ok=True)
         self.lock.acquire()
         self.spool.create()
@@ -185,6 +190,20 @@ class Supervisor:
         self._maintain_pool()
         log.info("started: spool %s, %d workers, %d queued, %d deferred", self.config.queue_dir,
                  self.config.workers, len(self.fresh), len(self.schedule))
+
+    def _take_identity(self) -> None:
+        """Started as root: make the spool the unprivileged user's and become that user, keeping
+        only the right to switch users, for local delivery (router/privileges.py). Started as a
+        user, keep no more of that right than was given."""
+        if os.geteuid() != 0:
+            privileges.keep_only_switching()
+            return
+        entry = privileges.account(self.config.user)
+        os.makedirs(self.config.queue_dir, mode=0o700, exist_ok=True)
+        changed = privileges.give_tree(self.config.queue_dir, entry)
+        privileges.become(entry, self.config.spool_group)
+        log.info("running as user %s (uid %d); the spool belongs to it%s", entry.pw_name, entry.pw_uid,
+                 f" ({changed} files and directories given to it)" if changed else "")
 
     def _recover_active(self) -> None:
         """Files an earlier run left in active/ go back to incoming/ (before any worker runs);
@@ -245,7 +264,7 @@ class Supervisor:
             config = load(self.config_path, self.flags)
             if config.queue_dir != self.config.queue_dir:
                 raise ConfigError(f"queue-dir cannot change on reload ({self.config.queue_dir} -> {config.queue_dir})")
-            policy = load_policy(config)
+            policy = load_policy(config, privileges.fixed_agent_user())
         except (ConfigError, PolicyError) as exc:
             log.error("reload refused, keeping the running config and policy: %s", exc)
             return
@@ -278,11 +297,21 @@ class Supervisor:
     def _maintain_pool(self) -> None:
         if self.stopping or time.monotonic() < self.respawn_after:
             return
-        serving = sum(1 for w in self.workers.values() if not w.retiring)
-        for _ in range(self.config.workers - serving):
-            self._spawn()
+        serving = Counter(w.pool for w in self.workers.values() if not w.retiring)
+        for pool, (count, _) in self._pool_sizes().items():
+            for _ in range(count - serving[pool]):
+                self._spawn(pool)
 
-    def _spawn(self) -> None:
+    def _pool_sizes(self) -> dict[str, tuple[int, int]]:
+        """pool -> (workers, sessions each): local workers only when the policy has pipes or
+        local agents."""
+        config = self.config
+        local = config.local_workers if any(pool_of(hop.kind) == LOCAL for hop in self.policy.next_hops()) else 0
+        return {NETWORK: (config.workers, config.sessions_per_worker),
+                LOCAL: (local, max(1, -(-config.local_sessions // config.local_workers)))}
+
+    def _spawn(self, pool: str) -> None:
+        sessions = self._pool_sizes()[pool][1]
         task_read, task_write = os.pipe()
         report_read, report_write = os.pipe()
         supervisor_pid = os.getpid()
@@ -290,7 +319,7 @@ class Supervisor:
         if pid == 0:
             try:
                 self._become_worker(task_write, report_read)
-                worker = Worker(task_read, report_write, self.config, self.policy)
+                worker = Worker(task_read, report_write, self.config, self.policy, pool, sessions)
                 worker.start(supervisor_pid)
             except BaseException:
                 log.exception("worker %d cannot start", os.getpid())
@@ -306,7 +335,7 @@ class Supervisor:
         os.close(task_read)
         os.close(report_write)
         os.set_blocking(report_read, False)
-        worker = WorkerHandle(pid, task_write, report_read)
+        worker = WorkerHandle(pid, task_write, report_read, pool, sessions)
         self.workers[pid] = worker
         self.selector.register(report_read, selectors.EVENT_READ, lambda: self._on_report(worker))
 
@@ -520,8 +549,7 @@ class Supervisor:
             self._dispatch_isolated()
         if not (self.fresh or self.retries):
             return
-        sessions = self.config.sessions_per_worker
-        open_ = {w: free for w in sorted(self.workers.values(), key=lambda w: w.pid) if (free := w.open(sessions))}
+        open_ = {w: free for w in sorted(self.workers.values(), key=lambda w: w.pid) if (free := w.open())}
         given: dict[WorkerHandle, list[tuple[str, str]]] = {}
         now = time.time()
         turn = 0
@@ -534,9 +562,10 @@ class Supervisor:
             turn += 1
             if queue_id in self.in_flight:
                 continue
-            names = self._route(queue, queue_id)
-            if names is None:
+            routed = self._route(queue, queue_id)
+            if routed is None:
                 continue  # gone meanwhile
+            names, pool = routed
             blocker = self.scheduler.blocker(names, now)
             if blocker is not None:
                 if blocker.dead and not blocker.probing and queue != ACTIVE:
@@ -544,7 +573,7 @@ class Supervisor:
                 else:
                     self._wait_in_line(blocker, queue, queue_id)
                 continue
-            worker = self._pick(open_, names)
+            worker = self._pick(open_, names, pool)
             if worker is None:  # its share of the destination is in use in every worker with room
                 self._wait_in_line(self.scheduler.get(names[0]), queue, queue_id)
                 continue
@@ -578,16 +607,19 @@ class Supervisor:
         reports. One that kills that worker too is blamed (a poison message after three);
         the others are delivered as usual."""
         while self.isolated:
-            idle = [w for w in self.workers.values()
-                    if not (w.jobs or w.retiring or w.silent or w.solo) and w.task_fd >= 0]
+            queue, queue_id = self.isolated[0]
+            routed = self._route(queue, queue_id)
+            pool = routed[1] if routed else NETWORK
+            kind = [w for w in self.workers.values() if w.pool == pool and w.task_fd >= 0]
+            idle = [w for w in kind if not (w.jobs or w.retiring or w.silent or w.solo)]
             if not idle:
-                if not any(w.draining for w in self.workers.values()):
-                    busy = [w for w in self.workers.values() if not (w.retiring or w.silent) and w.task_fd >= 0]
+                if not any(w.draining for w in kind):
+                    busy = [w for w in kind if not (w.retiring or w.silent)]
                     if busy:
                         min(busy, key=lambda w: len(w.jobs)).draining = True
                 return
             worker = next((w for w in idle if w.draining), idle[0])
-            queue, queue_id = self.isolated.popleft()
+            self.isolated.popleft()
             self.queued.discard(queue_id)
             worker.draining, worker.solo = False, True
             worker.give(queue, queue_id, time.time())
@@ -597,33 +629,33 @@ class Supervisor:
             except OSError:  # that worker is dying; reaping will replace it and give it back
                 pass
 
-    def _route(self, queue: str, queue_id: str) -> list[str] | None:
-        """The destinations of a message's pending recipients, by the policy in force; none if
-        its file cannot be read this way; None if it is gone. A policy with one next hop for
-        everyone (a relayhost) needs no file read."""
+    def _route(self, queue: str, queue_id: str) -> tuple[list[str], str] | None:
+        """The destinations of a message's pending recipients by the policy in force, and the
+        kind of worker it needs; no destinations if its file cannot be read this way; None if it
+        is gone. A policy with one next hop for everyone (a relayhost) needs no file read."""
         only = self.policy.only_next_hop
         if only is not None:
-            return [only.destination]
+            return [only.destination], pool_for([only])
         path = self.spool.path(queue, queue_id)
         envelope = pending_recipients(path)
         if envelope is None:
-            return None if not os.path.lexists(path) else []
+            return None if not os.path.lexists(path) else ([], NETWORK)
         addresses, rewritten = envelope
-        names: dict[str, None] = {}
+        hops: dict[NextHop, None] = {}
         for address in addresses:
             try:
                 target = address if rewritten else self.policy.rewriter.rewrite(TO, address)[0]
-                names[self.policy.route(target).next_hop.destination] = None
+                hops[self.policy.route(target).next_hop] = None
             except Exception:  # the worker routes it again and says what is wrong
                 continue
-        return list(names)
+        return list(dict.fromkeys(hop.destination for hop in hops)), pool_for(hops)
 
-    def _pick(self, open_: dict[WorkerHandle, int], names: list[str]) -> WorkerHandle | None:
-        """The worker with the most free sessions among those whose share of each destination
-        (destination-concurrency divided over the workers, as each worker keeps its own
-        connections) is not all in use; None if there is none."""
+    def _pick(self, open_: dict[WorkerHandle, int], names: list[str], pool: str) -> WorkerHandle | None:
+        """The worker of the kind the message needs with the most free sessions among those whose
+        share of each destination (destination-concurrency divided over the workers, as each
+        worker keeps its own connections) is not all in use; None if there is none."""
         share = self.config.destination_share
-        fits = [w for w in open_ if all(w.destinations[name] < share for name in names)]
+        fits = [w for w in open_ if w.pool == pool and all(w.destinations[name] < share for name in names)]
         return max(fits, key=open_.__getitem__) if fits else None
 
     def _suspend(self, queue: str, queue_id: str, destination: Destination) -> None:
@@ -850,6 +882,7 @@ class Supervisor:
             job = worker.job
             entry: dict[str, Any] = {
                 "pid": worker.pid,
+                "pool": worker.pool,
                 "state": "retiring" if worker.retiring else ("silent" if worker.silent else
                                                              ("busy" if job else "idle")),
                 "sessions": len(worker.jobs),
@@ -873,7 +906,7 @@ class Supervisor:
             "rss": psutil.Process().memory_info().rss,
             "scheduled": len(self.schedule),
             "sessions": len(self.in_flight),
-            "max_sessions": self.config.sessions_per_worker * self.config.workers,
+            "max_sessions": sum(w.sessions for w in self.workers.values() if not w.retiring),
             "workers": workers,
             "destinations": self.scheduler.status(),
             "counters": dict(self.counters),

@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from tests.daemon import Daemon
+from tests.daemon import DAEMON_USER, Daemon, reachable
+from tests.unix_users import unix_users, world_dir  # noqa: F401  (fixtures for every test module)
 
 
 @pytest.fixture
@@ -19,3 +24,27 @@ def daemons(tmp_path):
     for daemon in started:
         if daemon.process is not None and daemon.process.poll() is None:
             daemon.kill()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def daemon_user() -> str:
+    """The unprivileged user the daemon becomes when a test starts it as root (the tests run as
+    root: they install packages, mount filesystems and create users), made as a package would."""
+    if os.geteuid() != 0:
+        pytest.fail("the tests run as root (make test): they start the daemon as root, as init does")
+    if subprocess.run(["id", DAEMON_USER], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--system", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
+                        DAEMON_USER], check=True)
+    probe = subprocess.run(["setpriv", "--reuid", DAEMON_USER, "--regid", DAEMON_USER, "--clear-groups",
+                            sys.executable, "-c", "import encodings.idna"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.fail(f"user {DAEMON_USER} cannot run {sys.executable} ({probe.stderr.decode().strip()}): "
+                    "run `make run-as-root` (make test does)")
+    return DAEMON_USER
+
+
+@pytest.fixture(autouse=True)
+def daemon_user_reaches(tmp_path):
+    """A daemon a test starts becomes user qrouter: it must reach the test's directory and write
+    its spool and Maildirs there, as in /var/spool and /var/mail."""
+    reachable(tmp_path, 0o1777)

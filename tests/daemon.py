@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,12 +15,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+DAEMON_USER = "qrouter"  # what the daemon becomes, started as root (the `user` key's default)
 
 
-def qrouter(*args: str, stdin: bytes = b"", check: bool = False, timeout: float = 30) -> subprocess.CompletedProcess:
-    """Run the `qrouter` command as a user would."""
-    result = subprocess.run([sys.executable, "-m", "router", *args], input=stdin, capture_output=True,
-                            timeout=timeout, cwd=ROOT)
+def qrouter(*args: str, stdin: bytes = b"", check: bool = False, timeout: float = 30,
+            launcher_prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run the `qrouter` command as a user would; `launcher_prefix` runs it through another
+    command first (setpriv, to run it as another user)."""
+    result = subprocess.run([*(launcher_prefix or []), sys.executable, "-m", "router", *args], input=stdin,
+                            capture_output=True, timeout=timeout, cwd=ROOT)
     if check and result.returncode != 0:
         raise AssertionError(f"qrouter {' '.join(args)} exited {result.returncode}: {result.stderr.decode()}")
     return result
@@ -34,6 +38,31 @@ def wait_for(condition: Callable[[], object], timeout: float = 20.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+DELIVERY_FIELDS = re.compile(rb"Return-Path: <[^>\r\n]*>\r?\n(?:Delivered-To: [^\r\n]*\r?\n)+")
+
+
+def message_in(path: Path) -> bytes:
+    """A delivered message as it was queued: the Return-Path: and Delivered-To: lines a final
+    delivery puts in front (router/sendmail.prepend_fields) are checked and taken off."""
+    data = path.read_bytes()
+    fields = DELIVERY_FIELDS.match(data)
+    assert fields, f"{path} does not begin with Return-Path: and Delivered-To: {data[:200]!r}"
+    rest = data[fields.end():]
+    blank = re.match(rb"\r?\n(?![\r\n]|[\x21-\x39\x3b-\x7e]+[ \t]*:)", rest)
+    return rest[blank.end():] if blank else rest  # the empty line put before a message with no header
+
+
+def reachable(path: Path, mode: int = 0o755) -> Path:
+    """Let the daemon's user reach `path` (a test's directory, made 0700 under /tmp for root):
+    `path` gets `mode`, and the directories above it up to /tmp are made searchable."""
+    path.chmod(mode)
+    for parent in path.parents:
+        if parent == Path("/tmp"):
+            break
+        parent.chmod(parent.stat().st_mode | 0o011)
+    return path
 
 
 @contextmanager

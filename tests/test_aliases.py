@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from policy.aliases import load_aliases
@@ -11,6 +13,7 @@ from policy.transport_map import PolicyError
 from router.config import load
 from router.spool import Spool
 from tests.daemon import qrouter, wait_for
+from tests.unix_users import script
 
 ALIASES = "# virtual   unix\nroot        daemon\npostmaster  daemon\n.*master    nobody\njohn.doe    nobody\n"
 
@@ -86,13 +89,13 @@ def test_route_command_names_the_alias(tmp_path):
     assert expected in answer.stdout.decode()
 
 
-def test_unaliased_local_recipient_bounces_and_aliased_one_waits(daemons, tmp_path):
-    daemon = daemons("--default-transport", "/usr/bin/maildrop", "--aliases", str(aliases_file(tmp_path)),
+def test_unaliased_local_recipient_bounces_and_aliased_one_runs_as_its_user(daemons, tmp_path, world_dir):
+    agent = script(world_dir, "agent", 'cat >/dev/null; echo "busy as $(id -un)"; exit 75\n')
+    daemon = daemons("--default-transport", agent, "--aliases", str(aliases_file(tmp_path)),
                      "--archive-failed", "yes")
-    queue_id = Spool(daemon.spool).enqueue("s@example.org", ["stranger@local.example", "root@local.example"], b"x\n")
-    wait_for(lambda: (daemon.spool / "deferred" / queue_id).exists(), what="deferral")
-    log = daemon.log()
-    stranger = next(ln for ln in log.splitlines() if "to=<stranger@local.example>" in ln)
+    Spool(daemon.spool).enqueue("s@example.org", ["stranger@local.example", "root@local.example"], b"x\n")
+    root = wait_for(lambda: re.search(rf"to=<root@local\.example>, relay=local\[(\w+):{agent}\], .*"
+                                      r"status=deferred \(busy as (\w+)\)", daemon.log()), what="the agent's run")
+    assert root[1] == root[2] == "daemon", "as the aliases file names for root"
+    stranger = next(ln for ln in daemon.log().splitlines() if "to=<stranger@local.example>" in ln)
     assert "dsn=5.1.1, status=bounced (no alias for local part 'stranger' in" in stranger
-    root = next(ln for ln in log.splitlines() if "to=<root@local.example>" in ln)
-    assert "status=deferred" in root and "not available in this version" in root

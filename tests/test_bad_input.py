@@ -22,7 +22,7 @@ import pytest
 from router.queue_file import QueueFile, Recipient
 from router.queue_id import arrival_of, new_queue_id
 from router.spool import HOLD, Spool, SpoolError
-from tests.daemon import ROOT, Daemon, qrouter, wait_for
+from tests.daemon import ROOT, Daemon, message_in, qrouter, wait_for
 
 MESSAGE = b"Subject: hello\n\nbody\n"
 
@@ -197,7 +197,7 @@ def test_daemon_on_a_full_disk_defers_stays_up_and_delivers_when_there_is_room(t
         filler.unlink()
         wait_for(lambda: f"{held_id}: removed" in daemon.log(), what="delivery once there is room")
         assert ", dsn=2.0.0, status=sent" in [line for line in daemon.log().splitlines() if attempt in line][-1]
-        assert sorted(p.read_bytes() for p in daemon.delivered("example.org/u")) == sorted(
+        assert sorted(message_in(p) for p in daemon.delivered("example.org/u")) == sorted(
             [b"before the disk filled up\n", held_body])
         assert daemon.files("deferred") == daemon.files("active") == daemon.files("incoming") == []
         assert daemon.stop() == 0
@@ -233,7 +233,7 @@ def test_broken_queue_files_go_to_corrupt_and_delivery_goes_on(daemons, when):
     good = Spool(daemon.spool).enqueue("a@example.org", ["good@example.org"], MESSAGE)
 
     delivered = wait_for(lambda: daemon.delivered("example.org/good"), what="the good message delivered")
-    assert [p.read_bytes() for p in delivered] == [MESSAGE]
+    assert [message_in(p) for p in delivered] == [MESSAGE]
     wait_for(lambda: f"{good}: removed" in daemon.log(), what="the good message removed from the queue")
     wait_for(lambda: len(daemon.files("corrupt")) == 4, what="four files in corrupt/")
     assert {name: (daemon.spool / "corrupt" / name).read_bytes() for name in daemon.files("corrupt")} == broken
@@ -299,7 +299,7 @@ def test_sighup_refuses_broken_config_and_applies_good_one(daemons, tmp_path):
     spool = Spool(daemon.spool)
 
     def maildir(name: str) -> list[bytes]:
-        return sorted(p.read_bytes() for p in (tmp_path / name / "example.org" / "u" / "new").glob("*"))
+        return sorted(message_in(p) for p in (tmp_path / name / "example.org" / "u" / "new").glob("*"))
 
     spool.enqueue("a@example.org", ["u@example.org"], b"one\n")
     wait_for(lambda: maildir("mail-a") == [b"one\n"], what="delivery into mail-a")

@@ -25,7 +25,7 @@ import psutil
 from router.queue_file import QueueFile, Recipient, parse
 from router.queue_id import arrival_of
 from router.spool import Spool
-from tests.daemon import Daemon, qrouter, wait_for
+from tests.daemon import Daemon, message_in, qrouter, wait_for
 
 RUN = 2000
 ALL = {f"n={i}\n".encode() for i in range(RUN)}
@@ -67,7 +67,7 @@ def start_run(daemon: Daemon, count: int = RUN) -> Enqueuer:
 
 
 def bodies(daemon: Daemon) -> list[bytes]:
-    return [path.read_bytes() for path in daemon.delivered()]
+    return [message_in(path) for path in daemon.delivered()]
 
 
 def wait_all_delivered(daemon: Daemon, count: int = RUN, timeout: float = 60) -> None:
@@ -208,7 +208,7 @@ def test_message_that_kills_workers_goes_to_hold_and_others_flow(daemons):
 
     delivered = wait_for(lambda: daemon.delivered("example.org/small"), what="the small message")
     # At least once: in progress in the worker the poison killed, it may have arrived before that death.
-    assert {p.read_bytes() for p in delivered} == {b"Subject: small\n\nafter the big one\n"}
+    assert {message_in(p) for p in delivered} == {b"Subject: small\n\nafter the big one\n"}
     wait_for(lambda: not any((daemon.spool / queue / small).exists() for queue in ("incoming", "active", "deferred")),
              what="the small message out of the queue")  # its "removed" line may have died with the worker
     later = [spool.enqueue("sender@example.org", ["later@example.org"], f"later {i}\n".encode()) for i in range(20)]
@@ -291,5 +291,5 @@ def test_second_daemon_on_the_same_spool_is_refused(daemons):
     assert daemon.status()["pid"] == daemon.process.pid  # its status socket was left alone
     Spool(daemon.spool).enqueue("sender@example.org", ["user@example.org"], b"still served\n")
     delivered = wait_for(lambda: daemon.delivered("example.org/user"), what="delivery by the first daemon")
-    assert [p.read_bytes() for p in delivered] == [b"still served\n"]
+    assert [message_in(p) for p in delivered] == [b"still served\n"]
     assert (daemon.spool / "qrouter.pid").read_text().strip() == str(daemon.process.pid)

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from router.spool import Spool
-from tests.daemon import qrouter, wait_for
+from tests.daemon import message_in, qrouter, wait_for
 
 BODIES = {
     "plain": b"Subject: plain\n\nhello\n",
@@ -26,7 +26,7 @@ def test_message_arrives_byte_for_byte(daemons, name):
                      "user@example.org", stdin=BODIES[name], check=True)
     queue_id = result.stdout.decode().strip()
     delivered = wait_for(lambda: daemon.delivered("example.org/user"), what="delivery")
-    [content] = [p.read_bytes() for p in delivered]
+    [content] = [message_in(p) for p in delivered]
     assert content.startswith(b"Received: by ") and content.endswith(BODIES[name])  # after qrouter's trace
     wait_for(lambda: f"{queue_id}: removed" in daemon.log(), what="removal")
     assert daemon.files("incoming") == daemon.files("active") == daemon.files("deferred") == []
@@ -52,7 +52,7 @@ def test_message_queued_before_start_is_delivered_at_start(daemons, tmp_path):
     ids = [spool.enqueue("a@example.org", [f"u{i}@example.org"], f"n={i}\n".encode()) for i in range(20)]
     daemon.start()
     wait_for(lambda: len(daemon.delivered()) == 20, what="20 deliveries")
-    assert sorted(p.read_bytes() for p in daemon.delivered()) == sorted(f"n={i}\n".encode() for i in range(20))
+    assert sorted(message_in(p) for p in daemon.delivered()) == sorted(f"n={i}\n".encode() for i in range(20))
     # the Maildir file comes before the "removed" line: with deliveries side by side, wait for it
     wait_for(lambda: all(f"{queue_id}: removed" in daemon.log() for queue_id in ids), what="20 removed")
 

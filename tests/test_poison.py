@@ -21,7 +21,7 @@ import pytest
 
 from router.queue_file import POISON_CRASHES, parse
 from router.spool import Spool
-from tests.daemon import Daemon, wait_for
+from tests.daemon import Daemon, message_in, wait_for
 
 MARK = b"crash the worker"
 
@@ -120,14 +120,14 @@ def test_poison_reaches_hold_after_three_deaths_across_supervisor_restarts(daemo
     # Mail a worker had in hand beside the poison when it died may arrive twice (at least once), and
     # one finished just before that death may lack its "removed" line.
     wanted = {f"other {i}\n".encode() for i in range(5)}
-    wait_for(lambda: {p.read_bytes() for p in daemon.delivered("example.org/other")} == wanted,
+    wait_for(lambda: {message_in(p) for p in daemon.delivered("example.org/other")} == wanted,
              what="the other mail")
     wait_for(lambda: not any((daemon.spool / queue / queue_id).exists()
                              for queue_id in others for queue in ("incoming", "active", "deferred")),
              what="the other mail out of the queue")
     later = spool.enqueue("sender@example.org", ["later@example.org"], b"after the poison\n")
     wait_for(lambda: f"{later}: removed" in daemon.log(), what="mail queued after the poison")
-    assert [p.read_bytes() for p in daemon.delivered("example.org/later")] == [b"after the poison\n"]
+    assert [message_in(p) for p in daemon.delivered("example.org/later")] == [b"after the poison\n"]
     assert daemon.files("hold") == [poison]
     assert daemon.files("incoming") == daemon.files("active") == daemon.files("corrupt") == []
     assert not daemon.delivered("example.org/victim")

@@ -221,9 +221,8 @@ def test_qpsmtpd_as_another_user_queues_through_spool_group():
     """qpsmtpd as `nobody` (group nogroup) in front of qrouter with `spool-group nogroup`: the
     spool is the group's to write, qpsmtpd's files are the group's to read, and they go out.
 
-    qrouter itself runs as root here: the only Python on the test machines lives under /root,
-    which no other user may enter, so a qrouter user cannot be tried; as root it would read
-    any file anyway, hence the check of the queued file's owner, group and mode."""
+    qrouter, started as root, runs as its user qrouter, which can read the file nobody queued
+    only as a member of the spool group."""
     nobody = pwd.getpwnam("nobody")
     nogroup = grp.getgrnam("nogroup").gr_gid
     base = Path(tempfile.mkdtemp(prefix="qrouter-users-", dir="/tmp"))  # pytest's tmp_path is root's alone

@@ -27,7 +27,7 @@ from router.queue_file import (
 )
 from router.queue_id import arrival_of, is_queue_id, new_queue_id
 from router.spool import Spool
-from tests.daemon import ROOT, wait_for
+from tests.daemon import ROOT, message_in, wait_for
 
 DOC = ROOT / "docs" / "queue-format.md"
 PERL_WRITER = ROOT / "docs" / "examples" / "write-queue-file.pl"
@@ -705,7 +705,7 @@ def test_perl_queued_message_is_delivered_byte_for_byte(daemons):
     assert result.returncode == 0, result.stderr.decode()
     queue_id = result.stdout.decode().strip()
     wait_for(lambda: len(daemon.delivered()) == 2, what="two deliveries")
-    delivered = {str(p.parent.parent.relative_to(daemon.mail)): p.read_bytes() for p in daemon.delivered()}
+    delivered = {str(p.parent.parent.relative_to(daemon.mail)): message_in(p) for p in daemon.delivered()}
     assert delivered == {"example.org/user": MESSAGE, "bücher.example/jörg": MESSAGE}
     wait_for(lambda: f"{queue_id}: removed" in daemon.log(), what="removal")
     log = daemon.log()

@@ -17,7 +17,7 @@ from aiosmtpd.controller import Controller
 
 from router.aiosmtpd import QueueHandler
 from router.spool import Spool
-from tests.daemon import ROOT, read_only, wait_for
+from tests.daemon import ROOT, message_in, read_only, wait_for
 from tests.smtp_servers import AioServer, free_port
 
 QUEUED = re.compile(rb"2\.0\.0 Queued as ([0-9A-F]{13}-[0-9A-F]+-[0-9A-F]+)")
@@ -83,7 +83,7 @@ def test_messages_arrive_byte_for_byte(daemons):
             ids[name] = queue_id(reply)
     for name, message in messages.items():
         [delivered] = wait_for(lambda name=name: daemon.delivered(f"one.example/{name}"), what=name)
-        assert delivered.read_bytes() == message, name
+        assert message_in(delivered) == message, name
         wait_for(lambda name=name: f"{ids[name]}: removed" in daemon.log(), what=f"{name} removed")
     assert len(set(ids.values())) == len(messages)
 
@@ -131,7 +131,7 @@ def test_many_sessions_at_once_each_queued_once(daemons):
     assert len({queue_id(reply) for _, reply, _ in results}) == 40
     wait_for(lambda: len(daemon.delivered()) == 40, what="40 deliveries")
     for n in range(40):
-        assert [p.read_bytes() for p in daemon.delivered(f"one.example/u{n}")] == [
+        assert [message_in(p) for p in daemon.delivered(f"one.example/u{n}")] == [
             f"Subject: {n}\r\n\r\nbody {n}\r\n".encode()]
 
 
@@ -150,7 +150,7 @@ def test_an_unwritable_spool_answers_451_and_the_client_can_send_again(daemons):
         assert code == 250
     daemon.start()
     wait_for(lambda: len(daemon.delivered()) == 2, what="two deliveries")
-    assert [p.read_bytes() for p in daemon.delivered()] == [message, message]
+    assert [message_in(p) for p in daemon.delivered()] == [message, message]
     wait_for(lambda: f"{queue_id(reply)}: removed" in daemon.log(), what="removal")
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 
 from router.config import load
 from router.queue_file import DELIVERED, FAILED, PENDING, parse
 from router.spool import Spool
-from tests.daemon import wait_for
+from tests.daemon import DAEMON_USER, message_in, wait_for
 
 
 def read(path) -> object:
@@ -44,7 +45,7 @@ def test_temporary_failure_defers_with_backoff_then_reload_delivers(daemons, tmp
     wait_for(lambda: "reloaded" in daemon.log(), what="reload")
     os.utime(deferred, (time.time(), time.time()))
     delivered = wait_for(lambda: daemon.delivered("example.org/u"), what="delivery after reload")
-    assert delivered[0].read_bytes() == b"Subject: later\n\nbody\n"
+    assert message_in(delivered[0]) == b"Subject: later\n\nbody\n"
     assert "attempts=2, dsn=2.0.0, status=sent" in daemon.log()
     wait_for(lambda: not deferred.exists(), what="removal from deferred/")
 
@@ -62,6 +63,7 @@ def test_partial_success_keeps_only_pending_recipients(daemons):
     daemon = daemons("--min-backoff", "0.5")
     daemon.mail.mkdir()
     (daemon.mail / "example.org").mkdir()
+    shutil.chown(daemon.mail / "example.org", DAEMON_USER)  # the daemon delivers as its user
     (daemon.mail / "example.org" / "blocked").write_text("a file where the Maildir should be\n")
     queue_id = Spool(daemon.spool).enqueue("a@example.org", ["ok@example.org", "blocked@example.org"], b"m\n")
     deferred = daemon.spool / "deferred" / queue_id

@@ -8,7 +8,7 @@ import time
 
 from router.queue_file import parse
 from router.spool import Spool
-from tests.daemon import qrouter, wait_for
+from tests.daemon import message_in, qrouter, wait_for
 
 RULES = "from *.servers.company.foo company.foo\nto /.*\\.foo\\.bar/ foo.bar\n"
 MESSAGE = (b'From: "Host, One" <root@host1.servers.company.foo>\n'
@@ -23,7 +23,7 @@ def test_envelope_rewritten_headers_untouched_without_rewrite_both(daemons, tmp_
     queue_id = Spool(daemon.spool).enqueue("root@host1.servers.company.foo", ["user@x.foo.bar"], MESSAGE)
     wait_for(lambda: f"{queue_id}: removed" in daemon.log(), what="delivery")
     [delivered] = daemon.delivered("foo.bar/user")
-    assert delivered.read_bytes() == MESSAGE
+    assert message_in(delivered) == MESSAGE
     log = daemon.log()
     assert (f"{queue_id}: from=<root@host1.servers.company.foo> rewritten to <root@company.foo> "
             f"by {tmp_path / 'rewriting'}:1") in log
@@ -36,7 +36,7 @@ def test_rewrite_both_changes_only_header_addresses(daemons, tmp_path):
     daemon = daemons("--rewriting", str(tmp_path / "rewriting"), "--rewrite-both", "yes")
     Spool(daemon.spool).enqueue("root@host1.servers.company.foo", ["user@x.foo.bar"], MESSAGE)
     [delivered] = wait_for(lambda: daemon.delivered("foo.bar/user"), what="delivery")
-    assert delivered.read_bytes() == (
+    assert message_in(delivered) == (
         b'From: "Host, One" <root@company.foo>\n'
         b"To: user@foo.bar (the user), =?utf-8?q?B=C3=B6b?= <bob@foo.bar>\n"
         b"Reply-To: root@host1.servers.company.foo\n"

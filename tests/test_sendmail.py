@@ -16,7 +16,7 @@ import pytest
 from router.queue_file import parse
 from router.sendmail import UsageError, address_list
 from router.spool import Spool
-from tests.daemon import ROOT, read_only, wait_for
+from tests.daemon import ROOT, message_in, read_only, wait_for
 from tests.smtp_servers import AioServer
 
 BIN = Path(sys.executable).parent
@@ -91,7 +91,7 @@ def test_t_reads_to_cc_bcc_and_takes_out_only_the_bcc_fields(daemons, config, en
     wait_for(lambda: len(daemon.delivered()) == len(mailboxes), what="seven deliveries")
     daemon.wait_idle()
     for mailbox in mailboxes:  # john is in To: and Cc: and gets one copy
-        assert [submitted(p.read_bytes(), 2) for p in daemon.delivered(mailbox)] == [T_EXPECTED], mailbox
+        assert [submitted(message_in(p), 2) for p in daemon.delivered(mailbox)] == [T_EXPECTED], mailbox
     assert len(daemon.delivered()) == len(mailboxes)
     assert not (daemon.mail / "nowhere.example").exists()
 
@@ -100,7 +100,7 @@ def test_without_t_the_header_is_not_read_and_nothing_is_changed(daemons, config
     daemon = daemons()
     ok(sendmail("--config", str(config), "-i", "only@one.example", stdin=T_MESSAGE))
     [delivered] = wait_for(lambda: daemon.delivered(), what="delivery")
-    assert submitted(delivered.read_bytes(), 2) == T_MESSAGE  # Date: and Message-ID: added
+    assert submitted(message_in(delivered), 2) == T_MESSAGE  # Date: and Message-ID: added
     daemon.wait_idle()
     assert daemon.delivered() == [delivered]
 
@@ -129,7 +129,7 @@ def test_cron_like_invocation_through_a_sendmail_link(daemons, config, tmp_path)
                             capture_output=True, cwd=tmp_path, env=env, timeout=30)
     ok(result)
     [delivered] = wait_for(lambda: daemon.delivered(f"{ME}/root"), what="delivery to root")
-    assert submitted(delivered.read_bytes(), 2) == message  # Date: and Message-ID: added
+    assert submitted(message_in(delivered), 2) == message  # Date: and Message-ID: added
 
 
 def test_a_lone_dot_line_ends_the_message_unless_i(daemons, config):
@@ -142,7 +142,7 @@ def test_a_lone_dot_line_ends_the_message_unless_i(daemons, config):
     ok(sendmail("--config", str(config), "-oi", "oi@one.example", stdin=message))
     ok(sendmail("--config", str(config), "last@one.example", stdin=b"Subject: x\n\nend\n."))
     wait_for(lambda: len(daemon.delivered()) == 5, what="five deliveries")
-    got = {p.parent.parent.name: submitted(p.read_bytes(), 3) for p in daemon.delivered()}
+    got = {p.parent.parent.name: submitted(message_in(p), 3) for p in daemon.delivered()}
     assert got == {"plain": b"Subject: dots\n\nbefore\n..\n.x\n", "crlf": b"Subject: dots\r\n\r\nbefore\r\n",
                    "i": message, "oi": message, "last": b"Subject: x\n\nend\n"}
 

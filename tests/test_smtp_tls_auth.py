@@ -15,7 +15,7 @@ from aiosmtpd.smtp import AuthResult
 
 from router.queue_file import PENDING, parse
 from router.spool import Spool
-from tests.daemon import qrouter, wait_for
+from tests.daemon import qrouter, reachable, wait_for
 from tests.dns_server import DNSServer
 from tests.smtp_servers import SERVER_NAME, AioServer, Peer, Recorder, ScriptedServer
 
@@ -92,7 +92,7 @@ def pki(tmp_path_factory):
         issuer.issue_cert(host).configure_cert(context)
         contexts[name] = context
     contexts["broken"] = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ca_file = tmp_path_factory.mktemp("pki") / "ca.pem"
+    ca_file = reachable(tmp_path_factory.mktemp("pki")) / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     return contexts, str(ca_file)
 

@@ -24,7 +24,7 @@ import pytest
 from router.queue_file import QueueFile, Recipient, parse
 from router.queue_id import arrival_of, new_queue_id
 from router.spool import Spool
-from tests.daemon import Daemon, qrouter, wait_for
+from tests.daemon import DAEMON_USER, Daemon, message_in, qrouter, wait_for
 from tests.smtp_servers import AioServer, Peer, Recorder, ScriptedServer
 from tests.test_bad_input import fill
 
@@ -241,13 +241,14 @@ def test_a_replaced_incoming_directory_is_watched_again(daemons, how):
     else:
         os.rename(incoming, daemon.spool / "incoming.old")
         incoming.mkdir(mode=0o700, exist_ok=True)  # the daemon may have made it again already
+        shutil.chown(incoming, DAEMON_USER)  # as the daemon's user would make it
     wait_for(lambda: "incoming/ was moved away or removed; watching the directory now at that path" in daemon.log(),
              what="the warning")
     assert incoming.is_dir()
     spool.enqueue("a@example.org", ["u@example.org"], b"after\n")
     wait_for(lambda: len(daemon.delivered()) == 2, what="delivery after")
     assert daemon.files("corrupt") == []
-    assert sorted(p.read_bytes() for p in daemon.delivered()) == [b"after\n", b"before\n"]
+    assert sorted(message_in(p) for p in daemon.delivered()) == [b"after\n", b"before\n"]
     assert daemon.process.poll() is None
 
 
@@ -298,7 +299,7 @@ def test_a_thousand_attempts_do_not_stop_the_count_or_deliver_twice(daemons, tmp
                 "deferred")
     daemon.start()
     wait_for(lambda: daemon.log().count(f"{queue_id}: deferred, next attempt") >= 3, what="three attempts")
-    assert [p.read_bytes() for p in daemon.delivered("example.org/now")] == [MESSAGE]
+    assert [message_in(p) for p in daemon.delivered("example.org/now")] == [MESSAGE]
     daemon.stop()
     stored = parse((daemon.spool / "deferred" / queue_id).read_bytes())
     assert stored.attempts >= 1027

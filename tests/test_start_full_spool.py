@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from router.spool import Spool
-from tests.daemon import ROOT, wait_for
+from tests.daemon import ROOT, message_in, wait_for
 from tests.test_bad_input import fill, mounted_under
 
 MESSAGE = b"Subject: full\n\nqueued before the disk filled up\n"
@@ -80,7 +80,7 @@ def test_daemon_starts_on_a_full_spool_delivers_and_stays_the_only_one(daemons, 
         assert len(socket_warnings) == 1 and NO_SPACE in socket_warnings[0], log
 
         delivered = wait_for(lambda: daemon.delivered("example.org/u"), what="delivery from the full spool")
-        assert [p.read_bytes() for p in delivered] == [MESSAGE]
+        assert [message_in(p) for p in delivered] == [MESSAGE]
         wait_for(lambda: f"{queue_id}: removed" in daemon.log(), what="removal")
 
         status = subprocess.run([*launcher, "status", "--queue-dir", str(spool_path)], capture_output=True,

@@ -15,7 +15,7 @@ from policy.routing import load_policy
 from policy.transport_map import PolicyError, load_definitions, load_transport_map
 from router.config import load
 from router.spool import Spool
-from tests.daemon import qrouter, wait_for
+from tests.daemon import message_in, qrouter, wait_for
 from tests.smtp_servers import AioServer
 
 DEFS = "splunkmta [10.9.9.9]:2525\nbackup mx.backup.foo.bar\n"
@@ -179,7 +179,7 @@ def test_one_message_split_across_three_next_hops(daemons, tmp_path):
         wait_for(lambda: f"{queue_id}: removed" in daemon.log(), what="delivery to three next hops")
     assert [(m.rcpt_tos, m.content) for m in one.handler.messages] == [(["a@one.example", "d@one.example"], body)]
     assert [(m.rcpt_tos, m.content) for m in two.handler.messages] == [(["b@x.two.example"], body)]
-    assert [p.read_bytes() for p in (tmp_path / "mail" / "c" / "new").iterdir()] == [body]
+    assert [message_in(p) for p in (tmp_path / "mail" / "c" / "new").iterdir()] == [body]
 
 
 def test_reloaded_policy_reaches_deferred_mail(daemons, tmp_path):
@@ -200,4 +200,4 @@ def test_reloaded_policy_reaches_deferred_mail(daemons, tmp_path):
     wait_for(lambda: "reloaded" in daemon.log(), what="reload")
     os.utime(deferred, (time.time(), time.time()))
     delivered = wait_for(lambda: daemon.delivered("example.org/u"), what="delivery after reload")
-    assert delivered[0].read_bytes() == b"held\n"
+    assert message_in(delivered[0]) == b"held\n"

@@ -24,7 +24,7 @@ from policy.next_hop import DISCARD, ERROR, MAILDIR, RETRY, NextHop, parse_next_
 from router.config import Config
 from router.queue_file import Recipient
 from router.spool import Spool
-from tests.daemon import qrouter, wait_for
+from tests.daemon import DAEMON_USER, qrouter, wait_for
 from workers.maildir import MaildirTransport
 from workers.transport import Unavailable
 from workers.verdict import VerdictTransport
@@ -112,6 +112,7 @@ def test_a_transport_not_installed_defers_and_is_not_kept():
 def test_mail_routed_through_the_plugin(upper, daemons, tmp_path):
     out = tmp_path / "upper"
     out.mkdir()
+    shutil.chown(out, DAEMON_USER)  # the plugin writes as the daemon's user
     (tmp_path / "transports").write_text(f"x.example queue/upper {out}\n")
     (tmp_path / "qrouter.conf").write_text(f"transports {tmp_path / 'transports'}\n")
     route = qrouter("route", "--config", str(tmp_path / "qrouter.conf"), "u@x.example", check=True)
@@ -132,7 +133,7 @@ def test_mail_routed_through_the_plugin(upper, daemons, tmp_path):
      ":2: next hop 'queue/upper relative/dir': queue/upper: needs an absolute directory, not 'relative/dir'"),
     ("foo.example queue/nonsense\n",
      ":1: next hop 'queue/nonsense': unknown queue transport 'queue/nonsense' (known: queue/maildir, "
-     "queue/discard, queue/error, queue/retry, queue/upper)"),
+     "queue/discard, queue/error, queue/retry, queue/qpsmtpd, queue/router, queue/upper)"),
 ], ids=["plugin-check", "unknown"])
 def test_check_config_refuses(upper, tmp_path, rules, error):
     (tmp_path / "transports").write_text(rules)

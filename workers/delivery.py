@@ -27,7 +27,9 @@ from router.queue_file import (
     Recipient,
     parse,
 )
-from router.spool import ACTIVE, ARCHIVE, CORRUPT, DEFERRED, NotAQueueFile, Spool, read_queue_file
+from router.queue_id import new_queue_id
+from router.spool import ACTIVE, ARCHIVE, CORRUPT, DEFERRED, INCOMING, NotAQueueFile, Spool, read_queue_file
+from workers.pools import LOCAL, NETWORK, pool_of
 from workers.transport import BOUNCED, SENT, Outcome, Transport
 from workers.transport import DEFERRED as STATUS_DEFERRED
 
@@ -91,11 +93,13 @@ def apply_states(queue_file: QueueFile, states: str) -> None:
 
 
 class Delivery:
-    def __init__(self, spool: Spool, config: Config, policy: Policy, transports: dict[str, Transport]):
+    def __init__(self, spool: Spool, config: Config, policy: Policy, transports: dict[str, Transport],
+                 pool: str = NETWORK):
         self.spool = spool
         self.config = config
         self.policy = policy
         self.transports = transports
+        self.pool = pool  # the kind of worker this is: recipients for the other kind are split off
 
     def attempt(self, queue: str, queue_id: str, states: str = "") -> Report:
         """One attempt. `states` are results an earlier attempt could not store (a full disk):
@@ -176,9 +180,16 @@ class Delivery:
         keep their recipients pending rather than risk an unrecorded delivery.
         """
         groups: dict[NextHop, list[int]] = {}
+        others: list[int] = []
         for index, rcpt in enumerate(queue_file.recipients):
             if rcpt.state == PENDING:
-                groups.setdefault(self.policy.route(rcpt.address).next_hop, []).append(index)
+                hop = self.policy.route(rcpt.address).next_hop
+                if pool_of(hop.kind) == self.pool:
+                    groups.setdefault(hop, []).append(index)
+                else:
+                    others.append(index)
+        if others and not self._split(queue_file, others, report):
+            return
         for position, (hop, indexes) in enumerate(groups.items(), 1):
             recipients = [queue_file.recipients[i] for i in indexes]
             outcomes = self._outcomes(queue_file, recipients, hop)
@@ -192,6 +203,31 @@ class Delivery:
                 except OSError as exc:
                     log.error("%s: cannot journal results, stopping this attempt: %s", queue_file.queue_id, exc)
                     return
+
+    def _split(self, queue_file: QueueFile, indexes: list[int], report: Report) -> bool:
+        """Move recipients the other kind of worker delivers to (workers/pools.py) into a new
+        message of their own, queued in incoming/ with the same envelope and arrival, and record
+        them here as forwarded, as Postfix's local(8) logs an alias expansion. False when that
+        cannot be recorded: the attempt stops, and the recipients stay here, pending."""
+        recipients = [queue_file.recipients[i] for i in indexes]
+        part = queue_file.copy_for(new_queue_id(), queue_file.arrival, recipients)
+        part.rewritten = queue_file.rewritten
+        other = LOCAL if self.pool == NETWORK else NETWORK
+        try:
+            self.spool.write(part, INCOMING)
+        except OSError as exc:
+            log.error("%s: cannot queue the recipients for %s workers separately (%s); trying them later",
+                      queue_file.queue_id, other, exc.strerror or exc)
+            return True
+        for rcpt in recipients:
+            self._record(queue_file, rcpt, Outcome(SENT, "2.0.0", f"forwarded as {part.queue_id} to the {other} "
+                                                   "workers", f"{other}[{part.queue_id}]"), report)
+        try:
+            self.spool.journal(queue_file.queue_id, zip(indexes, recipients, strict=True))
+        except OSError as exc:  # the new message exists: delivering more now could double it
+            log.error("%s: cannot journal the split, stopping this attempt: %s", queue_file.queue_id, exc)
+            return False
+        return True
 
     def _outcomes(self, queue_file: QueueFile, recipients: list[Recipient], hop: NextHop) -> list[Outcome]:
         transport = self.transports[hop.kind]

@@ -1,7 +1,8 @@
 """queue/maildir: delivery into a Maildir, the way the Maildir specification asks.
 
-The message goes to tmp/ under a unique name, is fsynced, renamed into new/, and new/ is
-fsynced: a message reported delivered is on disk. `%d` and `%u` in the directory give each
+The message, with Return-Path: and Delivered-To: in front (workers/delivery_fields.py), goes
+to tmp/ under a unique name, is fsynced, renamed into new/, and new/ is fsynced: a message
+reported delivered is on disk. `%d` and `%u` in the directory give each
 domain or user its own Maildir; they are escaped so that no address can climb out of the tree.
 """
 
@@ -18,7 +19,8 @@ from policy.next_hop import NextHop
 from router.address import split_address
 from router.durable import fsync_dir, write_synced
 from router.queue_file import QueueFile, Recipient
-from workers.transport import DEFERRED, SENT, NoOpClose, Outcome
+from workers.delivery_fields import LOOP_DSN, loop_reply, looping, with_delivery_fields
+from workers.transport import BOUNCED, DEFERRED, SENT, NoOpClose, Outcome
 
 if TYPE_CHECKING:
     from router.config import Config
@@ -46,14 +48,19 @@ class MaildirTransport(NoOpClose):
         self.known: set[str] = set()
 
     def deliver(self, message: QueueFile, recipients: list[Recipient], hop: NextHop) -> list[Outcome]:
-        by_dir: dict[str, Outcome] = {}
-        outcomes = []
+        """One copy per directory, with Return-Path: and a Delivered-To: for each of its
+        recipients; a recipient the message has been delivered to before is a loop (5.4.6)."""
+        looped = set(looping(message.message, (r.address for r in recipients)))
+        by_dir: dict[str, list[str]] = {}
         for rcpt in recipients:
-            directory = maildir_for(hop.argument, rcpt.address)
-            if directory not in by_dir:
-                by_dir[directory] = self._deliver_one(message.message, directory)
-            outcomes.append(by_dir[directory])
-        return outcomes
+            if rcpt.address not in looped:
+                by_dir.setdefault(maildir_for(hop.argument, rcpt.address), []).append(rcpt.address)
+        outcomes = {directory: self._deliver_one(with_delivery_fields(message.message, message.sender, addresses),
+                                                 directory)
+                    for directory, addresses in by_dir.items()}
+        return [Outcome(BOUNCED, LOOP_DSN, loop_reply(rcpt.address), f"maildir[{hop.argument}]")
+                if rcpt.address in looped else outcomes[maildir_for(hop.argument, rcpt.address)]
+                for rcpt in recipients]
 
     def _deliver_one(self, data: bytes, directory: str) -> Outcome:
         relay = f"maildir[{directory}]"

@@ -1,13 +1,12 @@
-"""Transports that deliver nothing and only give a verdict: queue/discard, queue/error,
-queue/retry, and the stand-in for delivery methods not built yet (which defers, so mail routed
-there waits in deferred/ instead of being lost). Registered as `discard`, `error` and `retry` in
+"""Transports that deliver nothing and only give a verdict: queue/discard, queue/error and
+queue/retry. Registered as `discard`, `error` and `retry` in
 the entry point group qrouter.transports (pyproject.toml)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from policy.next_hop import DISCARD, ERROR, RETRY, NextHop
+from policy.next_hop import DISCARD, ERROR, NextHop
 from router.queue_file import QueueFile, Recipient
 from workers.transport import BOUNCED, DEFERRED, SENT, NoOpClose, Outcome
 
@@ -22,10 +21,6 @@ class VerdictTransport(NoOpClose):
     def deliver(self, message: QueueFile, recipients: list[Recipient], hop: NextHop) -> list[Outcome]:
         if hop.kind == DISCARD:
             return Outcome.same_for(recipients, SENT, "2.0.0", "discarded", "none")
-        if hop.kind in (ERROR, RETRY):
-            dsn, _, text = hop.argument.partition(" ")
-            status = BOUNCED if hop.kind == ERROR else DEFERRED
-            return Outcome.same_for(recipients, status, dsn, text or f"{hop.text}", "none")
-        return Outcome.same_for(recipients, DEFERRED, "4.3.0",
-                                f"delivery method {hop.kind} ({hop}) is not available in this version",
-                                "none")
+        dsn, _, text = hop.argument.partition(" ")  # queue/error or queue/retry
+        status = BOUNCED if hop.kind == ERROR else DEFERRED
+        return Outcome.same_for(recipients, status, dsn, text or f"{hop.text}", "none")

@@ -32,12 +32,15 @@ import time
 
 from policy.next_hop import LMTP, MDA, MX, PIPE, SMTP
 from policy.routing import Policy
+from router import privileges
 from router.config import Config
 from router.spool import Spool
+from workers import command
 from workers.delivery import Delivery
+from workers.local import ProgramTransport
+from workers.pools import LOCAL
 from workers.smtp import SMTPTransport
 from workers.transport import Transports
-from workers.verdict import VerdictTransport
 
 log = logging.getLogger("qrouter")
 
@@ -45,26 +48,34 @@ SESSION_STACK = 1 << 20  # a session thread's stack: Python frames live on the h
 SWITCH_INTERVAL = 0.05  # how long a busy thread may keep the interpreter lock when another asks: fewer
 # forced handoffs (each a futex round trip) between threads that drop it at every system call anyway
 HEARTBEAT_SECONDS = 1.0  # how often the worker says it is alive, and an idle one drops idle connections
+HANG_SECONDS = 30.0  # a program still running this long past command-time-limit has defeated the kill:
+# the worker stops saying it is alive, and the supervisor's watchdog replaces it
 PR_SET_PDEATHSIG = 1
 
 
-def build_transports(config: Config) -> Transports:
-    """One instance of each delivery method, by next-hop kind, for the life of a worker: SMTP,
-    LMTP and MX routing share one, pipes and local delivery agents are not built yet, and each
-    `queue/NAME` comes from the entry point group qrouter.transports (the built-ins included)."""
+def build_transports(config: Config, pool: str = "") -> Transports:
+    """One instance of each delivery method, by next-hop kind, for the life of a worker: a local
+    worker has pipes and local agents, a network worker the rest (SMTP, LMTP and MX routing share
+    one), and each `queue/NAME` comes from the entry point group qrouter.transports (the built-ins
+    included)."""
+    if pool == LOCAL:
+        program = ProgramTransport(config)
+        return Transports(config, {PIPE: program, MDA: program})
     smtp = SMTPTransport(config)
-    stand_in = VerdictTransport(config)
-    return Transports(config, {SMTP: smtp, LMTP: smtp, MX: smtp, PIPE: stand_in, MDA: stand_in})
+    return Transports(config, {SMTP: smtp, LMTP: smtp, MX: smtp})
 
 
 class Worker:
-    def __init__(self, task_fd: int, report_fd: int, config: Config, policy: Policy):
+    def __init__(self, task_fd: int, report_fd: int, config: Config, policy: Policy, pool: str, sessions: int):
         self.task_fd = task_fd
         self.report_fd = report_fd
         self.config = config
+        self.pool = pool
+        self.session_count = sessions
         self.spool = Spool(config.queue_dir, config.spool_group)
-        self.transports = build_transports(config)
-        self.delivery = Delivery(self.spool, config, policy, self.transports)
+        self.transports = build_transports(config, pool)
+        self.delivery = Delivery(self.spool, config, policy, self.transports, pool)
+        self.hang_logged = False
         self.tasks: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
         self.report_lock = threading.Lock()
         self.busy_lock = threading.Lock()
@@ -74,7 +85,12 @@ class Worker:
 
     def start(self, supervisor_pid: int) -> None:
         """Everything that can keep a worker from working at all (the supervisor stops the
-        daemon rather than fork workers that fail here again and again)."""
+        daemon rather than fork workers that fail here again and again). The privileges change
+        first: a change of credentials clears the parent-death signal."""
+        if self.pool == LOCAL:
+            privileges.for_local_worker()
+        else:
+            privileges.for_network_worker()
         _die_with_parent()
         if os.getppid() != supervisor_pid:
             raise RuntimeError("the supervisor is gone")
@@ -84,7 +100,7 @@ class Worker:
         threading.stack_size(SESSION_STACK)
         sys.setswitchinterval(SWITCH_INTERVAL)
         self.sessions = [threading.Thread(target=self._session, name=f"session-{n}", daemon=True)
-                         for n in range(self.config.sessions_per_worker)]
+                         for n in range(self.session_count)]
         for thread in self.sessions:
             thread.start()
 
@@ -142,7 +158,16 @@ class Worker:
             self._write(report.to_line())
 
     def _beat(self) -> None:
-        """Say "alive" (an empty line); a supervisor that is gone takes this worker with it."""
+        """Say "alive" (an empty line); a supervisor that is gone takes this worker with it. A
+        program that outlives its time limit by far (one the kill could not stop) is a hang: the
+        worker falls silent, so that the supervisor replaces it."""
+        running = command.longest_run()
+        if running > self.config.command_time_limit + HANG_SECONDS:
+            if not self.hang_logged:
+                self.hang_logged = True
+                log.error("worker %d: a program has run for %.0fs, beyond command-time-limit; "
+                          "no longer saying it is alive", os.getpid(), running)
+            return
         try:
             self._write(b"\n")
         except OSError:

@@ -67,6 +67,9 @@ sub queue_message {
     my $ok = eval {
         local ($,, $\);
         chmod 0660, $fh or die "cannot chmod $staged: $!\n";
+        if ($> == 0) {    # as root: the daemon runs as the spool's owner and must read it
+            chown((stat $spool)[4], -1, $fh) or die "cannot give $staged to the spool's owner: $!\n";
+        }
         binmode $fh;
         print {$fh} $header, $message or die "cannot write $staged: $!\n";
         $fh->flush or die "cannot write $staged: $!\n";

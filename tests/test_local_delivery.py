@@ -1,0 +1,299 @@
+"""Local delivery through the real daemon: real maildrop and procmail from Debian, run as real
+unix users the aliases file names; pipes into programs as pipe users; Return-Path: and
+Delivered-To:, the 5.4.6 loop, exit codes, time limits and hostile addresses; a message with
+both local and remote recipients split between the two kinds of worker."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.daemon import DAEMON_USER, qrouter, wait_for
+from tests.unix_users import ALICE, BOB, owned_dir, script
+
+MESSAGE = b"Subject: local delivery\n\nhello from far away\n"
+
+
+def policy(tmp_path: Path, transports: str, aliases: str = "") -> list[str]:
+    (tmp_path / "transports").write_text(transports)
+    args = ["--transports", str(tmp_path / "transports")]
+    if aliases:
+        (tmp_path / "aliases").write_text(aliases)
+        args += ["--aliases", str(tmp_path / "aliases")]
+    return args
+
+
+def enqueue(daemon, *recipients: str, message: bytes = MESSAGE, sender: str = "sender@example.org") -> str:
+    return qrouter("enqueue", "--queue-dir", str(daemon.spool), "-f", sender, "--", *recipients,
+                   stdin=message, check=True).stdout.decode().strip()
+
+
+def logged(daemon, pattern: str) -> re.Match:
+    return wait_for(lambda: re.search(pattern, daemon.log()), what=pattern)
+
+
+def home_maildir(account, name: str = "Maildir") -> Path:
+    """An empty Maildir in the user's home, theirs."""
+    maildir = Path(account.home) / name
+    for sub in ("", "tmp", "new", "cur"):
+        (maildir / sub).mkdir(mode=0o700, exist_ok=True)
+        os.chown(maildir / sub, account.uid, account.gid)
+    for old in (maildir / "new").iterdir():
+        old.unlink()
+    return maildir
+
+
+def users_file(account, name: str, text: str) -> None:
+    path = Path(account.home) / name
+    path.write_text(text)
+    path.chmod(0o600)
+    os.chown(path, account.uid, account.gid)
+
+
+ALIASES = f"root {BOB}\nalice {ALICE}\nbob {BOB}\n"
+
+
+def test_maildrop_delivers_as_the_aliased_user_into_their_maildir(daemons, tmp_path, unix_users):
+    alice = unix_users[ALICE]
+    maildir = home_maildir(alice)
+    users_file(alice, ".mailfilter", 'to "$HOME/Maildir/"\n')
+    daemon = daemons(*policy(tmp_path, "local.example /usr/bin/maildrop -f ${sender}\n", ALIASES))
+    queue_id = enqueue(daemon, "Alice@local.example")
+    [delivered] = wait_for(lambda: list((maildir / "new").iterdir()), what="maildrop's delivery")
+    content = delivered.read_bytes()
+    assert content.startswith(b"Return-Path: <sender@example.org>\nDelivered-To: Alice@local.example\nReceived: ")
+    assert content.endswith(MESSAGE)
+    assert delivered.stat().st_uid == alice.uid  # its group is mail: Debian's maildrop is set-group-id mail
+    logged(daemon, rf"{queue_id}: to=<Alice@local.example>, relay=local\[{ALICE}:/usr/bin/maildrop\], "
+                   r"delay=[\d.]+, attempts=1, dsn=2\.0\.0, status=sent")
+
+
+def test_procmail_gets_the_extension_and_writes_the_users_mbox(daemons, tmp_path, unix_users):
+    bob = unix_users[BOB]
+    for mbox in ("lists", "inbox"):
+        (Path(bob.home) / mbox).unlink(missing_ok=True)
+    users_file(bob, ".procmailrc", "DEFAULT=$HOME/inbox\nEXT=$1\n:0:\n* EXT ?? ^^lists^^\n$HOME/lists\n")
+    daemon = daemons(*policy(tmp_path, "local.example /usr/bin/procmail -f ${sender} -a ${extension}\n", ALIASES))
+    enqueue(daemon, "bob+lists@local.example", "bob@local.example")
+    lists, inbox = Path(bob.home) / "lists", Path(bob.home) / "inbox"
+    wait_for(lambda: lists.exists() and inbox.exists() and MESSAGE in inbox.read_bytes(), what="both mboxes")
+    assert lists.read_bytes().startswith(b"From sender@example.org ")
+    assert b"\nDelivered-To: bob+lists@local.example\n" in lists.read_bytes()
+    assert b"\nDelivered-To: bob@local.example\n" in inbox.read_bytes()
+    assert lists.stat().st_uid == bob.uid
+
+
+def test_agent_runs_as_the_user_with_a_clean_environment_and_exact_argv(daemons, tmp_path, unix_users, world_dir):
+    alice = unix_users[ALICE]
+    out = owned_dir(world_dir, alice)
+    recorder = script(world_dir, "record", f"""cd "$PWD"
+id -u > {out}/uid; id -g > {out}/gid; id -G > {out}/groups; pwd > {out}/cwd
+tr '\\0' '\\n' < /proc/$$/environ > {out}/env
+grep -E '^Cap(Eff|Prm|Inh|Amb)' /proc/$$/status > {out}/caps
+for arg in "$@"; do printf '%s\\n' "$arg"; done > {out}/argv
+cat > {out}/stdin
+""")
+    daemon = daemons(*policy(tmp_path, f"local.example {recorder} -f ${{sender}} ${{user}} ${{extension}}\n",
+                             ALIASES + f"x.* {ALICE}\n"))
+    queue_id = enqueue(daemon, "x+tag@local.example", sender="")
+    wait_for(lambda: (out / "stdin").exists() and (out / "stdin").stat().st_size, what="the recorder")
+    assert (out / "uid").read_text().split() == [str(alice.uid)]
+    assert (out / "gid").read_text().split() == [str(alice.gid)]
+    assert sorted(map(int, (out / "groups").read_text().split())) == sorted({alice.gid, *alice.groups})
+    assert (out / "cwd").read_text().strip() == alice.home
+    env = dict(line.split("=", 1) for line in (out / "env").read_text().splitlines())
+    assert env == {"HOME": alice.home, "USER": ALICE, "LOGNAME": ALICE, "SHELL": alice.shell,
+                   "PATH": "/usr/local/bin:/usr/bin:/bin", "SENDER": "", "RECIPIENT": "x+tag@local.example",
+                   "ORIGINAL_RECIPIENT": "x+tag@local.example", "DOMAIN": "local.example", "LOCAL": "x+tag",
+                   "EXTENSION": "tag", "QUEUE_ID": queue_id}
+    assert all(line.split()[1] == "0000000000000000" for line in (out / "caps").read_text().splitlines())
+    assert (out / "argv").read_text().splitlines() == ["-f", "", "x", "tag"]
+    assert (out / "stdin").read_bytes().startswith(b"Return-Path: <>\nDelivered-To: x+tag@local.example\n")
+
+
+def test_a_message_that_was_delivered_here_before_is_a_loop(daemons, tmp_path, unix_users):
+    alice = unix_users[ALICE]
+    maildir = home_maildir(alice)
+    users_file(alice, ".mailfilter", 'to "$HOME/Maildir/"\n')
+    daemon = daemons(*policy(tmp_path, "local.example /usr/bin/maildrop\n", ALIASES))
+    looped = b"Delivered-To: alice@local.example\n" + MESSAGE
+    queue_id = enqueue(daemon, "alice@local.example", message=looped)
+    logged(daemon, rf"{queue_id}: to=<alice@local.example>, .*dsn=5\.4\.6, status=bounced \(mail forwarding loop")
+    daemon.wait_idle()
+    assert not list((maildir / "new").iterdir())
+
+
+@pytest.mark.parametrize(("body", "status", "dsn", "reply"), [
+    ("exit 67", "bounced", "5.1.1", r"/\S+/agent exited with status 67 \(EX_NOUSER\)"),
+    ("echo '5.2.2 mailbox full, sorry'; exit 1", "bounced", "5.2.2", "mailbox full, sorry"),
+    ("echo 'over quota'; exit 75", "deferred", "4.3.0", "over quota"),
+    ("echo 'all is well'", "sent", "2.0.0", "all is well"),
+])
+def test_how_the_program_ends_decides_the_outcome(daemons, tmp_path, unix_users, world_dir, body, status, dsn, reply):
+    program = script(world_dir, "agent", f"cat >/dev/null\n{body}\n")
+    daemon = daemons(*policy(tmp_path, f"pipe.example |user={BOB} {program}\n"))
+    queue_id = enqueue(daemon, "robot@pipe.example")
+    logged(daemon, rf"{queue_id}: to=<robot@pipe.example>, relay=pipe\[{BOB}:{program}\], .*dsn={re.escape(dsn)}, "
+                   rf"status={status} \({reply}")
+    if status == "deferred":
+        wait_for(lambda: daemon.files("deferred") == [queue_id], what="deferred/")
+        assert f"reply {reply}" in (daemon.spool / "deferred" / queue_id).read_text()
+
+
+HOSTILE = ['"a;touch /tmp/qrtest-x"@pipe.example', '"x$(touch /tmp/qrtest-y)"@pipe.example',
+           "`touch${IFS}/tmp/qrtest-z`@pipe.example", '"a b\'c\\"d"@pipe.example', "-rf@pipe.example"]
+
+
+def test_hostile_addresses_are_only_text_to_a_pipe(daemons, tmp_path, unix_users, world_dir):
+    out = owned_dir(world_dir, unix_users[BOB])
+    recorder = script(world_dir, "robot",
+                      f'cat >/dev/null\nfor arg in "$@"; do printf "%s\\n" "$arg"; done >> {out}/argv\n')
+    for name in ("x", "y", "z"):
+        Path(f"/tmp/qrtest-{name}").unlink(missing_ok=True)
+    daemon = daemons(*policy(tmp_path, f"pipe.example |user={BOB} per=message {recorder} --to ${{recipient}}\n"))
+    queue_id = enqueue(daemon, *HOSTILE)
+    for address in HOSTILE:
+        logged(daemon, rf"{queue_id}: to=<{re.escape(address)}>, .*status=sent")
+    lines = (out / "argv").read_text().splitlines()
+    assert lines == ["--to", *HOSTILE], "one run, every address one argument, byte for byte"
+    assert not any(Path(f"/tmp/qrtest-{name}").exists() for name in ("x", "y", "z"))
+
+
+def test_pipe_runs_as_pipe_user_one_run_per_recipient(daemons, tmp_path, world_dir):
+    out = world_dir / "out"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+    recorder = script(world_dir, "robot", f'cat >/dev/null\necho "$(id -un) $RECIPIENT $1" >> {out}/runs\n')
+    daemon = daemons(*policy(tmp_path, f"pipe.example |{recorder} ${{mailbox}}\n"))
+    enqueue(daemon, "one@pipe.example", "two@pipe.example")
+    wait_for(lambda: (out / "runs").exists() and len((out / "runs").read_text().splitlines()) == 2, what="2 runs")
+    assert sorted((out / "runs").read_text().splitlines()) == ["nobody one@pipe.example one",
+                                                               "nobody two@pipe.example two"]
+
+
+def test_a_program_past_its_time_limit_is_killed_and_the_worker_goes_on(daemons, tmp_path, world_dir):
+    sleeper = script(world_dir, "sleeper", "sleep 60 & echo $! > /tmp/qrtest-sleeper-child\nwait\n")
+    fast = script(world_dir, "fast", "cat >/dev/null\n")
+    daemon = daemons(*policy(tmp_path, f"slow.example |{sleeper}\nfast.example |{fast}\n"),
+                     "--command-time-limit", "1")
+    [local_worker] = [w["pid"] for w in daemon.status()["workers"] if w["pool"] == "local"]
+    queue_id = enqueue(daemon, "x@slow.example")
+    logged(daemon, rf"{queue_id}: to=<x@slow.example>, .*dsn=5\.3\.0, status=bounced \(command time limit of 1s "
+                   rf"exceeded: {sleeper}")
+    child = int(Path("/tmp/qrtest-sleeper-child").read_text())
+    wait_for(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE,
+             what="the program's own child killed with it")
+    second = enqueue(daemon, "y@fast.example")
+    logged(daemon, rf"{second}: to=<y@fast.example>, .*status=sent")
+    assert [w["pid"] for w in daemon.status()["workers"] if w["pool"] == "local"] == [local_worker]
+
+
+def test_hostile_programs_leave_the_worker_healthy(daemons, tmp_path, world_dir):
+    programs = {
+        "mute": "exit 0\n",  # never reads its stdin
+        "flood": "head -c 52428800 /dev/zero | tr '\\0' x; head -c 52428800 /dev/zero | tr '\\0' y >&2\n",
+        "detach": "cat >/dev/null; sleep 30 &\nexit 0\n",  # a child keeps the output pipe open
+    }
+    lines = "".join(f"{name}.example |{script(world_dir, name, body)}\n" for name, body in programs.items())
+    daemon = daemons(*policy(tmp_path, lines))
+    big = MESSAGE + b"x" * (5 << 20) + b"\n"
+    ids = {name: enqueue(daemon, f"r@{name}.example", message=big if name == "mute" else MESSAGE) for name in programs}
+    for name, queue_id in ids.items():
+        logged(daemon, rf"{queue_id}: to=<r@{name}.example>, .*status=sent \(")
+    [local] = [w for w in daemon.status()["workers"] if w["pool"] == "local"]
+    assert local["rss"] < 120 << 20, f"the local worker grew to {local['rss'] >> 20} MB"
+    flood = re.search(rf"{ids['flood']}: to=.*status=sent \((.*)\)$", daemon.log(), re.MULTILINE)[1]
+    assert flood.startswith("xxxx") and len(flood) <= 200
+
+
+def test_a_program_that_defers_forever_expires_at_max_age(daemons, tmp_path, world_dir):
+    program = script(world_dir, "busy", "cat >/dev/null; echo 'try again later'; exit 75\n")
+    daemon = daemons(*policy(tmp_path, f"pipe.example |{program}\n"), "--max-age", "0.00003",
+                     "--min-backoff", "0.5", "--max-backoff", "0.5")
+    queue_id = enqueue(daemon, "r@pipe.example")
+    logged(daemon, rf"{queue_id}: to=<r@pipe.example>, .*dsn=4\.3\.0, status=deferred \(try again later\)")
+    logged(daemon, rf"{queue_id}: to=<r@pipe.example>, .*dsn=4\.4\.7, status=expired \(message expired .*"
+                   r"last error: try again later\)")
+
+
+def test_local_and_remote_recipients_are_split_between_the_two_kinds_of_worker(daemons, tmp_path, world_dir):
+    out = world_dir / "out"
+    out.mkdir()
+    out.chmod(0o777)
+    robot = script(world_dir, "robot", f"cat > {out}/message\n")
+    daemon = daemons(*policy(tmp_path, f"pipe.example |{robot}\n"), "--default-transport",
+                     f"queue/maildir {tmp_path}/mail/%d/%u")
+    queue_id = enqueue(daemon, "robot@pipe.example", "user@example.org")
+    part = logged(daemon, rf"{queue_id}: to=<robot@pipe.example>, relay=local\[(\w+-\w+-\d+)\], .*status=sent "
+                          r"\(forwarded as \1 to the local workers\)")[1]
+    logged(daemon, rf"{part}: to=<robot@pipe.example>, relay=pipe\[nobody:{robot}\], .*status=sent")
+    wait_for(lambda: daemon.delivered("example.org/user"), what="the Maildir delivery")
+    assert (out / "message").read_bytes().endswith(MESSAGE)
+    assert (out / "message").read_bytes().startswith(b"Return-Path: <sender@example.org>\n"
+                                                     b"Delivered-To: robot@pipe.example\n")
+
+
+def test_route_shows_what_an_agent_would_run_with(tmp_path, unix_users):
+    args = policy(tmp_path, "local.example /usr/bin/procmail -f ${sender} -a ${extension}\n", ALIASES)
+    shown = qrouter("route", *args, "--from", "s@example.org", "bob+news@local.example", check=True).stdout.decode()
+    bob = unix_users[BOB]
+    assert 'argv:      ["/usr/bin/procmail", "-f", "s@example.org", "-a", "news"]' in shown
+    assert f"runs as:   {BOB} (uid {bob.uid}, gid {bob.gid}" in shown and f"in {bob.home}" in shown
+    assert "time limit: 1000s, one run per recipient" in shown
+    assert "  RECIPIENT=bob+news@local.example" in shown and "  EXTENSION=news" in shown
+
+
+def test_rules_that_would_run_as_root_or_as_the_daemon_itself_are_refused(tmp_path):
+    for line, error in (("x.example |user=root /bin/cat\n", "never runs as root"),
+                        (f"x.example |user={DAEMON_USER} /bin/cat\n", "never runs as qrouter's own user"),
+                        ("x.example |/bin/cat ${nonsense}\n", "unknown placeholder ${nonsense}"),
+                        ("x.example |/bin/cat 'unclosed\n", "No closing quotation"),
+                        ("x.example |cat\n", "must be an absolute path")):
+        result = qrouter("check-config", *policy(tmp_path, line))
+        assert result.returncode == 78, line
+        assert f"{tmp_path / 'transports'}:1: " in result.stderr.decode() and error in result.stderr.decode()
+
+
+def test_as_a_normal_user_agents_can_run_only_as_that_user(tmp_path, unix_users):
+    args = policy(tmp_path, "local.example /usr/bin/maildrop\n", ALIASES)
+    tmp_path.joinpath("transports").chmod(0o644)
+    as_bob = ["setpriv", "--reuid", BOB, "--regid", BOB, "--init-groups"]
+    result = qrouter("check-config", *args, launcher_prefix=as_bob)
+    assert result.returncode == 78
+    assert f"{tmp_path / 'aliases'}:2: local delivery would run as '{ALICE}', but qrouter runs as '{BOB}'" \
+        in result.stderr.decode()
+
+
+def test_started_as_root_every_process_is_the_daemon_user_and_only_local_workers_may_switch(
+        daemons, tmp_path, world_dir):
+    daemon = daemons(*policy(tmp_path, f"pipe.example |{script(world_dir, 'robot', 'cat >/dev/null')}\n"))
+    status = daemon.status()
+    uid = int(os.popen(f"id -u {DAEMON_USER}").read())
+    processes = {"supervisor": status["pid"], **{f"{w['pool']}-{w['pid']}": w["pid"] for w in status["workers"]}}
+    assert {name.split("-")[0] for name in processes} == {"supervisor", "network", "local"}
+    for name, pid in processes.items():
+        assert psutil.Process(pid).uids() == (uid, uid, uid), name
+        caps = dict(line.split(":\t") for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith(("Cap", "NoNewPrivs")))
+        effective, permitted = int(caps["CapEff"], 16), int(caps["CapPrm"], 16)
+        kind = name.split("-")[0]
+        if kind == "network":
+            assert (effective, permitted, caps["NoNewPrivs"]) == (0, 0, "1"), "an SMTP worker can never setuid"
+        elif kind == "local":
+            assert effective == permitted == 0xE0, "CAP_SETUID, CAP_SETGID and CAP_KILL only"
+        else:
+            assert (effective, permitted) == (0, 0xE0), "kept, not used"
+    assert all(p.stat().st_uid == uid for p in [daemon.spool, *daemon.spool.iterdir()])
+    daemon.signal(signal.SIGTERM)
+    assert daemon.process.wait(30) == 0
+
+
+def test_started_as_root_without_the_daemon_user_it_refuses(daemons, tmp_path):
+    daemon = daemons("--user", "qrtest-nosuchuser", start=False).start(wait=False)
+    assert daemon.process.wait(30) == 1
+    assert "cannot start: started as root, but the unprivileged user 'qrtest-nosuchuser'" in daemon.log()
