@@ -339,12 +339,12 @@ def format_status(answer: dict[str, Any]) -> str:
     for queue, info in answer["queues"].items():
         oldest = _age(answer["now"] - info["oldest"]) if info["oldest"] else "-"
         lines.append(f"{queue:<10} {info['messages']:>8}  {oldest}")
-    lines.append(f"{'worker':>8}  {'state':<8} {'sessions':>8} {'oldest queue id':<26} {'done':>7} {'rss':>8} "
-                 f"{'cpu':>7}")
+    lines.append(f"{'worker':>8}  {'kind':<7} {'state':<8} {'sessions':>8} {'oldest queue id':<26} {'done':>7} "
+                 f"{'rss':>8} {'cpu':>7}")
     for worker in answer["workers"]:
         rss = f"{worker['rss'] / 2**20:.1f}M" if worker["rss"] else "-"
         cpu = f"{worker['cpu']:.1f}s" if worker["cpu"] is not None else "-"
-        lines.append(f"{worker['pid']:>8}  {worker['state']:<8} {worker['sessions']:>8} "
+        lines.append(f"{worker['pid']:>8}  {worker['pool']:<7} {worker['state']:<8} {worker['sessions']:>8} "
                      f"{worker['queue_id'] or '-':<26} {worker['done']:>7} {rss:>8} {cpu:>7}")
     lines.append(f"sessions: {answer['sessions']} of {answer['max_sessions']}")
     if answer.get("destinations"):

@@ -289,6 +289,8 @@ def test_started_as_root_every_process_is_the_daemon_user_and_only_local_workers
         else:
             assert (effective, permitted) == (0, 0xE0), "kept, not used"
     assert all(p.stat().st_uid == uid for p in [daemon.spool, *daemon.spool.iterdir()])
+    shown = qrouter("status", "--queue-dir", str(daemon.spool), check=True).stdout.decode()
+    assert {line.split()[1] for line in shown.splitlines() if re.match(r"\s+\d+  ", line)} == {"network", "local"}
     daemon.signal(signal.SIGTERM)
     assert daemon.process.wait(30) == 0
 
@@ -297,3 +299,27 @@ def test_started_as_root_without_the_daemon_user_it_refuses(daemons, tmp_path):
     daemon = daemons("--user", "qrtest-nosuchuser", start=False).start(wait=False)
     assert daemon.process.wait(30) == 1
     assert "cannot start: started as root, but the unprivileged user 'qrtest-nosuchuser'" in daemon.log()
+
+
+def test_the_watchdog_lets_a_long_run_finish_and_replaces_a_worker_that_hangs(daemons, tmp_path, world_dir):
+    """A program may run for its whole time limit, far longer than the watchdog's 15 s: the
+    worker still says it is alive. A worker that stops (here: SIGSTOP) is killed and replaced,
+    and the message it held is delivered by another."""
+    marks = world_dir / "marks"
+    marks.mkdir(mode=0o777)
+    marks.chmod(0o777)
+    slow = script(world_dir, "slow", "cat >/dev/null; sleep 17\n")
+    stuck = script(world_dir, "stuck", f"cat >/dev/null; [ -e {marks}/tried ] && exit 0; touch {marks}/tried; "
+                                       "sleep 100\n")
+    daemon = daemons(*policy(tmp_path, f"slow.example |{slow}\nstuck.example |{stuck}\n"),
+                     "--local-workers", "2", "--command-time-limit", "60")
+    long_run = enqueue(daemon, "r@slow.example")
+    wait_for(lambda: any(w["queue_id"] == long_run for w in daemon.status()["workers"]), what="the long run")
+    hung = enqueue(daemon, "r@stuck.example")
+    wait_for(lambda: (marks / "tried").exists(), what="the program that hangs")
+    [frozen] = [w["pid"] for w in daemon.status()["workers"] if w["queue_id"] == hung]
+    os.kill(frozen, signal.SIGSTOP)
+    logged(daemon, rf"worker {frozen} has not answered for \d+s; killing it")
+    logged(daemon, rf"{hung}: to=<r@stuck\.example>, .*status=sent")
+    logged(daemon, rf"{long_run}: to=<r@slow\.example>, .*delay=1[7-9]\.\d+, .*status=sent")
+    assert daemon.log().count("has not answered for") == 2, "take-back and kill of the frozen worker only"

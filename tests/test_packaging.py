@@ -1,16 +1,20 @@
-"""The shipped samples work as shipped: the config passes check-config, and the systemd unit's
-command lines start, reload and stop the real daemon."""
+"""The shipped samples work as shipped: the config passes check-config, the systemd unit's
+command lines start, reload and stop the real daemon, and the unit's user and capabilities are
+exactly what local delivery needs."""
 
 from __future__ import annotations
 
 import configparser
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from router.config import KEYS
-from tests.daemon import ROOT, qrouter, wait_for
+from tests.daemon import DAEMON_USER, ROOT, Daemon, qrouter, wait_for
+from tests.unix_users import BOB, owned_dir, script
 
 PACKAGING = ROOT / "packaging"
 
@@ -64,3 +68,37 @@ def test_systemd_unit_runs_reloads_and_stops_the_daemon(tmp_path):
             daemon.kill()
     assert "stopped" in (tmp_path / "log").read_text()
     assert int(service["TimeoutStopSec"].rstrip("s")) > 30, "systemd must wait longer than shutdown-timeout"
+
+
+def test_systemd_unit_gives_exactly_the_capabilities_local_delivery_needs(tmp_path, unix_users, world_dir):
+    """Started as the unit starts it (its user, its ambient capabilities, nothing else in the
+    bounding set), a pipe runs as another user with no capabilities, network workers hold none,
+    and the supervisor holds them without using them."""
+    service = unit()["Service"]
+    capabilities = service["AmbientCapabilities"].split()
+    assert capabilities == service["CapabilityBoundingSet"].split() == ["CAP_SETUID", "CAP_SETGID", "CAP_KILL"]
+    assert (service["User"], service["Group"]) == (DAEMON_USER, DAEMON_USER)
+    assert "NoNewPrivileges" not in service, "procmail and maildrop are set-group-id mail"
+    names = ",".join(f"+{name.lower().removeprefix('cap_')}" for name in capabilities)
+    systemd = ["setpriv", "--reuid", DAEMON_USER, "--regid", DAEMON_USER, "--init-groups", f"--inh-caps={names}",
+               f"--ambient-caps={names}", f"--bounding-set=-all,{names}", sys.executable, "-m", "router"]
+    (tmp_path / "spool").mkdir()
+    shutil.chown(tmp_path / "spool", DAEMON_USER, DAEMON_USER)  # as the package makes /var/spool/qrouter
+    out = owned_dir(world_dir, unix_users[BOB])
+    robot = script(world_dir, "robot", f"cat >/dev/null; id -un > {out}/who; grep ^Cap /proc/$$/status > {out}/caps\n")
+    (tmp_path / "transports").write_text(f"robot.example |user={BOB} {robot}\n")
+    daemon = Daemon(tmp_path, "--transports", str(tmp_path / "transports"), workers=1, launcher=systemd).start()
+    try:
+        qrouter("enqueue", "--queue-dir", str(daemon.spool), "-f", "s@example.org", "r@robot.example",
+                stdin=b"Subject: hi\n\nhi\n", check=True)
+        wait_for(lambda: (out / "caps").exists() and (out / "caps").read_text(), what="the robot's run")
+        assert (out / "who").read_text().strip() == BOB
+        assert all(int(line.split()[1], 16) == 0 for line in (out / "caps").read_text().splitlines()
+                   if not line.startswith("CapBnd"))
+        held = {}
+        for worker in [{"pool": "supervisor", "pid": daemon.status()["pid"]}, *daemon.status()["workers"]]:
+            status = dict(line.split(":\t") for line in Path(f"/proc/{worker['pid']}/status").read_text().splitlines())
+            held[worker["pool"]] = (int(status["CapEff"], 16), int(status["CapPrm"], 16), int(status["CapAmb"], 16))
+        assert held == {"supervisor": (0, 0xE0, 0), "network": (0, 0, 0), "local": (0xE0, 0xE0, 0)}
+    finally:
+        daemon.stop()
