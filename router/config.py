@@ -3,8 +3,7 @@
 The file holds one `key value` a line, read as every policy file is (docs/policy-files.md: a `#`
 at the start of a line or after white space starts a comment), the same keys the qpsmtpd plugin
 line takes. Every key is also a flag of `qrouter run` (`--max-age 5`), and flags win over the
-file. Errors name the file and line; keys whose feature is not built yet are accepted and named
-in a warning at start, so a config written for a later version does not stop the daemon.
+file. Errors name the file and line.
 """
 
 from __future__ import annotations
@@ -173,8 +172,8 @@ def _first_line(path: str) -> str:
         return ""
 
 
-def _key(name: str, parse: Callable[[str, str], Any], default: Any, help: str, built: bool = True):
-    return field(default=default, metadata={"key": name, "parse": parse, "help": help, "built": built})
+def _key(name: str, parse: Callable[[str, str], Any], default: Any, help: str):
+    return field(default=default, metadata={"key": name, "parse": parse, "help": help})
 
 
 @dataclass(frozen=True)
@@ -230,7 +229,18 @@ class Config:
                               "worker processes for pipes and local delivery agents (when the policy has any)")
     local_sessions: int = _key("local-sessions", _positive_int, 20,
                                "pipes and local agents running at once, over all local workers")
-    send_ndr: bool = _key("send-ndr", _boolean, False, "send non-delivery reports", built=False)
+    send_ndr: bool = _key("send-ndr", _boolean, False,
+                          "report failures (and successes and delays, as NOTIFY asks) to the sender")
+    delay_warning: float = _key("delay-warning", _non_negative, 0.0,
+                                "hours in the queue after which the sender is warned once (0: never)")
+    bounce_size_limit: int = _key("bounce-size-limit", _positive_int, 50_000,
+                                  "largest original returned whole in a report; a larger one: its header only")
+    bounce_notice_recipient: str = _key("bounce-notice-recipient", _text, "",
+                                        "who gets the report about mail from <> that failed (default: nobody)")
+    hopcount_limit: int = _key("hopcount-limit", _positive_int, 50,
+                               "Received: and Delivered-To: fields a message may have; more is a loop (5.4.6)")
+    archive_max_age: float = _key("archive-max-age", _non_negative, 0.0,
+                                  "days a message stays in archive/ (0: for ever)")
 
     @property
     def socket_path(self) -> str:
@@ -247,11 +257,6 @@ class Config:
         qpsmtpd_me = "" if self.me else _first_line(QPSMTPD_ME)
         fqdn = "" if self.me or qpsmtpd_me else socket.getfqdn()
         return choose_hostname(self.me, qpsmtpd_me, fqdn, socket.gethostname())
-
-    def unbuilt_keys(self) -> list[str]:
-        """Keys set to something whose feature this version does not have yet."""
-        return [f.metadata["key"] for f in KEYS.values()
-                if not f.metadata["built"] and getattr(self, f.name) != f.default]
 
     @property
     def sessions_per_worker(self) -> int:

@@ -10,6 +10,9 @@ The journal also holds `@* crash` lines, one for each worker that died holding t
 (appended by the supervisor), and `@* held` when it was set aside as poison: the count of deaths
 lives in the file, so it survives a restart of the daemon. Version 2 of the format adds the
 `crashes` header key, where a rewrite keeps that count; a file without it is written as version 1.
+Version 3 adds what reports need: `reported yes` on a recipient whose failure (or success, when
+asked) has been reported to the sender, and `warned` with the time a delay warning was queued.
+A file is written in the oldest version that holds what it has, so older readers still read it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from router.queue_id import is_queue_id
 MAGIC = "qrouter-queue-file"
 VERSION = 1  # what a file is written as when it needs nothing newer, so older readers still read it
 CRASHES_VERSION = 2  # the version that adds the `crashes` key
-VERSIONS = (VERSION, CRASHES_VERSION)
+REPORTS_VERSION = 3  # the version that adds `reported` (a recipient's) and `warned`
+VERSIONS = (VERSION, CRASHES_VERSION, REPORTS_VERSION)
 POISON_CRASHES = 3  # a message whose delivery killed this many workers is moved to hold/
 CRASH_RECORD = b"@* crash\n"  # journal: a worker died holding the message (appended by the supervisor)
 HELD_RECORD = b"@* held\n"  # journal: set aside as poison; a release from hold/ starts counting again
@@ -33,8 +37,10 @@ MAX_HEADER = 1 << 20
 MAX_OVERHEAD = 4 * MAX_HEADER  # a file may hold this much more than its message: header and journal
 LOG_KEEP = 20
 
-_ENVELOPE_KEYS = {"id", "arrival", "attempts", "crashes", "sender", "envid", "ret", "rewritten", "log", "size"}
-_RECIPIENT_KEYS = {"notify", "orcpt", "state", "dsn", "relay", "reply"}
+_ENVELOPE_KEYS = {"id", "arrival", "attempts", "crashes", "warned", "sender", "envid", "ret", "rewritten", "log",
+                  "size"}
+_RECIPIENT_KEYS = {"notify", "orcpt", "state", "dsn", "relay", "reply", "reported"}
+_NEWER_KEYS = {"crashes": CRASHES_VERSION, "warned": REPORTS_VERSION, "reported": REPORTS_VERSION}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _JOURNAL = re.compile(rb"@(\d{1,9}) (\w+) ?(.*)")
 _INTEGER = re.compile(r"[0-9]+")
@@ -59,6 +65,7 @@ class Recipient:
     dsn: str = ""
     relay: str = ""
     reply: str = ""
+    reported: bool = False  # its failure, or its success when NOTIFY asked, is reported to the sender
 
     def header_lines(self) -> list[str]:
         lines = [f"rcpt <{self.address}>"]
@@ -68,6 +75,8 @@ class Recipient:
                 lines.append(f"{key} {clean(value)}")
         if self.state != PENDING:
             lines.append(f"state {self.state}")
+        if self.reported:
+            lines.append("reported yes")
         return lines
 
 
@@ -84,6 +93,7 @@ class QueueFile:
     rewritten: bool = False  # address rewriting done: never again, also after a restart
     log: list[str] = field(default_factory=list)
     crashes: int = 0  # workers that died holding it (header and journal), since queued or last held
+    warned: float = 0.0  # when a delay warning went to the sender; 0: none yet
     journal_bytes: int = 0  # bytes of journal after the message when read; not written back
 
     def pending(self) -> list[Recipient]:
@@ -100,14 +110,20 @@ class QueueFile:
         self.log = [*self.log, f"{when:.3f} {clean(text)}"][-LOG_KEEP:]
 
     def to_bytes(self) -> bytes:
+        if self.warned or any(r.reported for r in self.recipients):
+            version = REPORTS_VERSION
+        else:
+            version = CRASHES_VERSION if self.crashes else VERSION
         lines = [
-            f"{MAGIC} {CRASHES_VERSION if self.crashes else VERSION}",
+            f"{MAGIC} {version}",
             f"id {self.queue_id}",
             f"arrival {self.arrival:.6f}",
             f"attempts {self.attempts}",
         ]
         if self.crashes:
             lines.append(f"crashes {self.crashes}")
+        if self.warned:
+            lines.append(f"warned {self.warned:.6f}")
         lines.append(f"sender <{self.sender}>")
         if self.envid:
             lines.append(f"envid {clean(self.envid)}")
@@ -157,6 +173,9 @@ def parse(data: bytes, where: str = "queue file") -> QueueFile:
             version = int(value)
         elif key == "rcpt":
             recipients.append(Recipient(_address(value, f"{where}:{number}", null_ok=False)))
+        elif key in _NEWER_KEYS and version < _NEWER_KEYS[key]:
+            raise CorruptQueueFile(f"{where}:{number}: '{key}' needs version {_NEWER_KEYS[key]} of the format, "
+                                   f"the file says {version}")
         elif key in _RECIPIENT_KEYS:
             if not recipients:
                 raise CorruptQueueFile(f"{where}:{number}: '{key}' before any 'rcpt' line")
@@ -164,9 +183,6 @@ def parse(data: bytes, where: str = "queue file") -> QueueFile:
         elif key == "log":
             log.append(value)
         elif key in _ENVELOPE_KEYS:
-            if key == "crashes" and version < CRASHES_VERSION:
-                raise CorruptQueueFile(f"{where}:{number}: 'crashes' needs version {CRASHES_VERSION} of the format, "
-                                       f"the file says {version}")
             if key in fields:
                 raise CorruptQueueFile(f"{where}:{number}: '{key}' given twice")
             fields[key] = value
@@ -199,6 +215,7 @@ def parse(data: bytes, where: str = "queue file") -> QueueFile:
         rewritten="rewritten" in fields,
         log=log,
         crashes=_number(fields.get("crashes", "0"), int, f"{line_of.get('crashes', where)}: crashes"),
+        warned=_number(fields.get("warned", "0"), float, f"{line_of.get('warned', where)}: warned"),
     )
     queue_file.journal_bytes = len(data) - body_start - size
     _apply_journal(queue_file, data[body_start + size:], where)
@@ -246,6 +263,11 @@ def journal_start(head: bytes) -> int | None:
 def _set_recipient(rcpt: Recipient, key: str, value: str, where: str) -> None:
     if key == "state" and value not in STATES:
         raise CorruptQueueFile(f"{where}: unknown recipient state {value!r}")
+    if key == "reported":
+        if value != "yes":
+            raise CorruptQueueFile(f"{where}: reported: {value!r} is not 'yes'")
+        rcpt.reported = True
+        return
     setattr(rcpt, key, value)
 
 

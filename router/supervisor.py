@@ -42,7 +42,7 @@ from router.queue_file import POISON_CRASHES
 from router.queue_id import arrival_of, is_queue_id
 from router.schedule import Schedule
 from router.scheduler import PROBE_SECONDS, RECOVERY_SPREAD, Destination, Scheduler
-from router.spool import ACTIVE, DEFERRED, HOLD, INCOMING, Spool
+from router.spool import ACTIVE, ARCHIVE, DEFERRED, HOLD, INCOMING, Spool
 from workers.delivery import CORRUPTED, KEPT, QUEUED_AGAIN, SKIPPED, Report
 from workers.pools import LOCAL, NETWORK, pool_for, pool_of
 from workers.worker import Worker
@@ -56,6 +56,7 @@ TAKE_BACK_SECONDS = 3.0  # a worker silent this long gets no more mail, and what
 DISPATCH_BUDGET = 2000  # ready messages looked at in one turn of the loop
 WATCHDOG_SECONDS = 15.0  # a worker silent this long is killed: its main thread says it is alive every second
 TROUBLE_LOG_SECONDS = 60.0  # "spool full" is said at most this often
+PRUNE_SECONDS = 3600.0  # archive/ is pruned this often (archive-max-age)
 _GONE = inotify_flags.DELETE_SELF | inotify_flags.MOVE_SELF  # the watched directory itself went away
 ROOT = ""  # the spool directory: watched for its queue directories being moved away or removed
 _ROOT_MASK = inotify_flags.DELETE | inotify_flags.MOVED_FROM | inotify_flags.ONLYDIR
@@ -139,6 +140,7 @@ class Supervisor:
         self.stopping = False
         self.stop_deadline = 0.0
         self.respawn_after = 0.0
+        self.pruned = -PRUNE_SECONDS  # when archive/ was last pruned (archive-max-age)
         self.young_deaths = 0
         self.more_ready = False  # _dispatch stopped at its budget with mail still ready
         self.exit_code = 0
@@ -162,6 +164,7 @@ class Supervisor:
                 key.data()
             self._handle_signals()
             self._promote_due()
+            self._prune_archive()
             self._watch_workers()
             self._check_stop_deadline()
         self._shutdown()
@@ -284,9 +287,6 @@ class Supervisor:
     @staticmethod
     def _config_warnings(config: Config) -> list[str]:
         warnings = []
-        unbuilt = config.unbuilt_keys()
-        if unbuilt:
-            warnings.append(f"not built in this version yet, ignored: {', '.join(unbuilt)}")
         if config.relayhost is not None and (config.transports or config.default_transport):
             warnings.append(f"relayhost {config.relayhost} takes precedence: every message goes there, "
                             "transports and default-transport are not used")
@@ -524,6 +524,24 @@ class Supervisor:
                 self.isolated.append((queue, queue_id))
             else:
                 (self.retries if retry else self.fresh).append((queue, queue_id))
+
+    def _prune_archive(self) -> None:
+        """With archive-max-age, remove what has been in archive/ longer, once an hour."""
+        days = self.config.archive_max_age
+        if not days or time.monotonic() - self.pruned < PRUNE_SECONDS:
+            return
+        self.pruned = time.monotonic()
+        oldest = time.time() - days * 86400
+        removed = 0
+        for entry in os.scandir(self.spool.path(ARCHIVE)):
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < oldest:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                continue  # gone meanwhile, or the disk refuses: next hour
+        if removed:
+            log.info("removed %d message(s) archived more than %g days ago (archive-max-age)", removed, days)
 
     def _promote_due(self) -> None:
         for queue_id in self.schedule.pop_due(time.time()):

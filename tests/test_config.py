@@ -1,4 +1,4 @@
-"""The config table: file and flags, file:line errors, relative paths, unbuilt keys."""
+"""The config table: file and flags, file:line errors, relative paths."""
 
 from __future__ import annotations
 
@@ -65,11 +65,6 @@ def test_flag_errors_name_the_flag():
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"nope\.conf: cannot read config: No such file"):
         load(str(tmp_path / "nope.conf"))
-
-
-def test_keys_of_later_features_are_accepted_and_listed(tmp_path):
-    config = load(str(write(tmp_path, "rewrite-both yes\nsend-ndr yes\n")))
-    assert config.unbuilt_keys() == ["send-ndr"]
 
 
 @pytest.mark.parametrize(("text", "kind", "argument"), [

@@ -381,7 +381,7 @@ def test_record_crash_leaves_what_is_not_a_queue_file_alone(tmp_path):
 HEADER_ERRORS = [
     (with_line(1, "hello 1"), f"{WHERE}:1: not a queue file (expected 'qrouter-queue-file 1')"),
     (with_line(1, "qrouter-queue-file"), f"{WHERE}:1: unsupported queue file version ''"),
-    (with_line(1, "qrouter-queue-file 3"), f"{WHERE}:1: unsupported queue file version '3'"),
+    (with_line(1, "qrouter-queue-file 4"), f"{WHERE}:1: unsupported queue file version '4'"),
     (with_line(1, "qrouter-queue-file 0"), f"{WHERE}:1: unsupported queue file version '0'"),
     (with_line(1, "qrouter-queue-file 1.0"), f"{WHERE}:1: unsupported queue file version '1.0'"),
     (with_line(2, "id ../../etc/passwd"), f"{WHERE}:2: '../../etc/passwd' is not a queue id"),

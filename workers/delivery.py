@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
-from policy.next_hop import NextHop
+from policy.next_hop import MX, SMTP, NextHop
 from policy.routing import Policy
 from router.config import Config
 from router.durable import error_name
@@ -29,7 +29,11 @@ from router.queue_file import (
 )
 from router.queue_id import new_queue_id
 from router.spool import ACTIVE, ARCHIVE, CORRUPT, DEFERRED, INCOMING, NotAQueueFile, Spool, read_queue_file
+from workers.delivery_fields import LOOP_DSN, hop_count
+from workers.notify import Notifier
 from workers.pools import LOCAL, NETWORK, pool_of
+from workers.report import DELIVERED as REPORT_DELIVERED
+from workers.report import RELAYED, SUCCESS, Notice, wants
 from workers.transport import BOUNCED, SENT, Outcome, Transport
 from workers.transport import DEFERRED as STATUS_DEFERRED
 
@@ -100,6 +104,7 @@ class Delivery:
         self.policy = policy
         self.transports = transports
         self.pool = pool  # the kind of worker this is: recipients for the other kind are split off
+        self.notifier = Notifier(spool, config)
 
     def attempt(self, queue: str, queue_id: str, states: str = "") -> Report:
         """One attempt. `states` are results an earlier attempt could not store (a full disk):
@@ -144,10 +149,26 @@ class Delivery:
             if refused is not None:
                 return refused
         queue_file.attempts += 1
-        self._deliver(queue_file, report)
+        successes: list[Notice] = []
+        if not self._looping(queue_file, report):
+            self._deliver(queue_file, report, successes)
         if queue_file.pending() and time.time() - queue_file.arrival >= self.config.max_age * 86400:
             self._expire(queue_file, report)
+        if not self.notifier.after_attempt(queue_file, successes):  # the report must not be lost with it
+            return self._defer(queue_file, report, time.time() + min(self.config.min_backoff, KEPT_RETRY_SECONDS))
         return self._file_away(queue_file, report)
+
+    def _looping(self, queue_file: QueueFile, report: Report) -> bool:
+        """A message that has passed more hops than hopcount-limit (Received: and Delivered-To:
+        fields) is in a mail loop: every pending recipient fails with 5.4.6, as in Postfix."""
+        count, limit = hop_count(queue_file.message), self.config.hopcount_limit
+        if count <= limit:
+            return False
+        loop = Outcome(BOUNCED, LOOP_DSN, f"mail loop: the message has {count} Received: and Delivered-To: header "
+                                          f"fields, more than hopcount-limit {limit}", "none")
+        for rcpt in queue_file.pending():
+            self._record(queue_file, rcpt, loop, report)
+        return True
 
     def _set_aside(self, queue_id: str, problem: Exception) -> Report:
         kind = "corrupt queue file" if isinstance(problem, CorruptQueueFile) else "not a queue file,"
@@ -173,8 +194,10 @@ class Delivery:
             log.info("%s: %s", queue_file.queue_id, change)
         return None
 
-    def _deliver(self, queue_file: QueueFile, report: Report) -> None:
+    def _deliver(self, queue_file: QueueFile, report: Report, successes: list[Notice]) -> None:
         """Deliver to every pending recipient, next hop by next hop, journalling between them.
+        Deliveries whose NOTIFY asks for a success report the next hop will not make are added
+        to `successes`.
 
         If the journal cannot be written the attempt stops there: the next hops not tried yet
         keep their recipients pending rather than risk an unrecorded delivery.
@@ -197,6 +220,8 @@ class Delivery:
             report.reach[hop.destination] = (outcomes[0].reply or "unreachable") if unreachable and outcomes else ""
             for rcpt, outcome in zip(recipients, outcomes, strict=True):
                 self._record(queue_file, rcpt, outcome, report)
+                if outcome.status == SENT and not outcome.dsn_passed and wants(rcpt, SUCCESS):
+                    successes.append(Notice(rcpt, RELAYED if hop.kind in (SMTP, MX) else REPORT_DELIVERED))
             if position < len(groups):
                 try:
                     self.spool.journal(queue_file.queue_id, [(i, queue_file.recipients[i]) for i in indexes])

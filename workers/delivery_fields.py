@@ -1,10 +1,11 @@
-"""The fields a final delivery adds to the top of a message, and the loop they reveal.
+"""The fields a final delivery adds to the top of a message, and the loops they reveal.
 
 `Return-Path: <sender>` keeps the envelope sender, which a mailbox otherwise loses, and
 `Delivered-To: recipient` names each final recipient, as Postfix's local(8), virtual(8) and
 pipe(8) write them. A message that arrives carrying a Delivered-To: for the very recipient it
 is being delivered to has been here before: delivering it again would go round for ever, so it
-fails with 5.4.6 instead (RFC 3463: routing loop detected).
+fails with 5.4.6 instead (RFC 3463: routing loop detected). So does a message that has passed
+more hops than hopcount-limit: every MTA adds a Received:, every final delivery a Delivered-To:.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ def looping(message: bytes, recipients: Iterable[str]) -> list[str]:
     """The recipients the message already names in a Delivered-To: field (case-insensitively)."""
     seen = {f.value.strip().lower() for f in message_fields(message) if f.name == "delivered-to"}
     return [address for address in recipients if address.lower() in seen]
+
+
+def hop_count(message: bytes) -> int:
+    """The hops a message has passed: its Received: and Delivered-To: fields."""
+    return sum(1 for f in message_fields(message) if f.name in ("received", "delivered-to"))
 
 
 def loop_reply(address: str) -> str:

@@ -145,7 +145,7 @@ class SMTPTransport:
         after: list[int] = []
         for index, reply in zip(todo, replies, strict=True):
             text = str(reply) if reply.ok else reply.describe(client.peer)
-            outcomes[index] = Outcome(reply.status, reply.dsn, text, client.peer)
+            outcomes[index] = Outcome(reply.status, reply.dsn, text, client.peer, "DSN" in client.extensions)
             if reply.status == DEFERRED:
                 after.append(index)
         if client.is_open:  # whether the server said something since is checked when it is reused

@@ -33,6 +33,7 @@ class Outcome:
     dsn: str  # enhanced status code, e.g. 2.0.0
     reply: str  # the next hop's words, or ours
     relay: str  # where it went: host[ip]:port, maildir[/path], none
+    dsn_passed: bool = False  # the DSN request went on with the message: the next hop reports success
 
     @classmethod
     def same_for(cls, recipients: list[Recipient], status: str, dsn: str, reply: str,
