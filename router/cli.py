@@ -3,8 +3,10 @@
 import inspect
 import json
 import os
+import re
 import signal
 import sys
+import time
 from typing import Annotated, Any, Optional
 
 import typer
@@ -18,15 +20,20 @@ from router import daemon, privileges
 from router import log as log_module
 from router.address import AddressError, parse_path
 from router.config import KEYS, Config, ConfigError
-from router.queue_file import QueueFile, Recipient
+from router.control import QueueCommands
+from router.lock import unless_daemon
+from router.queue_file import MAX_OVERHEAD, QueueFile, Recipient, parse
+from router.queue_view import ALL, WAITING, Selection, age, as_lines, find, messages, parse_duration
+from router.queue_view import as_json as as_json_line
+from router.queue_view import shape as queue_shape
 from router.sendmail import prepend_fields, queue_local, read_up_to, received
-from router.spool import Spool, SpoolError
+from router.spool import ACTIVE, DEFERRED, HOLD, INCOMING, NotAQueueFile, Spool, SpoolError, read_queue_file
 from router.status_socket import StatusError, query
 from router.supervisor import Supervisor
 from workers.command import Account, environment, workdir
 from workers.local import command_for
 
-EX_USAGE, EX_TEMPFAIL, EX_CONFIG = 64, 75, 78
+EX_USAGE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 64, 75, 77, 78
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="qrouter: a policy mail router and spooler beside qpsmtpd.")
@@ -311,12 +318,20 @@ def sendmail(ctx: typer.Context) -> None:
 def status(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    shape: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--shape", help="instead, the shape of a queue (deferred, incoming, active, hold, all) as qshape: "
+                        "pending recipients by domain and age in minutes, and by last error")] = None,
+    by_sender: Annotated[bool, typer.Option("--sender", help="with --shape: by sender domain")] = False,
     **settings: Any,
 ) -> None:
     """Show the queues, the workers and what has been delivered since start.
 
     Takes every config key as a flag, as `qrouter run` does (--queue-dir, --status-socket...)."""
     loaded = _config(config, _flags(settings))
+    if shape is not None:  # read from the files: no daemon needed, and the daemon is not slowed
+        found = messages(Spool(loaded.queue_dir), WAITING if shape == "all" else _queues(shape))
+        typer.echo("\n".join(queue_shape(found, time.time(), by_sender)))
+        return
     try:
         answer = query(loaded.socket_path, {"command": "status"})
     except StatusError as exc:
@@ -332,12 +347,23 @@ def status(
 app.command("status")(_with_config_flags(status))
 
 
+def top(config: ConfigOption = None, **settings: Any) -> None:
+    """A live view of the daemon, refreshed every second: queues, workers, destinations, rates.
+    q or Ctrl-C quits. Not on a terminal, it prints one view and exits."""
+    from router import top as top_view  # rich only for this command
+
+    raise typer.Exit(top_view.run(_config(config, _flags(settings))))
+
+
+app.command("top")(_with_config_flags(top))
+
+
 def format_status(answer: dict[str, Any]) -> str:
-    lines = [f"qrouter pid {answer['pid']}, up {_age(answer['uptime'])}, spool {answer['queue_dir']}, "
+    lines = [f"qrouter pid {answer['pid']}, up {age(answer['uptime'])}, spool {answer['queue_dir']}, "
              f"logs to {answer.get('log', 'syslog')}",
              f"{'queue':<10} {'messages':>8}  oldest"]
     for queue, info in answer["queues"].items():
-        oldest = _age(answer["now"] - info["oldest"]) if info["oldest"] else "-"
+        oldest = age(answer["now"] - info["oldest"]) if info["oldest"] else "-"
         lines.append(f"{queue:<10} {info['messages']:>8}  {oldest}")
     lines.append(f"{'worker':>8}  {'kind':<7} {'state':<8} {'sessions':>8} {'oldest queue id':<26} {'done':>7} "
                  f"{'rss':>8} {'cpu':>7}")
@@ -359,15 +385,202 @@ def format_status(answer: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _age(seconds: float) -> str:
-    whole = int(seconds)
-    if whole >= 86400:
-        return f"{whole // 86400}d{whole % 86400 // 3600}h"
-    if whole >= 3600:
-        return f"{whole // 3600}h{whole % 3600 // 60}m"
-    if whole >= 60:
-        return f"{whole // 60}m{whole % 60}s"
-    return f"{whole}s"
+# -- qrouter queue ... -----------------------------------------------------------------------
+
+queue_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="List, inspect and change the queue (mailq, postqueue and postsuper in one).")
+app.add_typer(queue_app, name="queue")
+
+QueueOption = Annotated[str, typer.Option(
+    "--queue", help="incoming, active, deferred, hold, archive, corrupt, or all (default: all but archive "
+                    "and corrupt)")]
+ToDomain = Annotated[Optional[str], typer.Option("--to-domain", help="a pending recipient in this domain")]  # noqa: UP045
+FromOption = Annotated[Optional[str], typer.Option("--from", help="sent by this envelope sender")]  # noqa: UP045
+OlderThan = Annotated[Optional[str], typer.Option("--older-than", help="queued longer ago than e.g. 2h, 3d")]  # noqa: UP045
+ReplyOption = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--reply", help="a pending recipient's last reply matches this regex")]
+DestinationOption = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--destination", help="a pending recipient goes to this next hop now (as qrouter route shows it)")]
+IdsArgument = Annotated[Optional[list[str]], typer.Argument(help="queue ids")]  # noqa: UP045
+
+
+def _selection(loaded: Config, to_domain: str | None, sender: str | None, older_than: str | None,
+               reply: str | None, destination: str | None) -> Selection | None:
+    if not any(x is not None for x in (to_domain, sender, older_than, reply, destination)):
+        return None
+    try:
+        return Selection(to_domain=to_domain or "", sender=None if sender is None else sender.strip("<>"),
+                         older_than=parse_duration(older_than) if older_than else 0.0,
+                         reply=re.compile(reply, re.IGNORECASE) if reply is not None else None,
+                         destination=destination or "", policy=_policy(loaded) if destination else None)
+    except (ValueError, re.error) as exc:
+        raise _fail(str(exc), EX_USAGE) from None
+
+
+def _queues(queue: str) -> tuple[str, ...]:
+    if queue == "all":
+        return ALL
+    if queue not in ALL:
+        raise _fail(f"--queue {queue!r}: not a queue (one of {', '.join(ALL)}, all)", EX_USAGE)
+    return (queue,)
+
+
+def queue_list(queue: QueueOption = "waiting", to_domain: ToDomain = None, sender: FromOption = None,
+               older_than: OlderThan = None, reply: ReplyOption = None, destination: DestinationOption = None,
+               as_json: Annotated[bool, typer.Option("--json", help="JSON Lines, as postqueue -j")] = False,
+               config: ConfigOption = None, **settings: Any) -> None:
+    """One entry per message, as mailq: id (* active, ! held), size, arrival, sender, and each
+    pending recipient under its last reply. Streams: the first line comes at once."""
+    loaded = _config(config, _flags(settings))
+    queues = WAITING if queue == "waiting" else _queues(queue)
+    selection = _selection(loaded, to_domain, sender, older_than, reply, destination)
+    count = 0
+    for message in messages(Spool(loaded.queue_dir), queues, selection):
+        count += 1
+        typer.echo(json.dumps(as_json_line(message)) if as_json else "\n".join(as_lines(message)))
+    if not as_json:
+        typer.echo(f"-- {count} message(s)" if count else "queue is empty" if selection is None else
+                   "no message matches")
+
+
+queue_app.command("list")(_with_config_flags(queue_list))
+
+
+def queue_show(queue_id: Annotated[str, typer.Argument(help="queue id")],
+               body: Annotated[bool, typer.Option("--body", help="the message body too")] = False,
+               config: ConfigOption = None, **settings: Any) -> None:
+    """Everything about one message: envelope, each recipient's state and last reply, the history
+    of its attempts, its header (and body with --body)."""
+    loaded = _config(config, _flags(settings))
+    spool = Spool(loaded.queue_dir)
+    found = find(spool, queue_id)
+    if found is None:
+        raise _fail(f"{queue_id}: no such message", 1)
+    path = spool.path(found.queue, queue_id)
+    try:
+        queue_file = parse(read_queue_file(path, loaded.message_size_limit + MAX_OVERHEAD), path)
+    except (OSError, ValueError, NotAQueueFile) as exc:
+        raise _fail(f"{queue_id}: {exc}", 1) from None
+    lines = [f"queue id:  {queue_id} (in {found.queue}/)", f"arrival:   {time.ctime(queue_file.arrival)}",
+             f"sender:    <{queue_file.sender}>", f"size:      {len(queue_file.message)} bytes",
+             f"attempts:  {queue_file.attempts}"]
+    if found.queue == DEFERRED:
+        lines.append(f"next attempt: {time.ctime(found.mtime)}")
+    for rcpt in queue_file.recipients:
+        lines.append(f"recipient: <{rcpt.address}> {rcpt.state}" + (f" {rcpt.dsn}" if rcpt.dsn else "")
+                     + (f" via {rcpt.relay}" if rcpt.relay else "") + (f": {rcpt.reply}" if rcpt.reply else ""))
+    lines += [f"history:   {time.ctime(float(entry.split(' ', 1)[0]))} {entry.split(' ', 1)[1]}"
+              for entry in queue_file.log]
+    head, _, rest = queue_file.message.partition(b"\n\n")
+    lines += ["", head.decode("utf-8", "replace")]
+    if body:
+        lines += ["", rest.decode("utf-8", "replace")]
+    typer.echo("\n".join(lines))
+
+
+queue_app.command("show")(_with_config_flags(queue_show))
+
+
+def queue_why(queue_id: Annotated[str, typer.Argument(help="queue id")],
+              config: ConfigOption = None, **settings: Any) -> None:
+    """Why a message is still here: for each pending recipient the route now, the state of its
+    destination in the daemon, the last reply, and when and why the next attempt happens."""
+    loaded = _config(config, _flags(settings))
+    found = find(Spool(loaded.queue_dir), queue_id)
+    if found is None:
+        raise _fail(f"{queue_id}: no such message (delivered, deleted or never queued)", 1)
+    policy = _policy(loaded)
+    try:
+        destinations = {d["destination"]: d for d in query(loaded.socket_path, {"command": "status"})["destinations"]}
+        daemon = True
+    except (StatusError, KeyError):
+        destinations, daemon = {}, False
+    now = time.time()
+    lines = [f"{queue_id}: in {found.queue}/, queued {age(now - found.file.arrival)} ago, "
+             f"{found.file.attempts} attempt(s)"]
+    lines.append({
+        DEFERRED: f"next attempt: {'now' if found.mtime <= now else 'in ' + age(found.mtime - now)} "
+                  f"({time.ctime(found.mtime)}), after attempt {found.file.attempts}"
+                  + (f"; it fails at max-age ({loaded.max_age:g} days), in "
+                     f"{age(max(0.0, found.file.arrival + loaded.max_age * 86400 - now))}"),
+        HOLD: "held: it is not delivered until released (qrouter queue release ID)",
+        ACTIVE: "being delivered now",
+        INCOMING: "waiting for a worker: it is tried as soon as one and its destination have room",
+    }.get(found.queue, f"in {found.queue}/: it is not delivered from there"))
+    if not daemon:
+        lines.append("the daemon is not running: nothing is tried until it starts")
+    for rcpt in found.pending:
+        decision = policy.route(policy.rewriter.rewrite(TO, rcpt.address)[0] if not found.file.rewritten
+                                else rcpt.address)
+        lines += [f"<{rcpt.address}>:", f"  route now:   {decision.next_hop} ({decision.reason})",
+                  f"  last reply:  {rcpt.reply or 'none: not tried yet'}" + (f" ({rcpt.dsn})" if rcpt.dsn else "")]
+        state = destinations.get(decision.next_hop.destination)
+        if state is not None:
+            condition = f"dead: {state['last_error']}" if state["dead"] else "answering"
+            lines.append(f"  destination: {state['destination']}: {condition}; {state['sessions']} session(s) "
+                         f"of a window of {state['window']:g}, {state['waiting']} waiting, "
+                         f"{state['deferred']} deferred for it")
+        elif daemon:
+            lines.append(f"  destination: {decision.next_hop.destination}: no delivery in progress or recently")
+    typer.echo("\n".join(lines))
+
+
+queue_app.command("why")(_with_config_flags(queue_why))
+
+
+def _change(command: str, ids: list[str] | None, loaded: Config, selection: Selection | None,
+            every: bool, queues: tuple[str, ...]) -> None:
+    """Run a queue command on the named messages and those the selectors (or --all) choose:
+    through the daemon when it runs, on the files when it does not. Exits 1 naming the ids it
+    could not act on."""
+    spool = Spool(loaded.queue_dir)
+    targets = list(ids or [])
+    if selection is not None or every:
+        targets += [m.queue_id for m in messages(spool, queues, selection)]
+    if not targets:
+        raise _fail(f"{command}: no message named or matching", 1)
+    with unless_daemon(loaded.queue_dir) as alone:
+        if alone:
+            answer = QueueCommands(spool).run(command, targets)
+        else:
+            try:
+                answer = query(loaded.socket_path, {"command": command, "ids": targets}, timeout=120)
+            except StatusError as exc:
+                raise _fail(f"the daemon runs but does not answer: {exc}", EX_TEMPFAIL) from None
+    if "error" in answer:
+        raise _fail(answer["error"], EX_NOPERM if answer["error"].startswith("permission") else 1)
+    for queue_id, what in answer["done"].items():
+        typer.echo(f"{queue_id}: {what}")
+    for queue_id, why in answer["failed"].items():
+        typer.echo(f"{queue_id}: not done: {why}", err=True)
+    if answer["failed"]:
+        raise typer.Exit(1)
+
+
+def _changer(command: str, queues: tuple[str, ...], doc: str, confirm: bool = False):
+    def change(ids: IdsArgument = None, to_domain: ToDomain = None, sender: FromOption = None,
+               older_than: OlderThan = None, reply: ReplyOption = None, destination: DestinationOption = None,
+               every: Annotated[bool, typer.Option("--all", help=f"every message in {', '.join(queues)}")] = False,
+               yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
+               config: ConfigOption = None, **settings: Any) -> None:
+        loaded = _config(config, _flags(settings))
+        selection = _selection(loaded, to_domain, sender, older_than, reply, destination)
+        if confirm and not yes:
+            if not sys.stdin.isatty():
+                raise _fail(f"{command} removes mail for good: give --yes when not asking at a terminal", EX_USAGE)
+            typer.confirm(f"{command} the chosen messages for good?", abort=True)
+        _change(command, ids, loaded, selection, every, queues)
+
+    change.__doc__ = doc
+    queue_app.command(command)(_with_config_flags(change))
+
+
+_changer("flush", (DEFERRED,), "Try deferred messages now.")
+_changer("hold", (INCOMING, DEFERRED), "Keep messages from delivery (to hold/) until released; one being "
+                                       "delivered is held after its attempt.")
+_changer("release", (HOLD,), "Deliver held messages again.")
+_changer("delete", (INCOMING, DEFERRED, HOLD), "Remove messages for good (asks, unless --yes).", confirm=True)
+_changer("requeue", (DEFERRED, HOLD), "Rewrite and route messages afresh and try them now, as postsuper -r.")
 
 
 def main() -> None:

@@ -95,6 +95,35 @@ def _port(text: str, base_dir: str) -> int:
     return value
 
 
+_LISTEN_FORM = "must be HOST:PORT or [IPv6]:PORT, e.g. 127.0.0.1:9100 or [::1]:9100"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """(host, port) of `metrics-listen`. A host is required: the metrics are served without
+    authentication, so listening on every address must be asked for (0.0.0.0:PORT, [::]:PORT)."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or not port:
+        raise ValueError(_LISTEN_FORM)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("must have an IPv6 address between the brackets, e.g. [::1]:9100") from None
+    elif ":" in host:
+        raise ValueError("must put an IPv6 address in brackets: [ADDRESS]:PORT")
+    elif any(char in host for char in "[] \t"):
+        raise ValueError(_LISTEN_FORM)
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError("must end with a port number from 1 to 65535")
+    return host, int(port)
+
+
+def _listen(text: str, base_dir: str) -> str:
+    parse_listen(text)
+    return text
+
+
 def _dns_servers(text: str, base_dir: str) -> str:
     parse_dns_servers(text)
     return text
@@ -239,6 +268,8 @@ class Config:
                                         "who gets the report about mail from <> that failed (default: nobody)")
     hopcount_limit: int = _key("hopcount-limit", _positive_int, 50,
                                "Received: and Delivered-To: fields a message may have; more is a loop (5.4.6)")
+    metrics_listen: str = _key("metrics-listen", _listen, "",
+                               "HOST:PORT where Prometheus metrics are served over HTTP (default: nowhere)")
     archive_max_age: float = _key("archive-max-age", _non_negative, 0.0,
                                   "days a message stays in archive/ (0: for ever)")
 

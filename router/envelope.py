@@ -17,11 +17,9 @@ from router.queue_file import MAX_HEADER, PENDING
 FIRST_READ = 16384  # holds the header of nearly every message
 
 
-def pending_recipients(path: str) -> tuple[list[str], bool] | None:
-    """The addresses of the recipients still pending, and whether they are rewritten already;
-    None if the file is gone or is not a queue file. Results only in the journal (a crash in the
-    middle of an attempt) are not seen here: such a recipient is counted as pending, which costs
-    at most a session slot it will not use."""
+def read_header(path: str) -> bytes | None:
+    """A queue file's header, with the empty line that ends it; None if the file is gone, is not
+    a regular file, or has no end of header within MAX_HEADER bytes."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError:
@@ -38,11 +36,20 @@ def pending_recipients(path: str) -> tuple[list[str], bool] | None:
         return None
     finally:
         os.close(fd)
-    if end < 0:
+    return data[:end + 2] if end >= 0 else None
+
+
+def pending_recipients(path: str) -> tuple[list[str], bool] | None:
+    """The addresses of the recipients still pending, and whether they are rewritten already;
+    None if the file is gone or is not a queue file. Results only in the journal (a crash in the
+    middle of an attempt) are not seen here: such a recipient is counted as pending, which costs
+    at most a session slot it will not use."""
+    header = read_header(path)
+    if header is None:
         return None
     recipients: list[tuple[str, str]] = []  # (address, state)
     rewritten = False
-    for line in data[:end].decode(errors="replace").split("\n"):
+    for line in header.decode(errors="replace").split("\n"):
         key, _, value = line.partition(" ")
         if key == "rcpt":
             recipients.append((value.strip("<>"), PENDING))

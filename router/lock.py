@@ -18,11 +18,13 @@ finishing. flock on a directory needs a local file system, as inotify does anywa
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 import psutil
 
@@ -105,3 +107,20 @@ class SpoolLock:
     def release(self) -> None:
         while self.fds:
             os.close(self.fds.pop())
+
+
+@contextlib.contextmanager
+def unless_daemon(queue_dir: str) -> Iterator[bool]:
+    """For a command that changes the spool without a daemon: yields True with the spool locked
+    for the length of the `with` (no daemon can start meanwhile), or False when a daemon holds
+    it, and the command must ask that daemon instead."""
+    fd = os.open(queue_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)

@@ -95,6 +95,7 @@ class QueueFile:
     crashes: int = 0  # workers that died holding it (header and journal), since queued or last held
     warned: float = 0.0  # when a delay warning went to the sender; 0: none yet
     journal_bytes: int = 0  # bytes of journal after the message when read; not written back
+    size: int = field(default=0, compare=False)  # the message's size, as the header says (parse); not written back
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state == PENDING]
@@ -149,8 +150,10 @@ def journal_record(index: int, rcpt: Recipient) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def parse(data: bytes, where: str = "queue file") -> QueueFile:
-    """Read a whole queue file; `where` (usually the path) prefixes every error."""
+def parse(data: bytes, where: str = "queue file", *, header_only: bool = False) -> QueueFile:
+    """Read a whole queue file; `where` (usually the path) prefixes every error. With
+    `header_only`, `data` may end after the header: the message is left empty (its size is the
+    `size` attribute) and the journal unread, for listing a queue without reading messages."""
     end = data.find(b"\n\n", 0, MAX_HEADER)
     if end < 0:
         raise CorruptQueueFile(f"{where}: no end of header (empty line) in the first {MAX_HEADER} bytes")
@@ -200,8 +203,8 @@ def parse(data: bytes, where: str = "queue file") -> QueueFile:
         raise CorruptQueueFile(f"{line_of['id']}: {fields['id']!r} is not a queue id")
     size = _number(fields["size"], int, f"{line_of['size']}: size")
     body_start = end + 2
-    message = data[body_start:body_start + size]
-    if len(message) != size:
+    message = b"" if header_only else data[body_start:body_start + size]
+    if len(message) != size and not header_only:
         raise CorruptQueueFile(f"{where}: truncated: size says {size} bytes, the file holds {len(message)}")
     queue_file = QueueFile(
         queue_id=fields["id"],
@@ -217,8 +220,10 @@ def parse(data: bytes, where: str = "queue file") -> QueueFile:
         crashes=_number(fields.get("crashes", "0"), int, f"{line_of.get('crashes', where)}: crashes"),
         warned=_number(fields.get("warned", "0"), float, f"{line_of.get('warned', where)}: warned"),
     )
-    queue_file.journal_bytes = len(data) - body_start - size
-    _apply_journal(queue_file, data[body_start + size:], where)
+    queue_file.size = size
+    if not header_only:
+        queue_file.journal_bytes = len(data) - body_start - size
+        _apply_journal(queue_file, data[body_start + size:], where)
     return queue_file
 
 

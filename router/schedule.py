@@ -24,6 +24,13 @@ class Schedule:
         self._due[queue_id] = due
         heapq.heappush(self._heap, (due, queue_id))
 
+    def discard(self, queue_id: str) -> None:
+        """No attempt for this message (held, deleted); its heap entry goes when it comes up."""
+        self._due.pop(queue_id, None)
+
+    def due(self, queue_id: str) -> float | None:
+        return self._due.get(queue_id)
+
     def next_due(self) -> float | None:
         self._drop_stale()
         return self._heap[0][0] if self._heap else None

@@ -1,7 +1,9 @@
 """The status socket: a Unix socket where the daemon answers one JSON request a connection.
 
-`qrouter status` and later queue commands talk to the running daemon through it. Requests and
-answers are one JSON object a line; the socket is mode 0660 so the spool group may ask too.
+`qrouter status` and the queue commands talk to the running daemon through it. Requests and
+answers are one JSON object a line; the socket is mode 0660 so the spool group may ask too. The
+kernel tells who each client is (SO_PEERCRED): the answer function gets the client's uid, and
+the daemon lets only root and its own user change the queue (docs/control.md).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import os
 import selectors
 import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +22,7 @@ from typing import Any
 from router.durable import unlink_quietly
 from router.lock import NO_SPACE
 
-MAX_REQUEST = 64 * 1024
+MAX_REQUEST = 8 << 20  # room for the ids of a few hundred thousand messages
 MAX_CONNECTIONS = 64
 LISTEN_BACKLOG = 128  # connections the kernel holds until the loop accepts them
 CONNECTION_SECONDS = 5.0  # from connect to the end of the answer
@@ -37,6 +40,7 @@ class _Connection:
     def __init__(self, sock: socket.socket, deadline: float):
         self.sock = sock
         self.deadline = deadline
+        self.uid = peer_uid(sock)
         self.request = bytearray()
         self.answer: memoryview | None = None  # set once the request is complete
 
@@ -56,7 +60,7 @@ class StatusServer:
     only delivery frees space, so a full disk must not stop the daemon from starting.
     """
 
-    def __init__(self, path: str, answer: Callable[[dict[str, Any]], dict[str, Any]],
+    def __init__(self, path: str, answer: Callable[[dict[str, Any], int], dict[str, Any]],
                  selector: selectors.BaseSelector, *, timeout: float = CONNECTION_SECONDS,
                  max_connections: int = MAX_CONNECTIONS):
         self.path = path
@@ -149,11 +153,11 @@ class StatusServer:
             return
         conn.request += chunk
         if b"\n" in chunk or not chunk:  # a whole line, or all the client is going to send
-            self._reply(conn, self._respond(bytes(conn.request.partition(b"\n")[0])))
+            self._reply(conn, self._respond(bytes(conn.request.partition(b"\n")[0]), conn.uid))
         elif len(conn.request) > MAX_REQUEST:
             self._reply(conn, {"error": f"bad request: longer than {MAX_REQUEST} bytes"})
 
-    def _respond(self, line: bytes) -> dict[str, Any]:
+    def _respond(self, line: bytes, uid: int) -> dict[str, Any]:
         try:
             request = json.loads(line or b"{}")
         except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested thousands deep
@@ -161,7 +165,7 @@ class StatusServer:
         if not isinstance(request, dict):
             return {"error": "bad request: request is not a JSON object"}
         try:
-            return self.answer(request)
+            return self.answer(request, uid)
         except Exception:  # a bug answering one client must not end the daemon
             log.exception("status socket: cannot answer %.200r", line)
             return {"error": "internal error answering the request; see the daemon's log"}
@@ -187,6 +191,16 @@ class StatusServer:
         del self.connections[conn]
         self.selector.unregister(conn.sock)
         conn.sock.close()
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket, as the kernel knows it; -1 if
+    it cannot tell (no one the daemon trusts)."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return -1
+    return struct.unpack("3i", creds)[1]
 
 
 def query(path: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import stat
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 from inotify_simple import INotify
@@ -35,6 +35,7 @@ from policy.transport_map import PolicyError
 from router import log as log_module
 from router import privileges, status_socket
 from router.config import Config, ConfigError, load
+from router.control import COMMANDS, Daemon, QueueCommands
 from router.durable import error_name
 from router.envelope import pending_recipients
 from router.lock import SpoolLock
@@ -46,6 +47,9 @@ from router.spool import ACTIVE, ARCHIVE, DEFERRED, HOLD, INCOMING, Spool
 from workers.delivery import CORRUPTED, KEPT, QUEUED_AGAIN, SKIPPED, Report
 from workers.pools import LOCAL, NETWORK, pool_for, pool_of
 from workers.worker import Worker
+
+if TYPE_CHECKING:
+    from router.metrics import Metrics
 
 log = logging.getLogger("qrouter")
 
@@ -141,6 +145,10 @@ class Supervisor:
         self.stop_deadline = 0.0
         self.respawn_after = 0.0
         self.pruned = -PRUNE_SECONDS  # when archive/ was last pruned (archive-max-age)
+        self.metrics: Metrics | None = None  # with metrics-listen
+        self.measured = 0.0  # when the metrics last got a snapshot of the status
+        self.after_attempt: dict[str, str] = {}  # queue id in hand -> hold or delete, once its attempt ends
+        self.control = QueueCommands(self.spool, _Hooks(self))
         self.young_deaths = 0
         self.more_ready = False  # _dispatch stopped at its budget with mail still ready
         self.exit_code = 0
@@ -165,6 +173,7 @@ class Supervisor:
             self._handle_signals()
             self._promote_due()
             self._prune_archive()
+            self._measure()
             self._watch_workers()
             self._check_stop_deadline()
         self._shutdown()
@@ -188,6 +197,11 @@ class Supervisor:
         self.selector.register(self.inotify.fileno(), selectors.EVENT_READ, self._on_inotify)
         self._scan()
         self.status_server = status_socket.StatusServer(self.config.socket_path, self._answer, self.selector)
+        if self.config.metrics_listen:  # the library only when asked for: it starts a thread
+            from router.metrics import Metrics
+
+            self.metrics = Metrics(self.config.metrics_listen, self.config.queue_dir)
+            self.metrics.start()
         for warning in self._config_warnings(self.config):
             log.warning(warning)
         self._maintain_pool()
@@ -283,6 +297,8 @@ class Supervisor:
             worker.retiring = True
             worker.close_tasks()
         log.info("reloaded %s: starting %d new workers", self.config_path or "flags", config.workers)
+        if self.metrics:
+            self.metrics.reloaded()
 
     @staticmethod
     def _config_warnings(config: Config) -> list[str]:
@@ -495,6 +511,8 @@ class Supervisor:
             log.error("%s/%s: %s; cannot move it to corrupt/: %s", queue, name, why, exc.strerror or exc)
             return
         log.error("%s/%s: %s; moved to corrupt/%s", queue, name, why, target)
+        if self.metrics:
+            self.metrics.corrupt()
 
     def _move(self, queue_id: str, source: str, target: str, *, mtime: float | None = None) -> bool:
         """Move a message between queues; False, with the reason logged, if the disk refuses
@@ -524,6 +542,13 @@ class Supervisor:
                 self.isolated.append((queue, queue_id))
             else:
                 (self.retries if retry else self.fresh).append((queue, queue_id))
+
+    def _measure(self) -> None:
+        """Hand the metrics a snapshot of the status once a second; a scrape reads it from its
+        own thread, never the supervisor's state itself."""
+        if self.metrics and time.monotonic() - self.measured >= 1.0:
+            self.measured = time.monotonic()
+            self.metrics.snapshot(self.status())
 
     def _prune_archive(self) -> None:
         """With archive-max-age, remove what has been in archive/ longer, once an hour."""
@@ -873,6 +898,10 @@ class Supervisor:
         self.counters["sent"] += report.sent
         self.counters["deferred"] += report.deferred
         self.counters["bounced"] += report.bounced
+        if self.metrics:
+            self.metrics.delivered(report.sent, report.deferred, report.bounced, time.time() - arrival_of(queue_id))
+            if report.result == CORRUPTED:
+                self.metrics.corrupt()
         if report.result == KEPT:
             self.kept[queue_id] = report.queue
             if report.states:
@@ -883,15 +912,32 @@ class Supervisor:
             self._spool_trouble(report.error, f"cannot store the state of {queue_id}")
         if report.result in (QUEUED_AGAIN, KEPT):
             self.schedule.add(queue_id, report.next_attempt)
+        command = self.after_attempt.pop(queue_id, None)
+        if command and report.result == QUEUED_AGAIN:  # asked for while it was being delivered
+            for queue_id_done, what in self.control.run(command, [queue_id])["done"].items():
+                log.info("%s: %s after its attempt", queue_id_done, what)
         if report.result == QUEUED_AGAIN:
             for name, why in report.reach.items():
                 if why:
                     self.scheduler.get(name).deferred.add(queue_id)
 
-    def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
-        if request.get("command", "status") != "status":
-            return {"error": f"unknown command {request.get('command')!r}"}
-        return self.status()
+    def _answer(self, request: dict[str, Any], uid: int) -> dict[str, Any]:
+        """A status socket request: `status` for anyone who may connect; the queue commands
+        (router/control.py) only for root and the daemon's own user."""
+        command = request.get("command", "status")
+        if command == "status":
+            return self.status()
+        if command not in COMMANDS:
+            return {"error": f"unknown command {command!r} (known: status, {', '.join(COMMANDS)})"}
+        if uid not in (0, os.geteuid()):
+            return {"error": f"permission denied: only root and the daemon's user may {command} messages"}
+        ids = request.get("ids")
+        if not isinstance(ids, list):
+            return {"error": "bad request: 'ids' must be a list of queue ids"}
+        answer = self.control.run(command, ids)
+        for queue_id, what in answer["done"].items():
+            log.info("%s: %s (%s by uid %d)", queue_id, what, command, uid)
+        return answer
 
     def status(self) -> dict[str, Any]:
         workers = []
@@ -929,6 +975,25 @@ class Supervisor:
             "destinations": self.scheduler.status(),
             "counters": dict(self.counters),
         }
+
+
+class _Hooks(Daemon):
+    """What the queue commands tell the supervisor (router/control.py)."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def in_hand(self, queue_id: str) -> bool:
+        return queue_id in self.supervisor.in_flight
+
+    def after_attempt(self, queue_id: str, command: str) -> None:
+        self.supervisor.after_attempt[queue_id] = command
+
+    def scheduled(self, queue_id: str, due: float) -> None:
+        self.supervisor.schedule.add(queue_id, due)
+
+    def unscheduled(self, queue_id: str) -> None:
+        self.supervisor.schedule.discard(queue_id)
 
 
 def _describe_exit(status: int) -> str:

@@ -239,9 +239,11 @@ def test_a_replaced_incoming_directory_is_watched_again(daemons, how):
     if how == "removed":
         incoming.rmdir()
     else:
+        made = daemon.spool / "incoming.new"
+        made.mkdir(mode=0o700)
+        shutil.chown(made, DAEMON_USER)  # as the daemon's user would make it
         os.rename(incoming, daemon.spool / "incoming.old")
-        incoming.mkdir(mode=0o700, exist_ok=True)  # the daemon may have made it again already
-        shutil.chown(incoming, DAEMON_USER)  # as the daemon's user would make it
+        os.rename(made, incoming)  # over the empty one the daemon may have made again already
     wait_for(lambda: "incoming/ was moved away or removed; watching the directory now at that path" in daemon.log(),
              what="the warning")
     assert incoming.is_dir()

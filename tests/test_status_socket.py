@@ -129,14 +129,14 @@ def test_dripping_and_idle_status_clients_do_not_slow_delivery(daemons, many_fds
 BIG = 8 * 2**20  # far more than a socket buffer holds
 
 
-def answer(request: dict[str, Any]) -> dict[str, Any]:
+def answer(request: dict[str, Any], uid: int) -> dict[str, Any]:
     if request.get("command") == "big":
         return {"big": "x" * BIG}
-    return {"echo": request}
+    return {"echo": request, "uid": uid}
 
 
 @contextmanager
-def serving(tmp_path: Path, respond: Callable[[dict[str, Any]], dict[str, Any]] = answer,
+def serving(tmp_path: Path, respond: Callable[[dict[str, Any], int], dict[str, Any]] = answer,
             **limits: Any) -> Iterator[str]:
     """A StatusServer at tmp_path/status.sock served by a selector loop in a thread that sleeps
     exactly as long as the server's deadlines allow, as the supervisor's loop does."""
@@ -178,7 +178,7 @@ def read_all(client: socket.socket) -> bytes:
 
 def timed_query(path: str) -> float:
     start = time.monotonic()
-    assert status_socket.query(path, {"command": "status"}, timeout=5) == {"echo": {"command": "status"}}
+    assert status_socket.query(path, {"command": "status"}, timeout=5) == {"echo": {"command": "status"}, "uid": 0}
     return time.monotonic() - start
 
 

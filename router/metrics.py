@@ -1,0 +1,159 @@
+"""Prometheus metrics of the daemon (`metrics-listen`), served by prometheus-client's own thread.
+
+The supervisor is one single-threaded event loop and its state is never locked, so the scrape
+thread must not touch it. The loop hands over what a scrape needs in two ways only: events go
+into the library's counters and histogram, which are thread-safe, and its status() dict is
+handed over whole about once a second (Metrics.snapshot) and replaced, never changed, so a scrape
+that reads the reference once sees one consistent state. Queue sizes are read by the scrape
+thread itself from the spool's directories at scrape time: a large queue costs the loop nothing.
+
+Labels stay bounded whatever the mail: no addresses or queue ids, no worker pids (they change at
+every replacement), and only the busiest destinations by name, the rest summed as `other`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from router.config import parse_listen
+from router.spool import Spool
+from workers.pools import POOLS
+
+TOP_DESTINATIONS = 20  # destinations shown by name; one label value more, "other", sums the rest
+OTHER = "other"  # no destination can be called so: a destination always has a colon (policy/next_hop.py)
+DELAY_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
+STATUSES = ("sent", "deferred", "bounced")
+
+
+class Metrics:
+    """The daemon's metrics; every method but start() is called from the supervisor's loop."""
+
+    def __init__(self, listen: str, queue_dir: str) -> None:
+        """`listen`: 'HOST:PORT' or '[IPv6]:PORT'. The registry is this object's own, not the
+        library's global one, so nothing imported elsewhere can add to what is served."""
+        self.listen = parse_listen(listen)
+        self.registry = CollectorRegistry()
+        self._deliveries = Counter("qrouter_deliveries", "Recipients by outcome of a delivery attempt (a "
+                                   "recipient deferred at three attempts counts three times).", ["status"],
+                                   registry=self.registry)
+        for status in STATUSES:
+            self._deliveries.labels(status)  # present at 0 from the start, so rate() sees the first ones
+        self._delay = Histogram("qrouter_delivery_delay_seconds", "Seconds from a message's arrival to the "
+                                "delivery of each of its recipients.", buckets=DELAY_BUCKETS, registry=self.registry)
+        self._reloads = Counter("qrouter_reloads", "Configuration reloads that took effect.", registry=self.registry)
+        self._corrupt = Counter("qrouter_corrupt_files", "Files moved to corrupt/.", registry=self.registry)
+        self._state = _StateCollector(queue_dir)
+        self.registry.register(self._state)
+        ProcessCollector(registry=self.registry)  # the supervisor's own memory, CPU and descriptors
+
+    def start(self) -> None:
+        """Serve scrapes from a thread of this process; raises OSError if the address cannot be
+        bound. Call it in the supervisor's own process: a fork loses the thread. Workers forked
+        later close their copy of the listening socket, or a daemon started after a crash could
+        not bind while the old workers finish their deliveries."""
+        host, port = self.listen
+        server, _ = start_http_server(port, host, registry=self.registry)
+        os.register_at_fork(after_in_child=server.server_close)
+
+    def delivered(self, sent: int, deferred: int, bounced: int, delay: float) -> None:
+        """One worker report: recipients by outcome, and `delay` seconds since the message's
+        arrival, observed once per recipient sent."""
+        for status, count in zip(STATUSES, (sent, deferred, bounced), strict=True):
+            if count:
+                self._deliveries.labels(status).inc(count)
+        for _ in range(sent):
+            self._delay.observe(max(0.0, delay))  # the arrival is another clock's reading (the queue id)
+
+    def reloaded(self) -> None:
+        self._reloads.inc()
+
+    def corrupt(self) -> None:
+        """A file was moved to corrupt/."""
+        self._corrupt.inc()
+
+    def snapshot(self, status: dict[str, Any]) -> None:
+        """The supervisor's status(), kept by reference: the caller must never change it after."""
+        self._state.status = status
+
+
+class _StateCollector:
+    """Gauges made at scrape time, in the scrape thread: queue sizes from the spool's directories
+    and the rest from the latest snapshot (nothing before the first one)."""
+
+    def __init__(self, queue_dir: str) -> None:
+        self.spool = Spool(queue_dir)
+        self.status: dict[str, Any] | None = None  # replaced whole by Metrics.snapshot, never changed
+
+    def collect(self) -> Iterator[Metric]:
+        yield from _queues(self.spool.counts(), time.time())
+        status = self.status  # read once: one scrape shows one state
+        if status is not None:
+            yield GaugeMetricFamily("qrouter_status_age_seconds", "Seconds since the supervisor last handed over "
+                                    "its state; it does about every second, so more means its loop is stuck.",
+                                    value=max(0.0, time.time() - status["now"]))
+            yield GaugeMetricFamily("qrouter_sessions", "Deliveries in progress.", value=status["sessions"])
+            yield GaugeMetricFamily("qrouter_sessions_max", "Deliveries that may be in progress at once.",
+                                    value=status["max_sessions"])
+            yield from _destinations(status["destinations"])
+            yield from _workers(status["workers"])
+
+
+def _queues(counts: dict[str, dict[str, Any]], now: float) -> Iterator[Metric]:
+    messages = GaugeMetricFamily("qrouter_queue_messages", "Messages in each queue directory.", labels=["queue"])
+    age = GaugeMetricFamily("qrouter_queue_oldest_age_seconds", "Seconds since the arrival of the oldest message "
+                            "in each queue directory; 0 when it is empty.", labels=["queue"])
+    for queue, count in counts.items():
+        messages.add_metric([queue], count["messages"])
+        age.add_metric([queue], 0.0 if count["oldest"] is None else max(0.0, now - count["oldest"]))
+    yield from (messages, age)
+
+
+def _destinations(destinations: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Per destination, the TOP_DESTINATIONS busiest by name (sessions and messages waiting for
+    room, then messages deferred) and the rest summed as `other`: MX routing makes a destination
+    of every domain mail goes to, and each label value is a series Prometheus keeps. Whether a
+    destination is dead is shown for those named, and counted over all."""
+    ranked = sorted(destinations, key=lambda d: (-(d["sessions"] + d["waiting"]), -d["deferred"], d["destination"]))
+    named, rest = ranked[:TOP_DESTINATIONS], ranked[TOP_DESTINATIONS:]
+    families = {
+        "sessions": GaugeMetricFamily("qrouter_destination_sessions", "Deliveries in progress to a destination.",
+                                      labels=["destination"]),
+        "waiting": GaugeMetricFamily("qrouter_destination_waiting_messages", "Messages waiting for room in a "
+                                     "destination's concurrency window.", labels=["destination"]),
+        "deferred": GaugeMetricFamily("qrouter_destination_deferred_messages", "Messages deferred for a "
+                                      "destination.", labels=["destination"]),
+    }
+    dead = GaugeMetricFamily("qrouter_destination_dead", "1 if a destination is found unreachable and left alone "
+                             "until a probe (the busiest destinations only).", labels=["destination"])
+    for destination in named:
+        for key, family in families.items():
+            family.add_metric([destination["destination"]], destination[key])
+        dead.add_metric([destination["destination"]], 1 if destination["dead"] else 0)
+    for key, family in families.items():
+        family.add_metric([OTHER], sum(destination[key] for destination in rest))
+    yield from families.values()
+    yield dead
+    yield GaugeMetricFamily("qrouter_destinations_dead", "Destinations found unreachable, all of them.",
+                            value=sum(1 for destination in destinations if destination["dead"]))
+
+
+def _workers(workers: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Sums by kind of worker rather than series per pid, which would change at every replacement.
+    CPU time is a gauge: it is the live workers' time, and drops when one is replaced."""
+    count = GaugeMetricFamily("qrouter_workers", "Worker processes.", labels=["kind"])
+    memory = GaugeMetricFamily("qrouter_workers_resident_memory_bytes", "Resident memory of the worker processes, "
+                               "summed.", labels=["kind"])
+    cpu = GaugeMetricFamily("qrouter_workers_cpu_seconds", "CPU time (user and system) of the live worker processes, "
+                            "summed; it drops when a worker is replaced.", labels=["kind"])
+    for kind in POOLS:
+        mine = [worker for worker in workers if worker["pool"] == kind]
+        count.add_metric([kind], len(mine))
+        memory.add_metric([kind], sum(worker["rss"] or 0 for worker in mine))
+        cpu.add_metric([kind], sum(worker["cpu"] or 0 for worker in mine))
+    yield from (count, memory, cpu)

@@ -1,0 +1,217 @@
+"""`qrouter queue ...` and `qrouter status --shape` against a running daemon and a stopped one:
+listing with selectors, show, why, flush, hold, release, delete, requeue; who may change the
+queue (SO_PEERCRED); ids that try to leave the spool; malformed requests on the socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from router.queue_file import parse
+from router.spool import Spool
+from tests.daemon import DAEMON_USER, qrouter, wait_for
+from tests.unix_users import ALICE, EXTRA_GROUP, script
+
+LATER = ["--default-transport", "queue/retry 4.2.1 try later", "--min-backoff", "600"]
+
+
+def queue(daemon, *args: str, user: str | None = None) -> tuple[int, str, str]:
+    prefix = ["setpriv", "--reuid", user, "--regid", user, "--init-groups"] if user else None
+    result = qrouter("queue", *args, "--queue-dir", str(daemon.spool), launcher_prefix=prefix)
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+def deferred_mail(daemon, count: int, domain: str = "example.com", sender: str = "a@example.org") -> list[str]:
+    spool = Spool(daemon.spool)
+    ids = [spool.enqueue(sender, [f"u{n}@{domain}"], f"Subject: {n}\n\nx\n".encode()) for n in range(count)]
+    wait_for(lambda: set(ids) <= set(daemon.files("deferred")), what="deferral")
+    return ids
+
+
+@pytest.mark.parametrize("running", [True, False])
+def test_list_shows_each_message_and_its_last_reply_as_text_and_json(daemons, running):
+    daemon = daemons(*LATER)
+    ids = deferred_mail(daemon, 3)
+    if not running:
+        assert daemon.stop() == 0
+    code, out, _ = queue(daemon, "list")
+    assert code == 0 and out.count("(try later)") == 3 and out.rstrip().endswith("-- 3 message(s)")
+    assert all(re.search(rf"^{i}\s+\d+ \w{{3}} \w{{3}} \d\d [\d:]+  a@example.org$", out, re.M) for i in ids)
+    code, out, _ = queue(daemon, "list", "--json")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert sorted(line["queue_id"] for line in lines) == sorted(ids)
+    first = lines[0]
+    assert {"queue_name", "queue_id", "arrival_time", "message_size", "sender", "recipients", "attempts",
+            "next_attempt"} <= set(first)
+    assert first["queue_name"] == "deferred" and first["attempts"] == 1 and first["next_attempt"] > time.time()
+    assert first["recipients"][0]["delay_reason"] == "try later"
+    assert set(first["recipients"][0]) >= {"address", "orig_address", "delay_reason"}
+
+
+def test_selectors_combine(daemons, tmp_path):
+    (tmp_path / "transports").write_text("slow.example queue/retry 4.2.1 421 too busy\n"
+                                         "other.example queue/retry 4.7.1 greylisted\n")
+    daemon = daemons("--transports", str(tmp_path / "transports"), "--min-backoff", "600")
+    busy = deferred_mail(daemon, 2, "slow.example")
+    grey = deferred_mail(daemon, 1, "other.example")
+    mine = deferred_mail(daemon, 1, "slow.example", sender="b@example.org")
+    time.sleep(1.1)
+    young = deferred_mail(daemon, 1, "slow.example")
+    code, out, _ = queue(daemon, "hold", "--to-domain", "slow.example", "--older-than", "1s", "--reply", "421",
+                         "--from", "a@example.org")
+    assert code == 0 and sorted(re.findall(r"^(\S+): held$", out, re.M)) == sorted(busy)
+    assert sorted(daemon.files("hold")) == sorted(busy)
+    assert sorted(daemon.files("deferred")) == sorted(grey + mine + young)
+    code, out, _ = queue(daemon, "list", "--destination", "queue/retry 4.7.1 greylisted",
+                         "--transports", str(tmp_path / "transports"))
+    assert grey[0] in out and busy[0] not in out and out.rstrip().endswith("-- 1 message(s)")
+
+
+def test_show_and_why_tell_everything_about_one_message(daemons):
+    daemon = daemons(*LATER)
+    [queue_id] = deferred_mail(daemon, 1)
+    code, out, _ = queue(daemon, "show", queue_id)
+    assert code == 0
+    assert f"queue id:  {queue_id} (in deferred/)" in out and "recipient: <u0@example.com> pending 4.2.1" in out
+    assert "attempt 1: 0 sent, 1 deferred, 0 bounced" in out and "Subject: 0" in out
+    code, out, _ = queue(daemon, "why", queue_id, *LATER[:2])
+    assert code == 0
+    assert re.search(r"next attempt: in (9m\d\ds|10m0s) .*after attempt 1; it fails at max-age", out)
+    assert "route now:   queue/retry 4.2.1 try later (default-transport)" in out
+    assert "last reply:  try later (4.2.1)" in out
+    code, _, err = queue(daemon, "why", "66185E815C1AE-5A78-9")
+    assert code == 1 and "no such message" in err
+
+
+@pytest.mark.parametrize("running", [True, False])
+def test_hold_release_flush_requeue_delete(daemons, tmp_path, running):
+    daemon = daemons(*LATER)
+    ids = deferred_mail(daemon, 4)
+    if not running:
+        assert daemon.stop() == 0
+    assert queue(daemon, "hold", ids[0])[0] == 0 and daemon.files("hold") == [ids[0]]
+    assert queue(daemon, "release", ids[0])[0] == 0 and ids[0] not in daemon.files("hold")
+    before = os.stat(daemon.spool / "deferred" / ids[1]).st_mtime
+    code, out, _ = queue(daemon, "flush", ids[1])
+    assert code == 0 and out == f"{ids[1]}: will be tried now\n"
+    if running:  # tried again at once: a second attempt
+        wait_for(lambda: (daemon.spool / "deferred" / ids[1]).exists()
+                 and parse((daemon.spool / "deferred" / ids[1]).read_bytes()).attempts == 2, what="the retry")
+    else:
+        assert os.stat(daemon.spool / "deferred" / ids[1]).st_mtime < before
+    code, out, _ = queue(daemon, "requeue", ids[2])
+    assert code == 0 and "requeued" in out
+    code, out, _ = queue(daemon, "delete", "--yes", ids[3], "66185E815C1AE-5A78-9", "../../etc/passwd")
+    assert code == 1 and out == f"{ids[3]}: deleted\n"
+    assert ids[3] not in daemon.files("deferred")
+    if running:
+        assert f"{ids[3]}: deleted (delete by uid 0)" in daemon.log()
+        wait_for(lambda: ids[0] in daemon.files("deferred") and ids[2] in daemon.files("deferred"),
+                 what="released and requeued mail tried again")
+
+
+def test_ids_never_lead_out_of_the_spool(daemons, tmp_path):
+    daemon = daemons(*LATER)
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    reply = json.loads(raw_request(daemon, {"command": "delete", "ids": ["../../victim", str(victim), "..", "/"]}))
+    assert reply["done"] == {} and set(reply["failed"].values()) == {"not a queue id"}
+    assert victim.read_text() == "keep me\n"
+
+
+def test_delete_without_yes_off_a_terminal_refuses(daemons):
+    daemon = daemons(*LATER)
+    [queue_id] = deferred_mail(daemon, 1)
+    code, _, err = queue(daemon, "delete", queue_id)
+    assert code == 64 and "give --yes" in err and daemon.files("deferred") == [queue_id]
+
+
+def test_only_root_and_the_daemon_user_change_the_queue(daemons, unix_users):
+    daemon = daemons(*LATER, "--spool-group", EXTRA_GROUP)
+    [queue_id] = deferred_mail(daemon, 1)
+    result = qrouter("status", "--queue-dir", str(daemon.spool),
+                     launcher_prefix=["setpriv", "--reuid", ALICE, "--regid", ALICE, "--init-groups"])
+    assert result.returncode == 0 and "qrouter pid" in result.stdout.decode(), "reading is for the spool group"
+    code, _, err = queue(daemon, "hold", queue_id, user=ALICE)
+    assert code == 77 and "permission denied: only root and the daemon's user may hold messages" in err
+    assert daemon.files("deferred") == [queue_id]
+    code, _, _ = queue(daemon, "hold", queue_id, user=DAEMON_USER)
+    assert code == 0 and daemon.files("hold") == [queue_id]
+
+
+def test_a_message_being_delivered_is_held_after_its_attempt(daemons, tmp_path, world_dir):
+    slow = script(world_dir, "slow", "cat >/dev/null; sleep 2; exit 75\n")
+    (tmp_path / "transports").write_text(f"slow.example |{slow}\n")
+    daemon = daemons("--transports", str(tmp_path / "transports"), "--min-backoff", "600")
+    queue_id = Spool(daemon.spool).enqueue("a@example.org", ["x@slow.example"], b"x\n")
+    wait_for(lambda: daemon.files("active") == [queue_id], what="the attempt")
+    code, out, _ = queue(daemon, "hold", queue_id)
+    assert code == 0 and "held after this attempt" in out
+    wait_for(lambda: daemon.files("hold") == [queue_id], what="held after the attempt")
+    assert re.search(rf"{queue_id}: to=<x@slow.example>, .*status=deferred", daemon.log())
+
+
+def raw_request(daemon, request) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(10)
+        client.connect(str(daemon.spool / "status.sock"))
+        client.sendall((request if isinstance(request, bytes) else json.dumps(request).encode()) + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data.decode()
+
+
+@pytest.mark.parametrize("request_body", [
+    {"command": "hold"}, {"command": "hold", "ids": "66185E815C1AE-5A78-1"}, {"command": "hold", "ids": [1, None, {}]},
+    {"command": "rm -rf"}, {"command": ["hold"]}, {"ids": ["x"] * 100000, "command": "flush"},
+    b'{"command": "hold", "ids": [' + b"[" * 5000 + b"]" * 5000 + b"]}", b"\xff\xfe", b"[]",
+])
+def test_malformed_requests_get_an_error_and_the_daemon_goes_on(daemons, request_body):
+    daemon = daemons(*LATER)
+    reply = json.loads(raw_request(daemon, request_body))
+    assert "error" in reply or set(reply["failed"].values()) <= {"not a queue id"}
+    assert daemon.process.poll() is None
+    [queue_id] = deferred_mail(daemon, 1)
+    assert queue_id in queue(daemon, "list")[1]
+
+
+def test_status_shape_shows_domains_by_age_and_by_last_error(daemons):
+    daemon = daemons(*LATER)
+    deferred_mail(daemon, 3, "a.example")
+    deferred_mail(daemon, 1, "b.example", sender="x@senders.example")
+    result = qrouter("status", "--shape", "deferred", "--queue-dir", str(daemon.spool), check=True)
+    lines = result.stdout.decode().splitlines()
+    assert lines[0].split()[:4] == ["domain", "T", "5", "10"] and lines[0].split()[-1] == "1280+"
+    assert lines[1].split()[:3] == ["TOTAL", "4", "4"]
+    assert lines[2].split()[:2] == ["a.example", "3"] and lines[3].split()[:2] == ["b.example", "1"]
+    assert any(line.split()[:2] == ["4.2.1", "4"] for line in lines)
+    by_sender = qrouter("status", "--shape", "deferred", "--sender", "--queue-dir", str(daemon.spool),
+                        check=True).stdout.decode()
+    assert re.search(r"^example\.org\s+3 ", by_sender, re.M) and re.search(r"^senders\.example\s+1 ", by_sender, re.M)
+
+
+def test_list_streams_a_large_queue(daemons, tmp_path):
+    """The first line comes long before the last: messages are printed as they are found."""
+    spool = Spool(tmp_path / "big")
+    spool.create()
+    for n in range(3000):
+        spool.enqueue("a@example.org", [f"u{n}@example.com"], b"x\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "router", "queue", "list", "--queue", "incoming", "--queue-dir",
+         str(tmp_path / "big")], stdout=subprocess.PIPE, cwd=Path(__file__).parents[1])
+    first = process.stdout.readline()
+    assert re.match(rb"\S+-\S+-\S+ +\d+ ", first)
+    rest = process.stdout.read()
+    assert process.wait() == 0 and rest.rstrip().endswith(b"-- 3000 message(s)")
