@@ -935,8 +935,11 @@ class Supervisor:
         if not isinstance(ids, list):
             return {"error": "bad request: 'ids' must be a list of queue ids"}
         answer = self.control.run(command, ids)
-        for queue_id, what in answer["done"].items():
-            log.info("%s: %s (%s by uid %d)", queue_id, what, command, uid)
+        if command == "flush":  # one line, as postqueue -f: a flush of thousands is not thousands of events
+            log.info("flush of %d message(s) asked by uid %d", len(answer["done"]), uid)
+        else:
+            for queue_id, what in answer["done"].items():
+                log.info("%s: %s (%s by uid %d)", queue_id, what, command, uid)
         return answer
 
     def status(self) -> dict[str, Any]:
