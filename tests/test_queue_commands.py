@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from router.queue_file import parse
 from router.spool import Spool
@@ -75,9 +77,12 @@ def test_selectors_combine(daemons, tmp_path):
     assert grey[0] in out and busy[0] not in out and out.rstrip().endswith("-- 1 message(s)")
 
 
-def test_show_and_why_tell_everything_about_one_message(daemons):
+@pytest.mark.parametrize("running", [True, False])
+def test_show_and_why_tell_everything_about_one_message(daemons, running):
     daemon = daemons(*LATER)
     [queue_id] = deferred_mail(daemon, 1)
+    if not running:
+        assert daemon.stop() == 0
     code, out, _ = queue(daemon, "show", queue_id)
     assert code == 0
     assert f"queue id:  {queue_id} (in deferred/)" in out and "recipient: <u0@example.com> pending 4.2.1" in out
@@ -87,6 +92,7 @@ def test_show_and_why_tell_everything_about_one_message(daemons):
     assert re.search(r"next attempt: in (9m\d\ds|10m0s) .*after attempt 1; it fails at max-age", out)
     assert "route now:   queue/retry 4.2.1 try later (default-transport)" in out
     assert "last reply:  try later (4.2.1)" in out
+    assert ("the daemon is not running: nothing is tried until it starts" in out) is not running
     code, _, err = queue(daemon, "why", "66185E815C1AE-5A78-9")
     assert code == 1 and "no such message" in err
 
@@ -215,3 +221,37 @@ def test_list_streams_a_large_queue(daemons, tmp_path):
     assert re.match(rb"\S+-\S+-\S+ +\d+ ", first)
     rest = process.stdout.read()
     assert process.wait() == 0 and rest.rstrip().endswith(b"-- 3000 message(s)")
+
+
+REQUESTS = st.one_of(
+    st.binary(max_size=300).filter(lambda data: b"\n" not in data),
+    st.builds(lambda command, ids: json.dumps({"command": command, "ids": ids}).encode(),
+              st.sampled_from(["status", "flush", "hold", "release", "delete", "requeue", "", "x" * 50]),
+              st.one_of(st.none(), st.text(max_size=30), st.lists(st.one_of(st.text(max_size=40), st.integers(),
+                                                                          st.none()), max_size=20))),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+                 lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                 max_leaves=20).map(lambda value: json.dumps(value).encode()),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request_line=REQUESTS)
+def test_fuzzed_requests_get_one_answer_and_change_nothing(daemons, request_line):
+    """Whatever comes over the socket, the answer is one JSON line (an error, a status or a
+    per-id result with nothing done to messages that do not exist), and the daemon goes on."""
+    daemon = fuzzed_daemon(daemons)
+    reply = json.loads(raw_request(daemon, request_line))
+    assert isinstance(reply, dict)
+    assert "error" in reply or "pid" in reply or reply["done"] == {}
+    assert daemon.process.poll() is None
+    assert daemon.files("deferred") == daemon.kept
+
+
+def fuzzed_daemon(daemons):
+    """One daemon, with one deferred message, for all the examples of one run of the fuzz test
+    (the `daemons` fixture is made once for them all)."""
+    if not hasattr(daemons, "fuzzed"):
+        daemons.fuzzed = daemons(*LATER)
+        daemons.fuzzed.kept = deferred_mail(daemons.fuzzed, 1)
+    return daemons.fuzzed
