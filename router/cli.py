@@ -561,6 +561,7 @@ def _changer(command: str, queues: tuple[str, ...], doc: str, confirm: bool = Fa
     def change(ids: IdsArgument = None, to_domain: ToDomain = None, sender: FromOption = None,
                older_than: OlderThan = None, reply: ReplyOption = None, destination: DestinationOption = None,
                every: Annotated[bool, typer.Option("--all", help=f"every message in {', '.join(queues)}")] = False,
+               every_deferred: Annotated[bool, typer.Option("--all-deferred", help="every deferred message")] = False,
                yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
                config: ConfigOption = None, **settings: Any) -> None:
         loaded = _config(config, _flags(settings))
@@ -569,7 +570,7 @@ def _changer(command: str, queues: tuple[str, ...], doc: str, confirm: bool = Fa
             if not sys.stdin.isatty():
                 raise _fail(f"{command} removes mail for good: give --yes when not asking at a terminal", EX_USAGE)
             typer.confirm(f"{command} the chosen messages for good?", abort=True)
-        _change(command, ids, loaded, selection, every, queues)
+        _change(command, ids, loaded, selection, every or every_deferred, (DEFERRED,) if every_deferred else queues)
 
     change.__doc__ = doc
     queue_app.command(command)(_with_config_flags(change))

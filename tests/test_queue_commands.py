@@ -138,6 +138,11 @@ def test_delete_without_yes_off_a_terminal_refuses(daemons):
     [queue_id] = deferred_mail(daemon, 1)
     code, _, err = queue(daemon, "delete", queue_id)
     assert code == 64 and "give --yes" in err and daemon.files("deferred") == [queue_id]
+    held = deferred_mail(daemon, 1, "held.example")
+    assert queue(daemon, "hold", *held)[0] == 0
+    code, out, _ = queue(daemon, "delete", "--all-deferred", "--yes")
+    assert code == 0 and out == f"{queue_id}: deleted\n"
+    assert daemon.files("deferred") == [] and daemon.files("hold") == held
 
 
 def test_only_root_and_the_daemon_user_change_the_queue(daemons, unix_users):
