@@ -1,4 +1,4 @@
-"""`qrouter top` on a real terminal: tmux runs it in a 120x40 pane, as an administrator over ssh
+"""`qrouter top` on a real terminal: tmux runs it in a 240x40 pane, as an administrator over ssh
 would, beside a real daemon delivering to a slow SMTP server (tests/smtp_servers.py CountingSink)
 so that mail is in flight while the view is read. After the view, the pane's shell records the
 exit status and the terminal's modes, so a view that left the terminal in cbreak mode or in the
@@ -20,6 +20,7 @@ from router.spool import Spool
 from tests.daemon import ROOT, qrouter, wait_for
 from tests.smtp_servers import CountingSink
 
+COLUMNS = 240  # wide enough for the header with a long spool path (pytest's, in CI) on one line
 MESSAGE = b"Subject: hello\r\n\r\nbody\r\n"
 SENT_RATE = re.compile(r"sent (\d+\.\d)/s")
 
@@ -49,7 +50,7 @@ class Pane:
         interactive shell does."""
         script = (f"cd {shlex.quote(str(ROOT))}; trap : INT; {command}; echo EXIT=$? > {self.exit_file}; "
                   f"stty -a > {self.modes_file}; sleep 60")
-        self.tmux("new-session", "-d", "-x", "120", "-y", "40", "sh", "-c", script)
+        self.tmux("new-session", "-d", "-x", str(COLUMNS), "-y", "40", "sh", "-c", script)
 
     def screen(self) -> str:
         return self.tmux("capture-pane", "-p")
@@ -95,7 +96,7 @@ def test_view_of_a_daemon_delivering_quits_on_q(daemons, tmp_path):
             spool.enqueue("a@example.org", [f"u{i}@example.net"], MESSAGE)
         with terminal(tmp_path) as pane:
             # A stale size in the environment (readline exports one to what it starts) must not
-            # win over the terminal's own: the view uses all 120 columns.
+            # win over the terminal's own: the view uses all the pane's columns.
             pane.start(f"COLUMNS=80 LINES=24 {top_command(daemon.spool)}")
             screen = pane.wait_screen(
                 lambda screen: all(str(pid) in screen for pid in pids) and f"[127.0.0.1]:{sink.port}" in screen
