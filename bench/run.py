@@ -91,6 +91,7 @@ import argparse
 import functools
 import math
 import os
+import pwd
 import shutil
 import signal
 import statistics
@@ -514,12 +515,19 @@ def fill_deferred(spool: Spool, count: int, due: float, domain: Callable[[int], 
     """Write small valid queue files straight into deferred/; no fsync, this is only setup."""
     directory = spool.path(DEFERRED)
     body = b"Subject: waiting\n\nfor a retry\n"
+    owner = None  # as root, the spool the daemon's user has had all along (not one it takes over at start)
+    if os.geteuid() == 0:
+        owner = pwd.getpwnam(DAEMON_USER).pw_uid
+        for path in (spool.root, *(spool.path(queue) for queue in os.listdir(spool.root))):
+            os.chown(path, owner, -1)
     for index in range(count):
         queue_id = new_queue_id()
         queue_file = QueueFile(queue_id, arrival_of(queue_id), SENDER,
                                [Recipient(f"later{index % 1000}@{domain(index)}")], body, attempts=1)
         fd = os.open(os.path.join(directory, queue_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            if owner is not None:
+                os.fchown(fd, owner, -1)
             os.write(fd, queue_file.to_bytes())
             os.utime(fd, (due, due))
         finally:

@@ -112,7 +112,8 @@ def account(user: str) -> pwd.struct_passwd:
 def give_tree(path: str, entry: pwd.struct_passwd) -> int:
     """Make `path` and everything under it belong to `entry`'s uid (its group kept), without
     following links; returns how many entries changed. Done as root before the daemon becomes
-    its user, so a spool written by an earlier version running as root stays usable."""
+    its user, for a spool that is not its yet (new, or written by an earlier version running as
+    root); front doors running as root give each file they queue to the spool's owner."""
     changed = 0
     for directory, names, files in os.walk(path):
         for name in [directory, *(os.path.join(directory, n) for n in (*names, *files))]:

@@ -217,7 +217,9 @@ class Supervisor:
             return
         entry = privileges.account(self.config.user)
         os.makedirs(self.config.queue_dir, mode=0o700, exist_ok=True)
-        changed = privileges.give_tree(self.config.queue_dir, entry)
+        changed = 0
+        if os.stat(self.config.queue_dir).st_uid != entry.pw_uid:  # new, or written by root: once
+            changed = privileges.give_tree(self.config.queue_dir, entry)
         privileges.become(entry, self.config.spool_group)
         log.info("running as user %s (uid %d); the spool belongs to it%s", entry.pw_name, entry.pw_uid,
                  f" ({changed} files and directories given to it)" if changed else "")

@@ -6,6 +6,7 @@ both local and remote recipients split between the two kinds of worker."""
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import signal
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from router.spool import Spool
 from tests.daemon import DAEMON_USER, qrouter, wait_for
 from tests.unix_users import ALICE, BOB, owned_dir, script
 
@@ -323,3 +325,19 @@ def test_the_watchdog_lets_a_long_run_finish_and_replaces_a_worker_that_hangs(da
     logged(daemon, rf"{hung}: to=<r@stuck\.example>, .*status=sent")
     logged(daemon, rf"{long_run}: to=<r@slow\.example>, .*delay=1[7-9]\.\d+, .*status=sent")
     assert daemon.log().count("has not answered for") == 2, "take-back and kill of the frozen worker only"
+
+
+def test_a_spool_written_by_root_is_given_to_the_daemon_user_at_start(daemons):
+    """A spool an earlier version wrote as root: the daemon, started as root, gives it to its user
+    before it becomes that user, and delivers what waits there."""
+    daemon = daemons(start=False)
+    spool = Spool(daemon.spool)
+    spool.create()
+    queue_id = spool.enqueue("a@example.org", ["u@example.org"], b"Subject: old\n\nwaiting\n")
+    assert (daemon.spool / "incoming" / queue_id).stat().st_uid == 0
+    daemon.start()
+    assert re.search(r"running as user qrouter \(uid \d+\); the spool belongs to it \(\d+ files and directories "
+                     r"given to it\)", daemon.log())
+    wait_for(lambda: daemon.delivered("example.org/u"), what="the waiting message delivered")
+    uid = pwd.getpwnam(DAEMON_USER).pw_uid
+    assert all(path.stat().st_uid == uid for path in daemon.spool.rglob("*") if not path.is_socket())
