@@ -8,6 +8,7 @@ a policy fixed and reloaded reaches mail already waiting in deferred/.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pwd
 from dataclasses import dataclass
 
@@ -62,14 +63,16 @@ class Policy:
                 queue_file.message = message
         return changes
 
-    def next_hops(self) -> list[NextHop]:
-        """Every next hop the policy sends mail to: the relayhost, or default-transport and the
-        transport rules."""
+    @functools.cached_property
+    def kinds(self) -> frozenset[str]:
+        """The kinds of every next hop the policy sends mail to (the relayhost, or
+        default-transport and the transport rules); worked out once, as the policy never changes
+        (a reload makes a new one)."""
         if self.relayhost is not None:
-            return [self.relayhost]
-        hops = [self.relayhost, self.default_transport, *(rule.next_hop for rule in
-                                                          (self.transport_map.rules if self.transport_map else []))]
-        return [hop for hop in hops if hop is not None]
+            return frozenset({self.relayhost.kind})
+        hops = [self.default_transport, *(rule.next_hop for rule in
+                                          (self.transport_map.rules if self.transport_map else []))]
+        return frozenset(hop.kind for hop in hops if hop is not None)
 
     @property
     def only_next_hop(self) -> NextHop | None:
@@ -81,6 +84,11 @@ class Policy:
         if self.transport_map is None and self.default_transport is not None and self.default_transport.kind != MDA:
             return self.default_transport
         return None
+
+    def route_queued(self, address: str, rewritten: bool) -> Route:
+        """The route of a queued recipient: as route(), after the rewriting rules unless its
+        message was rewritten already (which happens once, at the first attempt)."""
+        return self.route(address if rewritten else self.rewriter.rewrite(TO, address)[0])
 
     def route(self, recipient: str) -> Route:
         found = self._next_hop(recipient)
@@ -123,8 +131,9 @@ def load_policy(config: Config, runs_as: str | None = None) -> Policy:
         raise PolicyError(f"{config.transport_defs}: transport-defs is set but transports is not")
     transport_map = (load_transport_map(config.transports, definitions, config.transport_defs)
                      if config.transports else None)
-    hops = [config.default_transport, *(rule.next_hop for rule in (transport_map.rules if transport_map else []))]
-    local = next((hop for hop in hops if hop is not None and hop.kind == MDA), None)
+    rules = [("default-transport", config.default_transport),
+             *((rule.where, rule.next_hop) for rule in (transport_map.rules if transport_map else []))]
+    local = next((hop for _, hop in rules if hop is not None and hop.kind == MDA), None)
     if local is not None and config.relayhost is None and not config.aliases:
         raise PolicyError(f"local delivery ({local}) needs an aliases file: set the aliases key")
     aliases = load_aliases(config.aliases, local_delivery=local is not None) if config.aliases else None
@@ -133,8 +142,6 @@ def load_policy(config: Config, runs_as: str | None = None) -> Policy:
     except RewritingError as exc:
         raise PolicyError(str(exc)) from None
     pipe_user = runs_as or config.pipe_user
-    rules = [("default-transport", config.default_transport),
-             *((rule.where, rule.next_hop) for rule in (transport_map.rules if transport_map else []))]
     for where, hop in rules:
         if hop is not None and hop.kind == PIPE:
             _check_program_user(where, hop.user or pipe_user, config, runs_as, "pipe")

@@ -509,9 +509,8 @@ def queue_why(queue_id: Annotated[str, typer.Argument(help="queue id")],
     }.get(found.queue, f"in {found.queue}/: it is not delivered from there"))
     if not daemon:
         lines.append("the daemon is not running: nothing is tried until it starts")
-    for rcpt in found.pending:
-        decision = policy.route(policy.rewriter.rewrite(TO, rcpt.address)[0] if not found.file.rewritten
-                                else rcpt.address)
+    for rcpt in found.file.pending():
+        decision = policy.route_queued(rcpt.address, found.file.rewritten)
         lines += [f"<{rcpt.address}>:", f"  route now:   {decision.next_hop} ({decision.reason})",
                   f"  last reply:  {rcpt.reply or 'none: not tried yet'}" + (f" ({rcpt.dsn})" if rcpt.dsn else "")]
         state = destinations.get(decision.next_hop.destination)

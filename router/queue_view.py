@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from policy.routing import Policy
 from router.address import split_address
 from router.envelope import read_header
-from router.queue_file import PENDING, CorruptQueueFile, QueueFile, parse
+from router.queue_file import CorruptQueueFile, QueueFile, parse
 from router.queue_id import is_queue_id
 from router.spool import ACTIVE, ARCHIVE, CORRUPT, DEFERRED, HOLD, INCOMING, Spool
 
@@ -67,18 +67,18 @@ class Selection:
             return False
         if self.older_than and now - queue_file.arrival < self.older_than:
             return False
-        pending = message.pending
+        pending = queue_file.pending()
         if self.to_domain:
             pending = [r for r in pending if split_address(r.address)[1].lower() == self.to_domain.lower()]
         if self.reply is not None:
             pending = [r for r in pending if self.reply.search(r.reply)]
         if self.destination and self.policy is not None:
-            pending = [r for r in pending if self.destination in _names(self.policy, r.address)]
+            pending = [r for r in pending if self.destination in _names(self.policy, r.address, queue_file.rewritten)]
         return bool(pending) or not (self.to_domain or self.reply or self.destination)
 
 
-def _names(policy: Policy, address: str) -> set[str]:
-    hop = policy.route(address).next_hop
+def _names(policy: Policy, address: str, rewritten: bool) -> set[str]:
+    hop = policy.route_queued(address, rewritten).next_hop
     return {str(hop), hop.text, hop.destination, hop.argument}
 
 
@@ -88,10 +88,6 @@ class Message:
     queue_id: str
     file: QueueFile  # header only: no message bytes, its size in `file.size`
     mtime: float  # in deferred/: when it is due
-
-    @property
-    def pending(self) -> list:
-        return [r for r in self.file.recipients if r.state == PENDING]
 
 
 def messages(spool: Spool, queues: Iterable[str], selection: Selection | None = None,
@@ -154,7 +150,7 @@ def as_lines(message: Message) -> list[str]:
     mark = {ACTIVE: "*", HOLD: "!"}.get(message.queue, "")
     arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(queue_file.arrival))
     lines = [f"{message.queue_id + mark:<24} {queue_file.size:>8} {arrival}  {queue_file.sender or '<>'}"]
-    for rcpt in message.pending or queue_file.recipients:
+    for rcpt in queue_file.pending() or queue_file.recipients:
         if rcpt.reply:
             lines.append(f"{'':<10}({rcpt.reply[:150]})")
         lines.append(f"{'':<43}{rcpt.address}")
@@ -171,7 +167,7 @@ def shape(found: Iterable[Message], now: float, by_sender: bool = False, top: in
         bucket = next((i for i, limit in enumerate(AGE_BUCKETS) if minutes < limit), len(AGE_BUCKETS))
         if by_sender:
             by_domain[split_address(message.file.sender)[1].lower() or "<>"][bucket] += 1
-        for rcpt in message.pending:
+        for rcpt in message.file.pending():
             if not by_sender:
                 by_domain[split_address(rcpt.address)[1].lower()][bucket] += 1
             by_error[_error_class(rcpt.dsn)][bucket] += 1

@@ -232,10 +232,15 @@ def header_fields(lines: list[bytes]) -> list[HeaderField]:
     return fields
 
 
+def header_of(message: bytes) -> bytes:
+    """A message's header with the empty line that ends it; the whole message if it has none."""
+    end = _HEADER_END.search(message)
+    return message[:end.end()] if end else message
+
+
 def message_fields(message: bytes) -> list[HeaderField]:
     """The fields of a whole message's header."""
-    end = _HEADER_END.search(message)
-    return header_fields(_LINE.findall(message[:end.end()] if end else message))
+    return header_fields(_LINE.findall(header_of(message)))
 
 
 def _unfold(raw: list[bytes]) -> str:

@@ -29,7 +29,6 @@ from inotify_simple import INotify
 from inotify_simple import flags as inotify_flags
 
 from policy.next_hop import NextHop
-from policy.rewriting import TO
 from policy.routing import load_policy
 from policy.transport_map import PolicyError
 from router import log as log_module
@@ -324,7 +323,7 @@ class Supervisor:
         """pool -> (workers, sessions each): local workers only when the policy has pipes or
         local agents."""
         config = self.config
-        local = config.local_workers if any(pool_of(hop.kind) == LOCAL for hop in self.policy.next_hops()) else 0
+        local = config.local_workers if any(pool_of(kind) == LOCAL for kind in self.policy.kinds) else 0
         return {NETWORK: (config.workers, config.sessions_per_worker),
                 LOCAL: (local, max(1, -(-config.local_sessions // config.local_workers)))}
 
@@ -689,8 +688,7 @@ class Supervisor:
         hops: dict[NextHop, None] = {}
         for address in addresses:
             try:
-                target = address if rewritten else self.policy.rewriter.rewrite(TO, address)[0]
-                hops[self.policy.route(target).next_hop] = None
+                hops[self.policy.route_queued(address, rewritten).next_hop] = None
             except Exception:  # the worker routes it again and says what is wrong
                 continue
         return list(dict.fromkeys(hop.destination for hop in hops)), pool_for(hops)

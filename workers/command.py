@@ -30,7 +30,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
-from router import privileges
 from workers.transport import BOUNCED, DEFERRED, SENT
 
 REPLY_CHARS = 200
@@ -114,7 +113,6 @@ def run(command: Command, message: bytes) -> Result:
         ids = {"user": account.uid, "group": account.gid, "extra_groups": list(account.groups)}
     with _in_progress():
         deadline = time.monotonic() + command.time_limit
-        privileges.clear_ambient()  # capabilities are a thread's: this one's are what the child gets
         try:
             process = subprocess.Popen(
                 command.argv, env=environment(account, command.env), cwd=workdir(account),

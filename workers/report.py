@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import email.utils
 import re
+import textwrap
 import uuid
 from dataclasses import dataclass
 
 from router.queue_file import Recipient
-from router.sendmail import message_fields
+from router.sendmail import header_of, message_fields
 
 FAILED, DELAYED, DELIVERED, RELAYED = "failed", "delayed", "delivered", "relayed"
 FAILURE, DELAY, SUCCESS = "FAILURE", "DELAY", "SUCCESS"
 
 _SAID = re.compile(r"host (?P<host>[^\s\[]+)\[[^\]]*\](?::\d+)? said: (?P<reply>.*?)(?: \(in reply to [^)]*\))?$")
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 _SUBJECTS = {FAILED: "Undelivered Mail Returned to Sender", DELAYED: "Delayed Mail (still being retried)",
              DELIVERED: "Successful Mail Delivery Report", RELAYED: "Successful Mail Delivery Report"}
 
@@ -70,7 +70,8 @@ def build(*, queue_id: str, arrival: float, sender: str, envid: str, ret: str, m
                f'Content-Type: multipart/report; report-type=delivery-status;\n\tboundary="{boundary}"']
     status_type = "message/global-delivery-status" if unicode else "message/delivery-status"
     if headers_only:
-        returned_type, returned = ("message/global-headers" if unicode else "text/rfc822-headers"), _header(original)
+        returned = header_of(original).rstrip(b"\n") + b"\n"
+        returned_type = "message/global-headers" if unicode else "text/rfc822-headers"
     else:
         returned_type, returned = ("message/global" if unicode else "message/rfc822"), original
     description = ("Undelivered Message" if main == FAILED else "Message") + (" Headers" if headers_only else "")
@@ -95,11 +96,6 @@ def _thread_fields(original: bytes) -> list[str]:
     return [f"In-Reply-To: {ids[0]}", f"References: {ids[0]}"] if ids and "\n" not in ids[0] else []
 
 
-def _header(original: bytes) -> bytes:
-    end = _HEADER_END.search(original)
-    return original[:end.start()] + b"\n" if end else original
-
-
 def _encoding(content: bytes) -> str:
     if any(len(line) > 998 for line in content.split(b"\n")) or b"\0" in content:
         return "binary"
@@ -121,19 +117,9 @@ def _text(main: str, notices: list[Notice], me: str, headers_only: bool) -> str:
     for notice in notices:
         rcpt = notice.recipient
         lines += [f"<{rcpt.address}>: {notice.action}" + (f" ({rcpt.dsn})" if rcpt.dsn else ""),
-                  *(f"    {line}" for line in _wrap(rcpt.reply or "no reason recorded")), ""]
+                  *(f"    {line}" for line in textwrap.wrap(" ".join((rcpt.reply or "no reason recorded").split()), 72,
+                                                        break_long_words=False, break_on_hyphens=False)), ""]
     return "\n".join(lines)
-
-
-def _wrap(text: str, width: int = 72) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}" if line else word
-    return [*lines, line] if line else lines
 
 
 def _delivery_status(queue_id: str, arrival: float, envid: str, notices: list[Notice], me: str, now: float,
