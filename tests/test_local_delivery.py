@@ -9,6 +9,7 @@ import os
 import pwd
 import re
 import signal
+import sys
 from pathlib import Path
 
 import psutil
@@ -341,3 +342,21 @@ def test_a_spool_written_by_root_is_given_to_the_daemon_user_at_start(daemons):
     wait_for(lambda: daemon.delivered("example.org/u"), what="the waiting message delivered")
     uid = pwd.getpwnam(DAEMON_USER).pw_uid
     assert all(path.stat().st_uid == uid for path in daemon.spool.rglob("*") if not path.is_socket())
+
+
+def test_started_as_a_normal_user_agents_run_as_that_user_only(daemons, tmp_path, unix_users, world_dir):
+    """`make run` as oneself: the daemon refuses, naming the line, a rule that needs another
+    user; and runs agents as its own user."""
+    as_bob = ["setpriv", "--reuid", BOB, "--regid", BOB, "--init-groups", sys.executable, "-m", "router"]
+    args = policy(tmp_path, "local.example /usr/bin/maildrop\n", ALIASES)
+    refused = daemons(*args, launcher=as_bob, start=False).start(wait=False)
+    assert refused.process.wait(30) == 1
+    assert f"{tmp_path / 'aliases'}:2: local delivery would run as '{ALICE}', but qrouter runs as '{BOB}'" \
+        in refused.log()
+    out = owned_dir(world_dir, unix_users[BOB])
+    robot = script(world_dir, "robot", f"cat >/dev/null; id -un > {out}/who\n")
+    daemon = daemons(*policy(tmp_path, f"pipe.example |{robot}\n"), launcher=as_bob)
+    assert psutil.Process(daemon.status()["pid"]).uids().real == unix_users[BOB].uid
+    enqueue(daemon, "r@pipe.example")
+    wait_for(lambda: (out / "who").exists() and (out / "who").read_text(), what="the robot's run")
+    assert (out / "who").read_text().strip() == BOB
