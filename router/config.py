@@ -294,13 +294,6 @@ class Config:
         """max-sessions shared out over the workers, at least one each."""
         return max(1, -(-self.max_sessions // self.workers))
 
-    @property
-    def destination_share(self) -> int:
-        """destination-concurrency shared out over the workers: how many deliveries to one
-        destination, and so connections to it, one worker may have. Each worker keeps its own
-        connections, so this keeps those to a destination within destination-concurrency."""
-        return max(1, self.destination_concurrency // self.workers)
-
     def backoff(self, attempts: int) -> float:
         """Seconds to wait after the `attempts`-th failed attempt: doubling, as Postfix does.
 

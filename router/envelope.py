@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import NamedTuple
 
 from router.queue_file import MAX_HEADER, PENDING
 
@@ -39,16 +40,22 @@ def read_header(path: str) -> bytes | None:
     return data[:end + 2] if end >= 0 else None
 
 
-def pending_recipients(path: str) -> tuple[list[str], bool] | None:
-    """The addresses of the recipients still pending, and whether they are rewritten already;
-    None if the file is gone or is not a queue file. Results only in the journal (a crash in the
-    middle of an attempt) are not seen here: such a recipient is counted as pending, which costs
-    at most a session slot it will not use."""
+class Envelope(NamedTuple):
+    addresses: list[str]  # of the recipients still pending
+    rewritten: bool  # address rewriting is done
+    warned: bool  # a delay warning went to the sender
+
+
+def pending_recipients(path: str) -> Envelope | None:
+    """The pending recipients and what routing and scheduling them needs; None if the file is
+    gone or is not a queue file. Results only in the journal (a crash in the middle of an
+    attempt) are not seen here: such a recipient is counted as pending, which costs at most a
+    session slot it will not use."""
     header = read_header(path)
     if header is None:
         return None
     recipients: list[tuple[str, str]] = []  # (address, state)
-    rewritten = False
+    rewritten = warned = False
     for line in header.decode(errors="replace").split("\n"):
         key, _, value = line.partition(" ")
         if key == "rcpt":
@@ -57,4 +64,6 @@ def pending_recipients(path: str) -> tuple[list[str], bool] | None:
             recipients[-1] = (recipients[-1][0], value)
         elif key == "rewritten":
             rewritten = True
-    return [address for address, state in recipients if state == PENDING], rewritten
+        elif key == "warned":
+            warned = True
+    return Envelope([address for address, state in recipients if state == PENDING], rewritten, warned)

@@ -6,16 +6,19 @@ socket. Nothing here delivers mail or reads a message: the supervisor stays smal
 whatever the workers are doing.
 
 Work comes from two places. incoming/ is watched for new files, which go out at once. deferred/
-is read once at start (file mtimes, the next attempt times) into a schedule, which worker reports
-and inotify keep up to date, so a large deferred queue costs no directory scans.
+is read once at start (file mtimes, the next attempt times) into the dispatcher's schedule, which
+worker reports and inotify keep up to date, so a large deferred queue costs no directory scans.
+Which message goes to which worker, and when, is the dispatcher's decision (router/dispatcher.py):
+the supervisor hands it the workers' free sessions, writes the tasks it returns and tells it what
+the workers report.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
-import random
 import selectors
 import signal
 import stat
@@ -35,13 +38,12 @@ from router import log as log_module
 from router import privileges, status_socket
 from router.config import Config, ConfigError, load
 from router.control import COMMANDS, Daemon, QueueCommands
+from router.dispatcher import PROBE_SECONDS, Dispatcher, Limits, Routed, Suspension, Task
 from router.durable import error_name
 from router.envelope import pending_recipients
 from router.lock import SpoolLock
 from router.queue_file import POISON_CRASHES
 from router.queue_id import arrival_of, is_queue_id
-from router.schedule import Schedule
-from router.scheduler import PROBE_SECONDS, RECOVERY_SPREAD, Destination, Scheduler
 from router.spool import ACTIVE, ARCHIVE, DEFERRED, HOLD, INCOMING, Spool
 from workers.delivery import CORRUPTED, KEPT, QUEUED_AGAIN, SKIPPED, Report
 from workers.pools import LOCAL, NETWORK, pool_for, pool_of
@@ -56,7 +58,7 @@ YOUNG_WORKER_SECONDS = 1.0
 YOUNG_DEATHS = 5  # workers dying this young, in a row: the daemon stops instead of forking forever
 BOOT_ERROR = 3  # a worker's exit status when it could not start at all (as gunicorn's workers)
 TAKE_BACK_SECONDS = 3.0  # a worker silent this long gets no more mail, and what it has not begun is given to others
-DISPATCH_BUDGET = 2000  # ready messages looked at in one turn of the loop
+INITIAL_WINDOW = 5  # a destination's first window, unless the destinations file says otherwise
 WATCHDOG_SECONDS = 15.0  # a worker silent this long is killed: its main thread says it is alive every second
 TROUBLE_LOG_SECONDS = 60.0  # "spool full" is said at most this often
 PRUNE_SECONDS = 3600.0  # archive/ is pruned this often (archive-max-age)
@@ -80,7 +82,6 @@ class WorkerHandle:
         self.report_fd = report_fd
         self.started = self.heard = time.monotonic()
         self.jobs: dict[str, tuple[str, float]] = {}  # queue id -> (its queue, when handed out), oldest first
-        self.destinations: Counter[str] = Counter()  # messages in progress here, by destination
         self.done = 0
         self.retiring = False
         self.silent = False  # has not answered for TAKE_BACK_SECONDS
@@ -123,16 +124,10 @@ class Supervisor:
         self.spool = Spool(config.queue_dir, config.spool_group)
         self.lock = SpoolLock(config.queue_dir)
         self.selector = selectors.DefaultSelector()
-        self.schedule = Schedule()
-        self.fresh: deque[tuple[str, str]] = deque()  # (queue, id) never tried, or given back
-        self.retries: deque[tuple[str, str]] = deque()  # (queue, id) due again
-        self.queued: set[str] = set()  # ids in fresh, retries or a destination's waiting line
+        self.dispatcher = Dispatcher(self._limits, min(config.min_backoff, PROBE_SECONDS), self._route)
         self.suspects: set[str] = set()  # in progress, with others, in a worker that died
         self.isolated: deque[tuple[str, str]] = deque()  # suspects waiting to be delivered alone
-        self.routes: dict[str, list[str]] = {}  # queue id in flight -> its destinations
-        self.scheduler = Scheduler(config.destination_concurrency, min(config.min_backoff, PROBE_SECONDS))
         self.workers: dict[int, WorkerHandle] = {}
-        self.in_flight: dict[str, WorkerHandle] = {}
         self.crashes: dict[str, int] = {}
         self.kept: dict[str, str] = {}  # queue id -> where a message waits that could not be filed away
         self.unsaved: dict[str, str] = {}  # queue id -> results its file does not record (Report.states)
@@ -149,7 +144,6 @@ class Supervisor:
         self.after_attempt: dict[str, str] = {}  # queue id in hand -> hold or delete, once its attempt ends
         self.control = QueueCommands(self.spool, _Hooks(self))
         self.young_deaths = 0
-        self.more_ready = False  # _dispatch stopped at its budget with mail still ready
         self.exit_code = 0
 
     # -- start and stop -------------------------------------------------------------------
@@ -205,7 +199,7 @@ class Supervisor:
             log.warning(warning)
         self._maintain_pool()
         log.info("started: spool %s, %d workers, %d queued, %d deferred", self.config.queue_dir,
-                 self.config.workers, len(self.fresh), len(self.schedule))
+                 self.config.workers, len(self.dispatcher.fresh), len(self.dispatcher.schedule))
 
     def _take_identity(self) -> None:
         """Started as root: make the spool the unprivileged user's and become that user, keeping
@@ -292,8 +286,7 @@ class Supervisor:
         for warning in self._config_warnings(config):
             log.warning(warning)
         self.config, self.policy = config, policy
-        self.scheduler.limit = config.destination_concurrency
-        self.scheduler.probe_seconds = min(config.min_backoff, PROBE_SECONDS)
+        self.dispatcher.reconfigure(min(config.min_backoff, PROBE_SECONDS))
         for worker in self.workers.values():
             worker.retiring = True
             worker.close_tasks()
@@ -396,8 +389,9 @@ class Supervisor:
         if len(claimed) > 1 and not worker.killed:
             self.suspects.update(claimed)  # which one killed it is not known: each goes again alone
         for _, queue_id in lost:
-            if self.in_flight.get(queue_id) is worker:
-                self._finished(queue_id, {})
+            if self.dispatcher.in_flight(queue_id) == worker.pid:
+                self.dispatcher.given_back(queue_id)
+        self.dispatcher.worker_gone(worker.pid)
         for queue_id in claimed:  # being delivered; the others were still waiting in the pipe
             log.error("worker %d %s while delivering %s", worker.pid, how, queue_id)
         if not claimed and (not (worker.retiring or self.stopping) or status != 0):
@@ -499,7 +493,8 @@ class Supervisor:
         except FileNotFoundError:
             return
         if stat.S_ISREG(info.st_mode):
-            self.schedule.add(name, info.st_mtime)
+            if not self.dispatcher.holds(name):  # one it holds is scheduled by its report, not its mtime
+                self.dispatcher.schedule.add(name, info.st_mtime)
         else:
             self._set_aside(name, DEFERRED, "not a regular file")
 
@@ -537,12 +532,14 @@ class Supervisor:
                   len(self.kept))
 
     def _enqueue_ready(self, queue: str, queue_id: str, *, retry: bool = False) -> None:
-        if queue_id not in self.in_flight and queue_id not in self.queued:
-            self.queued.add(queue_id)
-            if queue_id in self.suspects:
+        if queue_id in self.suspects:
+            if not self._in_hand(queue_id) and (queue, queue_id) not in self.isolated:
                 self.isolated.append((queue, queue_id))
-            else:
-                (self.retries if retry else self.fresh).append((queue, queue_id))
+        else:
+            self.dispatcher.ready(queue, queue_id, retry=retry)
+
+    def _in_hand(self, queue_id: str) -> bool:
+        return any(queue_id in worker.jobs for worker in self.workers.values())
 
     def _measure(self) -> None:
         """Hand the metrics a snapshot of the status once a second; a scrape reads it from its
@@ -570,80 +567,41 @@ class Supervisor:
             log.info("removed %d message(s) archived more than %g days ago (archive-max-age)", removed, days)
 
     def _promote_due(self) -> None:
-        for queue_id in self.schedule.pop_due(time.time()):
-            self._enqueue_ready(self.kept.pop(queue_id, DEFERRED), queue_id, retry=True)
-
-    def _next_ready(self, turn: int) -> tuple[str, str]:
-        """New mail and retries by turns, so a burst of due retries delays new mail by one
-        message at most, and the other way round."""
-        source = self.fresh if (turn % 2 == 0 and self.fresh) or not self.retries else self.retries
-        queue, queue_id = source.popleft()
-        self.queued.discard(queue_id)
-        return queue, queue_id
+        self.dispatcher.promote_due(time.time(), lambda queue_id: self.kept.pop(queue_id, DEFERRED))
 
     def _dispatch(self) -> None:
-        """Hand out ready messages while workers have free sessions and each message's
-        destinations have room in their windows. A message waits in the line of a destination
-        whose window is full, is deferred without an attempt when a destination is dead, and
-        goes to the worker with the most free sessions whose share of its destinations is not
-        all in use (see _pick). One write per worker."""
+        """Hand out what the dispatcher says can go, one write per worker; defer the messages
+        whose destinations are all dead; tell workers to drop idle connections the dispatcher
+        needs room for."""
         if self.stopping:
             return
         if self.isolated:
             self._dispatch_isolated()
-        if not (self.fresh or self.retries):
-            return
-        open_ = {w: free for w in sorted(self.workers.values(), key=lambda w: w.pid) if (free := w.open())}
-        given: dict[WorkerHandle, list[tuple[str, str]]] = {}
+        free = {w.pid: (w.pool, n) for w in self.workers.values() if (n := w.open())}
         now = time.time()
-        turn = 0
-        self.more_ready = False
-        while open_ and (self.fresh or self.retries):
-            if turn == DISPATCH_BUDGET:  # the loop has signals, reports and clients to serve too
-                self.more_ready = True
-                break
-            queue, queue_id = self._next_ready(turn)
-            turn += 1
-            if queue_id in self.in_flight:
-                continue
-            routed = self._route(queue, queue_id)
-            if routed is None:
-                continue  # gone meanwhile
-            names, pool = routed
-            blocker = self.scheduler.blocker(names, now)
-            if blocker is not None:
-                if blocker.dead and not blocker.probing and queue != ACTIVE:
-                    self._suspend(queue, queue_id, blocker)
-                else:
-                    self._wait_in_line(blocker, queue, queue_id)
-                continue
-            worker = self._pick(open_, names, pool)
-            if worker is None:  # its share of the destination is in use in every worker with room
-                self._wait_in_line(self.scheduler.get(names[0]), queue, queue_id)
-                continue
-            self.scheduler.start(names, now)
-            self.routes[queue_id] = names
-            worker.give(queue, queue_id, now)
-            worker.destinations.update(names)
-            self.in_flight[queue_id] = worker
-            given.setdefault(worker, []).append((queue, queue_id))
-            open_[worker] -= 1
-            if not open_[worker]:
-                del open_[worker]
-        for worker, jobs in given.items():
+        tasks, suspensions = self.dispatcher.dispatch(free, now)
+        for suspension in suspensions:
+            self._suspend(suspension)
+        given: dict[WorkerHandle, list[Task]] = {}
+        for pid, task in tasks:
+            worker = self.workers[pid]
+            worker.give(task.queue, task.queue_id, now)
+            given.setdefault(worker, []).append(task)
+        for worker, handed in given.items():
             try:
-                os.write(worker.task_fd, "".join(self._task(queue, queue_id) for queue, queue_id in jobs).encode())
+                os.write(worker.task_fd, b"".join(self._task_line(task) for task in handed))
             except OSError:  # that worker is dying; reaping will replace it
-                for queue, queue_id in reversed(jobs):
-                    worker.jobs.pop(queue_id)
-                    self._finished(queue_id, {})
-                    self.queued.add(queue_id)
-                    self.fresh.appendleft((queue, queue_id))
-
-    def _wait_in_line(self, destination: Destination, queue: str, queue_id: str) -> None:
-        """Hold a message back until `destination` has room again (see _finished)."""
-        destination.waiting.append((queue, queue_id))
-        self.queued.add(queue_id)
+                for task in handed:
+                    worker.jobs.pop(task.queue_id)
+                    if self.dispatcher.given_back(task.queue_id):
+                        self.dispatcher.ready(task.queue, task.queue_id)
+        for pid, names in self.dispatcher.take_drops().items():
+            holder = self.workers.get(pid)
+            if holder is not None and holder.task_fd >= 0:
+                try:
+                    os.write(holder.task_fd, json.dumps({"drop": sorted(names)}).encode() + b"\n")
+                except OSError:
+                    pass  # dying: its connections go with it
 
     def _dispatch_isolated(self) -> None:
         """A worker that dies with several messages in progress gives no clue which one killed
@@ -653,7 +611,7 @@ class Supervisor:
         while self.isolated:
             queue, queue_id = self.isolated[0]
             routed = self._route(queue, queue_id)
-            pool = routed[1] if routed else NETWORK
+            pool = routed.pool if routed else NETWORK
             kind = [w for w in self.workers.values() if w.pool == pool and w.task_fd >= 0]
             idle = [w for w in kind if not (w.jobs or w.retiring or w.silent or w.solo)]
             if not idle:
@@ -664,88 +622,81 @@ class Supervisor:
                 return
             worker = next((w for w in idle if w.draining), idle[0])
             self.isolated.popleft()
-            self.queued.discard(queue_id)
             worker.draining, worker.solo = False, True
             worker.give(queue, queue_id, time.time())
-            self.in_flight[queue_id] = worker
             try:
-                os.write(worker.task_fd, self._task(queue, queue_id).encode())
+                os.write(worker.task_fd, self._task_line(Task(queue, queue_id, go=None)))
             except OSError:  # that worker is dying; reaping will replace it and give it back
                 pass
 
-    def _route(self, queue: str, queue_id: str) -> tuple[list[str], str] | None:
-        """The destinations of a message's pending recipients by the policy in force, and the
-        kind of worker it needs; no destinations if its file cannot be read this way; None if it
-        is gone. A policy with one next hop for everyone (a relayhost) needs no file read."""
+    def _route(self, queue: str, queue_id: str) -> Routed | None:
+        """The destinations of a message's pending recipients by the policy in force, the kind of
+        worker it needs, and when a worker must see it whatever its destinations' state (expiry,
+        delay warning); no destinations if its file cannot be read this way; None if it is gone.
+        A policy with one next hop for everyone (a relayhost) needs no file read, unless delay
+        warnings need to know whether one went already."""
+        config = self.config
+        arrival = arrival_of(queue_id)
+        expires = arrival + config.max_age * 86400
         only = self.policy.only_next_hop
-        if only is not None:
-            return [only.destination], pool_for([only])
+        if only is not None and not config.delay_warning:
+            return Routed((only.destination,), pool_for([only]), expires)
         path = self.spool.path(queue, queue_id)
         envelope = pending_recipients(path)
         if envelope is None:
-            return None if not os.path.lexists(path) else ([], NETWORK)
-        addresses, rewritten = envelope
+            return None if not os.path.lexists(path) else Routed((), NETWORK)
+        addresses, rewritten, warned = envelope
+        warn = arrival + config.delay_warning * 3600 if config.delay_warning and not warned else expires
         hops: dict[NextHop, None] = {}
         for address in addresses:
             try:
-                hops[self.policy.route_queued(address, rewritten).next_hop] = None
+                hops[only or self.policy.route_queued(address, rewritten).next_hop] = None
             except Exception:  # the worker routes it again and says what is wrong
                 continue
-        return list(dict.fromkeys(hop.destination for hop in hops)), pool_for(hops)
+        pool = pool_for(hops)
+        names = (hop.destination for hop in hops if pool_of(hop.kind) == pool)  # the others are split off
+        return Routed(tuple(dict.fromkeys(names)), pool, min(expires, warn))
 
-    def _pick(self, open_: dict[WorkerHandle, int], names: list[str], pool: str) -> WorkerHandle | None:
-        """The worker of the kind the message needs with the most free sessions among those whose
-        share of each destination (destination-concurrency divided over the workers, as each
-        worker keeps its own connections) is not all in use; None if there is none."""
-        share = self.config.destination_share
-        fits = [w for w in open_ if w.pool == pool and all(w.destinations[name] < share for name in names)]
-        return max(fits, key=open_.__getitem__) if fits else None
+    def _limits(self, name: str) -> Limits:
+        """A destination's concurrency limit, first window and rate."""
+        limit = self.config.destination_concurrency
+        return Limits(limit, min(INITIAL_WINDOW, limit))
 
-    def _suspend(self, queue: str, queue_id: str, destination: Destination) -> None:
-        """Defer a message for a dead destination without trying it, until its probe time. If
-        the spool cannot take the move now, the message waits where it is, due at the same time."""
-        due = destination.dead_until + random.uniform(0, RECOVERY_SPREAD * 20)
-        if not self._move(queue_id, queue, DEFERRED, mtime=due):
+    def _suspend(self, suspension: Suspension) -> None:
+        """Defer a message whose destinations are all dead without trying it, until its probe
+        time. If the spool cannot take the move now, the message waits where it is, due at the
+        same time."""
+        queue, queue_id = suspension.queue, suspension.queue_id
+        if not self._move(queue_id, queue, DEFERRED, mtime=suspension.due):
             self.kept[queue_id] = queue
-        self.schedule.add(queue_id, due)
-        destination.deferred.add(queue_id)
+        self.dispatcher.schedule.add(queue_id, suspension.due)
         delay = time.time() - arrival_of(queue_id)
         envelope = pending_recipients(self.spool.path(DEFERRED if queue_id not in self.kept else queue, queue_id))
+        destination = suspension.destinations[0]
         for address in envelope[0] if envelope else ["?"]:
             log.info("%s: to=<%s>, relay=none, delay=%.2f, dsn=4.4.1, status=deferred (delivery temporarily "
-                     "suspended: %s: %s)", queue_id, address, delay, destination.label,
-                     destination.last_error)
+                     "suspended: %s: %s)", queue_id, address, delay, destination.label, destination.last_error)
 
     def _finished(self, queue_id: str, reach: dict[str, str]) -> None:
-        """A message is no longer in flight: free its sessions, learn from what it found."""
-        worker = self.in_flight.pop(queue_id, None)
-        names = self.routes.pop(queue_id, [])
-        if worker is not None:
-            worker.destinations.subtract(names)
+        """A message's entries in flight are done: the dispatcher learns from what they found."""
         now = time.time()
-        revived, died = self.scheduler.finish(names, reach, now)
+        revived, died = self.dispatcher.finished(queue_id, reach, now)
         for destination in died:
             log.warning("destination %s is not reachable (%s); its mail waits without new attempts until a "
                         "probe in %.0fs", destination.label, destination.last_error,
                         destination.dead_until - now)
         for destination in revived:
+            count = self.dispatcher.recover(destination, now)
             log.info("destination %s answers again; retrying the %d message(s) deferred for it",
-                     destination.label, len(destination.deferred))
-            for deferred_id, due in self.scheduler.recovery_times(destination, now):
-                self.schedule.add(deferred_id, due)
-        for name in names:
-            destination = self.scheduler.get(name)
-            room = len(destination.waiting) if destination.dead else int(destination.window) - destination.in_flight
-            for _ in range(min(room, len(destination.waiting))):
-                queue, waiting_id = destination.waiting.popleft()
-                self.queued.discard(waiting_id)
-                self._enqueue_ready(queue, waiting_id)
+                     destination.label, count)
 
-    def _task(self, queue: str, queue_id: str) -> str:
-        """The line that hands a message to a worker, with the results an earlier attempt
+    def _task_line(self, task: Task) -> bytes:
+        """The record that hands a message to a worker, with the results an earlier attempt
         could not store, if any."""
-        states = self.unsaved.get(queue_id)
-        return f"{queue} {queue_id} {states}\n" if states else f"{queue} {queue_id}\n"
+        record = task.record()
+        if states := self.unsaved.get(task.queue_id):
+            record["states"] = states
+        return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
     def _watch_workers(self) -> None:
         """A worker that stops saying it is alive (frozen, wedged) gets no more mail; what it
@@ -769,18 +720,18 @@ class Supervisor:
                      if queue != ACTIVE and os.path.lexists(self.spool.path(queue, queue_id))]
         for queue, queue_id in unclaimed:
             worker.jobs.pop(queue_id)
-            self._finished(queue_id, {})
+            self.dispatcher.given_back(queue_id)
             self._enqueue_ready(queue, queue_id)
         log.warning("worker %d has not answered for %.0fs; %d message(s) it had not begun given to others",
                     worker.pid, silent, len(unclaimed))
 
     def _timeout(self) -> float | None:
-        if self.more_ready:
+        if self.dispatcher.more_ready:
             return 0.0
         deadlines = [TAKE_BACK_SECONDS] if self.workers else []
-        due = self.schedule.next_due()
+        due = self.dispatcher.next_wakeup(time.time())
         if due is not None:
-            deadlines.append(due - time.time())
+            deadlines.append(due)
         if self.respawn_after > time.monotonic():
             deadlines.append(self.respawn_after - time.monotonic())
         if self.stopping and self.workers:
@@ -879,8 +830,13 @@ class Supervisor:
         worker.silent = False
         *lines, worker.buffer = worker.buffer.split(b"\n")
         for line in lines:
-            if line:
-                self._report(worker, Report.from_line(line.decode()))
+            if not line:
+                continue
+            record = json.loads(line)
+            if "queue_id" in record:
+                self._report(worker, Report.from_record(record))
+            else:  # idle connections it closed or was told to drop
+                self.dispatcher.kept(worker.pid, record.get("kept", {}))
 
     def _report(self, worker: WorkerHandle, report: Report) -> None:
         queue_id = report.queue_id
@@ -889,7 +845,9 @@ class Supervisor:
         if worker.solo and not worker.jobs:
             worker.solo = False
             self.suspects.discard(queue_id)
-        if self.in_flight.get(queue_id) is worker:
+        if report.kept:
+            self.dispatcher.kept(worker.pid, report.kept)
+        if self.dispatcher.in_flight(queue_id) == worker.pid:
             self._finished(queue_id, report.reach)
         elif report.result == SKIPPED:
             return  # a message taken back from this worker, now another's
@@ -911,15 +869,16 @@ class Supervisor:
         if report.error:
             self._spool_trouble(report.error, f"cannot store the state of {queue_id}")
         if report.result in (QUEUED_AGAIN, KEPT):
-            self.schedule.add(queue_id, report.next_attempt)
+            due = self.dispatcher.filed(queue_id, report.queue if report.result == KEPT else DEFERRED,
+                                        report.next_attempt)
+            if due is not None:
+                self.dispatcher.schedule.add(queue_id, due)
+        else:
+            self.dispatcher.forget(queue_id)
         command = self.after_attempt.pop(queue_id, None)
         if command and report.result == QUEUED_AGAIN:  # asked for while it was being delivered
             for queue_id_done, what in self.control.run(command, [queue_id])["done"].items():
                 log.info("%s: %s after its attempt", queue_id_done, what)
-        if report.result == QUEUED_AGAIN:
-            for name, why in report.reach.items():
-                if why:
-                    self.scheduler.get(name).deferred.add(queue_id)
 
     def _answer(self, request: dict[str, Any], uid: int) -> dict[str, Any]:
         """A status socket request: `status` for anyone who may connect; the queue commands
@@ -971,11 +930,11 @@ class Supervisor:
             "log": log_module.where(),
             "uptime": round(now - self.started, 3),
             "rss": psutil.Process().memory_info().rss,
-            "scheduled": len(self.schedule),
-            "sessions": len(self.in_flight),
+            "scheduled": len(self.dispatcher.schedule),
+            "sessions": sum(len(worker.jobs) for worker in self.workers.values()),
             "max_sessions": sum(w.sessions for w in self.workers.values() if not w.retiring),
             "workers": workers,
-            "destinations": self.scheduler.status(),
+            "destinations": self.dispatcher.status(),
             "counters": dict(self.counters),
         }
 
@@ -987,16 +946,16 @@ class _Hooks(Daemon):
         self.supervisor = supervisor
 
     def in_hand(self, queue_id: str) -> bool:
-        return queue_id in self.supervisor.in_flight
+        return self.supervisor._in_hand(queue_id)
 
     def after_attempt(self, queue_id: str, command: str) -> None:
         self.supervisor.after_attempt[queue_id] = command
 
     def scheduled(self, queue_id: str, due: float) -> None:
-        self.supervisor.schedule.add(queue_id, due)
+        self.supervisor.dispatcher.schedule.add(queue_id, due)
 
     def unscheduled(self, queue_id: str) -> None:
-        self.supervisor.schedule.discard(queue_id)
+        self.supervisor.dispatcher.forget(queue_id)
 
 
 def _describe_exit(status: int) -> str:

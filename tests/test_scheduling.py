@@ -121,7 +121,8 @@ def test_a_frozen_worker_is_killed_and_its_mail_delivered_by_others(daemons, tmp
         contents = [m.content for m in sink.messages]
         twice = {c for c in contents if contents.count(c) > 1}
         assert all(any(f"n={ids.index(q)}".encode() in c for q in in_hand) for c in twice)  # only mail in hand
-        assert f"worker {frozen} has not answered for" in daemon.log() and "killing it" in daemon.log()
+        wait_for(lambda: f"worker {frozen} has not answered for" in daemon.log() and "killing it" in daemon.log(),
+                 30, "the frozen worker killed")
         assert frozen not in daemon.worker_pids() and len(daemon.worker_pids()) == 2
         assert set(pids) - {frozen} <= set(daemon.worker_pids())
 

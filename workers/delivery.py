@@ -7,10 +7,10 @@ before the next one is tried, so a crash never delivers twice to a recipient alr
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import dataclass, field
-from urllib.parse import quote, unquote
+from dataclasses import asdict, dataclass, field, fields
 
 from policy.next_hop import MX, SMTP, NextHop
 from policy.routing import Policy
@@ -48,13 +48,14 @@ KEPT_RETRY_SECONDS = 60.0  # a kept message is tried again this soon at most: sp
 
 @dataclass
 class Report:
-    """What a worker tells the supervisor about one message, as one line over its pipe.
+    """What a worker tells the supervisor about one message, as one JSON record a line over its pipe.
 
     A KEPT message is in `queue` still, and `states` holds the results of recipients done
     that its file does not record yet; `error` names the errno of a failure to store (ENOSPC),
     which the supervisor logs once a minute rather than once per message. `reach` says for each
     destination tried whether it could be reached (""), or why not (no server answered), which
-    the scheduler needs to open or close its window and to find dead destinations."""
+    the dispatcher needs to open or close its window and to find dead destinations; `kept` how
+    many idle connections the worker keeps to each destination tried, after the attempt."""
 
     queue_id: str
     result: str
@@ -66,20 +67,39 @@ class Report:
     states: str = ""
     error: str = ""
     reach: dict[str, str] = field(default_factory=dict)
+    kept: dict[str, int] = field(default_factory=dict)
 
     def to_line(self) -> bytes:
-        reached = ",".join(f"{destination}={quote(why, safe='')}" for destination, why in self.reach.items())
-        return (f"{self.queue_id} {self.result} {self.sent} {self.deferred} {self.bounced} "
-                f"{self.next_attempt:.6f} {self.queue or '-'} {self.states or '-'} {self.error or '-'} "
-                f"{reached or '-'}\n").encode()
+        return json.dumps({key: value for key, value in asdict(self).items() if value or key == "result"},
+                          separators=(",", ":")).encode() + b"\n"
 
     @classmethod
-    def from_line(cls, line: str) -> Report:
-        queue_id, result, sent, deferred, bounced, next_attempt, queue, states, error, reached = (
-            "" if word == "-" else word for word in line.split())
-        return cls(queue_id, result, int(sent), int(deferred), int(bounced), float(next_attempt), queue, states,
-                   error, {destination: unquote(why) for destination, _, why in
-                           (item.rpartition("=") for item in filter(None, reached.split(",")))})
+    def from_record(cls, record: dict) -> Report:
+        return cls(**{key: record[key] for key in _REPORT_FIELDS if key in record})
+
+
+_REPORT_FIELDS = [f.name for f in fields(Report)]
+
+
+@dataclass
+class Plan:
+    """What the dispatcher asks of one attempt (router/dispatcher.py Task): the destinations to
+    attempt now (None: all), those suspended (recorded as deferred without an attempt, with why
+    and when to retry), those whose entries still wait for room (left untouched), and the retry
+    already asked for by the entries that went earlier. A recipient routed elsewhere than any
+    of these (the policy changed meanwhile) is attempted."""
+
+    go: frozenset[str] | None = None
+    suspended: dict[str, tuple[str, float]] = field(default_factory=dict)
+    later: frozenset[str] = frozenset()
+    due: float = 0.0
+
+    @classmethod
+    def from_record(cls, task: dict) -> Plan:
+        go = task.get("go")
+        return cls(None if go is None else frozenset(go),
+                   {name: (why, float(due)) for name, (why, due) in task.get("suspended", {}).items()},
+                   frozenset(task.get("later", ())), float(task.get("due", 0.0)))
 
 
 def encode_states(queue_file: QueueFile) -> str:
@@ -96,6 +116,18 @@ def apply_states(queue_file: QueueFile, states: str) -> None:
             queue_file.recipients[int(index)].state = state
 
 
+@dataclass
+class Retry:
+    """When the recipients an attempt leaves pending want their next one: the times asked for
+    (suspended destinations' probes, earlier entries of the activation), whether an attempted one
+    was deferred (then the backoff applies), and whether some were left for entries that wait."""
+
+    times: list[float]
+    backoff: bool = False
+    attempted: bool = False
+    untouched: bool = False
+
+
 class Delivery:
     def __init__(self, spool: Spool, config: Config, policy: Policy, transports: dict[str, Transport],
                  pool: str = NETWORK):
@@ -106,9 +138,10 @@ class Delivery:
         self.pool = pool  # the kind of worker this is: recipients for the other kind are split off
         self.notifier = Notifier(spool, config)
 
-    def attempt(self, queue: str, queue_id: str, states: str = "") -> Report:
-        """One attempt. `states` are results an earlier attempt could not store (a full disk):
-        they are applied and stored first, so those recipients are not delivered twice."""
+    def attempt(self, queue: str, queue_id: str, states: str = "", plan: Plan | None = None) -> Report:
+        """One attempt, of what `plan` asks (everything without one). `states` are results an
+        earlier attempt could not store (a full disk): they are applied and stored first, so
+        those recipients are not delivered twice."""
         report = Report(queue_id, REMOVED)
         path = None
         try:
@@ -132,13 +165,13 @@ class Delivery:
             return Report(queue_id, HELD)
         apply_states(queue_file, states)
         try:
-            return self._attempt(queue_file, report, stored=not (queue_file.journal_bytes or states))
+            return self._attempt(queue_file, report, plan or Plan(), stored=not (queue_file.journal_bytes or states))
         except Exception:
             log.exception("%s: delivery attempt failed unexpectedly; recording what was done and deferring it",
                           queue_id)
             return self._defer(queue_file, report, time.time() + self.config.min_backoff)
 
-    def _attempt(self, queue_file: QueueFile, report: Report, stored: bool) -> Report:
+    def _attempt(self, queue_file: QueueFile, report: Report, plan: Plan, stored: bool) -> Report:
         if not stored:
             try:
                 self._store(queue_file, report)
@@ -148,15 +181,15 @@ class Delivery:
             refused = self._rewrite(queue_file, report)
             if refused is not None:
                 return refused
-        queue_file.attempts += 1
         successes: list[Notice] = []
+        retry = Retry([plan.due] if plan.due else [])
         if not self._looping(queue_file, report):
-            self._deliver(queue_file, report, successes)
+            self._deliver(queue_file, report, successes, plan, retry)
         if queue_file.pending() and time.time() - queue_file.arrival >= self.config.max_age * 86400:
             self._expire(queue_file, report)
         if not self.notifier.after_attempt(queue_file, successes):  # the report must not be lost with it
             return self._defer(queue_file, report, time.time() + min(self.config.min_backoff, KEPT_RETRY_SECONDS))
-        return self._file_away(queue_file, report)
+        return self._file_away(queue_file, report, retry)
 
     def _looping(self, queue_file: QueueFile, report: Report) -> bool:
         """A message that has passed more hops than hopcount-limit (Received: and Delivered-To:
@@ -164,6 +197,7 @@ class Delivery:
         count, limit = hop_count(queue_file.message), self.config.hopcount_limit
         if count <= limit:
             return False
+        queue_file.attempts += 1
         loop = Outcome(BOUNCED, LOOP_DSN, f"mail loop: the message has {count} Received: and Delivered-To: header "
                                           f"fields, more than hopcount-limit {limit}", "none")
         for rcpt in queue_file.pending():
@@ -194,10 +228,12 @@ class Delivery:
             log.info("%s: %s", queue_file.queue_id, change)
         return None
 
-    def _deliver(self, queue_file: QueueFile, report: Report, successes: list[Notice]) -> None:
-        """Deliver to every pending recipient, next hop by next hop, journalling between them.
-        Deliveries whose NOTIFY asks for a success report the next hop will not make are added
-        to `successes`.
+    def _deliver(self, queue_file: QueueFile, report: Report, successes: list[Notice], plan: Plan,
+                 retry: Retry) -> None:
+        """Deliver to the pending recipients the plan lets go now, next hop by next hop,
+        journalling between them; record the suspended ones without an attempt; note in `retry`
+        when what stays pending wants its next attempt. Deliveries whose NOTIFY asks for a
+        success report the next hop will not make are added to `successes`.
 
         If the journal cannot be written the attempt stops there: the next hops not tried yet
         keep their recipients pending rather than risk an unrecorded delivery.
@@ -215,11 +251,25 @@ class Delivery:
             return
         for position, (hop, indexes) in enumerate(groups.items(), 1):
             recipients = [queue_file.recipients[i] for i in indexes]
+            name = hop.destination
+            if plan.go is not None and name not in plan.go and name in plan.suspended:
+                why, due = plan.suspended[name]
+                for rcpt in recipients:
+                    self._record(queue_file, rcpt, Outcome(STATUS_DEFERRED, "4.4.1", why, "none"), report)
+                retry.times.append(due)
+                continue
+            if plan.go is not None and name not in plan.go and name in plan.later:
+                retry.untouched = True
+                continue
+            if not retry.attempted:
+                retry.attempted = True
+                queue_file.attempts += 1
             outcomes = self._outcomes(queue_file, recipients, hop)
             unreachable = all(o.status == STATUS_DEFERRED and o.dsn.startswith(UNREACHABLE) for o in outcomes)
             report.reach[hop.destination] = (outcomes[0].reply or "unreachable") if unreachable and outcomes else ""
             for rcpt, outcome in zip(recipients, outcomes, strict=True):
                 self._record(queue_file, rcpt, outcome, report)
+                retry.backoff = retry.backoff or outcome.status == STATUS_DEFERRED
                 if outcome.status == SENT and not outcome.dsn_passed and wants(rcpt, SUCCESS):
                     successes.append(Notice(rcpt, RELAYED if hop.kind in (SMTP, MX) else REPORT_DELIVERED))
             if position < len(groups):
@@ -289,9 +339,14 @@ class Delivery:
             report.bounced += 1
             log_delivery(queue_file, rcpt, "expired")
 
-    def _file_away(self, queue_file: QueueFile, report: Report) -> Report:
+    def _file_away(self, queue_file: QueueFile, report: Report, retry: Retry) -> Report:
         if queue_file.pending():
-            return self._defer(queue_file, report, time.time() + self.config.backoff(queue_file.attempts))
+            now = time.time()
+            times = list(retry.times)
+            if retry.backoff or not times:
+                times.append(now + self.config.backoff(queue_file.attempts))
+            due = min(times)
+            return self._defer(queue_file, report, due, now if retry.untouched else due)
         queue_id = queue_file.queue_id
         try:
             if report.bounced and self.config.archive_failed:
@@ -306,16 +361,17 @@ class Delivery:
             return self._keep(report, ACTIVE, encode_states(queue_file), exc)
         return report
 
-    def _defer(self, queue_file: QueueFile, report: Report, due: float) -> Report:
-        """Store the states and move the message to deferred/, to be tried at `due`; if the disk
-        cannot take that, keep it in active/ (see _keep)."""
+    def _defer(self, queue_file: QueueFile, report: Report, due: float, mtime: float | None = None) -> Report:
+        """Store the states and move the message to deferred/, to be tried at `due`; its file
+        says `mtime` (sooner, while entries of its activation wait for room: a restart then
+        tries it at once). If the disk cannot take that, keep it in active/ (see _keep)."""
         now = time.time()
         report.result, report.next_attempt = QUEUED_AGAIN, due
         queue_file.add_log(now, f"attempt {queue_file.attempts}: {report.sent} sent, "
                                 f"{report.deferred} deferred, {report.bounced} bounced")
         try:
             self._store(queue_file, report)
-            self.spool.move(queue_file.queue_id, ACTIVE, DEFERRED, mtime=due)
+            self.spool.move(queue_file.queue_id, ACTIVE, DEFERRED, mtime=due if mtime is None else mtime)
         except OSError as exc:
             return self._keep(report, ACTIVE, encode_states(queue_file), exc)
         log.info("%s: deferred, next attempt in %.1fs", queue_file.queue_id, due - now)

@@ -15,7 +15,7 @@ import functools
 import logging
 import threading
 import time
-from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from policy.next_hop import LMTP, MX, NextHop, parse_hosts
@@ -51,11 +51,10 @@ class SMTPTransport:
         self.helo_name = config.hostname
         self.credentials = config.relay_auth or {}
         self.kept: dict[Server, list[tuple[SMTPClient, float]]] = {}  # idle connections, last used last
-        # Kept connections: a destination's are bounded by its share (see _reserve); this bounds
-        # them all, above the sessions, so mail to many destinations by turns does not churn them.
-        self.max_kept = 4 * config.sessions_per_worker
-        self.share = config.destination_share
-        self.in_use: Counter[str] = Counter()  # connections a session holds, by destination
+        # Idle connections: as many as the worker has sessions, the allowance above max-sessions
+        # (docs/architecture.md). A destination's, in use and idle in every worker, are bounded
+        # by the dispatcher, which learns how many each worker keeps (kept_counts).
+        self.max_kept = config.sessions_per_worker
         self.destination_of: dict[Server, str] = {}
         self._lock = threading.Lock()
         self.turn: dict[str, int] = {}
@@ -76,27 +75,48 @@ class SMTPTransport:
         outcomes: list[Outcome | None] = [None] * len(recipients)
         todo = list(range(len(recipients)))
         for server in servers:
-            self._reserve(server, hop.destination)
-            try:
-                todo = self._deliver_to(server, message, recipients, todo, outcomes)
-            finally:
-                with self._lock:
-                    self.in_use[hop.destination] -= 1
+            with self._lock:
+                self.destination_of[server] = hop.destination
+            todo = self._deliver_to(server, message, recipients, todo, outcomes)
             if not todo:
                 break
         return [outcome or Outcome(DEFERRED, "4.4.1", f"no server to try for {hop}", "none")
                 for outcome in outcomes]
 
-    def close_idle(self) -> None:
+    def close_idle(self) -> set[str]:
+        """Close connections idle for smtp-idle-timeout; the destinations they were to."""
         limit = time.monotonic() - self.config.smtp_idle_timeout
+        return self._close_kept(lambda server, last_used: last_used <= limit)
+
+    def drop(self, destinations: set[str]) -> set[str]:
+        """Close the idle connections to these destinations (the dispatcher needs their room)."""
+        return self._close_kept(lambda server, last_used: self.destination_of.get(server) in destinations)
+
+    def _close_kept(self, stale: Callable[[Server, float], bool]) -> set[str]:
+        closing: list[SMTPClient] = []
+        touched: set[str] = set()
         with self._lock:
-            stale = [client for clients in self.kept.values() for client, last_used in clients if last_used <= limit]
             for server, clients in list(self.kept.items()):
-                clients[:] = [(client, last_used) for client, last_used in clients if last_used > limit]
+                gone = [client for client, last_used in clients if stale(server, last_used)]
+                if gone:
+                    closing += gone
+                    touched.add(self.destination_of[server])
+                    clients[:] = [(client, last_used) for client, last_used in clients if client not in gone]
                 if not clients:
                     del self.kept[server]
-        for client in stale:  # QUIT outside the lock: it waits for the server
+        for client in closing:  # QUIT outside the lock: it waits for the server
             client.close()
+        return touched
+
+    def kept_counts(self, destinations: Iterable[str]) -> dict[str, int]:
+        """How many idle connections this worker keeps to each of these destinations."""
+        counts = dict.fromkeys(destinations, 0)
+        with self._lock:
+            for server, clients in self.kept.items():
+                name = self.destination_of.get(server)
+                if name in counts:
+                    counts[name] += len(clients)
+        return counts
 
     def close(self) -> None:
         with self._lock:
@@ -106,26 +126,6 @@ class SMTPTransport:
             client.close()
 
     # -- one server -----------------------------------------------------------------------
-
-    def _reserve(self, server: Server, destination: str) -> None:
-        """Count a connection to `server` as in use for `destination`, and close kept ones to
-        the destination's other servers as needed so that, in use and kept together, this
-        worker never has more than its share of the destination (Config.destination_share)."""
-        evicted = []
-        with self._lock:
-            self.in_use[destination] += 1
-            self.destination_of[server] = destination
-            if not self.kept.get(server):  # no kept connection to reuse: a new one will be opened
-                idle = sorted(((last_used, other) for other, clients in self.kept.items()
-                               if self.destination_of.get(other) == destination for _, last_used in clients),
-                              key=lambda entry: entry[0])
-                while idle and self.in_use[destination] + len(idle) > self.share:
-                    _, other = idle.pop(0)
-                    evicted.append(self.kept[other].pop(0)[0])
-                    if not self.kept[other]:
-                        del self.kept[other]
-        for client in evicted:
-            client.abort()  # no QUIT: a session must not wait a round trip, nor the old one linger
 
     def _deliver_to(self, server: Server, message: QueueFile, recipients: list[Recipient], todo: list[int],
                     outcomes: list[Outcome | None]) -> list[int]:
@@ -205,7 +205,7 @@ class SMTPTransport:
             evicted = self.kept[oldest].pop(0)[0]
             if not self.kept[oldest]:
                 del self.kept[oldest]
-        evicted.abort()  # see _reserve
+        evicted.abort()  # no QUIT: a session must not wait a round trip, nor the old one linger
 
     # -- where to deliver -----------------------------------------------------------------
 

@@ -21,6 +21,7 @@ the kernel when the supervisor dies, so no orphan keeps delivering beside a rest
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import queue
@@ -36,7 +37,7 @@ from router import privileges
 from router.config import Config
 from router.spool import Spool
 from workers import command
-from workers.delivery import Delivery
+from workers.delivery import Delivery, Plan
 from workers.local import ProgramTransport
 from workers.pools import LOCAL
 from workers.smtp import SMTPTransport
@@ -76,7 +77,9 @@ class Worker:
         self.transports = build_transports(config, pool)
         self.delivery = Delivery(self.spool, config, policy, self.transports, pool)
         self.hang_logged = False
-        self.tasks: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
+        smtp = self.transports.get(SMTP)
+        self.smtp = smtp if isinstance(smtp, SMTPTransport) else None  # keeps connections open: network workers
+        self.tasks: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
         self.report_lock = threading.Lock()
         self.busy_lock = threading.Lock()
         self.busy = 0  # threads in an attempt
@@ -132,10 +135,19 @@ class Worker:
                     return
                 *lines, buffer = (buffer + chunk).split(b"\n")
                 for line in lines:
-                    self.tasks.put(line.decode().split())
+                    task = json.loads(line)
+                    if "drop" in task:  # the dispatcher wants room at these destinations
+                        if self.smtp:
+                            self.smtp.drop(set(task["drop"]))
+                        self._tell_kept(set(task["drop"]))
+                    else:
+                        self.tasks.put(task)
             elif not self.busy:
                 for transport in set(self.transports.values()):
-                    transport.close_idle()
+                    if transport is not self.smtp:
+                        transport.close_idle()
+                if self.smtp:
+                    self._tell_kept(self.smtp.close_idle())
             if time.monotonic() - beat >= HEARTBEAT_SECONDS:
                 beat = time.monotonic()
                 self._beat()
@@ -147,15 +159,23 @@ class Worker:
         while (task := self.tasks.get()) is not None:
             if self.closing:
                 continue
-            queue_name, queue_id, *states = task
             with self.busy_lock:
                 self.busy += 1
             try:
-                report = self.delivery.attempt(queue_name, queue_id, *states)
+                report = self.delivery.attempt(task["queue"], task["id"], task.get("states", ""),
+                                               Plan.from_record(task))
             finally:
                 with self.busy_lock:
                     self.busy -= 1
+            if self.smtp and report.reach:
+                report.kept = self.smtp.kept_counts(report.reach)
             self._write(report.to_line())
+
+    def _tell_kept(self, destinations: set[str]) -> None:
+        """Tell the dispatcher how many idle connections are left to destinations that lost some."""
+        if destinations:
+            counts = self.smtp.kept_counts(destinations) if self.smtp else dict.fromkeys(destinations, 0)
+            self._write(json.dumps({"kept": counts}).encode() + b"\n")
 
     def _beat(self) -> None:
         """Say "alive" (an empty line); a supervisor that is gone takes this worker with it. A

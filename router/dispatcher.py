@@ -1,0 +1,515 @@
+"""The dispatcher: every decision about destinations, and which message goes where when.
+
+Postfix's queue manager is the model (SCHEDULER_README). The unit it schedules is an entry: one
+message's pending recipients for one destination. A message routed to three destinations has three
+entries, and each waits, goes or is suspended on its own destination's state:
+
+- A destination is what the policy routes a recipient to (NextHop.destination): a relay host
+  list, an MX domain, an LMTP socket, a Maildir template.
+- Its concurrency window starts at its initial window and grows while the destination is busy up
+  to it (deliveries in flight fill the window, or entries wait for it), up to its concurrency
+  limit: by 1 per delivery that reached it until the first failure (a slow start), by 1/window
+  after that. It shrinks by 1/window for every attempt that could not reach it, never below 1.
+- A whole round of failures at the current window (as many in a row as it is wide) makes it
+  dead: its entries are suspended (deferred without an attempt) until the probe time; then one
+  entry goes as the probe. If that reaches it, the window opens again from 1 and the messages
+  suspended for it are retried soon, spread out.
+- Connections to a destination, in use and kept idle in any worker, never exceed its limit:
+  workers report the idle connections they keep, an entry goes preferably to a worker that keeps
+  one, and when none with room does and the limit is taken, a worker is told to drop an idle one.
+- A rate (messages per second, from the destinations file) spaces the entries' starts.
+
+A message's entries that can go now go together to one worker, with the entries suspended for a
+dead destination (recorded there without an attempt, so expiry, delay warnings and reports apply
+to them as to any deferred recipient) and those still waiting for room (left untouched). The
+waiting ones go when their destination or their kind of worker has room; a message whose entries
+are all suspended is deferred without a worker until the first probe, unless it expires or is
+due a delay warning before that. The entries of one message taken up together make an
+activation; when every entry of it has gone (or was suspended), the message is scheduled again
+for the earliest retry any of them asked for.
+
+Nothing here does I/O or knows processes: `route` (given by the supervisor) reads a message's
+envelope, and the supervisor hands over the workers' free sessions, writes the tasks this
+returns, and tells what the workers report.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+from router.schedule import Schedule
+
+PROBE_SECONDS = 60.0  # a dead destination is probed after min-backoff, or after this if sooner
+RECOVERY_SPREAD = 0.05  # seconds between retries of the mail deferred for a destination come back
+MAX_RECOVERY_SPREAD = 30.0  # however much was waiting, all of it is retried within this
+SUSPEND_SPREAD = 1.0  # suspended messages come due over this long after the probe time, not at once
+READY_BUDGET = 2000  # ready messages routed in one turn of the supervisor's loop
+NEVER = float("inf")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A destination's settings: the defaults from the config, or its rule in the destinations file."""
+
+    concurrency: int
+    initial_window: int
+    rate: float | None = None  # messages per second
+
+
+@dataclass(frozen=True)
+class Routed:
+    """What the supervisor learnt from a message's envelope: the destinations of its pending
+    recipients (those its kind of worker delivers; a mixed message's others are split off by the
+    worker), the kind of worker it needs, and when a worker must see it even if every destination
+    is dead (it expires, or its delay warning is due)."""
+
+    destinations: tuple[str, ...]
+    pool: str
+    visit_at: float = NEVER
+
+
+@dataclass
+class Destination:
+    name: str
+    limits: Limits
+    window: float
+    in_flight: int = 0
+    kept: Counter[int] = field(default_factory=Counter)  # worker pid -> idle connections it keeps
+    failures: int = 0  # attempts in a row that could not reach it
+    dead_until: float = 0.0  # dead while > 0; the probe may go at this time
+    probing: bool = False
+    failed_once: bool = False  # ends the slow start
+    last_error: str = ""
+    next_start: float = 0.0  # with a rate: no entry starts before this
+    waiting: deque[str] = field(default_factory=deque)  # queue ids with an entry waiting for room, in order
+    lined: set[str] = field(default_factory=set)  # the same ids, to ask whether one is there
+    deferred: set[str] = field(default_factory=set)  # queue ids with recipients deferred because it is unreachable
+
+    @property
+    def label(self) -> str:
+        """The name as an administrator wrote it (NextHop.destination quotes white space and commas)."""
+        return unquote(self.name)
+
+    @property
+    def dead(self) -> bool:
+        return self.dead_until > 0
+
+    @property
+    def connections(self) -> int:
+        """Connections open or about to be: deliveries in flight and idle ones kept by workers."""
+        return self.in_flight + sum(self.kept.values())
+
+    def status(self) -> dict[str, Any]:
+        return {"destination": self.label, "sessions": self.in_flight, "window": round(self.window, 2),
+                "limit": self.limits.concurrency, "kept": sum(self.kept.values()), "dead": self.dead,
+                "waiting": len(self.lined), "deferred": len(self.deferred), "last_error": self.last_error or None}
+
+
+@dataclass
+class Job:
+    """A message the dispatcher holds: its activation's entries not gone yet, and its place."""
+
+    queue: str
+    queue_id: str
+    pool: str
+    todo: dict[str, None]  # destinations whose entry has not gone in this activation, in routing order
+    visit_at: float
+    due: float = NEVER  # the earliest retry the entries gone in this activation asked for
+    worker: int = 0  # the pid it is in flight with; 0 when it is not
+    going: tuple[str, ...] = ()  # the destinations whose entries are in flight
+
+
+@dataclass
+class Task:
+    """What one worker is told to do with one message (see workers/delivery.py Plan)."""
+
+    queue: str
+    queue_id: str
+    go: list[str] | None  # destinations to attempt now; None: every pending recipient
+    suspended: dict[str, tuple[str, float]] = field(default_factory=dict)  # destination -> (why, retry at)
+    later: list[str] = field(default_factory=list)  # destinations whose entries still wait: left untouched
+    due: float = 0.0  # the retry asked for by the entries that went earlier in this activation
+
+    def record(self) -> dict[str, Any]:
+        task: dict[str, Any] = {"queue": self.queue, "id": self.queue_id}
+        if self.go is not None:
+            task["go"] = self.go
+        if self.suspended:
+            task["suspended"] = {name: list(value) for name, value in self.suspended.items()}
+        if self.later:
+            task["later"] = self.later
+        if self.due:
+            task["due"] = self.due
+        return task
+
+
+@dataclass
+class Suspension:
+    """A message whose entries are all suspended: deferred by the supervisor, no worker needed."""
+
+    queue: str
+    queue_id: str
+    due: float
+    destinations: list[Destination]
+
+
+class Dispatcher:
+    def __init__(self, limits: Callable[[str], Limits], probe_seconds: float,
+                 route: Callable[[str, str], Routed | None]) -> None:
+        self.limits = limits
+        self.probe_seconds = probe_seconds
+        self.route = route
+        self.destinations: dict[str, Destination] = {}
+        self.schedule = Schedule()  # deferred messages by next attempt
+        self.fresh: deque[tuple[str, str]] = deque()  # (queue, id) never tried, or given back: not routed yet
+        self.retries: deque[tuple[str, str]] = deque()  # (queue, id) due again: not routed yet
+        self.queued: set[str] = set()  # ids in fresh or retries
+        self.jobs: dict[str, Job] = {}  # routed messages: in flight, or with entries waiting
+        self.pool_waiting: dict[str, deque[str]] = {}  # pool -> ids that found no worker of their kind with room
+        self.lined: set[str] = set()  # destinations with entries waiting
+        self.deferred_for: dict[str, set[str]] = {}  # queue id -> destinations whose `deferred` hold it
+        self.drops: dict[int, set[str]] = {}  # worker pid -> destinations it is to drop an idle connection to
+        self.more_ready = False  # a turn stopped at its budget with mail still ready
+
+    # -- destinations ---------------------------------------------------------------------
+
+    def get(self, name: str) -> Destination:
+        found = self.destinations.get(name)
+        if found is None:
+            limits = self.limits(name)
+            found = self.destinations[name] = Destination(name, limits, float(limits.initial_window))
+        return found
+
+    def reconfigure(self, probe_seconds: float) -> None:
+        """After a reload: every known destination takes its settings from the new policy."""
+        self.probe_seconds = probe_seconds
+        for destination in self.destinations.values():
+            destination.limits = self.limits(destination.name)
+            destination.window = min(destination.window, float(destination.limits.concurrency))
+
+    def _has_room(self, destination: Destination, now: float) -> bool:
+        if destination.in_flight >= int(destination.window):
+            return False
+        return destination.limits.rate is None or now >= destination.next_start
+
+    # -- messages becoming ready ------------------------------------------------------------
+
+    def ready(self, queue: str, queue_id: str, *, retry: bool = False) -> None:
+        """A message to route and hand out: new, due again, or given back."""
+        if queue_id not in self.jobs and queue_id not in self.queued:
+            self.queued.add(queue_id)
+            (self.retries if retry else self.fresh).append((queue, queue_id))
+
+    def promote_due(self, now: float, where: Callable[[str], str]) -> None:
+        """Messages whose retry time has come are ready; `where` says in which queue each waits."""
+        for queue_id in self.schedule.pop_due(now):
+            self.ready(where(queue_id), queue_id, retry=True)
+
+    def holds(self, queue_id: str) -> bool:
+        """Known here: ready, in flight or waiting for room (its file is not to be scheduled by mtime)."""
+        return queue_id in self.jobs or queue_id in self.queued
+
+    def in_flight(self, queue_id: str) -> int:
+        """The pid of the worker that has it, or 0."""
+        job = self.jobs.get(queue_id)
+        return job.worker if job else 0
+
+    # -- handing out ----------------------------------------------------------------------
+
+    def dispatch(self, free: dict[int, tuple[str, int]], now: float) -> tuple[list[tuple[int, Task]],
+                                                                               list[Suspension]]:
+        """One turn: hand out what can go. `free` maps each worker that may take more to its pool
+        and its free sessions. Returns the tasks to write (pid, task) and the messages to defer
+        without a worker."""
+        tasks: list[tuple[int, Task]] = []
+        suspensions: list[Suspension] = []
+        room = dict(free)
+        for pool, ids in self.pool_waiting.items():  # those that waited for a worker of their kind first
+            while ids and any(p == pool and n for p, n in room.values()):
+                job = self.jobs.get(ids.popleft())
+                if job is not None and not job.worker:
+                    self._place(job, room, now, tasks, suspensions)
+        self._drain_lines(room, now, tasks, suspensions)
+        turn = 0
+        self.more_ready = False
+        while (self.fresh or self.retries) and any(n for _, n in room.values()):
+            if turn == READY_BUDGET:  # the loop has signals, reports and clients to serve too
+                self.more_ready = True
+                break
+            source = self.fresh if (turn % 2 == 0 and self.fresh) or not self.retries else self.retries
+            queue, queue_id = source.popleft()  # new mail and retries by turns
+            turn += 1
+            self.queued.discard(queue_id)
+            if queue_id in self.jobs:
+                continue
+            routed = self.route(queue, queue_id)
+            if routed is None:
+                continue  # gone meanwhile
+            job = self.jobs[queue_id] = Job(queue, queue_id, routed.pool, dict.fromkeys(routed.destinations),
+                                            routed.visit_at)
+            self._place(job, room, now, tasks, suspensions)
+        return tasks, suspensions
+
+    def _drain_lines(self, room: dict[int, tuple[str, int]], now: float, tasks: list[tuple[int, Task]],
+                     suspensions: list[Suspension]) -> None:
+        """Entries waiting for room go while their destination has room and a worker of their
+        kind has a free session."""
+        for name in list(self.lined):
+            destination = self.destinations[name]
+            while destination.waiting and self._has_room(destination, now):
+                queue_id = destination.waiting[0]
+                job = self.jobs.get(queue_id)
+                if job is None or job.worker or name not in job.todo:
+                    destination.lined.discard(destination.waiting.popleft())  # gone, or went meanwhile
+                    continue
+                if not any(p == job.pool and n for p, n in room.values()):
+                    break
+                destination.lined.discard(destination.waiting.popleft())
+                self._place(job, room, now, tasks, suspensions)
+                if destination.waiting and destination.waiting[0] == queue_id:
+                    break  # back in line: the connection limit, not the window, holds it
+            if not destination.waiting:
+                self.lined.discard(name)
+
+    def _place(self, job: Job, room: dict[int, tuple[str, int]], now: float, tasks: list[tuple[int, Task]],
+               suspensions: list[Suspension]) -> None:
+        """Decide for each entry of a job whether it goes now, is suspended or waits, and act."""
+        go: list[str] = []
+        suspended: dict[str, tuple[str, float]] = {}
+        wait: list[str] = []
+        for name in job.todo:
+            destination = self.get(name)
+            if destination.dead and (destination.probing or now < destination.dead_until):
+                suspended[name] = (f"delivery temporarily suspended: {destination.label}: {destination.last_error}",
+                                   destination.dead_until)
+            elif self._has_room(destination, now):
+                go.append(name)
+            else:
+                wait.append(name)
+        if not go and not wait and job.todo and now < job.visit_at:
+            self._suspend(job, suspended, suspensions)
+            return
+        if not go and wait:
+            self._wait(job, wait)
+            return
+        pid = self._worker_for(job, go, room)
+        if pid is None:
+            self.pool_waiting.setdefault(job.pool, deque()).append(job.queue_id)
+            return
+        went = [name for name in go if self._connect(self.destinations[name], pid, now)]
+        wait += [name for name in go if name not in went]
+        if not went and wait:
+            self._wait(job, wait)
+            return
+        for name in suspended:
+            self._deferred(name, job.queue_id)
+        pool, free = room[pid]
+        room[pid] = (pool, free - 1)
+        job.worker, job.going = pid, tuple(went)
+        for name in [*went, *suspended]:
+            job.todo.pop(name, None)
+        task = Task(job.queue, job.queue_id, go=went if job.todo or went or suspended else None,
+                    suspended=suspended, later=list(job.todo), due=0.0 if job.due == NEVER else job.due)
+        tasks.append((pid, task))
+
+    def _worker_for(self, job: Job, go: list[str], room: dict[int, tuple[str, int]]) -> int | None:
+        """The worker of the job's kind with a free session that keeps idle connections to the
+        most of its destinations, then the one with the most free sessions."""
+        fits = [pid for pid, (pool, free) in room.items() if pool == job.pool and free]
+        if not fits:
+            return None
+        return max(fits, key=lambda pid: (sum(1 for name in go if self.destinations[name].kept[pid]),
+                                          room[pid][1], -pid))
+
+    def _connect(self, destination: Destination, pid: int, now: float) -> bool:
+        """Take a connection to `destination` in worker `pid`: its idle one, or a new one while the
+        limit allows. If the limit is taken by idle connections of other workers, one of them is
+        told to drop one, and False says the entry waits."""
+        if destination.kept[pid]:
+            destination.kept[pid] -= 1
+        elif destination.connections >= destination.limits.concurrency:
+            holder = next((other for other, count in destination.kept.items() if count), None)
+            if holder is not None:
+                self.drops.setdefault(holder, set()).add(destination.name)
+            return False
+        destination.in_flight += 1
+        if destination.dead and now >= destination.dead_until:
+            destination.probing = True
+        if destination.limits.rate:
+            destination.next_start = max(now, destination.next_start) + 1 / destination.limits.rate
+        return True
+
+    def _wait(self, job: Job, names: list[str]) -> None:
+        """Entries of a message not in flight wait in their destinations' lines (while it is in
+        flight, `filed` places its entries again when it comes back)."""
+        for name in names:
+            destination = self.destinations[name]
+            if job.queue_id not in destination.lined:
+                destination.lined.add(job.queue_id)
+                destination.waiting.append(job.queue_id)
+            self.lined.add(name)
+
+    def _deferred(self, name: str, queue_id: str) -> None:
+        self.destinations[name].deferred.add(queue_id)
+        self.deferred_for.setdefault(queue_id, set()).add(name)
+
+    def _not_deferred(self, name: str, queue_id: str) -> None:
+        self.destinations[name].deferred.discard(queue_id)
+        names = self.deferred_for.get(queue_id)
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self.deferred_for[queue_id]
+
+    def _suspend(self, job: Job, suspended: dict[str, tuple[str, float]], out: list[Suspension]) -> None:
+        """Every entry's destination is dead: the message waits in deferred/ until the first probe
+        time (spread a little), or until it must be seen for expiry or a delay warning."""
+        due = min(min(until for _, until in suspended.values()) + random.uniform(0, SUSPEND_SPREAD), job.visit_at)
+        if job.due != NEVER:
+            due = min(due, job.due)
+        destinations = [self.destinations[name] for name in suspended]
+        for name in suspended:
+            self._deferred(name, job.queue_id)
+        del self.jobs[job.queue_id]
+        out.append(Suspension(job.queue, job.queue_id, due, destinations))
+
+    def take_drops(self) -> dict[int, set[str]]:
+        drops, self.drops = self.drops, {}
+        return drops
+
+    # -- what workers report --------------------------------------------------------------
+
+    def kept(self, pid: int, counts: dict[str, int]) -> None:
+        """A worker's idle connections, by destination, as it has them now."""
+        for name, count in counts.items():
+            destination = self.destinations.get(name)
+            if destination is not None:
+                destination.kept[pid] = count
+
+    def worker_gone(self, pid: int) -> None:
+        """A worker exited: its idle connections went with it."""
+        for destination in self.destinations.values():
+            destination.kept.pop(pid, None)
+        self.drops.pop(pid, None)
+
+    def finished(self, queue_id: str, reach: dict[str, str], now: float) -> tuple[list[Destination],
+                                                                                  list[Destination]]:
+        """The entries of a message in flight are done; `reach` says for the destinations tried
+        whether they were reached ("") or not (why). Returns the destinations that came back to
+        life and those just found dead."""
+        job = self.jobs.get(queue_id)
+        if job is None or not job.worker:
+            return [], []
+        revived, died = [], []
+        for name in job.going:
+            destination = self.get(name)
+            busy = destination.in_flight >= int(destination.window) or bool(destination.waiting)
+            destination.in_flight = max(0, destination.in_flight - 1)
+            if name not in reach:
+                destination.probing = False  # a probe that did not get there: the next entry is one
+                continue
+            if not reach[name]:
+                self._not_deferred(name, queue_id)
+                if self._reached(destination, busy):
+                    revived.append(destination)
+            else:
+                self._deferred(name, queue_id)
+                if self._unreachable(destination, reach[name], now):
+                    died.append(destination)
+        job.worker, job.going = 0, ()
+        return revived, died
+
+    def filed(self, queue_id: str, queue: str, next_attempt: float) -> float | None:
+        """After a message's attempt left it queued (in `queue`): with entries of its activation
+        still waiting it stays here; otherwise the activation is over, and the time to schedule it
+        is returned."""
+        job = self.jobs.get(queue_id)
+        if job is None:
+            return next_attempt
+        job.due = min(job.due, next_attempt)
+        job.queue = queue
+        if job.todo:
+            self.pool_waiting.setdefault(job.pool, deque()).append(queue_id)  # placed again at the next turn
+            return None
+        del self.jobs[queue_id]
+        return job.due
+
+    def forget(self, queue_id: str) -> None:
+        """A message is done, held, deleted or set aside: it is nobody's business here any more."""
+        job = self.jobs.pop(queue_id, None)
+        if job is not None and job.worker:
+            for name in job.going:
+                destination = self.get(name)
+                destination.in_flight = max(0, destination.in_flight - 1)
+        for name in list(self.deferred_for.get(queue_id, ())):
+            self._not_deferred(name, queue_id)
+        self.schedule.discard(queue_id)
+
+    def given_back(self, queue_id: str) -> tuple[str, str] | None:
+        """A message handed out and not begun (its worker fell silent or is dying): its entries
+        are free again; (queue, id) to make it ready anew."""
+        job = self.jobs.get(queue_id)
+        if job is None:
+            return None
+        self.finished(queue_id, {}, 0.0)
+        del self.jobs[queue_id]
+        return job.queue, queue_id
+
+    # -- the window -----------------------------------------------------------------------
+
+    def _reached(self, destination: Destination, busy: bool) -> bool:
+        destination.failures = 0
+        if destination.dead:
+            destination.dead_until, destination.probing, destination.window = 0.0, False, 1.0
+            return True
+        if busy:
+            growth = 1 / destination.window if destination.failed_once else 1.0
+            destination.window = min(float(destination.limits.concurrency), destination.window + growth)
+        return False
+
+    def _unreachable(self, destination: Destination, why: str, now: float) -> bool:
+        """Learn that an attempt could not reach it; True if that makes it dead now."""
+        destination.last_error = why
+        destination.failures += 1
+        destination.failed_once = True
+        destination.window = max(1.0, destination.window - 1 / destination.window)
+        was_dead = destination.dead
+        if destination.probing or destination.failures >= int(destination.window):
+            destination.dead_until = now + self.probe_seconds
+            destination.probing = False
+        return destination.dead and not was_dead
+
+    def recover(self, destination: Destination, now: float) -> int:
+        """A destination came back: the messages deferred for it are retried soon, spread out so
+        that it is not flooded. Returns how many."""
+        ids = sorted(queue_id for queue_id in destination.deferred if queue_id not in self.jobs)
+        for queue_id in list(destination.deferred):
+            self._not_deferred(destination.name, queue_id)
+        step = min(RECOVERY_SPREAD, MAX_RECOVERY_SPREAD / max(len(ids), 1))
+        for i, queue_id in enumerate(ids):
+            self.schedule.add(queue_id, now + step * (i + 1))
+        return len(ids)
+
+    # -- the loop's timer and the views ---------------------------------------------------
+
+    def next_wakeup(self, now: float) -> float | None:
+        """Seconds until something here is due: a retry, or a rate-limited line's next start."""
+        times = [due] if (due := self.schedule.next_due()) is not None else []
+        times += [self.destinations[name].next_start for name in self.lined
+                  if self.destinations[name].limits.rate]
+        if any(self.pool_waiting.values()):
+            times.append(now + 1.0)  # room comes with a report, which wakes the loop; this is a backstop
+        return max(0.0, min(times) - now) if times else None
+
+    def status(self) -> list[dict[str, Any]]:
+        """The destinations worth showing: those with anything in progress, kept, waiting or wrong."""
+        return [d.status() for d in self.destinations.values()
+                if d.in_flight or d.waiting or d.deferred or d.dead or d.failures or any(d.kept.values())]
+
+    def state_of(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+        return {name: self.get(name).status() for name in names}

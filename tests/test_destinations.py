@@ -1,0 +1,145 @@
+"""Destinations as queues, with the real daemon: a dead destination holds back only its own
+recipients, its suspended mail still expires and is reported, its counts stay exact, connection
+limits hold over all workers, and nothing waits for a destination when what it lacks is a
+worker."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from router.spool import Spool
+from tests.daemon import qrouter, wait_for
+from tests.smtp_servers import CountingSink
+
+MESSAGE = b"Subject: hello\r\n\r\nbody\r\n"
+
+
+def transports(tmp_path: Path, *lines: str, **ports: int) -> str:
+    """A transports file routing `NAME.example` to the sink on loopback at its port, and more lines."""
+    path = tmp_path / "transports"
+    path.write_text("".join(f"{name}.example 127.0.0.1:{port}\n" for name, port in ports.items())
+                    + "".join(f"{line}\n" for line in lines))
+    return str(path)
+
+
+def kill_destination(daemon, spool: Spool, domain: str) -> None:
+    """Queue a round of mail to a destination that is down until the daemon finds it dead."""
+    for i in range(5):
+        spool.enqueue("a@example.org", [f"round{i}@{domain}"], MESSAGE)
+    wait_for(lambda: "is not reachable" in daemon.log(), 30, "the destination found dead")
+
+
+def destination(daemon, port: int) -> dict:
+    return next((d for d in daemon.status()["destinations"] if d["destination"].endswith(f":{port}")), {})
+
+
+def test_a_dead_destination_defers_only_its_own_recipients_and_gets_them_when_it_revives(daemons, tmp_path):
+    with CountingSink() as down, CountingSink() as up:
+        down.accepting = False
+        daemon = daemons("--transports", transports(tmp_path, down=down.port, up=up.port), "--min-backoff", "4",
+                         "--max-backoff", "4")
+        spool = Spool(daemon.spool)
+        kill_destination(daemon, spool, "down.example")
+        queue_id = spool.enqueue("a@example.org", ["ok@up.example", "dead@down.example"], MESSAGE)
+        wait_for(lambda: any(m.rcpt_tos == ["ok@up.example"] for m in up.messages), 30, "the healthy recipient")
+        log = daemon.log()
+        assert re.search(rf"{queue_id}: to=<ok@up\.example>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{up.port}, "
+                         r"delay=[\d.]+, attempts=1, dsn=2\.0\.0, status=sent", log)
+        assert re.search(rf"{queue_id}: to=<dead@down\.example>, relay=none, .*status=deferred \(delivery "
+                         rf"temporarily suspended: smtp:127\.0\.0\.1:{down.port}: ", log)
+        assert not re.search(rf"{queue_id}: to=<ok@up\.example>.*status=deferred", log)  # never held back
+        down.accepting = True
+        wait_for(lambda: any(m.rcpt_tos == ["dead@down.example"] for m in down.messages), 30, "the revived one")
+        wait_for(lambda: f"{queue_id}: removed" in daemon.log(), what="the message done")
+        assert [m.rcpt_tos for m in up.messages] == [["ok@up.example"]]  # nothing twice
+        assert sum(m.rcpt_tos == ["dead@down.example"] for m in down.messages) == 1
+
+
+def test_mail_suspended_for_a_dead_destination_expires_on_time_with_its_report(daemons, tmp_path):
+    """A thousand messages for a destination that stays dead and a max-age of a few seconds: every
+    one fails 4.4.7 with its report within a probe interval of expiring, and none is attempted
+    more than the probes."""
+    with CountingSink() as down, CountingSink() as reports:
+        down.accepting = False
+        max_age = 20.0
+        daemon = daemons("--transports", transports(tmp_path, down=down.port, sender=reports.port),
+                         "--min-backoff", "5", "--max-backoff", "5", "--max-age", f"{max_age / 86400:.8f}",
+                         "--send-ndr", "yes")
+        spool = Spool(daemon.spool)
+        started = time.time()
+        ids = [spool.enqueue("someone@sender.example", [f"u{i}@down.example"], MESSAGE) for i in range(1000)]
+        wait_for(lambda: len(reports.messages) == 1000, 180, "a report for every message")
+        done = time.time()
+        log = daemon.log()
+        expired = re.findall(r"(\S+): to=<u\d+@down\.example>, .*dsn=4\.4\.7, status=expired", log)
+        assert sorted(expired) == sorted(ids)
+        assert all(b"Status: 4.4.7" in m.content for m in reports.messages)
+        probes = (done - started) / 5 + 2
+        assert down.connections <= 5 + probes, (down.connections, probes)  # one round, then the probes only
+        assert done - started < max_age + 5 + 60  # expiry, one probe interval, and time for 1,000 reports
+        wait_for(lambda: not daemon.files("deferred") and not daemon.files("incoming"), 60, "an empty queue")
+
+
+def test_per_destination_counts_stay_exact_through_holds_deletes_and_deliveries(daemons, tmp_path):
+    with CountingSink() as down:
+        down.accepting = False
+        daemon = daemons("--transports", transports(tmp_path, down=down.port), "--min-backoff", "3",
+                         "--max-backoff", "3")
+        spool = Spool(daemon.spool)
+        kill_destination(daemon, spool, "down.example")
+        wait_for(lambda: destination(daemon, down.port).get("deferred") == 5, 30, "five deferred for it")
+        held, deleted = daemon.files("deferred")[:2]
+        qrouter("queue", "hold", held, "--queue-dir", str(daemon.spool), check=True)
+        wait_for(lambda: destination(daemon, down.port).get("deferred") == 4, 10, "four after a hold")
+        qrouter("queue", "delete", deleted, "--yes", "--queue-dir", str(daemon.spool), check=True)
+        wait_for(lambda: destination(daemon, down.port).get("deferred") == 3, 10, "three after a delete")
+        why = qrouter("queue", "why", daemon.files("deferred")[0], "--queue-dir", str(daemon.spool),
+                      "--transports", str(tmp_path / "transports"), check=True).stdout.decode()
+        assert "dead: " in why and "3 deferred for it" in why, why
+        down.accepting = True
+        wait_for(lambda: len(down.messages) == 3, 30, "the rest delivered after the probe")
+        wait_for(lambda: destination(daemon, down.port).get("deferred", 0) == 0, 10, "none deferred")
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+@pytest.mark.parametrize("limit", [1, 3, 20])
+def test_connections_to_a_destination_never_pass_its_limit_and_reach_it_under_load(daemons, tmp_path, workers,
+                                                                                     limit):
+    """Connections in use and kept idle, over all workers: at most the limit, whatever the
+    number of workers; and a limit of N lets N deliveries run at once."""
+    with CountingSink(delay=0.05) as sink:
+        daemon = daemons("--transports", transports(tmp_path, d=sink.port), "--destination-concurrency",
+                         str(limit), workers=workers)
+        spool = Spool(daemon.spool)
+        count = 4 * limit + 20
+        for i in range(count):
+            spool.enqueue("a@example.org", [f"u{i}@d.example"], MESSAGE)
+        wait_for(lambda: len(sink.messages) == count, 60, "every message at the sink")
+        assert sink.most == limit
+
+
+def test_a_message_waits_for_a_worker_of_its_kind_not_for_its_destination(daemons, tmp_path):
+    """local-sessions 1 and a slow pipe: a message to a second pipe destination goes as soon as
+    the one local session is free, though nothing else ever goes to its own destination."""
+    slow = tmp_path / "slow.sh"
+    slow.write_text(f"#!/bin/sh\ncat >/dev/null\ntouch {tmp_path}/out/slow-started\nsleep 3\n")
+    fast = tmp_path / "fast.sh"
+    out = tmp_path / "out"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+    fast.write_text(f"#!/bin/sh\ncat >{out}/$$\n")
+    for script in (slow, fast):
+        script.chmod(0o755)
+    daemon = daemons("--transports", transports(tmp_path, f"slow.example |{slow}", f"fast.example |{fast}"),
+                     "--local-sessions", "1")
+    spool = Spool(daemon.spool)
+    spool.enqueue("a@example.org", ["x@slow.example"], MESSAGE)
+    wait_for(lambda: (out / "slow-started").exists(), 20, "the slow pipe running")
+    queue_id = spool.enqueue("a@example.org", ["y@fast.example"], MESSAGE)
+    wait_for(lambda: f"{queue_id}: removed" in daemon.log(), 30, "the second pipe's message delivered")
+    assert len(list(out.iterdir())) == 2  # its output, and the slow one's mark
+

@@ -1,0 +1,143 @@
+"""The dispatcher's decisions on their own, with no process and no file: windows that grow while
+busy and close with failure, dead destinations and their probes, entries that go, wait or are
+suspended each on its own destination, exact connection limits over several workers, and
+waiting for a kind of worker rather than for a destination."""
+
+from __future__ import annotations
+
+from router.dispatcher import Dispatcher, Limits, Routed
+
+NETWORK, LOCAL = "network", "local"
+
+
+def dispatcher(routes: dict[str, Routed], limit: int = 20, window: int = 5, probe: float = 10) -> Dispatcher:
+    """A dispatcher whose messages are routed as `routes` says."""
+    return Dispatcher(lambda name: Limits(limit, min(window, limit)), probe, lambda queue, qid: routes.get(qid))
+
+
+def test_the_window_grows_only_while_the_destination_is_busy_up_to_it_and_never_passes_the_limit():
+    routes = {f"m{i}": Routed(("smtp:a",), NETWORK) for i in range(400)}
+    d = dispatcher(routes, limit=8)
+    for i in range(20):  # one message at a time: never busy up to the window
+        d.ready("incoming", f"m{i}")
+        [(_, task)] = d.dispatch({1: (NETWORK, 100)}, 0)[0]
+        d.finished(task.queue_id, {"smtp:a": ""}, 0)
+        d.forget(task.queue_id)
+    assert d.get("smtp:a").window == 5
+    for i in range(20, 400):
+        d.ready("incoming", f"m{i}")
+    in_flight = []
+    for _ in range(100):  # a stream that keeps it busy
+        tasks, _ = d.dispatch({1: (NETWORK, 100)}, 0)
+        in_flight += [task.queue_id for _, task in tasks]
+        assert d.get("smtp:a").in_flight <= int(d.get("smtp:a").window) <= 8
+        done = in_flight.pop(0)
+        d.finished(done, {"smtp:a": ""}, 0)
+        d.forget(done)
+    assert d.get("smtp:a").window == 8
+
+
+def test_a_round_of_failures_kills_a_destination_its_mail_is_suspended_and_the_probe_revives_it():
+    routes = {f"m{i}": Routed(("smtp:down",), NETWORK) for i in range(10)}
+    d = dispatcher(routes)
+    for i in range(10):
+        d.ready("incoming", f"m{i}")
+    tasks, suspensions = d.dispatch({1: (NETWORK, 100)}, 0)
+    assert len(tasks) == 5 and not suspensions  # the initial window
+    died = []
+    for _, task in tasks:
+        died += d.finished(task.queue_id, {"smtp:down": "connect to down: Connection refused"}, 1)[1]
+        assert d.filed(task.queue_id, "deferred", 100) == 100
+    destination = d.get("smtp:down")
+    assert died == [destination] and destination.dead and destination.dead_until == 11
+    tasks, suspensions = d.dispatch({1: (NETWORK, 100)}, 5)
+    assert not tasks and [s.queue_id for s in suspensions] == [f"m{i}" for i in range(5, 10)]
+    assert all(11 <= s.due <= 12 for s in suspensions)  # the probe time, spread a little
+    assert len(destination.deferred) == 10
+    d.ready("deferred", "m5", retry=True)
+    d.ready("deferred", "m6", retry=True)
+    tasks, suspensions = d.dispatch({1: (NETWORK, 100)}, 11)
+    assert [t.queue_id for _, t in tasks] == ["m5"] and [s.queue_id for s in suspensions] == ["m6"]  # one probe
+    revived, _ = d.finished("m5", {"smtp:down": ""}, 12)
+    d.forget("m5")
+    assert revived == [destination] and not destination.dead and destination.window == 1
+    assert d.recover(destination, 12) == 9 and not destination.deferred
+    assert len(d.schedule) == 9 and 12 < d.schedule.next_due() <= 12 + 30
+
+
+def test_a_dead_destination_suspends_only_its_own_entries():
+    routes = {"m": Routed(("smtp:ok", "smtp:dead", "smtp:full"), NETWORK)}
+    d = dispatcher(routes, limit=1, window=1)
+    dead, full = d.get("smtp:dead"), d.get("smtp:full")
+    dead.dead_until, dead.last_error = 50.0, "connection refused"
+    full.in_flight = 1
+    d.ready("incoming", "m")
+    [(_, task)] = d.dispatch({1: (NETWORK, 10)}, 0)[0]
+    assert task.go == ["smtp:ok"] and task.later == ["smtp:full"]
+    assert task.suspended == {"smtp:dead": ("delivery temporarily suspended: smtp:dead: connection refused", 50.0)}
+    d.finished("m", {"smtp:ok": ""}, 1)
+    assert d.filed("m", "deferred", 50.0) is None  # its entry for smtp:full still waits
+    full.in_flight = 0
+    [(_, task)] = d.dispatch({1: (NETWORK, 10)}, 2)[0]
+    assert task.go == ["smtp:full"] and task.due == 50.0 and not task.later and not task.suspended
+    d.finished("m", {"smtp:full": "timed out"}, 3)
+    assert d.filed("m", "deferred", 400.0) == 50.0  # the activation is over: the earliest retry asked for
+
+
+def test_a_message_whose_destinations_are_all_dead_is_seen_by_a_worker_when_it_expires():
+    routes = {"old": Routed(("smtp:dead",), NETWORK, visit_at=30.0), "new": Routed(("smtp:dead",), NETWORK)}
+    d = dispatcher(routes)
+    d.get("smtp:dead").dead_until = 1000.0
+    d.ready("deferred", "new")
+    d.ready("deferred", "old")
+    tasks, suspensions = d.dispatch({1: (NETWORK, 10)}, 20)
+    assert not tasks and {s.queue_id: s.due for s in suspensions} == {"new": suspensions[0].due, "old": 30.0}
+    d.ready("deferred", "old", retry=True)
+    [(_, task)] = d.dispatch({1: (NETWORK, 10)}, 30)[0]  # expires now: a worker records and reports it
+    assert task.queue_id == "old" and task.go == [] and "smtp:dead" in task.suspended
+
+
+def test_connections_in_use_and_kept_over_all_workers_never_pass_the_limit():
+    routes = {f"m{i}": Routed(("smtp:one",), NETWORK) for i in range(3)}
+    d = dispatcher(routes, limit=1, window=1)
+    d.ready("incoming", "m0")
+    [(pid, task)] = d.dispatch({1: (NETWORK, 1), 2: (NETWORK, 5)}, 0)[0]
+    assert pid == 2  # the most free sessions
+    d.kept(2, {"smtp:one": 1})  # the report: the connection is kept idle there
+    d.finished("m0", {"smtp:one": ""}, 0)
+    d.forget("m0")
+    d.ready("incoming", "m1")
+    [(pid, task)] = d.dispatch({1: (NETWORK, 5), 2: (NETWORK, 1)}, 0)[0]
+    assert pid == 2  # the worker that keeps a connection to it, though the other has more room
+    d.kept(2, {"smtp:one": 1})
+    d.finished("m1", {"smtp:one": ""}, 0)
+    d.forget("m1")
+    d.ready("incoming", "m2")
+    assert d.dispatch({1: (NETWORK, 5)}, 0) == ([], [])  # worker 2 is full: a new connection would be a second
+    assert d.take_drops() == {2: {"smtp:one"}}  # so worker 2 is told to drop its idle one
+    d.kept(2, {"smtp:one": 0})
+    [(pid, task)] = d.dispatch({1: (NETWORK, 5)}, 0)[0]
+    assert (pid, task.queue_id) == (1, "m2")
+
+
+def test_an_entry_waits_for_its_kind_of_worker_and_goes_when_one_has_room():
+    routes = {"pipe": Routed(("pipe:/bin/x",), LOCAL), "net": Routed(("smtp:a",), NETWORK)}
+    d = dispatcher(routes)
+    d.ready("incoming", "pipe")
+    d.ready("incoming", "net")
+    [(pid, task)] = d.dispatch({1: (NETWORK, 5), 2: (LOCAL, 0)}, 0)[0]
+    assert task.queue_id == "net"
+    assert not d.get("pipe:/bin/x").waiting  # not waiting for its destination: that one has room
+    [(pid, task)] = d.dispatch({2: (LOCAL, 1)}, 0)[0]
+    assert (pid, task.queue_id) == (2, "pipe")
+
+
+def test_a_rate_spaces_the_starts():
+    routes = {f"m{i}": Routed(("smtp:slow",), NETWORK) for i in range(5)}
+    d = Dispatcher(lambda name: Limits(20, 5, rate=2.0), 10, lambda queue, qid: routes.get(qid))
+    for i in range(5):
+        d.ready("incoming", f"m{i}")
+    assert len(d.dispatch({1: (NETWORK, 10)}, 100.0)[0]) == 1
+    assert d.dispatch({1: (NETWORK, 10)}, 100.2)[0] == []
+    assert abs(d.next_wakeup(100.2) - 0.3) < 1e-9
+    assert len(d.dispatch({1: (NETWORK, 10)}, 100.5)[0]) == 1
