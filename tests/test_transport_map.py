@@ -69,6 +69,13 @@ def test_no_rule_matches(table, address):
     assert table.lookup(address) is None
 
 
+def test_a_tab_parts_destination_and_next_hop_as_a_space_does(tmp_path):
+    (tmp_path / "transports").write_text("foo.bar\tmx.foo.bar:2525\n*.foo.bar \t queue/error 5.7.1 no\tmail\n")
+    table = load_transport_map(str(tmp_path / "transports"), {})
+    assert table.lookup("x@foo.bar").next_hop.text == "mx.foo.bar:2525"
+    assert table.lookup("x@a.foo.bar").next_hop.text == "queue/error 5.7.1 no\tmail"
+
+
 def test_kinds_of_next_hops(table):
     assert table.lookup("x@foo.bar").next_hop.kind == SMTP
     assert table.lookup("other@example.org").next_hop.kind == PIPE
