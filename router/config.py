@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policy.next_hop import SMTP, NextHop, NextHopError, parse_next_hop
-from policy.policy_file import read_lines
+from policy.policy_file import parse_boolean, read_lines
 from router.spool import DEFAULT_SIZE_LIMIT
 from workers.mx_hosts import parse_dns_servers
 from workers.relay_auth import RelayAuthError, load_relay_auth
@@ -50,11 +50,7 @@ def _non_negative(text: str, base_dir: str) -> float:
 
 
 def _boolean(text: str, base_dir: str) -> bool:
-    words = {"1": True, "yes": True, "true": True, "on": True,
-             "0": False, "no": False, "false": False, "off": False}
-    if text.lower() not in words:
-        raise ValueError("must be yes or no (also 1/0, true/false, on/off)")
-    return words[text.lower()]
+    return parse_boolean(text)
 
 
 def _path(text: str, base_dir: str) -> str:
