@@ -238,6 +238,8 @@ class Config:
         "smtp-idle-timeout", _non_negative, 5.0, "seconds an idle connection is kept for the next message")
     transports: str = _key("transports", _path, "", "transport policy file: destination next-hop a line")
     transport_defs: str = _key("transport-defs", _path, "", "variables ($name value) for the transports file")
+    destinations: str = _key("destinations", _path, "",
+                             "per-destination settings file: pattern key=value ... a line")
     rewriting: str = _key("rewriting", _path, "", "address rewriting rules: direction old new a line")
     rewrite_both: bool = _key("rewrite-both", _boolean, False, "also rewrite From:/To:/Cc: header addresses")
     aliases: str = _key("aliases", _path, "", "aliases for local delivery: virtual-user unix-user a line")

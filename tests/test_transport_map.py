@@ -145,13 +145,19 @@ def test_route_command_explains_the_decision(tmp_path):
         f"reason:    transports rule {tmp_path / 'transports'}:6 (/.*spl-[0-9]{{6}}\\.foo\\.bar/)",
         "method:    smtp",
         "next hop:  [10.9.9.9]:2525",
+        "destination: smtp:[10.9.9.9]:2525",
+        "destination settings: recipients=50 mx-rollup=yes (defaults: no destinations file)",
     ]
     answer = json.loads(qrouter("route", "--json", "--config", str(tmp_path / "qrouter.conf"),
                                 "nobody@nowhere.example", check=True).stdout)
     assert answer == {"recipient": "nobody@nowhere.example", "rewritten": "nobody@nowhere.example",
                       "rewrite_rule": None, "sender": "", "rewritten_sender": "", "sender_rewrite_rule": None,
                       "reason": "no rule matched: MX routing", "rule": None, "alias": None,
-                      "method": "mx", "next_hop": "MX routing for nowhere.example"}
+                      "method": "mx", "next_hop": "MX routing for nowhere.example",
+                      "destination": "mx:nowhere.example",
+                      "destination_settings": {"concurrency": None, "initial_window": None, "recipients": 50,
+                                               "messages_per_connection": None, "rate": None, "mx_rollup": True,
+                                               "source": ""}}
     bad = qrouter("route", "--config", str(tmp_path / "qrouter.conf"), "not an address")
     assert bad.returncode == 64 and b"not an address" in bad.stderr
 
