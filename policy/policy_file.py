@@ -13,6 +13,8 @@ docs/policy-files.md describes the rules for whoever writes the files.
   the line; a `#` after anything else (`a#b`) is kept.
 - Spaces and tabs around the text are dropped; lines left empty are skipped.
 
+A switch is written the same way in every file too: parse_boolean.
+
 This module imports nothing of the project, so any layer may use it.
 """
 
@@ -80,6 +82,17 @@ def _read_at_most(fd: int, limit: int) -> bytes:
         chunks.append(chunk)
         limit -= len(chunk)
     return b"".join(chunks)
+
+
+_BOOLEAN_WORDS = {"1": True, "yes": True, "true": True, "on": True,
+                  "0": False, "no": False, "false": False, "off": False}
+
+
+def parse_boolean(text: str) -> bool:
+    """A yes/no value as every file writes one (any case); ValueError saying what it must be."""
+    if text.lower() not in _BOOLEAN_WORDS:
+        raise ValueError("must be yes or no (also 1/0, true/false, on/off)")
+    return _BOOLEAN_WORDS[text.lower()]
 
 
 def split_lines(data: bytes, source: str, error: type[Exception]) -> Iterator[tuple[int, str]]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from policy.aliases import Alias, Aliases, load_aliases
 from policy.command_line import split_local
+from policy.destinations import DestinationRules, load_destinations
 from policy.next_hop import ERROR, MDA, PIPE, NextHop, mx_route
 from policy.rewriting import FROM, TO, Rewriter, RewritingError, load_rewriting
 from policy.transport_map import PolicyError, Rule, TransportMap, load_definitions, load_transport_map
@@ -33,7 +34,8 @@ class Route:
 class Policy:
     def __init__(self, default_transport: NextHop | None, relayhost: NextHop | None = None,
                  transport_map: TransportMap | None = None, aliases: Aliases | None = None,
-                 rewriter: Rewriter | None = None, rewrite_headers: bool = False, pipe_user: str = "nobody"):
+                 rewriter: Rewriter | None = None, rewrite_headers: bool = False, pipe_user: str = "nobody",
+                 destinations: DestinationRules | None = None):
         self.default_transport = default_transport
         self.relayhost = relayhost
         self.transport_map = transport_map
@@ -41,6 +43,7 @@ class Policy:
         self.rewriter = rewriter or Rewriter()
         self.rewrite_headers = rewrite_headers
         self.pipe_user = pipe_user  # who a pipe without user= runs as
+        self.destinations = destinations or DestinationRules()  # settings per destination (defaults: no file)
 
     def rewrite(self, queue_file: QueueFile) -> list[str]:
         """Apply the rewriting rules to a new message: envelope sender (from rules), recipients
@@ -137,6 +140,7 @@ def load_policy(config: Config, runs_as: str | None = None) -> Policy:
     if local is not None and config.relayhost is None and not config.aliases:
         raise PolicyError(f"local delivery ({local}) needs an aliases file: set the aliases key")
     aliases = load_aliases(config.aliases, local_delivery=local is not None) if config.aliases else None
+    destinations = load_destinations(config.destinations) if config.destinations else None
     try:
         rewriter = load_rewriting(config.rewriting) if config.rewriting else None
     except RewritingError as exc:
@@ -149,7 +153,7 @@ def load_policy(config: Config, runs_as: str | None = None) -> Policy:
         for alias in aliases.entries:
             _check_program_user(alias.where, alias.user, config, runs_as, "local delivery", own_user_ok=True)
     return Policy(config.default_transport, config.relayhost, transport_map, aliases, rewriter, config.rewrite_both,
-                  pipe_user)
+                  pipe_user, destinations)
 
 
 def _check_program_user(where: str, user: str, config: Config, runs_as: str | None, what: str,

@@ -8,17 +8,20 @@ address, first matching rule winning.
     /.*spl-[0-9]{6}\\.foo\\.bar/  $splunkmta
 
 Lines and comments are read as in every policy file (policy/policy_file.py). Rules are kept in
-hashes (addresses, domains, wildcard suffixes) plus a list of compiled regexes, and every rule
-remembers its line: a lookup takes the matching rule with the lowest line number, so first-match
-order holds without scanning thousands of plain domain rules per recipient.
+a PatternIndex: hashes (addresses, domains, wildcard suffixes) plus a list of compiled regexes,
+and every rule remembers its line: a lookup takes the matching rule with the lowest line number,
+so first-match order holds without scanning thousands of plain domain rules per recipient. The
+destinations file (policy/destinations.py) writes its patterns the same way and finds them with
+the same index.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from policy.next_hop import NextHop, NextHopError, parse_next_hop
 from policy.policy_file import read_lines
@@ -26,6 +29,7 @@ from router.address import AddressError, check_domain, parse_path, split_address
 
 _VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+T = TypeVar("T")
 
 
 class PolicyError(ValueError):
@@ -82,41 +86,71 @@ def normalize_address(address: str) -> str:
     return f"{local.lower()}@{normalize_domain(domain)}"
 
 
+class PatternIndex(Generic[T]):
+    """Rules found by pattern, the first in file order winning, whatever kind of pattern it is:
+    exact names in one hash (keyed by what they name: an address, a domain...), `*.domain`
+    wildcards by their suffix, and a list of compiled regexes. A lookup takes the lowest-placed
+    rule among the hash hits, then tries only the regexes placed before it, so first-match order
+    holds without scanning thousands of plain rules per lookup. Callers normalize the names they
+    add and look up (normalize_domain, normalize_address)."""
+
+    def __init__(self) -> None:
+        self._exact: dict[tuple[str, str], tuple[int, T]] = {}
+        self._wildcards: dict[str, tuple[int, T]] = {}
+        self._regexes: list[tuple[re.Pattern[str], int, T]] = []
+
+    def add_exact(self, kind: str, name: str, position: int, rule: T) -> None:
+        self._exact.setdefault((kind, name), (position, rule))
+
+    def add_wildcard(self, suffix: str, position: int, rule: T) -> None:
+        """A rule for every domain under `suffix` (of `*.suffix`), not `suffix` itself."""
+        self._wildcards.setdefault(suffix, (position, rule))
+
+    def add_regex(self, pattern: re.Pattern[str], position: int, rule: T) -> None:
+        self._regexes.append((pattern, position, rule))
+
+    def first(self, names: Iterable[tuple[str, str | None]], domain: str | None, subject: str | None) -> T | None:
+        """The first rule in file order that names one of `names` ((kind, name); a None name is
+        skipped), has a wildcard over `domain`, or has a regex matching all of `subject`."""
+        best: tuple[int, T] | None = None
+        candidates = [self._exact.get((kind, name)) for kind, name in names if name is not None]
+        if domain is not None:
+            labels = domain.split(".")
+            candidates += [self._wildcards.get(".".join(labels[i:])) for i in range(1, len(labels))]
+        for candidate in candidates:
+            if candidate is not None and (best is None or candidate[0] < best[0]):
+                best = candidate
+        if subject is not None:
+            for pattern, position, rule in self._regexes:
+                if best is not None and position > best[0]:
+                    break
+                if pattern.fullmatch(subject):
+                    return rule
+        return best[1] if best is not None else None
+
+
+ADDRESS, DOMAIN = "address", "domain"  # kinds of exact names in a PatternIndex
+
+
 class TransportMap:
     def __init__(self, rules: list[Rule]):
         self.rules = rules
-        self._addresses: dict[str, Rule] = {}
-        self._domains: dict[str, Rule] = {}
-        self._wildcards: dict[str, Rule] = {}
-        self._regexes: list[tuple[re.Pattern[str], Rule]] = []
+        self._index: PatternIndex[Rule] = PatternIndex()
         for rule in rules:
             text = rule.destination
             if rule.pattern is not None:
-                self._regexes.append((rule.pattern, rule))
+                self._index.add_regex(rule.pattern, rule.position, rule)
             elif text.startswith("*."):
-                self._wildcards.setdefault(normalize_domain(text[2:]), rule)
+                self._index.add_wildcard(normalize_domain(text[2:]), rule.position, rule)
             elif "@" in text:
-                self._addresses.setdefault(normalize_address(text), rule)
+                self._index.add_exact(ADDRESS, normalize_address(text), rule.position, rule)
             else:
-                self._domains.setdefault(normalize_domain(text), rule)
+                self._index.add_exact(DOMAIN, normalize_domain(text), rule.position, rule)
 
     def lookup(self, address: str) -> Rule | None:
-        """The first rule, in file order, that matches `address`."""
-        _, domain = split_address(address)
-        domain = normalize_domain(domain)
-        labels = domain.split(".")
-        candidates = [self._addresses.get(normalize_address(address)), self._domains.get(domain)]
-        candidates += [self._wildcards.get(".".join(labels[i:])) for i in range(1, len(labels))]
-        best: Rule | None = None
-        for rule in candidates:
-            if rule is not None and (best is None or rule.position < best.position):
-                best = rule
-        for pattern, rule in self._regexes:
-            if best is not None and rule.position > best.position:
-                break
-            if pattern.fullmatch(address):
-                return rule
-        return best
+        """The first rule, in file order, that matches `address` (a regex: the whole address)."""
+        domain = normalize_domain(split_address(address)[1])
+        return self._index.first([(ADDRESS, normalize_address(address)), (DOMAIN, domain)], domain, address)
 
 
 def load_definitions(path: str) -> dict[str, str]:
@@ -139,8 +173,8 @@ def load_transport_map(path: str, definitions: dict[str, str], defs_path: str = 
     rules = []
     for position, (where, line) in enumerate(file_lines(path)):
         line = _substitute(line, definitions, where, defs_path)
-        destination, hop_text = _split_rule(line, where)
-        pattern = _check_destination(destination, where)
+        destination, hop_text = split_rule(line, where)
+        pattern = check_pattern(destination, where)
         try:
             next_hop = parse_next_hop(hop_text, base_dir)
         except NextHopError as exc:
@@ -149,9 +183,10 @@ def load_transport_map(path: str, definitions: dict[str, str], defs_path: str = 
     return TransportMap(rules)
 
 
-def file_lines(path: str) -> Iterator[tuple[str, str]]:
-    """(FILE:LINE, text) of every line that holds more than a comment (policy/policy_file.py)."""
-    return ((f"{path}:{number}", text) for number, text in read_lines(path, PolicyError))
+def file_lines(path: str, what: str = "") -> Iterator[tuple[str, str]]:
+    """(FILE:LINE, text) of every line that holds more than a comment (policy/policy_file.py);
+    `what` names the file in an error about the whole of it (`FILE: cannot read WHAT: ...`)."""
+    return ((f"{path}:{number}", text) for number, text in read_lines(path, PolicyError, what=what))
 
 
 def _substitute(line: str, definitions: dict[str, str], where: str, defs_path: str) -> str:
@@ -165,22 +200,24 @@ def _substitute(line: str, definitions: dict[str, str], where: str, defs_path: s
     return _VARIABLE.sub(value, line)
 
 
-def _split_rule(line: str, where: str) -> tuple[str, str]:
-    """Destination and next hop; a regex destination ends at the first unescaped slash
-    followed by white space, so a regex may contain spaces."""
+def split_rule(line: str, where: str, rest_is: str = "next hop") -> tuple[str, str]:
+    """Destination and the rest (`rest_is` names it in the error when there is none), apart at
+    the first space or tab; a regex destination ends at the first unescaped slash followed by
+    white space, so a regex may contain spaces."""
     if line.startswith("/"):
         match = re.match(r"/(?:\\.|[^\\])*?/(?=\s|$)", line)
         if not match:
             raise PolicyError(f"{where}: regex destination {line.split()[0]!r} has no closing /")
         destination, rest = match[0], line[match.end():]
     else:
-        destination, _, rest = line.partition(" ")
+        destination = re.match(r"[^ \t]*", line)[0]
+        rest = line[len(destination):]
     if not rest.strip():
-        raise PolicyError(f"{where}: rule for {destination!r} has no next hop")
+        raise PolicyError(f"{where}: rule for {destination!r} has no {rest_is}")
     return destination, rest.strip()
 
 
-def _check_destination(destination: str, where: str) -> re.Pattern[str] | None:
+def check_pattern(destination: str, where: str) -> re.Pattern[str] | None:
     """Refuse a destination that is not a regex, wildcard, address or domain; a regex is
     compiled here, once, and the pattern returned for its rule (None for the other kinds)."""
     if destination.startswith("/"):

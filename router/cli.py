@@ -1,5 +1,6 @@
 """The `qrouter` command: run the daemon, queue a message, ask the daemon how it is doing."""
 
+import dataclasses
 import inspect
 import json
 import os
@@ -11,6 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from policy.destinations import DestinationRules, DestinationSettings
 from policy.next_hop import MDA, PIPE, NextHop
 from policy.rewriting import FROM, TO
 from policy.routing import Policy, load_policy
@@ -18,7 +20,7 @@ from policy.transport_map import PolicyError
 from router import config as config_module
 from router import daemon, privileges
 from router import log as log_module
-from router.address import AddressError, parse_path
+from router.address import AddressError, parse_path, split_address
 from router.config import KEYS, Config, ConfigError
 from router.control import QueueCommands
 from router.lock import unless_daemon
@@ -136,7 +138,8 @@ def route(
         "would try now; without it route is offline and asks no DNS")] = False,
     **settings: Any,
 ) -> None:
-    """Explain where a recipient goes now: rewriting, the rule that matched, the alias, the next hop.
+    """Explain where a recipient goes now: rewriting, the rule that matched, the alias, the next hop,
+    and the destination settings that apply to it.
 
     Takes every config key as a flag, as `qrouter run` does. With --resolve it also shows, in the
     order delivery tries them, the MX hosts (by preference; equal preferences are shuffled at each
@@ -151,13 +154,16 @@ def route(
     rewritten, rewrite_rule = policy.rewriter.rewrite(TO, recipient)
     new_sender, sender_rule = policy.rewriter.rewrite(FROM, sender)
     decision = policy.route(rewritten)
+    destination = decision.next_hop.destination
+    settings = policy.destinations.settings(split_address(rewritten)[1], None, destination)
     answer = {"recipient": recipient, "rewritten": rewritten,
               "rewrite_rule": rewrite_rule.where if rewrite_rule else None,
               "sender": sender, "rewritten_sender": new_sender,
               "sender_rewrite_rule": sender_rule.where if sender_rule else None,
               "reason": decision.reason, "rule": decision.rule.where if decision.rule else None,
               "alias": decision.alias.user if decision.alias else None,
-              "method": decision.next_hop.kind, "next_hop": str(decision.next_hop)}
+              "method": decision.next_hop.kind, "next_hop": str(decision.next_hop),
+              "destination": destination, "destination_settings": dataclasses.asdict(settings)}
     if decision.next_hop.kind in (MDA, PIPE):
         answer["program"] = _program(loaded, decision.next_hop, new_sender, rewritten)
     if resolve:
@@ -171,7 +177,8 @@ def route(
     if sender_rule:
         lines.append(f"sender:    <{sender}> rewritten to <{new_sender}> (rewriting rule {sender_rule.where})")
     lines += [f"reason:    {decision.reason}", f"method:    {decision.next_hop.kind}",
-              f"next hop:  {decision.next_hop}"]
+              f"next hop:  {decision.next_hop}", f"destination: {destination}",
+              f"destination settings: {_format_settings(settings, policy.destinations)}"]
     if "program" in answer:
         lines += _format_program(answer["program"])
     if resolve:
@@ -180,6 +187,15 @@ def route(
 
 
 app.command("route")(_with_config_flags(route))
+
+def _format_settings(settings: DestinationSettings, rules: DestinationRules) -> str:
+    """`concurrency=5 recipients=50 ... (from FILE:LINE)`, or the defaults and why they apply."""
+    if settings.source:
+        why = f"from {settings.source}"
+    else:
+        why = f"defaults: no rule in {rules.path} matches" if rules.path else "defaults: no destinations file"
+    return f"{settings.describe()} ({why})"
+
 
 def _program(loaded: Config, hop: NextHop, sender: str, recipient: str) -> dict[str, Any]:
     """What a pipe or local agent would be run with for this recipient alone; nothing runs."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policy.next_hop import SMTP, NextHop, NextHopError, parse_next_hop
-from policy.policy_file import read_lines
+from policy.policy_file import parse_boolean, read_lines
 from router.spool import DEFAULT_SIZE_LIMIT
 from workers.mx_hosts import parse_dns_servers
 from workers.relay_auth import RelayAuthError, load_relay_auth
@@ -50,11 +50,7 @@ def _non_negative(text: str, base_dir: str) -> float:
 
 
 def _boolean(text: str, base_dir: str) -> bool:
-    words = {"1": True, "yes": True, "true": True, "on": True,
-             "0": False, "no": False, "false": False, "off": False}
-    if text.lower() not in words:
-        raise ValueError("must be yes or no (also 1/0, true/false, on/off)")
-    return words[text.lower()]
+    return parse_boolean(text)
 
 
 def _path(text: str, base_dir: str) -> str:
@@ -242,6 +238,8 @@ class Config:
         "smtp-idle-timeout", _non_negative, 5.0, "seconds an idle connection is kept for the next message")
     transports: str = _key("transports", _path, "", "transport policy file: destination next-hop a line")
     transport_defs: str = _key("transport-defs", _path, "", "variables ($name value) for the transports file")
+    destinations: str = _key("destinations", _path, "",
+                             "per-destination settings file: pattern key=value ... a line")
     rewriting: str = _key("rewriting", _path, "", "address rewriting rules: direction old new a line")
     rewrite_both: bool = _key("rewrite-both", _boolean, False, "also rewrite From:/To:/Cc: header addresses")
     aliases: str = _key("aliases", _path, "", "aliases for local delivery: virtual-user unix-user a line")

@@ -33,6 +33,7 @@ FILES = {
     "transports": "foo.bar queue/discard\n# the hostile one\n/{regex}/ queue/discard\n",
     "aliases": "root daemon\n# the hostile one\n{regex} nobody\n",
     "rewriting": "from a.example b.example\n# the hostile one\nto /{regex}/ b.example\n",
+    "destinations": "a.example rate=1/s\n# the hostile one\n/{regex}/ rate=1/s\n",
 }
 
 
@@ -75,7 +76,7 @@ def test_relayhost_port_of_thousands_of_digits_names_the_flag():
         load(None, {"relayhost": "h:" + "9" * 5000})
 
 
-@pytest.mark.parametrize("key", ["transports", "aliases", "rewriting", "queue-dir", "log"])
+@pytest.mark.parametrize("key", ["transports", "aliases", "rewriting", "destinations", "queue-dir", "log"])
 def test_config_value_with_a_nul_byte_is_refused_at_its_line(tmp_path, key):
     path = tmp_path / "qrouter.conf"
     path.write_text(f"workers 2\n{key} /etc/qrouter/\0policy\n")
@@ -83,7 +84,7 @@ def test_config_value_with_a_nul_byte_is_refused_at_its_line(tmp_path, key):
         load(str(path))
 
 
-@pytest.mark.parametrize("key", ["transports", "transport_defs", "aliases", "rewriting"])
+@pytest.mark.parametrize("key", ["transports", "transport_defs", "aliases", "rewriting", "destinations"])
 def test_policy_path_with_a_nul_byte_is_a_policy_error(key):
     with pytest.raises(PolicyError, match=r"^/etc/\x00policy: cannot read.*: embedded null byte$"):
         load_policy(Config(**{key: "/etc/\0policy"}))

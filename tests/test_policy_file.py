@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from policy.aliases import load_aliases
+from policy.destinations import load_destinations
 from policy.rewriting import RewritingError, load_rewriting
 from policy.transport_map import PolicyError, load_definitions, load_transport_map
 from router.config import ConfigError, read_file
@@ -41,6 +42,10 @@ def relay_auth(path: str) -> list[tuple[str, str]]:
     return [(host, f"{user} {password}") for host, (user, password) in load_relay_auth(path).items()]
 
 
+def destinations(path: str) -> list[tuple[str, str]]:
+    return [(pattern, settings.describe()) for pattern, settings in load_destinations(path).rules]
+
+
 def config(path: str) -> list[tuple[str, str]]:
     return [(name, value) for name, value in read_file(path).items()]
 
@@ -52,14 +57,18 @@ KINDS: dict[str, tuple[Callable[[str], list[tuple[str, str]]], type[ValueError],
     "aliases": (aliases, PolicyError, "{} nobody", lambda v: (v, "nobody")),
     "rewriting": (rewriting, RewritingError, "both {} new.example", lambda v: (v, "new.example")),
     "relay-auth": (relay_auth, RelayAuthError, "{} user pass", lambda v: (v, "user pass")),
+    "destinations": (destinations, PolicyError, "{} concurrency=3",
+                     lambda v: (v, "concurrency=3 recipients=50 mx-rollup=yes")),
     "config": (config, ConfigError, "me {}", lambda v: ("me", v)),
 }
 # a value each kind takes that holds `#` with no white space before it
 HASH_VALUES = {"transports": "/a#b@x\\.example/", "transport-defs": "queue/error 5.1.1 ticket#12",
-               "aliases": "a#b", "rewriting": "/a#b/", "relay-auth": "relay#1.example", "config": "mail#1.example"}
+               "aliases": "a#b", "rewriting": "/a#b/", "relay-auth": "relay#1.example", "config": "mail#1.example",
+               "destinations": "/a#b\\.example/"}
 # a value in which a line-breaking character other than \n can stand
 PLAIN_VALUES = {"transports": "a.example", "transport-defs": "[192.0.2.1]", "aliases": "root",
-                "rewriting": "a.example", "relay-auth": "relay.example", "config": "mail.example"}
+                "rewriting": "a.example", "relay-auth": "relay.example", "config": "mail.example",
+                "destinations": "a.example"}
 # a value holding `{}`, which loads with any character in it, for the kinds whose last field is
 # the rest of the line (the others split fields at any white space, these characters included)
 ODD_VALUES = {"transports": "/x{}y@a\\.example/", "transport-defs": "queue/error 5.1.1 x{}y", "config": "x{}y"}

@@ -69,6 +69,13 @@ def test_no_rule_matches(table, address):
     assert table.lookup(address) is None
 
 
+def test_a_tab_parts_destination_and_next_hop_as_a_space_does(tmp_path):
+    (tmp_path / "transports").write_text("foo.bar\tmx.foo.bar:2525\n*.foo.bar \t queue/error 5.7.1 no\tmail\n")
+    table = load_transport_map(str(tmp_path / "transports"), {})
+    assert table.lookup("x@foo.bar").next_hop.text == "mx.foo.bar:2525"
+    assert table.lookup("x@a.foo.bar").next_hop.text == "queue/error 5.7.1 no\tmail"
+
+
 def test_kinds_of_next_hops(table):
     assert table.lookup("x@foo.bar").next_hop.kind == SMTP
     assert table.lookup("other@example.org").next_hop.kind == PIPE
@@ -138,13 +145,19 @@ def test_route_command_explains_the_decision(tmp_path):
         f"reason:    transports rule {tmp_path / 'transports'}:6 (/.*spl-[0-9]{{6}}\\.foo\\.bar/)",
         "method:    smtp",
         "next hop:  [10.9.9.9]:2525",
+        "destination: smtp:[10.9.9.9]:2525",
+        "destination settings: recipients=50 mx-rollup=yes (defaults: no destinations file)",
     ]
     answer = json.loads(qrouter("route", "--json", "--config", str(tmp_path / "qrouter.conf"),
                                 "nobody@nowhere.example", check=True).stdout)
     assert answer == {"recipient": "nobody@nowhere.example", "rewritten": "nobody@nowhere.example",
                       "rewrite_rule": None, "sender": "", "rewritten_sender": "", "sender_rewrite_rule": None,
                       "reason": "no rule matched: MX routing", "rule": None, "alias": None,
-                      "method": "mx", "next_hop": "MX routing for nowhere.example"}
+                      "method": "mx", "next_hop": "MX routing for nowhere.example",
+                      "destination": "mx:nowhere.example",
+                      "destination_settings": {"concurrency": None, "initial_window": None, "recipients": 50,
+                                               "messages_per_connection": None, "rate": None, "mx_rollup": True,
+                                               "source": ""}}
     bad = qrouter("route", "--config", str(tmp_path / "qrouter.conf"), "not an address")
     assert bad.returncode == 64 and b"not an address" in bad.stderr
 
