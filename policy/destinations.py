@@ -32,8 +32,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
-from policy.next_hop import BUILTIN_QUEUE, LMTP, MDA, MX, PIPE, SMTP
+from policy.next_hop import BUILTIN_QUEUE, LMTP, MDA, MX, PIPE, SITE, SMTP
 from policy.policy_file import parse_boolean
 from policy.transport_map import (
     DOMAIN,
@@ -49,7 +50,7 @@ MAX_COUNT = 1_000_000  # connections, recipients, messages: more is a typo
 _DIGITS = re.compile(r"[0-9]+")
 _RATE = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)/(s|min|h)")
 _SECONDS = {"s": 1, "min": 60, "h": 3600}
-SITE, NEXT_HOP = "site", "next hop"  # kinds of exact names in the index, beside DOMAIN
+NEXT_HOP = "next hop"  # a kind of exact name in the index, beside DOMAIN and SITE
 _HOP_KINDS = (SMTP, LMTP, MX, PIPE, MDA, *BUILTIN_QUEUE)  # and queue/NAME
 CACHE_SIZE = 16384  # lookups remembered: every destination of a busy queue, a few hundred bytes each
 
@@ -158,6 +159,16 @@ class DestinationRules:
         (the MX hosts of the domain, comma-separated) or `next_hop` (NextHop.destination);
         DEFAULTS when none does. None (or "") leaves the domain or the site out."""
         return self._cached(domain or None, site or None, next_hop)
+
+    def for_destination(self, destination: str) -> DestinationSettings:
+        """The settings of a destination named as NextHop.destination names it. A destination
+        is what one window, one connection limit and one rate are counted against, so a domain
+        pattern applies to the destination of MX routing for that domain, a site pattern to the
+        site MX rollup made, and mail routed to a relay host or socket is matched by its next hop."""
+        kind, _, argument = unquote(destination).partition(":")
+        if kind == SITE:
+            return self.settings(None, argument, destination)
+        return self.settings(argument if kind == MX else None, None, destination)
 
     def _lookup(self, domain: str | None, site: str | None, next_hop: str) -> DestinationSettings:
         name = normalize_domain(domain) if domain is not None else None

@@ -26,6 +26,7 @@ from policy.command_line import PER_RECIPIENT, CommandLineError, parse_command_l
 MAILDIR, DISCARD, ERROR, RETRY = "maildir", "discard", "error", "retry"
 BUILTIN_QUEUE = (MAILDIR, DISCARD, ERROR, RETRY)  # their arguments are checked here
 SMTP, LMTP, PIPE, MDA, MX = "smtp", "lmtp", "pipe", "mda", "mx"
+SITE = "site"  # not a next hop: the destination MX rollup counts domains with the same MX hosts against
 
 _DSN = re.compile(r"([245])\.\d{1,3}\.\d{1,3}")
 _HOST = re.compile(r"(?:\[(?P<literal>[^\]]+)\]|(?P<name>[A-Za-z0-9.\-_]+))(?::(?P<port>\d+))?")

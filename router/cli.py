@@ -20,7 +20,7 @@ from policy.transport_map import PolicyError
 from router import config as config_module
 from router import daemon, privileges
 from router import log as log_module
-from router.address import AddressError, parse_path, split_address
+from router.address import AddressError, parse_path
 from router.config import KEYS, Config, ConfigError
 from router.control import QueueCommands
 from router.lock import unless_daemon
@@ -155,7 +155,7 @@ def route(
     new_sender, sender_rule = policy.rewriter.rewrite(FROM, sender)
     decision = policy.route(rewritten)
     destination = decision.next_hop.destination
-    settings = policy.destinations.settings(split_address(rewritten)[1], None, destination)
+    settings = policy.destinations.for_destination(destination)
     answer = {"recipient": recipient, "rewritten": rewritten,
               "rewrite_rule": rewrite_rule.where if rewrite_rule else None,
               "sender": sender, "rewritten_sender": new_sender,

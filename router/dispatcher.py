@@ -18,6 +18,15 @@ entries, and each waits, goes or is suspended on its own destination's state:
   workers report the idle connections they keep, an entry goes preferably to a worker that keeps
   one, and when none with room does and the limit is taken, a worker is told to drop an idle one.
 - A rate (messages per second, from the destinations file) spaces the entries' starts.
+- MX rollup: the domains whose MX hosts are the same (a site, `site:mx1.example,mx2.example`)
+  are one destination, as KumoMTA rolls them up, unless a domain's rule says `mx-rollup=no`. A
+  worker looks the site up (the dispatcher asks through the supervisor); an entry for an MX
+  domain whose site is not known yet waits for the answer, so even the first messages to two
+  hundred domains of one provider count against that provider's one limit. What a site is, is
+  remembered for SITE_SECONDS.
+
+An entry is named as the worker names next hops (NextHop.destination: `mx:example.com`); the
+destination it counts against is the same name, or its site.
 
 A message's entries that can go now go together to one worker, with the entries suspended for a
 dead destination (recorded there without an attempt, so expiry, delay warnings and reports apply
@@ -37,7 +46,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -49,6 +58,10 @@ RECOVERY_SPREAD = 0.05  # seconds between retries of the mail deferred for a des
 MAX_RECOVERY_SPREAD = 30.0  # however much was waiting, all of it is retried within this
 SUSPEND_SPREAD = 1.0  # suspended messages come due over this long after the probe time, not at once
 READY_BUDGET = 2000  # ready messages routed in one turn of the supervisor's loop
+SITE_SECONDS = 3600.0  # how long a domain's site is believed
+NO_SITE_SECONDS = 60.0  # a domain whose MX hosts could not be found is its own destination this long
+ASK_AGAIN_SECONDS = 30.0  # a site lookup not answered by then (its worker died) is asked again
+MX_PREFIX = "mx:"  # the entries MX rollup applies to (NextHop.destination of MX routing)
 NEVER = float("inf")
 
 
@@ -59,6 +72,7 @@ class Limits:
     concurrency: int
     initial_window: int
     rate: float | None = None  # messages per second
+    mx_rollup: bool = True  # for an MX domain: counted against its site
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,7 @@ class Destination:
     waiting: deque[str] = field(default_factory=deque)  # queue ids with an entry waiting for room, in order
     lined: set[str] = field(default_factory=set)  # the same ids, to ask whether one is there
     deferred: set[str] = field(default_factory=set)  # queue ids with recipients deferred because it is unreachable
+    domains: set[str] = field(default_factory=set)  # a site's: the entries (MX domains) it holds
 
     @property
     def label(self) -> str:
@@ -107,7 +122,8 @@ class Destination:
     def status(self) -> dict[str, Any]:
         return {"destination": self.label, "sessions": self.in_flight, "window": round(self.window, 2),
                 "limit": self.limits.concurrency, "kept": sum(self.kept.values()), "dead": self.dead,
-                "waiting": len(self.lined), "deferred": len(self.deferred), "last_error": self.last_error or None}
+                "waiting": len(self.lined), "deferred": len(self.deferred), "last_error": self.last_error or None,
+                "domains": len(self.domains)}
 
 
 @dataclass
@@ -121,7 +137,7 @@ class Job:
     visit_at: float
     due: float = NEVER  # the earliest retry the entries gone in this activation asked for
     worker: int = 0  # the pid it is in flight with; 0 when it is not
-    going: tuple[str, ...] = ()  # the destinations whose entries are in flight
+    going: tuple[tuple[str, str], ...] = ()  # (entry, destination) of the entries in flight
 
 
 @dataclass
@@ -155,7 +171,7 @@ class Suspension:
     queue: str
     queue_id: str
     due: float
-    destinations: list[Destination]
+    why: dict[str, tuple[str, float]]  # entry -> ("delivery temporarily suspended: ...", probe time)
 
 
 class Dispatcher:
@@ -174,6 +190,10 @@ class Dispatcher:
         self.lined: set[str] = set()  # destinations with entries waiting
         self.deferred_for: dict[str, set[str]] = {}  # queue id -> destinations whose `deferred` hold it
         self.drops: dict[int, set[str]] = {}  # worker pid -> destinations it is to drop an idle connection to
+        self.sites: dict[str, tuple[str, float]] = {}  # MX entry -> (its site, or "" for none; until when)
+        self.unresolved: dict[str, set[str]] = {}  # MX entry whose site is asked for -> ids waiting for it
+        self.asked: dict[str, tuple[int, float]] = {}  # MX entry -> (the worker asked, when)
+        self.to_ask: list[str] = []  # MX entries to look up, not asked yet
         self.more_ready = False  # a turn stopped at its budget with mail still ready
 
     # -- destinations ---------------------------------------------------------------------
@@ -191,6 +211,47 @@ class Dispatcher:
         for destination in self.destinations.values():
             destination.limits = self.limits(destination.name)
             destination.window = min(destination.window, float(destination.limits.concurrency))
+
+    def destination_of(self, entry: str, now: float) -> Destination | None:
+        """The destination an entry counts against: its own, or for an MX domain its site; None
+        while the site is being looked up."""
+        if not entry.startswith(MX_PREFIX):
+            return self.get(entry)
+        site, until = self.sites.get(entry, ("", 0.0))
+        if now < until:
+            if not site:
+                return self.get(entry)
+            destination = self.get(site)
+            destination.domains.add(entry)
+            return destination
+        if not self.limits(entry).mx_rollup:
+            self.sites[entry] = ("", NEVER)
+            return self.get(entry)
+        if entry not in self.unresolved:
+            self.unresolved[entry] = set()
+            self.to_ask.append(entry)
+        return None
+
+    def take_lookups(self, now: float) -> list[str]:
+        """The MX entries whose site a worker is to look up: new ones, and those asked of a worker
+        that has not answered in ASK_AGAIN_SECONDS."""
+        late = [entry for entry, (_, when) in self.asked.items() if now - when >= ASK_AGAIN_SECONDS]
+        names, self.to_ask = self.to_ask + late, []
+        return names
+
+    def asked_of(self, pid: int, entries: list[str], now: float) -> None:
+        for entry in entries:
+            self.asked[entry] = (pid, now)
+
+    def site_found(self, entry: str, site: str, now: float) -> None:
+        """A worker found the site of an MX entry ("" for none: its MX hosts could not be found
+        now); the messages waiting for it are placed again."""
+        self.sites[entry] = (site, now + (SITE_SECONDS if site else NO_SITE_SECONDS))
+        self.asked.pop(entry, None)
+        for queue_id in self.unresolved.pop(entry, set()):
+            job = self.jobs.get(queue_id)
+            if job is not None and not job.worker:
+                self.pool_waiting.setdefault(job.pool, deque()).append(queue_id)
 
     def _has_room(self, destination: Destination, now: float) -> bool:
         if destination.in_flight >= int(destination.window):
@@ -230,7 +291,9 @@ class Dispatcher:
         suspensions: list[Suspension] = []
         room = dict(free)
         for pool, ids in self.pool_waiting.items():  # those that waited for a worker of their kind first
-            while ids and any(p == pool and n for p, n in room.values()):
+            for _ in range(len(ids)):
+                if not any(p == pool and n for p, n in room.values()):
+                    break
                 job = self.jobs.get(ids.popleft())
                 if job is not None and not job.worker:
                     self._place(job, room, now, tasks, suspensions)
@@ -264,67 +327,71 @@ class Dispatcher:
             while destination.waiting and self._has_room(destination, now):
                 queue_id = destination.waiting[0]
                 job = self.jobs.get(queue_id)
-                if job is None or job.worker or name not in job.todo:
+                if job is None or job.worker or not any(self.destination_of(entry, now) is destination
+                                                        for entry in job.todo):
                     destination.lined.discard(destination.waiting.popleft())  # gone, or went meanwhile
                     continue
                 if not any(p == job.pool and n for p, n in room.values()):
                     break
                 destination.lined.discard(destination.waiting.popleft())
                 self._place(job, room, now, tasks, suspensions)
-                if destination.waiting and destination.waiting[0] == queue_id:
-                    break  # back in line: the connection limit, not the window, holds it
+                if queue_id in destination.lined:  # back in line: the connection limit, not the window, holds it
+                    if destination.waiting[-1] == queue_id:
+                        destination.waiting.rotate(1)  # at the head, where it was
+                    break
             if not destination.waiting:
                 self.lined.discard(name)
 
     def _place(self, job: Job, room: dict[int, tuple[str, int]], now: float, tasks: list[tuple[int, Task]],
                suspensions: list[Suspension]) -> None:
         """Decide for each entry of a job whether it goes now, is suspended or waits, and act."""
-        go: list[str] = []
+        go: dict[str, Destination] = {}
         suspended: dict[str, tuple[str, float]] = {}
-        wait: list[str] = []
-        for name in job.todo:
-            destination = self.get(name)
-            if destination.dead and (destination.probing or now < destination.dead_until):
-                suspended[name] = (f"delivery temporarily suspended: {destination.label}: {destination.last_error}",
-                                   destination.dead_until)
+        wait: list[Destination] = []
+        unresolved = False
+        for entry in job.todo:
+            destination = self.destination_of(entry, now)
+            if destination is None:
+                self.unresolved[entry].add(job.queue_id)
+                unresolved = True
+            elif destination.dead and (destination.probing or now < destination.dead_until):
+                suspended[entry] = (f"delivery temporarily suspended: {destination.label}: "
+                                    f"{destination.last_error}", destination.dead_until)
+                self._deferred(destination.name, job.queue_id)
             elif self._has_room(destination, now):
-                go.append(name)
+                go[entry] = destination
             else:
-                wait.append(name)
-        if not go and not wait and job.todo and now < job.visit_at:
+                wait.append(destination)
+        if not go and (wait or unresolved):
+            self._wait(job, wait)  # for room, or for a site being looked up
+            return
+        if not go and suspended and now < job.visit_at:
             self._suspend(job, suspended, suspensions)
             return
-        if not go and wait:
-            self._wait(job, wait)
-            return
-        pid = self._worker_for(job, go, room)
+        pid = self._worker_for(job, list(go.values()), room)
         if pid is None:
             self.pool_waiting.setdefault(job.pool, deque()).append(job.queue_id)
             return
-        went = [name for name in go if self._connect(self.destinations[name], pid, now)]
-        wait += [name for name in go if name not in went]
-        if not went and wait:
-            self._wait(job, wait)
+        went = {entry: destination for entry, destination in go.items() if self._connect(destination, pid, now)}
+        if not went and not suspended:
+            self._wait(job, [destination for entry, destination in go.items()])
             return
-        for name in suspended:
-            self._deferred(name, job.queue_id)
         pool, free = room[pid]
         room[pid] = (pool, free - 1)
-        job.worker, job.going = pid, tuple(went)
-        for name in [*went, *suspended]:
-            job.todo.pop(name, None)
-        task = Task(job.queue, job.queue_id, go=went if job.todo or went or suspended else None,
+        job.worker, job.going = pid, tuple((entry, destination.name) for entry, destination in went.items())
+        for entry in [*went, *suspended]:
+            job.todo.pop(entry, None)
+        task = Task(job.queue, job.queue_id, go=list(went) if job.todo or went or suspended else None,
                     suspended=suspended, later=list(job.todo), due=0.0 if job.due == NEVER else job.due)
         tasks.append((pid, task))
 
-    def _worker_for(self, job: Job, go: list[str], room: dict[int, tuple[str, int]]) -> int | None:
+    def _worker_for(self, job: Job, go: list[Destination], room: dict[int, tuple[str, int]]) -> int | None:
         """The worker of the job's kind with a free session that keeps idle connections to the
         most of its destinations, then the one with the most free sessions."""
         fits = [pid for pid, (pool, free) in room.items() if pool == job.pool and free]
         if not fits:
             return None
-        return max(fits, key=lambda pid: (sum(1 for name in go if self.destinations[name].kept[pid]),
-                                          room[pid][1], -pid))
+        return max(fits, key=lambda pid: (sum(1 for destination in go if destination.kept[pid]), room[pid][1], -pid))
 
     def _connect(self, destination: Destination, pid: int, now: float) -> bool:
         """Take a connection to `destination` in worker `pid`: its idle one, or a new one while the
@@ -344,15 +411,14 @@ class Dispatcher:
             destination.next_start = max(now, destination.next_start) + 1 / destination.limits.rate
         return True
 
-    def _wait(self, job: Job, names: list[str]) -> None:
+    def _wait(self, job: Job, destinations: list[Destination]) -> None:
         """Entries of a message not in flight wait in their destinations' lines (while it is in
         flight, `filed` places its entries again when it comes back)."""
-        for name in names:
-            destination = self.destinations[name]
+        for destination in destinations:
             if job.queue_id not in destination.lined:
                 destination.lined.add(job.queue_id)
                 destination.waiting.append(job.queue_id)
-            self.lined.add(name)
+            self.lined.add(destination.name)
 
     def _deferred(self, name: str, queue_id: str) -> None:
         self.destinations[name].deferred.add(queue_id)
@@ -372,11 +438,8 @@ class Dispatcher:
         due = min(min(until for _, until in suspended.values()) + random.uniform(0, SUSPEND_SPREAD), job.visit_at)
         if job.due != NEVER:
             due = min(due, job.due)
-        destinations = [self.destinations[name] for name in suspended]
-        for name in suspended:
-            self._deferred(name, job.queue_id)
         del self.jobs[job.queue_id]
-        out.append(Suspension(job.queue, job.queue_id, due, destinations))
+        out.append(Suspension(job.queue, job.queue_id, due, suspended))
 
     def take_drops(self) -> dict[int, set[str]]:
         drops, self.drops = self.drops, {}
@@ -392,10 +455,15 @@ class Dispatcher:
                 destination.kept[pid] = count
 
     def worker_gone(self, pid: int) -> None:
-        """A worker exited: its idle connections went with it."""
+        """A worker exited: its idle connections went with it, and the sites it was asked for are
+        asked of another."""
         for destination in self.destinations.values():
             destination.kept.pop(pid, None)
         self.drops.pop(pid, None)
+        for entry, (asked, _) in list(self.asked.items()):
+            if asked == pid:
+                del self.asked[entry]
+                self.to_ask.append(entry)
 
     def finished(self, queue_id: str, reach: dict[str, str], now: float) -> tuple[list[Destination],
                                                                                   list[Destination]]:
@@ -406,20 +474,20 @@ class Dispatcher:
         if job is None or not job.worker:
             return [], []
         revived, died = [], []
-        for name in job.going:
+        for entry, name in job.going:
             destination = self.get(name)
             busy = destination.in_flight >= int(destination.window) or bool(destination.waiting)
             destination.in_flight = max(0, destination.in_flight - 1)
-            if name not in reach:
+            if entry not in reach:
                 destination.probing = False  # a probe that did not get there: the next entry is one
                 continue
-            if not reach[name]:
+            if not reach[entry]:
                 self._not_deferred(name, queue_id)
                 if self._reached(destination, busy):
                     revived.append(destination)
             else:
                 self._deferred(name, queue_id)
-                if self._unreachable(destination, reach[name], now):
+                if self._unreachable(destination, reach[entry], now):
                     died.append(destination)
         job.worker, job.going = 0, ()
         return revived, died
@@ -443,7 +511,7 @@ class Dispatcher:
         """A message is done, held, deleted or set aside: it is nobody's business here any more."""
         job = self.jobs.pop(queue_id, None)
         if job is not None and job.worker:
-            for name in job.going:
+            for _, name in job.going:
                 destination = self.get(name)
                 destination.in_flight = max(0, destination.in_flight - 1)
         for name in list(self.deferred_for.get(queue_id, ())):
@@ -502,6 +570,7 @@ class Dispatcher:
         times = [due] if (due := self.schedule.next_due()) is not None else []
         times += [self.destinations[name].next_start for name in self.lined
                   if self.destinations[name].limits.rate]
+        times += [when + ASK_AGAIN_SECONDS for _, when in self.asked.values()]
         if any(self.pool_waiting.values()):
             times.append(now + 1.0)  # room comes with a report, which wakes the loop; this is a backstop
         return max(0.0, min(times) - now) if times else None
@@ -511,5 +580,3 @@ class Dispatcher:
         return [d.status() for d in self.destinations.values()
                 if d.in_flight or d.waiting or d.deferred or d.dead or d.failures or any(d.kept.values())]
 
-    def state_of(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
-        return {name: self.get(name).status() for name in names}

@@ -595,6 +595,7 @@ class Supervisor:
                     worker.jobs.pop(task.queue_id)
                     if self.dispatcher.given_back(task.queue_id):
                         self.dispatcher.ready(task.queue, task.queue_id)
+        self._ask_sites(now)
         for pid, names in self.dispatcher.take_drops().items():
             holder = self.workers.get(pid)
             if holder is not None and holder.task_fd >= 0:
@@ -602,6 +603,21 @@ class Supervisor:
                     os.write(holder.task_fd, json.dumps({"drop": sorted(names)}).encode() + b"\n")
                 except OSError:
                     pass  # dying: its connections go with it
+
+    def _ask_sites(self, now: float) -> None:
+        """Have a network worker look up the sites of MX domains the dispatcher needs (MX rollup);
+        one asked of no worker, or of one that dies, is asked again later."""
+        entries = self.dispatcher.take_lookups(now)
+        if not entries:
+            return
+        asked = next((w for w in self.workers.values()
+                      if w.pool == NETWORK and w.task_fd >= 0 and not (w.retiring or w.silent)), None)
+        if asked is not None:
+            try:
+                os.write(asked.task_fd, json.dumps({"lookup": entries}).encode() + b"\n")
+            except OSError:
+                asked = None
+        self.dispatcher.asked_of(asked.pid if asked else 0, entries, now)
 
     def _dispatch_isolated(self) -> None:
         """A worker that dies with several messages in progress gives no clue which one killed
@@ -658,9 +674,11 @@ class Supervisor:
         return Routed(tuple(dict.fromkeys(names)), pool, min(expires, warn))
 
     def _limits(self, name: str) -> Limits:
-        """A destination's concurrency limit, first window and rate."""
-        limit = self.config.destination_concurrency
-        return Limits(limit, min(INITIAL_WINDOW, limit))
+        """A destination's concurrency limit, first window and rate: its rule in the destinations
+        file, destination-concurrency for what the rule leaves out."""
+        settings = self.policy.destinations.for_destination(name)
+        limit = settings.concurrency or self.config.destination_concurrency
+        return Limits(limit, min(settings.initial_window or INITIAL_WINDOW, limit), settings.rate, settings.mx_rollup)
 
     def _suspend(self, suspension: Suspension) -> None:
         """Defer a message whose destinations are all dead without trying it, until its probe
@@ -672,10 +690,15 @@ class Supervisor:
         self.dispatcher.schedule.add(queue_id, suspension.due)
         delay = time.time() - arrival_of(queue_id)
         envelope = pending_recipients(self.spool.path(DEFERRED if queue_id not in self.kept else queue, queue_id))
-        destination = suspension.destinations[0]
-        for address in envelope[0] if envelope else ["?"]:
-            log.info("%s: to=<%s>, relay=none, delay=%.2f, dsn=4.4.1, status=deferred (delivery temporarily "
-                     "suspended: %s: %s)", queue_id, address, delay, destination.label, destination.last_error)
+        first = next(iter(suspension.why.values()))[0]
+        for address in envelope.addresses if envelope else ["?"]:
+            try:
+                entry = self.policy.route_queued(address, envelope.rewritten).next_hop.destination if envelope else ""
+            except Exception:  # as in _route: the worker says what is wrong when it tries it
+                entry = ""
+            why = suspension.why.get(entry, (first, 0.0))[0]
+            log.info("%s: to=<%s>, relay=none, delay=%.2f, dsn=4.4.1, status=deferred (%s)", queue_id, address,
+                     delay, why)
 
     def _finished(self, queue_id: str, reach: dict[str, str]) -> None:
         """A message's entries in flight are done: the dispatcher learns from what they found."""
@@ -835,6 +858,9 @@ class Supervisor:
             record = json.loads(line)
             if "queue_id" in record:
                 self._report(worker, Report.from_record(record))
+            elif "sites" in record:  # the sites of MX domains, as asked
+                for entry, site in record["sites"].items():
+                    self.dispatcher.site_found(entry, site, time.time())
             else:  # idle connections it closed or was told to drop
                 self.dispatcher.kept(worker.pid, record.get("kept", {}))
 

@@ -98,7 +98,7 @@ def test_a_message_whose_destinations_are_all_dead_is_seen_by_a_worker_when_it_e
 
 
 def test_connections_in_use_and_kept_over_all_workers_never_pass_the_limit():
-    routes = {f"m{i}": Routed(("smtp:one",), NETWORK) for i in range(3)}
+    routes = {f"m{i}": Routed(("smtp:one",), NETWORK) for i in range(4)}
     d = dispatcher(routes, limit=1, window=1)
     d.ready("incoming", "m0")
     [(pid, task)] = d.dispatch({1: (NETWORK, 1), 2: (NETWORK, 5)}, 0)[0]
@@ -113,7 +113,9 @@ def test_connections_in_use_and_kept_over_all_workers_never_pass_the_limit():
     d.finished("m1", {"smtp:one": ""}, 0)
     d.forget("m1")
     d.ready("incoming", "m2")
+    d.ready("incoming", "m3")
     assert d.dispatch({1: (NETWORK, 5)}, 0) == ([], [])  # worker 2 is full: a new connection would be a second
+    assert d.dispatch({1: (NETWORK, 5)}, 0) == ([], [])  # and they wait in line, turn after turn
     assert d.take_drops() == {2: {"smtp:one"}}  # so worker 2 is told to drop its idle one
     d.kept(2, {"smtp:one": 0})
     [(pid, task)] = d.dispatch({1: (NETWORK, 5)}, 0)[0]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from policy.next_hop import SITE
+
 DNS_PORT = 53
 
 
@@ -81,6 +83,12 @@ class MXHost:
     name: str
     preference: int
     addresses: tuple[str, ...]
+
+
+def site_destination(hosts: list[MXHost]) -> str:
+    """The destination MX rollup counts a domain against: its MX host names, sorted, so every
+    domain served by the same hosts (a provider's) shares one window and one connection limit."""
+    return f"{SITE}:" + ",".join(sorted({host.name for host in hosts}))
 
 
 def address_literal(text: str) -> str | None:

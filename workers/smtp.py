@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from policy.destinations import DestinationRules, DestinationSettings
 from policy.next_hop import LMTP, MX, NextHop, parse_hosts
 from router.config import Config
 from router.queue_file import QueueFile, Recipient
-from workers.mx_hosts import MXHost, MXLookupError, ResolverConfigError, address_literal
+from workers.mx_hosts import MXHost, MXLookupError, ResolverConfigError, address_literal, site_destination
 from workers.smtp_client import LMTP_PORT, SMTP_PORT, TLS_NONE, SMTPClient, SMTPError, TLSFallback
 from workers.transport import BOUNCED, DEFERRED, Outcome
 
@@ -46,8 +47,9 @@ class Server:
 
 
 class SMTPTransport:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, rules: DestinationRules | None = None):
         self.config = config
+        self.rules = rules or DestinationRules()  # recipients per transaction, messages per connection
         self.helo_name = config.hostname
         self.credentials = config.relay_auth or {}
         self.kept: dict[Server, list[tuple[SMTPClient, float]]] = {}  # idle connections, last used last
@@ -55,7 +57,8 @@ class SMTPTransport:
         # (docs/architecture.md). A destination's, in use and idle in every worker, are bounded
         # by the dispatcher, which learns how many each worker keeps (kept_counts).
         self.max_kept = config.sessions_per_worker
-        self.destination_of: dict[Server, str] = {}
+        self.destination_of: dict[Server, str] = {}  # what its connections count against: next hop or site
+        self.counted_as: dict[str, str] = {}  # next hop (NextHop.destination) -> its destination or site
         self._lock = threading.Lock()
         self.turn: dict[str, int] = {}
         self._resolver = None
@@ -66,7 +69,9 @@ class SMTPTransport:
     def deliver(self, message: QueueFile, recipients: list[Recipient], hop: NextHop) -> list[Outcome]:
         self.close_idle()
         try:
-            servers = self._servers(hop)
+            hosts = self._lookup(hop.argument) if hop.kind == MX else None
+            servers = self._servers(hop) if hosts is None else _expand(hosts, self.config.smtp_port, lmtp=False,
+                                                                       auth=None)
         except (MXLookupError, ResolverConfigError) as exc:
             temporary = not isinstance(exc, MXLookupError) or exc.temporary or hop.kind != MX
             dsn = "4.3.5" if isinstance(exc, ResolverConfigError) else exc.dsn
@@ -74,10 +79,14 @@ class SMTPTransport:
             return Outcome.same_for(recipients, status, "4" + dsn[1:] if temporary else dsn, str(exc), "none")
         outcomes: list[Outcome | None] = [None] * len(recipients)
         todo = list(range(len(recipients)))
+        settings = self.rules.for_destination(hop.destination)
+        counted = site_destination(hosts) if hosts and settings.mx_rollup else hop.destination
+        with self._lock:
+            self.counted_as[hop.destination] = counted
         for server in servers:
             with self._lock:
-                self.destination_of[server] = hop.destination
-            todo = self._deliver_to(server, message, recipients, todo, outcomes)
+                self.destination_of[server] = counted
+            todo = self._deliver_to(server, message, recipients, todo, outcomes, settings)
             if not todo:
                 break
         return [outcome or Outcome(DEFERRED, "4.4.1", f"no server to try for {hop}", "none")
@@ -109,9 +118,10 @@ class SMTPTransport:
         return touched
 
     def kept_counts(self, destinations: Iterable[str]) -> dict[str, int]:
-        """How many idle connections this worker keeps to each of these destinations."""
-        counts = dict.fromkeys(destinations, 0)
+        """How many idle connections this worker keeps to each of these destinations (a next
+        hop's are counted as its site's, when MX rollup puts it in one)."""
         with self._lock:
+            counts = dict.fromkeys((self.counted_as.get(name, name) for name in destinations), 0)
             for server, clients in self.kept.items():
                 name = self.destination_of.get(server)
                 if name in counts:
@@ -128,7 +138,7 @@ class SMTPTransport:
     # -- one server -----------------------------------------------------------------------
 
     def _deliver_to(self, server: Server, message: QueueFile, recipients: list[Recipient], todo: list[int],
-                    outcomes: list[Outcome | None]) -> list[int]:
+                    outcomes: list[Outcome | None], settings: DestinationSettings) -> list[int]:
         """Try `todo` at one server; return the recipients the next server should try."""
         for fresh in (False, True):
             try:
@@ -139,7 +149,7 @@ class SMTPTransport:
                 for index in todo:
                     outcomes[index] = problem
                 return todo
-            replies = self._send(client, message, [recipients[i] for i in todo])
+            replies = self._send(client, message, [recipients[i] for i in todo], settings.recipients)
             if not (reused and all(reply.local and reply.code == 421 for reply in replies)):
                 break  # only a kept connection that died under us earns a fresh try
         after: list[int] = []
@@ -148,24 +158,31 @@ class SMTPTransport:
             outcomes[index] = Outcome(reply.status, reply.dsn, text, client.peer, "DSN" in client.extensions)
             if reply.status == DEFERRED:
                 after.append(index)
-        if client.is_open:  # whether the server said something since is checked when it is reused
+        spent = settings.messages_per_connection is not None and client.transactions >= settings.messages_per_connection
+        if client.is_open and not spent:  # whether the server said something since is checked when it is reused
             self._keep(server, client)
+        elif client.is_open:
+            client.close()
         return after
 
-    def _send(self, client: SMTPClient, message: QueueFile, recipients: list[Recipient]) -> list:
-        """Send, opening new transactions while the server takes only part of the recipients
-        (452 too many recipients, RFC 5321 4.5.3.1.10)."""
+    def _send(self, client: SMTPClient, message: QueueFile, recipients: list[Recipient], per_transaction: int) -> list:
+        """Send in transactions of at most `per_transaction` recipients (the destination's
+        `recipients`), opening new ones while the server takes only part of them (452 too many
+        recipients, RFC 5321 4.5.3.1.10)."""
         replies: list = [None] * len(recipients)
         waiting = list(range(len(recipients)))
         while waiting:
-            answers = client.send(message.sender, [recipients[i] for i in waiting], message.message,
+            batch, later = waiting[:per_transaction], waiting[per_transaction:]
+            answers = client.send(message.sender, [recipients[i] for i in batch], message.message,
                                   ret=message.ret, envid=message.envid)
-            unsent = [i for i, reply in zip(waiting, answers, strict=True) if reply.unsent]
-            for i, reply in zip(waiting, answers, strict=True):
+            for i, reply in zip(batch, answers, strict=True):
                 replies[i] = reply
-            if not unsent or len(unsent) == len(waiting) or not client.is_alive():
+            unsent = [i for i, reply in zip(batch, answers, strict=True) if reply.unsent]
+            if len(unsent) == len(batch) or (unsent and not client.is_alive()):  # none taken now: later
+                for i in later:
+                    replies[i] = answers[-1]
                 break
-            waiting = unsent
+            waiting = unsent + later
         return replies
 
     def _connection(self, server: Server, queue_id: str, fresh: bool) -> tuple[SMTPClient, bool]:
@@ -209,9 +226,15 @@ class SMTPTransport:
 
     # -- where to deliver -----------------------------------------------------------------
 
+    def site_of(self, domain: str) -> str:
+        """The site MX rollup counts a domain against (mx_hosts.site_destination); "" when its
+        MX hosts cannot be found now."""
+        try:
+            return site_destination(self._lookup(domain))
+        except (MXLookupError, ResolverConfigError):
+            return ""
+
     def _servers(self, hop: NextHop) -> list[Server]:
-        if hop.kind == MX:
-            return _expand(self._lookup(hop.argument), self.config.smtp_port, lmtp=False, auth=None)
         lmtp = hop.kind == LMTP
         if lmtp and hop.argument.startswith("/"):
             return [Server(hop.argument, lmtp=True, socket_path=hop.argument)]

@@ -30,7 +30,9 @@ import signal
 import sys
 import threading
 import time
+from urllib.parse import unquote
 
+from policy.destinations import DestinationRules
 from policy.next_hop import LMTP, MDA, MX, PIPE, SMTP
 from policy.routing import Policy
 from router import privileges
@@ -54,7 +56,7 @@ HANG_SECONDS = 30.0  # a program still running this long past command-time-limit
 PR_SET_PDEATHSIG = 1
 
 
-def build_transports(config: Config, pool: str = "") -> Transports:
+def build_transports(config: Config, pool: str = "", rules: DestinationRules | None = None) -> Transports:
     """One instance of each delivery method, by next-hop kind, for the life of a worker: a local
     worker has pipes and local agents, a network worker the rest (SMTP, LMTP and MX routing share
     one), and each `queue/NAME` comes from the entry point group qrouter.transports (the built-ins
@@ -62,7 +64,7 @@ def build_transports(config: Config, pool: str = "") -> Transports:
     if pool == LOCAL:
         program = ProgramTransport(config)
         return Transports(config, {PIPE: program, MDA: program})
-    smtp = SMTPTransport(config)
+    smtp = SMTPTransport(config, rules)
     return Transports(config, {SMTP: smtp, LMTP: smtp, MX: smtp})
 
 
@@ -74,7 +76,7 @@ class Worker:
         self.pool = pool
         self.session_count = sessions
         self.spool = Spool(config.queue_dir, config.spool_group)
-        self.transports = build_transports(config, pool)
+        self.transports = build_transports(config, pool, policy.destinations)
         self.delivery = Delivery(self.spool, config, policy, self.transports, pool)
         self.hang_logged = False
         smtp = self.transports.get(SMTP)
@@ -85,6 +87,7 @@ class Worker:
         self.busy = 0  # threads in an attempt
         self.closing = False  # the pipe is closed or SIGTERM came: start nothing new
         self.sessions: list[threading.Thread] = []
+        self.lookups: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()  # MX entries whose site to find
 
     def start(self, supervisor_pid: int) -> None:
         """Everything that can keep a worker from working at all (the supervisor stops the
@@ -104,7 +107,10 @@ class Worker:
         sys.setswitchinterval(SWITCH_INTERVAL)
         self.sessions = [threading.Thread(target=self._session, name=f"session-{n}", daemon=True)
                          for n in range(self.session_count)]
-        for thread in self.sessions:
+        threads = list(self.sessions)
+        if self.smtp:  # one thread that finds sites for MX rollup, so no delivery waits behind DNS
+            threads.append(threading.Thread(target=self._look_up_sites, name="sites", daemon=True))
+        for thread in threads:
             thread.start()
 
     def serve(self) -> None:
@@ -116,6 +122,7 @@ class Worker:
             self.closing = True
             for _ in self.sessions:
                 self.tasks.put(None)
+            self.lookups.put(None)
             for thread in self.sessions:
                 while thread.is_alive():
                     thread.join(HEARTBEAT_SECONDS)
@@ -136,7 +143,9 @@ class Worker:
                 *lines, buffer = (buffer + chunk).split(b"\n")
                 for line in lines:
                     task = json.loads(line)
-                    if "drop" in task:  # the dispatcher wants room at these destinations
+                    if "lookup" in task:  # the dispatcher asks which sites these MX domains are in
+                        self.lookups.put(task["lookup"])
+                    elif "drop" in task:  # the dispatcher wants room at these destinations
                         if self.smtp:
                             self.smtp.drop(set(task["drop"]))
                         self._tell_kept(set(task["drop"]))
@@ -170,6 +179,13 @@ class Worker:
             if self.smtp and report.reach:
                 report.kept = self.smtp.kept_counts(report.reach)
             self._write(report.to_line())
+
+    def _look_up_sites(self) -> None:
+        """Answer the dispatcher's site lookups, one record a batch, until told to stop."""
+        assert self.smtp is not None
+        while (entries := self.lookups.get()) is not None:
+            sites = {entry: self.smtp.site_of(unquote(entry).partition(":")[2]) for entry in entries}
+            self._write(json.dumps({"sites": sites}).encode() + b"\n")
 
     def _tell_kept(self, destinations: set[str]) -> None:
         """Tell the dispatcher how many idle connections are left to destinations that lost some."""
