@@ -286,11 +286,14 @@ def enqueue(
     Exits 75 when the spool cannot take it (try again later), 64 for bad arguments or a message
     larger than message-size-limit."""
     loaded = _config(config, {"queue-dir": queue_dir} if queue_dir else {})
+    try:
+        recipients = [parse_path(rcpt) for rcpt in recipients]  # as queued, for the Received: field
+    except AddressError as exc:
+        raise _fail(str(exc), EX_USAGE) from None
     message = read_up_to(sys.stdin.buffer, loaded.message_size_limit + 1)  # more is refused: no need to read it all
     try:
-        queue_id = queue_local(loaded, sender, recipients,
-                               lambda queue_id: prepend_fields(message, [received(loaded.hostname, queue_id)]),
-                               notify=notify)
+        queue_id = queue_local(loaded, sender, recipients, lambda queue_id: prepend_fields(
+            message, [received(loaded.hostname, queue_id, recipients)]), notify=notify)
     except SpoolError as exc:
         raise _fail(str(exc), EX_TEMPFAIL if exc.temporary else EX_USAGE) from None
     typer.echo(queue_id)
