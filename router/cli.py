@@ -21,7 +21,7 @@ from router import log as log_module
 from router.address import AddressError, parse_path
 from router.config import KEYS, Config, ConfigError
 from router.control import QueueCommands
-from router.lock import unless_daemon
+from router.lock import SpoolNotAllowed, unless_daemon
 from router.queue_file import MAX_OVERHEAD, QueueFile, Recipient, parse
 from router.queue_view import ALL, WAITING, Selection, age, as_lines, find, messages, parse_duration
 from router.queue_view import as_json as as_json_line
@@ -534,21 +534,24 @@ def _change(command: str, ids: list[str] | None, loaded: Config, selection: Sele
             every: bool, queues: tuple[str, ...]) -> None:
     """Run a queue command on the named messages and those the selectors (or --all) choose:
     through the daemon when it runs, on the files when it does not. Exits 1 naming the ids it
-    could not act on."""
+    could not act on; 77 when this user may not open the spool."""
     spool = Spool(loaded.queue_dir)
-    targets = list(ids or [])
-    if selection is not None or every:
-        targets += [m.queue_id for m in messages(spool, queues, selection)]
-    if not targets:
-        raise _fail(f"{command}: no message named or matching", 1)
-    with unless_daemon(loaded.queue_dir) as alone:
-        if alone:
-            answer = QueueCommands(spool).run(command, targets)
-        else:
-            try:
-                answer = query(loaded.socket_path, {"command": command, "ids": targets}, timeout=120)
-            except StatusError as exc:
-                raise _fail(f"the daemon runs but does not answer: {exc}", EX_TEMPFAIL) from None
+    try:
+        with unless_daemon(loaded.queue_dir) as alone:
+            targets = list(ids or [])
+            if selection is not None or every:
+                targets += [m.queue_id for m in messages(spool, queues, selection)]
+            if not targets:
+                raise _fail(f"{command}: no message named or matching", 1)
+            if alone:
+                answer = QueueCommands(spool).run(command, targets)
+            else:
+                try:
+                    answer = query(loaded.socket_path, {"command": command, "ids": targets}, timeout=120)
+                except StatusError as exc:
+                    raise _fail(f"the daemon runs but does not answer: {exc}", EX_TEMPFAIL) from None
+    except SpoolNotAllowed as exc:
+        raise _fail(f"{exc}; run this as root or as the daemon's user ({loaded.user})", EX_NOPERM) from None
     if "error" in answer:
         raise _fail(answer["error"], EX_NOPERM if answer["error"].startswith("permission") else 1)
     for queue_id, what in answer["done"].items():

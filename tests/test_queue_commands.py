@@ -195,6 +195,19 @@ def test_only_root_and_the_daemon_user_change_the_queue(daemons, unix_users):
     assert code == 0 and daemon.files("hold") == [queue_id]
 
 
+def test_a_user_who_may_not_open_the_spool_is_told_so_in_one_line(daemons, unix_users):
+    """With the daemon stopped, what a user who cannot open the spool (mode 0700, the daemon
+    user's) hears is why, in one line naming the spool, and exit 77 (EX_NOPERM)."""
+    daemon = daemons(*LATER)
+    [queue_id] = deferred_mail(daemon, 1)
+    assert daemon.stop() == 0
+    for args in (["delete", "--yes", queue_id], ["hold", queue_id], ["requeue", "--all"]):
+        assert queue(daemon, *args, user=ALICE) == (
+            77, "", f"qrouter: cannot open spool {daemon.spool}: Permission denied; run this as root or as the "
+                    f"daemon's user ({DAEMON_USER})\n"), args
+    assert daemon.files("deferred") == [queue_id]
+
+
 def test_a_message_being_delivered_is_held_after_its_attempt(daemons, tmp_path, world_dir):
     slow = script(world_dir, "slow", "cat >/dev/null; sleep 2; exit 75\n")
     (tmp_path / "transports").write_text(f"slow.example |{slow}\n")
