@@ -9,7 +9,9 @@ A Python SMTP server built on aiosmtpd becomes a qrouter front door with one lin
 
 At the end of DATA the envelope (the sender, `<>` for none, and the recipients in the order given)
 and the message exactly as received (`envelope.original_content`, after dot-unstuffing, CRLF line
-ends as on the wire) are queued with `Spool.enqueue`: the file is fsynced before the client hears
+ends as on the wire) after a Received: field (router/trace.py: the client's HELO name and address,
+the server's host name, ESMTP or SMTP, the queue id) are queued with `Spool.enqueue`: the file is
+fsynced before the client hears
 
     250 2.0.0 Queued as QUEUE-ID
 
@@ -22,7 +24,8 @@ through. The addresses and the message are all that reaches the queue file; the 
 parameters are not kept.
 
 `size_limit` is qrouter's message-size-limit (give the config's `message_size_limit`; default
-100 MiB): a larger message is refused at the end of DATA with `552 5.3.4`. How much aiosmtpd
+100 MiB): a larger message, Received: field included, is refused at the end of DATA with
+`552 5.3.4`. How much aiosmtpd
 reads and buffers, and the SIZE it announces, is its own `data_size_limit` (32 MiB unless the
 server sets it), the server's business: set it to at most `size_limit` so that a client hears of
 the limit at MAIL FROM, and a larger message is not received only to be refused.
@@ -49,7 +52,10 @@ except ImportError as exc:
 
 from router.address import AddressError, parse_path
 from router.queue_file import clean
+from router.queue_id import new_queue_id
+from router.sendmail import prepend_fields
 from router.spool import DEFAULT_SIZE_LIMIT, Spool, SpoolError
+from router.trace import peer_source, received
 
 
 class QueueHandler:
@@ -87,9 +93,14 @@ class QueueHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         loop = asyncio.get_running_loop()
+        queue_id, recipients = new_queue_id(), list(envelope.rcpt_tos)
+        peer = session.peer[0] if isinstance(session.peer, tuple) else ""  # "" on a unix socket
+        trace = received(server.hostname, queue_id, recipients, source=peer_source(session.host_name, peer),
+                         protocol=_protocol(session))
+        message = prepend_fields(envelope.original_content or b"", [trace])
         try:
             queue_id = await loop.run_in_executor(self.executor, self.enqueue, envelope.mail_from or "<>",
-                                                  list(envelope.rcpt_tos), envelope.original_content or b"")
+                                                  recipients, message, queue_id)
         except SpoolError as exc:
             if exc.temporary:
                 return f"451 4.3.0 {clean(str(exc))}"
@@ -98,10 +109,19 @@ class QueueHandler:
             return f"552 5.3.4 {clean(str(exc))}"
         return f"250 2.0.0 Queued as {queue_id}"
 
-    def enqueue(self, sender: str, recipients: list[str], message: bytes) -> str:
-        """Queue one message durably (blocking: it fsyncs) and return its queue id."""
+    def enqueue(self, sender: str, recipients: list[str], message: bytes, queue_id: str = "") -> str:
+        """Queue one message durably (blocking: it fsyncs) and return its queue id (`queue_id`,
+        made by new_queue_id() for a message that names it, or a new one)."""
         spool = Spool(self.queue_dir, self.group, size_limit=self.size_limit)
         try:
-            return spool.enqueue(sender, recipients, message)
+            return spool.enqueue(sender, recipients, message, queue_id=queue_id)
         finally:
             spool.close()
+
+
+def _protocol(session: Session) -> str:
+    """The with-part of the Received: field, as RFC 3848 names it: SMTP after HELO; ESMTP after
+    EHLO, with S for TLS and A for an authenticated client."""
+    if not session.extended_smtp:
+        return "SMTP"
+    return "ESMTP" + ("S" if session.ssl else "") + ("A" if session.authenticated else "")

@@ -23,7 +23,7 @@ from router import log as log_module
 from router.address import AddressError, parse_path
 from router.config import KEYS, Config, ConfigError
 from router.control import QueueCommands
-from router.lock import unless_daemon
+from router.lock import SpoolNotAllowed, unless_daemon
 from router.queue_file import MAX_OVERHEAD, QueueFile, Recipient, parse
 from router.queue_view import ALL, WAITING, Selection, age, as_lines, find, messages, parse_duration
 from router.queue_view import as_json as as_json_line
@@ -302,11 +302,14 @@ def enqueue(
     Exits 75 when the spool cannot take it (try again later), 64 for bad arguments or a message
     larger than message-size-limit."""
     loaded = _config(config, {"queue-dir": queue_dir} if queue_dir else {})
+    try:
+        recipients = [parse_path(rcpt) for rcpt in recipients]  # as queued, for the Received: field
+    except AddressError as exc:
+        raise _fail(str(exc), EX_USAGE) from None
     message = read_up_to(sys.stdin.buffer, loaded.message_size_limit + 1)  # more is refused: no need to read it all
     try:
-        queue_id = queue_local(loaded, sender, recipients,
-                               lambda queue_id: prepend_fields(message, [received(loaded.hostname, queue_id)]),
-                               notify=notify)
+        queue_id = queue_local(loaded, sender, recipients, lambda queue_id: prepend_fields(
+            message, [received(loaded.hostname, queue_id, recipients)]), notify=notify)
     except SpoolError as exc:
         raise _fail(str(exc), EX_TEMPFAIL if exc.temporary else EX_USAGE) from None
     typer.echo(queue_id)
@@ -547,21 +550,24 @@ def _change(command: str, ids: list[str] | None, loaded: Config, selection: Sele
             every: bool, queues: tuple[str, ...]) -> None:
     """Run a queue command on the named messages and those the selectors (or --all) choose:
     through the daemon when it runs, on the files when it does not. Exits 1 naming the ids it
-    could not act on."""
+    could not act on; 77 when this user may not open the spool."""
     spool = Spool(loaded.queue_dir)
-    targets = list(ids or [])
-    if selection is not None or every:
-        targets += [m.queue_id for m in messages(spool, queues, selection)]
-    if not targets:
-        raise _fail(f"{command}: no message named or matching", 1)
-    with unless_daemon(loaded.queue_dir) as alone:
-        if alone:
-            answer = QueueCommands(spool).run(command, targets)
-        else:
-            try:
-                answer = query(loaded.socket_path, {"command": command, "ids": targets}, timeout=120)
-            except StatusError as exc:
-                raise _fail(f"the daemon runs but does not answer: {exc}", EX_TEMPFAIL) from None
+    try:
+        with unless_daemon(loaded.queue_dir) as alone:
+            targets = list(ids or [])
+            if selection is not None or every:
+                targets += [m.queue_id for m in messages(spool, queues, selection)]
+            if not targets:
+                raise _fail(f"{command}: no message named or matching", 1)
+            if alone:
+                answer = QueueCommands(spool).run(command, targets)
+            else:
+                try:
+                    answer = query(loaded.socket_path, {"command": command, "ids": targets}, timeout=120)
+                except StatusError as exc:
+                    raise _fail(f"the daemon runs but does not answer: {exc}", EX_TEMPFAIL) from None
+    except SpoolNotAllowed as exc:
+        raise _fail(f"{exc}; run this as root or as the daemon's user ({loaded.user})", EX_NOPERM) from None
     if "error" in answer:
         raise _fail(answer["error"], EX_NOPERM if answer["error"].startswith("permission") else 1)
     for queue_id, what in answer["done"].items():

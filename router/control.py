@@ -115,9 +115,13 @@ class QueueCommands:
         path = self.spool.path(queue, queue_id)
         queue_file = parse(read_queue_file(path, self.spool.size_limit + MAX_OVERHEAD), path)
         queue_file.rewritten = False  # the rewriting rules in force apply again, before the next attempt
+        # Rewritten where it is, then moved: each step is one rename, and the copy is staged as
+        # the daemon's own rewrites are (tmp/ID.QUEUE), which the daemon removes when it starts.
+        # A command killed on the way leaves the message in `queue` or in incoming/, never in both,
+        # and no copy in tmp/ that a start would take for a front door's file still being written.
         self.daemon.unscheduled(queue_id)
-        self.spool.write(queue_file, INCOMING)
-        os.unlink(self.spool.path(queue, queue_id))
+        self.spool.write(queue_file, queue)
+        self._move(queue_id, queue, INCOMING)
         return "requeued: rewritten and routed afresh"
 
     def _move(self, queue_id: str, source: str, target: str) -> None:

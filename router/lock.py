@@ -37,6 +37,10 @@ class LockError(RuntimeError):
     pass
 
 
+class SpoolNotAllowed(LockError):
+    """The spool directory cannot be opened by this user (it is the daemon user's, mode 0700)."""
+
+
 class SpoolLock:
     def __init__(self, queue_dir: str):
         self.queue_dir = queue_dir
@@ -113,8 +117,12 @@ class SpoolLock:
 def unless_daemon(queue_dir: str) -> Iterator[bool]:
     """For a command that changes the spool without a daemon: yields True with the spool locked
     for the length of the `with` (no daemon can start meanwhile), or False when a daemon holds
-    it, and the command must ask that daemon instead."""
-    fd = os.open(queue_dir, os.O_RDONLY | os.O_DIRECTORY)
+    it, and the command must ask that daemon instead. Raises SpoolNotAllowed for a user who may
+    not open the spool: whether a daemon runs cannot then be known, nor anything changed."""
+    try:
+        fd = os.open(queue_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except PermissionError as exc:
+        raise SpoolNotAllowed(f"cannot open spool {queue_dir}: {exc.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

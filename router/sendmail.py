@@ -37,11 +37,11 @@ CR, LF and NUL are refused in every argument and in the To:, Cc: and Bcc: fields
 
 The message is read up to message-size-limit bytes (config key, default 100 MiB); a larger one
 is refused, not read to its end. As Postfix's pickup and cleanup do for local submissions, a
-`Received: by ME (qrouter, from userid UID)` field is put first, and a missing From: (the
-envelope sender, else the invoking user at `me`, with the -F name), Date: or Message-ID:
-(<QUEUE-ID@me>) is added after it; otherwise the message is queued byte for byte, but for the
-Bcc: fields -t takes out. A spool that does not exist yet (the daemon never started) is made,
-as `qrouter enqueue` makes it.
+`Received: by ME (qrouter, from userid UID) id QUEUE-ID` field (router/trace.py: it also names a
+lone recipient) is put first, and a missing From: (the envelope sender, else the invoking user at
+`me`, with the -F name), Date: or Message-ID: (<QUEUE-ID@me>) is added after it; otherwise the
+message is queued byte for byte, but for the Bcc: fields -t takes out. A spool that does not
+exist yet (the daemon never started) is made, as `qrouter enqueue` makes it.
 
 Nothing is printed on success. Exit codes (sysexits): 0 queued; 64 bad arguments, an address that
 is not valid, no recipients, or a message larger than message-size-limit; 75 the spool cannot take
@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
 from router import config as config_module
+from router import trace
 from router.address import ATEXT, AddressError, has_cr_lf_nul, parse_path
 from router.config import Config, ConfigError
 from router.queue_id import arrival_of, new_queue_id
@@ -436,11 +437,10 @@ def queue_local(loaded: Config, sender: str, recipients: list[str], build: Calla
         spool.close()
 
 
-def received(hostname: str, queue_id: str) -> str:
+def received(hostname: str, queue_id: str, recipients: list[str]) -> str:
     """The trace field Postfix's pickup writes for a local submission: who submitted it (the
     real uid), on which host, under which queue id and when (its arrival)."""
-    return (f"Received: by {hostname} (qrouter, from userid {os.getuid()})\n"
-            f"\tid {queue_id}; {email.utils.formatdate(arrival_of(queue_id), localtime=True)}")
+    return trace.received(hostname, queue_id, recipients, note=f"from userid {os.getuid()}")
 
 
 def prepend_fields(message: bytes, fields: list[str]) -> bytes:
@@ -516,7 +516,7 @@ def submit(argv: list[str], stdin: BinaryIO | None = None, stderr: TextIO | None
         return fail(str(exc), EX_USAGE)
 
     def build(queue_id: str) -> bytes:
-        return prepend_fields(message, [received(me(), queue_id),
+        return prepend_fields(message, [received(me(), queue_id, recipients),
                                         *missing_fields(message, author, me(), queue_id)])
 
     try:

@@ -79,7 +79,8 @@ def read_queue_file(path: str, limit: int) -> bytes:
 
 def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISLNK, "a symbolic link")):
         if test(mode):
             return name
     return "not a file"
@@ -175,12 +176,22 @@ class Spool:
 
     def claim(self, queue: str, queue_id: str) -> str | None:
         """Take a message into active/ by atomic rename; None if another worker (or an
-        administrator) moved it first."""
-        target = self.path(ACTIVE, queue_id)
+        administrator) moved it first. A rename that fails for something that is no regular file
+        raises NotAQueueFile, not the OSError: a directory someone else made (renaming one needs
+        write access to it) is no failure of the disk, and trying it again would never end."""
+        source, target = self.path(queue, queue_id), self.path(ACTIVE, queue_id)
         try:
-            os.rename(self.path(queue, queue_id), target)
+            os.rename(source, target)
         except FileNotFoundError:
             return None
+        except OSError:
+            try:
+                mode = os.lstat(source).st_mode
+            except OSError:
+                mode = stat.S_IFREG  # gone, or not to be looked at: the rename's error says more
+            if not stat.S_ISREG(mode):
+                raise NotAQueueFile(f"{source}: not a regular file but {_kind(mode)}") from None
+            raise
         return target
 
     def move(self, queue_id: str, source: str, target: str, *, mtime: float | None = None) -> bool:

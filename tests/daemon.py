@@ -54,6 +54,17 @@ def message_in(path: Path) -> bytes:
     return rest[blank.end():] if blank else rest  # the empty line put before a message with no header
 
 
+TRACE = re.compile(rb"Received: [^\r\n]*(?:\r?\n[ \t][^\r\n]*)*\r?\n")
+
+
+def after_trace(message: bytes) -> tuple[str, bytes]:
+    """The Received: field a hand-off puts first (router/trace.py), unfolded, and the message
+    after it, as it was handed in."""
+    field = TRACE.match(message)
+    assert field, f"the message does not begin with a Received: field: {message[:200]!r}"
+    return " ".join(field[0].decode().split()), message[field.end():]
+
+
 def reachable(path: Path, mode: int = 0o755) -> Path:
     """Let the daemon's user reach `path` (a test's directory, made 0700 under /tmp for root):
     `path` gets `mode`, and the directories above it up to /tmp are made searchable."""

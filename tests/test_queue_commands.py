@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -17,9 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.queue_file import parse
+from router.queue_file import QueueFile, Recipient, parse
+from router.queue_id import arrival_of, new_queue_id
 from router.spool import Spool
-from tests.daemon import DAEMON_USER, qrouter, wait_for
+from tests.daemon import DAEMON_USER, ROOT, message_in, qrouter, wait_for
 from tests.unix_users import ALICE, EXTRA_GROUP, script
 
 LATER = ["--default-transport", "queue/retry 4.2.1 try later", "--min-backoff", "600"]
@@ -124,6 +126,41 @@ def test_hold_release_flush_requeue_delete(daemons, tmp_path, running):
                  what="released and requeued mail tried again")
 
 
+def test_requeue_killed_halfway_leaves_no_copy_and_loses_or_doubles_nothing(daemons):
+    """`queue requeue` of 1,000 messages with the daemon stopped, killed (-9) while a rewritten
+    copy is staged in tmp/: the next start removes that copy, and each message is delivered once."""
+    daemon = daemons(start=False, workers=2)
+    spool = Spool(daemon.spool)
+    spool.create()
+    count = 1000
+    for n in range(count):
+        queue_id = new_queue_id()
+        spool.write(QueueFile(queue_id, arrival_of(queue_id), "a@example.org", [Recipient("u@example.org")],
+                              f"Subject: {n}\n\nx\n".encode(), attempts=1, rewritten=True), "deferred")
+    requeue = subprocess.Popen([sys.executable, "-m", "router", "queue", "requeue", "--all", "--queue-dir",
+                                str(daemon.spool)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def stopped_with_a_copy_in_tmp() -> bool:
+            """Stop the command; true if it is stopped halfway with a file staged, else let it go on."""
+            requeue.send_signal(signal.SIGSTOP)
+            if len(daemon.files("incoming")) > 10 and daemon.files("tmp"):
+                return True
+            requeue.send_signal(signal.SIGCONT)
+            return False
+
+        wait_for(stopped_with_a_copy_in_tmp, 60, "the requeue halfway, a copy staged in tmp/")
+    finally:
+        requeue.kill()
+        requeue.wait()
+    assert daemon.files("tmp") and daemon.files("deferred")  # killed halfway indeed
+    daemon.start()
+    wait_for(lambda: len(daemon.delivered()) >= count, 300, f"{count} deliveries")
+    daemon.wait_idle(60)
+    subjects = sorted(message_in(path).split(b"\n", 1)[0] for path in daemon.delivered())
+    assert subjects == sorted(f"Subject: {n}".encode() for n in range(count))  # each once
+    assert daemon.files("tmp") == daemon.files("deferred") == daemon.files("corrupt") == []
+
+
 def test_ids_never_lead_out_of_the_spool(daemons, tmp_path):
     daemon = daemons(*LATER)
     victim = tmp_path / "victim"
@@ -156,6 +193,19 @@ def test_only_root_and_the_daemon_user_change_the_queue(daemons, unix_users):
     assert daemon.files("deferred") == [queue_id]
     code, _, _ = queue(daemon, "hold", queue_id, user=DAEMON_USER)
     assert code == 0 and daemon.files("hold") == [queue_id]
+
+
+def test_a_user_who_may_not_open_the_spool_is_told_so_in_one_line(daemons, unix_users):
+    """With the daemon stopped, what a user who cannot open the spool (mode 0700, the daemon
+    user's) hears is why, in one line naming the spool, and exit 77 (EX_NOPERM)."""
+    daemon = daemons(*LATER)
+    [queue_id] = deferred_mail(daemon, 1)
+    assert daemon.stop() == 0
+    for args in (["delete", "--yes", queue_id], ["hold", queue_id], ["requeue", "--all"]):
+        assert queue(daemon, *args, user=ALICE) == (
+            77, "", f"qrouter: cannot open spool {daemon.spool}: Permission denied; run this as root or as the "
+                    f"daemon's user ({DAEMON_USER})\n"), args
+    assert daemon.files("deferred") == [queue_id]
 
 
 def test_a_message_being_delivered_is_held_after_its_attempt(daemons, tmp_path, world_dir):

@@ -6,6 +6,7 @@ the transports are also called directly, for what a daemon would only make slowe
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
 from pathlib import Path
@@ -17,7 +18,7 @@ from router.config import Config
 from router.queue_file import QueueFile, Recipient, parse
 from router.queue_id import new_queue_id
 from router.spool import Spool
-from tests.daemon import Daemon, qrouter, read_only, wait_for
+from tests.daemon import Daemon, after_trace, qrouter, read_only, wait_for
 from tests.smtp_servers import AioServer, Recorder
 from workers.qpsmtpd_queue import MAX_HELPERS, PLUGINS, QpsmtpdTransport
 from workers.router_queue import RouterTransport
@@ -28,10 +29,13 @@ MESSAGE = (b"From: a@example.org\r\nSubject: gr\xc3\xbc\xc3\x9fe\r\nMessage-ID: 
            b"hello \xe4\xf6\xfc\r\n.dot\r\n..two dots\r\n")
 
 
-def as_written(message: bytes, sender: str, recipient: str) -> bytes:
-    """What queue/maildir of qpsmtpd writes for one recipient with a sub directory: its two
-    header lines, then the message with LF line ends."""
-    return f"Return-Path: <{sender}>\nDelivered-To: {recipient}\n".encode() + message.replace(b"\r\n", b"\n")
+def plugin_got(written: bytes, sender: str, recipient: str) -> tuple[str, bytes]:
+    """What queue/maildir of qpsmtpd wrote for one recipient with a sub directory: its two header
+    lines, then the message with LF line ends. Gives the Received: field of the hand-off, and the
+    message after it."""
+    header = f"Return-Path: <{sender}>\nDelivered-To: {recipient}\n".encode()
+    assert written.startswith(header), written[:200]
+    return after_trace(written[len(header):])
 
 
 def queue_file(*recipients: Recipient, sender: str = "s@example.org", message: bytes = MESSAGE,
@@ -93,7 +97,10 @@ def test_the_other_spool_gets_the_envelope_and_the_dsn_fields(tmp_path):
     [name] = os.listdir(other / "incoming")
     assert reply == f"queued as {name}" and os.listdir(other / "tmp") == []
     handed = parse((other / "incoming" / name).read_bytes())
-    assert (handed.sender, handed.message, handed.envid, handed.ret) == ("", MESSAGE, "ENV1", "HDRS")
+    trace, handed_in = after_trace(handed.message)
+    assert (handed.sender, handed_in, handed.envid, handed.ret) == ("", MESSAGE, "ENV1", "HDRS")
+    assert re.fullmatch(rf"Received: by \S+ \(qrouter, from queue id {message.queue_id}\) with queue/router "
+                        rf"id {name}; .+", trace), trace  # two recipients: no for-part
     assert handed.recipients == [Recipient("u@x.example", notify="SUCCESS,DELAY", orcpt="rfc822;U@X.example"),
                                  Recipient("v@x.example", notify="NEVER")]  # not the results of here
 
@@ -149,7 +156,9 @@ def test_queue_maildir_plugin_delivers_into_a_maildir(tmp_path, daemons):
     wait_for(lambda: f"{queue_id}: removed" in daemon.log(), what="delivery by queue/maildir")
     for user in ("u", "v"):
         [path] = (mail / "m.example" / user / "new").iterdir()
-        assert path.read_bytes() == as_written(MESSAGE, "s@example.org", f"{user}@m.example")
+        trace, handed_in = plugin_got(path.read_bytes(), "s@example.org", f"{user}@m.example")
+        assert handed_in == MESSAGE.replace(b"\r\n", b"\n")
+        assert re.fullmatch(rf"Received: by {ME} \(qrouter\) with queue/qpsmtpd id {queue_id}; .+", trace), trace
         assert (f"{queue_id}: to=<{user}@m.example>, relay=qpsmtpd[queue/maildir], " in daemon.log()
                 and "dsn=2.0.0, status=sent (Queued! <handoff@example.org>)" in daemon.log())
 
@@ -167,7 +176,7 @@ def test_queue_smtp_forward_plugin_forwards_bounces_and_defers(tmp_path, daemons
         wait_for(lambda: f"{sent}: removed" in daemon.log() and f"{bounced}: removed" in daemon.log()
                  and deferred in daemon.files("deferred"), what="three verdicts")
     [received] = sink.handler.messages
-    assert (received.mail_from, received.rcpt_tos, received.content) == (
+    assert (received.mail_from, received.rcpt_tos, after_trace(received.content)[1]) == (
         "s@example.org", ["u@f.example", "v@f.example"], MESSAGE)
     assert sink.handler.hellos == [ME]  # config('me') is qrouter's name
     assert refusing.handler.messages[0].mail_from == "<>"

@@ -159,6 +159,28 @@ def test_enqueue_refuses_a_message_over_message_size_limit(tmp_path):
     assert accepted.returncode == 0, accepted.stderr
 
 
+def test_a_directory_root_made_in_incoming_is_named_once_and_left_alone(daemons):
+    """The daemon's user cannot move a directory root made (renaming a directory needs write
+    access to it, for its `..`), into active/ or corrupt/: it is named once as what it is and
+    left where it is, not retried at every min-backoff with a line blaming the disk."""
+    daemon = daemons(*FAST)
+    assert daemon.stop() == 0  # the spool is the daemon user's now, and is not walked at the next start
+    directory = new_queue_id()
+    (daemon.spool / "incoming" / directory).mkdir(mode=0o755)
+    daemon.start()
+    wait_for(lambda: directory in daemon.log(), 10, "a line about the directory")
+    good = Spool(daemon.spool).enqueue("a@example.org", ["good@example.org"], MESSAGE)
+    wait_for(lambda: f"{good}: removed" in daemon.log(), 10, "the good message delivered")
+    time.sleep(2.5)  # several min-backoff periods: nothing is tried again
+    log = daemon.log()
+    assert [line.split("]: ", 1)[1] for line in log.splitlines() if directory in line] == [
+        f"error: {directory}: not a queue file, left in incoming/, it cannot be moved to corrupt/ (Permission denied): "
+        f"{daemon.spool / 'incoming' / directory}: not a regular file but a directory"], log
+    assert "spool write error" not in log and "nothing is lost" not in log
+    assert daemon.files("incoming") == [directory] and daemon.files("active") == daemon.files("corrupt") == []
+    assert "Traceback" not in log and deaths(daemon) == []
+
+
 def test_what_cannot_be_a_deferred_queue_file_goes_to_corrupt_once(daemons):
     """A directory named like a queue id, a FIFO, and names that are no queue ids in deferred/
     each get one log line and go to corrupt/; they are not retried at every min-backoff."""

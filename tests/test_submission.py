@@ -22,7 +22,7 @@ from tests.daemon import qrouter
 from tests.test_sendmail import ENTRIES, sendmail
 
 ME = "submit.qrouter.test"
-RECEIVED = re.compile(rf"by {re.escape(ME)} \(qrouter, from userid (\d+)\) id (\S+); (.+)")
+RECEIVED = re.compile(rf"by {re.escape(ME)} \(qrouter, from userid (\d+)\) id (\S+) for <r@example\.net>; (.+)")
 
 
 def write_config(directory: Path, *lines: str) -> Path:
@@ -63,7 +63,8 @@ def added_and_parsed(stored: QueueFile, original: bytes) -> tuple[list[bytes], e
 
 
 def check_received(parsed: email.message.EmailMessage, queue_id: str) -> None:
-    """Received: is the first field and names this host, our uid, the queue id and its arrival."""
+    """Received: is the first field and names this host, our uid, the queue id, the one recipient
+    and its arrival."""
     assert parsed.keys()[0] == "Received"
     [field] = parsed.get_all("Received")
     uid, named_id, date = RECEIVED.fullmatch(" ".join(str(field).split())).groups()

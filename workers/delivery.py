@@ -150,7 +150,7 @@ class Delivery:
                 return Report(queue_id, SKIPPED)
             queue_file = parse(read_queue_file(path, self.config.message_size_limit + MAX_OVERHEAD), path)
         except (CorruptQueueFile, NotAQueueFile) as exc:
-            return self._set_aside(queue_id, exc)
+            return self._set_aside(queue_id, exc, queue if path is None else ACTIVE)
         except OSError as exc:  # the disk, not the file: it stays where it is for later
             return self._keep(report, queue if path is None else ACTIVE, states, exc)
         if queue_file.queue_id != queue_id:
@@ -204,12 +204,15 @@ class Delivery:
             self._record(queue_file, rcpt, loop, report)
         return True
 
-    def _set_aside(self, queue_id: str, problem: Exception) -> Report:
+    def _set_aside(self, queue_id: str, problem: Exception, source: str = ACTIVE) -> Report:
+        """Move what is in `source` to corrupt/. What cannot be moved is left there, named in one
+        line: on a CORRUPTED report the supervisor does not hand it out again (until it reads
+        the queue directories anew, at the next start)."""
         kind = "corrupt queue file" if isinstance(problem, CorruptQueueFile) else "not a queue file,"
         try:
-            name = self.spool.set_aside(queue_id, ACTIVE)
+            name = self.spool.set_aside(queue_id, source)
         except OSError as exc:
-            log.error("%s: %s left in active/, it cannot be moved to corrupt/ (%s): %s", queue_id, kind,
+            log.error("%s: %s left in %s/, it cannot be moved to corrupt/ (%s): %s", queue_id, kind, source,
                       exc.strerror or exc, problem)
         else:
             log.error("%s: %s moved to %s: %s", queue_id, kind, self.spool.path(CORRUPT, name), problem)

@@ -5,7 +5,8 @@
 pipe(8) write them. A message that arrives carrying a Delivered-To: for the very recipient it
 is being delivered to has been here before: delivering it again would go round for ever, so it
 fails with 5.4.6 instead (RFC 3463: routing loop detected). So does a message that has passed
-more hops than hopcount-limit: every MTA adds a Received:, every final delivery a Delivered-To:.
+more hops than hopcount-limit: every MTA adds a Received: (qrouter at each hand-off, router/trace.py),
+every final delivery a Delivered-To:.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ qrouter's host name. The helper lives on between messages (a plugin is loaded on
 not once per message): each worker keeps up to MAX_HELPERS of them, started when needed, each
 serving one message at a time, and replaces one that dies.
 
+The plugin gets the message after a Received: field naming the hand-off (router/trace.py), as
+qpsmtpd's own SMTP server puts one before the message it hands its queue plugin: it counts as a
+hop, so mail that comes back here ends at hopcount-limit instead of going round for ever.
+
 The answer is mapped as qpsmtpd answers its client after the queue hook: OK delivered (2.0.0),
 DENY and DENY_DISCONNECT bounced (552 there; 5.3.0, or the enhanced code the plugin's text starts
 with), anything else deferred (4.3.0, or the plugin's code), and so is a plugin that dies. One
@@ -42,6 +46,8 @@ from typing import IO, TYPE_CHECKING, Any
 from policy.next_hop import NextHop
 from router.durable import write_all
 from router.queue_file import QueueFile, Recipient
+from router.sendmail import prepend_fields
+from router.trace import received
 from workers.transport import BOUNCED, DEFERRED, SENT, Outcome
 
 if TYPE_CHECKING:
@@ -108,7 +114,9 @@ class QpsmtpdTransport:
             return Outcome.same_for(recipients, DEFERRED, "4.3.0",
                                     f"no qpsmtpd helper became free within {self.time_limit:g}s", relay)
         try:
-            answer = helper.ask(request, message.message)
+            answer = helper.ask(request, prepend_fields(message.message, [received(
+                self.hostname, message.queue_id, request["recipients"], protocol="queue/qpsmtpd",
+                when=time.time())]))
         except BaseException as exc:  # whatever it was, the helper is in no state to serve again
             helper.stop(kill=True)
             self._gone(1)

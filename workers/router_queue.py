@@ -7,6 +7,10 @@ staged in tmp/, fsynced, renamed into incoming/, the directory fsynced), so it c
 here only once it is as safe there as any queued message: then the daemon serving DIR delivers it,
 or it waits there for one. Spool.enqueue is not used because it gives every recipient one NOTIFY
 and none an ORCPT.
+
+A Received: field naming the hand-off goes first (router/trace.py): it counts as a hop, so two
+spools routing a domain to each other end the loop at hopcount-limit with a report (5.4.6)
+rather than passing the mail back and forth for ever.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from policy.next_hop import NextHop
 from router.durable import error_name
 from router.queue_file import QueueFile, Recipient
 from router.queue_id import arrival_of, new_queue_id
+from router.sendmail import prepend_fields
 from router.spool import INCOMING, Spool
+from router.trace import received
 from workers.transport import DEFERRED, SENT, NoOpClose, Outcome
 
 if TYPE_CHECKING:
@@ -35,6 +41,7 @@ class RouterTransport(NoOpClose):
 
     def __init__(self, config: Config) -> None:
         self.own_spool = os.path.realpath(config.queue_dir)
+        self.hostname = config.hostname
 
     @staticmethod
     def check(argument: str) -> None:
@@ -52,6 +59,9 @@ class RouterTransport(NoOpClose):
                                     f"{directory} is this daemon's own spool: the mail would loop", relay)
         queue_id = new_queue_id()
         handed_on = message.copy_for(queue_id, arrival_of(queue_id), recipients)
+        handed_on.message = prepend_fields(message.message, [received(
+            self.hostname, queue_id, [rcpt.address for rcpt in recipients], protocol="queue/router",
+            note=f"from queue id {message.queue_id}")])
         spool = Spool(directory, _shared_group(directory))
         try:
             spool.write(handed_on, INCOMING)
