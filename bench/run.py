@@ -5,6 +5,8 @@ latency, and past a destination that hardly answers.
     bench/run.py                      all of them, once each
     bench/run.py latency drain        a selection
     bench/run.py --repeat 2           each benchmark twice; the summary shows the better and worse run
+    bench/run.py smtp-wan --sink-chunking
+                                      the SMTP sinks offer CHUNKING, so the router sends BDAT
     bench/run.py smtp-drain --baseline ../old
                                       each benchmark with the daemon running this tree's code, then
                                       ../old's (a checkout made with `git worktree add ../old COMMIT`);
@@ -110,7 +112,7 @@ import psutil
 from inotify_simple import INotify
 from inotify_simple import flags as inotify_flags
 from policy_lookup import bench_policy
-from smtp_sink import Sink, blast, wire_message
+from smtp_sink import Session, Sink, blast, wire_message
 from spool_floor import relay_spool
 from wan_sink import Delay, WanSink, push
 
@@ -1091,6 +1093,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, choices=range(1, 6), metavar="N",
                         help="runs of each benchmark, 1 to 5 (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the work directories under /tmp")
+    parser.add_argument("--sink-chunking", action="store_true",
+                        help="the SMTP sinks offer CHUNKING, so the router sends BDAT pipelined with the envelope "
+                             "(the plain clients that check the sinks still send DATA)")
     parser.add_argument("--baseline", type=Path, metavar="DIR",
                         help="also run each benchmark with the daemon running the code of another checkout "
                              "(e.g. one made by `git worktree add DIR COMMIT`), and show both figures and their ratio")
@@ -1099,6 +1104,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     chosen = args.benchmarks or list(BENCHMARKS)
+    Session.chunking = args.sink_chunking
     checkouts = {"this tree": ROOT}
     if args.baseline is not None:
         problem = check_checkout(args.baseline.resolve())

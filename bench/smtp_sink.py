@@ -3,7 +3,8 @@
 The sink must never be what limits a benchmark, and aiosmtpd (one asyncio process, a coroutine
 per command) is far too slow for that. This one is a listening socket on loopback shared by a few
 forked processes, each a small selectors loop that speaks just enough SMTP for a client that
-pipelines: 220, EHLO (PIPELINING, 8BITMIME, SIZE), MAIL, RCPT, DATA, RSET, NOOP, QUIT. It answers
+pipelines: 220, EHLO (PIPELINING, 8BITMIME, SIZE), MAIL, RCPT, DATA, RSET, NOOP, QUIT, and BDAT,
+whose CHUNKING the EHLO reply offers only with Session.chunking (bench/run.py --sink-chunking). It answers
 every complete command in a read with one write, throws the message away (no disk), and counts
 messages in shared memory with the time of the last one, so the benchmark reads both without
 asking the sink anything. With `notify` it also writes each acceptance time to a pipe, for a
@@ -29,6 +30,7 @@ from collections.abc import Callable, Sequence
 
 GREETING = b"220 sink.bench ESMTP\r\n"
 EHLO = b"250-sink.bench\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 52428800\r\n"
+EHLO_CHUNKING = b"250-sink.bench\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-CHUNKING\r\n250 SIZE 52428800\r\n"
 REPLIES = {
     b"HELO": b"250 sink.bench\r\n",
     b"MAIL": b"250 2.1.0 Ok\r\n",
@@ -38,6 +40,7 @@ REPLIES = {
 }
 DATA_GO = b"354 End data with <CR><LF>.<CR><LF>\r\n"
 QUEUED = b"250 2.0.0 Ok: queued\r\n"
+CHUNK_TAKEN = b"250 2.0.0 Ok: chunk taken\r\n"
 BYE = b"221 2.0.0 Bye\r\n"
 UNKNOWN = b"502 5.5.2 Error: command not recognized\r\n"
 END = b"\r\n.\r\n"
@@ -47,15 +50,20 @@ PR_SET_PDEATHSIG = 1
 
 
 class Session:
-    """The SMTP state of one client connection: its unparsed input, whether it is inside DATA, and
-    the latest RCPT. Both sinks (this one and bench/wan_sink.py) speak through it, so they answer
-    exactly alike and differ only in when their replies go out."""
+    """The SMTP state of one client connection: its unparsed input, whether it is inside DATA or
+    a BDAT chunk, and the latest RCPT. Both sinks (this one and bench/wan_sink.py) speak through
+    it, so they answer exactly alike and differ only in when their replies go out."""
+
+    chunking = False  # offer CHUNKING (RFC 3030); set before the sinks start: their processes inherit it
 
     def __init__(self) -> None:
         self.buffer = bytearray()
         self.in_data = False
         self.scan = 0  # where to look for the end of data next
         self.recipient = b""  # the argument of the latest RCPT
+        self.in_chunk = False
+        self.chunk_left = 0  # octets of the BDAT chunk still to come
+        self.last = False  # that chunk is the LAST one
 
     def feed(self, chunk: bytes) -> tuple[list[bytes], list[bytes], bool]:
         """Take what one read returned: the replies to everything now complete, in order (one
@@ -67,6 +75,17 @@ class Session:
         accepted: list[bytes] = []
         position = 0
         while True:
+            if self.in_chunk:
+                if len(buffer) - position < self.chunk_left:
+                    self.chunk_left -= len(buffer) - position
+                    buffer.clear()
+                    return out, accepted, True
+                position += self.chunk_left
+                self.in_chunk = False
+                if self.last:
+                    accepted.append(self.recipient)
+                out.append(QUEUED if self.last else CHUNK_TAKEN)
+                continue
             if self.in_data:
                 end = buffer.find(END, self.scan)
                 if end < 0:  # keep only what may be the start of the end marker
@@ -85,13 +104,16 @@ class Session:
             verb = bytes(buffer[position:position + 4]).upper()
             if verb == b"RCPT":
                 self.recipient = bytes(buffer[position + 8:end])
+            words = bytes(buffer[position + 5:end]).upper().split() if verb == b"BDAT" else []
             position = end + 2
             if verb == b"DATA":
                 self.in_data = True
                 self.scan = position - 2  # the CRLF of the DATA line may begin the end marker
                 out.append(DATA_GO)
+            elif verb == b"BDAT" and words and words[0].isdigit():
+                self.in_chunk, self.chunk_left, self.last = True, int(words[0]), words[1:] == [b"LAST"]
             elif verb == b"EHLO":
-                out.append(EHLO)
+                out.append(EHLO_CHUNKING if self.chunking else EHLO)
             elif verb == b"QUIT":
                 out.append(BYE)
                 return out, accepted, False

@@ -3,7 +3,8 @@
 `AioServer` runs aiosmtpd, an independent SMTP implementation, with a `Recorder` handler that
 keeps what arrived and answers as a test tells it. `ScriptedServer` is a bare socket that plays
 a script per connection, for peers aiosmtpd will not imitate: ones that hang, drop the line,
-answer garbage, or whose exact bytes on the wire matter.
+answer garbage, or whose exact bytes on the wire matter. `CountingSink` is a small server of its
+own, for counting connections and round trips, and for BDAT, which aiosmtpd does not speak.
 """
 
 from __future__ import annotations
@@ -318,15 +319,31 @@ class ScriptedServer:
 
 
 class CountingSink:
-    """A minimal SMTP server that answers every read after `delay` seconds (a pipelined batch
-    costs one delay, like a round trip), counts the connections open at once (`most`) and all it
-    ever had (`connections`), and keeps each message's envelope and data. With `accepting`
-    False it closes every connection at once, as a host that is down but still listening."""
+    """A minimal SMTP (or LMTP) server that answers every read after `delay` seconds (a pipelined
+    batch costs one delay, like a round trip), counts the connections open at once (`most`) and
+    all it ever had (`connections`), and keeps each message's envelope and data, as stored (no
+    dot-stuffing). With `accepting` False it closes every connection at once, as a host that is
+    down but still listening.
 
-    def __init__(self, delay: float = 0.0, host: str = "127.0.0.1") -> None:
+    It offers `extensions` and takes BDAT (RFC 3030) as well as DATA. `conversations` holds, per
+    connection, the client's rounds: the command lines that came in before each of the sink's
+    answers (a message after DATA shows as its final "."). Replies wait while a BDAT chunk is
+    still coming in, so a round is what the client sent before it had to wait for an answer.
+    `refuse` maps a recipient to its RCPT reply. `bdat_fails` makes a server that offers
+    CHUNKING but fails BDAT: it answers BDAT with that reply and reads the chunk as commands,
+    or with "hang up" closes the connection at BDAT without a word."""
+
+    def __init__(self, delay: float = 0.0, host: str = "127.0.0.1", *,
+                 extensions: Sequence[str] = ("PIPELINING", "8BITMIME"), refuse: dict[str, str] | None = None,
+                 bdat_fails: str = "", lmtp: bool = False) -> None:
         self.delay = delay
+        self.extensions = list(extensions)
+        self.refuse = refuse or {}
+        self.bdat_fails = bdat_fails
+        self.lmtp = lmtp
         self.accepting = True
         self.messages: list[Received] = []
+        self.conversations: list[list[list[str]]] = []
         self.open = self.most = self.connections = 0
         self.lock = threading.Lock()
         self.listener = socket.create_server((host, 0))
@@ -372,52 +389,120 @@ class CountingSink:
             sock.close()
 
     def _converse(self, sock: socket.socket) -> None:
-        buffer = b""
-        envelope: list[str] = []
+        session = _SinkSession(self)
+        rounds: list[list[str]] = []
+        with self.lock:
+            self.conversations.append(rounds)
         time.sleep(self.delay)
         sock.sendall(f"220 {SERVER_NAME} ESMTP\r\n".encode())
-        while not self.stopping.is_set():
+        going_on = True
+        pending: list[str] = []
+        while going_on and not self.stopping.is_set():
             chunk = sock.recv(65536)
             if not chunk:
                 return
-            buffer += chunk
-            replies = []
-            while b"\r\n" in buffer:
-                if envelope and envelope[-1] == "DATA":
-                    end = buffer.find(b"\r\n.\r\n")
-                    if end < 0 and not buffer.startswith(b".\r\n"):
-                        break
-                    data, buffer = (b"", buffer[3:]) if buffer.startswith(b".\r\n") else (
-                        buffer[:end + 2], buffer[end + 5:])
-                    with self.lock:
-                        self.messages.append(Received(_path_of(envelope[0]), [],
-                                                      [_path_of(a) for a in envelope[1:-1]], data))
-                    envelope = []
-                    replies.append("250 2.0.0 queued")
-                    continue
-                line, buffer = buffer.split(b"\r\n", 1)
-                command = line.decode(errors="replace")
-                verb = command[:4].upper()
-                if verb in ("EHLO", "HELO"):
-                    replies.append(f"250-{SERVER_NAME}\r\n250-PIPELINING\r\n250 8BITMIME")
-                elif verb == "MAIL":
-                    envelope = [command]
-                    replies.append("250 2.1.0 ok")
-                elif verb == "RCPT":
-                    envelope.append(command)
-                    replies.append("250 2.1.5 ok")
-                elif verb == "DATA":
-                    envelope.append("DATA")
-                    replies.append("354 go ahead")
-                elif verb == "QUIT":
-                    sock.sendall(b"221 2.0.0 bye\r\n")
-                    return
-                else:
-                    envelope = []
-                    replies.append("250 2.0.0 ok")
-            if replies:
+            replies, going_on = session.feed(chunk)
+            pending += replies
+            if (pending and session.chunk_left is None) or not going_on:
+                rounds.append(session.heard)
+                session.heard = []
+            if pending and session.chunk_left is None:
                 time.sleep(self.delay)
-                sock.sendall("".join(f"{reply}\r\n" for reply in replies).encode())
+                sock.sendall("".join(f"{reply}\r\n" for reply in pending).encode())
+                pending = []
+
+
+class _SinkSession:
+    """The SMTP state of one CountingSink connection: its unparsed input, the transaction, and
+    what it has heard since its last answer."""
+
+    def __init__(self, sink: CountingSink) -> None:
+        self.sink = sink
+        self.buffer = b""
+        self.envelope: list[str] = []  # the MAIL command, then the address of each accepted RCPT
+        self.in_data = False  # after a 354
+        self.chunk_left: int | None = None  # octets of a BDAT chunk still to come
+        self.last = False  # that chunk is the LAST one
+        self.chunks = b""  # the message so far, from BDAT
+        self.heard: list[str] = []
+
+    def feed(self, data: bytes) -> tuple[list[str], bool]:
+        """The replies to everything complete so far, and False once the session is over."""
+        self.buffer += data
+        replies: list[str] = []
+        while True:
+            if self.chunk_left is not None:
+                taken, self.buffer = self.buffer[:self.chunk_left], self.buffer[self.chunk_left:]
+                self.chunks += taken
+                self.chunk_left -= len(taken)
+                if self.chunk_left:
+                    return replies, True
+                self.chunk_left = None
+                if self.last:
+                    replies += self._end(self.chunks)
+                else:
+                    replies.append(f"250 2.0.0 {len(self.chunks)} octets so far")
+                continue
+            if self.in_data:
+                found = -2 if self.buffer.startswith(b".\r\n") else self.buffer.find(b"\r\n.\r\n")
+                if found == -1:
+                    return replies, True
+                wire, self.buffer = self.buffer[:found + 2], self.buffer[found + 5:]
+                self.heard.append(".")
+                self.in_data = False
+                replies += self._end((b"\r\n" + wire).replace(b"\r\n.", b"\r\n")[2:])  # unstuffed
+                continue
+            if b"\r\n" not in self.buffer:
+                return replies, True
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            command = line.decode(errors="replace")
+            self.heard.append(command)
+            verb = command[:4].upper()
+            if verb in ("EHLO", "HELO", "LHLO"):
+                keywords = [SERVER_NAME, *self.sink.extensions]
+                replies.append("\r\n".join(f"250{'-' if i < len(keywords) - 1 else ' '}{k}"
+                                            for i, k in enumerate(keywords)))
+            elif verb == "MAIL":
+                self.envelope, self.chunks = [command], b""
+                replies.append("250 2.1.0 ok")
+            elif verb == "RCPT":
+                address = _path_of(command)
+                if address in self.sink.refuse:
+                    replies.append(self.sink.refuse[address])
+                else:
+                    self.envelope.append(address)
+                    replies.append("250 2.1.5 ok")
+            elif verb == "DATA":
+                self.in_data = len(self.envelope) > 1
+                replies.append("354 go ahead" if self.in_data else "554 5.5.1 no valid recipients")
+            elif verb == "BDAT" and self.sink.bdat_fails == "hang up":
+                return [], False
+            elif verb == "BDAT" and self.sink.bdat_fails:
+                replies.append(self.sink.bdat_fails)
+            elif verb == "BDAT":
+                size, _, last = command[5:].partition(" ")
+                self.chunk_left, self.last = int(size), last.upper() == "LAST"
+            elif verb == "QUIT":
+                return [*replies, "221 2.0.0 bye"], False
+            elif verb in ("RSET", "NOOP"):
+                self.envelope, self.chunks = [], b""
+                replies.append("250 2.0.0 ok")
+            else:
+                replies.append("500 5.5.2 command not recognized")
+
+    def _end(self, content: bytes) -> list[str]:
+        """Take the message (if any recipient was accepted); the reply, or one per recipient
+        over LMTP."""
+        mail, recipients = self.envelope[:1], self.envelope[1:]
+        self.envelope, self.chunks = [], b""
+        if not recipients:
+            return ["554 5.5.1 no valid recipients"]
+        options = mail[0].partition(">")[2].split()
+        with self.sink.lock:
+            self.sink.messages.append(Received(_path_of(mail[0]), options, recipients, content))
+        if self.sink.lmtp:
+            return [f"250 2.0.0 <{r}> delivered" for r in recipients]
+        return ["250 2.0.0 queued"]
 
 
 def _path_of(command: str) -> str:

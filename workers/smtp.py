@@ -63,6 +63,7 @@ class SMTPTransport:
         self.turn: dict[str, int] = {}
         self._resolver = None
         self._fixed: dict[tuple[str, int | None, bool], list[Server]] = {}  # see _relay_servers
+        self.without_bdat: set[Server] = set()  # they offer CHUNKING but failed BDAT: DATA for them
 
     # -- the Transport interface ----------------------------------------------------------
 
@@ -150,6 +151,10 @@ class SMTPTransport:
                     outcomes[index] = problem
                 return todo
             replies = self._send(client, message, [recipients[i] for i in todo], settings.recipients)
+            if client.bdat_failure is not None:
+                self._note_bdat_failure(server, client, message.queue_id)
+                if any(reply.status == DEFERRED for reply in replies):
+                    continue  # at once, with DATA on a new connection
             if not (reused and all(reply.local and reply.code == 421 for reply in replies)):
                 break  # only a kept connection that died under us earns a fresh try
         after: list[int] = []
@@ -185,6 +190,16 @@ class SMTPTransport:
             waiting = unsent + later
         return replies
 
+    def _note_bdat_failure(self, server: Server, client: SMTPClient, queue_id: str) -> None:
+        """Send to `server` with DATA for the life of the worker, and say so once."""
+        with self._lock:
+            known = server in self.without_bdat
+            self.without_bdat.add(server)
+        if not known:
+            assert client.bdat_failure is not None
+            log.warning("%s: host %s offers CHUNKING but fails BDAT (%s); using DATA with it from now on",
+                        queue_id, client.peer, client.bdat_failure.describe(client.peer))
+
     def _connection(self, server: Server, queue_id: str, fresh: bool) -> tuple[SMTPClient, bool]:
         """A kept connection to `server` if one is alive (and `fresh` is not asked), else a new
         one; the flag says which."""
@@ -205,13 +220,14 @@ class SMTPTransport:
 
     def _open(self, server: Server, tls: str) -> SMTPClient:
         timeouts = self.config.smtp_timeouts
+        chunking = server not in self.without_bdat
         if server.socket_path:
             return SMTPClient.connect_unix(server.socket_path, helo_name=self.helo_name, timeouts=timeouts,
-                                           auth=server.auth)
+                                           auth=server.auth, chunking=chunking)
         return SMTPClient.connect(server.name, server.port, ip=server.ip, helo_name=self.helo_name,
                                   lmtp=server.lmtp, timeouts=timeouts, tls=tls, tls_name=server.name,
                                   ca_file=self.config.smtp_tls_ca or None, auth=server.auth,
-                                  allow_plaintext_auth=self.config.smtp_plaintext_auth)
+                                  allow_plaintext_auth=self.config.smtp_plaintext_auth, chunking=chunking)
 
     def _keep(self, server: Server, client: SMTPClient) -> None:
         with self._lock:

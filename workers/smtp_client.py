@@ -15,6 +15,11 @@ to guess what state a session is in, and an open connection is always a clean on
 
 `connect` raises SMTPError (TLSFallback under the `may` TLS policy when the handshake failed);
 `send` never raises for anything the peer does, it answers every recipient.
+
+Where the server offers CHUNKING (RFC 3030) the message goes as one `BDAT n LAST`, pipelined with
+MAIL and RCPT when the server pipelines: a message then costs one round trip, not two. A server
+that offers CHUNKING but fails BDAT (answers it as an unknown command, or hangs up at it) is
+named in `bdat_failure`; the caller connects again with chunking=False and sends with DATA.
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ PIPELINE_BATCH = 100  # commands per write: the replies to them fit in socket bu
 CHUNK = 64 * 1024  # one "data block" of RFC 5321 4.5.3.2.5, each with its own timeout
 MAX_TEXT_LINE = 998  # octets of a message line before its CRLF (RFC 5321 4.5.3.1.6)
 
-GREETING, BODY, END_OF_DATA = "greeting", "message body", "end of DATA"
+GREETING, BODY, END_OF_DATA, BDAT = "greeting", "message body", "end of DATA", "BDAT"
+# Replies to BDAT from a server that does not know it, whatever it offered: it read the chunk as
+# commands, so nothing it says next can be trusted. 503 counts too once a recipient was accepted.
+_BDAT_UNKNOWN = frozenset({500, 501, 502, 504})
 
 _ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?: +|$)")
 _NOTIFY = re.compile(r"NEVER|(?:SUCCESS|FAILURE|DELAY)(?:,(?:SUCCESS|FAILURE|DELAY))*")
@@ -139,6 +147,11 @@ class TLSFallback(SMTPError):
     (as Postfix does), since a server that cannot do TLS usually can do without it."""
 
 
+class _Lost(SMTPError):
+    """The connection broke under us (reset, or closed by the server), as opposed to a timeout:
+    what a server that offers CHUNKING but cannot take BDAT may do when it meets one."""
+
+
 class RecipientLike(Protocol):
     """What `send` needs of a recipient; router.queue_file.Recipient is one."""
 
@@ -151,7 +164,7 @@ class SMTPClient:
     """One SMTP or LMTP session. Make it with `connect` or `connect_unix`."""
 
     def __init__(self, sock: socket.socket, peer: str, *, helo_name: str, lmtp: bool, timeouts: Timeouts,
-                 local: bool) -> None:
+                 local: bool, chunking: bool = True) -> None:
         sock.setblocking(False)  # deadlines are ours (_wait): no timeout switching per command
         self._sock: socket.socket | None = sock
         self._poller = select.poll()
@@ -168,6 +181,9 @@ class SMTPClient:
         self.tls_verified = False
         self.authenticated = False
         self.transactions = 0
+        self.use_chunking = chunking  # BDAT if offered; False for a server known to fail it
+        self.bdat_failure: Reply | None = None  # why, when this server failed BDAT (see send)
+        self._bdat_answered = False  # a BDAT was answered on this connection: the server knows it
 
     # -- setting up ------------------------------------------------------------------------
 
@@ -175,11 +191,12 @@ class SMTPClient:
     def connect(cls, host: str, port: int, *, helo_name: str, ip: str | None = None, lmtp: bool = False,
                 timeouts: Timeouts | None = None, tls: str = TLS_MAY, tls_name: str | None = None,
                 ca_file: str | None = None, auth: tuple[str, str] | None = None,
-                allow_plaintext_auth: bool = False, bind: str | None = None) -> SMTPClient:
+                allow_plaintext_auth: bool = False, bind: str | None = None, chunking: bool = True) -> SMTPClient:
         """Connect over TCP to `ip` (or `host` resolved by the system), read the greeting,
         EHLO (LHLO), STARTTLS as `tls` asks, AUTH if `auth` is given. The peer is known as
         `host[ip]:port`. A certificate is verified (under `encrypt` only) against `tls_name`,
-        by default `host`, with `ca_file` or the system's CA store."""
+        by default `host`, with `ca_file` or the system's CA store. With `chunking` False
+        messages go with DATA even if the server offers CHUNKING."""
         _check_setup(helo_name, tls)
         timeouts = timeouts or Timeouts()
         where = f"{host}[{ip}]:{port}" if ip else f"{host}:{port}"
@@ -191,13 +208,13 @@ class SMTPClient:
         except OSError as exc:
             raise SMTPError(_local(421, "4.4.1", f"connect to {where}: {_reason(exc)}", "connect")) from None
         peer = f"{host}[{ip or sock.getpeername()[0]}]:{port}"
-        client = cls(sock, peer, helo_name=helo_name, lmtp=lmtp, timeouts=timeouts, local=False)
+        client = cls(sock, peer, helo_name=helo_name, lmtp=lmtp, timeouts=timeouts, local=False, chunking=chunking)
         client._start(tls, tls_name or host, ca_file, auth, allow_plaintext_auth)
         return client
 
     @classmethod
     def connect_unix(cls, path: str, *, helo_name: str, lmtp: bool = True, timeouts: Timeouts | None = None,
-                     auth: tuple[str, str] | None = None) -> SMTPClient:
+                     auth: tuple[str, str] | None = None, chunking: bool = True) -> SMTPClient:
         """Connect to a Unix socket (`lmtp:/path`); the peer is known as `unix[/path]`. No TLS:
         the socket never leaves the machine, which is also why credentials may go over it."""
         _check_setup(helo_name, TLS_NONE)
@@ -210,7 +227,7 @@ class SMTPClient:
         except OSError as exc:
             sock.close()
             raise SMTPError(_local(421, "4.4.1", f"connect to {peer}: {_reason(exc)}", "connect")) from None
-        client = cls(sock, peer, helo_name=helo_name, lmtp=lmtp, timeouts=timeouts, local=True)
+        client = cls(sock, peer, helo_name=helo_name, lmtp=lmtp, timeouts=timeouts, local=True, chunking=chunking)
         client._start(TLS_NONE, "", None, auth, False)
         return client
 
@@ -319,6 +336,11 @@ class SMTPClient:
         return "PIPELINING" in self.extensions or self.lmtp
 
     @property
+    def chunking(self) -> bool:
+        """Whether messages go with BDAT (RFC 3030): offered, and not turned off."""
+        return self.use_chunking and "CHUNKING" in self.extensions
+
+    @property
     def size_limit(self) -> int | None:
         value = self.extensions.get("SIZE", "")
         return int(value) if value.isdigit() and int(value) > 0 else None
@@ -334,11 +356,13 @@ class SMTPClient:
         """One transaction: answers one Reply per recipient, in order, and never raises for
         anything the peer does.
 
-        A recipient's reply is final: the answer to the end of data (LMTP: its own), else to
-        DATA, RCPT or MAIL, whichever stopped it; or one of ours (SIZE, SMTPUTF8, a timeout, a
-        lost connection, all `local`). Recipients with `unsent` set met the server's recipient
-        limit and may go in a new transaction right away. DSN parameters (NOTIFY and ORCPT from
-        each recipient, `ret`, `envid`, all unencoded) go only to a server that offers DSN.
+        A recipient's reply is final: the answer to the end of data or to BDAT LAST (LMTP: its
+        own), else to DATA, RCPT or MAIL, whichever stopped it; or one of ours (SIZE, SMTPUTF8, a
+        timeout, a lost connection, all `local`). Recipients with `unsent` set met the server's
+        recipient limit and may go in a new transaction right away. DSN parameters (NOTIFY and
+        ORCPT from each recipient, `ret`, `envid`, all unencoded) go only to a server that offers
+        DSN. When the server turns out to fail BDAT, `bdat_failure` says how, and the recipients
+        it did not refuse are deferred: a new session with chunking=False is the remedy.
         """
         rcpts = [(r, "", "") if isinstance(r, str) else (r.address, r.notify, r.orcpt) for r in recipients]
         results: list[Reply | None] = [None] * len(rcpts)
@@ -346,11 +370,11 @@ class SMTPClient:
             return []
         if self._sock is None:
             return [_local(421, "4.4.2", f"connection with {self.peer} is closed", "MAIL FROM")] * len(rcpts)
-        data = _crlf(message)
+        data, binary = _body(message, binarymime=self.chunking and "BINARYMIME" in self.extensions)
         self._refuse_locally(sender, [r[0] for r in rcpts], len(data), results)
         try:
             if any(r is None for r in results):
-                self._transaction(sender, rcpts, data, message, ret, envid, results)
+                self._transaction(sender, rcpts, data, binary, message, ret, envid, results)
         except SMTPError as exc:
             results = [r or exc.reply for r in results]
         except BaseException:
@@ -384,10 +408,11 @@ class SMTPClient:
             if results[index] is None:
                 results[index] = reply
 
-    def _transaction(self, sender: str, rcpts: list[tuple[str, str, str]], data: bytes, message: bytes,
-                     ret: str, envid: str, results: list[Reply | None]) -> None:
+    def _transaction(self, sender: str, rcpts: list[tuple[str, str, str]], data: bytes, binary: bool,
+                     message: bytes, ret: str, envid: str, results: list[Reply | None]) -> None:
         """With PIPELINING the whole envelope is one write (RFC 2920): RSET if the connection
-        was used, MAIL, the RCPTs and DATA, so a message costs two round trips, not four."""
+        was used, MAIL, the RCPTs and DATA, so a message costs two round trips, not four. With
+        CHUNKING too, BDAT LAST and the message itself go in that write: one round trip."""
         reset = self._dirty
         if reset and not self.pipelining:
             self._rset()
@@ -395,9 +420,14 @@ class SMTPClient:
         self.transactions += 1
         todo = [i for i, r in enumerate(results) if r is None]
         dsn = "DSN" in self.extensions
-        mail = f"MAIL FROM:<{sender}>{self._mail_parameters(sender, rcpts, todo, data, message, ret, envid)}"
+        mail = f"MAIL FROM:<{sender}>{self._mail_parameters(sender, rcpts, todo, data, binary, message, ret, envid)}"
         commands = [mail] + [f"RCPT TO:<{rcpts[i][0]}>{_rcpt_parameters(*rcpts[i], dsn)}" for i in todo]
-        accepted, reply = self._envelope(commands, todo, results, reset=reset and self.pipelining)
+        chunk = data if self.chunking else None
+        accepted, pipelined = self._envelope(commands, todo, results, reset=reset and self.pipelining, chunk=chunk)
+        if chunk is not None:
+            self._bdat(chunk, accepted, pipelined, results)
+            return
+        reply = self._read("DATA", self.timeouts.data) if pipelined else None
         if reply is not None and not accepted and reply.code // 100 not in (4, 5):
             self.abort()  # DATA went through with no recipient to send to: never start a message
         if not accepted:
@@ -416,14 +446,55 @@ class SMTPClient:
         else:
             self._answer(results, accepted, self._read(END_OF_DATA, self.timeouts.dot))
 
+    def _bdat(self, chunk: bytes, accepted: list[int], pipelined: bool, results: list[Reply | None]) -> None:
+        """The message as one BDAT LAST chunk, unless `pipelined` already sent it with the
+        envelope, and the reply: one for all, or with LMTP one per accepted recipient.
+
+        A chunk cannot be taken back: with no recipient accepted the server still reads it and
+        refuses it (RFC 3030 says it must read it), and the RCPT replies stand. A reply that
+        shows the server does not know BDAT (or its silence: see _bdat_lost) makes this server
+        one that fails BDAT, and the session ends, since it read the message as commands."""
+        if not pipelined:
+            if not accepted:
+                return  # nothing to send it to, and nothing sent: the next transaction starts with RSET
+            try:
+                self._write_body(chunk, f"BDAT {len(chunk)} LAST\r\n".encode())
+            except _Lost as exc:
+                self._bdat_lost(exc)
+        try:
+            reply = self._read(BDAT, self.timeouts.dot)
+        except _Lost as exc:
+            self._bdat_lost(exc)
+        if reply.code // 100 not in (2, 4, 5) or reply.code in _BDAT_UNKNOWN or (accepted and reply.code == 503):
+            self.bdat_failure = reply
+            self._fail(BDAT, "4" + reply.dsn[1:], f"{reply.describe(self.peer)}, though it offers CHUNKING")
+        self._bdat_answered = True
+        if not accepted:
+            return
+        if self.lmtp:
+            results[accepted[0]] = reply
+            for index in accepted[1:]:
+                results[index] = self._read(BDAT, self.timeouts.dot)
+        else:
+            self._answer(results, accepted, reply)
+
+    def _bdat_lost(self, exc: _Lost) -> NoReturn:
+        """The connection broke while the chunk went out or before its reply came: on a
+        connection that has had no BDAT answered yet, the server is taken to fail BDAT."""
+        if not self._bdat_answered:
+            self.bdat_failure = exc.reply
+        raise exc
+
     def _mail_parameters(self, sender: str, rcpts: list[tuple[str, str, str]], todo: list[int], data: bytes,
-                         message: bytes, ret: str, envid: str) -> str:
-        """Only what the server offered: RFC 1870 SIZE, RFC 6152 BODY, RFC 6531 SMTPUTF8, RFC 3461
-        RET and ENVID."""
+                         binary: bool, message: bytes, ret: str, envid: str) -> str:
+        """Only what the server offered: RFC 1870 SIZE, RFC 6152 and RFC 3030 BODY, RFC 6531
+        SMTPUTF8, RFC 3461 RET and ENVID."""
         params = []
         if "SIZE" in self.extensions:
             params.append(f"SIZE={len(data)}")
-        if "8BITMIME" in self.extensions and not message.isascii():
+        if binary:
+            params.append("BODY=BINARYMIME")
+        elif "8BITMIME" in self.extensions and not message.isascii():
             params.append("BODY=8BITMIME")
         end = data.find(b"\r\n\r\n")
         header = data[:end] if end >= 0 else data
@@ -437,55 +508,70 @@ class SMTPClient:
                 params.append(f"ENVID={xtext(envid)}")
         return "".join(f" {p}" for p in params)
 
-    def _envelope(self, commands: list[str], todo: list[int], results: list[Reply | None],
-                  reset: bool) -> tuple[list[int], Reply | None]:
+    def _envelope(self, commands: list[str], todo: list[int], results: list[Reply | None], reset: bool,
+                  chunk: bytes | None) -> tuple[list[int], bool]:
         """MAIL and the RCPTs, all in one write per batch when the server pipelines, after RSET
-        if `reset` and before DATA if the batch is the last one; answers the recipients refused
-        and returns the indexes of those accepted, and the reply to DATA if it was sent."""
+        if `reset`; the last batch ends with DATA, or with BDAT LAST and the `chunk` itself when
+        it is given. Answers the recipients refused; returns the indexes of those accepted, and
+        whether DATA or BDAT went out, so that its reply is next."""
         pipelining = self.pipelining
         batch = PIPELINE_BATCH if pipelining else 1
         accepted: list[int] = []
         mail: Reply | None = None
-        data: Reply | None = None
         limit: Reply | None = None  # the "too many recipients" reply, once met
         sent = 0
+        with_last = False
         while sent < len(commands) and limit is None and (mail is None or mail.ok):
             group = commands[sent:sent + batch]
-            with_data = pipelining and sent + len(group) == len(commands)
-            lines = ["RSET"] * (reset and sent == 0) + group + ["DATA"] * with_data
-            first = "RSET" if reset and sent == 0 else "MAIL FROM" if sent == 0 else "RCPT TO"
-            self._write("".join(f"{line}\r\n" for line in lines).encode(), first,
-                        self.timeouts.mail if sent == 0 else self.timeouts.rcpt)
-            if reset and sent == 0:
-                self._check_rset(self._read("RSET", self.timeouts.rset))
-            for position in range(sent, sent + len(group)):
-                if position == 0:
-                    mail = self._read("MAIL FROM", self.timeouts.mail)
-                    continue
-                reply = self._read("RCPT TO", self.timeouts.rcpt)
-                index = todo[position - 1]
-                assert mail is not None
-                if not mail.ok:
-                    results[index] = mail
-                elif reply.ok:
-                    accepted.append(index)
-                elif accepted and _too_many(reply):
-                    limit = limit or reply
-                    results[index] = replace(reply, unsent=True)
+            with_last = pipelining and sent + len(group) == len(commands)
+            last = ("DATA" if chunk is None else f"BDAT {len(chunk)} LAST") if with_last else ""
+            lines = ["RSET"] * (reset and sent == 0) + group + [last] * with_last
+            wire = "".join(f"{line}\r\n" for line in lines).encode()
+            bdat = chunk if with_last else None  # the chunk goes in this write
+            # A server may hold its replies until it has taken the chunk, as it holds the one to a dot.
+            patience = self.timeouts.dot if bdat is not None else 0.0
+            try:
+                if bdat is not None:
+                    self._write_body(bdat, wire)
                 else:
-                    results[index] = reply
+                    self._write(wire, "RSET" if reset and sent == 0 else "MAIL FROM" if sent == 0 else "RCPT TO",
+                                self.timeouts.mail if sent == 0 else self.timeouts.rcpt)
+                if reset and sent == 0:
+                    self._check_rset(self._read("RSET", max(self.timeouts.rset, patience)))
+                for position in range(sent, sent + len(group)):
+                    if position == 0:
+                        mail = self._read("MAIL FROM", max(self.timeouts.mail, patience))
+                        continue
+                    reply = self._read("RCPT TO", max(self.timeouts.rcpt, patience))
+                    index = todo[position - 1]
+                    assert mail is not None
+                    if not mail.ok:
+                        results[index] = mail
+                    elif reply.ok:
+                        accepted.append(index)
+                    elif accepted and _too_many(reply):
+                        limit = limit or reply
+                        results[index] = replace(reply, unsent=True)
+                    else:
+                        results[index] = reply
+            except _Lost as exc:
+                if bdat is not None and (mail is None or mail.ok):  # not a server that refused MAIL and hung up
+                    self._bdat_lost(exc)
+                raise
             sent += len(group)
-            if with_data:
-                data = self._read("DATA", self.timeouts.data)
         assert mail is not None
         left = todo[sent - 1:]  # commands[k] is the RCPT of todo[k - 1]
         if left:
             self._answer(results, left, mail if not mail.ok else replace(limit or mail, unsent=True))
-        return accepted, data
+        return accepted, with_last
 
-    def _write_body(self, wire: bytes) -> None:
+    def _write_body(self, wire: bytes, head: bytes = b"") -> None:
+        """The message in blocks of CHUNK, each within the `block` timeout. `head`, the commands
+        pipelined before it, shares the first block's write: in a write of its own it would make
+        the message wait for the server's acknowledgement (Nagle's algorithm)."""
         view = memoryview(wire)
-        for start in range(0, len(view), CHUNK):
+        self._write(head + view[:CHUNK] if head else view[:CHUNK], BODY, self.timeouts.block)
+        for start in range(CHUNK, len(view), CHUNK):
             self._write(view[start:start + CHUNK], BODY, self.timeouts.block)
 
     # -- keeping a connection --------------------------------------------------------------
@@ -570,7 +656,8 @@ class SMTPClient:
             except ssl.SSLWantReadError:  # TLS renegotiation: it must read first
                 wanted = select.POLLIN
             except OSError as exc:
-                self._fail(what, "4.4.2", f"lost connection with {self.peer} while {_doing(what)} ({_reason(exc)})")
+                self._fail(what, "4.4.2", f"lost connection with {self.peer} while {_doing(what)} ({_reason(exc)})",
+                           _Lost)
             deadline = deadline or time.monotonic() + timeout
             self._wait(wanted, what, deadline)
 
@@ -627,9 +714,9 @@ class SMTPClient:
                 continue
             except OSError as exc:
                 self._fail(what, "4.4.2", f"lost connection with {self.peer} while {_doing(what)} "
-                                          f"({_reason(exc)})")
+                                          f"({_reason(exc)})", _Lost)
         if not chunk:
-            self._fail(what, "4.4.2", f"lost connection with {self.peer} while {_doing(what)}")
+            self._fail(what, "4.4.2", f"lost connection with {self.peer} while {_doing(what)}", _Lost)
         self._buffer += chunk
 
     def _wait(self, events: int, what: str, deadline: float) -> None:
@@ -643,10 +730,10 @@ class SMTPClient:
         self._poller.register(self._sock, events)  # a dict update: the system call is poll() alone
         return bool(self._poller.poll(seconds * 1000))
 
-    def _fail(self, what: str, dsn: str, text: str) -> NoReturn:
+    def _fail(self, what: str, dsn: str, text: str, error: type[SMTPError] = SMTPError) -> NoReturn:
         """The connection is no longer trustworthy: drop it and defer."""
         self.abort()
-        raise SMTPError(_local(421, dsn, text, what))
+        raise error(_local(421, dsn, text, what))
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -753,15 +840,20 @@ def _orcpt(value: str) -> str:
     return "utf-8;" + "".join(c if "!" <= c <= "~" and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in address)
 
 
-def _crlf(message: bytes) -> bytes:
-    """Every line end (LF or CRLF) as CRLF, and one after a last line that lacks it; a line too
-    long for the wire wrapped (wrap_long_lines). A CR not before an LF is data and stays, so
-    binary content goes through unchanged otherwise."""
+def _body(message: bytes, binarymime: bool) -> tuple[bytes, bool]:
+    """The message as it goes to the server (before any dot-stuffing), and whether it goes as
+    BODY=BINARYMIME. Every line end (LF or CRLF) as CRLF, and one after a last line that lacks
+    it. A CR not before an LF, and a NUL, are data and stay, so binary content goes through
+    unchanged otherwise. A line too long for DATA is wrapped (wrap_long_lines) unless the server
+    takes BINARYMIME (`binarymime`, with BDAT): a message with such a line, a bare CR or a NUL,
+    none of which DATA may carry, then goes as it is, declared BINARYMIME (RFC 3030)."""
     data = message.replace(b"\r\n", b"\n")
-    if _has_long_line(data):
+    long = _has_long_line(data)
+    binary = binarymime and (long or b"\r" in data or b"\0" in data)  # every CR left is a bare one
+    if long and not binary:
         data = wrap_long_lines(data)
     data = data.replace(b"\n", b"\r\n")
-    return data + b"\r\n" if data and not data.endswith(b"\r\n") else data
+    return (data + b"\r\n" if data and not data.endswith(b"\r\n") else data), binary
 
 
 def _has_long_line(data: bytes) -> bool:
@@ -821,7 +913,7 @@ def _stuff(data: bytes) -> bytes:
 
 def wire_data(message: bytes) -> bytes:
     """Exactly what follows a 354: the message with CRLF line ends, dot-stuffed, terminated."""
-    return _stuff(_crlf(message))
+    return _stuff(_body(message, binarymime=False)[0])
 
 
 def _local(code: int, dsn: str, text: str, what: str = "") -> Reply:
@@ -833,6 +925,8 @@ def _doing(what: str) -> str:
         return "receiving the initial server greeting"
     if what == END_OF_DATA:
         return "sending end of data -- message may be sent more than once"
+    if what == BDAT:
+        return "sending BDAT LAST -- message may be sent more than once"
     return f"sending {what}"
 
 
