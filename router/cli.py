@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from policy.destinations import DestinationRules, DestinationSettings
-from policy.next_hop import MDA, PIPE, NextHop
+from policy.next_hop import MDA, MX, PIPE, NextHop
 from policy.rewriting import FROM, TO
 from policy.routing import Policy, load_policy
 from policy.transport_map import PolicyError
@@ -34,6 +34,7 @@ from router.status_socket import StatusError, query
 from router.supervisor import Supervisor
 from workers.command import Account, environment, workdir
 from workers.local import command_for
+from workers.mx_hosts import site_destination
 
 EX_USAGE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 64, 75, 77, 78
 
@@ -168,6 +169,10 @@ def route(
         answer["program"] = _program(loaded, decision.next_hop, new_sender, rewritten)
     if resolve:
         answer.update(_resolve(loaded, decision.next_hop))
+        if decision.next_hop.kind == MX and answer.get("resolved") and settings.mx_rollup:
+            answer["site"] = site_destination(host["host"] for host in answer["resolved"])
+            settings = policy.destinations.for_destination(answer["site"])
+            answer["destination_settings"] = dataclasses.asdict(settings)
     if as_json:
         typer.echo(json.dumps(answer, indent=2))
         return
@@ -177,7 +182,9 @@ def route(
     if sender_rule:
         lines.append(f"sender:    <{sender}> rewritten to <{new_sender}> (rewriting rule {sender_rule.where})")
     lines += [f"reason:    {decision.reason}", f"method:    {decision.next_hop.kind}",
-              f"next hop:  {decision.next_hop}", f"destination: {destination}",
+              f"next hop:  {decision.next_hop}",
+              f"destination: {answer['site']} (MX rollup: with every domain these MX hosts serve)"
+              if "site" in answer else f"destination: {destination}",
               f"destination settings: {_format_settings(settings, policy.destinations)}"]
     if "program" in answer:
         lines += _format_program(answer["program"])
@@ -223,7 +230,7 @@ def _resolve(loaded: Config, hop: Any) -> dict[str, Any]:
     """What DNS says now about `hop` (a policy.next_hop.NextHop), asked as delivery asks
     (workers.mx_lookup): `resolved`, the hosts in the order tried, and, when there is none to try,
     `error` {dsn, message}. Relay hosts that fail while others answer are listed in `unresolved`."""
-    from policy.next_hop import LMTP, MX, SMTP, parse_hosts
+    from policy.next_hop import LMTP, SMTP, parse_hosts
     from workers.mx_hosts import MXLookupError, ResolverConfigError
 
     if hop.kind not in (MX, SMTP, LMTP) or hop.argument.startswith("/"):
@@ -393,11 +400,13 @@ def format_status(answer: dict[str, Any]) -> str:
                      f"{worker['queue_id'] or '-':<26} {worker['done']:>7} {rss:>8} {cpu:>7}")
     lines.append(f"sessions: {answer['sessions']} of {answer['max_sessions']}")
     if answer.get("destinations"):
-        lines.append(f"{'destination':<40} {'sessions':>8} {'window':>6} {'waiting':>7} {'deferred':>8}  state")
+        lines.append(f"{'destination':<40} {'domains':>7} {'sessions':>8} {'window':>6} {'limit':>5} {'kept':>4} "
+                     f"{'waiting':>7} {'deferred':>8}  state")
         for shown in answer["destinations"]:
             state = f"dead: {shown['last_error']}" if shown["dead"] else "ok"
-            lines.append(f"{shown['destination']:<40} {shown['sessions']:>8} {shown['window']:>6g} "
-                         f"{shown['waiting']:>7} {shown['deferred']:>8}  {state}")
+            lines.append(f"{shown['destination']:<40} {shown['domains'] or '':>7} {shown['sessions']:>8} "
+                         f"{shown['window']:>6g} {shown['limit']:>5} {shown['kept']:>4} {shown['waiting']:>7} "
+                         f"{shown['deferred']:>8}  {state}")
     counters = answer["counters"]
     lines.append(f"since start: {counters['sent']} sent, {counters['deferred']} deferred, "
                  f"{counters['bounced']} bounced")
@@ -509,11 +518,14 @@ def queue_why(queue_id: Annotated[str, typer.Argument(help="queue id")],
     if found is None:
         raise _fail(f"{queue_id}: no such message (delivered, deleted or never queued)", 1)
     policy = _policy(loaded)
+    decisions = [(rcpt, policy.route_queued(rcpt.address, found.file.rewritten)) for rcpt in found.file.pending()]
     try:
-        destinations = {d["destination"]: d for d in query(loaded.socket_path, {"command": "status"})["destinations"]}
-        daemon = True
+        answer = query(loaded.socket_path, {"command": "status",
+                                            "sites": [decision.next_hop.destination for _, decision in decisions]})
+        destinations = {d["destination"]: d for d in answer["destinations"]}
+        sites, daemon = answer.get("sites", {}), True
     except (StatusError, KeyError):
-        destinations, daemon = {}, False
+        destinations, sites, daemon = {}, {}, False
     now = time.time()
     lines = [f"{queue_id}: in {found.queue}/, queued {age(now - found.file.arrival)} ago, "
              f"{found.file.attempts} attempt(s)"]
@@ -528,15 +540,15 @@ def queue_why(queue_id: Annotated[str, typer.Argument(help="queue id")],
     }.get(found.queue, f"in {found.queue}/: it is not delivered from there"))
     if not daemon:
         lines.append("the daemon is not running: nothing is tried until it starts")
-    for rcpt in found.file.pending():
-        decision = policy.route_queued(rcpt.address, found.file.rewritten)
+    for rcpt, decision in decisions:
         lines += [f"<{rcpt.address}>:", f"  route now:   {decision.next_hop} ({decision.reason})",
                   f"  last reply:  {rcpt.reply or 'none: not tried yet'}" + (f" ({rcpt.dsn})" if rcpt.dsn else "")]
-        state = destinations.get(decision.next_hop.destination)
+        state = destinations.get(sites.get(decision.next_hop.destination, decision.next_hop.destination))
         if state is not None:
             condition = f"dead: {state['last_error']}" if state["dead"] else "answering"
-            lines.append(f"  destination: {state['destination']}: {condition}; {state['sessions']} session(s) "
-                         f"of a window of {state['window']:g}, {state['waiting']} waiting, "
+            held = f" (MX rollup: {state['domains']} domains)" if state.get("domains") else ""
+            lines.append(f"  destination: {state['destination']}{held}: {condition}; {state['sessions']} session(s) "
+                         f"of a window of {state['window']:g} (limit {state['limit']}), {state['waiting']} waiting, "
                          f"{state['deferred']} deferred for it")
         elif daemon:
             lines.append(f"  destination: {decision.next_hop.destination}: no delivery in progress or recently")

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -252,6 +252,10 @@ class Dispatcher:
             job = self.jobs.get(queue_id)
             if job is not None and not job.worker:
                 self.pool_waiting.setdefault(job.pool, deque()).append(queue_id)
+
+    def sites_of(self, entries: Iterable[str]) -> dict[str, str]:
+        """The sites MX rollup put these entries in, those known."""
+        return {entry: self.sites[entry][0] for entry in entries if self.sites.get(entry, ("", 0.0))[0]}
 
     def _has_room(self, destination: Destination, now: float) -> bool:
         if destination.in_flight >= int(destination.window):

@@ -911,7 +911,10 @@ class Supervisor:
         (router/control.py) only for root and the daemon's own user."""
         command = request.get("command", "status")
         if command == "status":
-            return self.status()
+            answer = self.status()
+            if isinstance(request.get("sites"), list):  # queue why: which sites these MX destinations are in
+                answer["sites"] = self.dispatcher.sites_of(str(entry) for entry in request["sites"])
+            return answer
         if command not in COMMANDS:
             return {"error": f"unknown command {command!r} (known: status, {', '.join(COMMANDS)})"}
         if uid not in (0, os.geteuid()):

@@ -238,12 +238,13 @@ def _destinations(destinations: list[dict[str, Any]]) -> RenderableType:
         return Text("destinations: none in progress, waiting or failing")
     table = Table(box=RULE, show_edge=False, padding=(0, 1), title="destinations", title_justify="left")
     table.add_column("destination", overflow="fold")
-    for name in ("sessions", "window", "waiting", "deferred"):
+    for name in ("domains", "sessions", "window", "limit", "waiting", "deferred"):
         table.add_column(name, justify="right")
     table.add_column("state")
     table.add_column("last error", overflow="fold")
     for shown in destinations:
         state = Text("dead", style="bold red") if shown["dead"] else Text("ok", style="green")
-        table.add_row(shown["destination"], str(shown["sessions"]), f"{shown['window']:g}", str(shown["waiting"]),
-                      str(shown["deferred"]), state, shown["last_error"] or "")
+        table.add_row(shown["destination"], str(shown["domains"] or ""), str(shown["sessions"]),
+                      f"{shown['window']:g}", str(shown["limit"]), str(shown["waiting"]), str(shown["deferred"]),
+                      state, shown["last_error"] or "")
     return table

@@ -13,6 +13,7 @@ import pytest
 
 from router.spool import Spool
 from tests.daemon import qrouter, wait_for
+from tests.dns_server import DNSServer
 from tests.smtp_servers import CountingSink
 
 MESSAGE = b"Subject: hello\r\n\r\nbody\r\n"
@@ -143,3 +144,44 @@ def test_a_message_waits_for_a_worker_of_its_kind_not_for_its_destination(daemon
     wait_for(lambda: f"{queue_id}: removed" in daemon.log(), 30, "the second pipe's message delivered")
     assert len(list(out.iterdir())) == 2  # its output, and the slow one's mark
 
+
+
+PROVIDER = "mx1.provider.test,mx2.provider.test"
+
+
+def rollup_zone(domains: int) -> str:
+    """`d0.test` ... hosted at one provider (two MX hosts), `own.test` with an MX host of its own,
+    `optout.test` at the provider but kept apart by its rule; every host is this machine."""
+    lines = [f"d{i}.test. 60 IN MX 10 mx1.provider.test." for i in range(domains)]
+    lines += [f"d{i}.test. 60 IN MX 20 mx2.provider.test." for i in range(domains)]
+    lines += ["optout.test. 60 IN MX 10 mx1.provider.test.", "optout.test. 60 IN MX 20 mx2.provider.test.",
+              "own.test. 60 IN MX 10 mx.own.test.", "mx1.provider.test. 60 IN A 127.0.0.1",
+              "mx2.provider.test. 60 IN A 127.0.0.1", "mx.own.test. 60 IN A 127.0.0.1"]
+    return "\n".join(lines) + "\n"
+
+
+def test_mx_rollup_counts_the_domains_of_one_provider_against_one_site(daemons, tmp_path):
+    """Two hundred domains whose MX records name the same two hosts: one site, whose limit holds
+    over all of them from the first message on; a domain with its own MX host is its own
+    destination; mx-rollup=no keeps a domain apart."""
+    (tmp_path / "destinations").write_text(f"{PROVIDER} concurrency=3\noptout.test mx-rollup=no concurrency=1\n")
+    with CountingSink(delay=0.05) as sink, DNSServer(rollup_zone(200), origin="test.") as dns:
+        daemon = daemons("--dns-servers", dns.servers, "--smtp-port", str(sink.port), "--destinations",
+                         str(tmp_path / "destinations"), "--smtp-idle-timeout", "60", workers=2, maildir=False)
+        spool = Spool(daemon.spool)
+        for i in range(400):
+            spool.enqueue("a@example.org", [f"u{i}@d{i % 200}.test"], MESSAGE)
+        wait_for(lambda: len(sink.messages) == 400, 120, "all 400 at the provider")
+        assert sink.most == 3  # the site's limit, over two hundred domains and two workers
+        [site] = [d for d in daemon.status()["destinations"] if d["destination"] == f"site:{PROVIDER}"]
+        assert site["domains"] == 200 and site["limit"] == 3 and site["kept"] <= 3
+        route = qrouter("route", "--resolve", "--dns-servers", dns.servers, "--destinations",
+                        str(tmp_path / "destinations"), "u@d7.test", check=True).stdout.decode()
+        assert f"site:{PROVIDER}" in route and "concurrency=3" in route
+        own = spool.enqueue("a@example.org", ["x@own.test"], MESSAGE)
+        apart = spool.enqueue("a@example.org", ["y@optout.test"], MESSAGE)
+        wait_for(lambda: f"{own}: removed" in daemon.log() and f"{apart}: removed" in daemon.log(), 30, "both")
+        shown = {d["destination"]: d for d in daemon.status()["destinations"]}
+        assert shown["site:mx.own.test"]["domains"] == 1
+        assert shown["mx:optout.test"]["limit"] == 1 and shown["mx:optout.test"]["domains"] == 0
+        assert shown[f"site:{PROVIDER}"]["domains"] == 200  # optout.test is not in it

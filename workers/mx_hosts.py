@@ -9,6 +9,7 @@ loads workers.mx_lookup only once a name has to be looked up.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from policy.next_hop import SITE
@@ -85,10 +86,10 @@ class MXHost:
     addresses: tuple[str, ...]
 
 
-def site_destination(hosts: list[MXHost]) -> str:
+def site_destination(hosts: Iterable[str]) -> str:
     """The destination MX rollup counts a domain against: its MX host names, sorted, so every
     domain served by the same hosts (a provider's) shares one window and one connection limit."""
-    return f"{SITE}:" + ",".join(sorted({host.name for host in hosts}))
+    return f"{SITE}:" + ",".join(sorted(set(hosts)))
 
 
 def address_literal(text: str) -> str | None:

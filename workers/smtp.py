@@ -80,8 +80,9 @@ class SMTPTransport:
             return Outcome.same_for(recipients, status, "4" + dsn[1:] if temporary else dsn, str(exc), "none")
         outcomes: list[Outcome | None] = [None] * len(recipients)
         todo = list(range(len(recipients)))
-        settings = self.rules.for_destination(hop.destination)
-        counted = site_destination(hosts) if hosts and settings.mx_rollup else hop.destination
+        rollup = hosts and self.rules.for_destination(hop.destination).mx_rollup
+        counted = site_destination(host.name for host in hosts) if rollup else hop.destination
+        settings = self.rules.for_destination(counted)  # a site's, for a domain MX rollup puts in one
         with self._lock:
             self.counted_as[hop.destination] = counted
         for server in servers:
@@ -202,12 +203,17 @@ class SMTPTransport:
 
     def _connection(self, server: Server, queue_id: str, fresh: bool) -> tuple[SMTPClient, bool]:
         """A kept connection to `server` if one is alive (and `fresh` is not asked), else a new
-        one; the flag says which."""
+        one; the flag says which. A new one first closes the oldest idle connection to another
+        server of the same destination, if there is one: the dispatcher may have counted on this
+        delivery reusing it, and connections to a destination must never exceed what it counted."""
         with self._lock:
             clients = self.kept.get(server)
             kept = clients.pop() if clients else None
             if clients == []:
                 del self.kept[server]
+            spare = None if kept else self._oldest_idle(self.destination_of.get(server, ""))
+        if spare is not None:
+            spare.abort()  # no QUIT: a session must not wait a round trip, nor the old one linger
         if kept is not None:
             if not fresh and kept[0].is_alive():
                 return kept[0], True
@@ -217,6 +223,19 @@ class SMTPTransport:
         except TLSFallback as exc:  # its text names the host, what failed and why
             log.warning("%s: %s; retrying without TLS", queue_id, exc.reply.text)
             return self._open(server, TLS_NONE), False
+
+    def _oldest_idle(self, destination: str) -> SMTPClient | None:
+        """Take the connection idle longest to any server of `destination` out of the pool (the
+        lock held)."""
+        idle = [(clients[0][1], other) for other, clients in self.kept.items()
+                if self.destination_of.get(other) == destination]
+        if not idle:
+            return None
+        _, other = min(idle, key=lambda entry: entry[0])
+        client = self.kept[other].pop(0)[0]
+        if not self.kept[other]:
+            del self.kept[other]
+        return client
 
     def _open(self, server: Server, tls: str) -> SMTPClient:
         timeouts = self.config.smtp_timeouts
@@ -246,7 +265,7 @@ class SMTPTransport:
         """The site MX rollup counts a domain against (mx_hosts.site_destination); "" when its
         MX hosts cannot be found now."""
         try:
-            return site_destination(self._lookup(domain))
+            return site_destination(host.name for host in self._lookup(domain))
         except (MXLookupError, ResolverConfigError):
             return ""
 
