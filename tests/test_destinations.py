@@ -238,3 +238,23 @@ def test_a_reload_applies_new_settings_to_a_destination_already_known(daemons, t
         wait_for(lambda: len(sink.messages) == 50, 60, "forty more, four at a time")
         assert sink.most == 4
         assert destination(daemon, sink.port).get("limit") == 4
+
+
+def test_a_message_goes_as_soon_as_the_one_session_is_free(daemons, tmp_path):
+    """max-sessions 1, one worker, a pipe rule in the policy (so local workers exist too), and a
+    next hop that never greets holding the only session: the next message goes once the greeting
+    times out, not at some later turn."""
+    with CountingSink(delay=60) as tarpit, CountingSink() as sink:
+        daemon = daemons("--transports", transports(tmp_path, "pipe.example |/bin/true", tar=tarpit.port,
+                                                    ok=sink.port),
+                         "--max-sessions", "1", "--smtp-timeouts", "greeting=4", workers=1)
+        spool = Spool(daemon.spool)
+        stuck = spool.enqueue("a@example.org", ["x@tar.example"], MESSAGE)
+        wait_for(lambda: tarpit.open == 1, 20, "the tarpit holding the only session")
+        queued = time.monotonic()
+        waiting = spool.enqueue("a@example.org", ["y@ok.example"], MESSAGE)
+        wait_for(lambda: f"{stuck}: deferred" in daemon.log(), 30, "the greeting timed out")
+        freed = time.monotonic()
+        wait_for(lambda: f"{waiting}: removed" in daemon.log(), 30, "the waiting message delivered")
+        assert [m.rcpt_tos for m in sink.messages] == [["y@ok.example"]]
+        assert freed - queued >= 2  # it did wait for the session, and went when it was free
