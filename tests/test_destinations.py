@@ -188,12 +188,17 @@ def test_mx_rollup_counts_the_domains_of_one_provider_against_one_site(daemons, 
         assert shown[f"site:{PROVIDER}"]["domains"] == 200  # optout.test is not in it
 
 
+def with_rule(daemons, tmp_path: Path, sink: CountingSink, settings: str, **options) -> tuple:
+    """A daemon routing `d.example` to the sink, with one destinations rule for it: (daemon, spool, rules file)."""
+    rules = tmp_path / "destinations"
+    rules.write_text(f"smtp:127.0.0.1:{sink.port} {settings}\n")
+    daemon = daemons("--transports", transports(tmp_path, d=sink.port), "--destinations", str(rules), **options)
+    return daemon, Spool(daemon.spool), rules
+
+
 def test_recipients_per_transaction_and_messages_per_connection_from_the_destinations_file(daemons, tmp_path):
     with CountingSink() as sink:
-        rules = tmp_path / "destinations"
-        rules.write_text(f"smtp:127.0.0.1:{sink.port} concurrency=1 messages-per-connection=2  # then a new one\n")
-        daemon = daemons("--transports", transports(tmp_path, d=sink.port), "--destinations", str(rules), workers=1)
-        spool = Spool(daemon.spool)
+        daemon, spool, _ = with_rule(daemons, tmp_path, sink, "concurrency=1 messages-per-connection=2", workers=1)
         big = spool.enqueue("a@example.org", [f"u{i}@d.example" for i in range(120)], MESSAGE)
         wait_for(lambda: f"{big}: removed" in daemon.log(), 30, "the 120-recipient message")
         assert [len(m.rcpt_tos) for m in sink.messages] == [50, 50, 20]  # Postfix's default of 50
@@ -207,10 +212,7 @@ def test_recipients_per_transaction_and_messages_per_connection_from_the_destina
 
 def test_a_rate_limit_holds_over_a_minute(daemons, tmp_path):
     with CountingSink() as sink:
-        rules = tmp_path / "destinations"
-        rules.write_text(f"smtp:127.0.0.1:{sink.port} rate=120/min\n")
-        daemon = daemons("--transports", transports(tmp_path, d=sink.port), "--destinations", str(rules))
-        spool = Spool(daemon.spool)
+        _, spool, _ = with_rule(daemons, tmp_path, sink, "rate=120/min")
         for i in range(150):
             spool.enqueue("a@example.org", [f"u{i}@d.example"], MESSAGE)
         wait_for(lambda: sink.messages, 20, "the first message")
@@ -222,10 +224,7 @@ def test_a_rate_limit_holds_over_a_minute(daemons, tmp_path):
 
 def test_a_reload_applies_new_settings_to_a_destination_already_known(daemons, tmp_path):
     with CountingSink(delay=0.1) as sink:
-        rules = tmp_path / "destinations"
-        rules.write_text(f"smtp:127.0.0.1:{sink.port} concurrency=1\n")
-        daemon = daemons("--transports", transports(tmp_path, d=sink.port), "--destinations", str(rules))
-        spool = Spool(daemon.spool)
+        daemon, spool, rules = with_rule(daemons, tmp_path, sink, "concurrency=1")
         for i in range(10):
             spool.enqueue("a@example.org", [f"u{i}@d.example"], MESSAGE)
         wait_for(lambda: len(sink.messages) == 10, 30, "ten at one at a time")
