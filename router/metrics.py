@@ -197,17 +197,26 @@ def _destinations(destinations: list[dict[str, Any]]) -> Iterator[Metric]:
                                      "destination's concurrency window.", labels=["destination"]),
         "deferred": GaugeMetricFamily("qrouter_destination_deferred_messages", "Messages deferred for a "
                                       "destination.", labels=["destination"]),
+        "kept": GaugeMetricFamily("qrouter_destination_idle_connections", "Idle connections kept to a "
+                                  "destination, over all workers.", labels=["destination"]),
+        "domains": GaugeMetricFamily("qrouter_destination_domains", "Domains a site of MX rollup holds (the "
+                                     "domains whose MX hosts are the site's); 0 for other destinations.",
+                                     labels=["destination"]),
     }
+    limit = GaugeMetricFamily("qrouter_destination_limit", "A destination's concurrency limit (the busiest "
+                              "destinations only).", labels=["destination"])
     dead = GaugeMetricFamily("qrouter_destination_dead", "1 if a destination is found unreachable and left alone "
                              "until a probe (the busiest destinations only).", labels=["destination"])
     for destination in named:
         for key, family in families.items():
             family.add_metric([destination["destination"]], destination[key])
         dead.add_metric([destination["destination"]], 1 if destination["dead"] else 0)
+        limit.add_metric([destination["destination"]], destination["limit"])
     for key, family in families.items():
         family.add_metric([OTHER], sum(destination[key] for destination in rest))
     yield from families.values()
     yield dead
+    yield limit
     yield GaugeMetricFamily("qrouter_destinations_dead", "Destinations found unreachable, all of them.",
                             value=sum(1 for destination in destinations if destination["dead"]))
 

@@ -74,10 +74,10 @@ def status(destinations: list[dict[str, Any]] | None = None, workers: list[dict[
             "workers": workers or [], **fields}
 
 
-def destination(name: str, sessions: int = 0, waiting: int = 0, deferred: int = 0, dead: bool = False
-                ) -> dict[str, Any]:
-    return {"destination": name, "sessions": sessions, "window": 5.0, "dead": dead, "waiting": waiting,
-            "deferred": deferred, "last_error": None}
+def destination(name: str, sessions: int = 0, waiting: int = 0, deferred: int = 0, dead: bool = False,
+                kept: int = 0, domains: int = 0) -> dict[str, Any]:
+    return {"destination": name, "sessions": sessions, "window": 5.0, "limit": 20, "kept": kept, "dead": dead,
+            "waiting": waiting, "deferred": deferred, "domains": domains, "last_error": None}
 
 
 def test_counts_deliveries_reloads_and_corrupt_files(metrics):
@@ -113,8 +113,9 @@ def test_snapshot_gauges_keep_the_destination_labels_bounded(metrics):
     metrics, address = metrics
     families, _ = scrape(address)
     assert "qrouter_sessions" not in families  # nothing to say before the first snapshot
-    destinations = [destination(f"mx:d{i}.example", sessions=i % 7, waiting=i, deferred=1, dead=i % 10 == 0)
-                    for i in range(30)]
+    destinations = [destination(f"mx:d{i}.example", sessions=i % 7, waiting=i, deferred=1, dead=i % 10 == 0,
+                                kept=i % 3) for i in range(30)]
+    destinations.append(destination("site:mx1.provider.test,mx2.provider.test", sessions=20, kept=5, domains=1000))
     workers = [{"pid": 10 + i, "pool": "network", "rss": 1000 * (i + 1), "cpu": 1.5} for i in range(3)]
     workers.append({"pid": 20, "pool": "network", "rss": None, "cpu": None})  # exited since: psutil found nothing
     metrics.snapshot(status(destinations, workers, sessions=42, max_sessions=100, now=time.time() - 2))
@@ -128,7 +129,9 @@ def test_snapshot_gauges_keep_the_destination_labels_bounded(metrics):
     rest = ranked[TOP_DESTINATIONS:]
     for family, key in (("qrouter_destination_sessions", "sessions"),
                         ("qrouter_destination_waiting_messages", "waiting"),
-                        ("qrouter_destination_deferred_messages", "deferred")):
+                        ("qrouter_destination_deferred_messages", "deferred"),
+                        ("qrouter_destination_idle_connections", "kept"),
+                        ("qrouter_destination_domains", "domains")):
         assert types[family] == "gauge"
         labels = label_values(families, family, "destination")
         assert len(labels) == len(set(labels)) == TOP_DESTINATIONS + 1
@@ -139,6 +142,9 @@ def test_snapshot_gauges_keep_the_destination_labels_bounded(metrics):
     for d in ranked[:TOP_DESTINATIONS]:
         assert value(families, "qrouter_destination_dead", destination=d["destination"]) == int(d["dead"])
     assert value(families, "qrouter_destinations_dead") == 3
+    site = "site:mx1.provider.test,mx2.provider.test"
+    assert value(families, "qrouter_destination_domains", destination=site) == 1000
+    assert value(families, "qrouter_destination_limit", destination=site) == 20
 
     assert value(families, "qrouter_workers", kind="network") == 4
     assert value(families, "qrouter_workers", kind="local") == 0
