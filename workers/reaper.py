@@ -157,22 +157,31 @@ def _reaper(worker: int, argv: tuple[str, ...], env: Mapping[str, str], cwd: str
             program = process.pid  # the object is kept: dropped, it would reap the program itself
         except (OSError, ValueError) as exc:  # ValueError: a NUL in an argument or variable
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            os.write(status, b"error " + reason.encode(errors="replace").replace(b"\n", b" ") + b"\n")
+            _tell(status, b"error " + reason.encode(errors="replace").replace(b"\n", b" "))
             os._exit(0)
         os.close(stdin)
         os.close(stdout)
-        os.write(status, STARTED + b"\n")
+        _tell(status, STARTED)
         while True:
             try:
                 pid, wait_status = os.waitpid(-1, 0)
             except ChildProcessError:  # nothing left below: the run is over
                 os._exit(0)
             if pid == program:
-                os.write(status, b"exit %d\n" % wait_status)
+                _tell(status, b"exit %d" % wait_status)
     except _End:
         _end_all(program, status)
     finally:
         os._exit(0)
+
+
+def _tell(status: int, line: bytes) -> None:
+    """One line to the worker, if it is still there to read it: a worker that died must not
+    keep the reaper from ending the run."""
+    try:
+        os.write(status, line + b"\n")
+    except OSError:
+        pass
 
 
 def _on_term(signum: int, frame: object) -> None:
@@ -215,13 +224,14 @@ def _reap(program: int, status: int) -> bool:
         if pid == 0:
             return True
         if pid == program:
-            os.write(status, b"exit %d\n" % wait_status)
+            _tell(status, b"exit %d" % wait_status)
 
 
 def _signal_below(*signums: int) -> None:
-    """Send `signums` to every process below this one. A process is signalled through a pidfd
-    opened after checking, by its start time, that its pid still names the process seen below:
-    one that ended meanwhile may have given its pid to a stranger."""
+    """Send `signums` to every process below this one. Each is signalled through a pidfd, and
+    only if its start time, read after the pidfd was opened, is the one seen in the walk: a
+    process that ended meanwhile may have given its pid to a stranger, and the pidfd names one
+    process for good."""
     for pid, started in _descendants(os.getpid()):
         try:
             pidfd = os.pidfd_open(pid)
@@ -255,7 +265,7 @@ def _stat(pid: int) -> tuple[int, int] | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as file:
             data = file.read()
-    except OSError:
+        fields = data[data.rindex(b")") + 2:].split()  # the name, in parentheses, may hold anything
+        return int(fields[1]), int(fields[19])
+    except (OSError, ValueError, IndexError):  # gone, or going
         return None
-    fields = data[data.rindex(b")") + 2:].split()  # the name, in parentheses, may hold anything
-    return int(fields[1]), int(fields[19])
