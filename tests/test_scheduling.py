@@ -105,18 +105,18 @@ def test_a_dead_destination_is_left_alone_until_its_probe_then_its_mail_goes_out
 
 
 def test_a_frozen_worker_is_killed_and_its_mail_delivered_by_others(daemons, tmp_path):
-    with CountingSink(delay=0.2) as sink:
+    with CountingSink(delay=1.0) as sink:  # slow enough that a loaded machine sees a worker at it
         daemon = daemons("--transports", transports(tmp_path, d=sink.port), workers=2)
         spool = Spool(daemon.spool)
         ids = [spool.enqueue("a@example.org", [f"u{i}@d.example"], f"n={i}\r\n".encode()) for i in range(40)]
         pids = daemon.worker_pids()
         frozen = wait_for(lambda: next((w["pid"] for w in daemon.status()["workers"] if w["sessions"]), None),
-                          what="a worker delivering")
+                          60, "a worker delivering")
         os.kill(frozen, signal.SIGSTOP)
         in_hand = set(daemon.files("active"))
         try:
-            wait_for(lambda: f"worker {frozen} has not answered for" in daemon.log(), 20, "the watchdog")
-            wait_for(lambda: len({m.content for m in sink.messages}) == 40, 30, "every message delivered")
+            wait_for(lambda: f"worker {frozen} has not answered for" in daemon.log(), 40, "the watchdog")
+            wait_for(lambda: len({m.content for m in sink.messages}) == 40, 90, "every message delivered")
         finally:
             if psutil.pid_exists(frozen):
                 os.kill(frozen, signal.SIGCONT)
