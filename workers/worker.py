@@ -116,7 +116,8 @@ class Worker:
 
     def serve(self) -> None:
         """Deliver until the pipe closes; then finish what is in progress, still saying it is
-        alive, and let go of kept connections."""
+        alive, and let go of kept connections: the idle ones at once (and say so, for the
+        workers that replace this one after a reload), the others when their deliveries end."""
         try:
             self._read_tasks()
         finally:
@@ -124,6 +125,9 @@ class Worker:
             for _ in self.sessions:
                 self.tasks.put(None)
             self.lookups.put(None)
+            if self.smtp:
+                self.smtp.close()
+                self._tell_kept(set(self.smtp.destination_of.values()))
             for thread in self.sessions:
                 while thread.is_alive():
                     thread.join(HEARTBEAT_SECONDS)
