@@ -17,6 +17,9 @@ entries, and each waits, goes or is suspended on its own destination's state:
 - Connections to a destination, in use and kept idle in any worker, never exceed its limit:
   workers report the idle connections they keep, an entry goes preferably to a worker that keeps
   one, and when none with room does and the limit is taken, a worker is told to drop an idle one.
+  A worker's report may be older than the tasks it has not read yet, so an idle connection
+  promised to an entry stays promised until that entry's report: it is never promised twice, and
+  counted, until then, both as idle and as in flight.
 - A rate (messages per second, from the destinations file) spaces the entries' starts.
 - MX rollup: the domains whose MX hosts are the same (a site, `site:mx1.example,mx2.example`)
   are one destination, as KumoMTA rolls them up, unless a domain's rule says `mx-rollup=no`. A
@@ -62,6 +65,7 @@ SITE_SECONDS = 3600.0  # how long a domain's site is believed
 NO_SITE_SECONDS = 60.0  # a domain whose MX hosts could not be found is its own destination this long
 ASK_AGAIN_SECONDS = 30.0  # a site lookup not answered by then (its worker died) is asked again
 MX_PREFIX = "mx:"  # the entries MX rollup applies to (NextHop.destination of MX routing)
+REUSE, NEW = "reuse", "new"  # how an entry gets its connection (Dispatcher._connect)
 NEVER = float("inf")
 
 
@@ -93,7 +97,8 @@ class Destination:
     limits: Limits
     window: float
     in_flight: int = 0
-    kept: Counter[int] = field(default_factory=Counter)  # worker pid -> idle connections it keeps
+    kept: Counter[int] = field(default_factory=Counter)  # worker pid -> idle connections it last reported
+    promised: Counter[int] = field(default_factory=Counter)  # worker pid -> entries sent to reuse one of them
     failures: int = 0  # attempts in a row that could not reach it
     dead_until: float = 0.0  # dead while > 0; the probe may go at this time
     probing: bool = False
@@ -113,6 +118,10 @@ class Destination:
     @property
     def dead(self) -> bool:
         return self.dead_until > 0
+
+    def idle(self, pid: int) -> int:
+        """Idle connections of worker `pid` that no entry has been promised."""
+        return max(0, self.kept[pid] - self.promised[pid])
 
     @property
     def connections(self) -> int:
@@ -137,7 +146,7 @@ class Job:
     visit_at: float
     due: float = NEVER  # the earliest retry the entries gone in this activation asked for
     worker: int = 0  # the pid it is in flight with; 0 when it is not
-    going: tuple[tuple[str, str], ...] = ()  # (entry, destination) of the entries in flight
+    going: tuple[tuple[str, str, bool], ...] = ()  # (entry, destination, reusing an idle connection) in flight
 
 
 @dataclass
@@ -382,13 +391,15 @@ class Dispatcher:
         if pid is None:
             self.pool_waiting.setdefault(job.pool, deque()).append(job.queue_id)
             return
-        went = {entry: destination for entry, destination in go.items() if self._connect(destination, pid, now)}
+        connected = {entry: (destination, self._connect(destination, pid, now)) for entry, destination in go.items()}
+        went = {entry: destination for entry, (destination, how) in connected.items() if how}
         if not went and not suspended:
             self._wait(job, [destination for entry, destination in go.items()])
             return
         pool, free = room[pid]
         room[pid] = (pool, free - 1)
-        job.worker, job.going = pid, tuple((entry, destination.name) for entry, destination in went.items())
+        job.worker, job.going = pid, tuple((entry, destination.name, connected[entry][1] == REUSE)
+                                           for entry, destination in went.items())
         for entry in [*went, *suspended]:
             job.todo.pop(entry, None)
         task = Task(job.queue, job.queue_id, go=list(went) if job.todo or went or suspended else None,
@@ -401,25 +412,29 @@ class Dispatcher:
         fits = [pid for pid, (pool, free) in room.items() if pool == job.pool and free]
         if not fits:
             return None
-        return max(fits, key=lambda pid: (sum(1 for destination in go if destination.kept[pid]), room[pid][1], -pid))
+        return max(fits, key=lambda pid: (sum(1 for destination in go if destination.idle(pid)), room[pid][1], -pid))
 
-    def _connect(self, destination: Destination, pid: int, now: float) -> bool:
-        """Take a connection to `destination` in worker `pid`: its idle one, or a new one while the
-        limit allows. If the limit is taken by idle connections of other workers, one of them is
-        told to drop one, and False says the entry waits."""
-        if destination.kept[pid]:
-            destination.kept[pid] -= 1
+    def _connect(self, destination: Destination, pid: int, now: float) -> str:
+        """Take a connection to `destination` in worker `pid`: one of its idle ones not promised yet
+        (REUSE), or a new one while the limit allows (NEW). If the limit is taken by idle
+        connections of other workers, one of them is told to drop its own, and "" says the entry
+        waits."""
+        if destination.idle(pid):
+            destination.promised[pid] += 1
+            how = REUSE
         elif destination.connections >= destination.limits.concurrency:
-            holder = next((other for other, count in destination.kept.items() if count), None)
+            holder = next((other for other in destination.kept if destination.idle(other)), None)
             if holder is not None:
                 self.drops.setdefault(holder, set()).add(destination.name)
-            return False
+            return ""
+        else:
+            how = NEW
         destination.in_flight += 1
         if destination.dead and now >= destination.dead_until:
             destination.probing = True
         if destination.limits.rate:
             destination.next_start = max(now, destination.next_start) + 1 / destination.limits.rate
-        return True
+        return how
 
     def _wait(self, job: Job, destinations: list[Destination]) -> None:
         """Entries of a message not in flight wait in their destinations' lines (while it is in
@@ -469,6 +484,7 @@ class Dispatcher:
         asked of another."""
         for destination in self.destinations.values():
             destination.kept.pop(pid, None)
+            destination.promised.pop(pid, None)
         self.drops.pop(pid, None)
         for entry, (asked, _) in list(self.asked.items()):
             if asked == pid:
@@ -484,10 +500,10 @@ class Dispatcher:
         if job is None or not job.worker:
             return [], []
         revived, died = [], []
-        for entry, name in job.going:
+        for entry, name, reused in job.going:
             destination = self.get(name)
             busy = destination.in_flight >= int(destination.window) or bool(destination.waiting)
-            destination.in_flight = max(0, destination.in_flight - 1)
+            self._leave(destination, job.worker, reused)
             if entry not in reach:
                 destination.probing = False  # a probe that did not get there: the next entry is one
                 continue
@@ -521,12 +537,18 @@ class Dispatcher:
         """A message is done, held, deleted or set aside: it is nobody's business here any more."""
         job = self.jobs.pop(queue_id, None)
         if job is not None and job.worker:
-            for _, name in job.going:
-                destination = self.get(name)
-                destination.in_flight = max(0, destination.in_flight - 1)
+            for _, name, reused in job.going:
+                self._leave(self.get(name), job.worker, reused)
         for name in list(self.deferred_for.get(queue_id, ())):
             self._not_deferred(name, queue_id)
         self.schedule.discard(queue_id)
+
+    @staticmethod
+    def _leave(destination: Destination, pid: int, reused: bool) -> None:
+        """An entry in flight is over: its place, and the idle connection promised to it, are free."""
+        destination.in_flight = max(0, destination.in_flight - 1)
+        if reused:
+            destination.promised[pid] = max(0, destination.promised[pid] - 1)
 
     def given_back(self, queue_id: str) -> tuple[str, str] | None:
         """A message handed out and not begun (its worker fell silent or is dying): its entries

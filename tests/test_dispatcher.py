@@ -178,3 +178,26 @@ def test_idle_destinations_and_stale_sites_are_let_go_and_busy_or_dead_ones_kept
     assert sorted(d.destinations) == ["smtp:busy", "smtp:dead"]  # in flight, and dead
     d.forget_idle(2 + 3600)
     assert not d.sites
+
+
+def test_an_idle_connection_promised_to_an_entry_is_not_promised_again_by_an_older_report():
+    """A worker's report may have counted its idle connections before it read the tasks that
+    will reuse them: those stay promised until their own reports, so none is promised twice."""
+    routes = {f"m{i}": Routed(("smtp:one",), NETWORK) for i in range(4)}
+    d = dispatcher(routes, limit=2, window=2)
+    d.get("smtp:one")
+    d.kept(7, {"smtp:one": 2})  # worker 7 keeps two idle connections
+    d.ready("incoming", "m0")
+    d.ready("incoming", "m1")
+    assert [pid for pid, _ in d.dispatch({7: (NETWORK, 10)}, 0)[0]] == [7, 7]  # both reuse them
+    d.kept(7, {"smtp:one": 2})  # a report counted before the worker read those two tasks
+    d.get("smtp:one").window = 4.0  # the window is not what holds the next ones back
+    d.ready("incoming", "m2")
+    d.ready("incoming", "m3")
+    assert d.dispatch({7: (NETWORK, 10), 8: (NETWORK, 10)}, 0)[0] == []  # no third promise, no new connection
+    for done, idle in (("m0", 1), ("m1", 2)):  # their reports, each with the connection kept again
+        d.kept(7, {"smtp:one": idle})
+        d.finished(done, {"smtp:one": ""}, 1)
+        d.forget(done)
+    tasks, _ = d.dispatch({7: (NETWORK, 10), 8: (NETWORK, 10)}, 1)
+    assert [(pid, task.queue_id) for pid, task in tasks] == [(7, "m2"), (7, "m3")]  # reusing both
