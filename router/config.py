@@ -206,7 +206,7 @@ class Config:
     queue_dir: str = _key("queue-dir", _path, "/var/spool/qrouter", "spool directory")
     workers: int = _key("workers", _positive_int, os.cpu_count() or 1,
                         "number of delivery worker processes (default: one per core)")
-    max_sessions: int = _key("max-sessions", _positive_int, 100,
+    max_sessions: int = _key("max-sessions", _positive_int, 1000,
                              "deliveries in progress at once, over all workers")
     destination_concurrency: int = _key("destination-concurrency", _positive_int, 20,
                                         "deliveries in progress at once to one destination")

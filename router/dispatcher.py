@@ -206,11 +206,14 @@ class Dispatcher:
         return found
 
     def reconfigure(self, probe_seconds: float) -> None:
-        """After a reload: every known destination takes its settings from the new policy."""
+        """After a reload: every known destination takes its settings from the new policy, and
+        which MX domains are rolled up into sites is decided again (mx-rollup may have changed)."""
         self.probe_seconds = probe_seconds
         for destination in self.destinations.values():
             destination.limits = self.limits(destination.name)
             destination.window = min(destination.window, float(destination.limits.concurrency))
+            destination.domains.clear()
+        self.sites.clear()
 
     def destination_of(self, entry: str, now: float) -> Destination | None:
         """The destination an entry counts against: its own, or for an MX domain its site; None
@@ -331,9 +334,12 @@ class Dispatcher:
             while destination.waiting and self._has_room(destination, now):
                 queue_id = destination.waiting[0]
                 job = self.jobs.get(queue_id)
-                if job is None or job.worker or not any(self.destination_of(entry, now) is destination
-                                                        for entry in job.todo):
-                    destination.lined.discard(destination.waiting.popleft())  # gone, or went meanwhile
+                if job is None or job.worker:
+                    destination.lined.discard(destination.waiting.popleft())  # gone, or went with another entry
+                    continue
+                if not any(self.destination_of(entry, now) is destination for entry in job.todo):
+                    destination.lined.discard(destination.waiting.popleft())  # counted elsewhere since a reload
+                    self.pool_waiting.setdefault(job.pool, deque()).append(queue_id)
                     continue
                 if not any(p == job.pool and n for p, n in room.values()):
                     break

@@ -19,6 +19,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import selectors
 import signal
 import stat
@@ -61,6 +62,7 @@ TAKE_BACK_SECONDS = 3.0  # a worker silent this long gets no more mail, and what
 INITIAL_WINDOW = 5  # a destination's first window, unless the destinations file says otherwise
 WATCHDOG_SECONDS = 15.0  # a worker silent this long is killed: its main thread says it is alive every second
 TROUBLE_LOG_SECONDS = 60.0  # "spool full" is said at most this often
+FILES_BESIDE_SESSIONS = 64  # a worker's files other than its connections: pipes, logs, spool files, DNS
 PRUNE_SECONDS = 3600.0  # archive/ is pruned this often (archive-max-age)
 _GONE = inotify_flags.DELETE_SELF | inotify_flags.MOVE_SELF  # the watched directory itself went away
 ROOT = ""  # the spool directory: watched for its queue directories being moved away or removed
@@ -174,6 +176,7 @@ class Supervisor:
 
     def _start(self) -> None:
         self._take_identity()
+        self._open_files_for_sessions()
         self.policy = load_policy(self.config, privileges.fixed_agent_user())
         os.makedirs(self.config.queue_dir, mode=0o700, exist_ok=True)
         self.lock.acquire()
@@ -216,6 +219,19 @@ class Supervisor:
         privileges.become(entry, self.config.spool_group)
         log.info("running as user %s (uid %d); the spool belongs to it%s", entry.pw_name, entry.pw_uid,
                  f" ({changed} files and directories given to it)" if changed else "")
+
+    def _open_files_for_sessions(self) -> None:
+        """A worker holds a connection per session and as many kept idle (docs/architecture.md),
+        more than the usual soft limit of 1024 open files with the default max-sessions: the soft
+        limit goes up to the hard one, which the workers inherit. A hard limit too low is said."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        needed = 2 * self.config.sessions_per_worker + FILES_BESIDE_SESSIONS
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            if hard != resource.RLIM_INFINITY and hard < needed:
+                log.warning("the open files limit (%d) is below the %d a worker may need with max-sessions %d; "
+                            "raise it (LimitNOFILE= in the systemd unit) or lower max-sessions", hard, needed,
+                            self.config.max_sessions)
 
     def _recover_active(self) -> None:
         """Files an earlier run left in active/ go back to incoming/ (before any worker runs);

@@ -40,6 +40,7 @@ class Received:
     rcpt_tos: list[str]
     content: bytes
     rcpt_options: list[list[str]] = field(default_factory=list)
+    at: float = field(default_factory=time.monotonic)  # when it was taken
 
 
 class Recorder:

@@ -6,6 +6,7 @@ worker."""
 from __future__ import annotations
 
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -185,3 +186,74 @@ def test_mx_rollup_counts_the_domains_of_one_provider_against_one_site(daemons, 
         assert shown["site:mx.own.test"]["domains"] == 1
         assert shown["mx:optout.test"]["limit"] == 1 and shown["mx:optout.test"]["domains"] == 0
         assert shown[f"site:{PROVIDER}"]["domains"] == 200  # optout.test is not in it
+
+
+def with_rule(daemons, tmp_path: Path, sink: CountingSink, settings: str, **options) -> tuple:
+    """A daemon routing `d.example` to the sink, with one destinations rule for it: (daemon, spool, rules file)."""
+    rules = tmp_path / "destinations"
+    rules.write_text(f"smtp:127.0.0.1:{sink.port} {settings}\n")
+    daemon = daemons("--transports", transports(tmp_path, d=sink.port), "--destinations", str(rules), **options)
+    return daemon, Spool(daemon.spool), rules
+
+
+def test_recipients_per_transaction_and_messages_per_connection_from_the_destinations_file(daemons, tmp_path):
+    with CountingSink() as sink:
+        daemon, spool, _ = with_rule(daemons, tmp_path, sink, "concurrency=1 messages-per-connection=2", workers=1)
+        big = spool.enqueue("a@example.org", [f"u{i}@d.example" for i in range(120)], MESSAGE)
+        wait_for(lambda: f"{big}: removed" in daemon.log(), 30, "the 120-recipient message")
+        assert [len(m.rcpt_tos) for m in sink.messages] == [50, 50, 20]  # Postfix's default of 50
+        for i in range(5):
+            spool.enqueue("a@example.org", [f"v{i}@d.example"], MESSAGE)
+        wait_for(lambda: len(sink.messages) == 8, 30, "five more")
+        per_connection = [sum(line.startswith("MAIL") for batch in talk for line in batch)
+                          for talk in sink.conversations]
+        assert per_connection == [3 + 1, 2, 2]  # a message in three transactions counts once
+
+
+def test_a_rate_limit_holds_over_a_minute(daemons, tmp_path):
+    with CountingSink() as sink:
+        _, spool, _ = with_rule(daemons, tmp_path, sink, "rate=120/min")
+        for i in range(150):
+            spool.enqueue("a@example.org", [f"u{i}@d.example"], MESSAGE)
+        wait_for(lambda: sink.messages, 20, "the first message")
+        first = sink.messages[0].at
+        time.sleep(61)
+        in_a_minute = sum(1 for m in list(sink.messages) if m.at < first + 60)
+        assert 108 <= in_a_minute <= 132, in_a_minute  # 120 a minute, within 10%
+
+
+def test_a_reload_applies_new_settings_to_a_destination_already_known(daemons, tmp_path):
+    with CountingSink(delay=0.1) as sink:
+        daemon, spool, rules = with_rule(daemons, tmp_path, sink, "concurrency=1")
+        for i in range(10):
+            spool.enqueue("a@example.org", [f"u{i}@d.example"], MESSAGE)
+        wait_for(lambda: len(sink.messages) == 10, 30, "ten at one at a time")
+        assert sink.most == 1
+        rules.write_text(f"smtp:127.0.0.1:{sink.port} concurrency=4 initial-window=4\n")
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded" in daemon.log(), 20, "the reload")
+        for i in range(40):
+            spool.enqueue("a@example.org", [f"v{i}@d.example"], MESSAGE)
+        wait_for(lambda: len(sink.messages) == 50, 60, "forty more, four at a time")
+        assert sink.most == 4
+        assert destination(daemon, sink.port).get("limit") == 4
+
+
+def test_a_message_goes_as_soon_as_the_one_session_is_free(daemons, tmp_path):
+    """max-sessions 1, one worker, a pipe rule in the policy (so local workers exist too), and a
+    next hop that never greets holding the only session: the next message goes once the greeting
+    times out, not at some later turn."""
+    with CountingSink(delay=60) as tarpit, CountingSink() as sink:
+        daemon = daemons("--transports", transports(tmp_path, "pipe.example |/bin/true", tar=tarpit.port,
+                                                    ok=sink.port),
+                         "--max-sessions", "1", "--smtp-timeouts", "greeting=4", workers=1)
+        spool = Spool(daemon.spool)
+        stuck = spool.enqueue("a@example.org", ["x@tar.example"], MESSAGE)
+        wait_for(lambda: tarpit.open == 1, 20, "the tarpit holding the only session")
+        queued = time.monotonic()
+        waiting = spool.enqueue("a@example.org", ["y@ok.example"], MESSAGE)
+        wait_for(lambda: f"{stuck}: deferred" in daemon.log(), 30, "the greeting timed out")
+        freed = time.monotonic()
+        wait_for(lambda: f"{waiting}: removed" in daemon.log(), 30, "the waiting message delivered")
+        assert [m.rcpt_tos for m in sink.messages] == [["y@ok.example"]]
+        assert freed - queued >= 2  # it did wait for the session, and went when it was free

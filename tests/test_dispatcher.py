@@ -143,3 +143,22 @@ def test_a_rate_spaces_the_starts():
     assert d.dispatch({1: (NETWORK, 10)}, 100.2)[0] == []
     assert abs(d.next_wakeup(100.2) - 0.3) < 1e-9
     assert len(d.dispatch({1: (NETWORK, 10)}, 100.5)[0]) == 1
+
+
+def test_mx_domains_wait_for_their_site_then_share_its_limit_and_an_opted_out_one_stays_apart():
+    routes = {f"m{i}": Routed((f"mx:d{i % 3}.example",), NETWORK) for i in range(6)}
+    routes["apart"] = Routed(("mx:apart.example",), NETWORK)
+    d = Dispatcher(lambda name: Limits(2, 2, mx_rollup=name != "mx:apart.example"), 10,
+                   lambda queue, qid: routes.get(qid))
+    for queue_id in routes:
+        d.ready("incoming", queue_id)
+    [(_, task)] = d.dispatch({1: (NETWORK, 10)}, 0)[0]  # only the one kept apart: the others wait for their site
+    assert task.queue_id == "apart" and d.get("mx:apart.example").limits.concurrency == 2
+    assert sorted(d.take_lookups(0)) == ["mx:d0.example", "mx:d1.example", "mx:d2.example"]
+    for i in range(3):
+        d.site_found(f"mx:d{i}.example", "site:mx1.example,mx2.example", 1)
+    tasks, _ = d.dispatch({1: (NETWORK, 10)}, 1)
+    assert len(tasks) == 2  # the site's limit, over three domains
+    site = d.get("site:mx1.example,mx2.example")
+    assert site.in_flight == 2 and len(site.domains) == 3 and len(site.lined) == 4
+    assert d.sites_of(["mx:d0.example", "mx:apart.example"]) == {"mx:d0.example": "site:mx1.example,mx2.example"}

@@ -153,5 +153,5 @@ def test_status_lists_sessions_and_destinations(daemons, tmp_path):
         assert (shown["destination"], shown["sessions"], shown["window"], shown["dead"]) == (
             f"smtp:127.0.0.1:{sink.port}", 4, 5, False)
         answer = json.loads(qrouter("status", "--json", "--queue-dir", str(daemon.spool), check=True).stdout)
-        assert answer["max_sessions"] == 100
+        assert answer["max_sessions"] == 1000
         wait_for(lambda: len(sink.messages) == 4, what="delivery")

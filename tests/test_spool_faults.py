@@ -10,6 +10,7 @@ its workers.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -242,7 +243,7 @@ def test_an_unreadable_deferred_file_goes_to_corrupt_and_is_not_retried():
         os.close(write_fd)
         line = os.read(read_fd, 4096).decode()
         os.waitpid(pid, 0)
-        assert Report.from_line(line).result == CORRUPTED
+        assert Report.from_record(json.loads(line)).result == CORRUPTED
         assert os.listdir(root / "corrupt") == [queue_id]
         assert os.listdir(root / "deferred") == os.listdir(root / "active") == []
     finally:

@@ -69,7 +69,10 @@ class Report:
     reach: dict[str, str] = field(default_factory=dict)
     kept: dict[str, int] = field(default_factory=dict)
 
-    def to_line(self) -> bytes:
+    def to_line(self, kept: dict[str, int] | None = None) -> bytes:
+        """The record, with `kept` (the worker's idle connections, counted as it is written)."""
+        if kept:
+            self.kept = kept
         return json.dumps({key: value for key, value in asdict(self).items() if value or key == "result"},
                           separators=(",", ":")).encode() + b"\n"
 

@@ -164,7 +164,8 @@ class SMTPTransport:
             outcomes[index] = Outcome(reply.status, reply.dsn, text, client.peer, "DSN" in client.extensions)
             if reply.status == DEFERRED:
                 after.append(index)
-        spent = settings.messages_per_connection is not None and client.transactions >= settings.messages_per_connection
+        client.messages += 1
+        spent = settings.messages_per_connection is not None and client.messages >= settings.messages_per_connection
         if client.is_open and not spent:  # whether the server said something since is checked when it is reused
             self._keep(server, client)
         elif client.is_open:

@@ -181,6 +181,7 @@ class SMTPClient:
         self.tls_verified = False
         self.authenticated = False
         self.transactions = 0
+        self.messages = 0  # messages delivered over it, each in one transaction or more (counted by the transport)
         self.use_chunking = chunking  # BDAT if offered; False for a server known to fail it
         self.bdat_failure: Reply | None = None  # why, when this server failed BDAT (see send)
         self._bdat_answered = False  # a BDAT was answered on this connection: the server knows it

@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from urllib.parse import unquote
 
 from policy.destinations import DestinationRules
@@ -176,22 +177,21 @@ class Worker:
             finally:
                 with self.busy_lock:
                     self.busy -= 1
-            if self.smtp and report.reach:
-                report.kept = self.smtp.kept_counts(report.reach)
-            self._write(report.to_line())
+            self._write(report.to_line, report.reach)
 
     def _look_up_sites(self) -> None:
         """Answer the dispatcher's site lookups, one record a batch, until told to stop."""
         assert self.smtp is not None
         while (entries := self.lookups.get()) is not None:
             sites = {entry: self.smtp.site_of(unquote(entry).partition(":")[2]) for entry in entries}
-            self._write(json.dumps({"sites": sites}).encode() + b"\n")
+            line = json.dumps({"sites": sites}).encode() + b"\n"
+            self._write(lambda kept, line=line: line)
 
     def _tell_kept(self, destinations: set[str]) -> None:
         """Tell the dispatcher how many idle connections are left to destinations that lost some."""
         if destinations:
-            counts = self.smtp.kept_counts(destinations) if self.smtp else dict.fromkeys(destinations, 0)
-            self._write(json.dumps({"kept": counts}).encode() + b"\n")
+            self._write(lambda kept: json.dumps({"kept": kept or dict.fromkeys(destinations, 0)}).encode() + b"\n",
+                        destinations)
 
     def _beat(self) -> None:
         """Say "alive" (an empty line); a supervisor that is gone takes this worker with it. A
@@ -205,13 +205,18 @@ class Worker:
                           "no longer saying it is alive", os.getpid(), running)
             return
         try:
-            self._write(b"\n")
+            self._write(lambda kept: b"\n")
         except OSError:
             pass
 
-    def _write(self, data: bytes) -> None:
-        with self.report_lock:  # a long report is more than one atomic pipe write
-            os.write(self.report_fd, data)
+    def _write(self, record: Callable[[dict[str, int]], bytes], destinations: Iterable[str] = ()) -> None:
+        """Write a record made by `record` from the idle connections kept to `destinations`, counted
+        as it is written: records that count them reach the dispatcher in the order they were
+        counted, so an older count never overwrites a newer one. The lock also keeps a long
+        record, more than one atomic pipe write, whole."""
+        with self.report_lock:
+            kept = self.smtp.kept_counts(destinations) if self.smtp and destinations else {}
+            os.write(self.report_fd, record(kept))
 
     def _on_term(self, signum: int, frame: object) -> None:
         """SIGTERM: finish the deliveries in progress, start no other, then exit."""
