@@ -84,7 +84,8 @@ mx-rollup
          bench/wan_sink.py (D=50 ms, S=0). The 1,000 domains are one site: the most connections
          open at once at the sink must stay within the site's limit (destination-concurrency,
          20). Also messages/s from launch to the last message accepted, round trips per message,
-         the domains the daemon's status counts in the site, and the peak PSS of all processes.
+         the domains the daemon's status counts in the site, the DNS questions the name server
+         answered per message, and the peak PSS of all processes.
 slow-destination
          Head-of-line blocking. 500 messages to a destination that answers every command after
          20 s, queued while the daemon is stopped; the daemon starts with its default settings
@@ -980,10 +981,11 @@ def bench_mx_rollup(keep: bool) -> dict[str, float]:
           f"from then on {relayed.steady:.0f} msg/s; {relayed.round_trips:.2f} round trips per message")
     print(f"    most connections open at once at the sink: {relayed.peaks[0]} (the site's limit "
           f"{ROLLUP_LIMIT}); the daemon's status names {site} with {counted} domains; "
-          f"{asked} DNS questions answered")
+          f"{asked} DNS questions answered ({asked / ROLLUP_MESSAGES:.1f} a message)")
     print(f"    all qrouter processes together, peak: PSS {relayed.pss_mb:.1f} MB, RSS {relayed.rss_mb:.1f} MB")
     return {"rate": rate, "steady_rate": relayed.steady, "peak_connections": relayed.peaks[0],
-            "round_trips": relayed.round_trips, "site_domains": counted, "pss_mb": relayed.pss_mb}
+            "round_trips": relayed.round_trips, "site_domains": counted, "pss_mb": relayed.pss_mb,
+            "dns_per_message": asked / ROLLUP_MESSAGES}
 
 
 def percentile(values: Sequence[float], share: float) -> float:
@@ -1143,6 +1145,7 @@ FIGURES = [
            ROLLUP_LIMIT, at_most=True),
     Figure("mx-rollup", "site_domains", "domains the daemon counts in the site", "", None, higher_is_better=True),
     Figure("mx-rollup", "round_trips", "round trips per message", "", None),
+    Figure("mx-rollup", "dns_per_message", "DNS questions per message", "", None),
     Figure("mx-rollup", "pss_mb", "peak PSS, all qrouter processes", "MB", WAN_PSS_TARGET_MB),
     Figure("slow-destination", "fast_all_s", "first fast message queued to all accepted", "s", 3),
     Figure("slow-destination", "fast_p99_ms", "fast messages: enqueue-to-accepted p99", "ms", 1000),
