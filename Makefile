@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the test suite uses (installed by `make test` when run as root and missing).
-DEB_PACKAGES := util-linux mount e2fsprogs qpsmtpd swaks libnet-ip-perl maildrop procmail tmux
+DEB_PACKAGES := util-linux mount e2fsprogs qpsmtpd swaks libnet-ip-perl maildrop procmail tmux stress-ng
+# What `make test-under-load` runs: the whole suite, or e.g. TESTS=tests/test_config.py
+TESTS ?=
 
-.PHONY: run test bench venv deb-packages run-as-root clean
+.PHONY: run test test-under-load bench venv deb-packages run-as-root clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +52,21 @@ deb-packages:
 test: $(VENV)/.installed deb-packages run-as-root
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+# The suite three times in a row while stress-ng keeps four CPUs busy beside it, as on a loaded
+# machine; it fails if any run failed. stress-ng is stopped at the end whatever happens: by the
+# shell's trap, and by its parent-death signal (setpriv --pdeathsig) should the shell be killed.
+test-under-load: $(VENV)/.installed deb-packages run-as-root
+	@setpriv --pdeathsig TERM stress-ng --cpu 4 --quiet & stress=$$!; \
+	trap 'kill $$stress 2>/dev/null; wait $$stress 2>/dev/null' EXIT; \
+	trap 'exit 130' INT; trap 'exit 143' TERM; \
+	failed=""; \
+	for run in 1 2 3; do \
+		echo "test-under-load: run $$run of 3, beside stress-ng --cpu 4 (pid $$stress)"; \
+		$(PY) -m pytest $(TESTS) || failed="$$failed $$run"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "test-under-load: failed in run(s)$$failed"; exit 1; fi; \
+	echo "test-under-load: passed three times"
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py $(BENCH)

@@ -250,8 +250,8 @@ class Config:
     pipe_user: str = _key("pipe-user", _user, "nobody",
                           "user pipe next hops run as without a user= option (never root, never user)")
     command_time_limit: float = _key("command-time-limit", _non_negative, 1000.0,
-                                     "seconds a pipe or local delivery agent may run; then its process group is "
-                                     "killed and the delivery fails (5.3.0)")
+                                     "seconds a pipe or local delivery agent may run; then it and everything it "
+                                     "started get SIGTERM, SIGKILL 2 seconds later, and the delivery fails (5.3.0)")
     local_workers: int = _key("local-workers", _positive_int, 1,
                               "worker processes for pipes and local delivery agents (when the policy has any)")
     local_sessions: int = _key("local-sessions", _positive_int, 20,

@@ -573,6 +573,20 @@ class Dispatcher:
             self.schedule.add(queue_id, now + step * (i + 1))
         return len(ids)
 
+    def forget_idle(self, now: float) -> None:
+        """Let go of what a long-running daemon would otherwise pile up: destinations with nothing
+        in flight, kept, waiting or deferred that are alive and at their first window (met again,
+        one is made anew from its settings), and sites believed no longer."""
+        for name, destination in list(self.destinations.items()):
+            if not (destination.in_flight or destination.waiting or destination.deferred or destination.dead
+                    or destination.failures or any(destination.kept.values())
+                    or destination.window != destination.limits.initial_window or destination.next_start > now):
+                del self.destinations[name]
+                self.lined.discard(name)
+        for entry, (_, until) in list(self.sites.items()):
+            if until <= now:
+                del self.sites[entry]
+
     # -- the loop's timer and the views ---------------------------------------------------
 
     def next_wakeup(self, now: float) -> float | None:

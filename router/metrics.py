@@ -1,24 +1,35 @@
-"""Prometheus metrics of the daemon (`metrics-listen`), served by prometheus-client's own thread.
+"""Prometheus metrics of the daemon (`metrics-listen`), served from threads of the supervisor.
 
 The supervisor is one single-threaded event loop and its state is never locked, so the scrape
-thread must not touch it. The loop hands over what a scrape needs in two ways only: events go
+threads must not touch it. The loop hands over what a scrape needs in two ways only: events go
 into the library's counters and histogram, which are thread-safe, and its status() dict is
 handed over whole about once a second (Metrics.snapshot) and replaced, never changed, so a scrape
 that reads the reference once sees one consistent state. Queue sizes are read by the scrape
-thread itself from the spool's directories at scrape time: a large queue costs the loop nothing.
+threads themselves from the spool's directories at scrape time: a large queue costs the loop nothing.
 
 Labels stay bounded whatever the mail: no addresses or queue ids, no worker pids (they change at
 every replacement), and only the busiest destinations by name, the rest summed as `other`.
+
+Connections are bounded as the status socket's are (router/status_socket.py): anyone who can
+reach the port can connect, and prometheus-client's own server keeps a thread for every open
+connection for as long as the client likes (2,000 idle clients made 2,000 threads). Here at most
+MAX_CONNECTIONS are open, a new one drops the oldest (so a scrape gets through however many
+clients sit idle), and each has CONNECTION_SECONDS from connect to the end of its answer.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import socketserver
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from router.config import parse_listen
@@ -29,6 +40,10 @@ TOP_DESTINATIONS = 20  # destinations shown by name; one label value more, "othe
 OTHER = "other"  # no destination can be called so: a destination always has a colon (policy/next_hop.py)
 DELAY_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
 STATUSES = ("sent", "deferred", "bounced")
+MAX_CONNECTIONS = 16  # open at once; Prometheus scrapes a target over one connection at a time
+CONNECTION_SECONDS = 10.0  # from connect to the end of the answer: Prometheus's own scrape timeout
+LISTEN_BACKLOG = 1024  # connections the kernel holds until the server accepts them: a SYN it turns
+# away is sent again only a second later
 
 
 class Metrics:
@@ -53,12 +68,13 @@ class Metrics:
         ProcessCollector(registry=self.registry)  # the supervisor's own memory, CPU and descriptors
 
     def start(self) -> None:
-        """Serve scrapes from a thread of this process; raises OSError if the address cannot be
-        bound. Call it in the supervisor's own process: a fork loses the thread. Workers forked
+        """Serve scrapes from threads of this process; raises OSError if the address cannot be
+        bound. Call it in the supervisor's own process: a fork loses the threads. Workers forked
         later close their copy of the listening socket, or a daemon started after a crash could
         not bind while the old workers finish their deliveries."""
         host, port = self.listen
-        server, _ = start_http_server(port, host, registry=self.registry)
+        server = _Server(host, port, make_wsgi_app(self.registry))
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         os.register_at_fork(after_in_child=server.server_close)
 
     def delivered(self, sent: int, deferred: int, bounced: int, delay: float) -> None:
@@ -80,6 +96,59 @@ class Metrics:
     def snapshot(self, status: dict[str, Any]) -> None:
         """The supervisor's status(), kept by reference: the caller must never change it after."""
         self._state.status = status
+
+
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    """HTTP for the scrapes, a thread per connection, at most MAX_CONNECTIONS of them, each for at
+    most CONNECTION_SECONDS. A connection is dropped by shutting its socket down, which wakes its
+    thread wherever it waits on the client; the thread then ends and closes it."""
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, host: str, port: int, app: Any) -> None:
+        self.address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        super().__init__((host, port), _QuietHandler)
+        self.set_app(app)
+        self.lock = threading.Lock()
+        self.deadlines: dict[socket.socket, float] = {}  # open connections, oldest first
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.lock:
+            if len(self.deadlines) >= MAX_CONNECTIONS:
+                self._drop(next(iter(self.deadlines)))
+            self.deadlines[request] = time.monotonic() + CONNECTION_SECONDS
+        super().process_request(request, client_address)
+
+    def service_actions(self) -> None:
+        """Called by serve_forever at least every half second: drop the connections past their deadline."""
+        now = time.monotonic()
+        with self.lock:
+            while self.deadlines and next(iter(self.deadlines.values())) <= now:
+                self._drop(next(iter(self.deadlines)))
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.lock:
+            self.deadlines.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away, or was dropped, is its own business; anything else is a bug."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+    def _drop(self, sock: socket.socket) -> None:
+        del self.deadlines[sock]
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # the client has gone already
+            pass
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No line per scrape in the daemon's log."""
 
 
 class _StateCollector:
@@ -128,17 +197,26 @@ def _destinations(destinations: list[dict[str, Any]]) -> Iterator[Metric]:
                                      "destination's concurrency window.", labels=["destination"]),
         "deferred": GaugeMetricFamily("qrouter_destination_deferred_messages", "Messages deferred for a "
                                       "destination.", labels=["destination"]),
+        "kept": GaugeMetricFamily("qrouter_destination_idle_connections", "Idle connections kept to a "
+                                  "destination, over all workers.", labels=["destination"]),
+        "domains": GaugeMetricFamily("qrouter_destination_domains", "Domains a site of MX rollup holds (the "
+                                     "domains whose MX hosts are the site's); 0 for other destinations.",
+                                     labels=["destination"]),
     }
+    limit = GaugeMetricFamily("qrouter_destination_limit", "A destination's concurrency limit (the busiest "
+                              "destinations only).", labels=["destination"])
     dead = GaugeMetricFamily("qrouter_destination_dead", "1 if a destination is found unreachable and left alone "
                              "until a probe (the busiest destinations only).", labels=["destination"])
     for destination in named:
         for key, family in families.items():
             family.add_metric([destination["destination"]], destination[key])
         dead.add_metric([destination["destination"]], 1 if destination["dead"] else 0)
+        limit.add_metric([destination["destination"]], destination["limit"])
     for key, family in families.items():
         family.add_metric([OTHER], sum(destination[key] for destination in rest))
     yield from families.values()
     yield dead
+    yield limit
     yield GaugeMetricFamily("qrouter_destinations_dead", "Destinations found unreachable, all of them.",
                             value=sum(1 for destination in destinations if destination["dead"]))
 

@@ -63,6 +63,7 @@ INITIAL_WINDOW = 5  # a destination's first window, unless the destinations file
 WATCHDOG_SECONDS = 15.0  # a worker silent this long is killed: its main thread says it is alive every second
 TROUBLE_LOG_SECONDS = 60.0  # "spool full" is said at most this often
 FILES_BESIDE_SESSIONS = 64  # a worker's files other than its connections: pipes, logs, spool files, DNS
+TIDY_SECONDS = 60.0  # idle destinations are let go this often
 PRUNE_SECONDS = 3600.0  # archive/ is pruned this often (archive-max-age)
 _GONE = inotify_flags.DELETE_SELF | inotify_flags.MOVE_SELF  # the watched directory itself went away
 ROOT = ""  # the spool directory: watched for its queue directories being moved away or removed
@@ -141,6 +142,7 @@ class Supervisor:
         self.stop_deadline = 0.0
         self.respawn_after = 0.0
         self.pruned = -PRUNE_SECONDS  # when archive/ was last pruned (archive-max-age)
+        self.tidied = time.monotonic()  # when the dispatcher last let go of idle destinations
         self.metrics: Metrics | None = None  # with metrics-listen
         self.measured = 0.0  # when the metrics last got a snapshot of the status
         self.after_attempt: dict[str, str] = {}  # queue id in hand -> hold or delete, once its attempt ends
@@ -168,6 +170,7 @@ class Supervisor:
             self._handle_signals()
             self._promote_due()
             self._prune_archive()
+            self._tidy()
             self._measure()
             self._watch_workers()
             self._check_stop_deadline()
@@ -563,6 +566,12 @@ class Supervisor:
         if self.metrics and time.monotonic() - self.measured >= 1.0:
             self.measured = time.monotonic()
             self.metrics.snapshot(self.status())
+
+    def _tidy(self) -> None:
+        """Once a minute, the dispatcher lets go of idle destinations and stale sites."""
+        if time.monotonic() - self.tidied >= TIDY_SECONDS:
+            self.tidied = time.monotonic()
+            self.dispatcher.forget_idle(time.time())
 
     def _prune_archive(self) -> None:
         """With archive-max-age, remove what has been in archive/ longer, once an hour."""

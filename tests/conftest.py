@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -12,11 +14,16 @@ from tests.unix_users import unix_users, world_dir  # noqa: F401  (fixtures for 
 
 @pytest.fixture
 def daemons(tmp_path):
-    """Make daemons with `daemons(*args)`; every one still running is stopped after the test."""
+    """Make daemons with `daemons(*args)`; every one still running is stopped after the test.
+    They share tmp_path's spool, unless `home` names a directory of their own in it."""
     started: list[Daemon] = []
 
-    def make(*args: str, workers: int = 2, start: bool = True, **kwargs) -> Daemon:
-        daemon = Daemon(tmp_path, *args, workers=workers, **kwargs)
+    def make(*args: str, workers: int = 2, start: bool = True, home: str = "", **kwargs) -> Daemon:
+        place = tmp_path / home
+        if home:
+            place.mkdir()
+            place.chmod(0o1777)  # for the daemon's user, as tmp_path itself is
+        daemon = Daemon(place, *args, workers=workers, **kwargs)
         started.append(daemon)
         return daemon.start() if start else daemon
 
@@ -48,3 +55,18 @@ def daemon_user_reaches(tmp_path):
     """A daemon a test starts becomes user qrouter: it must reach the test's directory and write
     its spool and Maildirs there, as in /var/spool and /var/mail."""
     reachable(tmp_path, 0o1777)
+
+
+@pytest.fixture
+def open_files() -> Iterator[Callable[[int], None]]:
+    """open_files(count): room for `count` open files in this process and in the daemons the
+    test starts afterwards, which inherit the limit (idle clients by the thousand); restored
+    after the test."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def room(count: int) -> None:
+        if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < count:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(count, hard), hard))
+
+    yield room
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

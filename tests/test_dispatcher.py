@@ -162,3 +162,19 @@ def test_mx_domains_wait_for_their_site_then_share_its_limit_and_an_opted_out_on
     site = d.get("site:mx1.example,mx2.example")
     assert site.in_flight == 2 and len(site.domains) == 3 and len(site.lined) == 4
     assert d.sites_of(["mx:d0.example", "mx:apart.example"]) == {"mx:d0.example": "site:mx1.example,mx2.example"}
+
+
+def test_idle_destinations_and_stale_sites_are_let_go_and_busy_or_dead_ones_kept():
+    routes = {"a": Routed(("smtp:idle",), NETWORK), "b": Routed(("smtp:busy",), NETWORK)}
+    d = dispatcher(routes)
+    d.ready("incoming", "a")
+    d.ready("incoming", "b")
+    d.dispatch({1: (NETWORK, 10)}, 0)
+    d.finished("a", {"smtp:idle": ""}, 1)
+    d.forget("a")
+    d.get("smtp:dead").dead_until = 100.0
+    d.site_found("mx:x.example", "site:mx.example", 0)  # believed for an hour
+    d.forget_idle(2)
+    assert sorted(d.destinations) == ["smtp:busy", "smtp:dead"]  # in flight, and dead
+    d.forget_idle(2 + 3600)
+    assert not d.sites

@@ -10,6 +10,9 @@ import pwd
 import re
 import signal
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import psutil
@@ -212,6 +215,124 @@ def test_hostile_programs_leave_the_worker_healthy(daemons, tmp_path, world_dir)
     assert local["rss"] < 120 << 20, f"the local worker grew to {local['rss'] >> 20} MB"
     flood = re.search(rf"{ids['flood']}: to=.*status=sent \((.*)\)$", daemon.log(), re.MULTILINE)[1]
     assert flood.startswith("xxxx") and len(flood) <= 200
+
+
+def started_by(queue_id: str, uid: int) -> list[int]:
+    """The live processes, run as `uid`, that a delivery of `queue_id` started, found in /proc:
+    every program gets QUEUE_ID in its environment, and what it starts inherits it (a zombie has
+    no environment left, and is no longer running)."""
+    mark = f"QUEUE_ID={queue_id}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            uids = re.search(r"^Uid:\s+(\d+)", (entry / "status").read_text(), re.MULTILINE)[1]
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile
+            continue
+        if int(uids) == uid and mark in environ:
+            found.append(int(entry.name))
+    return found
+
+
+class Leftovers:
+    """What the deliveries of watched messages left running, found in /proc; at the end of the
+    test all of it is killed, so that a test that fails leaves no program running for minutes."""
+
+    def __init__(self) -> None:
+        self.watched: dict[str, int] = {}
+
+    def watch(self, queue_id: str, uid: int) -> str:
+        self.watched[queue_id] = uid
+        return queue_id
+
+    def __call__(self, queue_id: str) -> list[int]:
+        return started_by(queue_id, self.watched[queue_id])
+
+    def kill(self) -> None:
+        for queue_id in self.watched:
+            for pid in self(queue_id):
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def left_behind() -> Iterator[Leftovers]:
+    leftovers = Leftovers()
+    yield leftovers
+    leftovers.kill()
+
+
+QUIET = "</dev/null >/dev/null 2>&1"  # a child that holds none of the program's pipes: nothing waits for it
+
+
+def test_nothing_a_program_starts_outlives_its_delivery(daemons, tmp_path, unix_users, world_dir, left_behind):
+    """Programs run as the aliased user leave a child in the background, one in a session of its
+    own (setsid), one that ignores SIGTERM (it gets SIGTERM first, SIGKILL after a grace), and
+    one that calls setsid and then overstays the time limit. When each delivery is logged, none
+    of its processes is left, and the message was delivered as before. All the while, in the
+    same worker, a run of the same user waits for a helper it left in the background: ending the
+    others' processes does not touch it."""
+    bob = unix_users[BOB]
+    out = owned_dir(world_dir, bob)
+    programs = {
+        "background": f"sleep 300 {QUIET} &",
+        "setsid": f"setsid -f sleep 300 {QUIET}",
+        "stubborn": f"sh -c 'trap \"echo TERM >> {out}/signals\" TERM; while :; do sleep 1; done' {QUIET} &",
+        "late": f"setsid -f sleep 300 {QUIET}; sleep 300",
+        "patient": f"( (until [ -e {out}/go ]; do sleep 0.1; done; echo alive > {out}/helper) {QUIET} & )\n"
+                   f"until [ -e {out}/helper ]; do sleep 0.1; done",
+    }
+    scripts = {name: script(world_dir, name, f"cat > {out}/{name}\n{body}\n") for name, body in programs.items()}
+    rules = "".join(f"{name}.example |user={BOB} {path}\n" for name, path in scripts.items())
+    daemon = daemons(*policy(tmp_path, rules), "--command-time-limit", "10")
+    patient = left_behind.watch(enqueue(daemon, "r@patient.example"), bob.uid)
+    wait_for(lambda: (out / "patient").exists(), what="the patient program")
+    ids = {name: left_behind.watch(enqueue(daemon, f"r@{name}.example"), bob.uid)
+           for name in programs if name != "patient"}
+    for name in ("background", "setsid", "stubborn"):
+        logged(daemon, rf"{ids[name]}: to=<r@{name}.example>, relay=pipe\[{BOB}:.*status=sent")
+        assert left_behind(ids[name]) == [], name
+        assert (out / name).read_bytes().startswith(b"Return-Path: <sender@example.org>\n")
+        assert (out / name).read_bytes().endswith(MESSAGE)
+    assert (out / "signals").read_text() == "TERM\n", "SIGTERM first, then SIGKILL"
+    (out / "go").touch()
+    logged(daemon, rf"{patient}: to=<r@patient.example>, .*status=sent")
+    assert (out / "helper").read_text() == "alive\n"
+    assert left_behind(patient) == []
+    logged(daemon, rf"{ids['late']}: to=<r@late.example>, .*dsn=5\.3\.0, status=bounced \(command time limit of "
+                   r"10s exceeded")
+    assert left_behind(ids["late"]) == []
+    assert (out / "late").read_bytes().endswith(MESSAGE)
+
+
+def test_a_worker_killed_mid_delivery_takes_what_the_program_started_with_it(daemons, tmp_path, unix_users,
+                                                                              world_dir, left_behind):
+    """The local worker is killed (kill -9) while a program and the children it started, one of
+    them in a session of its own and one that ignores SIGTERM, run: the replacement worker
+    delivers the message, and none of them is left."""
+    bob = unix_users[BOB]
+    out = owned_dir(world_dir, bob)
+    program = script(world_dir, "robot", f"""[ -e {out}/tried ] && exec cat > {out}/message
+setsid -f sleep 300 {QUIET}
+sh -c 'trap "" TERM; sleep 300' {QUIET} &
+touch {out}/tried
+sleep 300
+""")
+    daemon = daemons(*policy(tmp_path, f"pipe.example |user={BOB} {program}\n"))
+    up = time.monotonic()  # the workers started before the daemon said it had
+    queue_id = left_behind.watch(enqueue(daemon, "r@pipe.example"), bob.uid)
+    wait_for(lambda: (out / "tried").exists(), what="the first run")
+    wait_for(lambda: len(left_behind(queue_id)) >= 4, what="the program and the children it started")
+    [worker] = [w["pid"] for w in daemon.status()["workers"] if w["pool"] == "local"]
+    # one that dies in its first second is replaced a second later, not at once, and meanwhile its
+    # message would wait in its destination's line until another delivery there ends
+    wait_for(lambda: time.monotonic() - up > 1.5, what="a worker past its first second")
+    os.kill(worker, signal.SIGKILL)
+    logged(daemon, rf"{queue_id}: to=<r@pipe.example>, .*status=sent")
+    assert (out / "message").read_bytes().endswith(MESSAGE)
+    wait_for(lambda: not left_behind(queue_id), what="the first run's processes ended (SIGKILL 2s after SIGTERM)")
 
 
 def test_a_program_that_defers_forever_expires_at_max_age(daemons, tmp_path, world_dir):

@@ -2,24 +2,31 @@
 Prometheus would read it.
 
 The unit tests drive a Metrics the way the supervisor does (reports, snapshots) on a free
-loopback port; the daemon test counts five real deliveries through `--metrics-listen`.
+loopback port; the daemon tests count five real deliveries through `--metrics-listen`, and hold
+2,000 idle connections to it while measuring the supervisor and the delivery rate.
 """
 
 from __future__ import annotations
 
+import selectors
+import signal
 import socket
+import statistics
 import time
 import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from router import metrics as metrics_module
 from router.config import parse_listen
-from router.metrics import DELAY_BUCKETS, OTHER, TOP_DESTINATIONS, Metrics
+from router.metrics import DELAY_BUCKETS, MAX_CONNECTIONS, OTHER, TOP_DESTINATIONS, Metrics
 from router.spool import DEFERRED, INCOMING, QUEUES, Spool
-from tests.daemon import wait_for
+from tests.daemon import Daemon, wait_for
 from tests.smtp_servers import free_port
 
 Families = dict[str, list[Sample]]
@@ -67,10 +74,10 @@ def status(destinations: list[dict[str, Any]] | None = None, workers: list[dict[
             "workers": workers or [], **fields}
 
 
-def destination(name: str, sessions: int = 0, waiting: int = 0, deferred: int = 0, dead: bool = False
-                ) -> dict[str, Any]:
-    return {"destination": name, "sessions": sessions, "window": 5.0, "dead": dead, "waiting": waiting,
-            "deferred": deferred, "last_error": None}
+def destination(name: str, sessions: int = 0, waiting: int = 0, deferred: int = 0, dead: bool = False,
+                kept: int = 0, domains: int = 0) -> dict[str, Any]:
+    return {"destination": name, "sessions": sessions, "window": 5.0, "limit": 20, "kept": kept, "dead": dead,
+            "waiting": waiting, "deferred": deferred, "domains": domains, "last_error": None}
 
 
 def test_counts_deliveries_reloads_and_corrupt_files(metrics):
@@ -106,8 +113,9 @@ def test_snapshot_gauges_keep_the_destination_labels_bounded(metrics):
     metrics, address = metrics
     families, _ = scrape(address)
     assert "qrouter_sessions" not in families  # nothing to say before the first snapshot
-    destinations = [destination(f"mx:d{i}.example", sessions=i % 7, waiting=i, deferred=1, dead=i % 10 == 0)
-                    for i in range(30)]
+    destinations = [destination(f"mx:d{i}.example", sessions=i % 7, waiting=i, deferred=1, dead=i % 10 == 0,
+                                kept=i % 3) for i in range(30)]
+    destinations.append(destination("site:mx1.provider.test,mx2.provider.test", sessions=20, kept=5, domains=1000))
     workers = [{"pid": 10 + i, "pool": "network", "rss": 1000 * (i + 1), "cpu": 1.5} for i in range(3)]
     workers.append({"pid": 20, "pool": "network", "rss": None, "cpu": None})  # exited since: psutil found nothing
     metrics.snapshot(status(destinations, workers, sessions=42, max_sessions=100, now=time.time() - 2))
@@ -121,7 +129,9 @@ def test_snapshot_gauges_keep_the_destination_labels_bounded(metrics):
     rest = ranked[TOP_DESTINATIONS:]
     for family, key in (("qrouter_destination_sessions", "sessions"),
                         ("qrouter_destination_waiting_messages", "waiting"),
-                        ("qrouter_destination_deferred_messages", "deferred")):
+                        ("qrouter_destination_deferred_messages", "deferred"),
+                        ("qrouter_destination_idle_connections", "kept"),
+                        ("qrouter_destination_domains", "domains")):
         assert types[family] == "gauge"
         labels = label_values(families, family, "destination")
         assert len(labels) == len(set(labels)) == TOP_DESTINATIONS + 1
@@ -132,6 +142,9 @@ def test_snapshot_gauges_keep_the_destination_labels_bounded(metrics):
     for d in ranked[:TOP_DESTINATIONS]:
         assert value(families, "qrouter_destination_dead", destination=d["destination"]) == int(d["dead"])
     assert value(families, "qrouter_destinations_dead") == 3
+    site = "site:mx1.provider.test,mx2.provider.test"
+    assert value(families, "qrouter_destination_domains", destination=site) == 1000
+    assert value(families, "qrouter_destination_limit", destination=site) == 20
 
     assert value(families, "qrouter_workers", kind="network") == 4
     assert value(families, "qrouter_workers", kind="local") == 0
@@ -181,6 +194,21 @@ def test_start_raises_oserror_when_the_port_is_taken(spool):
         metrics = Metrics(f"127.0.0.1:{taken.getsockname()[1]}", str(spool.root))
         with pytest.raises(OSError):
             metrics.start()
+
+
+def test_a_client_gets_connection_seconds_from_connect_to_the_end_of_its_answer(spool, monkeypatch):
+    """One that sends half a request and waits is closed at its deadline; scrapes go on."""
+    monkeypatch.setattr(metrics_module, "CONNECTION_SECONDS", 0.5)
+    address = f"127.0.0.1:{free_port()}"
+    Metrics(address, str(spool.root)).start()
+    host, port = parse_listen(address)
+    start = time.monotonic()
+    with socket.create_connection((host, port), timeout=10) as slow:
+        slow.sendall(b"GET /metrics HTTP/1.0\r\n")  # and never the empty line that ends it
+        assert slow.recv(1024) == b""
+        assert 0.5 <= time.monotonic() - start < 5
+    families, _ = scrape(address)
+    assert "qrouter_queue_messages" in families
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -236,3 +264,94 @@ def test_daemon_serves_metrics_of_its_deliveries(daemons):
     assert value(families, "qrouter_queue_messages", queue=INCOMING) == 0
     assert value(families, "qrouter_workers", kind="network") >= 1
     assert daemon.stop() == 0
+
+
+IDLE_CLIENTS = 2000
+
+
+def connect_idle(stack: ExitStack, port: int, count: int, timeout: float = 20.0) -> list[socket.socket]:
+    """Open `count` connections to the port on loopback, all at once, that never send anything;
+    kept open until `stack` closes."""
+    clients = []
+    with selectors.DefaultSelector() as selector:
+        for _ in range(count):
+            client = stack.enter_context(socket.socket())
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", port))
+            selector.register(client, selectors.EVENT_WRITE)
+            clients.append(client)
+        deadline = time.monotonic() + timeout
+        while selector.get_map() and time.monotonic() < deadline:
+            for key, _ in selector.select(deadline - time.monotonic()):
+                selector.unregister(key.fileobj)
+                assert key.fileobj.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        assert not selector.get_map(), f"{len(selector.get_map())} of {count} idle clients could not connect"
+    return clients
+
+
+def closed_by_the_server(clients: list[socket.socket]) -> int:
+    """How many of these clients, which never send anything, the server has closed (they see
+    the end of the connection)."""
+    with selectors.DefaultSelector() as selector:
+        for client in clients:
+            selector.register(client, selectors.EVENT_READ)
+        return len(selector.select(0))
+
+
+def threads_and_memory(pid: int) -> tuple[int, int]:
+    """A process's threads, and its resident memory in bytes, as /proc tells."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(fields["Threads"]), int(fields["VmRSS"].split()[0]) * 1024
+
+
+def race(daemons: list[Daemon], name: str, count: int = 200) -> list[float]:
+    """Seconds each daemon takes to deliver `count` messages, all of them handed to every
+    daemon at the same moment: queued while the supervisors are stopped (SIGSTOP), then let go
+    together, so that the daemons, not the queueing, set the pace, and whatever else the
+    machine does weighs on all of them alike."""
+    for daemon in daemons:
+        daemon.signal(signal.SIGSTOP)
+    try:
+        for daemon in daemons:
+            spool = Spool(daemon.spool)
+            for number in range(count):
+                spool.enqueue("a@example.org", [f"{name}-{number}@example.org"], b"Subject: race\n\nx\n")
+    finally:
+        start = time.monotonic()
+        for daemon in daemons:
+            daemon.signal(signal.SIGCONT)
+    seconds: dict[int, float] = {}
+    while len(seconds) < len(daemons):
+        for index, daemon in enumerate(daemons):
+            if index not in seconds and len(daemon.delivered(f"example.org/{name}-*")) == count:
+                seconds[index] = time.monotonic() - start
+        assert time.monotonic() - start < 60, f"{name}: not all delivered within 60s"
+        time.sleep(0.02)
+    return [seconds[index] for index in range(len(daemons))]
+
+
+def test_idle_connections_hold_neither_threads_nor_memory_nor_scrapes_nor_delivery(daemons, open_files):
+    """2,000 clients connect to a daemon's metrics port and send nothing. The supervisor keeps no
+    more than MAX_CONNECTIONS of them open (it closes the others), so its threads and memory stay
+    bounded, a scrape is answered at once, and it delivers mail as fast as a daemon beside it
+    that has no idle clients."""
+    open_files(IDLE_CLIENTS + 256)
+    calm = daemons("--metrics-listen", f"127.0.0.1:{free_port()}")
+    port = free_port()
+    busy = daemons("--metrics-listen", f"127.0.0.1:{port}", home="busy")
+    supervisor = busy.status()["pid"]
+    race([calm, busy], "warm-up")
+    threads, memory = threads_and_memory(supervisor)
+    with ExitStack() as idle:
+        clients = connect_idle(idle, port, IDLE_CLIENTS)
+        wait_for(lambda: closed_by_the_server(clients) >= IDLE_CLIENTS - MAX_CONNECTIONS, timeout=10,
+                 what=f"all but {MAX_CONNECTIONS} idle clients dropped")
+        assert threads_and_memory(supervisor)[0] <= threads + MAX_CONNECTIONS
+        start = time.monotonic()
+        families, _ = scrape(f"127.0.0.1:{port}")
+        assert "qrouter_queue_messages" in families and time.monotonic() - start < 5
+        rounds = [race([calm, busy], f"round{number}") for number in range(3)]
+        grown = threads_and_memory(supervisor)[1] - memory
+    assert grown < 16 << 20, f"the supervisor grew by {grown >> 20} MB"
+    ratio = statistics.median(slow / fast for fast, slow in rounds)  # below 1.25: at least 80% of the rate
+    assert ratio < 1.25, f"with idle clients, delivery took {ratio:.2f} times as long: {rounds}"

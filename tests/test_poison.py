@@ -104,8 +104,8 @@ def test_poison_reaches_hold_after_three_deaths_across_supervisor_restarts(daemo
               for i in range(5)]
     daemon.start()
     held = daemon.spool / "hold" / poison
-    wait_for(held.exists, timeout=10, what="the poison message in hold/")
-    wait_for(lambda: poison_line in daemon.log(), timeout=5, what="the poison log line")
+    wait_for(held.exists, timeout=60, what="the poison message in hold/")
+    wait_for(lambda: poison_line in daemon.log(), timeout=30, what="the poison log line")
     log = daemon.log()
     # the last run has other mail in progress beside it: a death shared with it blames no one
     assert POISON_CRASHES <= log.count(death) <= POISON_CRASHES + 1
@@ -143,7 +143,7 @@ def test_released_poison_gets_three_more_tries(daemons):
     death = f"while delivering {poison}"
     daemon.start()
     held = daemon.spool / "hold" / poison
-    wait_for(held.exists, timeout=15, what="the poison message in hold/")
+    wait_for(held.exists, timeout=60, what="the poison message in hold/")
     assert daemon.log().count(death) == POISON_CRASHES
 
     # Workers that die within a second of starting, several in a row, stop the daemon as workers
@@ -151,8 +151,8 @@ def test_released_poison_gets_three_more_tries(daemons):
     wait_for(daemon.worker_pids, what="a worker")
     time.sleep(1.5)
     os.rename(held, daemon.spool / "incoming" / poison)
-    wait_for(lambda: daemon.log().count(death) == POISON_CRASHES + 1, timeout=10, what="a fourth death")
-    wait_for(held.exists, timeout=15, what="the poison message in hold/ again")
+    wait_for(lambda: daemon.log().count(death) == POISON_CRASHES + 1, timeout=60, what="a fourth death")
+    wait_for(held.exists, timeout=60, what="the poison message in hold/ again")
     log = daemon.log()
     assert log.count(death) == 2 * POISON_CRASHES
     assert log.count(f"{poison}: poison message: it killed 3 workers; moved to hold/") == 2

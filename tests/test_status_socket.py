@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import selectors
 import socket
 import statistics
@@ -31,17 +30,6 @@ IDLE_CLIENTS = 500
 
 
 # -- the daemon under attack -------------------------------------------------------------------
-
-@pytest.fixture
-def many_fds() -> Iterator[None]:
-    """Room for IDLE_CLIENTS sockets in this process."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = IDLE_CLIENTS + 256
-    if soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
 
 class Dripper(threading.Thread):
     """A client that sends one byte of a request every half second and never finishes it;
@@ -103,7 +91,8 @@ def latency(daemon: Daemon, name: str) -> float:
     return time.monotonic() - start
 
 
-def test_dripping_and_idle_status_clients_do_not_slow_delivery(daemons, many_fds):
+def test_dripping_and_idle_status_clients_do_not_slow_delivery(daemons, open_files):
+    open_files(IDLE_CLIENTS + 256)
     daemon = daemons()
     socket_path = daemon.spool / "status.sock"
     baseline = [latency(daemon, f"base{n}") for n in range(5)]

@@ -5,11 +5,11 @@ Whatever the program does, the worker must stay safe and keep going, so:
 - there is never a shell: argv goes to execve as it is, so no address or argument is ever parsed;
 - the program gets nothing of ours: a fresh environment, no open files, no capabilities, our
   umask, the account's ids and groups (set by Popen in the child, which is thread-safe);
-- it runs in its own process group, so a program that overstays its time limit is killed with
-  everything it started;
+- it runs below a reaper of its own (workers/reaper.py), so that when the delivery ends, at the
+  program's exit or at its time limit, everything it started ends too: SIGTERM, then SIGKILL;
 - its output is read and its input written in the caller's thread, at once, so neither side can
   block the other, and only the first OUTPUT_KEEP bytes are kept, however much it writes;
-- a child that keeps the output open after the program exits is not waited for.
+- a child that keeps the output open after the program exits is not waited for, but ended.
 The exit status becomes a delivery result as pipe(8) maps sysexits (`verdict`).
 """
 
@@ -22,7 +22,6 @@ import re
 import selectors
 import signal
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -30,13 +29,13 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
+from workers.reaper import Run, StartError
 from workers.transport import BOUNCED, DEFERRED, SENT
 
 REPLY_CHARS = 200
 OUTPUT_KEEP = 4096  # bytes of output kept for the reply; the rest is read and thrown away
 CHUNK = 65536  # bytes read or written at a time
 GRACE = 1.0  # seconds to read on after the program exited, while a child of it keeps the output open
-TICK = 0.1  # seconds between checks whether the program has exited, while its output is open
 PATH = "/usr/local/bin:/usr/bin:/bin"
 
 # sysexits.h, as pipe(8) maps them; any other status is 5.3.0
@@ -114,24 +113,15 @@ def run(command: Command, message: bytes) -> Result:
     with _in_progress():
         deadline = time.monotonic() + command.time_limit
         try:
-            process = subprocess.Popen(
-                command.argv, env=environment(account, command.env), cwd=workdir(account),
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                close_fds=True, process_group=0, umask=0o077, **ids)
-        except (OSError, ValueError) as exc:  # ValueError: a NUL in an argument or variable
+            process = Run.start(command.argv, environment(account, command.env), workdir(account), ids)
+        except (OSError, StartError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             return Result(DEFERRED, "4.3.0", _clean(f"cannot run {program}: {reason}"))
         try:
             output, timed_out = _talk(process, message, deadline)
-        finally:
-            if process.returncode is None:  # the deadline, or we failed: the whole group goes
-                try:  # a local worker may signal other users' programs (CAP_KILL, router/privileges.py)
-                    os.killpg(process.pid, signal.SIGKILL)
-                finally:  # if it cannot be killed this waits, and longest_run() tells the watchdog
-                    process.wait()
-            process.stdin.close()  # type: ignore[union-attr]
-            process.stdout.close()  # type: ignore[union-attr]
-    return verdict(process.returncode, output, timed_out, command.time_limit, program)
+        finally:  # the program and all it started, whether it exited or overstayed
+            returncode = process.end()
+    return verdict(returncode, output, timed_out, command.time_limit, program)
 
 
 def verdict(returncode: int, output: bytes, timed_out: bool, time_limit: float, program: str) -> Result:
@@ -179,12 +169,12 @@ def _in_progress() -> Iterator[None]:
             del _runs[key]
 
 
-def _talk(process: subprocess.Popen[bytes], message: bytes, deadline: float) -> tuple[bytes, bool]:
+def _talk(process: Run, message: bytes, deadline: float) -> tuple[bytes, bool]:
     """Write `message` to the program and read its output at once, until it has exited and its
     output is closed (or GRACE after its exit), or the deadline: then True. Returns the first
     OUTPUT_KEEP bytes of the output."""
-    assert process.stdin is not None and process.stdout is not None
-    reading, writing = process.stdout.fileno(), process.stdin.fileno()
+    reading, writing = process.stdout, process.stdin
+    assert writing is not None
     output = bytearray()
     pending = memoryview(message)
     exited: float | None = None
@@ -192,20 +182,20 @@ def _talk(process: subprocess.Popen[bytes], message: bytes, deadline: float) -> 
         for fd, event in ((reading, selectors.EVENT_READ), (writing, selectors.EVENT_WRITE)):
             os.set_blocking(fd, False)
             selector.register(fd, event)
+        selector.register(process.status, selectors.EVENT_READ)  # where the reaper says it has exited
         while True:
             now = time.monotonic()
             if exited is None and process.poll() is not None:
                 exited = now
+                selector.unregister(process.status)
             if exited is None and now >= deadline:
                 return bytes(output), True
             if exited is not None and (reading not in selector.get_map() or now >= exited + GRACE):
-                return bytes(output), False  # what keeps the output open is not the program: let it be
-            if not selector.get_map():  # it closed its output and has all its input: wait for its end
-                with suppress(subprocess.TimeoutExpired):
-                    process.wait(deadline - now)
-                continue
-            timeout = exited + GRACE - now if exited is not None else min(TICK, deadline - now)
+                return bytes(output), False  # what keeps the output open is not the program: it is ended
+            timeout = exited + GRACE - now if exited is not None else deadline - now
             for key, _ in selector.select(timeout):
+                if key.fd == process.status:
+                    continue  # read by poll()
                 if key.fd == reading:
                     with suppress(BlockingIOError):
                         chunk = os.read(reading, CHUNK)
@@ -222,7 +212,7 @@ def _talk(process: subprocess.Popen[bytes], message: bytes, deadline: float) -> 
                 pending = pending[written:]
                 if not pending:
                     selector.unregister(writing)
-                    process.stdin.close()
+                    process.close_stdin()
 
 
 def workdir(account: Account) -> str:

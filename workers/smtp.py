@@ -99,9 +99,9 @@ class SMTPTransport:
         limit = time.monotonic() - self.config.smtp_idle_timeout
         return self._close_kept(lambda server, last_used: last_used <= limit)
 
-    def drop(self, destinations: set[str]) -> set[str]:
+    def drop(self, destinations: set[str]) -> None:
         """Close the idle connections to these destinations (the dispatcher needs their room)."""
-        return self._close_kept(lambda server, last_used: self.destination_of.get(server) in destinations)
+        self._close_kept(lambda server, last_used: self.destination_of.get(server) in destinations)
 
     def _close_kept(self, stale: Callable[[Server, float], bool]) -> set[str]:
         closing: list[SMTPClient] = []

@@ -52,6 +52,7 @@ SESSION_STACK = 1 << 20  # a session thread's stack: Python frames live on the h
 SWITCH_INTERVAL = 0.05  # how long a busy thread may keep the interpreter lock when another asks: fewer
 # forced handoffs (each a futex round trip) between threads that drop it at every system call anyway
 HEARTBEAT_SECONDS = 1.0  # how often the worker says it is alive, and an idle one drops idle connections
+SITE_THREADS = 8  # a network worker's threads that look up sites (MX rollup): one slow DNS answer holds up one
 HANG_SECONDS = 30.0  # a program still running this long past command-time-limit has defeated the kill:
 # the worker stops saying it is alive, and the supervisor's watchdog replaces it
 PR_SET_PDEATHSIG = 1
@@ -88,7 +89,7 @@ class Worker:
         self.busy = 0  # threads in an attempt
         self.closing = False  # the pipe is closed or SIGTERM came: start nothing new
         self.sessions: list[threading.Thread] = []
-        self.lookups: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()  # MX entries whose site to find
+        self.lookups: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # MX entries whose site to find
 
     def start(self, supervisor_pid: int) -> None:
         """Everything that can keep a worker from working at all (the supervisor stops the
@@ -109,21 +110,27 @@ class Worker:
         self.sessions = [threading.Thread(target=self._session, name=f"session-{n}", daemon=True)
                          for n in range(self.session_count)]
         threads = list(self.sessions)
-        if self.smtp:  # one thread that finds sites for MX rollup, so no delivery waits behind DNS
-            threads.append(threading.Thread(target=self._look_up_sites, name="sites", daemon=True))
+        if self.smtp:  # threads that find sites for MX rollup, so no delivery waits behind DNS
+            threads += [threading.Thread(target=self._look_up_sites, name=f"sites-{n}", daemon=True)
+                        for n in range(SITE_THREADS)]
         for thread in threads:
             thread.start()
 
     def serve(self) -> None:
         """Deliver until the pipe closes; then finish what is in progress, still saying it is
-        alive, and let go of kept connections."""
+        alive, and let go of kept connections: the idle ones at once (and say so, for the
+        workers that replace this one after a reload), the others when their deliveries end."""
         try:
             self._read_tasks()
         finally:
             self.closing = True
             for _ in self.sessions:
                 self.tasks.put(None)
-            self.lookups.put(None)
+            for _ in range(SITE_THREADS):
+                self.lookups.put(None)
+            if self.smtp:
+                self.smtp.close()
+                self._tell_kept(set(self.smtp.destination_of.values()))
             for thread in self.sessions:
                 while thread.is_alive():
                     thread.join(HEARTBEAT_SECONDS)
@@ -145,7 +152,8 @@ class Worker:
                 for line in lines:
                     task = json.loads(line)
                     if "lookup" in task:  # the dispatcher asks which sites these MX domains are in
-                        self.lookups.put(task["lookup"])
+                        for entry in task["lookup"]:
+                            self.lookups.put(entry)
                     elif "drop" in task:  # the dispatcher wants room at these destinations
                         if self.smtp:
                             self.smtp.drop(set(task["drop"]))
@@ -180,12 +188,11 @@ class Worker:
             self._write(report.to_line, report.reach)
 
     def _look_up_sites(self) -> None:
-        """Answer the dispatcher's site lookups, one record a batch, until told to stop."""
+        """Answer the dispatcher's site lookups, one record a domain, until told to stop."""
         assert self.smtp is not None
-        while (entries := self.lookups.get()) is not None:
-            sites = {entry: self.smtp.site_of(unquote(entry).partition(":")[2]) for entry in entries}
-            line = json.dumps({"sites": sites}).encode() + b"\n"
-            self._write(lambda kept, line=line: line)
+        while (entry := self.lookups.get()) is not None:
+            line = json.dumps({"sites": {entry: self.smtp.site_of(unquote(entry).partition(":")[2])}}).encode()
+            self._write(lambda kept, line=line: line + b"\n")
 
     def _tell_kept(self, destinations: set[str]) -> None:
         """Tell the dispatcher how many idle connections are left to destinations that lost some."""
