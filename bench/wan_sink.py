@@ -6,19 +6,26 @@ listens on several loopback ports (one per destination), each with its own delay
 goes out `reply` seconds (D) after the read that caused it, so a pipelined MAIL, RCPT, DATA batch
 costs one D as a round trip would, and the greeting waits D too; the reply to the final dot waits
 `dot` seconds (S) more. It speaks through smtp_sink.Session, so it answers exactly what the lean
-sink answers, and keeps nothing on disk.
+sink answers, and keeps nothing on disk; it offers CHUNKING as Session.chunking says, or as the
+sink is told.
 
 Waiting must cost the sink nothing while hundreds of connections wait at once, so each server
 process is one asyncio loop and a delay is a timer, not a sleeping thread. The ports are shared
 out over one or a few forked processes (port i to process i % processes). In shared memory the
 benchmark reads, without asking the sink anything: per port the connections open now, the most
-seen at once and the messages accepted; per process every acceptance (perf_counter(), the
+seen at once, the messages accepted and the round trips; per process every acceptance (perf_counter(), the
 monotonic clock, when the 250 went out; the port; and the number in the recipient's local part,
 so that a benchmark sending message N to mN@... knows when each message was accepted).
 
 `push` is the check that the sink is not what limits a benchmark: a plain pipelining client
 (asyncio, one process, many connections) that sends messages from memory through the same
 delays.
+
+A round trip is a turn of the client's that the sink answered: its greeting (the client waits for
+it after connecting), and each read that produced replies (a pipelined batch is one read). The
+reply to a final dot held back by S goes out in a write of its own but is still the answer to the
+same turn. Divided by the messages accepted it is the round trips per message, connection set-up
+and QUIT included.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from dataclasses import dataclass
 
 from smtp_sink import GREETING, QUEUED, Session, cpu_seconds, fork_server, run_forked, stop_servers
 
-PORT_SLOT = struct.Struct("qqq")  # per port: connections now, most at once, messages accepted
+PORT_SLOT = struct.Struct("qqqq")  # per port: connections now, most at once, messages accepted, round trips
 COUNT = struct.Struct("q")  # per process: acceptances recorded so far
 RECORD = struct.Struct("dii")  # one acceptance: perf_counter() of its 250, port index, tag
 CAPACITY = 1 << 16  # acceptances recorded per process; later ones are only counted
@@ -64,10 +71,12 @@ class Acceptance:
 
 class WanSink:
     """One loopback listening socket per entry of `delays`, served by `processes` forked asyncio
-    loops; use as a context manager (close() stops it earlier)."""
+    loops; use as a context manager (close() stops it earlier). `chunking`: whether its EHLO offers
+    CHUNKING (None: as Session.chunking says)."""
 
-    def __init__(self, delays: Sequence[Delay], processes: int = 1):
+    def __init__(self, delays: Sequence[Delay], processes: int = 1, chunking: bool | None = None):
         self.delays = list(delays)
+        self.chunking = chunking
         self.processes = min(processes, len(self.delays))
         self.listeners = [socket.create_server(("127.0.0.1", 0), backlog=1024) for _ in self.delays]
         self.ports = [listener.getsockname()[1] for listener in self.listeners]
@@ -92,13 +101,18 @@ class WanSink:
 
     # -- what the benchmark reads ---------------------------------------------------------------
 
-    def _port_slot(self, port: int) -> tuple[int, int, int]:
+    def _port_slot(self, port: int) -> tuple[int, int, int, int]:
         return PORT_SLOT.unpack_from(self.shared, port * PORT_SLOT.size)
 
     def accepted(self, port: int | None = None) -> int:
         """Messages accepted so far, on one port (by index) or on all."""
         ports = range(len(self.ports)) if port is None else [port]
         return sum(self._port_slot(p)[2] for p in ports)
+
+    def round_trips(self, port: int | None = None) -> int:
+        """Round trips so far (turns of the clients that the sink answered), on one port or on all."""
+        ports = range(len(self.ports)) if port is None else [port]
+        return sum(self._port_slot(p)[3] for p in ports)
 
     def peak_connections(self) -> list[int]:
         """Per port, the most connections that were open at once."""
@@ -126,18 +140,25 @@ class WanSink:
 
     async def _serve(self, index: int) -> None:
         most_files()
+        if self.chunking is not None:  # this process's own: the sink's parent is left as it was
+            Session.chunking = self.chunking
         loop = asyncio.get_running_loop()
         count_at = self._records_at + index * self._region
         recorded = [0]
 
         def connected(port: int, change: int) -> None:
-            now, peak, accepted = self._port_slot(port)
-            PORT_SLOT.pack_into(self.shared, port * PORT_SLOT.size, now + change, max(peak, now + change), accepted)
+            now, peak, accepted, turns = self._port_slot(port)
+            PORT_SLOT.pack_into(self.shared, port * PORT_SLOT.size, now + change, max(peak, now + change), accepted,
+                                turns)
+
+        def answered(port: int) -> None:
+            now, peak, accepted, turns = self._port_slot(port)
+            PORT_SLOT.pack_into(self.shared, port * PORT_SLOT.size, now, peak, accepted, turns + 1)
 
         def accepted(port: int, recipients: list[bytes]) -> None:
             at = time.perf_counter()
-            now, peak, count = self._port_slot(port)
-            PORT_SLOT.pack_into(self.shared, port * PORT_SLOT.size, now, peak, count + len(recipients))
+            now, peak, count, turns = self._port_slot(port)
+            PORT_SLOT.pack_into(self.shared, port * PORT_SLOT.size, now, peak, count + len(recipients), turns)
             for recipient in recipients:
                 if recorded[0] < CAPACITY:
                     match = _TAG.search(recipient)
@@ -147,7 +168,7 @@ class WanSink:
             COUNT.pack_into(self.shared, count_at, recorded[0])  # after the records it counts
 
         for port in range(index, len(self.ports), self.processes):
-            await loop.create_server(lambda port=port: _Delayed(self.delays[port], port, connected, accepted),
+            await loop.create_server(lambda port=port: _Delayed(self.delays[port], port, connected, answered, accepted),
                                      sock=self.listeners[port])
         await asyncio.Event().wait()  # until SIGTERM
 
@@ -158,10 +179,11 @@ class _Delayed(asyncio.Protocol):
     write (two when it holds a final dot and S is not 0)."""
 
     def __init__(self, delay: Delay, port: int, connected: Callable[[int, int], None],
-                 accepted: Callable[[int, list[bytes]], None]):
+                 answered: Callable[[int], None], accepted: Callable[[int, list[bytes]], None]):
         self.delay = delay
         self.port = port
         self.connected = connected
+        self.answered = answered
         self.accepted = accepted
         self.session = Session()
         self.pending: deque[tuple[bytes, list[bytes]]] = deque()
@@ -172,6 +194,7 @@ class _Delayed(asyncio.Protocol):
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
         self.loop = asyncio.get_running_loop()
         self.connected(self.port, 1)
+        self.answered(self.port)
         self._later(self.delay.reply, [GREETING], [])
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -180,6 +203,8 @@ class _Delayed(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         replies, recipients, open_ = self.session.feed(data)
         self.quitting = self.quitting or not open_
+        if replies:
+            self.answered(self.port)
         if recipients and self.delay.dot:
             dot = replies.index(QUEUED)
             if dot:

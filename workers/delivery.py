@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 from policy.next_hop import MX, SMTP, NextHop
 from policy.routing import Policy
@@ -73,7 +73,8 @@ class Report:
         """The record, with `kept` (the worker's idle connections, counted as it is written)."""
         if kept:
             self.kept = kept
-        return json.dumps({key: value for key, value in asdict(self).items() if value or key == "result"},
+        # vars(), not dataclasses.asdict(): that deep-copies every field, at a third of this call's cost
+        return json.dumps({key: value for key, value in vars(self).items() if value or key == "result"},
                           separators=(",", ":")).encode() + b"\n"
 
     @classmethod
