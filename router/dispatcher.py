@@ -17,9 +17,10 @@ entries, and each waits, goes or is suspended on its own destination's state:
 - Connections to a destination, in use and kept idle in any worker, never exceed its limit:
   workers report the idle connections they keep, an entry goes preferably to a worker that keeps
   one, and when none with room does and the limit is taken, a worker is told to drop an idle one.
-  A worker's report may be older than the tasks it has not read yet, so an idle connection
-  promised to an entry stays promised until that entry's report: it is never promised twice, and
-  counted, until then, both as idle and as in flight.
+  Tasks to a worker are numbered. A worker counts its idle connections less those promised to
+  tasks it has read and not begun, and says which task it read last; the promises in tasks it
+  has not read yet are subtracted here. So an idle connection is never promised twice, and one
+  promised in a task not read yet is counted both as idle and as in flight (never as neither).
 - A rate (messages per second, from the destinations file) spaces the entries' starts.
 - MX rollup: the domains whose MX hosts are the same (a site, `site:mx1.example,mx2.example`)
   are one destination, as KumoMTA rolls them up, unless a domain's rule says `mx-rollup=no`. A
@@ -98,7 +99,8 @@ class Destination:
     window: float
     in_flight: int = 0
     kept: Counter[int] = field(default_factory=Counter)  # worker pid -> idle connections it last reported
-    promised: Counter[int] = field(default_factory=Counter)  # worker pid -> entries sent to reuse one of them
+    promised: dict[int, deque[int]] = field(default_factory=dict)  # worker pid -> numbers of the tasks sent
+    # to reuse one of its idle connections, that it had not read when it last counted them
     failures: int = 0  # attempts in a row that could not reach it
     dead_until: float = 0.0  # dead while > 0; the probe may go at this time
     probing: bool = False
@@ -121,7 +123,7 @@ class Destination:
 
     def idle(self, pid: int) -> int:
         """Idle connections of worker `pid` that no entry has been promised."""
-        return max(0, self.kept[pid] - self.promised[pid])
+        return max(0, self.kept[pid] - len(self.promised.get(pid, ())))
 
     @property
     def connections(self) -> int:
@@ -146,7 +148,7 @@ class Job:
     visit_at: float
     due: float = NEVER  # the earliest retry the entries gone in this activation asked for
     worker: int = 0  # the pid it is in flight with; 0 when it is not
-    going: tuple[tuple[str, str, bool], ...] = ()  # (entry, destination, reusing an idle connection) in flight
+    going: tuple[tuple[str, str], ...] = ()  # (entry, destination) of the entries in flight
 
 
 @dataclass
@@ -159,9 +161,15 @@ class Task:
     suspended: dict[str, tuple[str, float]] = field(default_factory=dict)  # destination -> (why, retry at)
     later: list[str] = field(default_factory=list)  # destinations whose entries still wait: left untouched
     due: float = 0.0  # the retry asked for by the entries that went earlier in this activation
+    number: int = 0  # its place among the tasks made for its worker (0: made outside the dispatcher)
+    reuse: list[str] = field(default_factory=list)  # destinations where it was promised an idle connection
 
     def record(self) -> dict[str, Any]:
         task: dict[str, Any] = {"queue": self.queue, "id": self.queue_id}
+        if self.number:
+            task["number"] = self.number
+        if self.reuse:
+            task["reuse"] = self.reuse
         if self.go is not None:
             task["go"] = self.go
         if self.suspended:
@@ -199,6 +207,7 @@ class Dispatcher:
         self.lined: set[str] = set()  # destinations with entries waiting
         self.deferred_for: dict[str, set[str]] = {}  # queue id -> destinations whose `deferred` hold it
         self.drops: dict[int, set[str]] = {}  # worker pid -> destinations it is to drop an idle connection to
+        self.numbers: dict[int, int] = {}  # worker pid -> the number of the last task made for it
         self.sites: dict[str, tuple[str, float]] = {}  # MX entry -> (its site, or "" for none; until when)
         self.unresolved: dict[str, set[str]] = {}  # MX entry whose site is asked for -> ids waiting for it
         self.asked: dict[str, tuple[int, float]] = {}  # MX entry -> (the worker asked, when)
@@ -391,19 +400,21 @@ class Dispatcher:
         if pid is None:
             self.pool_waiting.setdefault(job.pool, deque()).append(job.queue_id)
             return
-        connected = {entry: (destination, self._connect(destination, pid, now)) for entry, destination in go.items()}
+        number = self.numbers[pid] = self.numbers.get(pid, 0) + 1
+        connected = {entry: (destination, self._connect(destination, pid, number, now))
+                     for entry, destination in go.items()}
         went = {entry: destination for entry, (destination, how) in connected.items() if how}
         if not went and not suspended:
             self._wait(job, [destination for entry, destination in go.items()])
             return
         pool, free = room[pid]
         room[pid] = (pool, free - 1)
-        job.worker, job.going = pid, tuple((entry, destination.name, connected[entry][1] == REUSE)
-                                           for entry, destination in went.items())
+        job.worker, job.going = pid, tuple((entry, destination.name) for entry, destination in went.items())
         for entry in [*went, *suspended]:
             job.todo.pop(entry, None)
         task = Task(job.queue, job.queue_id, go=list(went) if job.todo or went or suspended else None,
-                    suspended=suspended, later=list(job.todo), due=0.0 if job.due == NEVER else job.due)
+                    suspended=suspended, later=list(job.todo), due=0.0 if job.due == NEVER else job.due,
+                    number=number, reuse=sorted({d.name for d, how in connected.values() if how == REUSE}))
         tasks.append((pid, task))
 
     def _worker_for(self, job: Job, go: list[Destination], room: dict[int, tuple[str, int]]) -> int | None:
@@ -414,13 +425,13 @@ class Dispatcher:
             return None
         return max(fits, key=lambda pid: (sum(1 for destination in go if destination.idle(pid)), room[pid][1], -pid))
 
-    def _connect(self, destination: Destination, pid: int, now: float) -> str:
+    def _connect(self, destination: Destination, pid: int, number: int, now: float) -> str:
         """Take a connection to `destination` in worker `pid`: one of its idle ones not promised yet
         (REUSE), or a new one while the limit allows (NEW). If the limit is taken by idle
         connections of other workers, one of them is told to drop its own, and "" says the entry
         waits."""
         if destination.idle(pid):
-            destination.promised[pid] += 1
+            destination.promised.setdefault(pid, deque()).append(number)
             how = REUSE
         elif destination.connections >= destination.limits.concurrency:
             holder = next((other for other in destination.kept if destination.idle(other)), None)
@@ -472,12 +483,16 @@ class Dispatcher:
 
     # -- what workers report --------------------------------------------------------------
 
-    def kept(self, pid: int, counts: dict[str, int]) -> None:
-        """A worker's idle connections, by destination, as it has them now."""
+    def kept(self, pid: int, counts: dict[str, int], read: int) -> None:
+        """A worker's idle connections, by destination, less those promised to tasks it has read
+        and not begun, counted when it had read task number `read`."""
         for name, count in counts.items():
             destination = self.destinations.get(name)
             if destination is not None:
                 destination.kept[pid] = count
+                promised = destination.promised.get(pid)
+                while promised and promised[0] <= read:
+                    promised.popleft()
 
     def worker_gone(self, pid: int) -> None:
         """A worker exited: its idle connections went with it, and the sites it was asked for are
@@ -486,6 +501,7 @@ class Dispatcher:
             destination.kept.pop(pid, None)
             destination.promised.pop(pid, None)
         self.drops.pop(pid, None)
+        self.numbers.pop(pid, None)
         for entry, (asked, _) in list(self.asked.items()):
             if asked == pid:
                 del self.asked[entry]
@@ -500,10 +516,10 @@ class Dispatcher:
         if job is None or not job.worker:
             return [], []
         revived, died = [], []
-        for entry, name, reused in job.going:
+        for entry, name in job.going:
             destination = self.get(name)
             busy = destination.in_flight >= int(destination.window) or bool(destination.waiting)
-            self._leave(destination, job.worker, reused)
+            destination.in_flight = max(0, destination.in_flight - 1)
             if entry not in reach:
                 destination.probing = False  # a probe that did not get there: the next entry is one
                 continue
@@ -537,18 +553,12 @@ class Dispatcher:
         """A message is done, held, deleted or set aside: it is nobody's business here any more."""
         job = self.jobs.pop(queue_id, None)
         if job is not None and job.worker:
-            for _, name, reused in job.going:
-                self._leave(self.get(name), job.worker, reused)
+            for _, name in job.going:
+                destination = self.get(name)
+                destination.in_flight = max(0, destination.in_flight - 1)
         for name in list(self.deferred_for.get(queue_id, ())):
             self._not_deferred(name, queue_id)
         self.schedule.discard(queue_id)
-
-    @staticmethod
-    def _leave(destination: Destination, pid: int, reused: bool) -> None:
-        """An entry in flight is over: its place, and the idle connection promised to it, are free."""
-        destination.in_flight = max(0, destination.in_flight - 1)
-        if reused:
-            destination.promised[pid] = max(0, destination.promised[pid] - 1)
 
     def given_back(self, queue_id: str) -> tuple[str, str] | None:
         """A message handed out and not begun (its worker fell silent or is dying): its entries
@@ -601,7 +611,7 @@ class Dispatcher:
         one is made anew from its settings), and sites believed no longer."""
         for name, destination in list(self.destinations.items()):
             if not (destination.in_flight or destination.waiting or destination.deferred or destination.dead
-                    or destination.failures or any(destination.kept.values())
+                    or destination.failures or any(destination.kept.values()) or any(destination.promised.values())
                     or destination.window != destination.limits.initial_window or destination.next_start > now):
                 del self.destinations[name]
                 self.lined.discard(name)

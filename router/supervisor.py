@@ -881,13 +881,12 @@ class Supervisor:
             if not line:
                 continue
             record = json.loads(line)
+            if "kept" in record:  # idle connections, before what the report frees
+                self.dispatcher.kept(worker.pid, record["kept"], record.get("read", 0))
             if "queue_id" in record:
                 self._report(worker, Report.from_record(record))
-            elif "sites" in record:  # the sites of MX domains, as asked
-                for entry, site in record["sites"].items():
-                    self.dispatcher.site_found(entry, site, time.time())
-            else:  # idle connections it closed or was told to drop
-                self.dispatcher.kept(worker.pid, record.get("kept", {}))
+            for entry, site in record.get("sites", {}).items():  # the sites of MX domains, as asked
+                self.dispatcher.site_found(entry, site, time.time())
 
     def _report(self, worker: WorkerHandle, report: Report) -> None:
         queue_id = report.queue_id
@@ -896,8 +895,6 @@ class Supervisor:
         if worker.solo and not worker.jobs:
             worker.solo = False
             self.suspects.discard(queue_id)
-        if report.kept:
-            self.dispatcher.kept(worker.pid, report.kept)
         if self.dispatcher.in_flight(queue_id) == worker.pid:
             self._finished(queue_id, report.reach)
         elif report.result == SKIPPED:

@@ -103,13 +103,13 @@ def test_connections_in_use_and_kept_over_all_workers_never_pass_the_limit():
     d.ready("incoming", "m0")
     [(pid, task)] = d.dispatch({1: (NETWORK, 1), 2: (NETWORK, 5)}, 0)[0]
     assert pid == 2  # the most free sessions
-    d.kept(2, {"smtp:one": 1})  # the report: the connection is kept idle there
+    d.kept(2, {"smtp:one": 1}, 1)  # the report: the connection is kept idle there
     d.finished("m0", {"smtp:one": ""}, 0)
     d.forget("m0")
     d.ready("incoming", "m1")
     [(pid, task)] = d.dispatch({1: (NETWORK, 5), 2: (NETWORK, 1)}, 0)[0]
     assert pid == 2  # the worker that keeps a connection to it, though the other has more room
-    d.kept(2, {"smtp:one": 1})
+    d.kept(2, {"smtp:one": 1}, 2)  # m1's report: the connection it reused is idle again
     d.finished("m1", {"smtp:one": ""}, 0)
     d.forget("m1")
     d.ready("incoming", "m2")
@@ -117,7 +117,7 @@ def test_connections_in_use_and_kept_over_all_workers_never_pass_the_limit():
     assert d.dispatch({1: (NETWORK, 5)}, 0) == ([], [])  # worker 2 is full: a new connection would be a second
     assert d.dispatch({1: (NETWORK, 5)}, 0) == ([], [])  # and they wait in line, turn after turn
     assert d.take_drops() == {2: {"smtp:one"}}  # so worker 2 is told to drop its idle one
-    d.kept(2, {"smtp:one": 0})
+    d.kept(2, {"smtp:one": 0}, 2)  # it did
     [(pid, task)] = d.dispatch({1: (NETWORK, 5)}, 0)[0]
     assert (pid, task.queue_id) == (1, "m2")
 
@@ -181,23 +181,24 @@ def test_idle_destinations_and_stale_sites_are_let_go_and_busy_or_dead_ones_kept
 
 
 def test_an_idle_connection_promised_to_an_entry_is_not_promised_again_by_an_older_report():
-    """A worker's report may have counted its idle connections before it read the tasks that
-    will reuse them: those stay promised until their own reports, so none is promised twice."""
+    """A worker's count may have been taken before it read the tasks that will reuse its idle
+    connections: the promises in tasks it had not read are subtracted, so none is promised twice."""
     routes = {f"m{i}": Routed(("smtp:one",), NETWORK) for i in range(4)}
     d = dispatcher(routes, limit=2, window=2)
     d.get("smtp:one")
-    d.kept(7, {"smtp:one": 2})  # worker 7 keeps two idle connections
+    d.kept(7, {"smtp:one": 2}, 0)  # worker 7 keeps two idle connections
     d.ready("incoming", "m0")
     d.ready("incoming", "m1")
-    assert [pid for pid, _ in d.dispatch({7: (NETWORK, 10)}, 0)[0]] == [7, 7]  # both reuse them
-    d.kept(7, {"smtp:one": 2})  # a report counted before the worker read those two tasks
+    tasks, _ = d.dispatch({7: (NETWORK, 10)}, 0)
+    assert [(pid, task.number, task.reuse) for pid, task in tasks] == [(7, 1, ["smtp:one"]), (7, 2, ["smtp:one"])]
+    d.kept(7, {"smtp:one": 2}, 0)  # counted before it read tasks 1 and 2
     d.get("smtp:one").window = 4.0  # the window is not what holds the next ones back
     d.ready("incoming", "m2")
     d.ready("incoming", "m3")
     assert d.dispatch({7: (NETWORK, 10), 8: (NETWORK, 10)}, 0)[0] == []  # no third promise, no new connection
-    for done, idle in (("m0", 1), ("m1", 2)):  # their reports, each with the connection kept again
-        d.kept(7, {"smtp:one": idle})
-        d.finished(done, {"smtp:one": ""}, 1)
-        d.forget(done)
-    tasks, _ = d.dispatch({7: (NETWORK, 10), 8: (NETWORK, 10)}, 1)
-    assert [(pid, task.queue_id) for pid, task in tasks] == [(7, "m2"), (7, "m3")]  # reusing both
+    d.kept(7, {"smtp:one": 0}, 2)  # both read and begun
+    d.kept(7, {"smtp:one": 1}, 2)  # m0's report: its connection is idle again
+    d.finished("m0", {"smtp:one": ""}, 1)
+    d.forget("m0")
+    [(pid, task)] = d.dispatch({7: (NETWORK, 10), 8: (NETWORK, 10)}, 1)[0]
+    assert (pid, task.queue_id, task.reuse) == (7, "m2", ["smtp:one"])  # m0's connection, free again

@@ -237,7 +237,7 @@ def test_an_unreadable_deferred_file_goes_to_corrupt_and_is_not_retried():
                 config = load(None, {"queue-dir": str(root), "default-transport": f"queue/maildir {area}/m/%d/%u"})
                 report = Delivery(Spool(root), config, load_policy(config), build_transports(config)).attempt(
                     "deferred", queue_id)
-                os.write(write_fd, report.to_line())
+                os.write(write_fd, json.dumps(report.to_record()).encode())
             finally:
                 os._exit(0)
         os.close(write_fd)

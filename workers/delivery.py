@@ -7,7 +7,6 @@ before the next one is tried, so a crash never delivers twice to a recipient alr
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field, fields
@@ -54,8 +53,8 @@ class Report:
     that its file does not record yet; `error` names the errno of a failure to store (ENOSPC),
     which the supervisor logs once a minute rather than once per message. `reach` says for each
     destination tried whether it could be reached (""), or why not (no server answered), which
-    the dispatcher needs to open or close its window and to find dead destinations; `kept` how
-    many idle connections the worker keeps to each destination tried, after the attempt."""
+    the dispatcher needs to open or close its window and to find dead destinations. The worker
+    adds to the record the idle connections it keeps to those destinations (workers/worker.py)."""
 
     queue_id: str
     result: str
@@ -67,15 +66,10 @@ class Report:
     states: str = ""
     error: str = ""
     reach: dict[str, str] = field(default_factory=dict)
-    kept: dict[str, int] = field(default_factory=dict)
 
-    def to_line(self, kept: dict[str, int] | None = None) -> bytes:
-        """The record, with `kept` (the worker's idle connections, counted as it is written)."""
-        if kept:
-            self.kept = kept
-        # vars(), not dataclasses.asdict(): that deep-copies every field, at a third of this call's cost
-        return json.dumps({key: value for key, value in vars(self).items() if value or key == "result"},
-                          separators=(",", ":")).encode() + b"\n"
+    def to_record(self) -> dict:
+        # vars(), not dataclasses.asdict(): that deep-copies every field, at a third of the cost of a report
+        return {key: value for key, value in vars(self).items() if value or key == "result"}
 
     @classmethod
     def from_record(cls, record: dict) -> Report:

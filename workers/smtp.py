@@ -15,6 +15,7 @@ import functools
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -59,6 +60,9 @@ class SMTPTransport:
         self.max_kept = config.sessions_per_worker
         self.destination_of: dict[Server, str] = {}  # what its connections count against: next hop or site
         self.counted_as: dict[str, str] = {}  # next hop (NextHop.destination) -> its destination or site
+        self.reserved: Counter[str] = Counter()  # idle connections promised to tasks read and not begun
+        self.read = 0  # the number of the last task the worker read (router/dispatcher.py Task.number)
+        self.promises = threading.local()  # .names: what the dispatcher promised this thread's delivery
         self._lock = threading.Lock()
         self.turn: dict[str, int] = {}
         self._resolver = None
@@ -119,16 +123,41 @@ class SMTPTransport:
             client.close()
         return touched
 
-    def kept_counts(self, destinations: Iterable[str]) -> dict[str, int]:
+    def kept_counts(self, destinations: Iterable[str]) -> tuple[dict[str, int], int]:
         """How many idle connections this worker keeps to each of these destinations (a next
-        hop's are counted as its site's, when MX rollup puts it in one)."""
+        hop's are counted as its site's, when MX rollup puts it in one), less those promised to
+        tasks read and not begun; and the number of the last task read, counted at the same moment."""
         with self._lock:
             counts = dict.fromkeys((self.counted_as.get(name, name) for name in destinations), 0)
             for server, clients in self.kept.items():
                 name = self.destination_of.get(server)
                 if name in counts:
                     counts[name] += len(clients)
-        return counts
+            return {name: max(0, count - self.reserved[name]) for name, count in counts.items()}, self.read
+
+    def read_task(self, number: int, reuse: Iterable[str]) -> None:
+        """The worker read task `number`, promised an idle connection at these destinations."""
+        with self._lock:
+            self.read = number
+            self.reserved.update(reuse)
+
+    def begin(self, reuse: Iterable[str]) -> None:
+        """A session thread begins a task: the promises it carries are this thread's to take."""
+        self.promises.names = set(reuse)
+
+    def end(self) -> None:
+        """The thread's task is over: promises it did not take (routed elsewhere, no attempt) lapse."""
+        with self._lock:
+            for name in self.promises.names:
+                self.reserved[name] = max(0, self.reserved[name] - 1)
+        self.promises.names = set()
+
+    def _take_promise(self, name: str) -> None:
+        """The thread takes a connection to `name` (the lock held): a promise it carried is kept."""
+        names = getattr(self.promises, "names", set())
+        if name in names:
+            names.discard(name)
+            self.reserved[name] = max(0, self.reserved[name] - 1)
 
     def close(self) -> None:
         with self._lock:
@@ -213,6 +242,7 @@ class SMTPTransport:
             if clients == []:
                 del self.kept[server]
             spare = None if kept else self._oldest_idle(self.destination_of.get(server, ""))
+            self._take_promise(self.destination_of.get(server, ""))
         if spare is not None:
             spare.abort()  # no QUIT: a session must not wait a round trip, nor the old one linger
         if kept is not None:

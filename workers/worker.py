@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from urllib.parse import unquote
 
 from policy.destinations import DestinationRules
@@ -149,6 +149,7 @@ class Worker:
                 if not chunk:
                     return
                 *lines, buffer = (buffer + chunk).split(b"\n")
+                promised: set[str] = set()
                 for line in lines:
                     task = json.loads(line)
                     if "lookup" in task:  # the dispatcher asks which sites these MX domains are in
@@ -159,7 +160,12 @@ class Worker:
                             self.smtp.drop(set(task["drop"]))
                         self._tell_kept(set(task["drop"]))
                     else:
+                        if self.smtp and "number" in task:  # before any count that could miss it
+                            self.smtp.read_task(task["number"], task.get("reuse", ()))
+                            promised.update(task.get("reuse", ()))
                         self.tasks.put(task)
+                if promised:  # the dispatcher counts a promise twice until it hears it was read
+                    self._write({}, promised)
             elif not self.busy:
                 for transport in set(self.transports.values()):
                     if transport is not self.smtp:
@@ -179,26 +185,28 @@ class Worker:
                 continue
             with self.busy_lock:
                 self.busy += 1
+            if self.smtp:
+                self.smtp.begin(task.get("reuse", ()))
             try:
                 report = self.delivery.attempt(task["queue"], task["id"], task.get("states", ""),
                                                Plan.from_record(task))
             finally:
+                if self.smtp:
+                    self.smtp.end()
                 with self.busy_lock:
                     self.busy -= 1
-            self._write(report.to_line, report.reach)
+            self._write(report.to_record(), report.reach)
 
     def _look_up_sites(self) -> None:
         """Answer the dispatcher's site lookups, one record a domain, until told to stop."""
         assert self.smtp is not None
         while (entry := self.lookups.get()) is not None:
-            line = json.dumps({"sites": {entry: self.smtp.site_of(unquote(entry).partition(":")[2])}}).encode()
-            self._write(lambda kept, line=line: line + b"\n")
+            self._write({"sites": {entry: self.smtp.site_of(unquote(entry).partition(":")[2])}})
 
     def _tell_kept(self, destinations: set[str]) -> None:
         """Tell the dispatcher how many idle connections are left to destinations that lost some."""
         if destinations:
-            self._write(lambda kept: json.dumps({"kept": kept or dict.fromkeys(destinations, 0)}).encode() + b"\n",
-                        destinations)
+            self._write({"kept": dict.fromkeys(destinations, 0)}, destinations)
 
     def _beat(self) -> None:
         """Say "alive" (an empty line); a supervisor that is gone takes this worker with it. A
@@ -212,18 +220,19 @@ class Worker:
                           "no longer saying it is alive", os.getpid(), running)
             return
         try:
-            self._write(lambda kept: b"\n")
+            self._write(None)
         except OSError:
             pass
 
-    def _write(self, record: Callable[[dict[str, int]], bytes], destinations: Iterable[str] = ()) -> None:
-        """Write a record made by `record` from the idle connections kept to `destinations`, counted
-        as it is written: records that count them reach the dispatcher in the order they were
-        counted, so an older count never overwrites a newer one. The lock also keeps a long
-        record, more than one atomic pipe write, whole."""
+    def _write(self, record: dict | None, destinations: Iterable[str] = ()) -> None:
+        """Write a record (None: an empty line, "alive"), with the idle connections kept to
+        `destinations` and the number of the last task read, counted as it is written: records
+        reach the dispatcher in the order they were counted, so an older count never overwrites a
+        newer one. The lock also keeps a long record, more than one atomic pipe write, whole."""
         with self.report_lock:
-            kept = self.smtp.kept_counts(destinations) if self.smtp and destinations else {}
-            os.write(self.report_fd, record(kept))
+            if record is not None and destinations and self.smtp:
+                record["kept"], record["read"] = self.smtp.kept_counts(destinations)
+            os.write(self.report_fd, b"\n" if record is None else json.dumps(record).encode() + b"\n")
 
     def _on_term(self, signum: int, frame: object) -> None:
         """SIGTERM: finish the deliveries in progress, start no other, then exit."""
