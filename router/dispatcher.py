@@ -148,6 +148,7 @@ class Job:
     visit_at: float
     due: float = NEVER  # the earliest retry the entries gone in this activation asked for
     worker: int = 0  # the pid it is in flight with; 0 when it is not
+    attempted: bool = False  # a task of this activation had entries to attempt
     going: tuple[tuple[str, str], ...] = ()  # (entry, destination) of the entries in flight
 
 
@@ -163,6 +164,7 @@ class Task:
     due: float = 0.0  # the retry asked for by the entries that went earlier in this activation
     number: int = 0  # its place among the tasks made for its worker (0: made outside the dispatcher)
     reuse: list[str] = field(default_factory=list)  # destinations where it was promised an idle connection
+    continued: bool = False  # an earlier task of the same activation attempted some: not another attempt
 
     def record(self) -> dict[str, Any]:
         task: dict[str, Any] = {"queue": self.queue, "id": self.queue_id}
@@ -170,6 +172,8 @@ class Task:
             task["number"] = self.number
         if self.reuse:
             task["reuse"] = self.reuse
+        if self.continued:
+            task["continued"] = True
         if self.go is not None:
             task["go"] = self.go
         if self.suspended:
@@ -390,8 +394,8 @@ class Dispatcher:
                 go[entry] = destination
             else:
                 wait.append(destination)
-        if not go and (wait or unresolved):
-            self._wait(job, wait)  # for room, or for a site being looked up
+        if unresolved or (not go and wait):
+            self._wait(job, wait)  # for room, or for a site being looked up: its entries go together
             return
         if not go and suspended and now < job.visit_at:
             self._suspend(job, suspended, suspensions)
@@ -414,7 +418,9 @@ class Dispatcher:
             job.todo.pop(entry, None)
         task = Task(job.queue, job.queue_id, go=list(went) if job.todo or went or suspended else None,
                     suspended=suspended, later=list(job.todo), due=0.0 if job.due == NEVER else job.due,
-                    number=number, reuse=sorted({d.name for d, how in connected.values() if how == REUSE}))
+                    number=number, reuse=sorted({d.name for d, how in connected.values() if how == REUSE}),
+                    continued=job.attempted)
+        job.attempted = job.attempted or bool(went)
         tasks.append((pid, task))
 
     def _worker_for(self, job: Job, go: list[Destination], room: dict[int, tuple[str, int]]) -> int | None:

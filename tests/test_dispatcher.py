@@ -202,3 +202,17 @@ def test_an_idle_connection_promised_to_an_entry_is_not_promised_again_by_an_old
     d.forget("m0")
     [(pid, task)] = d.dispatch({7: (NETWORK, 10), 8: (NETWORK, 10)}, 1)[0]
     assert (pid, task.queue_id, task.reuse) == (7, "m2", ["smtp:one"])  # m0's connection, free again
+
+
+def test_the_entries_that_go_in_a_later_task_of_an_activation_are_not_another_attempt():
+    routes = {"m": Routed(("smtp:a", "smtp:full"), NETWORK)}
+    d = dispatcher(routes, limit=1, window=1)
+    d.get("smtp:full").in_flight = 1
+    d.ready("incoming", "m")
+    [(_, first)] = d.dispatch({1: (NETWORK, 10)}, 0)[0]
+    assert first.go == ["smtp:a"] and not first.continued and first.record().get("continued") is None
+    d.finished("m", {"smtp:a": ""}, 1)
+    d.filed("m", "deferred", 100.0)
+    d.get("smtp:full").in_flight = 0
+    [(_, second)] = d.dispatch({1: (NETWORK, 10)}, 2)[0]
+    assert second.go == ["smtp:full"] and second.continued and second.record()["continued"] is True

@@ -84,20 +84,22 @@ class Plan:
     """What the dispatcher asks of one attempt (router/dispatcher.py Task): the destinations to
     attempt now (None: all), those suspended (recorded as deferred without an attempt, with why
     and when to retry), those whose entries still wait for room (left untouched), and the retry
-    already asked for by the entries that went earlier. A recipient routed elsewhere than any
-    of these (the policy changed meanwhile) is attempted."""
+    already asked for by the entries that went earlier, in the same activation (`continued`: this
+    is not a new attempt of the message, and its count stays). A recipient routed elsewhere than
+    any of these (the policy changed meanwhile) is attempted."""
 
     go: frozenset[str] | None = None
     suspended: dict[str, tuple[str, float]] = field(default_factory=dict)
     later: frozenset[str] = frozenset()
     due: float = 0.0
+    continued: bool = False
 
     @classmethod
     def from_record(cls, task: dict) -> Plan:
         go = task.get("go")
         return cls(None if go is None else frozenset(go),
                    {name: (why, float(due)) for name, (why, due) in task.get("suspended", {}).items()},
-                   frozenset(task.get("later", ())), float(task.get("due", 0.0)))
+                   frozenset(task.get("later", ())), float(task.get("due", 0.0)), bool(task.get("continued")))
 
 
 def encode_states(queue_file: QueueFile) -> str:
@@ -264,7 +266,7 @@ class Delivery:
                 continue
             if not retry.attempted:
                 retry.attempted = True
-                queue_file.attempts += 1
+                queue_file.attempts += 0 if plan.continued else 1
             outcomes = self._outcomes(queue_file, recipients, hop)
             unreachable = all(o.status == STATUS_DEFERRED and o.dsn.startswith(UNREACHABLE) for o in outcomes)
             report.reach[hop.destination] = (outcomes[0].reply or "unreachable") if unreachable and outcomes else ""
