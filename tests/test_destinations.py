@@ -86,6 +86,25 @@ def test_mail_suspended_for_a_dead_destination_expires_on_time_with_its_report(d
         wait_for(lambda: not daemon.files("deferred") and not daemon.files("incoming"), 60, "an empty queue")
 
 
+def test_mail_suspended_for_a_dead_destination_gets_its_delay_warning_on_time(daemons, tmp_path):
+    """delay-warning of a few seconds, a destination that stays dead and a probe a minute apart:
+    every message's sender is warned about when the warning is due, not at the next probe."""
+    with CountingSink() as down, CountingSink() as reports:
+        down.accepting = False
+        warning = 8.0
+        daemon = daemons("--transports", transports(tmp_path, down=down.port, sender=reports.port),
+                         "--min-backoff", "60", "--max-backoff", "60", "--delay-warning", f"{warning / 3600:.8f}",
+                         "--send-ndr", "yes")
+        spool = Spool(daemon.spool)
+        kill_destination(daemon, spool, "down.example")
+        ids = [spool.enqueue("someone@sender.example", [f"w{i}@down.example"], MESSAGE) for i in range(20)]
+        wait_for(lambda: all(f"{queue_id}: sender delay notification:" in daemon.log() for queue_id in ids), 45,
+                 "a delay warning for each, before the probe a minute after the destination died")
+        assert all(re.search(rf"{queue_id}: to=<w\d+@down\.example>, relay=none, .*delivery temporarily suspended",
+                             daemon.log()) for queue_id in ids)
+        assert down.connections == 5  # the round that found it dead, and nothing since
+
+
 def test_per_destination_counts_stay_exact_through_holds_deletes_and_deliveries(daemons, tmp_path):
     with CountingSink() as down:
         down.accepting = False
