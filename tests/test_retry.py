@@ -46,7 +46,7 @@ def test_temporary_failure_defers_with_backoff_then_reload_delivers(daemons, tmp
     os.utime(deferred, (time.time(), time.time()))
     delivered = wait_for(lambda: daemon.delivered("example.org/u"), what="delivery after reload")
     assert message_in(delivered[0]) == b"Subject: later\n\nbody\n"
-    assert "attempts=2, dsn=2.0.0, status=sent" in daemon.log()
+    wait_for(lambda: "attempts=2, dsn=2.0.0, status=sent" in daemon.log(), what="the line logged after the delivery")
     wait_for(lambda: not deferred.exists(), what="removal from deferred/")
 
 
