@@ -35,6 +35,12 @@ def kill_destination(daemon, spool: Spool, domain: str) -> None:
     wait_for(lambda: "is not reachable" in daemon.log(), 30, "the destination found dead")
 
 
+def reporting(daemons, tmp_path: Path, down: CountingSink, reports: CountingSink, *args: str):
+    """A daemon with reports on, routing `down.example` to `down` and the senders' domain to `reports`."""
+    return daemons("--transports", transports(tmp_path, down=down.port, sender=reports.port), "--send-ndr", "yes",
+                   *args)
+
+
 def destination(daemon, port: int) -> dict:
     return next((d for d in daemon.status()["destinations"] if d["destination"].endswith(f":{port}")), {})
 
@@ -68,9 +74,8 @@ def test_mail_suspended_for_a_dead_destination_expires_on_time_with_its_report(d
     with CountingSink() as down, CountingSink() as reports:
         down.accepting = False
         max_age = 20.0
-        daemon = daemons("--transports", transports(tmp_path, down=down.port, sender=reports.port),
-                         "--min-backoff", "5", "--max-backoff", "5", "--max-age", f"{max_age / 86400:.8f}",
-                         "--send-ndr", "yes")
+        daemon = reporting(daemons, tmp_path, down, reports, "--min-backoff", "5", "--max-backoff", "5",
+                           "--max-age", f"{max_age / 86400:.8f}")
         spool = Spool(daemon.spool)
         started = time.time()
         ids = [spool.enqueue("someone@sender.example", [f"u{i}@down.example"], MESSAGE) for i in range(1000)]
@@ -92,9 +97,8 @@ def test_mail_suspended_for_a_dead_destination_gets_its_delay_warning_on_time(da
     with CountingSink() as down, CountingSink() as reports:
         down.accepting = False
         warning = 8.0
-        daemon = daemons("--transports", transports(tmp_path, down=down.port, sender=reports.port),
-                         "--min-backoff", "60", "--max-backoff", "60", "--delay-warning", f"{warning / 3600:.8f}",
-                         "--send-ndr", "yes")
+        daemon = reporting(daemons, tmp_path, down, reports, "--min-backoff", "60", "--max-backoff", "60",
+                           "--delay-warning", f"{warning / 3600:.8f}")
         spool = Spool(daemon.spool)
         kill_destination(daemon, spool, "down.example")
         ids = [spool.enqueue("someone@sender.example", [f"w{i}@down.example"], MESSAGE) for i in range(20)]
