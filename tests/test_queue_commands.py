@@ -67,9 +67,9 @@ def test_selectors_combine(daemons, tmp_path):
     busy = deferred_mail(daemon, 2, "slow.example")
     grey = deferred_mail(daemon, 1, "other.example")
     mine = deferred_mail(daemon, 1, "slow.example", sender="b@example.org")
-    time.sleep(1.1)
+    time.sleep(4.1)  # then the young one is older than 4s only if the command took that long to start
     young = deferred_mail(daemon, 1, "slow.example")
-    code, out, _ = queue(daemon, "hold", "--to-domain", "slow.example", "--older-than", "1s", "--reply", "421",
+    code, out, _ = queue(daemon, "hold", "--to-domain", "slow.example", "--older-than", "4s", "--reply", "421",
                          "--from", "a@example.org")
     assert code == 0 and sorted(re.findall(r"^(\S+): held$", out, re.M)) == sorted(busy)
     assert sorted(daemon.files("hold")) == sorted(busy)
