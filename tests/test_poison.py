@@ -153,9 +153,9 @@ def test_released_poison_gets_three_more_tries(daemons):
     os.rename(held, daemon.spool / "incoming" / poison)
     wait_for(lambda: daemon.log().count(death) == POISON_CRASHES + 1, timeout=60, what="a fourth death")
     wait_for(held.exists, timeout=60, what="the poison message in hold/ again")
-    log = daemon.log()
-    assert log.count(death) == 2 * POISON_CRASHES
-    assert log.count(f"{poison}: poison message: it killed 3 workers; moved to hold/") == 2
+    held_line = f"{poison}: poison message: it killed 3 workers; moved to hold/"
+    wait_for(lambda: daemon.log().count(held_line) == 2, timeout=30, what="the line logged after the move")
+    assert daemon.log().count(death) == 2 * POISON_CRASHES
     assert not daemon.delivered()
 
 
