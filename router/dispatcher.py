@@ -557,11 +557,8 @@ class Dispatcher:
 
     def forget(self, queue_id: str) -> None:
         """A message is done, held, deleted or set aside: it is nobody's business here any more."""
-        job = self.jobs.pop(queue_id, None)
-        if job is not None and job.worker:
-            for _, name in job.going:
-                destination = self.get(name)
-                destination.in_flight = max(0, destination.in_flight - 1)
+        self.finished(queue_id, {}, 0.0)  # still in flight: its places are free, and it was no probe
+        self.jobs.pop(queue_id, None)
         for name in list(self.deferred_for.get(queue_id, ())):
             self._not_deferred(name, queue_id)
         self.schedule.discard(queue_id)
