@@ -88,7 +88,8 @@ def workers_of(daemon: Daemon) -> list[int]:
     """The four workers as soon as they serve: the kernel's list of the supervisor's children,
     without a status round trip, so that the freezing starts while the backlog of the first half
     of the run is still there (the whole run is delivered in about a second). A worker serves
-    once its session threads run: they start after it has asked to die with the supervisor."""
+    once it runs a session thread: it starts one for its first message, after it has asked to die
+    with the supervisor."""
     def serving() -> list[int]:
         children = psutil.Process(daemon.process.pid).children()
         return [c.pid for c in children] if len(children) == 4 and all(c.num_threads() > 1 for c in children) else []

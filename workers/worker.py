@@ -1,12 +1,15 @@
 """The delivery worker: a forked process that takes queue ids from its pipe, delivers many
 messages at once, and answers one report line for each.
 
-Concurrency inside a worker is a fixed set of session threads (`max-sessions` shared out over the
-workers), started once with the worker: each takes the next message from the pipe and makes one
-whole attempt with the same synchronous code as ever (claim, route, deliver, journal, file away),
-so the journal and the claim by rename stay exactly as strong. A thread waits on the network with
-the interpreter lock released, which is all that delivery at internet latency needs: hundreds of
-milliseconds per reply, microseconds of Python per reply.
+Concurrency inside a worker is a set of session threads (at most `max-sessions` shared out over
+the workers): each takes the next message from the pipe and makes one whole attempt with the same
+synchronous code as ever (claim, route, deliver, journal, file away), so the journal and the claim
+by rename stay exactly as strong. A thread waits on the network with the interpreter lock
+released, which is all that delivery at internet latency needs: hundreds of milliseconds per
+reply, microseconds of Python per reply. Threads are started as messages need them, not all at
+once: a worker allowed 500 sessions that never has more than 20 messages in flight runs 20
+threads, and each message goes to one of the few that just ran (warm in the caches), not to the
+next of hundreds. That halved CPU per message on a loopback relay (docs/architecture.md).
 
 The main thread only reads the pipe, hands messages to the threads, and says it is alive (an empty
 line every HEARTBEAT_SECONDS) whatever the deliveries are doing, so the supervisor can tell a
@@ -25,6 +28,7 @@ import json
 import logging
 import os
 import queue
+import resource
 import select
 import signal
 import sys
@@ -40,7 +44,7 @@ from router import privileges
 from router.config import Config
 from router.spool import Spool
 from workers import command
-from workers.delivery import Delivery, Plan
+from workers.delivery import Delivery, Plan, Report
 from workers.local import ProgramTransport
 from workers.pools import LOCAL
 from workers.smtp import SMTPTransport
@@ -81,15 +85,18 @@ class Worker:
         self.transports = build_transports(config, pool, policy.destinations)
         self.delivery = Delivery(self.spool, config, policy, self.transports, pool)
         self.hang_logged = False
+        self.short_of_threads = False  # said once that a session thread could not start
         smtp = self.transports.get(SMTP)
         self.smtp = smtp if isinstance(smtp, SMTPTransport) else None  # keeps connections open: network workers
         self.tasks: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
         self.report_lock = threading.Lock()
         self.busy_lock = threading.Lock()
         self.busy = 0  # threads in an attempt
+        self.idle = 0  # session threads waiting for a task that none has been handed to yet
         self.closing = False  # the pipe is closed or SIGTERM came: start nothing new
-        self.sessions: list[threading.Thread] = []
+        self.sessions: list[threading.Thread] = []  # started as tasks need them (_hand)
         self.lookups: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # MX entries whose site to find
+        self.site_threads: list[threading.Thread] = []  # started with the first lookup
 
     def start(self, supervisor_pid: int) -> None:
         """Everything that can keep a worker from working at all (the supervisor stops the
@@ -107,14 +114,7 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_term)
         threading.stack_size(SESSION_STACK)
         sys.setswitchinterval(SWITCH_INTERVAL)
-        self.sessions = [threading.Thread(target=self._session, name=f"session-{n}", daemon=True)
-                         for n in range(self.session_count)]
-        threads = list(self.sessions)
-        if self.smtp:  # threads that find sites for MX rollup, so no delivery waits behind DNS
-            threads += [threading.Thread(target=self._look_up_sites, name=f"sites-{n}", daemon=True)
-                        for n in range(SITE_THREADS)]
-        for thread in threads:
-            thread.start()
+        _check_address_space(self.session_count)
 
     def serve(self) -> None:
         """Deliver until the pipe closes; then finish what is in progress, still saying it is
@@ -126,7 +126,7 @@ class Worker:
             self.closing = True
             for _ in self.sessions:
                 self.tasks.put(None)
-            for _ in range(SITE_THREADS):
+            for _ in self.site_threads:
                 self.lookups.put(None)
             if self.smtp:
                 self.smtp.close()
@@ -153,6 +153,7 @@ class Worker:
                 for line in lines:
                     task = json.loads(line)
                     if "lookup" in task:  # the dispatcher asks which sites these MX domains are in
+                        self._start_site_threads()
                         for entry in task["lookup"]:
                             self.lookups.put(entry)
                     elif "drop" in task:  # the dispatcher wants room at these destinations
@@ -163,7 +164,7 @@ class Worker:
                         if self.smtp and "number" in task:  # before any count that could miss it
                             self.smtp.read_task(task["number"], task.get("reuse", ()))
                             promised.update(task.get("reuse", ()))
-                        self.tasks.put(task)
+                        self._hand(task)
                 if promised:  # the dispatcher counts a promise twice until it hears it was read
                     self._write({}, promised)
             elif not self.busy:
@@ -176,26 +177,58 @@ class Worker:
                 beat = time.monotonic()
                 self._beat()
 
+    def _hand(self, task: dict) -> None:
+        """Give a task to a session thread: one waiting with nothing handed to it yet, or a new
+        one while the worker has fewer than its sessions (the supervisor never sends more tasks
+        than that, so a task never waits behind another delivery)."""
+        with self.busy_lock:
+            waiting = self.idle > 0
+            if waiting:
+                self.idle -= 1
+        if not waiting and len(self.sessions) < self.session_count:
+            thread = threading.Thread(target=self._session, name=f"session-{len(self.sessions)}", daemon=True)
+            try:
+                thread.start()
+                self.sessions.append(thread)
+            except RuntimeError as exc:  # out of threads (pids.max, threads-max): it waits for a thread to finish
+                if not self.short_of_threads:
+                    self.short_of_threads = True
+                    log.error("worker %d: cannot start session thread %d of %d (%s); its messages wait for "
+                              "the threads it has: lower max-sessions or raise the system's limit",
+                              os.getpid(), len(self.sessions) + 1, self.session_count, exc)
+        self.tasks.put(task)
+
+    def _start_site_threads(self) -> None:
+        """The threads that find sites for MX rollup, so no delivery waits behind DNS."""
+        if self.smtp and not self.site_threads:
+            self.site_threads = [threading.Thread(target=self._look_up_sites, name=f"sites-{n}", daemon=True)
+                                 for n in range(SITE_THREADS)]
+            for thread in self.site_threads:
+                thread.start()
+
     def _session(self) -> None:
         """One session thread: attempt messages one after the other until told to stop. A
         message handed out but not begun when the worker closes is left alone: it is still in
         its queue, and the supervisor gives it to another worker."""
         while (task := self.tasks.get()) is not None:
-            if self.closing:
-                continue
-            with self.busy_lock:
-                self.busy += 1
+            report = None if self.closing else self._attempt(task)
+            with self.busy_lock:  # before the report, which frees the session for the next task
+                self.idle += 1
+            if report is not None:
+                self._write(report.to_record(), report.reach)
+
+    def _attempt(self, task: dict) -> Report:
+        with self.busy_lock:
+            self.busy += 1
+        if self.smtp:
+            self.smtp.begin(task.get("reuse", ()))
+        try:
+            return self.delivery.attempt(task["queue"], task["id"], task.get("states", ""), Plan.from_record(task))
+        finally:
             if self.smtp:
-                self.smtp.begin(task.get("reuse", ()))
-            try:
-                report = self.delivery.attempt(task["queue"], task["id"], task.get("states", ""),
-                                               Plan.from_record(task))
-            finally:
-                if self.smtp:
-                    self.smtp.end()
-                with self.busy_lock:
-                    self.busy -= 1
-            self._write(report.to_record(), report.reach)
+                self.smtp.end()
+            with self.busy_lock:
+                self.busy -= 1
 
     def _look_up_sites(self) -> None:
         """Answer the dispatcher's site lookups, one record a domain, until told to stop."""
@@ -239,6 +272,17 @@ class Worker:
         if not self.busy:
             os._exit(0)
         self.closing = True
+
+
+def _check_address_space(sessions: int) -> None:
+    """Session threads start as they are needed; a limit on address space that cannot hold all
+    their stacks would only show when the mail comes, so it stops the worker now."""
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    need = sessions * SESSION_STACK
+    if limit != resource.RLIM_INFINITY and need > limit // 2:  # the other half: the heap, libraries
+        raise RuntimeError(f"{sessions} session threads need {need >> 20} MB of address space for their "
+                           f"stacks, more than half of the limit (RLIMIT_AS) of {limit >> 20} MB: "
+                           f"lower max-sessions or raise the limit")
 
 
 def _die_with_parent() -> None:
