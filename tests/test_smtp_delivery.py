@@ -3,6 +3,8 @@ per-recipient results, kept connections. Real aiosmtpd servers and a real DNS se
 
 from __future__ import annotations
 
+from collections import Counter
+
 from router.queue_file import DELIVERED, FAILED, PENDING, parse
 from router.spool import Spool
 from tests.daemon import wait_for
@@ -86,6 +88,24 @@ def test_mx_routing_by_preference_with_fallback_null_mx_and_nxdomain(daemons):
     assert "dsn=5.1.10, status=bounced" in null_line and "nomail.test" in null_line
     missing_line = next(ln for ln in log.splitlines() if "to=<user@nowhere.test>" in ln)
     assert "dsn=5.1.2, status=bounced" in missing_line
+
+
+def test_a_stream_of_mail_to_one_domain_asks_dns_each_question_once_within_its_ttl(daemons):
+    """A worker keeps DNS answers for their TTL (60 s here), as a local caching resolver would:
+    eleven messages to one domain ask for its MX records and each host's addresses once, where
+    each delivery used to ask them all again."""
+    with AioServer(host="127.0.0.2") as primary, DNSServer(ZONE, origin="test.") as dns:
+        daemon = daemons("--dns-servers", dns.servers, "--smtp-port", str(primary.port), *FAST, workers=1,
+                         maildir=False)
+        first = enqueue(daemon, ["user@example.test"])
+        wait_for(lambda: f"{first}: removed" in daemon.log(), what="the first delivery")
+        others = [enqueue(daemon, [f"user{i}@example.test"]) for i in range(10)]
+        wait_for(lambda: all(f"{q}: removed" in daemon.log() for q in others), what="ten more deliveries")
+    assert len(primary.handler.messages) == 11
+    asked = Counter((query.name, query.rdtype) for query in dns.queries)
+    assert asked[("example.test", "MX")] == 1
+    assert asked[("primary.example.test", "A")] == 1
+    assert max(asked.values()) == 1, asked
 
 
 def test_kept_connection_carries_the_next_message(daemons):

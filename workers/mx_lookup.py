@@ -27,6 +27,7 @@ from router.address import AddressError, check_domain
 from workers.mx_hosts import MXHost, MXLookupError, ResolverConfigError, address_literal, parse_dns_servers
 
 DEFAULT_TIMEOUT = 10.0
+CACHE_NAMES = 4096  # answers a delivering worker keeps (each for its TTL): the domains and MX hosts mail goes to
 
 NULL_MX = "5.1.10"  # RFC 7505: the domain says it accepts no mail
 NO_DOMAIN = "5.1.2"  # the recipient's domain does not exist, or cannot receive mail
@@ -38,12 +39,16 @@ _DOTTED_NUMBERS = re.compile(r"[0-9.]+")
 
 
 def make_resolver(servers: str = "", timeout: float = DEFAULT_TIMEOUT,
-                  resolv_conf: str = "/etc/resolv.conf") -> dns.resolver.Resolver:
+                  resolv_conf: str = "/etc/resolv.conf", cache: int = 0) -> dns.resolver.Resolver:
     """A resolver asking `servers` (dns-servers notation), or those of `resolv_conf` when empty.
 
     `timeout` bounds one whole query, every server and retry included, so a dead DNS delays a
     delivery by a known amount. Each server gets an equal share of it, so a silent first server
     does not use up the time the next one needed.
+
+    With `cache`, it keeps up to that many answers, each as long as its TTL allows (NXDOMAIN as
+    long as the zone's SOA says), as a local caching resolver would: a stream of mail to one
+    domain asks DNS once a TTL, not several questions a message. Failures are not kept.
     """
     if not timeout > 0 or timeout == float("inf"):
         raise ResolverConfigError(f"DNS timeout {timeout!r} must be a number of seconds above 0")
@@ -60,6 +65,8 @@ def make_resolver(servers: str = "", timeout: float = DEFAULT_TIMEOUT,
     resolver.lifetime = timeout
     resolver.timeout = timeout / len(resolver.nameservers)
     resolver.search = []
+    if cache:
+        resolver.cache = dns.resolver.LRUCache(cache)
     return resolver
 
 

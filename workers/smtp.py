@@ -353,7 +353,8 @@ class SMTPTransport:
         from workers import mx_lookup
 
         if self._resolver is None:
-            self._resolver = mx_lookup.make_resolver(self.config.dns_servers, self.config.dns_timeout)
+            self._resolver = mx_lookup.make_resolver(self.config.dns_servers, self.config.dns_timeout,
+                                                     cache=mx_lookup.CACHE_NAMES)
         return mx_lookup.next_hops(destination, self._resolver)
 
 
