@@ -396,7 +396,14 @@ def test_as_a_normal_user_agents_can_run_only_as_that_user(tmp_path, unix_users)
 def test_started_as_root_every_process_is_the_daemon_user_and_only_local_workers_may_switch(
         daemons, tmp_path, world_dir):
     daemon = daemons(*policy(tmp_path, f"pipe.example |{script(world_dir, 'robot', 'cat >/dev/null')}\n"))
-    status = daemon.status()
+
+    def serving() -> dict:
+        """The status once every worker has started its threads, which it does after its
+        credentials and capabilities are changed (workers/worker.py)."""
+        status = daemon.status()
+        return all(psutil.Process(w["pid"]).num_threads() > 1 for w in status["workers"]) and status
+
+    status = wait_for(serving, what="every worker serving")
     uid = int(os.popen(f"id -u {DAEMON_USER}").read())
     processes = {"supervisor": status["pid"], **{f"{w['pool']}-{w['pid']}": w["pid"] for w in status["workers"]}}
     assert {name.split("-")[0] for name in processes} == {"supervisor", "network", "local"}
