@@ -90,7 +90,7 @@ def test_mx_routing_by_preference_with_fallback_null_mx_and_nxdomain(daemons):
 
 def test_kept_connection_carries_the_next_message(daemons):
     with AioServer() as sink:
-        daemon = daemons("--relayhost", f"127.0.0.1:{sink.port}", *FAST, workers=1)
+        daemon = daemons("--relayhost", f"127.0.0.1:{sink.port}", "--smtp-idle-timeout", "2", *FAST, workers=1)
         first = enqueue(daemon, ["a@example.org"])
         wait_for(lambda: f"{first}: removed" in daemon.log(), what="first delivery")
         second = enqueue(daemon, ["b@example.org"])
