@@ -136,7 +136,7 @@ def test_connections_to_a_destination_never_pass_its_limit_and_reach_it_under_lo
                                                                                      limit):
     """Connections in use and kept idle, over all workers: at most the limit, whatever the
     number of workers; and a limit of N lets N deliveries run at once."""
-    with CountingSink(delay=0.05) as sink:
+    with CountingSink(delay=0.02) as sink:
         daemon = daemons("--transports", transports(tmp_path, d=sink.port), "--destination-concurrency",
                          str(limit), workers=workers)
         spool = Spool(daemon.spool)
@@ -246,7 +246,7 @@ def test_a_rate_limit_holds_over_a_minute(daemons, tmp_path):
 
 
 def test_a_reload_applies_new_settings_to_a_destination_already_known(daemons, tmp_path):
-    with CountingSink(delay=0.1) as sink:
+    with CountingSink(delay=0.05) as sink:
         daemon, spool, rules = with_rule(daemons, tmp_path, sink, "concurrency=1")
         for i in range(10):
             spool.enqueue("a@example.org", [f"u{i}@d.example"], MESSAGE)
