@@ -276,11 +276,11 @@ def test_nothing_a_program_starts_outlives_its_delivery(daemons, tmp_path, unix_
     others' processes does not touch it."""
     bob = unix_users[BOB]
     out = owned_dir(world_dir, bob)
-    programs = {
+    programs = {  # "late" first: the test ends when its time limit does
+        "late": f"setsid -f sleep 300 {QUIET}; sleep 300",
         "background": f"sleep 300 {QUIET} &",
         "setsid": f"setsid -f sleep 300 {QUIET}",
         "stubborn": f"sh -c 'trap \"echo TERM >> {out}/signals\" TERM; while :; do sleep 1; done' {QUIET} &",
-        "late": f"setsid -f sleep 300 {QUIET}; sleep 300",
         "patient": f"( (until [ -e {out}/go ]; do sleep 0.1; done; echo alive > {out}/helper) {QUIET} & )\n"
                    f"until [ -e {out}/helper ]; do sleep 0.1; done",
     }
