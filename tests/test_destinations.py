@@ -48,8 +48,8 @@ def destination(daemon, port: int) -> dict:
 def test_a_dead_destination_defers_only_its_own_recipients_and_gets_them_when_it_revives(daemons, tmp_path):
     with CountingSink() as down, CountingSink() as up:
         down.accepting = False
-        daemon = daemons("--transports", transports(tmp_path, down=down.port, up=up.port), "--min-backoff", "4",
-                         "--max-backoff", "4")
+        daemon = daemons("--transports", transports(tmp_path, down=down.port, up=up.port), "--min-backoff", "2",
+                         "--max-backoff", "2")
         spool = Spool(daemon.spool)
         kill_destination(daemon, spool, "down.example")
         queue_id = spool.enqueue("a@example.org", ["ok@up.example", "dead@down.example"], MESSAGE)
