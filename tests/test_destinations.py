@@ -189,7 +189,7 @@ def test_mx_rollup_counts_the_domains_of_one_provider_against_one_site(daemons, 
     over all of them from the first message on; a domain with its own MX host is its own
     destination; mx-rollup=no keeps a domain apart."""
     (tmp_path / "destinations").write_text(f"{PROVIDER} concurrency=3\noptout.test mx-rollup=no concurrency=1\n")
-    with CountingSink(delay=0.02) as sink, DNSServer(rollup_zone(200), origin="test.") as dns:
+    with CountingSink(delay=0.01) as sink, DNSServer(rollup_zone(200), origin="test.") as dns:
         daemon = daemons("--dns-servers", dns.servers, "--smtp-port", str(sink.port), "--destinations",
                          str(tmp_path / "destinations"), "--smtp-idle-timeout", "60", workers=2, maildir=False)
         spool = Spool(daemon.spool)
