@@ -3,6 +3,7 @@ on a free loopback port, and swaks as its client.
 
 Each server runs in a mount namespace of its own (`unshare --mount`), so a test can make the
 spool read-only for qpsmtpd alone with `read_only()`: the bind mounts vanish with the server.
+There, /etc/resolv.conf names a DNS server of the test's on loopback (see `QpsmtpdServer`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import psutil
 
 from tests.daemon import ROOT, wait_for
+from tests.dns_server import DNSServer
 from tests.smtp_servers import free_port
 
 PLUGIN_DIR = ROOT / "packaging" / "qpsmtpd"
@@ -28,7 +30,13 @@ ME = "qpsmtpd.example.test"
 
 class QpsmtpdServer:
     """qpsmtpd-forkserver with `relay`, `rcpt_ok` and `queue/router ARGS`, running as `user`
-    (by default ours); log in `log_path`."""
+    (by default ours); log in `log_path`.
+
+    qpsmtpd looks up the name of every client (its --no-rdns is not acted on), with Net::DNS,
+    which under perl -T takes its server from /etc/resolv.conf only. In the server's namespace
+    that file names a DNS server on loopback which says at once that 127.0.0.1 has no name: the
+    system's DNS server may drop a question, and the client then waits seconds for the greeting.
+    Its `port` option is Net::DNS's; the C library ignores it and would ask 127.0.0.1:53."""
 
     def __init__(self, directory: Path, plugin_args: list[str], user: str | None = None) -> None:
         self.directory = directory
@@ -39,6 +47,7 @@ class QpsmtpdServer:
         self.user = user or pwd.getpwuid(os.getuid()).pw_name
         self.port = free_port()
         self.process: subprocess.Popen | None = None
+        self.dns: DNSServer | None = None
         self.config_dir.mkdir(parents=True, exist_ok=True)
         (directory / "qpsmtpd-spool").mkdir(mode=0o700, exist_ok=True)
         account = pwd.getpwnam(self.user)
@@ -59,9 +68,14 @@ class QpsmtpdServer:
     def start(self, wait: bool = True) -> QpsmtpdServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RES_")}
         env["QPSMTPD_CONFIG"] = str(self.config_dir)
+        self.dns = DNSServer("", origin="127.in-addr.arpa.").start()
+        resolv_conf = self.directory / "resolv.conf"
+        resolv_conf.write_text(f"nameserver {self.dns.host}\noptions port:{self.dns.port}\n")
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", FORKSERVER, "--listen-address", "127.0.0.1",
+            ["unshare", "--mount", "--propagation", "private",
+             "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(resolv_conf),
+             FORKSERVER, "--listen-address", "127.0.0.1",
              "--port", str(self.port), "--user", self.user, "--pid-file", str(self.pid_file),
              "--limit-connections", "40", "--max-from-ip", "40"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=self.directory, start_new_session=True)
@@ -107,6 +121,9 @@ class QpsmtpdServer:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        if self.dns is not None:  # a test may stop its server before the fixture does
+            self.dns.stop()
+            self.dns = None
 
 
 def swaks(port: int, *args: str, data: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

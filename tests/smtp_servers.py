@@ -279,6 +279,7 @@ class ScriptedServer:
             except OSError:
                 pass
             peer.sock.close()
+        self.listener.shutdown(socket.SHUT_RDWR)  # ends the wait in accept() now rather than at its timeout
         self.acceptor.join(WAIT)
         self.listener.close()
         if self.errors and exc_info[0] is None:
@@ -359,6 +360,7 @@ class CountingSink:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stopping.set()
+        self.listener.shutdown(socket.SHUT_RDWR)  # ends the wait in accept() now rather than at its timeout
         self.acceptor.join(WAIT)
         self.listener.close()
 

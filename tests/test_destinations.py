@@ -48,8 +48,8 @@ def destination(daemon, port: int) -> dict:
 def test_a_dead_destination_defers_only_its_own_recipients_and_gets_them_when_it_revives(daemons, tmp_path):
     with CountingSink() as down, CountingSink() as up:
         down.accepting = False
-        daemon = daemons("--transports", transports(tmp_path, down=down.port, up=up.port), "--min-backoff", "4",
-                         "--max-backoff", "4")
+        daemon = daemons("--transports", transports(tmp_path, down=down.port, up=up.port), "--min-backoff", "2",
+                         "--max-backoff", "2")
         spool = Spool(daemon.spool)
         kill_destination(daemon, spool, "down.example")
         queue_id = spool.enqueue("a@example.org", ["ok@up.example", "dead@down.example"], MESSAGE)
@@ -73,7 +73,7 @@ def test_mail_suspended_for_a_dead_destination_expires_on_time_with_its_report(d
     more than the probes."""
     with CountingSink() as down, CountingSink() as reports:
         down.accepting = False
-        max_age = 20.0
+        max_age = 10.0
         daemon = reporting(daemons, tmp_path, down, reports, "--min-backoff", "5", "--max-backoff", "5",
                            "--max-age", f"{max_age / 86400:.8f}")
         spool = Spool(daemon.spool)
@@ -96,7 +96,7 @@ def test_mail_suspended_for_a_dead_destination_gets_its_delay_warning_on_time(da
     every message's sender is warned about when the warning is due, not at the next probe."""
     with CountingSink() as down, CountingSink() as reports:
         down.accepting = False
-        warning = 8.0
+        warning = 5.0
         daemon = reporting(daemons, tmp_path, down, reports, "--min-backoff", "60", "--max-backoff", "60",
                            "--delay-warning", f"{warning / 3600:.8f}")
         spool = Spool(daemon.spool)
@@ -136,7 +136,7 @@ def test_connections_to_a_destination_never_pass_its_limit_and_reach_it_under_lo
                                                                                      limit):
     """Connections in use and kept idle, over all workers: at most the limit, whatever the
     number of workers; and a limit of N lets N deliveries run at once."""
-    with CountingSink(delay=0.05) as sink:
+    with CountingSink(delay=0.02) as sink:
         daemon = daemons("--transports", transports(tmp_path, d=sink.port), "--destination-concurrency",
                          str(limit), workers=workers)
         spool = Spool(daemon.spool)
@@ -189,7 +189,7 @@ def test_mx_rollup_counts_the_domains_of_one_provider_against_one_site(daemons, 
     over all of them from the first message on; a domain with its own MX host is its own
     destination; mx-rollup=no keeps a domain apart."""
     (tmp_path / "destinations").write_text(f"{PROVIDER} concurrency=3\noptout.test mx-rollup=no concurrency=1\n")
-    with CountingSink(delay=0.05) as sink, DNSServer(rollup_zone(200), origin="test.") as dns:
+    with CountingSink(delay=0.01) as sink, DNSServer(rollup_zone(200), origin="test.") as dns:
         daemon = daemons("--dns-servers", dns.servers, "--smtp-port", str(sink.port), "--destinations",
                          str(tmp_path / "destinations"), "--smtp-idle-timeout", "60", workers=2, maildir=False)
         spool = Spool(daemon.spool)
@@ -246,7 +246,7 @@ def test_a_rate_limit_holds_over_a_minute(daemons, tmp_path):
 
 
 def test_a_reload_applies_new_settings_to_a_destination_already_known(daemons, tmp_path):
-    with CountingSink(delay=0.1) as sink:
+    with CountingSink(delay=0.05) as sink:
         daemon, spool, rules = with_rule(daemons, tmp_path, sink, "concurrency=1")
         for i in range(10):
             spool.enqueue("a@example.org", [f"u{i}@d.example"], MESSAGE)

@@ -276,11 +276,11 @@ def test_nothing_a_program_starts_outlives_its_delivery(daemons, tmp_path, unix_
     others' processes does not touch it."""
     bob = unix_users[BOB]
     out = owned_dir(world_dir, bob)
-    programs = {
+    programs = {  # "late" first: the test ends when its time limit does
+        "late": f"setsid -f sleep 300 {QUIET}; sleep 300",
         "background": f"sleep 300 {QUIET} &",
         "setsid": f"setsid -f sleep 300 {QUIET}",
         "stubborn": f"sh -c 'trap \"echo TERM >> {out}/signals\" TERM; while :; do sleep 1; done' {QUIET} &",
-        "late": f"setsid -f sleep 300 {QUIET}; sleep 300",
         "patient": f"( (until [ -e {out}/go ]; do sleep 0.1; done; echo alive > {out}/helper) {QUIET} & )\n"
                    f"until [ -e {out}/helper ]; do sleep 0.1; done",
     }
@@ -396,7 +396,14 @@ def test_as_a_normal_user_agents_can_run_only_as_that_user(tmp_path, unix_users)
 def test_started_as_root_every_process_is_the_daemon_user_and_only_local_workers_may_switch(
         daemons, tmp_path, world_dir):
     daemon = daemons(*policy(tmp_path, f"pipe.example |{script(world_dir, 'robot', 'cat >/dev/null')}\n"))
-    status = daemon.status()
+
+    def serving() -> dict:
+        """The status once every worker has started its threads, which it does after its
+        credentials and capabilities are changed (workers/worker.py)."""
+        status = daemon.status()
+        return all(psutil.Process(w["pid"]).num_threads() > 1 for w in status["workers"]) and status
+
+    status = wait_for(serving, what="every worker serving")
     uid = int(os.popen(f"id -u {DAEMON_USER}").read())
     processes = {"supervisor": status["pid"], **{f"{w['pool']}-{w['pid']}": w["pid"] for w in status["workers"]}}
     assert {name.split("-")[0] for name in processes} == {"supervisor", "network", "local"}

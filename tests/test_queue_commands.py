@@ -33,9 +33,18 @@ def queue(daemon, *args: str, user: str | None = None) -> tuple[int, str, str]:
     return result.returncode, result.stdout.decode(), result.stderr.decode()
 
 
-def deferred_mail(daemon, count: int, domain: str = "example.com", sender: str = "a@example.org") -> list[str]:
+def arrived_ago(seconds: float) -> str:
+    """A new queue id whose arrival time, the first part of it, is `seconds` ago."""
+    queue_id = new_queue_id()
+    return f"{int(queue_id[:13], 16) - round(seconds * 1e6):013X}{queue_id[13:]}"
+
+
+def deferred_mail(daemon, count: int, domain: str = "example.com", sender: str = "a@example.org",
+                  age: float = 0.0) -> list[str]:
+    """`count` messages the daemon has tried and deferred, which arrived `age` seconds ago."""
     spool = Spool(daemon.spool)
-    ids = [spool.enqueue(sender, [f"u{n}@{domain}"], f"Subject: {n}\n\nx\n".encode()) for n in range(count)]
+    ids = [spool.enqueue(sender, [f"u{n}@{domain}"], f"Subject: {n}\n\nx\n".encode(), queue_id=arrived_ago(age))
+           for n in range(count)]
     wait_for(lambda: set(ids) <= set(daemon.files("deferred")), what="deferral")
     return ids
 
@@ -64,11 +73,10 @@ def test_selectors_combine(daemons, tmp_path):
     (tmp_path / "transports").write_text("slow.example queue/retry 4.2.1 421 too busy\n"
                                          "other.example queue/retry 4.7.1 greylisted\n")
     daemon = daemons("--transports", str(tmp_path / "transports"), "--min-backoff", "600")
-    busy = deferred_mail(daemon, 2, "slow.example")
-    grey = deferred_mail(daemon, 1, "other.example")
-    mine = deferred_mail(daemon, 1, "slow.example", sender="b@example.org")
-    time.sleep(4.1)  # then the young one is older than 4s only if the command took that long to start
-    young = deferred_mail(daemon, 1, "slow.example")
+    busy = deferred_mail(daemon, 2, "slow.example", age=5)
+    grey = deferred_mail(daemon, 1, "other.example", age=5)
+    mine = deferred_mail(daemon, 1, "slow.example", sender="b@example.org", age=5)
+    young = deferred_mail(daemon, 1, "slow.example")  # older than 4s only if the command took that long to start
     code, out, _ = queue(daemon, "hold", "--to-domain", "slow.example", "--older-than", "4s", "--reply", "421",
                          "--from", "a@example.org")
     assert code == 0 and sorted(re.findall(r"^(\S+): held$", out, re.M)) == sorted(busy)

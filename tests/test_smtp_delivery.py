@@ -110,7 +110,7 @@ def test_a_stream_of_mail_to_one_domain_asks_dns_each_question_once_within_its_t
 
 def test_kept_connection_carries_the_next_message(daemons):
     with AioServer() as sink:
-        daemon = daemons("--relayhost", f"127.0.0.1:{sink.port}", *FAST, workers=1)
+        daemon = daemons("--relayhost", f"127.0.0.1:{sink.port}", "--smtp-idle-timeout", "2", *FAST, workers=1)
         first = enqueue(daemon, ["a@example.org"])
         wait_for(lambda: f"{first}: removed" in daemon.log(), what="first delivery")
         second = enqueue(daemon, ["b@example.org"])

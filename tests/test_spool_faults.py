@@ -58,11 +58,11 @@ class Ext4:
 
 
 def test_full_disk_is_never_a_worker_death_and_everything_goes_out_once_there_is_room(tmp_path):
-    """300 messages for a next hop that is down, on a spool whose disk is full: no attempt can
+    """100 messages for a next hop that is down, on a spool whose disk is full: no attempt can
     store its result, and deferred/ cannot even grow to take the files. Nothing may die, nothing
     may go to hold/, the log says "spool full" once a minute, and once there is room again and the
     next hop is back everything is delivered exactly once without anyone doing anything."""
-    count = 300
+    count = 100
     sink = AioServer(Recorder())  # its port is chosen now; it listens only once started
     disk = Ext4(tmp_path / "spool.img", tmp_path / "spool")
     daemon = Daemon(tmp_path, "--relayhost", f"127.0.0.1:{sink.port}", *FAST, workers=2, maildir=False)
