@@ -397,24 +397,29 @@ def test_started_as_root_every_process_is_the_daemon_user_and_only_local_workers
         daemons, tmp_path, world_dir):
     daemon = daemons(*policy(tmp_path, f"pipe.example |{script(world_dir, 'robot', 'cat >/dev/null')}\n"))
 
-    def serving() -> dict:
-        """The status once every worker has started its threads, which it does after its
-        credentials and capabilities are changed (workers/worker.py)."""
-        status = daemon.status()
-        return all(psutil.Process(w["pid"]).num_threads() > 1 for w in status["workers"]) and status
+    def caps(pid: int) -> dict[str, str]:
+        return dict(line.split(":\t") for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith(("Cap", "NoNewPrivs")))
 
-    status = wait_for(serving, what="every worker serving")
+    def started() -> dict:
+        """The status once every worker is past its change of privileges, the first thing it does
+        once forked (workers/worker.py): a network worker sets no_new_privs last, a local one makes
+        its capabilities effective."""
+        status = daemon.status()
+        return all(caps(w["pid"])["NoNewPrivs"] == "1" if w["pool"] == "network" else int(caps(w["pid"])["CapEff"], 16)
+                   for w in status["workers"]) and status
+
+    status = wait_for(started, what="every worker past its change of privileges")
     uid = int(os.popen(f"id -u {DAEMON_USER}").read())
     processes = {"supervisor": status["pid"], **{f"{w['pool']}-{w['pid']}": w["pid"] for w in status["workers"]}}
     assert {name.split("-")[0] for name in processes} == {"supervisor", "network", "local"}
     for name, pid in processes.items():
         assert psutil.Process(pid).uids() == (uid, uid, uid), name
-        caps = dict(line.split(":\t") for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                    if line.startswith(("Cap", "NoNewPrivs")))
-        effective, permitted = int(caps["CapEff"], 16), int(caps["CapPrm"], 16)
+        caps_now = caps(pid)
+        effective, permitted = int(caps_now["CapEff"], 16), int(caps_now["CapPrm"], 16)
         kind = name.split("-")[0]
         if kind == "network":
-            assert (effective, permitted, caps["NoNewPrivs"]) == (0, 0, "1"), "an SMTP worker can never setuid"
+            assert (effective, permitted, caps_now["NoNewPrivs"]) == (0, 0, "1"), "an SMTP worker can never setuid"
         elif kind == "local":
             assert effective == permitted == 0xE0, "CAP_SETUID, CAP_SETGID and CAP_KILL only"
         else:
