@@ -9,7 +9,7 @@ released, which is all that delivery at internet latency needs: hundreds of mill
 reply, microseconds of Python per reply. Threads are started as messages need them, not all at
 once: a worker allowed 500 sessions that never has more than 20 messages in flight runs 20
 threads, and each message goes to one of the few that just ran (warm in the caches), not to the
-next of hundreds. That halved CPU per message on a loopback relay (docs/architecture.md).
+next of hundreds (README.md, Performance, says what that was worth).
 
 The main thread only reads the pipe, hands messages to the threads, and says it is alive (an empty
 line every HEARTBEAT_SECONDS) whatever the deliveries are doing, so the supervisor can tell a
