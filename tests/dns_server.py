@@ -37,6 +37,14 @@ class Query:
     transport: str  # udp or tcp
 
 
+def zone_file(zone_text: str, origin: str | dns.name.Name) -> str:
+    """The zone of `zone_text` (zone-file syntax, indented as a test writes it) for `origin`, as
+    a file: with the SOA and NS records a zone needs, which the test does not write."""
+    origin = dns.name.from_text(str(origin))
+    return (f"$ORIGIN {origin}\n$TTL 60\n@ IN SOA ns.{origin} hostmaster.{origin} 1 60 60 60 60\n"
+            f"@ IN NS ns.{origin}\n" + textwrap.dedent(zone_text))
+
+
 class DNSServer:
     """Serves one zone on `host` (127.0.0.1 or ::1), UDP and TCP on the same free port.
 
@@ -45,9 +53,7 @@ class DNSServer:
 
     def __init__(self, zone_text: str, origin: str = "test.", host: str = "127.0.0.1"):
         self.origin = dns.name.from_text(origin)
-        header = (f"$TTL 60\n@ IN SOA ns.{self.origin} hostmaster.{self.origin} 1 60 60 60 60\n"
-                  f"@ IN NS ns.{self.origin}\n")
-        self.zone = dns.zone.from_text(header + textwrap.dedent(zone_text), self.origin, relativize=False)
+        self.zone = dns.zone.from_text(zone_file(zone_text, self.origin), self.origin, relativize=False)
         self.host = host
         self.port = 0
         self._lock = threading.Lock()

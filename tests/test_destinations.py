@@ -14,7 +14,7 @@ import pytest
 
 from router.spool import Spool
 from tests.daemon import qrouter, wait_for
-from tests.dns_server import DNSServer
+from tests.nsd_server import NSD
 from tests.smtp_servers import CountingSink
 
 MESSAGE = b"Subject: hello\r\n\r\nbody\r\n"
@@ -187,9 +187,10 @@ def rollup_zone(domains: int) -> str:
 def test_mx_rollup_counts_the_domains_of_one_provider_against_one_site(daemons, tmp_path):
     """Two hundred domains whose MX records name the same two hosts: one site, whose limit holds
     over all of them from the first message on; a domain with its own MX host is its own
-    destination; mx-rollup=no keeps a domain apart."""
+    destination; mx-rollup=no keeps a domain apart. The names are served by NSD, a real
+    authoritative server."""
     (tmp_path / "destinations").write_text(f"{PROVIDER} concurrency=3\noptout.test mx-rollup=no concurrency=1\n")
-    with CountingSink(delay=0.01) as sink, DNSServer(rollup_zone(200), origin="test.") as dns:
+    with CountingSink(delay=0.01) as sink, NSD(rollup_zone(200), origin="test.") as dns:
         daemon = daemons("--dns-servers", dns.servers, "--smtp-port", str(sink.port), "--destinations",
                          str(tmp_path / "destinations"), "--smtp-idle-timeout", "60", workers=2, maildir=False)
         spool = Spool(daemon.spool)

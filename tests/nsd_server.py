@@ -1,0 +1,161 @@
+"""The real NSD (Debian's nsd) serving one zone on a free loopback port.
+
+The issue that asked for MX rollup wanted its test run with a real DNS server, NSD, rather
+than only with the server of our own in tests/dns_server.py: what the daemon then resolves is
+what an authoritative server in the field answers. tests/dns_server.py stays for what NSD
+cannot do: answer SERVFAIL on demand, stay silent, and record the questions it was asked.
+
+The instance is entirely ours: its configuration, zone file, pid file, database and xfrd
+files are in a temporary directory, it listens on 127.0.0.1 only, does not chroot, keeps the
+user it was started as (so it can read those files), and has no remote control. Debian's own
+nsd service, if one runs, is left alone on port 53.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import dns.exception
+import dns.message
+import dns.name
+import dns.query
+import dns.rcode
+import dns.rdatatype
+
+from tests.dns_server import zone_file
+from tests.smtp_servers import free_port
+
+DAEMON = "/usr/sbin/nsd"
+CHECKCONF = "/usr/sbin/nsd-checkconf"
+CHECKZONE = "/usr/sbin/nsd-checkzone"
+HOST = "127.0.0.1"
+
+
+class NSD:
+    """nsd serving `zone_text` (zone-file syntax; the SOA and NS records are added) for `origin`.
+
+    Use as a context manager; `servers` is the matching `dns-servers` value."""
+
+    def __init__(self, zone_text: str, origin: str = "test.", start_within: float = 15) -> None:
+        self.origin = dns.name.from_text(origin)
+        self.zone_text = zone_text
+        self.start_within = start_within
+        self.port = 0
+        self.process: subprocess.Popen | None = None
+        self._directory: tempfile.TemporaryDirectory | None = None
+        self._stderr: Path | None = None
+
+    @property
+    def servers(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def start(self) -> NSD:
+        self._directory = tempfile.TemporaryDirectory(prefix="nsd-")
+        try:
+            self._start(Path(self._directory.name))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, directory: Path) -> None:
+        self.port = _free_udp_and_tcp_port()
+        zone = directory / "zone"
+        zone.write_text(zone_file(self.zone_text, self.origin))
+        conf = directory / "nsd.conf"
+        conf.write_text(
+            "server:\n"
+            f"  ip-address: {HOST}\n"
+            f"  port: {self.port}\n"
+            "  do-ip6: no\n"
+            "  server-count: 1\n"
+            "  reuseport: no\n"
+            "  verbosity: 1\n"
+            '  chroot: ""\n'
+            '  username: ""\n'
+            f'  zonesdir: "{directory}"\n'
+            f'  pidfile: "{directory / "nsd.pid"}"\n'
+            f'  database: "{directory / "nsd.db"}"\n'
+            f'  zonelistfile: "{directory / "zone.list"}"\n'
+            f'  xfrdfile: "{directory / "xfrd.state"}"\n'
+            f'  xfrdir: "{directory}"\n'
+            "remote-control:\n"
+            "  control-enable: no\n"
+            "zone:\n"
+            f'  name: "{self.origin}"\n'
+            f'  zonefile: "{zone}"\n')
+        _check([CHECKCONF, str(conf)], "nsd-checkconf")
+        _check([CHECKZONE, self.origin.to_text(), str(zone)], "nsd-checkzone")
+        self._stderr = directory / "nsd.stderr"
+        with open(self._stderr, "wb") as stderr:
+            self.process = subprocess.Popen([DAEMON, "-d", "-c", str(conf)], stdin=subprocess.DEVNULL,
+                                            stdout=stderr, stderr=stderr, start_new_session=True)
+        self._wait_until_it_answers()
+
+    def _wait_until_it_answers(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.start_within
+        question = dns.message.make_query(self.origin, dns.rdatatype.SOA)
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nsd exited with status {self.process.returncode}:\n{self.stderr()}")
+            try:
+                answer = dns.query.udp(question, HOST, port=self.port, timeout=0.2)
+                if answer.rcode() == dns.rcode.NOERROR and answer.answer:
+                    return
+            except (dns.exception.DNSException, OSError):
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nsd gave no SOA for {self.origin} within {self.start_within} s:\n"
+                                   f"{self.stderr()}")
+            time.sleep(0.05)
+
+    def stderr(self) -> str:
+        """What nsd wrote (its log: -d keeps it on stderr), while it runs or when it is gone."""
+        return self._stderr.read_text(errors="replace") if self._stderr and self._stderr.exists() else ""
+
+    def stop(self) -> None:
+        """SIGTERM, SIGKILL to what is left of it (its children too) after a few seconds; reaped."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(5)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.process.pid, signal.SIGKILL)  # its own session: nsd and its children
+                    self.process.wait()
+            self.process = None
+        if self._directory is not None:
+            self._directory.cleanup()
+            self._directory = None
+
+    def __enter__(self) -> NSD:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _free_udp_and_tcp_port() -> int:
+    """A port free on HOST for TCP (free_port's test) and for UDP too, which nsd also binds."""
+    for _ in range(20):
+        port = free_port(HOST)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((HOST, port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no port free for both UDP and TCP on {HOST}")
+
+
+def _check(command: list[str], name: str) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise RuntimeError(f"{name} failed with status {result.returncode}:\n{result.stdout}{result.stderr}")
