@@ -1,9 +1,8 @@
 """The real NSD (Debian's nsd) serving one zone on a free loopback port.
 
-The issue that asked for MX rollup wanted its test run with a real DNS server, NSD, rather
-than only with the server of our own in tests/dns_server.py: what the daemon then resolves is
-what an authoritative server in the field answers. tests/dns_server.py stays for what NSD
-cannot do: answer SERVFAIL on demand, stay silent, and record the questions it was asked.
+With it, what the daemon resolves is what an authoritative server in the field answers, not
+only what the small server of our own in tests/dns_server.py makes of a zone. That one stays for
+what NSD cannot do: answer SERVFAIL on demand, stay silent, and record the questions it was asked.
 
 The instance is entirely ours: its configuration, zone file, pid file, database and xfrd
 files are in a temporary directory, it listens on 127.0.0.1 only, does not chroot, keeps the
