@@ -136,7 +136,7 @@ def test_connections_to_a_destination_never_pass_its_limit_and_reach_it_under_lo
                                                                                      limit):
     """Connections in use and kept idle, over all workers: at most the limit, whatever the
     number of workers; and a limit of N lets N deliveries run at once."""
-    with CountingSink(delay=0.02) as sink:
+    with CountingSink(delay=0.05) as sink:
         daemon = daemons("--transports", transports(tmp_path, d=sink.port), "--destination-concurrency",
                          str(limit), workers=workers)
         spool = Spool(daemon.spool)
