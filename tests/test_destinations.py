@@ -54,6 +54,8 @@ def test_a_dead_destination_defers_only_its_own_recipients_and_gets_them_when_it
         kill_destination(daemon, spool, "down.example")
         queue_id = spool.enqueue("a@example.org", ["ok@up.example", "dead@down.example"], MESSAGE)
         wait_for(lambda: any(m.rcpt_tos == ["ok@up.example"] for m in up.messages), 30, "the healthy recipient")
+        # the recipients' lines come before this one, and only after the sink has the message
+        wait_for(lambda: f"{queue_id}: deferred, next attempt in " in daemon.log(), 30, "the attempt logged")
         log = daemon.log()
         assert re.search(rf"{queue_id}: to=<ok@up\.example>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{up.port}, "
                          r"delay=[\d.]+, attempts=1, dsn=2\.0\.0, status=sent", log)
