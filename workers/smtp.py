@@ -148,12 +148,12 @@ class SMTPTransport:
     def end(self) -> None:
         """The thread's task is over: promises it did not take (routed elsewhere, no attempt) lapse."""
         with self._lock:
-            for name in self.promises.names:
-                self.reserved[name] = max(0, self.reserved[name] - 1)
-        self.promises.names = set()
+            for name in list(self.promises.names):
+                self._take_promise(name)
 
     def _take_promise(self, name: str) -> None:
-        """The thread takes a connection to `name` (the lock held): a promise it carried is kept."""
+        """The thread's promise of a connection to `name` is spent, taken or lapsed (the lock held):
+        that idle connection is no longer reserved for it."""
         names = getattr(self.promises, "names", set())
         if name in names:
             names.discard(name)
