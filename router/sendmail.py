@@ -66,7 +66,7 @@ from typing import BinaryIO, TextIO
 
 from router import config as config_module
 from router import trace
-from router.address import ATEXT, AddressError, has_cr_lf_nul, parse_path
+from router.address import ATEXT, NON_ASCII, AddressError, has_cr_lf_nul, parse_path
 from router.config import Config, ConfigError
 from router.queue_id import arrival_of, new_queue_id
 from router.spool import INCOMING, Spool, SpoolError
@@ -92,7 +92,7 @@ _CHUNK = 1 << 16  # bytes read from standard input at a time
 # end, for parse_path to refuse), one special character, or a run of anything else. Comments,
 # which nest, are cut out by _tokens before this is tried.
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|\[(?:[^\]\\]|\\.)*\]?|[<>,;:]|[^"(\[<>,;:]+', re.DOTALL)
-_PHRASE_TEXT = re.compile(rf"[{ATEXT}. \t]*")  # a phrase's words and white space, outside quotes
+_PHRASE_TEXT = re.compile(rf"(?:[{ATEXT}. \t]|{NON_ASCII})*")  # a phrase's words and white space, outside quotes
 
 
 class UsageError(Exception):
