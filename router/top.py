@@ -105,8 +105,8 @@ class Rates:
 
 
 def run(config: Config) -> int:
-    """The view until q or Ctrl-C (exit 0); one snapshot if stdout is not a terminal (exit 0,
-    or 75 when the daemon cannot be reached, as `qrouter status`)."""
+    """The view until q or Ctrl-C (exit 0; 1 on a terminal that reports no size); one snapshot if
+    stdout is not a terminal (exit 0, or 75 when the daemon cannot be reached, as `qrouter status`)."""
     if not sys.stdout.isatty():
         snapshot = sample(config)
         console = Console(width=PLAIN_WIDTH, color_system=None, force_terminal=False)
@@ -123,22 +123,34 @@ def _watch(config: Config) -> int:
     # in the alternate screen without echo.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     console = Console()
+    size = _drawable_size()
     try:
-        with _cbreak() as keys, Live(console=console, screen=True, auto_refresh=False) as live:
-            while True:
-                started = time.monotonic()
-                snapshot = sample(config)
-                if snapshot.answer is not None:
-                    rates.add(started, snapshot.answer["pid"], snapshot.answer["counters"])
-                # The terminal's own size, read again at every redraw: it follows a resized window,
-                # and wins over COLUMNS and LINES in the environment (which rich would prefer),
-                # stale copies of which readline exports to the programs it starts.
-                console.size = os.get_terminal_size(sys.stdout.fileno())
-                live.update(render(snapshot, rates, live=True), refresh=True)
-                if _quit_asked(keys, started + REFRESH_SECONDS):
-                    return 0
+        if size is not None:
+            with _cbreak() as keys, Live(console=console, screen=True, auto_refresh=False) as live:
+                while size is not None:
+                    started = time.monotonic()
+                    snapshot = sample(config)
+                    if snapshot.answer is not None:
+                        rates.add(started, snapshot.answer["pid"], snapshot.answer["counters"])
+                    console.size = size
+                    live.update(render(snapshot, rates, live=True), refresh=True)
+                    if _quit_asked(keys, started + REFRESH_SECONDS):
+                        return 0
+                    size = _drawable_size()
     except KeyboardInterrupt:
         return 0
+    print("qrouter: the terminal reports its size as 0x0, so nothing can be drawn on it; set it "
+          "(e.g. `stty rows 40 cols 120`), or run `qrouter top | cat` for one snapshot", file=sys.stderr)
+    return 1
+
+
+def _drawable_size() -> os.terminal_size | None:
+    """The terminal's own size, read again at every redraw: it follows a resized window, and wins
+    over COLUMNS and LINES in the environment (which rich would prefer), stale copies of which
+    readline exports to the programs it starts. None when the terminal does not know its size (a
+    serial line, some ssh clients report 0x0)."""
+    size = os.get_terminal_size(sys.stdout.fileno())
+    return size if size.columns and size.lines else None
 
 
 @contextmanager
@@ -225,9 +237,9 @@ def _workers(answer: dict[str, Any]) -> Table:
         table.add_column(name, justify="left" if name in ("kind", "state", "oldest message") else "right")
     for worker in answer["workers"]:
         busy = worker["busy_for"]
-        table.add_row(str(worker["pid"]), worker["pool"],
+        table.add_row(str(worker["pid"]), Text(worker["pool"]),
                       Text(worker["state"], style="red" if worker["state"] == "silent" else ""),
-                      str(worker["sessions"]), worker["queue_id"] or "-", age(busy) if busy is not None else "-",
+                      str(worker["sessions"]), Text(worker["queue_id"] or "-"), age(busy) if busy is not None else "-",
                       str(worker["done"]), f"{worker['rss'] / 2**20:.1f}M" if worker["rss"] else "-",
                       f"{worker['cpu']:.1f}s" if worker["cpu"] is not None else "-")
     return table
@@ -244,7 +256,7 @@ def _destinations(destinations: list[dict[str, Any]]) -> RenderableType:
     table.add_column("last error", overflow="fold")
     for shown in destinations:
         state = Text("dead", style="bold red") if shown["dead"] else Text("ok", style="green")
-        table.add_row(shown["destination"], str(shown["domains"] or ""), str(shown["sessions"]),
+        table.add_row(Text(shown["destination"]), str(shown["domains"] or ""), str(shown["sessions"]),
                       f"{shown['window']:g}", str(shown["limit"]), str(shown["waiting"]), str(shown["deferred"]),
-                      state, shown["last_error"] or "")
+                      state, Text(shown["last_error"] or ""))
     return table

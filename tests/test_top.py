@@ -7,6 +7,8 @@ alternate screen is seen.
 
 from __future__ import annotations
 
+import os
+import pty
 import re
 import shlex
 import subprocess
@@ -146,3 +148,33 @@ def test_not_on_a_terminal_it_prints_one_plain_snapshot(daemons, tmp_path):
         assert re.search(rf"^ *{pid} +network ", out, re.MULTILINE), out
     assert re.search(r"^ *queue +incoming +active +deferred +hold +corrupt +archive$", out, re.MULTILINE), out
     assert "deliveries per second: measuring\nsince start: 1 sent, 0 deferred, 0 bounced" in out, out
+
+
+def test_text_from_outside_is_shown_as_it_is_never_read_as_markup(daemons, tmp_path):
+    """A destination's name and last error come from the policy and from peers: rich must not
+    take `[/...]` in them for its markup (it raised MarkupError and the view crashed)."""
+    socket = tmp_path / "no-such" / "lmtp.sock"
+    daemon = daemons("--default-transport", f"lmtp:{socket}")
+    Spool(daemon.spool).enqueue("a@example.org", ["u@example.net"], MESSAGE)
+    wait_for(lambda: any(destination["last_error"] for destination in daemon.status()["destinations"]),
+             20, "the LMTP delivery to fail")
+    result = qrouter("top", "--queue-dir", str(daemon.spool))
+    out = result.stdout.decode()
+    assert result.returncode == 0, result
+    unfolded = "".join(out.split())  # long cells are folded over lines
+    assert f"[{socket}]" in unfolded, out
+
+
+def test_on_a_terminal_that_reports_no_size_it_says_so(daemons, tmp_path):
+    """A new pseudo-terminal reports 0x0, as a serial line does: nothing can be drawn, and the
+    view says why instead of drawing nothing and exiting 0."""
+    daemon = daemons()
+    main, side = pty.openpty()
+    try:
+        done = subprocess.run([sys.executable, "-m", "router", "top", "--queue-dir", str(daemon.spool)],
+                              stdin=side, stdout=side, stderr=subprocess.PIPE, cwd=ROOT, timeout=30)
+    finally:
+        os.close(side)
+        os.close(main)
+    assert done.returncode == 1, done
+    assert b"the terminal reports its size as 0x0" in done.stderr and b"stty rows" in done.stderr, done.stderr
