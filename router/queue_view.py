@@ -131,11 +131,13 @@ def find(spool: Spool, queue_id: str) -> Message | None:
 
 
 def as_json(message: Message) -> dict:
-    """One line of `queue list --json`: the fields of Postfix's `postqueue -j`, and more."""
+    """One line of `queue list --json`: the fields of Postfix's `postqueue -j`, and more.
+    `forced_expire` (Postfix 3.5 and later: expired by `postsuper -e`) is always false, since no
+    qrouter command expires a message before max-age; it is there for the scripts that read it."""
     queue_file = message.file
     return {
         "queue_name": message.queue, "queue_id": message.queue_id, "arrival_time": int(queue_file.arrival),
-        "message_size": queue_file.size, "sender": queue_file.sender,
+        "message_size": queue_file.size, "forced_expire": False, "sender": queue_file.sender,
         "recipients": [{"address": r.address, "orig_address": r.orcpt.partition(";")[2] or r.address,
                         "delay_reason": r.reply, "dsn": r.dsn, "state": r.state} for r in queue_file.recipients],
         "attempts": queue_file.attempts,

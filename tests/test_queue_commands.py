@@ -62,8 +62,9 @@ def test_list_shows_each_message_and_its_last_reply_as_text_and_json(daemons, ru
     lines = [json.loads(line) for line in out.splitlines()]
     assert sorted(line["queue_id"] for line in lines) == sorted(ids)
     first = lines[0]
-    assert {"queue_name", "queue_id", "arrival_time", "message_size", "sender", "recipients", "attempts",
-            "next_attempt"} <= set(first)
+    assert {"queue_name", "queue_id", "arrival_time", "message_size", "forced_expire", "sender", "recipients",
+            "attempts", "next_attempt"} <= set(first)
+    assert first["forced_expire"] is False  # a script written for Postfix 3.7's postqueue -j reads it
     assert first["queue_name"] == "deferred" and first["attempts"] == 1 and first["next_attempt"] > time.time()
     assert first["recipients"][0]["delay_reason"] == "try later"
     assert set(first["recipients"][0]) >= {"address", "orig_address", "delay_reason"}
