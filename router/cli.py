@@ -28,7 +28,7 @@ from router.queue_file import MAX_OVERHEAD, QueueFile, Recipient, parse
 from router.queue_view import ALL, WAITING, Selection, age, as_lines, find, messages, parse_duration
 from router.queue_view import as_json as as_json_line
 from router.queue_view import shape as queue_shape
-from router.sendmail import prepend_fields, queue_local, read_up_to, received
+from router.sendmail import header_of, prepend_fields, queue_local, read_up_to, received
 from router.spool import ACTIVE, DEFERRED, HOLD, INCOMING, NotAQueueFile, Spool, SpoolError, read_queue_file
 from router.status_socket import StatusError, query
 from router.supervisor import Supervisor
@@ -499,10 +499,10 @@ def queue_show(queue_id: Annotated[str, typer.Argument(help="queue id")],
                      + (f" via {rcpt.relay}" if rcpt.relay else "") + (f": {rcpt.reply}" if rcpt.reply else ""))
     lines += [f"history:   {time.ctime(float(entry.split(' ', 1)[0]))} {entry.split(' ', 1)[1]}"
               for entry in queue_file.log]
-    head, _, rest = queue_file.message.partition(b"\n\n")
-    lines += ["", head.decode("utf-8", "replace")]
+    head = header_of(queue_file.message)  # with the empty line that ends it, LF or CRLF
+    lines += ["", head.decode("utf-8", "replace").rstrip("\r\n")]
     if body:
-        lines += ["", rest.decode("utf-8", "replace")]
+        lines += ["", queue_file.message[len(head):].decode("utf-8", "replace")]
     typer.echo("\n".join(lines))
 
 
@@ -569,6 +569,9 @@ def _change(command: str, ids: list[str] | None, loaded: Config, selection: Sele
             targets = list(ids or [])
             if selection is not None or every:
                 targets += [m.queue_id for m in messages(spool, queues, selection)]
+            if not targets and every and not ids and selection is None:
+                typer.echo(f"{command}: no message in {', '.join(f'{queue}/' for queue in queues)}")
+                return  # all of none: nothing went wrong
             if not targets:
                 raise _fail(f"{command}: no message named or matching", 1)
             if alone:
@@ -590,7 +593,9 @@ def _change(command: str, ids: list[str] | None, loaded: Config, selection: Sele
         raise typer.Exit(1)
 
 
-def _changer(command: str, queues: tuple[str, ...], doc: str, confirm: bool = False):
+def _changer(command: str, queues: tuple[str, ...], doc: str, confirm: bool = False, all_unless_chosen: bool = False):
+    """Make the queue command `command`; `all_unless_chosen`: with no id and no selector it acts
+    on every message in `queues`, as `postqueue -f` flushes them all."""
     def change(ids: IdsArgument = None, to_domain: ToDomain = None, sender: FromOption = None,
                older_than: OlderThan = None, reply: ReplyOption = None, destination: DestinationOption = None,
                every: Annotated[bool, typer.Option("--all", help=f"every message in {', '.join(queues)}")] = False,
@@ -603,13 +608,15 @@ def _changer(command: str, queues: tuple[str, ...], doc: str, confirm: bool = Fa
             if not sys.stdin.isatty():
                 raise _fail(f"{command} removes mail for good: give --yes when not asking at a terminal", EX_USAGE)
             typer.confirm(f"{command} the chosen messages for good?", abort=True)
-        _change(command, ids, loaded, selection, every or every_deferred, (DEFERRED,) if every_deferred else queues)
+        every = every or every_deferred or (all_unless_chosen and not ids and selection is None)
+        _change(command, ids, loaded, selection, every, (DEFERRED,) if every_deferred else queues)
 
     change.__doc__ = doc
     queue_app.command(command)(_with_config_flags(change))
 
 
-_changer("flush", (DEFERRED,), "Try deferred messages now.")
+_changer("flush", (DEFERRED,), "Try deferred messages now: those named or chosen, or all of them.",
+         all_unless_chosen=True)
 _changer("hold", (INCOMING, DEFERRED), "Keep messages from delivery (to hold/) until released; one being "
                                        "delivered is held after its attempt.")
 _changer("release", (HOLD,), "Deliver held messages again.")

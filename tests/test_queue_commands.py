@@ -108,6 +108,38 @@ def test_show_and_why_tell_everything_about_one_message(daemons, running):
     assert code == 1 and "no such message" in err
 
 
+def test_show_keeps_the_body_of_a_crlf_message_for_body(daemons):
+    """Every message from the SMTP front door has CRLF line ends: its header ends at CRLF CRLF."""
+    daemon = daemons(*LATER)
+    queue_id = Spool(daemon.spool).enqueue("a@example.org", ["u@example.com"],
+                                           b"Subject: crlf\r\nX-Other: 1\r\n\r\nthe secret body\r\n")
+    wait_for(lambda: queue_id in daemon.files("deferred"), what="deferral")
+    code, out, _ = queue(daemon, "show", queue_id)
+    assert code == 0 and "Subject: crlf" in out and "X-Other: 1" in out and "the secret body" not in out, out
+    code, out, _ = queue(daemon, "show", "--body", queue_id)
+    assert code == 0 and "the secret body" in out, out
+
+
+@pytest.mark.parametrize("running", [True, False])
+def test_flush_with_nothing_named_flushes_every_deferred_message(daemons, running):
+    """As `postqueue -f`: a cron job or a habit types it bare."""
+    daemon = daemons(*LATER)
+    code, out, _ = queue(daemon, "flush")
+    assert code == 0 and out == "flush: no message in deferred/\n", out
+    ids = deferred_mail(daemon, 3)
+    if not running:
+        assert daemon.stop() == 0
+    before = {queue_id: os.stat(daemon.spool / "deferred" / queue_id).st_mtime for queue_id in ids}
+    code, out, _ = queue(daemon, "flush")
+    assert code == 0 and sorted(re.findall(r"^(\S+): will be tried now$", out, re.M)) == sorted(ids), out
+    if running:
+        wait_for(lambda: set(ids) <= set(daemon.files("deferred"))
+                 and all(parse((daemon.spool / "deferred" / queue_id).read_bytes()).attempts == 2 for queue_id in ids),
+                 what="the retries")
+    else:
+        assert all(os.stat(daemon.spool / "deferred" / queue_id).st_mtime < before[queue_id] for queue_id in ids)
+
+
 @pytest.mark.parametrize("running", [True, False])
 def test_hold_release_flush_requeue_delete(daemons, tmp_path, running):
     daemon = daemons(*LATER)
