@@ -19,6 +19,7 @@ import pwd
 import re
 from dataclasses import dataclass, field
 
+from policy.policy_file import Problems
 from policy.transport_map import PolicyError, compile_regex, file_lines
 
 _REGEX_CHARS = re.compile(r"[*?\[\](){}|^$\\]")
@@ -58,22 +59,25 @@ class Aliases:
 def load_aliases(path: str, *, local_delivery: bool) -> Aliases:
     """Read the file; with local delivery configured, an entry for root is required."""
     entries = []
+    problems = Problems(PolicyError)
     for position, (where, line) in enumerate(file_lines(path)):
-        fields = line.split()
-        if len(fields) != 2:
-            raise PolicyError(f"{where}: expected 'virtual-user unix-user'")
-        virtual, user = fields
-        if "@" in virtual:
-            raise PolicyError(f"{where}: {virtual!r}: aliases take local parts, not addresses")
-        pattern = compile_regex(virtual, repr(virtual), where) if _REGEX_CHARS.search(virtual) else None
-        try:
-            uid = pwd.getpwnam(user).pw_uid
-        except (KeyError, ValueError):  # ValueError: a name no account can have (a NUL byte)
-            raise PolicyError(f"{where}: no such unix user {user!r}") from None
-        if uid == 0:
-            raise PolicyError(f"{where}: {virtual} -> {user}: local delivery never runs as root")
-        entries.append(Alias(virtual, user, where, position, pattern))
+        with problems.collecting():
+            fields = line.split()
+            if len(fields) != 2:
+                raise PolicyError(f"{where}: expected 'virtual-user unix-user'")
+            virtual, user = fields
+            if "@" in virtual:
+                raise PolicyError(f"{where}: {virtual!r}: aliases take local parts, not addresses")
+            pattern = compile_regex(virtual, repr(virtual), where) if _REGEX_CHARS.search(virtual) else None
+            try:
+                uid = pwd.getpwnam(user).pw_uid
+            except (KeyError, ValueError):  # ValueError: a name no account can have (a NUL byte)
+                raise PolicyError(f"{where}: no such unix user {user!r}") from None
+            if uid == 0:
+                raise PolicyError(f"{where}: {virtual} -> {user}: local delivery never runs as root")
+            entries.append(Alias(virtual, user, where, position, pattern))
     aliases = Aliases(entries, path)
     if local_delivery and aliases.lookup("root") is None:
-        raise PolicyError(f"{path}: no entry for root (local delivery never delivers to root: alias it)")
+        problems.found.append(f"{path}: no entry for root (local delivery never delivers to root: alias it)")
+    problems.check()
     return aliases

@@ -35,7 +35,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from policy.next_hop import BUILTIN_QUEUE, LMTP, MDA, MX, PIPE, SITE, SMTP
-from policy.policy_file import parse_boolean
+from policy.policy_file import Problems, parse_boolean
 from policy.transport_map import (
     DOMAIN,
     PatternIndex,
@@ -178,14 +178,17 @@ class DestinationRules:
 
 
 def load_destinations(path: str) -> DestinationRules:
-    """Read the file; PolicyError naming FILE:LINE and the problem on the first bad line."""
+    """Read the file; PolicyError naming FILE:LINE and the problem of every bad line."""
     rules = []
     index: PatternIndex[DestinationSettings] = PatternIndex()
+    problems = Problems(PolicyError)
     for position, (where, line) in enumerate(file_lines(path, "destinations")):
-        pattern, text = split_rule(line, where, "settings (key=value ...)")
-        settings = parse_settings(text, where)
-        _add(index, pattern, where, position, settings)
-        rules.append((pattern, settings))
+        with problems.collecting():
+            pattern, text = split_rule(line, where, "settings (key=value ...)")
+            settings = parse_settings(text, where)
+            _add(index, pattern, where, position, settings)
+            rules.append((pattern, settings))
+    problems.check()
     return DestinationRules(rules, index, path)
 
 

@@ -13,7 +13,8 @@ docs/policy-files.md describes the rules for whoever writes the files.
   the line; a `#` after anything else (`a#b`) is kept.
 - Spaces and tabs around the text are dropped; lines left empty are skipped.
 
-A switch is written the same way in every file too: parse_boolean.
+A switch is written the same way in every file too: parse_boolean. And every reader reports all
+the bad lines of a file at once, not the first alone: Problems.
 
 This module imports nothing of the project, so any layer may use it.
 """
@@ -24,6 +25,7 @@ import os
 import re
 import stat
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 MAX_SIZE = 16 * 1024 * 1024
 
@@ -105,3 +107,25 @@ def split_lines(data: bytes, source: str, error: type[Exception]) -> Iterator[tu
         text = _COMMENT.sub("", line, count=1).strip(" \t")
         if text:
             yield number, text
+
+
+class Problems:
+    """The errors of one reading of one or more files, so that a check names every bad line at
+    once rather than one per run. Each line (or file) is read in `with problems.collecting():`,
+    which keeps an `error` raised there and goes on; `check()` then raises them all as one
+    `error`, a line each, in the order found."""
+
+    def __init__(self, error: type[Exception]) -> None:
+        self.error = error
+        self.found: list[str] = []
+
+    @contextmanager
+    def collecting(self) -> Iterator[None]:
+        try:
+            yield
+        except self.error as exc:
+            self.found.append(str(exc))
+
+    def check(self) -> None:
+        if self.found:
+            raise self.error("\n".join(self.found))

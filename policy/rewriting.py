@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
 
-from policy.policy_file import read_bytes, split_lines
+from policy.policy_file import Problems, read_bytes, split_lines
 from policy.transport_map import compile_regex
 from router.address import AddressError, check_domain
 
@@ -176,7 +176,13 @@ def _compile(old: str, where: str) -> re.Pattern[str]:
 def parse_rewriting(text: bytes | str, source: str) -> Rewriter:
     """The rules in `text`, read as the file `source` (which names every error)."""
     data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
-    return Rewriter(_parse_rule(line, source, number) for number, line in split_lines(data, source, RewritingError))
+    rules = []
+    problems = Problems(RewritingError)
+    for number, line in split_lines(data, source, RewritingError):
+        with problems.collecting():
+            rules.append(_parse_rule(line, source, number))
+    problems.check()
+    return Rewriter(rules)
 
 
 def load_rewriting(path: str) -> Rewriter:

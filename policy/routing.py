@@ -16,6 +16,7 @@ from policy.aliases import Alias, Aliases, load_aliases
 from policy.command_line import split_local
 from policy.destinations import DestinationRules, load_destinations
 from policy.next_hop import ERROR, MDA, PIPE, NextHop, mx_route
+from policy.policy_file import Problems
 from policy.rewriting import FROM, TO, Rewriter, RewritingError, load_rewriting
 from policy.transport_map import PolicyError, Rule, TransportMap, load_definitions, load_transport_map
 from router.address import split_address
@@ -122,36 +123,51 @@ class Policy:
 
 
 def load_policy(config: Config, runs_as: str | None = None) -> Policy:
-    """Read every policy file the config names; PolicyError (FILE:LINE: ...) on the first problem.
+    """Read every policy file the config names; PolicyError (FILE:LINE: ...) naming every problem
+    in all of them, a line each.
 
     Done once in the supervisor, at start and on reload, and inherited by the workers it forks,
     so every worker routes by exactly the files that were checked. `runs_as` is the only user a
     pipe or local agent can run as, when the daemon cannot switch users (not started as root);
     a rule that needs another is an error of its line.
     """
-    definitions = load_definitions(config.transport_defs) if config.transport_defs else {}
-    if config.transport_defs and not config.transports:
-        raise PolicyError(f"{config.transport_defs}: transport-defs is set but transports is not")
-    transport_map = (load_transport_map(config.transports, definitions, config.transport_defs)
-                     if config.transports else None)
+    problems = Problems(PolicyError)
+    definitions: dict[str, str] = {}
+    if config.transport_defs:
+        with problems.collecting():
+            definitions = load_definitions(config.transport_defs)
+        if not config.transports:
+            problems.found.append(f"{config.transport_defs}: transport-defs is set but transports is not")
+    transport_map = aliases = destinations = rewriter = None
+    if config.transports:
+        with problems.collecting():
+            transport_map = load_transport_map(config.transports, definitions, config.transport_defs)
     rules = [("default-transport", config.default_transport),
              *((rule.where, rule.next_hop) for rule in (transport_map.rules if transport_map else []))]
     local = next((hop for _, hop in rules if hop is not None and hop.kind == MDA), None)
     if local is not None and config.relayhost is None and not config.aliases:
-        raise PolicyError(f"local delivery ({local}) needs an aliases file: set the aliases key")
-    aliases = load_aliases(config.aliases, local_delivery=local is not None) if config.aliases else None
-    destinations = load_destinations(config.destinations) if config.destinations else None
-    try:
-        rewriter = load_rewriting(config.rewriting) if config.rewriting else None
-    except RewritingError as exc:
-        raise PolicyError(str(exc)) from None
+        problems.found.append(f"local delivery ({local}) needs an aliases file: set the aliases key")
+    if config.aliases:
+        with problems.collecting():
+            aliases = load_aliases(config.aliases, local_delivery=local is not None)
+    if config.destinations:
+        with problems.collecting():
+            destinations = load_destinations(config.destinations)
+    if config.rewriting:
+        try:
+            rewriter = load_rewriting(config.rewriting)
+        except RewritingError as exc:
+            problems.found.append(str(exc))
     pipe_user = runs_as or config.pipe_user
     for where, hop in rules:
         if hop is not None and hop.kind == PIPE:
-            _check_program_user(where, hop.user or pipe_user, config, runs_as, "pipe")
+            with problems.collecting():
+                _check_program_user(where, hop.user or pipe_user, config, runs_as, "pipe")
     if local is not None and aliases is not None:
         for alias in aliases.entries:
-            _check_program_user(alias.where, alias.user, config, runs_as, "local delivery", own_user_ok=True)
+            with problems.collecting():
+                _check_program_user(alias.where, alias.user, config, runs_as, "local delivery", own_user_ok=True)
+    problems.check()
     return Policy(config.default_transport, config.relayhost, transport_map, aliases, rewriter, config.rewrite_both,
                   pipe_user, destinations)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from policy.next_hop import NextHop, NextHopError, parse_next_hop
-from policy.policy_file import read_lines
+from policy.policy_file import Problems, read_lines
 from router.address import AddressError, check_domain, parse_path, split_address
 
 _VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -156,30 +156,36 @@ class TransportMap:
 def load_definitions(path: str) -> dict[str, str]:
     """The transport-defs file: `name value` a line, for `$name` in the transports file."""
     definitions: dict[str, str] = {}
+    problems = Problems(PolicyError)
     for where, line in file_lines(path):
-        name, _, value = line.partition(" ")
-        if not _NAME.fullmatch(name):
-            raise PolicyError(f"{where}: {name!r} is not a variable name (letters, digits, _)")
-        if not value.strip():
-            raise PolicyError(f"{where}: variable {name} has no value")
-        if name in definitions:
-            raise PolicyError(f"{where}: variable {name} is defined twice")
-        definitions[name] = value.strip()
+        with problems.collecting():
+            name, _, value = line.partition(" ")
+            if not _NAME.fullmatch(name):
+                raise PolicyError(f"{where}: {name!r} is not a variable name (letters, digits, _)")
+            if not value.strip():
+                raise PolicyError(f"{where}: variable {name} has no value")
+            if name in definitions:
+                raise PolicyError(f"{where}: variable {name} is defined twice")
+            definitions[name] = value.strip()
+    problems.check()
     return definitions
 
 
 def load_transport_map(path: str, definitions: dict[str, str], defs_path: str = "") -> TransportMap:
     base_dir = os.path.dirname(os.path.abspath(path))
     rules = []
+    problems = Problems(PolicyError)
     for position, (where, line) in enumerate(file_lines(path)):
-        line = _substitute(line, definitions, where, defs_path)
-        destination, hop_text = split_rule(line, where)
-        pattern = check_pattern(destination, where)
-        try:
-            next_hop = parse_next_hop(hop_text, base_dir)
-        except NextHopError as exc:
-            raise PolicyError(f"{where}: next hop {hop_text!r}: {exc}") from None
-        rules.append(Rule(destination, next_hop, where, position, pattern))
+        with problems.collecting():
+            line = _substitute(line, definitions, where, defs_path)
+            destination, hop_text = split_rule(line, where)
+            pattern = check_pattern(destination, where)
+            try:
+                next_hop = parse_next_hop(hop_text, base_dir)
+            except NextHopError as exc:
+                raise PolicyError(f"{where}: next hop {hop_text!r}: {exc}") from None
+            rules.append(Rule(destination, next_hop, where, position, pattern))
+    problems.check()
     return TransportMap(rules)
 
 

@@ -46,7 +46,8 @@ QueueDirOption = Annotated[Optional[str], typer.Option("--queue-dir", help="spoo
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"qrouter: {message}", err=True)
+    """Say `message` on stderr, each of its lines after `qrouter: `, and give the exit to raise."""
+    typer.echo("\n".join(f"qrouter: {line}" for line in message.splitlines() or [""]), err=True)
     return typer.Exit(code)
 
 
@@ -112,7 +113,7 @@ app.command("run")(_with_config_flags(run))
 
 
 def check_config(config: ConfigOption = None, **settings: Any) -> None:
-    """Check the config and every policy file it names; exit non-zero on the first error."""
+    """Check the config and every policy file it names; name every error (exit 78)."""
     loaded = _config(config, _flags(settings))
     _policy(loaded)
     if os.geteuid() == 0:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policy.next_hop import SMTP, NextHop, NextHopError, parse_next_hop
-from policy.policy_file import parse_boolean, read_lines
+from policy.policy_file import Problems, parse_boolean, read_lines
 from router.spool import DEFAULT_SIZE_LIMIT
 from workers.mx_hosts import parse_dns_servers
 from workers.relay_auth import RelayAuthError, load_relay_auth
@@ -336,16 +336,19 @@ def read_file(path: str, only: Collection[str] | None = None) -> dict[str, Any]:
     base_dir = os.path.dirname(os.path.abspath(path))
     values: dict[str, Any] = {}
     seen: dict[str, int] = {}
+    problems = Problems(ConfigError)
     for number, line in read_lines(path, ConfigError, what="config"):
         key, _, text = line.partition(" ")
         if only is not None and key not in only:
             continue
         where = f"{path}:{number}"
-        if key in seen:
-            raise ConfigError(f"{where}: {key} already set at line {seen[key]}")
-        seen[key] = number
-        name, value = parse_value(key, text.strip(), where, base_dir)
-        values[name] = value
+        with problems.collecting():
+            if key in seen:
+                raise ConfigError(f"{where}: {key} already set at line {seen[key]}")
+            seen[key] = number
+            name, value = parse_value(key, text.strip(), where, base_dir)
+            values[name] = value
+    problems.check()
     return values
 
 

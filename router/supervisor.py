@@ -158,7 +158,8 @@ class Supervisor:
             self._start()
         except Exception as exc:
             message = f"cannot start: {exc}"
-            log.critical(message)
+            for problem in str(exc).splitlines():
+                log.critical("cannot start: %s", problem)
             on_ready(message)
             return 1
         on_ready(None)
@@ -297,7 +298,8 @@ class Supervisor:
                 raise ConfigError(f"queue-dir cannot change on reload ({self.config.queue_dir} -> {config.queue_dir})")
             policy = load_policy(config, privileges.fixed_agent_user())
         except (ConfigError, PolicyError) as exc:
-            log.error("reload refused, keeping the running config and policy: %s", exc)
+            for problem in str(exc).splitlines():
+                log.error("reload refused, keeping the running config and policy: %s", problem)
             return
         except Exception:  # a parser that let something through: a bug, but never the daemon's end
             log.exception("reload refused, keeping the running config and policy: unexpected error")

@@ -143,3 +143,25 @@ def test_check_config_names_the_ehlo_name_and_where_it_came_from(tmp_path):
     assert found.stdout.decode().splitlines()[-1] == f"qrouter: EHLO name: {name} (from {source})"
     if socket.gethostname() not in ("localhost", ""):
         assert name != "localhost"
+
+
+def test_check_config_names_every_bad_line_of_every_file(tmp_path):
+    """One run names them all, as file:line, rather than one error per edit and rerun."""
+    config = write(tmp_path, "workers two\nmax-age 1\nmax-age 2\n")
+    result = qrouter("check-config", "--config", str(config))
+    assert result.returncode == 78, result
+    assert result.stderr.decode().splitlines() == [
+        f"qrouter: {config}:1: workers 'two': is not a valid value",
+        f"qrouter: {config}:3: max-age already set at line 2"], result.stderr
+    transports = tmp_path / "transports"
+    transports.write_text("a.example [127.0.0.1]:25\nb.example\n/unclosed queue/discard\nc.example nohop:x\n")
+    destinations = tmp_path / "destinations"
+    destinations.write_text("a.example concurrency=0\nb.example concurrency=2\nc.example colour=blue\n")
+    rewriting = tmp_path / "rewriting"
+    rewriting.write_text("to old.example\n")
+    config = write(tmp_path, f"transports {transports}\ndestinations {destinations}\nrewriting {rewriting}\n")
+    result = qrouter("check-config", "--config", str(config))
+    assert result.returncode == 78, result
+    named = [line.split(": ")[1] for line in result.stderr.decode().splitlines()]
+    assert named == [f"{transports}:2", f"{transports}:3", f"{transports}:4", f"{destinations}:1",
+                     f"{destinations}:3", f"{rewriting}:1"], result.stderr
