@@ -208,6 +208,11 @@ def test_a_delay_warning_goes_once_even_across_kill_9_and_a_restart(daemons, tmp
     [delayed] = status_groups(warning)[1:]
     assert (delayed["Action"], delayed["Status"]) == (DELAYED, "4.2.1") and "Will-Retry-Until" in delayed
     assert all_failures(warning)[1] == frozenset(), "a warning is no failure"
+    notification, _, returned = warning.iter_parts()
+    assert returned.get_content_type() == "text/rfc822-headers", "a warning returns the header only, as Postfix"
+    assert returned.get_content().replace("\r\n", "\n").rstrip("\n") == ORIGINAL.split(b"\n\n")[0].decode()
+    assert "in the end. Its header is attached below." in notification.get_content()
+    assert notification.get_content_charset() == "us-ascii" and notification["Content-Transfer-Encoding"] == "7bit"
     stored = parse((daemon.spool / "deferred" / queue_id).read_bytes())
     assert stored.warned and (daemon.spool / "deferred" / queue_id).read_bytes().startswith(b"qrouter-queue-file 3\n")
 

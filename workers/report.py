@@ -2,7 +2,9 @@
 
 A report is a message of its own (RFC 6522 multipart/report, report-type delivery-status): a
 text part a person can read, a message/delivery-status part a program can (RFC 3464), and the
-original message, or only its header (RET=HDRS, or a message larger than bounce-size-limit).
+original message, or only its header (RET=HDRS, a message larger than bounce-size-limit, and
+every delay warning: as Postfix, and as RFC 3461 suggests, a sender told that mail is still
+being tried needs to know which message, not a second copy of it).
 A message with an address that is not ASCII gets the RFC 6533 forms (message/global-delivery-
 status, message/global). The report's envelope sender is <>, so that no report is ever made
 about a report: a mail loop cannot start here.
@@ -51,9 +53,9 @@ def build(*, queue_id: str, arrival: float, sender: str, envid: str, ret: str, m
     boundary = f"{queue_id}.{uuid.uuid4().hex}/{me}"
     original = message.replace(b"\r\n", b"\n")
     unicode = any(not address.isascii() for address in (sender, to, *(n.recipient.address for n in notices)))
-    headers_only = ret.upper() == "HDRS" or len(message) > size_limit
     actions = {notice.action for notice in notices}
     main = FAILED if FAILED in actions else DELAYED if DELAYED in actions else notices[0].action
+    headers_only = ret.upper() == "HDRS" or len(message) > size_limit or main == DELAYED
     fields = [
         f"From: Mail Delivery System <MAILER-DAEMON@{me}>",
         f"To: <{to}>",
@@ -75,11 +77,13 @@ def build(*, queue_id: str, arrival: float, sender: str, envid: str, ret: str, m
     else:
         returned_type, returned = ("message/global" if unicode else "message/rfc822"), original
     description = ("Undelivered Message" if main == FAILED else "Message") + (" Headers" if headers_only else "")
+    text = _text(main, notices, me, headers_only).encode()
+    status = _delivery_status(queue_id, arrival, envid, notices, me, now, retry_until, unicode).encode()
     parts = [
-        ("Content-Description: Notification\nContent-Type: text/plain; charset=utf-8\n"
-         "Content-Transfer-Encoding: 8bit", _text(main, notices, me, headers_only).encode()),
-        (f"Content-Description: Delivery report\nContent-Type: {status_type}\nContent-Transfer-Encoding: 8bit",
-         _delivery_status(queue_id, arrival, envid, notices, me, now, retry_until, unicode).encode()),
+        (f"Content-Description: Notification\nContent-Type: text/plain; "
+         f"charset={'us-ascii' if text.isascii() else 'utf-8'}\nContent-Transfer-Encoding: {_encoding(text)}", text),
+        (f"Content-Description: Delivery report\nContent-Type: {status_type}\n"
+         f"Content-Transfer-Encoding: {_encoding(status)}", status),
         (f"Content-Description: {description}\nContent-Type: {returned_type}\n"
          f"Content-Transfer-Encoding: {_encoding(returned)}", returned),
     ]
@@ -109,7 +113,7 @@ def _text(main: str, notices: list[Notice], me: str, headers_only: bool) -> str:
                 f"recipients. {attached}",
         DELAYED: "Your message could not be delivered yet to one or more recipients. It is still in\n"
                  "the queue and will be tried again: you do not need to send it again now. This is a\n"
-                 "warning only; you will hear again if it cannot be delivered in the end.",
+                 f"warning only; you will hear again if it cannot be delivered in the end. {attached}",
     }.get(main, f"Your message was delivered to the recipients below, as you asked. {attached}")
     lines = [f"This is the mail system at host {me}.", "", opening, ""]
     if main == FAILED:
