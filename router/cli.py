@@ -303,23 +303,33 @@ def enqueue(
     queue_dir: QueueDirOption = None,
     config: ConfigOption = None,
     notify: Annotated[str, typer.Option("--notify", help="DSN NOTIFY for every recipient")] = "",
+    create: Annotated[bool, typer.Option(
+        "--create", help="make the spool given by --queue-dir if it does not exist")] = False,
 ) -> None:
     """Queue the message on standard input, after a Received: field naming the submitting user;
-    print its queue id. The spool is made if the daemon has not made it yet.
+    print its queue id. The configured spool is made (and said so) if no daemon has made it yet;
+    one named by --queue-dir only with --create, since a mistyped path would make a spool that no
+    daemon reads.
 
-    Exits 75 when the spool cannot take it (try again later), 64 for bad arguments or a message
-    larger than message-size-limit."""
+    Exits 75 when the spool cannot take it (try again later), 64 for bad arguments, a spool that
+    does not exist or a message larger than message-size-limit."""
     loaded = _config(config, {"queue-dir": queue_dir} if queue_dir else {})
     try:
         recipients = [parse_path(rcpt) for rcpt in recipients]  # as queued, for the Received: field
     except AddressError as exc:
         raise _fail(str(exc), EX_USAGE) from None
+    new = not os.path.isdir(os.path.join(loaded.queue_dir, INCOMING))
+    if new and queue_dir is not None and not create:
+        raise _fail(f"no spool at {loaded.queue_dir}: no daemon has made one there; check --queue-dir, "
+                    "or give --create to make it", EX_USAGE)
     message = read_up_to(sys.stdin.buffer, loaded.message_size_limit + 1)  # more is refused: no need to read it all
     try:
         queue_id = queue_local(loaded, sender, recipients, lambda queue_id: prepend_fields(
             message, [received(loaded.hostname, queue_id, recipients)]), notify=notify)
     except SpoolError as exc:
         raise _fail(str(exc), EX_TEMPFAIL if exc.temporary else EX_USAGE) from None
+    if new:
+        typer.echo(f"qrouter: made the spool {loaded.queue_dir}: no daemon had made it yet", err=True)
     typer.echo(queue_id)
 
 

@@ -88,7 +88,7 @@ def test_enqueue_into_read_only_spool_is_75(tmp_path, exists):
     if exists:
         Spool(spool).create()
     result = in_private_mounts('mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && '
-                               'qrouter enqueue --queue-dir "$2" -f a@example.org u@example.org', area, spool,
+                               'qrouter enqueue --create --queue-dir "$2" -f a@example.org u@example.org', area, spool,
                                stdin=MESSAGE)
     assert result.returncode == 75, result.stderr
     assert f"qrouter: cannot queue into {spool}: Read-only file system" in result.stderr.decode()
@@ -100,6 +100,20 @@ def test_enqueue_into_read_only_spool_is_75(tmp_path, exists):
     assert not mounted_under(area)
 
 
+def test_enqueue_into_a_spool_that_does_not_exist_needs_create(tmp_path):
+    """A mistyped --queue-dir must not make a spool no daemon reads, and take the mail there."""
+    spool = tmp_path / "sppol"
+    result = qrouter("enqueue", "--queue-dir", str(spool), "-f", "a@example.org", "u@example.org", stdin=MESSAGE)
+    assert result.returncode == 64 and result.stdout == b"", result
+    assert result.stderr.decode() == (f"qrouter: no spool at {spool}: no daemon has made one there; check "
+                                      "--queue-dir, or give --create to make it\n")
+    assert not spool.exists()
+    made = qrouter("enqueue", "--create", "--queue-dir", str(spool), "-f", "a@example.org", "u@example.org",
+                   stdin=MESSAGE)
+    assert made.returncode == 0 and listing(spool / "incoming") == [made.stdout.decode().strip()], made
+    assert f"qrouter: made the spool {spool}: no daemon had made it yet" in made.stderr.decode()
+
+
 def test_enqueue_onto_full_disk_is_75_and_leaves_nothing(tmp_path):
     spool = tmp_path / "spool"
     spool.mkdir()
@@ -108,9 +122,9 @@ def test_enqueue_onto_full_disk_is_75_and_leaves_nothing(tmp_path):
     small.write_bytes(MESSAGE)
     result = in_private_mounts(
         'mount -t tmpfs -o size=1m qrouter-test "$1" || exit 99\n'
-        'qrouter enqueue --queue-dir "$1" -f a@example.org big@example.org < "$2"; echo "big: $?"\n'
+        'qrouter enqueue --create --queue-dir "$1" -f a@example.org big@example.org < "$2"; echo "big: $?"\n'
         'echo "left: $(ls -A "$1/incoming" "$1/tmp" | grep -v : | tr -d "\\n")"\n'
-        'qrouter enqueue --queue-dir "$1" -f a@example.org small@example.org < "$3"; echo "small: $?"\n'
+        'qrouter enqueue --create --queue-dir "$1" -f a@example.org small@example.org < "$3"; echo "small: $?"\n'
         'echo "incoming: $(ls -A "$1/incoming")"; echo "tmp: $(ls -A "$1/tmp")"\n'
         'cat "$1"/incoming/*\n',
         spool, big, small)
