@@ -7,7 +7,7 @@ DEB_PACKAGES := util-linux mount e2fsprogs qpsmtpd swaks libnet-ip-perl maildrop
 # What `make test-under-load` runs: the whole suite, or e.g. TESTS=tests/test_config.py
 TESTS ?=
 
-.PHONY: run test test-under-load bench venv deb-packages run-as-root clean
+.PHONY: run test test-under-load bench venv deb-packages run-as-root needs-root clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,14 +49,22 @@ deb-packages:
 		else echo "missing Debian packages:$$missing (run make test as root, or install them)"; exit 1; fi; \
 	fi
 
-test: $(VENV)/.installed deb-packages run-as-root
+# The suite makes unix users, mounts small filesystems and starts the daemon as root to see it
+# drop to its own user: as anyone else every test would fail in its setup. Said once, first.
+needs-root:
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "make test needs root: the suite creates unix users, mounts small filesystems and starts the daemon as root; run: sudo make test"; \
+		exit 1; \
+	fi
+
+test: needs-root $(VENV)/.installed deb-packages run-as-root
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 # The suite three times in a row while stress-ng keeps four CPUs busy beside it, as on a loaded
 # machine; it fails if any run failed. stress-ng is stopped at the end whatever happens: by the
 # shell's trap, and by its parent-death signal (setpriv --pdeathsig) should the shell be killed.
-test-under-load: $(VENV)/.installed deb-packages run-as-root
+test-under-load: needs-root $(VENV)/.installed deb-packages run-as-root
 	@setpriv --pdeathsig TERM stress-ng --cpu 4 --quiet & stress=$$!; \
 	trap 'kill $$stress 2>/dev/null; wait $$stress 2>/dev/null' EXIT; \
 	trap 'exit 130' INT; trap 'exit 143' TERM; \

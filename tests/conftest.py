@@ -33,12 +33,20 @@ def daemons(tmp_path):
             daemon.kill()
 
 
+NOT_ROOT = ("the tests run as root: they create unix users, mount small filesystems and start the daemon "
+            "as root, as init does; run: sudo make test")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Said once, before any test: as anyone else every test would fail in its setup."""
+    if os.geteuid() != 0:
+        pytest.exit(NOT_ROOT, returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def daemon_user() -> str:
     """The unprivileged user the daemon becomes when a test starts it as root (the tests run as
     root: they install packages, mount filesystems and create users), made as a package would."""
-    if os.geteuid() != 0:
-        pytest.fail("the tests run as root (make test): they start the daemon as root, as init does")
     if subprocess.run(["id", DAEMON_USER], capture_output=True).returncode != 0:
         subprocess.run(["useradd", "--system", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
                         DAEMON_USER], check=True)

@@ -102,3 +102,17 @@ def test_systemd_unit_gives_exactly_the_capabilities_local_delivery_needs(tmp_pa
         assert held == {"supervisor": (0, 0xE0, 0), "network": (0, 0, 0), "local": (0xE0, 0xE0, 0)}
     finally:
         daemon.stop()
+
+
+def test_the_suite_as_a_normal_user_refuses_once_and_says_what_to_run():
+    """Every test needs root (users, mounts, the daemon started as init starts it): as anyone
+    else, one refusal naming the command, not a setup error per test."""
+    as_nobody = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "--"]
+    make = subprocess.run([*as_nobody, "make", "-s", "-C", str(ROOT), "test"], capture_output=True, timeout=60)
+    assert make.returncode != 0, make
+    assert make.stdout.decode().splitlines() == ["make test needs root: the suite creates unix users, mounts small "
+                                                 "filesystems and starts the daemon as root; run: sudo make test"]
+    pytest = subprocess.run([*as_nobody, sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
+                             "tests/test_address.py"], capture_output=True, timeout=60, cwd=ROOT)
+    out = pytest.stdout.decode() + pytest.stderr.decode()
+    assert pytest.returncode == 4 and "run: sudo make test" in out and "error" not in out.lower(), out
