@@ -58,6 +58,25 @@ def _config(config_file: str | None, flags: dict[str, str]) -> Config:
         raise _fail(str(exc), EX_CONFIG) from None
 
 
+def _view_config(config_file: str | None, flags: dict[str, str]) -> Config:
+    """The config of a command that reads the spool, once this user is known to be able to: a
+    spool it may not read would look empty, and its daemon absent."""
+    loaded = _config(config_file, flags)
+    for directory in (loaded.queue_dir, *(os.path.join(loaded.queue_dir, queue) for queue in ALL)):
+        try:
+            os.scandir(directory).close()
+        except PermissionError:
+            raise _fail(_denied(loaded, directory), EX_NOPERM) from None
+        except OSError:
+            continue  # not made yet: nothing queued there
+    return loaded
+
+
+def _denied(loaded: Config, what: str) -> str:
+    who = f"a member of group {loaded.spool_group}" if loaded.spool_group else f"user {loaded.user}"
+    return f"permission denied: {what} (run as root or as {who})"
+
+
 def run(config: ConfigOption = None,
         foreground: Annotated[bool, typer.Option("--foreground", help="stay in the foreground, log to stderr")] = False,
         **settings: Any) -> None:
@@ -364,7 +383,7 @@ def status(
     """Show the queues, the workers and what has been delivered since start.
 
     Takes every config key as a flag, as `qrouter run` does (--queue-dir, --status-socket...)."""
-    loaded = _config(config, _flags(settings))
+    loaded = _view_config(config, _flags(settings))
     if shape is not None:  # read from the files: no daemon needed, and the daemon is not slowed
         found = messages(Spool(loaded.queue_dir), WAITING if shape == "all" else _queues(shape))
         typer.echo("\n".join(queue_shape(found, time.time(), by_sender)))
@@ -389,7 +408,7 @@ def top(config: ConfigOption = None, **settings: Any) -> None:
     q or Ctrl-C quits. Not on a terminal, it prints one view and exits."""
     from router import top as top_view  # rich only for this command
 
-    raise typer.Exit(top_view.run(_config(config, _flags(settings))))
+    raise typer.Exit(top_view.run(_view_config(config, _flags(settings))))
 
 
 app.command("top")(_with_config_flags(top))
@@ -470,7 +489,7 @@ def queue_list(queue: QueueOption = "waiting", to_domain: ToDomain = None, sende
                config: ConfigOption = None, **settings: Any) -> None:
     """One entry per message, as mailq: id (* active, ! held), size, arrival, sender, and each
     pending recipient under its last reply. Streams: the first line comes at once."""
-    loaded = _config(config, _flags(settings))
+    loaded = _view_config(config, _flags(settings))
     queues = WAITING if queue == "waiting" else _queues(queue)
     selection = _selection(loaded, to_domain, sender, older_than, reply, destination)
     count = 0
@@ -490,7 +509,7 @@ def queue_show(queue_id: Annotated[str, typer.Argument(help="queue id")],
                config: ConfigOption = None, **settings: Any) -> None:
     """Everything about one message: envelope, each recipient's state and last reply, the history
     of its attempts, its header (and body with --body)."""
-    loaded = _config(config, _flags(settings))
+    loaded = _view_config(config, _flags(settings))
     spool = Spool(loaded.queue_dir)
     found = find(spool, queue_id)
     if found is None:
@@ -524,7 +543,7 @@ def queue_why(queue_id: Annotated[str, typer.Argument(help="queue id")],
               config: ConfigOption = None, **settings: Any) -> None:
     """Why a message is still here: for each pending recipient the route now, the state of its
     destination in the daemon, the last reply, and when and why the next attempt happens."""
-    loaded = _config(config, _flags(settings))
+    loaded = _view_config(config, _flags(settings))
     found = find(Spool(loaded.queue_dir), queue_id)
     if found is None:
         raise _fail(f"{queue_id}: no such message (delivered, deleted or never queued)", 1)
@@ -592,8 +611,8 @@ def _change(command: str, ids: list[str] | None, loaded: Config, selection: Sele
                     answer = query(loaded.socket_path, {"command": command, "ids": targets}, timeout=120)
                 except StatusError as exc:
                     raise _fail(f"the daemon runs but does not answer: {exc}", EX_TEMPFAIL) from None
-    except SpoolNotAllowed as exc:
-        raise _fail(f"{exc}; run this as root or as the daemon's user ({loaded.user})", EX_NOPERM) from None
+    except SpoolNotAllowed:
+        raise _fail(_denied(loaded, loaded.queue_dir), EX_NOPERM) from None
     if "error" in answer:
         raise _fail(answer["error"], EX_NOPERM if answer["error"].startswith("permission") else 1)
     for queue_id, what in answer["done"].items():
@@ -613,7 +632,7 @@ def _changer(command: str, queues: tuple[str, ...], doc: str, confirm: bool = Fa
                every_deferred: Annotated[bool, typer.Option("--all-deferred", help="every deferred message")] = False,
                yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
                config: ConfigOption = None, **settings: Any) -> None:
-        loaded = _config(config, _flags(settings))
+        loaded = _view_config(config, _flags(settings))
         selection = _selection(loaded, to_domain, sender, older_than, reply, destination)
         if confirm and not yes:
             if not sys.stdin.isatty():

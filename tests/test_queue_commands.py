@@ -22,7 +22,7 @@ from router.queue_file import QueueFile, Recipient, parse
 from router.queue_id import arrival_of, new_queue_id
 from router.spool import Spool
 from tests.daemon import DAEMON_USER, ROOT, message_in, qrouter, wait_for
-from tests.unix_users import ALICE, EXTRA_GROUP, script
+from tests.unix_users import ALICE, BOB, EXTRA_GROUP, script
 
 LATER = ["--default-transport", "queue/retry 4.2.1 try later", "--min-backoff", "600"]
 
@@ -244,9 +244,28 @@ def test_a_user_who_may_not_open_the_spool_is_told_so_in_one_line(daemons, unix_
     assert daemon.stop() == 0
     for args in (["delete", "--yes", queue_id], ["hold", queue_id], ["requeue", "--all"]):
         assert queue(daemon, *args, user=ALICE) == (
-            77, "", f"qrouter: cannot open spool {daemon.spool}: Permission denied; run this as root or as the "
-                    f"daemon's user ({DAEMON_USER})\n"), args
+            77, "", f"qrouter: permission denied: {daemon.spool} (run as root or as user {DAEMON_USER})\n"), args
     assert daemon.files("deferred") == [queue_id]
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_a_user_who_may_not_read_the_spool_is_never_told_it_is_empty(daemons, unix_users, group):
+    """Every view (list, show, why, shape, status, top, and the listing behind --all) says why it
+    cannot look, exit 77, where it used to say the queue is empty or the daemon is not running."""
+    daemon = daemons(*LATER, *(["--spool-group", EXTRA_GROUP] if group else []))
+    [queue_id] = deferred_mail(daemon, 1)
+    as_bob = ["setpriv", "--reuid", BOB, "--regid", BOB, "--init-groups"]  # in neither group
+    who = f"a member of group {EXTRA_GROUP}" if group else f"user {DAEMON_USER}"
+    config = ["--queue-dir", str(daemon.spool), *(["--spool-group", EXTRA_GROUP] if group else [])]
+    for args in (["queue", "list"], ["queue", "show", queue_id], ["queue", "why", queue_id],
+                 ["status", "--shape", "deferred"], ["status"], ["top"], ["queue", "flush", "--all"]):
+        result = qrouter(*args, *config, launcher_prefix=as_bob)
+        assert (result.returncode, result.stdout) == (77, b""), (args, result)
+        assert result.stderr.decode() == f"qrouter: permission denied: {daemon.spool} (run as root or as {who})\n"
+    if group:  # the group may look
+        result = qrouter("queue", "list", *config, launcher_prefix=["setpriv", "--reuid", ALICE, "--regid", ALICE,
+                                                                     "--init-groups"])
+        assert result.returncode == 0 and queue_id in result.stdout.decode(), result
 
 
 def test_a_message_being_delivered_is_held_after_its_attempt(daemons, tmp_path, world_dir):
