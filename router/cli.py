@@ -18,7 +18,7 @@ from policy.rewriting import FROM, TO
 from policy.routing import Policy, load_policy
 from policy.transport_map import PolicyError
 from router import config as config_module
-from router import daemon, privileges
+from router import daemon, privileges, reach
 from router import log as log_module
 from router.address import AddressError, parse_path
 from router.config import KEYS, Config, ConfigError
@@ -132,15 +132,22 @@ app.command("run")(_with_config_flags(run))
 
 
 def check_config(config: ConfigOption = None, **settings: Any) -> None:
-    """Check the config and every policy file it names; name every error (exit 78)."""
+    """Check the config and every policy file it names, and that the daemon's user can read them
+    and make the Maildirs its next hops name; name every error (exit 78)."""
     loaded = _config(config, _flags(settings))
-    _policy(loaded)
+    policy = _policy(loaded)
+    files, bases = reach.files_read(loaded, config), reach.maildir_bases(policy)
     if os.geteuid() == 0:
         try:
             entry = privileges.account(loaded.user)
         except privileges.PrivilegeError as exc:
             raise _fail(str(exc), EX_CONFIG) from None
         typer.echo(f"qrouter: started as root, runs as user {entry.pw_name} (uid {entry.pw_uid})")
+        unreachable = reach.problems_as(entry, loaded.spool_group, files, bases)
+    else:
+        unreachable = reach.problems(files, bases)  # the daemon runs as whoever starts it
+    if unreachable:
+        raise _fail("\n".join(unreachable), EX_CONFIG)
     typer.echo(f"qrouter: config {config or '(flags only)'} and its policy files are valid")
     name, source = loaded.hostname_choice()
     typer.echo(f"qrouter: EHLO name: {name} (from {source})")

@@ -22,7 +22,7 @@ from policy.next_hop import SMTP, NextHop, NextHopError, parse_next_hop
 from policy.policy_file import Problems, parse_boolean, read_lines
 from router.spool import DEFAULT_SIZE_LIMIT
 from workers.mx_hosts import parse_dns_servers
-from workers.relay_auth import RelayAuthError, load_relay_auth
+from workers.relay_auth import Credentials, RelayAuthError, load_relay_auth
 from workers.smtp_client import TLS_MAY, TLS_POLICIES, Timeouts
 
 QPSMTPD_ME = "/etc/qpsmtpd/me"
@@ -138,7 +138,7 @@ def _existing_file(text: str, base_dir: str) -> str:
     return path
 
 
-def _relay_auth(text: str, base_dir: str) -> dict[str, tuple[str, str]]:
+def _relay_auth(text: str, base_dir: str) -> Credentials:
     return load_relay_auth(_path(text, base_dir))
 
 
@@ -229,7 +229,8 @@ class Config:
     dns_timeout: float = _key("dns-timeout", _non_negative, 10.0, "seconds for one DNS lookup")
     smtp_tls: str = _key("smtp-tls", _tls_policy, TLS_MAY, "STARTTLS: may, encrypt (verified) or none")
     smtp_tls_ca: str = _key("smtp-tls-ca", _existing_file, "", "CA certificates for smtp-tls encrypt")
-    relay_auth: dict = _key("relay-auth", _relay_auth, None, "file of 'host user password' lines (mode 0600)")
+    relay_auth: Credentials | None = _key("relay-auth", _relay_auth, None,
+                                          "file of 'host user password' lines (mode 0600)")
     smtp_plaintext_auth: bool = _key(
         "smtp-plaintext-auth", _boolean, False, "allow AUTH over connections without TLS")
     smtp_timeouts: Timeouts = _key("smtp-timeouts", _timeouts, Timeouts(),

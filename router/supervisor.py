@@ -36,7 +36,7 @@ from policy.next_hop import NextHop
 from policy.routing import load_policy
 from policy.transport_map import PolicyError
 from router import log as log_module
-from router import privileges, status_socket
+from router import privileges, reach, status_socket
 from router.config import Config, ConfigError, load
 from router.control import COMMANDS, Daemon, QueueCommands
 from router.dispatcher import PROBE_SECONDS, Dispatcher, Limits, Routed, Suspension, Task
@@ -182,6 +182,7 @@ class Supervisor:
         self._take_identity()
         self._open_files_for_sessions()
         self.policy = load_policy(self.config, privileges.fixed_agent_user())
+        self._check_reach()
         os.makedirs(self.config.queue_dir, mode=0o700, exist_ok=True)
         self.lock.acquire()
         self.spool.create()
@@ -223,6 +224,15 @@ class Supervisor:
         privileges.become(entry, self.config.spool_group)
         log.info("running as user %s (uid %d); the spool belongs to it%s", entry.pw_name, entry.pw_uid,
                  f" ({changed} files and directories given to it)" if changed else "")
+
+    def _check_reach(self) -> None:
+        """As the user it has become: a file it could not read again would fail the first
+        reload, so it is refused now; a Maildir base it cannot write defers that mail, said now."""
+        unreadable = reach.problems(reach.files_read(self.config, self.config_path), [])
+        if unreadable:
+            raise ConfigError("\n".join(unreadable))
+        for problem in reach.problems([], reach.maildir_bases(self.policy)):
+            log.warning(problem)
 
     def _open_files_for_sessions(self) -> None:
         """A worker holds a connection per session and as many kept idle (docs/architecture.md),

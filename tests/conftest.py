@@ -50,6 +50,8 @@ def daemon_user() -> str:
     if subprocess.run(["id", DAEMON_USER], capture_output=True).returncode != 0:
         subprocess.run(["useradd", "--system", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
                         DAEMON_USER], check=True)
+    # as docs/deployment.md sets it up: Maildirs under /var/mail (root:mail 2775) are written as it
+    subprocess.run(["usermod", "-aG", "mail", DAEMON_USER], check=True)
     probe = subprocess.run(["setpriv", "--reuid", DAEMON_USER, "--regid", DAEMON_USER, "--clear-groups",
                             sys.executable, "-c", "import encodings.idna"], capture_output=True)
     if probe.returncode != 0:

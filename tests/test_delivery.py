@@ -90,3 +90,22 @@ def test_queue_file_whose_id_differs_from_its_name_goes_to_corrupt(daemons):
     wait_for(lambda: daemon.files("corrupt") == [other], what="the file in corrupt/")
     assert f"its id line says {queue_id}, not its file name" in daemon.log()
     assert not daemon.delivered()
+
+
+def test_a_maildir_base_the_daemon_user_cannot_write_is_named_with_the_user(daemons, tmp_path):
+    """As /var/mail (root:mail 2775) for a daemon user outside group mail: check-config and the
+    start say so, and each deferral names the user that was refused."""
+    base = tmp_path / "mailroot"
+    base.mkdir(mode=0o755)
+    os.chmod(base, 0o755)  # root's, as the test runs as root
+    template = f"queue/maildir {base}/%d/%u"
+    checked = qrouter("check-config", "--queue-dir", str(tmp_path / "spool"), "--default-transport", template)
+    problem = (f"default-transport: Maildirs under {base}: user qrouter cannot make directories in {base} "
+               "(root:root 755), and delivers as that user: its mail would be deferred")
+    assert checked.returncode == 78 and checked.stderr.decode() == f"qrouter: {problem}\n", checked
+    daemon = daemons("--default-transport", template, "--min-backoff", "600")
+    assert f"warning: {problem}" in daemon.log()
+    queue_id = Spool(daemon.spool).enqueue("a@example.org", ["u@example.org"], b"Subject: x\n\nx\n")
+    wait_for(lambda: f"{queue_id}: to=<u@example.org>" in daemon.log(), what="the attempt")
+    assert (f"status=deferred (cannot deliver to Maildir: Permission denied: {base}/example.org "
+            "(as user qrouter))") in daemon.log(), daemon.log()

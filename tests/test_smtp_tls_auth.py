@@ -3,6 +3,7 @@ daemon: aiosmtpd servers with certificates from a test CA, a real DNS server, lo
 
 from __future__ import annotations
 
+import shutil
 import socket
 import ssl
 import time
@@ -15,7 +16,7 @@ from aiosmtpd.smtp import AuthResult
 
 from router.queue_file import PENDING, parse
 from router.spool import Spool
-from tests.daemon import qrouter, reachable, wait_for
+from tests.daemon import DAEMON_USER, qrouter, reachable, wait_for
 from tests.dns_server import DNSServer
 from tests.smtp_servers import SERVER_NAME, AioServer, Peer, Recorder, ScriptedServer
 
@@ -117,10 +118,13 @@ def deferred(daemon, queue_id: str):
     return parse(path.read_bytes(), str(path)).recipients
 
 
-def relay_auth_file(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
+def relay_auth_file(tmp_path: Path, text: str, mode: int = 0o600, owner: str = DAEMON_USER) -> Path:
+    """The credentials file, the daemon user's as docs/deployment.md says: it reads it again at
+    every reload."""
     path = tmp_path / "relay-auth"
     path.write_text(text)
     path.chmod(mode)
+    shutil.chown(path, owner)
     return path
 
 
@@ -257,6 +261,20 @@ def test_a_wrong_password_defers_and_never_bounces(daemons, pki, tmp_path):
     assert rcpt.reply.startswith("SASL authentication failed; ") and "535 5.7.8" in rcpt.reply
     assert accounts.attempts == [("PLAIN", b"user", b"wrong")]
     assert server.handler.messages == [] and "status=bounced" not in daemon.log()
+
+
+def test_a_relay_auth_file_the_daemon_user_cannot_read_is_found_before_the_first_reload(tmp_path):
+    """Read as root at the start, it passed; the first reload, as the daemon's user, failed.
+    Now check-config and the start both say so, naming the file, its owner and the user."""
+    credentials = relay_auth_file(tmp_path, "127.0.0.1 user secret\n", owner="root")
+    spool = tmp_path / "spool"
+    problem = (f"relay-auth {credentials}: user {DAEMON_USER} cannot read it (root:root 600), and reads it "
+               "again at every reload: give it to that user or to a group of it")
+    checked = qrouter("check-config", "--queue-dir", str(spool), "--relay-auth", str(credentials))
+    assert checked.returncode == 78 and f"qrouter: {problem}\n" in checked.stderr.decode(), checked
+    started = qrouter("run", "--foreground", "--queue-dir", str(spool), "--relay-auth", str(credentials))
+    assert started.returncode == 1 and f"fatal: cannot start: {problem}" in started.stderr.decode(), started
+    assert "secret" not in checked.stderr.decode() + started.stderr.decode()
 
 
 def test_a_relay_auth_file_others_may_read_stops_the_daemon_from_starting(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import pwd
 import re
 import socket
 import time
@@ -76,9 +77,10 @@ class MaildirTransport(NoOpClose):
             fsync_dir(os.path.join(directory, "new"))
         except OSError as exc:
             self.known.discard(directory)
+            refused = f" (as user {pwd.getpwuid(os.getuid()).pw_name})" if isinstance(exc, PermissionError) else ""
             return Outcome(DEFERRED, "4.2.0" if exc.filename else "4.3.0",
                            f"cannot deliver to Maildir: {exc.strerror or exc}"
-                           + (f": {exc.filename}" if exc.filename else ""), relay)
+                           + (f": {exc.filename}" if exc.filename else "") + refused, relay)
         return Outcome(SENT, "2.0.0", f"delivered to maildir as {name}", relay)
 
     def _unique_name(self) -> str:

@@ -15,9 +15,18 @@ class RelayAuthError(ValueError):
     pass
 
 
-def load_relay_auth(path: str) -> dict[str, tuple[str, str]]:
-    """Map relay host (as written in `relayhost`, lower case) to (user, password)."""
-    credentials: dict[str, tuple[str, str]] = {}
+class Credentials(dict[str, tuple[str, str]]):
+    """Relay host (as written in `relayhost`, lower case) -> (user, password), and the file they
+    came from (read again at every reload)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+
+def load_relay_auth(path: str) -> Credentials:
+    """The credentials in the file at `path`."""
+    credentials = Credentials(path)
     for number, line in read_lines(path, RelayAuthError, private=True):
         parts = line.split(None, 2)
         if len(parts) != 3:
