@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from typing import Annotated, Any, Optional
 
 import typer
@@ -41,8 +42,8 @@ EX_USAGE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 64, 75, 77, 78
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="qrouter: a policy mail router and spooler beside qpsmtpd.")
 
-ConfigOption = Annotated[Optional[str], typer.Option("--config", help="config file (key value a line)")]  # noqa: UP045
-QueueDirOption = Annotated[Optional[str], typer.Option("--queue-dir", help="spool directory")]  # noqa: UP045
+ConfigOption = Annotated[Optional[str], typer.Option("--config", metavar="FILE", help="config file (key value a line)")]  # noqa: UP045
+QueueDirOption = Annotated[Optional[str], typer.Option("--queue-dir", metavar="PATH", help="spool directory")]  # noqa: UP045
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -107,6 +108,12 @@ def run(config: ConfigOption = None,
 
 
 KEYS_BY_PARAM = {key.replace("-", "_"): key for key in KEYS}
+# The config keys each command takes as flags: what it uses. All of them are in `qrouter keys`,
+# and any can be set for any command in the file --config names.
+SPOOL_KEYS = ("queue-dir", "status-socket", "spool-group", "user")
+POLICY_KEYS = ("default-transport", "relayhost", "transports", "transport-defs", "aliases", "rewriting",
+               "destinations", "rewrite-both", "pipe-user", "user")
+ROUTE_KEYS = (*POLICY_KEYS, "me", "dns-servers", "dns-timeout", "smtp-port", "command-time-limit")
 
 
 def _flags(settings: dict[str, Any]) -> dict[str, str]:
@@ -114,17 +121,27 @@ def _flags(settings: dict[str, Any]) -> dict[str, str]:
     return {KEYS_BY_PARAM[name]: value for name, value in settings.items() if value is not None}
 
 
-def _with_config_flags(function):
-    """Give a command that reads the config (run, check-config, route, status) one --flag per
-    config key, from the one table in router.config, so each answers for the configuration that
-    `qrouter run` with the same flags uses."""
+def _with_config_flags(function, keys: Iterable[str] = KEYS):
+    """Give a command that reads the config one --flag per config key it uses (`keys`), from the
+    one table in router.config, so each answers for the configuration that `qrouter run` with
+    the same flags uses."""
     signature = inspect.signature(function)
     params = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-    for param_name, key in KEYS_BY_PARAM.items():
-        option = typer.Option(f"--{key}", help=KEYS[key].metadata["help"], show_default=False)
-        params.append(inspect.Parameter(param_name, inspect.Parameter.KEYWORD_ONLY, default=None,
+    for key in dict.fromkeys(keys):
+        metadata = KEYS[key].metadata
+        option = typer.Option(f"--{key}", help=metadata["help"], metavar=metadata["metavar"], show_default=False)
+        params.append(inspect.Parameter(key.replace("-", "_"), inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=Annotated[Optional[str], option]))  # noqa: UP045
     function.__signature__ = signature.replace(parameters=params)
+    return function
+
+
+def _without(function, *names: str):
+    """`function` without the parameters `names` (they keep their defaults): options that mean
+    nothing for one of the commands made from it."""
+    signature = inspect.signature(function)
+    function.__signature__ = signature.replace(
+        parameters=[p for p in signature.parameters.values() if p.name not in names])
     return function
 
 
@@ -156,9 +173,23 @@ def check_config(config: ConfigOption = None, **settings: Any) -> None:
 app.command("check-config")(_with_config_flags(check_config))
 
 
+@app.command("keys")
+def keys() -> None:
+    """Every config key: how it is written, its default, what it does. Each is a line `key value`
+    of the file --config names, and a --key flag of run and check-config (of other commands too,
+    where they use it)."""
+    for key, entry in KEYS.items():
+        default, text = entry.default, entry.metadata["help"]
+        if "(default" not in text and "(unset" not in text:  # else the help says it better
+            shown = "unset" if default in (None, "") else ("yes" if default else "no") if isinstance(default, bool) \
+                else f"{default:g}" if isinstance(default, float) else str(default)
+            text += f" (default: {shown})"
+        typer.echo(f"{key} {entry.metadata['metavar']}\n    {text}")
+
+
 def route(
-    address: Annotated[str, typer.Argument(help="recipient address")],
-    sender: Annotated[str, typer.Option("--from", help="envelope sender")] = "<>",
+    address: Annotated[str, typer.Argument(metavar="ADDRESS", help="recipient address")],
+    sender: Annotated[str, typer.Option("--from", metavar="ADDRESS", help="envelope sender")] = "<>",
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     resolve: Annotated[bool, typer.Option(
@@ -169,7 +200,7 @@ def route(
     """Explain where a recipient goes now: rewriting, the rule that matched, the alias, the next hop,
     and the destination settings that apply to it.
 
-    Takes every config key as a flag, as `qrouter run` does. With --resolve it also shows, in the
+    Takes the config keys of routing as flags, as `qrouter run` does. With --resolve it also shows, in the
     order delivery tries them, the MX hosts (by preference; equal preferences are shuffled at each
     delivery) or relay hosts and their addresses, or why mail would bounce or be deferred."""
     loaded = _config(config, _flags(settings))
@@ -220,7 +251,7 @@ def route(
     typer.echo("\n".join(lines))
 
 
-app.command("route")(_with_config_flags(route))
+app.command("route")(_with_config_flags(route, ROUTE_KEYS))
 
 def _format_settings(settings: DestinationSettings, rules: DestinationRules) -> str:
     """`concurrency=5 recipients=50 ... (from FILE:LINE)`, or the defaults and why they apply."""
@@ -324,11 +355,12 @@ def _policy(loaded: Config) -> Policy:
 
 @app.command()
 def enqueue(
-    recipients: Annotated[list[str], typer.Argument(help="recipient addresses")],
-    sender: Annotated[str, typer.Option("-f", "--from", help="envelope sender; <> for none")],
+    recipients: Annotated[list[str], typer.Argument(metavar="RECIPIENT...", help="recipient addresses")],
+    sender: Annotated[str, typer.Option("-f", "--from", metavar="ADDRESS", help="envelope sender; <> for none")],
     queue_dir: QueueDirOption = None,
     config: ConfigOption = None,
-    notify: Annotated[str, typer.Option("--notify", help="DSN NOTIFY for every recipient")] = "",
+    notify: Annotated[str, typer.Option(
+        "--notify", metavar="NEVER|SUCCESS,FAILURE,DELAY", help="DSN NOTIFY for every recipient")] = "",
     create: Annotated[bool, typer.Option(
         "--create", help="make the spool given by --queue-dir if it does not exist")] = False,
 ) -> None:
@@ -382,14 +414,15 @@ def status(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     shape: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        "--shape", help="instead, the shape of a queue (deferred, incoming, active, hold, all) as qshape: "
-                        "pending recipients by domain and age in minutes, and by last error")] = None,
+        "--shape", metavar="QUEUE", help="instead, the shape of a queue (deferred, incoming, active, hold, all) "
+                                         "as qshape: pending recipients by domain and age in minutes, and by last "
+                                         "error")] = None,
     by_sender: Annotated[bool, typer.Option("--sender", help="with --shape: by sender domain")] = False,
     **settings: Any,
 ) -> None:
     """Show the queues, the workers and what has been delivered since start.
 
-    Takes every config key as a flag, as `qrouter run` does (--queue-dir, --status-socket...)."""
+    Takes the config keys of the spool as flags, as `qrouter run` does (--queue-dir, --status-socket...)."""
     loaded = _view_config(config, _flags(settings))
     if shape is not None:  # read from the files: no daemon needed, and the daemon is not slowed
         found = messages(Spool(loaded.queue_dir), WAITING if shape == "all" else _queues(shape))
@@ -407,7 +440,7 @@ def status(
     typer.echo(json.dumps(answer, indent=2) if as_json else format_status(answer))
 
 
-app.command("status")(_with_config_flags(status))
+app.command("status")(_with_config_flags(status, SPOOL_KEYS))
 
 
 def top(config: ConfigOption = None, **settings: Any) -> None:
@@ -418,7 +451,7 @@ def top(config: ConfigOption = None, **settings: Any) -> None:
     raise typer.Exit(top_view.run(_view_config(config, _flags(settings))))
 
 
-app.command("top")(_with_config_flags(top))
+app.command("top")(_with_config_flags(top, SPOOL_KEYS))
 
 
 def format_status(answer: dict[str, Any]) -> str:
@@ -457,16 +490,20 @@ queue_app = typer.Typer(add_completion=False, no_args_is_help=True,
 app.add_typer(queue_app, name="queue")
 
 QueueOption = Annotated[str, typer.Option(
-    "--queue", help="incoming, active, deferred, hold, archive, corrupt, or all (default: all but archive "
-                    "and corrupt)")]
-ToDomain = Annotated[Optional[str], typer.Option("--to-domain", help="a pending recipient in this domain")]  # noqa: UP045
-FromOption = Annotated[Optional[str], typer.Option("--from", help="sent by this envelope sender")]  # noqa: UP045
-OlderThan = Annotated[Optional[str], typer.Option("--older-than", help="queued longer ago than e.g. 2h, 3d")]  # noqa: UP045
+    "--queue", metavar="QUEUE", help="waiting (incoming, active, deferred and hold), incoming, active, deferred, "
+                                     "hold, archive, corrupt, or all")]
+ToDomain = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--to-domain", metavar="DOMAIN", help="a pending recipient in this domain")]
+FromOption = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--from", metavar="ADDRESS", help="sent by this envelope sender")]
+OlderThan = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--older-than", metavar="AGE", help="queued longer ago than e.g. 2h, 3d")]
 ReplyOption = Annotated[Optional[str], typer.Option(  # noqa: UP045
-    "--reply", help="a pending recipient's last reply matches this regex")]
+    "--reply", metavar="REGEX", help="a pending recipient's last reply matches this regex")]
 DestinationOption = Annotated[Optional[str], typer.Option(  # noqa: UP045
-    "--destination", help="a pending recipient goes to this next hop now (as qrouter route shows it)")]
-IdsArgument = Annotated[Optional[list[str]], typer.Argument(help="queue ids")]  # noqa: UP045
+    "--destination", metavar="NEXTHOP",
+    help="a pending recipient goes to this next hop now (as qrouter route shows it)")]
+IdsArgument = Annotated[Optional[list[str]], typer.Argument(metavar="ID...", help="queue ids")]  # noqa: UP045
 
 
 def _selection(loaded: Config, to_domain: str | None, sender: str | None, older_than: str | None,
@@ -508,10 +545,10 @@ def queue_list(queue: QueueOption = "waiting", to_domain: ToDomain = None, sende
                    "no message matches")
 
 
-queue_app.command("list")(_with_config_flags(queue_list))
+queue_app.command("list")(_with_config_flags(queue_list, (*SPOOL_KEYS, *POLICY_KEYS)))
 
 
-def queue_show(queue_id: Annotated[str, typer.Argument(help="queue id")],
+def queue_show(queue_id: Annotated[str, typer.Argument(metavar="ID", help="queue id")],
                body: Annotated[bool, typer.Option("--body", help="the message body too")] = False,
                config: ConfigOption = None, **settings: Any) -> None:
     """Everything about one message: envelope, each recipient's state and last reply, the history
@@ -543,10 +580,10 @@ def queue_show(queue_id: Annotated[str, typer.Argument(help="queue id")],
     typer.echo("\n".join(lines))
 
 
-queue_app.command("show")(_with_config_flags(queue_show))
+queue_app.command("show")(_with_config_flags(queue_show, (*SPOOL_KEYS, "message-size-limit")))
 
 
-def queue_why(queue_id: Annotated[str, typer.Argument(help="queue id")],
+def queue_why(queue_id: Annotated[str, typer.Argument(metavar="ID", help="queue id")],
               config: ConfigOption = None, **settings: Any) -> None:
     """Why a message is still here: for each pending recipient the route now, the state of its
     destination in the daemon, the last reply, and when and why the next attempt happens."""
@@ -592,7 +629,7 @@ def queue_why(queue_id: Annotated[str, typer.Argument(help="queue id")],
     typer.echo("\n".join(lines))
 
 
-queue_app.command("why")(_with_config_flags(queue_why))
+queue_app.command("why")(_with_config_flags(queue_why, (*SPOOL_KEYS, *POLICY_KEYS, "max-age")))
 
 
 def _change(command: str, ids: list[str] | None, loaded: Config, selection: Selection | None,
@@ -649,7 +686,9 @@ def _changer(command: str, queues: tuple[str, ...], doc: str, confirm: bool = Fa
         _change(command, ids, loaded, selection, every, (DEFERRED,) if every_deferred else queues)
 
     change.__doc__ = doc
-    queue_app.command(command)(_with_config_flags(change))
+    meaningless = [*([] if confirm else ["yes"]),
+                   *([] if DEFERRED in queues and len(queues) > 1 else ["every_deferred"])]
+    queue_app.command(command)(_with_config_flags(_without(change, *meaningless), (*SPOOL_KEYS, *POLICY_KEYS)))
 
 
 _changer("flush", (DEFERRED,), "Try deferred messages now: those named or chosen, or all of them.",

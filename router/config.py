@@ -197,8 +197,17 @@ def _first_line(path: str) -> str:
         return ""
 
 
+# How each kind of value is written, for the help of the command-line flags and `qrouter keys`.
+_METAVARS: dict[Callable[[str, str], Any], str] = {
+    _positive_int: "N", _non_negative: "NUMBER", _boolean: "yes|no", _path: "PATH", _text: "TEXT",
+    _user: "USER", _group: "GROUP", _next_hop: "NEXTHOP", _relayhost: "HOST[:PORT],...", _port: "PORT",
+    _listen: "[ADDRESS]:PORT", _dns_servers: "IP[:PORT],...", _tls_policy: "may|encrypt|none",
+    _existing_file: "FILE", _relay_auth: "FILE", _timeouts: "STEP=SECONDS,...", _log_target: "syslog|stderr|FILE",
+}
+
+
 def _key(name: str, parse: Callable[[str, str], Any], default: Any, help: str):
-    return field(default=default, metadata={"key": name, "parse": parse, "help": help})
+    return field(default=default, metadata={"key": name, "parse": parse, "help": help, "metavar": _METAVARS[parse]})
 
 
 @dataclass(frozen=True)

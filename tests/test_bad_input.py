@@ -55,7 +55,7 @@ def mounted_under(path: Path) -> list[str]:
     (["-f", "a@example.org", "user"], "'user' has no local part and domain (user@domain)"),
     (["-f", "a@example.org", "ok@example.org", "user@"], "'user@' has an empty domain"),
     (["-f", "a@example.org", "<>"], "the null address <> is only valid as a sender"),
-    (["-f", "a@example.org"], "Missing argument 'recipients'"),
+    (["-f", "a@example.org"], "Missing argument 'RECIPIENT...'"),
     (["u@example.org"], "Missing option '-f'"),
 ], ids=["CR", "LF-smuggling", "CRLF-in-sender", "no-at", "one-bad-of-two", "null-recipient", "no-recipients",
         "no-sender"])

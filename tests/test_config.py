@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from policy.next_hop import MAILDIR, RETRY, SMTP, NextHopError, parse_next_hop
 from router.config import KEYS, QPSMTPD_ME, ConfigError, choose_hostname, load
-from tests.daemon import qrouter
+from tests.daemon import ROOT, qrouter
 
 
 def write(tmp_path, text: str):
@@ -165,3 +168,30 @@ def test_check_config_names_every_bad_line_of_every_file(tmp_path):
     named = [line.split(": ")[1] for line in result.stderr.decode().splitlines()]
     assert named == [f"{transports}:2", f"{transports}:3", f"{transports}:4", f"{destinations}:1",
                      f"{destinations}:3", f"{rewriting}:1"], result.stderr
+
+
+def help_text(*command: str) -> str:
+    """The help, on a terminal wide enough that no option name is folded."""
+    result = subprocess.run([sys.executable, "-m", "router", *command, "--help"], capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "200"}, cwd=ROOT, timeout=30)
+    assert result.returncode == 0, result
+    return result.stdout
+
+
+def test_each_command_shows_the_options_it_uses_and_keys_lists_them_all():
+    """--help of a view lists the keys it reads, not the daemon's 43; values say how they are
+    written; options that mean nothing for a command are not offered; every key stays reachable."""
+    for command in (["top"], ["status"], ["queue", "show"], ["queue", "flush"], ["queue", "list"]):
+        text = help_text(*command)
+        assert "--queue-dir" in text and "--workers" not in text and "--max-backoff" not in text, (command, text)
+    run = help_text("run")
+    assert all(f"--{key}" in run for key in KEYS), run
+    assert "--workers" in run and " N " in run.split("--workers")[1].splitlines()[0]
+    assert "yes|no" in run.split("--archive-failed")[1].splitlines()[0]
+    assert "<str>" not in run
+    assert "--yes" in help_text("queue", "delete") and "--all-deferred" in help_text("queue", "delete")
+    assert "--yes" not in help_text("queue", "flush") and "--all-deferred" not in help_text("queue", "release")
+    assert "waiting (incoming, active, deferred and hold)" in " ".join(help_text("queue", "list").split())
+    listed = qrouter("keys", check=True).stdout.decode()
+    assert [line.split()[0] for line in listed.splitlines() if not line.startswith(" ")] == list(KEYS)
+    assert "smtp-timeouts STEP=SECONDS,...\n" in listed and "connect=30,greeting=300" in listed

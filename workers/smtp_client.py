@@ -81,6 +81,10 @@ class Timeouts:
     rset: float = 20
     quit: float = 20
 
+    def __str__(self) -> str:
+        """As the smtp-timeouts key writes them."""
+        return ",".join(f"{f.name}={getattr(self, f.name):g}" for f in fields(self))
+
     @classmethod
     def uniform(cls, seconds: float) -> Timeouts:
         """Every step the same; for tests and for impatient callers."""
