@@ -178,13 +178,8 @@ def keys() -> None:
     """Every config key: how it is written, its default, what it does. Each is a line `key value`
     of the file --config names, and a --key flag of run and check-config (of other commands too,
     where they use it)."""
-    for key, entry in KEYS.items():
-        default, text = entry.default, entry.metadata["help"]
-        if "(default" not in text and "(unset" not in text:  # else the help says it better
-            shown = "unset" if default in (None, "") else ("yes" if default else "no") if isinstance(default, bool) \
-                else f"{default:g}" if isinstance(default, float) else str(default)
-            text += f" (default: {shown})"
-        typer.echo(f"{key} {entry.metadata['metavar']}\n    {text}")
+    for key in KEYS:
+        typer.echo(f"{key} {KEYS[key].metadata['metavar']}\n    {config_module.described(key)}")
 
 
 def route(

@@ -320,6 +320,17 @@ class Config:
 KEYS: dict[str, dataclasses.Field] = {f.metadata["key"]: f for f in dataclasses.fields(Config)}
 
 
+def described(key: str) -> str:
+    """What a key does and its default, as `qrouter keys` and qrouter.conf(5) say it."""
+    entry = KEYS[key]
+    default, text = entry.default, entry.metadata["help"]
+    if "(default" in text or "(unset" in text:  # the help says it better
+        return text
+    shown = "unset" if default in (None, "") else ("yes" if default else "no") if isinstance(default, bool) \
+        else f"{default:g}" if isinstance(default, float) else str(default)
+    return f"{text} (default: {shown})"
+
+
 def parse_value(key: str, text: str, where: str, base_dir: str) -> tuple[str, Any]:
     """Parse one value; `where` (file:line or --flag) starts every error."""
     f = KEYS.get(key)

@@ -5,6 +5,7 @@ exactly what local delivery needs."""
 from __future__ import annotations
 
 import configparser
+import os
 import shlex
 import shutil
 import signal
@@ -116,3 +117,48 @@ def test_the_suite_as_a_normal_user_refuses_once_and_says_what_to_run():
                              "tests/test_address.py"], capture_output=True, timeout=60, cwd=ROOT)
     out = pytest.stdout.decode() + pytest.stderr.decode()
     assert pytest.returncode == 4 and "run: sudo make test" in out and "error" not in out.lower(), out
+
+
+def test_the_man_pages_are_those_the_key_table_and_the_commands_make(tmp_path):
+    """qrouter(8) and qrouter.conf(5) are generated (packaging/man/generate.py): the pages in the
+    tree are what it makes now, so a key or a command cannot be added without them."""
+    subprocess.run([sys.executable, str(PACKAGING / "man" / "generate.py"), str(tmp_path)], check=True, timeout=60)
+    for page in ("qrouter.8", "qrouter.conf.5"):
+        assert (tmp_path / page).read_bytes() == (PACKAGING / "man" / page).read_bytes(), \
+            f"packaging/man/{page} is stale: run python packaging/man/generate.py"
+    shown = subprocess.run(["man", "-l", str(tmp_path / "qrouter.conf.5")], capture_output=True, text=True,
+                           env={"MANWIDTH": "200", "PATH": "/usr/bin:/bin"}, timeout=30, check=True).stdout
+    assert all(f"{key} {KEYS[key].metadata['metavar']}" in shown for key in KEYS), shown
+    commands = subprocess.run(["man", "-l", str(tmp_path / "qrouter.8")], capture_output=True, text=True,
+                              env={"MANWIDTH": "200", "PATH": "/usr/bin:/bin"}, timeout=30, check=True).stdout
+    assert "qrouter queue flush" in commands and "qrouter check-config" in commands, commands
+
+
+def test_the_wheel_installs_clean_and_the_unit_verifies(tmp_path):
+    """As docs/deployment.md installs it: a wheel built from the tree, without a warning, into a
+    virtualenv of its own, with its man pages; the shipped unit passes systemd-analyze verify with
+    the command and the man page the install provides."""
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    built = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir",
+                            str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300,
+                           env=environment)
+    assert built.returncode == 0, built.stderr
+    assert "warning" not in (built.stdout + built.stderr).lower(), built.stdout + built.stderr
+    [wheel] = (tmp_path / "dist").glob("qpsmtpd_router-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    installed = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", str(wheel)], capture_output=True,
+                               text=True, timeout=600, cwd=tmp_path)
+    assert installed.returncode == 0, installed.stderr
+    helped = subprocess.run([str(venv / "bin" / "qrouter"), "--help"], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path)
+    assert helped.returncode == 0 and "check-config" in helped.stdout, helped
+    man = venv / "share" / "man"
+    assert (man / "man8" / "qrouter.8").is_file() and (man / "man5" / "qrouter.conf.5").is_file()
+    text = (PACKAGING / "systemd" / "qrouter.service").read_text()
+    assert "ExecStart=/usr/local/bin/qrouter run" in text  # where docs/deployment.md links it
+    unit = tmp_path / "qrouter.service"
+    unit.write_text(text.replace("/usr/local/bin/qrouter", str(venv / "bin" / "qrouter")))
+    verified = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "MANPATH": str(man)})
+    assert verified.returncode == 0 and "qrouter.service" not in verified.stdout + verified.stderr, verified
