@@ -7,7 +7,7 @@ DEB_PACKAGES := util-linux mount e2fsprogs qpsmtpd swaks libnet-ip-perl maildrop
 # What `make test-under-load` runs: the whole suite, or e.g. TESTS=tests/test_config.py
 TESTS ?=
 
-.PHONY: run test test-under-load bench venv deb-packages run-as-root needs-root clean
+.PHONY: run test test-under-load coverage bench venv deb-packages run-as-root needs-root clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,15 @@ test-under-load: needs-root $(VENV)/.installed deb-packages run-as-root
 	done; \
 	if [ -n "$$failed" ]; then echo "test-under-load: failed in run(s)$$failed"; exit 1; fi; \
 	echo "test-under-load: passed three times"
+
+# The suite under coverage.py, counting the lines the daemon, its workers and the commands run in
+# their own processes (pyproject.toml [tool.coverage.run]); the data goes where the daemon's own
+# user can write it.
+coverage: needs-root $(VENV)/.installed deb-packages run-as-root
+	rm -rf /tmp/qrouter-coverage && install -d -m 1777 /tmp/qrouter-coverage
+	$(PY) -m coverage run -m pytest $(TESTS)
+	$(PY) -m coverage combine -q
+	$(PY) -m coverage report
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py $(BENCH)

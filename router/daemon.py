@@ -7,28 +7,46 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 
 def detach() -> Callable[[str | None], None]:
-    """Fork into a new session; returns, in the daemon, the function that reports readiness."""
+    """Fork into a new session; returns, in the daemon, the function that reports readiness.
+    Each process's part is a function of its own, begun after the fork that made it."""
     read_fd, write_fd = os.pipe()
     if os.fork() > 0:
-        os.close(write_fd)
-        answer = b""
-        while not answer.endswith(b"\n"):
-            chunk = os.read(read_fd, 4096)
-            if not chunk:
-                break
-            answer += chunk
-        if answer == b"ok\n":
-            os._exit(0)
-        sys.stderr.write(answer.decode(errors="replace").strip() or "qrouter: the daemon died while starting")
-        sys.stderr.write("\n")
-        os._exit(1)
+        _wait_for_the_daemon(read_fd, write_fd)
+    return _leave_the_session(read_fd, write_fd)
+
+
+def _wait_for_the_daemon(read_fd: int, write_fd: int) -> NoReturn:
+    """The command that was started: exit 0 once the daemon serves, 1 with its reason if not."""
+    os.close(write_fd)
+    answer = b""
+    while not answer.endswith(b"\n"):
+        chunk = os.read(read_fd, 4096)
+        if not chunk:
+            break
+        answer += chunk
+    if answer == b"ok\n":
+        os._exit(0)
+    sys.stderr.write(answer.decode(errors="replace").strip() or "qrouter: the daemon died while starting")
+    sys.stderr.write("\n")
+    os._exit(1)
+
+
+def _leave_the_session(read_fd: int, write_fd: int) -> Callable[[str | None], None]:
+    """The first child: a session of its own, whose leader exits so that the daemon it forks can
+    never get a controlling terminal."""
     os.close(read_fd)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
+    return _in_the_background(write_fd)
+
+
+def _in_the_background(write_fd: int) -> Callable[[str | None], None]:
+    """The daemon: no working directory to hold a mount, no terminal on its standard streams."""
     os.chdir("/")
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):

@@ -16,6 +16,7 @@ import json
 import os
 import pwd
 from collections.abc import Callable, Iterable
+from typing import NoReturn
 
 from policy.next_hop import MAILDIR, NextHop
 from policy.routing import Policy
@@ -70,14 +71,8 @@ def problems_as(entry: pwd.struct_passwd, spool_group: str, files: list[tuple[st
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
-        status = 1
-        try:
-            os.close(read_end)
-            privileges.become(entry, spool_group)
-            os.write(write_end, json.dumps(problems(files, bases)).encode())
-            status = 0
-        finally:
-            os._exit(status)
+        os.close(read_end)
+        _answer_as(entry, spool_group, files, bases, write_end)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as answer:
         data = answer.read()
@@ -85,6 +80,18 @@ def problems_as(entry: pwd.struct_passwd, spool_group: str, files: list[tuple[st
     if status != 0:
         return [f"cannot check what user {entry.pw_name} can reach (the check ended with status {status})"]
     return json.loads(data)
+
+
+def _answer_as(entry: pwd.struct_passwd, spool_group: str, files: list[tuple[str, str]],
+               bases: list[tuple[str, str]], answer_fd: int) -> NoReturn:
+    """In the child of problems_as: become the user, write the problems it has, and end."""
+    status = 1
+    try:
+        privileges.become(entry, spool_group)
+        os.write(answer_fd, json.dumps(problems(files, bases)).encode())
+        status = 0
+    finally:
+        os._exit(status)
 
 
 def _existing_ancestor(path: str) -> str:

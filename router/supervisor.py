@@ -26,7 +26,7 @@ import stat
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import psutil
 from inotify_simple import INotify
@@ -358,27 +358,32 @@ class Supervisor:
         supervisor_pid = os.getpid()
         pid = os.fork()
         if pid == 0:
-            try:
-                self._become_worker(task_write, report_read)
-                worker = Worker(task_read, report_write, self.config, self.policy, pool, sessions)
-                worker.start(supervisor_pid)
-            except BaseException:
-                log.exception("worker %d cannot start", os.getpid())
-                os._exit(BOOT_ERROR)
-            status = 0
-            try:
-                worker.serve()
-            except BaseException:
-                log.exception("worker %d crashed", os.getpid())
-                status = 70
-            finally:
-                os._exit(status)
+            self._be_worker(task_read, report_write, (task_write, report_read), pool, sessions, supervisor_pid)
         os.close(task_read)
         os.close(report_write)
         os.set_blocking(report_read, False)
         worker = WorkerHandle(pid, task_write, report_read, pool, sessions)
         self.workers[pid] = worker
         self.selector.register(report_read, selectors.EVENT_READ, lambda: self._on_report(worker))
+
+    def _be_worker(self, task_fd: int, report_fd: int, supervisor_fds: tuple[int, int], pool: str, sessions: int,
+                   supervisor_pid: int) -> NoReturn:
+        """In the new child: become a worker, serve until told to stop, and end there."""
+        try:
+            self._become_worker(*supervisor_fds)
+            worker = Worker(task_fd, report_fd, self.config, self.policy, pool, sessions)
+            worker.start(supervisor_pid)
+        except BaseException:
+            log.exception("worker %d cannot start", os.getpid())
+            os._exit(BOOT_ERROR)
+        status = 0
+        try:
+            worker.serve()
+        except BaseException:
+            log.exception("worker %d crashed", os.getpid())
+            status = 70
+        finally:
+            os._exit(status)
 
     def _become_worker(self, *own_fds: int) -> None:
         """In the new child: let go of everything that belongs to the supervisor."""
