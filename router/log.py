@@ -85,7 +85,7 @@ class _Formatter(logging.Formatter):
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         """The time stamp as syslog writes it, the second's text made once a second: localtime()
-        and strftime() were a good part of what a line cost, and a busy worker logs two a message.
+        and strftime() were a good part of what a line cost, and a busy worker logs several a message.
         RFC 3339 adds the microseconds, as rsyslog writes them, between the second and the zone."""
         second = int(record.created)
         if self._stamp[0] != second:
