@@ -61,7 +61,7 @@ def log_line(daemon, queue_id: str, address: str) -> str:
 
 
 def worker_pid(line: str) -> int:
-    found = re.search(r" qrouter\[(\d+)\]: ", line)
+    found = re.search(r" qrouter/[a-z]+\[(\d+)\]: ", line)
     assert found, line
     return int(found[1])
 
