@@ -210,6 +210,7 @@ _METAVARS: dict[Callable[[str, str], Any], str] = {
     _user: "USER", _group: "GROUP", _next_hop: "NEXTHOP", _relayhost: "HOST[:PORT],...", _port: "PORT",
     _listen: "[ADDRESS]:PORT", _dns_servers: "IP[:PORT],...", _tls_policy: "may|encrypt|none",
     _existing_file: "FILE", _relay_auth: "FILE", _timeouts: "STEP=SECONDS,...", _log_target: "syslog|stderr|FILE",
+    _log_time: "syslog|rfc3339",
 }
 
 
