@@ -89,7 +89,7 @@ def run(config: ConfigOption = None,
     flags = _flags(settings)
     loaded = _config(config, flags)
     if foreground:
-        log_module.setup(loaded.log or "stderr")
+        log_module.setup(loaded.log or "stderr", time_format=loaded.log_time)
         raise typer.Exit(Supervisor(loaded, config, flags).run())
     # Detached, stderr is /dev/null: without a syslog socket the lines go to a file in the
     # spool, made (or refused, exit 1) and announced here, while the caller still hears us.
@@ -103,7 +103,7 @@ def run(config: ConfigOption = None,
             raise _fail(f"no syslog ({log_module.SYSLOG_SOCKET}) and cannot write {where}: {exc}", 1) from None
         typer.echo(f"qrouter: no syslog ({log_module.SYSLOG_SOCKET}); logging to {where}", err=True)
     ready = daemon.detach()
-    log_module.setup(target, fallback_file, loaded.spool_group)
+    log_module.setup(target, fallback_file, loaded.spool_group, loaded.log_time)
     raise typer.Exit(Supervisor(loaded, config, flags).run(ready))
 
 

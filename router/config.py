@@ -20,6 +20,7 @@ from typing import Any
 
 from policy.next_hop import SMTP, NextHop, NextHopError, parse_next_hop
 from policy.policy_file import Problems, parse_boolean, read_lines
+from router.log import SYSLOG_TIME, TIME_FORMATS
 from router.spool import DEFAULT_SIZE_LIMIT
 from workers.mx_hosts import parse_dns_servers
 from workers.relay_auth import Credentials, RelayAuthError, load_relay_auth
@@ -160,6 +161,12 @@ def _log_target(text: str, base_dir: str) -> str:
     return text if text in ("syslog", "stderr") else _path(text, base_dir)
 
 
+def _log_time(text: str, base_dir: str) -> str:
+    if text not in TIME_FORMATS:
+        raise ValueError(f"must be one of {', '.join(TIME_FORMATS)}")
+    return text
+
+
 LOCAL_NAMES = ("localhost", "localhost.localdomain")
 
 
@@ -203,6 +210,7 @@ _METAVARS: dict[Callable[[str, str], Any], str] = {
     _user: "USER", _group: "GROUP", _next_hop: "NEXTHOP", _relayhost: "HOST[:PORT],...", _port: "PORT",
     _listen: "[ADDRESS]:PORT", _dns_servers: "IP[:PORT],...", _tls_policy: "may|encrypt|none",
     _existing_file: "FILE", _relay_auth: "FILE", _timeouts: "STEP=SECONDS,...", _log_target: "syslog|stderr|FILE",
+    _log_time: "syslog|rfc3339",
 }
 
 
@@ -230,6 +238,8 @@ class Config:
     status_socket: str = _key("status-socket", _path, "", "status socket path (default: QUEUE-DIR/status.sock)")
     spool_group: str = _key("spool-group", _group, "", "group that may write the spool (queue dirs 2770)")
     log: str = _key("log", _log_target, "", "syslog, stderr or a file (default: stderr in the foreground, else syslog)")
+    log_time: str = _key("log-time", _log_time, SYSLOG_TIME,
+                         "time stamps in a file or stderr log: syslog (Dec  6 18:53:17) or rfc3339")
     me: str = _key("me", _text, "",
                    f"this host's name (default: {QPSMTPD_ME}, else the FQDN unless localhost, else the host name)")
     relayhost: NextHop | None = _key("relayhost", _relayhost, None, "SMTP relay hosts for all mail, round robin")

@@ -1,6 +1,12 @@
-"""Logging in the shape mail administrators know: `qrouter[pid]: QUEUEID: ...`, with
-`warning:` and `error:` prefixes as Postfix writes them; to stderr, syslog (facility mail) or
+"""Logging in the shape Postfix's log readers know: `HOST qrouter/SERVICE[pid]: QUEUEID: ...`,
+with `warning:` and `error:` prefixes as Postfix writes them; to stderr, syslog (facility mail) or
 a file.
+
+SERVICE names what speaks, as Postfix's program names do (pflogsumm and logwatch sort lines by
+it): the logger `qrouter.NAME` speaks as NAME (router/log_lines.py has them), `qrouter` itself as
+`master`. The file and stderr logs begin as syslog writes a line: the time stamp (`Dec  6
+18:53:17`, the day padded with a space; or RFC 3339 with `log-time rfc3339`) and the short host
+name; with syslog, the syslog daemon puts those in front.
 
 Every log call is one line, whatever its text holds: addresses (UTF-8 is valid in them), replies
 of other servers and file names come from outside, and a line break in them (CR, LF, U+2028,
@@ -19,14 +25,20 @@ import logging
 import logging.handlers
 import os
 import re
+import socket
 import stat
 import sys
+import time
 
 from router.durable import make_shared_dir
 
 _PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
 _pid = os.getpid()
 _NOT_ASCII_PRINTABLE = re.compile(r"[^\x20-\x7e]")  # where an unprintable character may be
+MASTER = "master"  # the service of lines of the `qrouter` logger itself
+SYSLOG_TIME, RFC3339_TIME = "syslog", "rfc3339"
+TIME_FORMATS = (SYSLOG_TIME, RFC3339_TIME)
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")  # not the locale's
 
 
 def _forked() -> None:
@@ -52,21 +64,47 @@ def _escape(match: re.Match[str]) -> str:
 
 
 class _Formatter(logging.Formatter):
-    _stamp: tuple[int, str] = (-1, "")  # (second, its text), one tuple so threads see a matching pair
+    """One line per record: `qrouter/SERVICE[PID]: ` and the message, after the time stamp and
+    host name when `stamped` (the file and stderr logs)."""
+
+    _stamp: tuple[int, str, str] = (-1, "", "")  # (second, text before and after its fraction), one tuple for threads
+
+    def __init__(self, stamped: bool, time_format: str = SYSLOG_TIME) -> None:
+        head = "%(asctime)s %(hostname)s " if stamped else ""
+        super().__init__(head + "qrouter/%(service)s[%(process)d]: %(prefix)s%(message)s")
+        self.rfc3339 = time_format == RFC3339_TIME
+        self.hostname = (socket.gethostname().partition(".")[0] or "localhost") if stamped else ""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         """The line without a traceback (format() appends that): escaped to stay one line."""
         record.prefix = _PREFIX.get(record.levelno, "")
         record.process = _pid
+        record.service = record.name[len("qrouter."):] if record.name.startswith("qrouter.") else MASTER
+        record.hostname = self.hostname
         return one_line(super().formatMessage(record))
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        """The time stamp has no fraction of a second, so it is made once a second: localtime()
-        and strftime() were a good part of what a line cost, and a busy worker logs two a message."""
+        """The time stamp as syslog writes it, the second's text made once a second: localtime()
+        and strftime() were a good part of what a line cost, and a busy worker logs several a message.
+        RFC 3339 adds the microseconds, as rsyslog writes them, between the second and the zone."""
         second = int(record.created)
         if self._stamp[0] != second:
-            self._stamp = (second, super().formatTime(record, datefmt))
-        return self._stamp[1]
+            self._stamp = (second, *_second_text(second, self.rfc3339))
+        if not self.rfc3339:
+            return self._stamp[1]
+        return f"{self._stamp[1]}.{int((record.created - second) * 1e6):06d}{self._stamp[2]}"
+
+
+def _second_text(second: int, rfc3339: bool) -> tuple[str, str]:
+    """A second in local time: `Dec  6 18:53:17` (syslog's, the day padded with a space), or
+    `2026-12-06T18:53:17` and the zone, `+01:00`, for RFC 3339."""
+    local = time.localtime(second)
+    clock = time.strftime("%H:%M:%S", local)
+    if not rfc3339:
+        return f"{_MONTHS[local.tm_mon - 1]} {local.tm_mday:2d} {clock}", ""
+    offset = abs(local.tm_gmtoff) // 60
+    zone = f"{'-' if local.tm_gmtoff < 0 else '+'}{offset // 60:02d}:{offset % 60:02d}"
+    return time.strftime("%Y-%m-%dT", local) + clock, zone
 
 
 SYSLOG_SOCKET = "/dev/log"
@@ -134,10 +172,12 @@ class _FileHandler(logging.handlers.WatchedFileHandler):
                     opener=lambda path, flags: _open_file(path, flags, self.file_mode))
 
 
-def setup(target: str, fallback_file: str | None = None, group: str = "") -> logging.Logger:
+def setup(target: str, fallback_file: str | None = None, group: str = "",
+          time_format: str = SYSLOG_TIME) -> logging.Logger:
     """Send the `qrouter` logger to `target`: "stderr", "syslog" or a file path. Without a
     syslog socket (/dev/log), "syslog" falls back to `fallback_file` (made by prepare_file(),
-    mode 0600, or 0660 with `group`) or, without one, to stderr, and says so."""
+    mode 0600, or 0660 with `group`) or, without one, to stderr, and says so. `time_format`
+    (SYSLOG_TIME or RFC3339_TIME) is the file's and stderr's time stamp."""
     global _where
     # Per record, logging looks up the caller's file and line, the thread, the process and its name;
     # no line shows them, so skip the work (the logging manual's "Optimization" section).
@@ -157,7 +197,7 @@ def setup(target: str, fallback_file: str | None = None, group: str = "") -> log
     if chosen == "syslog":
         handler: logging.Handler = logging.handlers.SysLogHandler(
             SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL)
-        handler.setFormatter(_Formatter("qrouter[%(process)d]: %(prefix)s%(message)s"))
+        handler.setFormatter(_Formatter(stamped=False))
     else:
         if chosen == "stderr":
             handler = logging.StreamHandler(sys.stderr)
@@ -165,8 +205,7 @@ def setup(target: str, fallback_file: str | None = None, group: str = "") -> log
             if chosen == fallback_file:
                 prepare_file(chosen, group)
             handler = _FileHandler(chosen, (0o660 if group else 0o600) if chosen == fallback_file else None)
-        handler.setFormatter(_Formatter("%(asctime)s qrouter[%(process)d]: %(prefix)s%(message)s",
-                                        "%b %d %H:%M:%S"))
+        handler.setFormatter(_Formatter(stamped=True, time_format=time_format))
     logger.addHandler(handler)
     _where = chosen
     if fallback:

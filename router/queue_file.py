@@ -96,6 +96,7 @@ class QueueFile:
     warned: float = 0.0  # when a delay warning went to the sender; 0: none yet
     journal_bytes: int = 0  # bytes of journal after the message when read; not written back
     size: int = field(default=0, compare=False)  # the message's size, as the header says (parse); not written back
+    taken: float = field(default=0.0, compare=False)  # when a worker's attempt took it (the log's delays=); not written
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state == PENDING]

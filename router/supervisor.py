@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import resource
 import selectors
@@ -43,6 +42,7 @@ from router.dispatcher import PROBE_SECONDS, Dispatcher, Limits, Routed, Suspens
 from router.durable import error_name
 from router.envelope import pending_recipients
 from router.lock import SpoolLock
+from router.log_lines import QMGR, Delays, delivery, logger
 from router.queue_file import POISON_CRASHES
 from router.queue_id import arrival_of, is_queue_id
 from router.spool import ACTIVE, ARCHIVE, DEFERRED, HOLD, INCOMING, Spool
@@ -53,7 +53,7 @@ from workers.worker import Worker
 if TYPE_CHECKING:
     from router.metrics import Metrics
 
-log = logging.getLogger("qrouter")
+log = logger(QMGR)
 
 YOUNG_WORKER_SECONDS = 1.0
 YOUNG_DEATHS = 5  # workers dying this young, in a row: the daemon stops instead of forking forever
@@ -730,7 +730,7 @@ class Supervisor:
         if not self._move(queue_id, queue, DEFERRED, mtime=suspension.due):
             self.kept[queue_id] = queue
         self.dispatcher.schedule.add(queue_id, suspension.due)
-        delay = time.time() - arrival_of(queue_id)
+        delays = Delays.measure(arrival_of(queue_id), taken=0.0)
         envelope = pending_recipients(self.spool.path(DEFERRED if queue_id not in self.kept else queue, queue_id))
         first = next(iter(suspension.why.values()))[0]
         for address in envelope.addresses if envelope else ["?"]:
@@ -739,8 +739,7 @@ class Supervisor:
             except Exception:  # as in _route: the worker says what is wrong when it tries it
                 entry = ""
             why = suspension.why.get(entry, (first, 0.0))[0]
-            log.info("%s: to=<%s>, relay=none, delay=%.2f, dsn=4.4.1, status=deferred (%s)", queue_id, address,
-                     delay, why)
+            delivery(QMGR, queue_id, address, relay="none", delays=delays, dsn="4.4.1", status="deferred", reply=why)
 
     def _finished(self, queue_id: str, reach: dict[str, str]) -> None:
         """A message's entries in flight are done: the dispatcher learns from what they found."""

@@ -58,7 +58,7 @@ def test_a_dead_destination_defers_only_its_own_recipients_and_gets_them_when_it
         wait_for(lambda: f"{queue_id}: deferred, next attempt in " in daemon.log(), 30, "the attempt logged")
         log = daemon.log()
         assert re.search(rf"{queue_id}: to=<ok@up\.example>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{up.port}, "
-                         r"delay=[\d.]+, attempts=1, dsn=2\.0\.0, status=sent", log)
+                         r"delay=[\d.]+, delays=[\d./]+, dsn=2\.0\.0, status=sent \(.*\), attempts=1\n", log)
         assert re.search(rf"{queue_id}: to=<dead@down\.example>, relay=none, .*status=deferred \(delivery "
                          rf"temporarily suspended: smtp:127\.0\.0\.1:{down.port}: ", log)
         assert not re.search(rf"{queue_id}: to=<ok@up\.example>.*status=deferred", log)  # never held back

@@ -171,7 +171,7 @@ def test_every_log_call_is_one_line_with_the_escapes_visible(log_file):
     for line, escape in zip(lines[:-1], [*SEPARATORS.values(), "\\t"], strict=True):
         text = line.decode()
         assert text.isprintable() and escape in text, text
-    assert lines[0].decode().endswith(f"qrouter[{os.getpid()}]: Q1: to=<a\\u2028b@x.test>, status=sent "
+    assert lines[0].decode().endswith(f"qrouter/master[{os.getpid()}]: Q1: to=<a\\u2028b@x.test>, status=sent "
                                       "(250 ok\\u2028RCPT TO:<evil@x.test>)")
     assert lines[-2].decode().endswith("warning: plain jörg@bücher.example, tab\\there")
 

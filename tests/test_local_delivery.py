@@ -75,8 +75,9 @@ def test_maildrop_delivers_as_the_aliased_user_into_their_maildir(daemons, tmp_p
     assert content.startswith(b"Return-Path: <sender@example.org>\nDelivered-To: Alice@local.example\nReceived: ")
     assert content.endswith(MESSAGE)
     assert delivered.stat().st_uid == alice.uid  # its group is mail: Debian's maildrop is set-group-id mail
-    logged(daemon, rf"{queue_id}: to=<Alice@local.example>, relay=local\[{ALICE}:/usr/bin/maildrop\], "
-                   r"delay=[\d.]+, attempts=1, dsn=2\.0\.0, status=sent")
+    logged(daemon, rf"qrouter/local\[\d+\]: {queue_id}: to=<Alice@local.example>, "
+                   rf"relay=local\[{ALICE}:/usr/bin/maildrop\], delay=[\d.]+, delays=[\d./]+, dsn=2\.0\.0, "
+                   r"status=sent \(.*\), attempts=1\n")
 
 
 def test_procmail_gets_the_extension_and_writes_the_users_mbox(daemons, tmp_path, unix_users):
@@ -144,7 +145,8 @@ def test_how_the_program_ends_decides_the_outcome(daemons, tmp_path, unix_users,
     program = script(world_dir, "agent", f"cat >/dev/null\n{body}\n")
     daemon = daemons(*policy(tmp_path, f"pipe.example |user={BOB} {program}\n"))
     queue_id = enqueue(daemon, "robot@pipe.example")
-    logged(daemon, rf"{queue_id}: to=<robot@pipe.example>, relay=pipe\[{BOB}:{program}\], .*dsn={re.escape(dsn)}, "
+    logged(daemon, rf"qrouter/pipe\[\d+\]: {queue_id}: to=<robot@pipe.example>, relay=pipe\[{BOB}:{program}\], .*"
+                   rf"dsn={re.escape(dsn)}, "
                    rf"status={status} \({reply}")
     if status == "deferred":
         wait_for(lambda: daemon.files("deferred") == [queue_id], what="deferred/")
@@ -213,7 +215,7 @@ def test_hostile_programs_leave_the_worker_healthy(daemons, tmp_path, world_dir)
         logged(daemon, rf"{queue_id}: to=<r@{name}.example>, .*status=sent \(")
     [local] = [w for w in daemon.status()["workers"] if w["pool"] == "local"]
     assert local["rss"] < 120 << 20, f"the local worker grew to {local['rss'] >> 20} MB"
-    flood = re.search(rf"{ids['flood']}: to=.*status=sent \((.*)\)$", daemon.log(), re.MULTILINE)[1]
+    flood = re.search(rf"{ids['flood']}: to=.*status=sent \((.*)\), attempts=1$", daemon.log(), re.MULTILINE)[1]
     assert flood.startswith("xxxx") and len(flood) <= 200
 
 

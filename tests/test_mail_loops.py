@@ -24,7 +24,7 @@ MESSAGES = 5
 LOOPING = "x@loop.test"
 # One hand-off in a daemon's log: the queue id there, and the one the message got at the other end.
 HAND_OFF = re.compile(rf"(\S+): to=<{re.escape(LOOPING)}>, relay=\S+, .*status=sent "
-                      r"\((?:queued as|250 2\.0\.0 Queued as) (\S+)\)$", re.MULTILINE)
+                      r"\((?:queued as|250 2\.0\.0 Queued as) (\S+)\), attempts=\d+$", re.MULTILINE)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import time
@@ -46,14 +47,15 @@ def test_temporary_failure_defers_with_backoff_then_reload_delivers(daemons, tmp
     os.utime(deferred, (time.time(), time.time()))
     delivered = wait_for(lambda: daemon.delivered("example.org/u"), what="delivery after reload")
     assert message_in(delivered[0]) == b"Subject: later\n\nbody\n"
-    wait_for(lambda: "attempts=2, dsn=2.0.0, status=sent" in daemon.log(), what="the line logged after the delivery")
+    wait_for(lambda: re.search(r", dsn=2\.0\.0, status=sent \(.*\), attempts=2$", daemon.log(), re.MULTILINE),
+             what="the line logged after the delivery")
     wait_for(lambda: not deferred.exists(), what="removal from deferred/")
 
 
 def test_retries_repeat_with_doubling_backoff(daemons):
     daemon = daemons("--default-transport", "queue/retry", "--min-backoff", "0.3", "--max-backoff", "0.6")
     queue_id = Spool(daemon.spool).enqueue("a@example.org", ["u@example.org"], b"x\n")
-    wait_for(lambda: "attempts=4," in daemon.log(), timeout=10, what="four attempts")
+    wait_for(lambda: ", attempts=4\n" in daemon.log(), timeout=10, what="four attempts")
     waits = [float(ln.rsplit("next attempt in ", 1)[1].rstrip("s"))
              for ln in daemon.log().splitlines() if f"{queue_id}: deferred" in ln]
     assert waits[:3] == [0.3, 0.6, 0.6]

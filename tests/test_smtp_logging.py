@@ -56,4 +56,4 @@ def test_the_reply_is_logged_as_the_server_wrote_it(daemons):
         queue_id = enqueue(daemon)
         wait_for(lambda: f"{queue_id}: removed" in daemon.log(), what="delivery")
     [sent] = [line for line in lines_of(daemon, queue_id) if "to=<a@example.org>" in line]
-    assert sent.endswith("dsn=2.0.0, status=sent (250 Ok: queued as 0001)")
+    assert sent.endswith("dsn=2.0.0, status=sent (250 Ok: queued as 0001), attempts=1")

@@ -7,7 +7,7 @@ before the next one is tried, so a crash never delivers twice to a recipient alr
 
 from __future__ import annotations
 
-import logging
+import os
 import time
 from dataclasses import dataclass, field, fields
 
@@ -15,6 +15,7 @@ from policy.next_hop import MX, SMTP, NextHop
 from policy.routing import Policy
 from router.config import Config
 from router.durable import error_name
+from router.log_lines import CLEANUP, QMGR, Delays, delivery, logger, service_of, taken_in
 from router.queue_file import (
     DELIVERED,
     FAILED,
@@ -36,13 +37,14 @@ from workers.report import RELAYED, SUCCESS, Notice, wants
 from workers.transport import BOUNCED, SENT, Outcome, Transport
 from workers.transport import DEFERRED as STATUS_DEFERRED
 
-log = logging.getLogger("qrouter")
+log = logger(QMGR)
 
 REMOVED, QUEUED_AGAIN, ARCHIVED, SKIPPED, CORRUPTED = "removed", "deferred", "archived", "skipped", "corrupt"
 KEPT = "kept"  # its state could not be stored: left where it is, its results told to the supervisor
 HELD = "held"  # poison: its file counts POISON_CRASHES workers it killed; moved to hold/, not delivered
 UNREACHABLE = "4.4."  # the enhanced status class of "no answer": connection refused, timed out, lost
 KEPT_RETRY_SECONDS = 60.0  # a kept message is tried again this soon at most: space may be back
+SUMMARY = "attempt"  # the word the history entry _defer writes after an attempt begins with
 
 
 @dataclass
@@ -148,7 +150,10 @@ class Delivery:
             path = self.spool.claim(queue, queue_id)
             if path is None:
                 return Report(queue_id, SKIPPED)
+            taken = time.time()
             queue_file = parse(read_queue_file(path, self.config.message_size_limit + MAX_OVERHEAD), path)
+            # A file without history is new from a front door: pickup logs who queued it (its owner)
+            owner = None if queue_file.log else os.stat(path).st_uid
         except (CorruptQueueFile, NotAQueueFile) as exc:
             return self._set_aside(queue_id, exc, queue if path is None else ACTIVE)
         except OSError as exc:  # the disk, not the file: it stays where it is for later
@@ -163,6 +168,9 @@ class Delivery:
                 return self._keep(report, ACTIVE, states, exc)
             log.error("%s: poison message: it killed %d workers; moved to hold/", queue_id, queue_file.crashes)
             return Report(queue_id, HELD)
+        queue_file.taken = taken
+        if first_take(queue_file):
+            taken_in(queue_file, owner)
         apply_states(queue_file, states)
         try:
             return self._attempt(queue_file, report, plan or Plan(), stored=not (queue_file.journal_bytes or states))
@@ -228,7 +236,7 @@ class Delivery:
         except OSError as exc:
             return self._keep(report, ACTIVE, encode_states(queue_file), exc)
         for change in changes:
-            log.info("%s: %s", queue_file.queue_id, change)
+            logger(CLEANUP).info("%s: %s", queue_file.queue_id, change)  # Postfix's cleanup rewrites addresses
         return None
 
     def _deliver(self, queue_file: QueueFile, report: Report, successes: list[Notice], plan: Plan,
@@ -267,11 +275,13 @@ class Delivery:
             if not retry.attempted:
                 retry.attempted = True
                 queue_file.attempts += 0 if plan.continued else 1
+            started = time.time()
             outcomes = self._outcomes(queue_file, recipients, hop)
+            took = time.time() - started
             unreachable = all(o.status == STATUS_DEFERRED and o.dsn.startswith(UNREACHABLE) for o in outcomes)
             report.reach[hop.destination] = (outcomes[0].reply or "unreachable") if unreachable and outcomes else ""
             for rcpt, outcome in zip(recipients, outcomes, strict=True):
-                self._record(queue_file, rcpt, outcome, report)
+                self._record(queue_file, rcpt, outcome, report, service_of(hop.kind), took)
                 retry.backoff = retry.backoff or outcome.status == STATUS_DEFERRED
                 if outcome.status == SENT and not outcome.dsn_passed and wants(rcpt, SUCCESS):
                     successes.append(Notice(rcpt, RELAYED if hop.kind in (SMTP, MX) else REPORT_DELIVERED))
@@ -291,6 +301,7 @@ class Delivery:
         part = queue_file.copy_for(new_queue_id(), queue_file.arrival, recipients)
         part.rewritten = queue_file.rewritten
         other = LOCAL if self.pool == NETWORK else NETWORK
+        part.add_log(time.time(), f"split off from {queue_file.queue_id} for the {other} workers")
         try:
             self.spool.write(part, INCOMING)
         except OSError as exc:
@@ -320,7 +331,10 @@ class Delivery:
                                     f"transport {hop} answered for the wrong number of recipients", "none")
         return outcomes
 
-    def _record(self, queue_file: QueueFile, rcpt: Recipient, outcome: Outcome, report: Report) -> None:
+    def _record(self, queue_file: QueueFile, rcpt: Recipient, outcome: Outcome, report: Report,
+                service: str = QMGR, took: float = 0.0) -> None:
+        """Record and log a recipient's outcome: one a transport answered, speaking as its
+        `service`, in `took` seconds; or the attempt's own (suspended, a loop, split off), as qmgr."""
         rcpt.dsn, rcpt.reply, rcpt.relay = outcome.dsn, outcome.reply, outcome.relay
         if outcome.status == SENT:
             rcpt.state = DELIVERED
@@ -330,7 +344,8 @@ class Delivery:
             report.bounced += 1
         else:
             report.deferred += 1
-        log_delivery(queue_file, rcpt, outcome.status)
+        log_delivery(queue_file, rcpt, outcome.status, service,
+                     Delays.measure(queue_file.arrival, queue_file.taken, outcome.setup, took - outcome.setup))
 
     def _expire(self, queue_file: QueueFile, report: Report) -> None:
         days = self.config.max_age
@@ -340,7 +355,7 @@ class Delivery:
             rcpt.reply = f"message expired after {days:g} days in the queue; last error: {rcpt.reply}"
             report.deferred -= 1
             report.bounced += 1
-            log_delivery(queue_file, rcpt, "expired")
+            log_delivery(queue_file, rcpt, "expired", QMGR, Delays.measure(queue_file.arrival, queue_file.taken))
 
     def _file_away(self, queue_file: QueueFile, report: Report, retry: Retry) -> Report:
         if queue_file.pending():
@@ -370,7 +385,7 @@ class Delivery:
         tries it at once). If the disk cannot take that, keep it in active/ (see _keep)."""
         now = time.time()
         report.result, report.next_attempt = QUEUED_AGAIN, due
-        queue_file.add_log(now, f"attempt {queue_file.attempts}: {report.sent} sent, "
+        queue_file.add_log(now, f"{SUMMARY} {queue_file.attempts}: {report.sent} sent, "
                                 f"{report.deferred} deferred, {report.bounced} bounced")
         try:
             self._store(queue_file, report)
@@ -401,8 +416,14 @@ class Delivery:
         self.spool.journal(queue_file.queue_id, enumerate(queue_file.recipients))
 
 
-def log_delivery(queue_file: QueueFile, rcpt: Recipient, status: str) -> None:
+def log_delivery(queue_file: QueueFile, rcpt: Recipient, status: str, service: str, delays: Delays) -> None:
     """The one line per recipient and attempt that mail administrators grep for."""
-    log.info("%s: to=<%s>, relay=%s, delay=%.2f, attempts=%d, dsn=%s, status=%s (%s)",
-             queue_file.queue_id, rcpt.address, rcpt.relay or "none", time.time() - queue_file.arrival,
-             queue_file.attempts, rcpt.dsn, status, rcpt.reply)
+    delivery(service, queue_file.queue_id, rcpt.address, relay=rcpt.relay, delays=delays, dsn=rcpt.dsn,
+             status=status, reply=rcpt.reply, attempts=queue_file.attempts)
+
+
+def first_take(queue_file: QueueFile) -> bool:
+    """Whether no attempt has had the message yet: no attempt's summary (which _defer writes
+    whenever one files it away for later) is in its history. One kept by a full disk, or left in
+    active/ by a crash, before it was stored, is taken in again."""
+    return not any(entry.partition(" ")[2].startswith(SUMMARY) for entry in queue_file.log)

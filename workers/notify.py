@@ -15,16 +15,16 @@ a report nothing is ever reported about (NOTIFY=NEVER), so no loop can start.
 
 from __future__ import annotations
 
-import logging
 import time
 
 from router.config import Config
+from router.log_lines import BOUNCE, logger
 from router.queue_file import QueueFile, Recipient
 from router.queue_id import arrival_of, new_queue_id
 from router.spool import INCOMING, Spool
 from workers.report import DELAY, DELAYED, FAILED, FAILURE, Notice, build, wants
 
-log = logging.getLogger("qrouter")
+log = logger(BOUNCE)
 
 _WHAT = {FAILED: "non-delivery", DELAYED: "delay"}
 
@@ -82,6 +82,7 @@ class Notifier:
         double = not queue_file.sender  # about mail from <>: to bounce-notice-recipient, never reported on
         report = QueueFile(report_id, arrival_of(report_id), "", [Recipient(to, notify="NEVER" if double else "")],
                            data)
+        report.add_log(report.arrival, f"report on {queue_file.queue_id}")  # its history says it is qrouter's own
         try:
             self.spool.write(report, INCOMING)
         except OSError as exc:

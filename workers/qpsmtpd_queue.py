@@ -28,7 +28,6 @@ fsync.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import select
@@ -45,6 +44,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from policy.next_hop import NextHop
 from router.durable import write_all
+from router.log_lines import logger
 from router.queue_file import QueueFile, Recipient
 from router.sendmail import prepend_fields
 from router.trace import received
@@ -53,7 +53,7 @@ from workers.transport import BOUNCED, DEFERRED, SENT, Outcome
 if TYPE_CHECKING:
     from router.config import Config
 
-log = logging.getLogger("qrouter")
+log = logger("qpsmtpd")  # as its deliveries speak (router/log_lines.py service_of)
 
 PLUGINS = "/usr/share/qpsmtpd/plugins"
 CONFIG_DIR = "/etc/qpsmtpd"  # qpsmtpd's own, as Debian installs it: qrouter runs beside that qpsmtpd

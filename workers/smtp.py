@@ -20,15 +20,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from policy.destinations import DestinationRules, DestinationSettings
-from policy.next_hop import LMTP, MX, NextHop, parse_hosts
+from policy.next_hop import LMTP, MX, SMTP, NextHop, parse_hosts
 from router.config import Config
+from router.log_lines import logger, service_of
 from router.queue_file import QueueFile, Recipient
 from workers.mx_hosts import MXHost, MXLookupError, ResolverConfigError, address_literal, site_destination
 from workers.smtp_client import LMTP_PORT, SMTP_PORT, TLS_NONE, SMTPClient, SMTPError, TLSFallback
 from workers.transport import BOUNCED, DEFERRED, Outcome
-
-log = logging.getLogger("qrouter")
-
 
 
 @dataclass(frozen=True)
@@ -73,6 +71,7 @@ class SMTPTransport:
 
     def deliver(self, message: QueueFile, recipients: list[Recipient], hop: NextHop) -> list[Outcome]:
         self.close_idle()
+        started = time.monotonic()  # what comes before a server takes the message is set-up (Outcome.setup)
         try:
             hosts = self._lookup(hop.argument) if hop.kind == MX else None
             servers = self._servers(hop) if hosts is None else _expand(hosts, self.config.smtp_port, lmtp=False,
@@ -81,7 +80,8 @@ class SMTPTransport:
             temporary = not isinstance(exc, MXLookupError) or exc.temporary or hop.kind != MX
             dsn = "4.3.5" if isinstance(exc, ResolverConfigError) else exc.dsn
             status = DEFERRED if temporary else BOUNCED
-            return Outcome.same_for(recipients, status, "4" + dsn[1:] if temporary else dsn, str(exc), "none")
+            return Outcome.same_for(recipients, status, "4" + dsn[1:] if temporary else dsn, str(exc), "none",
+                                    setup=time.monotonic() - started)
         outcomes: list[Outcome | None] = [None] * len(recipients)
         todo = list(range(len(recipients)))
         rollup = hosts and self.rules.for_destination(hop.destination).mx_rollup
@@ -92,11 +92,11 @@ class SMTPTransport:
         for server in servers:
             with self._lock:
                 self.destination_of[server] = counted
-            todo = self._deliver_to(server, message, recipients, todo, outcomes, settings)
+            todo = self._deliver_to(server, message, recipients, todo, outcomes, settings, started)
             if not todo:
                 break
-        return [outcome or Outcome(DEFERRED, "4.4.1", f"no server to try for {hop}", "none")
-                for outcome in outcomes]
+        return [outcome or Outcome(DEFERRED, "4.4.1", f"no server to try for {hop}", "none",
+                                   setup=time.monotonic() - started) for outcome in outcomes]
 
     def close_idle(self) -> set[str]:
         """Close connections idle for smtp-idle-timeout; the destinations they were to."""
@@ -169,17 +169,21 @@ class SMTPTransport:
     # -- one server -----------------------------------------------------------------------
 
     def _deliver_to(self, server: Server, message: QueueFile, recipients: list[Recipient], todo: list[int],
-                    outcomes: list[Outcome | None], settings: DestinationSettings) -> list[int]:
-        """Try `todo` at one server; return the recipients the next server should try."""
+                    outcomes: list[Outcome | None], settings: DestinationSettings, started: float) -> list[int]:
+        """Try `todo` at one server; return the recipients the next server should try. `started`
+        is when the delivery began (time.monotonic()): until this server's connection is ready
+        it was set-up."""
         for fresh in (False, True):
             try:
                 client, reused = self._connection(server, message.queue_id, fresh)
             except SMTPError as exc:
-                problem = _deferred(exc.reply.dsn, exc.reply.describe(server.peer), server.peer)
-                _note_failure(message, problem.reply)
+                problem = _deferred(exc.reply.dsn, exc.reply.describe(server.peer), server.peer,
+                                    time.monotonic() - started)
+                _note_failure(message, problem.reply, server)
                 for index in todo:
                     outcomes[index] = problem
                 return todo
+            setup = time.monotonic() - started
             replies = self._send(client, message, [recipients[i] for i in todo], settings.recipients)
             if client.bdat_failure is not None:
                 self._note_bdat_failure(server, client, message.queue_id)
@@ -190,7 +194,7 @@ class SMTPTransport:
         after: list[int] = []
         for index, reply in zip(todo, replies, strict=True):
             text = str(reply) if reply.ok else reply.describe(client.peer)
-            outcomes[index] = Outcome(reply.status, reply.dsn, text, client.peer, "DSN" in client.extensions)
+            outcomes[index] = Outcome(reply.status, reply.dsn, text, client.peer, "DSN" in client.extensions, setup)
             if reply.status == DEFERRED:
                 after.append(index)
         client.messages += 1
@@ -228,7 +232,7 @@ class SMTPTransport:
             self.without_bdat.add(server)
         if not known:
             assert client.bdat_failure is not None
-            log.warning("%s: host %s offers CHUNKING but fails BDAT (%s); using DATA with it from now on",
+            _log(server).warning("%s: host %s offers CHUNKING but fails BDAT (%s); using DATA with it from now on",
                         queue_id, client.peer, client.bdat_failure.describe(client.peer))
 
     def _connection(self, server: Server, queue_id: str, fresh: bool) -> tuple[SMTPClient, bool]:
@@ -252,7 +256,7 @@ class SMTPTransport:
         try:
             return self._open(server, self.config.smtp_tls), False
         except TLSFallback as exc:  # its text names the host, what failed and why
-            log.warning("%s: %s; retrying without TLS", queue_id, exc.reply.text)
+            _log(server).warning("%s: %s; retrying without TLS", queue_id, exc.reply.text)
             return self._open(server, TLS_NONE), False
 
     def _oldest_idle(self, destination: str) -> SMTPClient | None:
@@ -368,14 +372,19 @@ def _expand(hosts: list[MXHost], port: int, *, lmtp: bool, auth: tuple[str, str]
     return [Server(host.name, ip, port, lmtp=lmtp, auth=auth) for host in hosts for ip in host.addresses]
 
 
-def _note_failure(message: QueueFile, text: str) -> None:
+def _log(server: Server) -> logging.Logger:
+    """Lines about a server speak as smtp, or lmtp for an LMTP server, as Postfix's clients do."""
+    return logger(service_of(LMTP if server.lmtp else SMTP))
+
+
+def _note_failure(message: QueueFile, text: str, server: Server) -> None:
     """A server that could not be used, logged once as Postfix does ("connect to ...: Connection
     refused") and kept in the message's history (stored if it stays queued): when the next server
     takes the message, its `sent` line alone would leave no trace of the server that failed."""
-    log.info("%s: %s", message.queue_id, text)
+    _log(server).info("%s: %s", message.queue_id, text)
     message.add_log(time.time(), text)
 
 
-def _deferred(dsn: str, text: str, relay: str) -> Outcome:
+def _deferred(dsn: str, text: str, relay: str, setup: float) -> Outcome:
     """A server we could not use: never final, since another server or a later attempt may work."""
-    return Outcome(DEFERRED, "4" + dsn[1:], text, relay)
+    return Outcome(DEFERRED, "4" + dsn[1:], text, relay, setup=setup)

@@ -34,11 +34,14 @@ class Outcome:
     reply: str  # the next hop's words, or ours
     relay: str  # where it went: host[ip]:port, maildir[/path], none
     dsn_passed: bool = False  # the DSN request went on with the message: the next hop reports success
+    # Seconds of the delivery spent setting up the connection (DNS, connect, greeting, EHLO, TLS,
+    # AUTH), Postfix's delays c; the rest of the transport's time is transmission (d).
+    setup: float = 0.0
 
     @classmethod
     def same_for(cls, recipients: list[Recipient], status: str, dsn: str, reply: str,
-                 relay: str) -> list[Outcome]:
-        return [cls(status, dsn, reply, relay)] * len(recipients)
+                 relay: str, setup: float = 0.0) -> list[Outcome]:
+        return [cls(status, dsn, reply, relay, setup=setup)] * len(recipients)
 
 
 class Transport(Protocol):
