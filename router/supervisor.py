@@ -46,6 +46,7 @@ from router.lock import SpoolLock
 from router.queue_file import POISON_CRASHES
 from router.queue_id import arrival_of, is_queue_id
 from router.spool import ACTIVE, ARCHIVE, DEFERRED, HOLD, INCOMING, Spool
+from router.verifier import Verifier
 from workers.delivery import CORRUPTED, KEPT, QUEUED_AGAIN, SKIPPED, Report
 from workers.pools import LOCAL, NETWORK, pool_for, pool_of
 from workers.worker import Worker
@@ -203,6 +204,7 @@ class Supervisor:
 
             self.metrics = Metrics(self.config.metrics_listen, self.config.queue_dir)
             self.metrics.start()
+        self.verifier = Verifier(self.status_server, self._ask_dns, self.metrics)
         for warning in self._config_warnings(self.config):
             log.warning(warning)
         self._maintain_pool()
@@ -656,6 +658,18 @@ class Supervisor:
                 asked = None
         self.dispatcher.asked_of(asked.pid if asked else 0, entries, now)
 
+    def _ask_dns(self, domain: str) -> bool:
+        """Have a network worker ask DNS whether `domain` takes mail (recipient verification);
+        False when none can be asked now."""
+        for worker in self.workers.values():
+            if worker.pool == NETWORK and worker.task_fd >= 0 and not (worker.retiring or worker.silent):
+                try:
+                    os.write(worker.task_fd, json.dumps({"verify": [domain]}).encode() + b"\n")
+                except OSError:  # that worker is dying: the next one
+                    continue
+                return True
+        return False
+
     def _dispatch_isolated(self) -> None:
         """A worker that dies with several messages in progress gives no clue which one killed
         it, so none is blamed: each goes again alone, to a worker given nothing else until it
@@ -899,6 +913,8 @@ class Supervisor:
                 self._report(worker, Report.from_record(record))
             for entry, site in record.get("sites", {}).items():  # the sites of MX domains, as asked
                 self.dispatcher.site_found(entry, site, time.time())
+            for domain, failure in record.get("domains", {}).items():  # recipient verification, as asked
+                self.verifier.answered(domain, failure)
 
     def _report(self, worker: WorkerHandle, report: Report) -> None:
         queue_id = report.queue_id
@@ -940,17 +956,19 @@ class Supervisor:
             for queue_id_done, what in self.control.run(command, [queue_id])["done"].items():
                 log.info("%s: %s after its attempt", queue_id_done, what)
 
-    def _answer(self, request: dict[str, Any], uid: int) -> dict[str, Any]:
-        """A status socket request: `status` for anyone who may connect; the queue commands
-        (router/control.py) only for root and the daemon's own user."""
+    def _answer(self, request: dict[str, Any], uid: int) -> dict[str, Any] | status_socket.Later:
+        """A status socket request: `status` and `verify` (router/verifier.py) for anyone who may
+        connect; the queue commands (router/control.py) only for root and the daemon's own user."""
         command = request.get("command", "status")
         if command == "status":
             answer = self.status()
             if isinstance(request.get("sites"), list):  # queue why: which sites these MX destinations are in
                 answer["sites"] = self.dispatcher.sites_of(str(entry) for entry in request["sites"])
             return answer
+        if command == "verify":
+            return self.verifier.answer(request, self.policy)
         if command not in COMMANDS:
-            return {"error": f"unknown command {command!r} (known: status, {', '.join(COMMANDS)})"}
+            return {"error": f"unknown command {command!r} (known: status, verify, {', '.join(COMMANDS)})"}
         if uid not in (0, os.geteuid()):
             return {"error": f"permission denied: only root and the daemon's user may {command} messages"}
         ids = request.get("ids")
@@ -999,6 +1017,7 @@ class Supervisor:
             "workers": workers,
             "destinations": self.dispatcher.status(),
             "counters": dict(self.counters),
+            "verify": dict(self.verifier.counts),
         }
 
 

@@ -224,3 +224,28 @@ def test_beyond_the_connection_limit_the_oldest_is_dropped_and_a_query_gets_thro
             client.settimeout(0.05)
             with pytest.raises(TimeoutError):
                 client.recv(1)
+
+
+def later_or_echo(request: dict[str, Any], uid: int) -> dict[str, Any] | status_socket.Later:
+    if request.get("command") == "later":
+        return status_socket.Later("question", lambda result: {"result": result})
+    return answer(request, uid)
+
+
+def test_a_client_waiting_for_a_later_answer_hears_finish_none_at_its_deadline(tmp_path):
+    """Nothing settles the question: the waiting client gets its answer at its deadline, never
+    silence; one that hangs up meanwhile is dropped; others are answered at once all along."""
+    with serving(tmp_path, later_or_echo, timeout=1.0) as path:
+        with connect(path) as quitter:
+            quitter.sendall(b'{"command": "later"}\n')
+        with connect(path) as waiting:
+            start = time.monotonic()
+            waiting.sendall(b'{"command": "later"}\n')
+            timed_query(path)
+            waiting.setblocking(False)
+            with pytest.raises(BlockingIOError):  # answered others while it still waits
+                waiting.recv(1)
+            waiting.setblocking(True)
+            reply = json.loads(read_all(waiting))
+            assert reply == {"result": None}
+            assert time.monotonic() - start >= 0.9

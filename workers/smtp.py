@@ -78,10 +78,8 @@ class SMTPTransport:
             servers = self._servers(hop) if hosts is None else _expand(hosts, self.config.smtp_port, lmtp=False,
                                                                        auth=None)
         except (MXLookupError, ResolverConfigError) as exc:
-            temporary = not isinstance(exc, MXLookupError) or exc.temporary or hop.kind != MX
-            dsn = "4.3.5" if isinstance(exc, ResolverConfigError) else exc.dsn
-            status = DEFERRED if temporary else BOUNCED
-            return Outcome.same_for(recipients, status, "4" + dsn[1:] if temporary else dsn, str(exc), "none")
+            dsn, text = _lookup_failure(exc, hop.kind == MX)
+            return Outcome.same_for(recipients, BOUNCED if dsn.startswith("5") else DEFERRED, dsn, text, "none")
         outcomes: list[Outcome | None] = [None] * len(recipients)
         todo = list(range(len(recipients)))
         rollup = hosts and self.rules.for_destination(hop.destination).mx_rollup
@@ -300,6 +298,16 @@ class SMTPTransport:
         except (MXLookupError, ResolverConfigError):
             return ""
 
+    def mx_failure(self, domain: str) -> tuple[str, str] | None:
+        """Why mail to `domain` by MX routing would fail now before any connection, as delivery
+        says it (status code, text), or None when DNS gives hosts to try: recipient verification
+        asks this (policy/verify.py)."""
+        try:
+            self._lookup(domain)
+        except (MXLookupError, ResolverConfigError) as exc:
+            return _lookup_failure(exc, mx=True)
+        return None
+
     def _servers(self, hop: NextHop) -> list[Server]:
         lmtp = hop.kind == LMTP
         if lmtp and hop.argument.startswith("/"):
@@ -356,6 +364,14 @@ class SMTPTransport:
             self._resolver = mx_lookup.make_resolver(self.config.dns_servers, self.config.dns_timeout,
                                                      cache=mx_lookup.CACHE_NAMES)
         return mx_lookup.next_hops(destination, self._resolver)
+
+
+def _lookup_failure(exc: MXLookupError | ResolverConfigError, mx: bool) -> tuple[str, str]:
+    """The status code and text of a failed lookup: final (5.X.X) only when DNS says so of the
+    recipient's own domain (MX routing), never of a relay host the configuration names."""
+    temporary = not isinstance(exc, MXLookupError) or exc.temporary or not mx
+    dsn = "4.3.5" if isinstance(exc, ResolverConfigError) else exc.dsn
+    return ("4" + dsn[1:] if temporary else dsn), str(exc)
 
 
 @functools.lru_cache(maxsize=256)
