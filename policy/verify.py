@@ -12,8 +12,10 @@ the transports file, the aliases, the next hop), judged here:
     temporary     queue/retry (its code and text), DNS that cannot answer now (4.4.3)   450
 
 MX routing needs DNS to tell: `judge` says so by returning None, and the caller asks DNS as
-delivery does (workers/mx_lookup.py) and hands the failure, if any, to `from_dns`. Nothing
-here asks DNS itself: the policy knows no processes nor network.
+delivery does (workers/mx_lookup.py) and hands the failure, if any, to `from_dns`. A destination
+with `callout=yes` in the destinations file is asked itself (`needs_callout`): its reply to RCPT
+(or the failure to get one) becomes the verdict by its status code (`from_status`). Nothing here
+asks DNS or a next hop itself: the policy knows no processes nor network.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from policy.next_hop import ERROR, MX, RETRY
-from policy.routing import Route
+from policy.next_hop import ERROR, LMTP, MX, RETRY, SMTP
+from policy.routing import Policy, Route
 
 DELIVERABLE, REFUSED, TEMPORARY = "deliverable", "refused", "temporary"
 RESULTS = (DELIVERABLE, REFUSED, TEMPORARY)
@@ -59,10 +61,22 @@ def judge(route: Route) -> Verdict | None:
     return Verdict(DELIVERABLE, "2.1.5", f"deliverable: {route.reason}")
 
 
+def needs_callout(route: Route, policy: Policy) -> bool:
+    """Whether the next hop itself is asked: an SMTP or LMTP next hop, or MX routing, whose
+    destination has `callout=yes` in the destinations file."""
+    hop = route.next_hop
+    return hop.kind in (SMTP, LMTP, MX) and policy.destinations.for_destination(hop.destination).callout
+
+
 def from_dns(domain: str, failure: tuple[str, str] | None) -> Verdict:
     """The verdict for MX routing to `domain`, from what its lookup found: None when there are
     hosts to deliver to, else (status code, message) of the failure (workers.mx_hosts.MXLookupError)."""
     if failure is None:
         return Verdict(DELIVERABLE, "2.1.5", f"deliverable: MX routing for {domain}")
-    dsn, message = failure
-    return Verdict(REFUSED if dsn.startswith("5") else TEMPORARY, dsn, message)
+    return from_status(*failure)
+
+
+def from_status(dsn: str, text: str) -> Verdict:
+    """The verdict an enhanced status code gives: 2.X.X deliverable, 5.X.X refused, else temporary."""
+    result = DELIVERABLE if dsn.startswith("2") else REFUSED if dsn.startswith("5") else TEMPORARY
+    return Verdict(result, dsn, text)

@@ -513,6 +513,9 @@ def format_status(answer: dict[str, Any]) -> str:
     if verify is not None:
         lines.append(f"recipients verified since start: {verify['deliverable']} deliverable, {verify['refused']} "
                      f"refused, {verify['temporary']} temporary")
+        rate = f"{verify['hit_rate']:.0%}" if verify["hit_rate"] is not None else "-"
+        lines.append(f"callout results kept: {verify['cache']}; from there since start: {verify['hits']} of "
+                     f"{verify['hits'] + verify['misses']} (hit rate {rate}); probes in flight: {verify['probes']}")
     return "\n".join(lines)
 
 

@@ -170,6 +170,7 @@ class Supervisor:
             for key, _ in self.selector.select(self._timeout()):
                 key.data()
             self._handle_signals()
+            self.verifier.tick(time.time())
             self._promote_due()
             self._prune_archive()
             self._tidy()
@@ -204,7 +205,7 @@ class Supervisor:
 
             self.metrics = Metrics(self.config.metrics_listen, self.config.queue_dir)
             self.metrics.start()
-        self.verifier = Verifier(self.status_server, self._ask_dns, self.metrics)
+        self.verifier = Verifier(self.status_server, self._ask_worker, self.config, self.metrics)
         for warning in self._config_warnings(self.config):
             log.warning(warning)
         self._maintain_pool()
@@ -275,6 +276,7 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         self.status_server.close()
+        self.verifier.close()
         left = self.spool.list(ACTIVE)
         if left:
             log.warning("stopped with %d message(s) in active/; they are tried again at the next start", len(left))
@@ -319,6 +321,7 @@ class Supervisor:
         for warning in self._config_warnings(config):
             log.warning(warning)
         self.config, self.policy = config, policy
+        self.verifier.reconfigure(config)
         self.dispatcher.reconfigure(min(config.min_backoff, PROBE_SECONDS))
         for worker in self.workers.values():
             worker.retiring = True
@@ -387,7 +390,7 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
-        fds = [*own_fds, *self.wakeup, self.inotify.fileno(), *self.status_server.fds()]
+        fds = [*own_fds, *self.wakeup, self.inotify.fileno(), *self.status_server.fds(), *self.verifier.fds()]
         for other in self.workers.values():
             fds += [other.task_fd, other.report_fd]
         self.selector.close()
@@ -415,6 +418,7 @@ class Supervisor:
         self.selector.unregister(worker.report_fd)
         os.close(worker.report_fd)
         worker.close_tasks()
+        self.verifier.worker_gone(worker.pid)
         how = _describe_exit(status)
         lost = [(queue, queue_id) for queue_id, (queue, _) in worker.jobs.items()]
         worker.jobs.clear()
@@ -658,17 +662,18 @@ class Supervisor:
                 asked = None
         self.dispatcher.asked_of(asked.pid if asked else 0, entries, now)
 
-    def _ask_dns(self, domain: str) -> bool:
-        """Have a network worker ask DNS whether `domain` takes mail (recipient verification);
-        False when none can be asked now."""
-        for worker in self.workers.values():
-            if worker.pool == NETWORK and worker.task_fd >= 0 and not (worker.retiring or worker.silent):
-                try:
-                    os.write(worker.task_fd, json.dumps({"verify": [domain]}).encode() + b"\n")
-                except OSError:  # that worker is dying: the next one
-                    continue
-                return True
-        return False
+    def _ask_worker(self, record: dict[str, Any]) -> int:
+        """Hand a question of recipient verification (a domain for DNS, a callout) to a network
+        worker, the one with the fewest messages in hand; its pid, or 0 when none can be asked."""
+        serving = [w for w in self.workers.values()
+                   if w.pool == NETWORK and w.task_fd >= 0 and not (w.retiring or w.silent)]
+        for worker in sorted(serving, key=lambda w: len(w.jobs)):
+            try:
+                os.write(worker.task_fd, json.dumps(record).encode() + b"\n")
+            except OSError:  # that worker is dying: the next one
+                continue
+            return worker.pid
+        return 0
 
     def _dispatch_isolated(self) -> None:
         """A worker that dies with several messages in progress gives no clue which one killed
@@ -813,6 +818,9 @@ class Supervisor:
         status_due = self.status_server.expire()  # status socket: closes late clients, says when the next is due
         if status_due is not None:
             deadlines.append(status_due)
+        verify_due = self.verifier.next_due(time.time())  # a verify client to answer, a probe to start
+        if verify_due is not None:
+            deadlines.append(verify_due)
         return max(0.0, min(deadlines)) if deadlines else None
 
     # -- event handlers -------------------------------------------------------------------
@@ -914,7 +922,9 @@ class Supervisor:
             for entry, site in record.get("sites", {}).items():  # the sites of MX domains, as asked
                 self.dispatcher.site_found(entry, site, time.time())
             for domain, failure in record.get("domains", {}).items():  # recipient verification, as asked
-                self.verifier.answered(domain, failure)
+                self.verifier.dns_answered(domain, failure)
+            for key, answer in record.get("callouts", {}).items():
+                self.verifier.callout_answered(key, answer)
 
     def _report(self, worker: WorkerHandle, report: Report) -> None:
         queue_id = report.queue_id
@@ -1017,7 +1027,7 @@ class Supervisor:
             "workers": workers,
             "destinations": self.dispatcher.status(),
             "counters": dict(self.counters),
-            "verify": dict(self.verifier.counts),
+            "verify": self.verifier.status(),
         }
 
 
