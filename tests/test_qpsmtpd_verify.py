@@ -19,19 +19,20 @@ from tests.test_qpsmtpd import queued_as
 from tests.unix_users import owned_dir, script
 from workers.command import Account
 
-NOT_A_RELAY_CLIENT = {"relayclients": "", "rcpthosts": "local.test\nblocked.test\n"}
+NOT_A_RELAY_CLIENT = {"relayclients": "", "rcpthosts": "local.test\nblocked.test\nlater.test\n"}
 
 
 @pytest.fixture
 def site(tmp_path, daemons, world_dir):
     """A daemon delivering local.test through aliases (alice, bob<digits>) to an agent that
     files each message in `site.delivered`, refusing blocked.test by a queue/error rule, and
-    reporting failures to senders (`send-ndr yes`)."""
+    holding later.test back by a queue/retry rule, and reporting failures to senders (`send-ndr yes`)."""
     out = owned_dir(world_dir, Account.named("nobody"))
     agent = script(world_dir, "agent", f'cat > "{out}/$$.$(date +%s%N)"\n')
     (tmp_path / "aliases").write_text("root nobody\nalice nobody\nbob[0-9]+ nobody\n")
     (tmp_path / "transports").write_text(f"local.test {agent}\n"
-                                         "blocked.test queue/error 5.7.1 we take no mail for blocked.test\n")
+                                         "blocked.test queue/error 5.7.1 we take no mail for blocked.test\n"
+                                         "later.test queue/retry 4.2.0 held for maintenance\n")
     daemon = daemons("--transports", str(tmp_path / "transports"), "--aliases", str(tmp_path / "aliases"),
                      "--send-ndr", "yes", maildir=False)
     daemon.delivered = lambda: sorted(out.iterdir())
@@ -79,6 +80,13 @@ def test_a_queue_error_rule_gives_its_text_at_rcpt_and_the_others_still_go(site,
     queue_id = queued_as(result)
     wait_for(lambda: f"{queue_id}: removed" in site.log(), what="the delivery to alice")
     assert "blocked.test" not in site.log()
+
+
+def test_a_temporary_verdict_is_450_at_rcpt(site, qpsmtpd):
+    server = qpsmtpd(site.spool, "verify-recipients", "1", own_daemon=False, config=NOT_A_RELAY_CLIENT)
+    code, out = smtp(server, "anyone@later.test")
+    assert code != 0 and "<** 450 4.2.0 held for maintenance" in out
+    nothing_queued_nor_reported(site)
 
 
 def test_1000_random_recipients_are_1000_refusals_with_nothing_queued(site, qpsmtpd, capsys):
