@@ -1,6 +1,7 @@
 """Recipient verification that asks the next hop (a callout): a real daemon whose transports file
 sends relay.test to a loopback sink (tests/smtp_servers.CountingSink, which counts connections
-and keeps every command), with `callout=yes` for that next hop in the destinations file."""
+and keeps every command), with `callout=yes` for that next hop in the destinations file; and a
+real Dovecot LMTP (tests/dovecot_server.py) as the next hop that knows its users."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from router.spool import Spool
 from router.status_socket import query
 from tests.daemon import qrouter, wait_for
+from tests.dovecot_server import DovecotLMTP
 from tests.smtp_servers import CountingSink, free_port
 
 UNKNOWN = "550 5.1.1 no such user here"
@@ -126,3 +129,22 @@ def test_without_callout_the_next_hop_is_not_asked(daemons, tmp_path, sink):
     daemon = callout_daemon(daemons, tmp_path, sink.port, settings="concurrency=5")
     assert verify(daemon, "nobody@relay.test")["verdict"] == "deliverable"
     assert sink.connections == 0
+
+
+def test_a_callout_to_dovecot_lmtp_refuses_its_unknown_user_and_mail_to_a_known_one_arrives(daemons, tmp_path):
+    """Dovecot answers RCPT for a user it does not have with 550 5.1.1: that answer comes at RCPT
+    through qrouter; its user is deliverable, and a message to it is then delivered there."""
+    with DovecotLMTP(["alice"]) as dovecot:
+        (tmp_path / "transports").write_text(f"store.test lmtp:{dovecot.socket}\n")
+        (tmp_path / "destinations").write_text(f"lmtp:{dovecot.socket} callout=yes\n")
+        daemon = daemons("--transports", str(tmp_path / "transports"),
+                         "--destinations", str(tmp_path / "destinations"))
+        refused = verify(daemon, "bob@store.test")
+        assert (refused["code"], refused["dsn"]) == (550, "5.1.1")
+        assert f"host unix[{dovecot.socket}] said: 550 5.1.1 <bob@store.test> User doesn't exist" in refused["text"]
+        assert verify(daemon, "alice@store.test")["verdict"] == "deliverable"
+        assert not dovecot.maildir("alice").exists(), "a probe delivers nothing"
+        Spool(daemon.spool).enqueue("s@example.org", ["alice@store.test"], b"Subject: hi\n\nhello\n")
+        [delivered] = wait_for(lambda: list((dovecot.maildir("alice") / "new").glob("*"))
+                               if (dovecot.maildir("alice") / "new").exists() else [], what="delivery to Dovecot")
+        assert delivered.read_bytes().endswith(b"hello\n")
