@@ -205,7 +205,7 @@ class Supervisor:
 
             self.metrics = Metrics(self.config.metrics_listen, self.config.queue_dir)
             self.metrics.start()
-        self.verifier = Verifier(self.status_server, self._ask_worker, self.config, self.metrics)
+        self.verifier = Verifier(self.status_server, self._ask_worker, self.dispatcher, self.config, self.metrics)
         for warning in self._config_warnings(self.config):
             log.warning(warning)
         self._maintain_pool()

@@ -15,7 +15,8 @@ the client holds a `Later` answer of the status socket until the worker's reply 
   delivery does and says MAIL FROM, RCPT TO, RSET, QUIT, never DATA. Its results are kept in
   the spool (router/verify_cache.py) and given from there, and probed again in the background
   once due. One probe per address is in flight however many ask; one probe at a time per
-  destination, and at most its `callout-rate`: the rest wait their turn.
+  destination, at most its `callout-rate`, and only when its window in the dispatcher has a
+  place (a probe takes one, as a delivery does): the rest wait their turn.
 
 A client whose answer has not come within `verify-wait` seconds hears a temporary verdict, never
 nothing: `450 4.4.3` while DNS has not answered, `450 4.1.1` while a probe is in progress (as
@@ -36,6 +37,7 @@ from policy.routing import Policy
 from policy.verify import RESULTS, TEMPORARY, Verdict, from_dns, from_status, judge, needs_callout
 from router.address import AddressError, parse_path
 from router.config import Config
+from router.dispatcher import Dispatcher
 from router.status_socket import CONNECTION_SECONDS, Later, StatusError, StatusServer, query
 from router.verify_cache import Lifetimes, VerifyCache
 
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
 
 ASK_SECONDS = 10.0  # a front door's wait for a verdict; the daemon answers within its socket's deadline
 MAX_ADDRESS = 1000  # characters of a request's address looked at: a valid one has at most 256 octets
+LOOK_AGAIN_SECONDS = 1.0  # a probe held back by a full window or no worker is tried again this soon (a report
+# that frees a place wakes the loop sooner)
 LONGEST_WAIT = CONNECTION_SECONDS - 0.5  # verify-wait, at most: the client must hear before its socket's deadline
 MAX_WAITING_PROBES = 1000  # addresses waiting for a probe to one destination; more are not probed now
 PENDING = "4.1.1", "address verification in progress"
@@ -69,13 +73,15 @@ def address_of(request: dict[str, Any], field: str, null_ok: bool = False) -> st
 class Verifier:
     """Answers `verify` requests, runs the callouts, and counts verdicts. `ask_worker(record)`
     writes a record to a network worker's task pipe and returns its pid, 0 when none can be asked;
-    the worker's answers come to `dns_answered` and `callout_answered`. `tick` is called at every
+    the worker's answers come to `dns_answered` and `callout_answered`. A probe counts against its
+    destination's window in the dispatcher, as a delivery does. `tick` is called at every
     turn of the supervisor's loop, which sleeps no longer than `next_due` says."""
 
-    def __init__(self, server: StatusServer, ask_worker: Callable[[dict[str, Any]], int], config: Config,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(self, server: StatusServer, ask_worker: Callable[[dict[str, Any]], int], dispatcher: Dispatcher,
+                 config: Config, metrics: Metrics | None = None) -> None:
         self.server = server
         self.ask_worker = ask_worker
+        self.dispatcher = dispatcher  # a probe takes a place in its destination's window
         self.metrics = metrics
         self.wait = min(config.verify_wait, LONGEST_WAIT)
         self.cache = VerifyCache(config.queue_dir, Lifetimes(config), time.time())
@@ -128,6 +134,7 @@ class Verifier:
         if flight is None:  # from a worker given up on
             return
         self.busy.discard(flight[0])
+        self.dispatcher.probe_ends(flight[0])
         dsn, text = answer
         self.cache.put(key, dsn, text, time.time())
         self._settle(f"callout:{key}", [dsn, text])
@@ -139,6 +146,7 @@ class Verifier:
             if asked == pid:
                 del self.in_flight[key]
                 self.busy.discard(destination)
+                self.dispatcher.probe_ends(destination)
         self._start_probes(time.time())
 
     def tick(self, now: float) -> None:
@@ -207,10 +215,15 @@ class Verifier:
                 self.next_probe.pop(destination, None)
                 self.interval.pop(destination, None)
                 continue
+            if not self.dispatcher.probe_begins(destination):  # its window is full
+                self.next_probe[destination] = now + LOOK_AGAIN_SECONDS
+                continue
             address = queue[0]
             pid = self.ask_worker({"callout": [{"key": address, "recipient": address}]})
-            if not pid:
-                return  # no worker now: the next tick tries again
+            if not pid:  # no worker now
+                self.dispatcher.probe_ends(destination)
+                self.next_probe[destination] = now + LOOK_AGAIN_SECONDS
+                continue
             queue.popleft()
             self.in_flight[address] = (destination, pid)
             self.busy.add(destination)

@@ -148,3 +148,20 @@ def test_a_callout_to_dovecot_lmtp_refuses_its_unknown_user_and_mail_to_a_known_
         [delivered] = wait_for(lambda: list((dovecot.maildir("alice") / "new").glob("*"))
                                if (dovecot.maildir("alice") / "new").exists() else [], what="delivery to Dovecot")
         assert delivered.read_bytes().endswith(b"hello\n")
+
+
+def test_a_probe_takes_a_place_in_the_destination_s_window(daemons, tmp_path):
+    """With concurrency=1, a probe waits while a delivery holds the one connection, and the
+    delivery's next message waits while the probe does: never two connections at once."""
+    with CountingSink(delay=0.5, refuse={"nobody@relay.test": UNKNOWN}) as slow:  # about 4 s a delivery
+        daemon = callout_daemon(daemons, tmp_path, slow.port, "--verify-wait", "0.5",
+                                settings="callout=yes concurrency=1 initial-window=1")
+        Spool(daemon.spool).enqueue("s@example.org", ["x@relay.test"], b"Subject: 1\n\none\n")
+        wait_for(lambda: slow.open == 1, what="the delivery's connection")
+        held = verify(daemon, "nobody@relay.test")
+        assert (held["code"], held["dsn"]) == (450, "4.1.1")
+        Spool(daemon.spool).enqueue("s@example.org", ["y@relay.test"], b"Subject: 2\n\ntwo\n")
+        wait_for(lambda: len(slow.messages) == 2 and daemon.status()["verify"]["cache"] == 1, timeout=60,
+                 what="both deliveries and the probe")
+        assert verify(daemon, "nobody@relay.test")["dsn"] == "5.1.1"
+        assert slow.most == 1
