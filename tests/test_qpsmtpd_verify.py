@@ -25,8 +25,8 @@ NOT_A_RELAY_CLIENT = {"relayclients": "", "rcpthosts": "local.test\nblocked.test
 @pytest.fixture
 def site(tmp_path, daemons, world_dir):
     """A daemon delivering local.test through aliases (alice, bob<digits>) to an agent that
-    files each message in `site.delivered`, refusing blocked.test by a queue/error rule, and
-    holding later.test back by a queue/retry rule, and reporting failures to senders (`send-ndr yes`)."""
+    files each message in `site.delivered`, refusing blocked.test by a queue/error rule, holding
+    later.test back by a queue/retry rule, and reporting failures to senders (`send-ndr yes`)."""
     out = owned_dir(world_dir, Account.named("nobody"))
     agent = script(world_dir, "agent", f'cat > "{out}/$$.$(date +%s%N)"\n')
     (tmp_path / "aliases").write_text("root nobody\nalice nobody\nbob[0-9]+ nobody\n")
