@@ -123,11 +123,7 @@ class StatusServer:
             oldest = next(iter(self.connections))
             if oldest.deadline > now:
                 return oldest.deadline - now
-            if oldest.later is not None and oldest.answer is None:  # what it waits for did not come in time
-                self._unwait(oldest)
-                self._reply(oldest, oldest.later.finish(None))
-            if oldest in self.connections:  # an answer the client is too slow to take
-                self._close(oldest)
+            self._drop(oldest)
         return None
 
     def settle(self, key: str, result: Any) -> None:
@@ -159,7 +155,7 @@ class StatusServer:
             except OSError:  # none waiting, or no descriptor left: at the next event
                 return
             if len(self.connections) >= self.max_connections:
-                self._close(next(iter(self.connections)))
+                self._drop(next(iter(self.connections)))
             sock.setblocking(False)
             conn = _Connection(sock, time.monotonic() + self.timeout)
             self.connections[conn] = None
@@ -243,6 +239,15 @@ class StatusServer:
             self._close(conn)
             return
         if not conn.answer:
+            self._close(conn)
+
+    def _drop(self, conn: _Connection) -> None:
+        """End a connection before its end: one waiting for a Later hears `finish(None)` first
+        (a small answer, which the socket takes at once), so a client is never left without one."""
+        if conn.later is not None and conn.answer is None:
+            self._unwait(conn)
+            self._reply(conn, conn.later.finish(None))
+        if conn in self.connections:  # an answer the client is too slow to take
             self._close(conn)
 
     def _close(self, conn: _Connection) -> None:

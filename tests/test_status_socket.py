@@ -249,3 +249,20 @@ def test_a_client_waiting_for_a_later_answer_hears_finish_none_at_its_deadline(t
             reply = json.loads(read_all(waiting))
             assert reply == {"result": None}
             assert time.monotonic() - start >= 0.9
+
+
+def test_a_waiting_client_dropped_for_a_new_one_hears_finish_none_first(tmp_path):
+    """At max_connections a new client drops the oldest; one waiting for a Later gets its answer."""
+    asked: list[dict[str, Any]] = []
+
+    def respond(request: dict[str, Any], uid: int) -> dict[str, Any] | status_socket.Later:
+        asked.append(request)
+        return later_or_echo(request, uid)
+
+    with serving(tmp_path, respond, timeout=30.0, max_connections=2) as path, \
+            connect(path) as waiting, connect(path) as other:
+        waiting.sendall(b'{"command": "later"}\n')
+        other.sendall(b'{"command": "later"}\n')
+        wait_for(lambda: len(asked) == 2, what="both requests read")
+        timed_query(path)  # a third connection: the oldest is dropped
+        assert json.loads(read_all(waiting)) == {"result": None}
