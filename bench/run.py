@@ -96,6 +96,13 @@ slow-destination
          the daemon.
 deferred-200k
          memory with 200,000 queue files in deferred/ and the daemon's default workers.
+verify   Recipient verification, policy-only verdicts: an idle daemon with 2 workers, local
+         delivery through an aliases file of 1,000 entries (and a regex), a transports file
+         with a queue/error rule. VERIFY_REQUESTS `verify` requests on the status socket, one at
+         a time, from a client in this process (as a front door asks at RCPT), by turns for a
+         known alias, an unknown local user (5.1.1) and the queue/error rule: per request, from
+         connect to the answer read. Also the `qrouter verify` command (a new process) once,
+         for context.
 queue-ops
          The queue commands on 200,000 messages in deferred/ (one in 20 for flush.example):
          `qrouter queue list --queue deferred` to its first line and to its end, `qrouter
@@ -197,6 +204,10 @@ FAST_TIMEOUT = 60.0
 DEFERRED_200K = 200_000
 FLUSHED = 10_000  # of the 200,000 in queue-ops, those for FLUSH_DOMAIN
 FLUSH_DOMAIN = "flush.example"
+
+VERIFY_REQUESTS = 3_000
+VERIFY_WARMUP = 30
+VERIFY_ALIASES = 1_000
 
 DELIVERY_TIMEOUT = 10.0
 DRAIN_TIMEOUT = 150.0
@@ -482,6 +493,42 @@ def bench_latency(keep: bool) -> dict[str, float]:
         spool.close()
         inotify.close()
     print(f"  supervisor RSS with an empty spool: {idle_rss / 2**20:.1f} MB")
+    return figures
+
+
+def bench_verify(keep: bool) -> dict[str, float]:
+    with workspace("verify", keep) as root:
+        aliases = root / "aliases"
+        aliases.write_text("root nobody\nuser[0-9]+x nobody\n" + "".join(f"alias{i} nobody\n"
+                                                                        for i in range(VERIFY_ALIASES)))
+        transports = root / "transports"
+        transports.write_text("local.example /bin/true\n"
+                              "blocked.example queue/error 5.7.1 no mail for blocked.example\n")
+        daemon = Daemon(root, LATENCY_WORKERS, ["--aliases", str(aliases), "--transports", str(transports)])
+        asked = [f"alias{VERIFY_ALIASES - 1}@local.example", "stranger@local.example", "anyone@blocked.example"]
+        expected = {"deliverable", "refused"}
+        socket_path = str(daemon.spool / "status.sock")
+        with daemon:
+            daemon.start()
+            daemon.wait_serving()
+            times: list[float] = []
+            for index in range(VERIFY_WARMUP + VERIFY_REQUESTS):
+                started = time.perf_counter()
+                answer = query(socket_path, {"command": "verify", "recipient": asked[index % len(asked)]})
+                took = time.perf_counter() - started
+                if answer.get("verdict") not in expected:
+                    raise RuntimeError(f"unexpected answer {answer}")
+                if index >= VERIFY_WARMUP:
+                    times.append(took * 1000)
+            command, where = qrouter("verify", "--queue-dir", str(daemon.spool), asked[1])
+            started = time.perf_counter()
+            subprocess.run(command, capture_output=True, **where)
+            command_s = time.perf_counter() - started
+            report_problems(daemon)
+    cuts = statistics.quantiles(times, n=100, method="inclusive")
+    figures = {"p50_ms": cuts[49], "p99_ms": cuts[98], "max_ms": max(times), "command_s": command_s}
+    print(f"  {len(times)} verify requests: p50 {figures['p50_ms']:.3f} ms, p99 {figures['p99_ms']:.3f} ms, "
+          f"max {figures['max_ms']:.2f} ms; `qrouter verify` command {command_s:.2f} s")
     return figures
 
 
@@ -1162,6 +1209,10 @@ FIGURES = [
     Figure("slow-destination", "fast_accepted", f"fast messages accepted within {FAST_TIMEOUT:.0f} s", "", None,
            higher_is_better=True),
     Figure("slow-destination", "slow_connections", "connections held by the slow destination", "", None),
+    Figure("verify", "p50_ms", "policy-only verdict on the socket p50", "ms", 5),
+    Figure("verify", "p99_ms", "policy-only verdict on the socket p99", "ms", 5),
+    Figure("verify", "max_ms", "policy-only verdict on the socket, slowest", "ms", None),
+    Figure("verify", "command_s", "`qrouter verify` command", "s", None),
     Figure("policy", "load_ms", "load 10,000 transport rules", "ms", None),
     Figure("policy", "lookups_per_s", "lookups with 10,000 rules", "/s", None, higher_is_better=True),
     Figure("policy", "speedup", "lookups, ratio to a first-match linear scan", "", None, higher_is_better=True),
@@ -1172,7 +1223,7 @@ BENCHMARKS: dict[str, Callable[[bool], dict[str, float]]] = {
     "smtp-drain": bench_smtp_drain, "smtp-latency": bench_smtp_latency, "policy": bench_policy,
     "smtp-wan": bench_smtp_wan, "mx-rollup": bench_mx_rollup, "slow-destination": bench_slow_destination,
     "deferred-200k": functools.partial(bench_memory, deferred=DEFERRED_200K, workers=None, name="deferred-200k"),
-    "queue-ops": bench_queue_ops}
+    "queue-ops": bench_queue_ops, "verify": bench_verify}
 IN_PROCESS = {"policy"}  # runs no daemon, so --baseline has nothing to run it with
 
 

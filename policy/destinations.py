@@ -97,6 +97,8 @@ class DestinationSettings:
     messages_per_connection: int | None = _key("messages-per-connection", _count, None)
     rate: float | None = _key("rate", _rate, None, _show_rate)  # messages per second
     mx_rollup: bool = _key("mx-rollup", parse_boolean, True, _yes_no)  # domains sharing MX hosts share limits
+    callout: bool | None = _key("callout", parse_boolean, None, _yes_no)  # recipient verification asks the next hop
+    callout_rate: float | None = _key("callout-rate", _rate, None, _show_rate)  # its probes per second
     source: str = ""  # FILE:LINE of the rule that gave these; "" for the defaults
 
     def describe(self) -> str:

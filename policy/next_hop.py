@@ -55,7 +55,11 @@ class NextHop:
         word (no white space, no comma), the same for every recipient routed to this next hop."""
         return quote(f"{self.kind}:{self.argument}", safe=":/[]._-@+")
 
-
+    def verdict(self) -> tuple[str, str]:
+        """The status code and text of a `queue/error` or `queue/retry` hop: what delivery answers
+        for its recipients and what recipient verification answers at RCPT, in the same words."""
+        dsn, _, text = self.argument.partition(" ")
+        return dsn, text or self.text
 
 
 def mx_route(domain: str) -> NextHop:

@@ -30,6 +30,17 @@ reads and buffers, and the SIZE it announces, is its own `data_size_limit` (32 M
 server sets it), the server's business: set it to at most `size_limit` so that a client hears of
 the limit at MAIL FROM, and a larger message is not received only to be refused.
 
+With `verify=True` every recipient is also checked at RCPT by the running qrouter daemon
+(recipient verification, router/verifier.py: the rewriting, aliases, transports and DNS delivery
+would use), so that what qrouter would bounce is refused there and no report goes to a forged
+sender: `550` with qrouter's status code and text (`550 5.1.1 no alias for local part ...`, a
+`queue/error` rule's text, `550 5.1.2`, `550 5.1.10`), `450` for a temporary verdict. Each refusal
+is one line in the log (logger `qrouter`). When the daemon cannot be asked, the recipient is
+accepted and a warning logged (`verify_fail="open"`, the default) or it hears `451 4.3.0`
+(`"closed"`). `status_socket` is the daemon's (the config's `status-socket`; default
+QUEUE-DIR/status.sock). Authenticated sessions are not checked unless `verify_authenticated`:
+their senders are real, and they hear about their mistakes from the report.
+
 DSN parameters (RET, ENVID, NOTIFY, ORCPT) are not taken: aiosmtpd does not offer DSN.
 
 aiosmtpd is not a dependency of qrouter. Install it next to qrouter to use this module
@@ -40,6 +51,7 @@ with an ImportError that says so.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from concurrent.futures import Executor
 
@@ -50,26 +62,40 @@ except ImportError as exc:
         "router.aiosmtpd needs the aiosmtpd package, which qrouter does not install itself: "
         "pip install aiosmtpd (or apt install python3-aiosmtpd)", name=exc.name) from exc
 
+from policy.verify import DELIVERABLE
 from router.address import AddressError, parse_path
 from router.queue_file import clean
 from router.queue_id import new_queue_id
 from router.sendmail import prepend_fields
 from router.spool import DEFAULT_SIZE_LIMIT, Spool, SpoolError
+from router.status_socket import StatusError
 from router.trace import peer_source, received
+from router.verifier import VerifyError, ask
+
+log = logging.getLogger("qrouter")
+CANNOT_VERIFY = "451 4.3.0 Cannot verify the recipient now, try again later"
 
 
 class QueueHandler:
     """Queue into the spool at `queue_dir`. `group` is the config's spool-group, if any (files are
     then made 0660, for a server that runs as a member of that group). `size_limit` is the
-    config's message-size-limit in bytes. `executor` runs the writes (default: the event loop's
-    default thread pool)."""
+    config's message-size-limit in bytes. `executor` runs the writes and the questions to the
+    daemon (default: the event loop's default thread pool). `verify` and the settings after it:
+    recipient verification (above)."""
 
     def __init__(self, queue_dir: str | os.PathLike, *, group: str = "", size_limit: int = DEFAULT_SIZE_LIMIT,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, verify: bool = False, status_socket: str = "",
+                 verify_fail: str = "open", verify_authenticated: bool = False) -> None:
+        if verify_fail not in ("open", "closed"):
+            raise ValueError(f"verify_fail must be 'open' or 'closed', not {verify_fail!r}")
         self.queue_dir = queue_dir
         self.group = group
         self.size_limit = size_limit
         self.executor = executor
+        self.verify = verify
+        self.status_socket = status_socket or os.path.join(queue_dir, "status.sock")
+        self.verify_closed = verify_fail == "closed"
+        self.verify_authenticated = verify_authenticated
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
@@ -84,12 +110,33 @@ class QueueHandler:
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
         try:
-            parse_path(address)
+            recipient = parse_path(address)
         except AddressError as exc:
             return f"553 5.1.3 {clean(str(exc))}"
+        if self.verify and (self.verify_authenticated or not session.authenticated):
+            refusal = await self._verified(recipient, envelope.mail_from or "")
+            if refusal:
+                return refusal
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Recipient ok"
+
+    async def _verified(self, recipient: str, sender: str) -> str | None:
+        """The reply that refuses `recipient`, or None to take it, as the daemon judges it."""
+        loop = asyncio.get_running_loop()
+        try:
+            verdict = await loop.run_in_executor(self.executor, ask, self.status_socket, recipient, sender)
+        except (StatusError, VerifyError) as exc:
+            if self.verify_closed:
+                log.warning("cannot verify recipient <%s>: %s; refused for now (verify_fail closed)", recipient, exc)
+                return CANNOT_VERIFY
+            log.warning("cannot verify recipient <%s>: %s; accepted (verify_fail open)", recipient, exc)
+            return None
+        if verdict.result == DELIVERABLE:
+            return None
+        reply = clean(verdict.reply())
+        log.info("refused recipient <%s>: %s", recipient, reply)
+        return reply
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         loop = asyncio.get_running_loop()

@@ -18,6 +18,7 @@ from policy.next_hop import MDA, MX, PIPE, NextHop
 from policy.rewriting import FROM, TO
 from policy.routing import Policy, load_policy
 from policy.transport_map import PolicyError
+from policy.verify import DELIVERABLE, REFUSED
 from router import config as config_module
 from router import daemon, privileges, reach
 from router import log as log_module
@@ -248,6 +249,39 @@ def route(
 
 app.command("route")(_with_config_flags(route, ROUTE_KEYS))
 
+
+def verify(
+    address: Annotated[str, typer.Argument(help="recipient address")],
+    sender: Annotated[str, typer.Option("--sender", help="envelope sender")] = "<>",
+    config: ConfigOption = None,
+    **settings: Any,
+) -> None:
+    """Ask the running daemon what would happen to mail for a recipient now, as a front door asks
+    at RCPT: rewriting, aliases, transports and the next hop as delivery decides them (and DNS for
+    MX routing); nothing is queued. Prints the SMTP reply a front door would give, on one line.
+
+    Exits 0 when deliverable, 1 when it would bounce, 75 when it would be deferred now or the
+    daemon cannot be asked."""
+    from router.verifier import VerifyError, ask
+
+    loaded = _config(config, _flags(settings))
+    try:
+        recipient = parse_path(address)
+        sender = parse_path(sender, null_ok=True)
+    except AddressError as exc:
+        raise _fail(str(exc), EX_USAGE) from None
+    try:
+        verdict = ask(loaded.socket_path, recipient, sender)
+    except StatusError as exc:
+        raise _fail(str(exc), EX_TEMPFAIL) from None
+    except VerifyError as exc:
+        raise _fail(str(exc), EX_USAGE) from None
+    typer.echo(verdict.reply())
+    raise typer.Exit({DELIVERABLE: 0, REFUSED: 1}.get(verdict.result, EX_TEMPFAIL))
+
+
+app.command("verify")(_with_config_flags(verify, SPOOL_KEYS))
+
 def _format_settings(settings: DestinationSettings, rules: DestinationRules) -> str:
     """`concurrency=5 recipients=50 ... (from FILE:LINE)`, or the defaults and why they apply."""
     if settings.source:
@@ -475,6 +509,13 @@ def format_status(answer: dict[str, Any]) -> str:
     counters = answer["counters"]
     lines.append(f"since start: {counters['sent']} sent, {counters['deferred']} deferred, "
                  f"{counters['bounced']} bounced")
+    verify = answer.get("verify")
+    if verify is not None:
+        lines.append(f"recipients verified since start: {verify['deliverable']} deliverable, {verify['refused']} "
+                     f"refused, {verify['temporary']} temporary")
+        rate = f"{verify['hit_rate']:.0%}" if verify["hit_rate"] is not None else "-"
+        lines.append(f"callout results kept: {verify['cache']}; from there since start: {verify['hits']} of "
+                     f"{verify['hits'] + verify['misses']} (hit rate {rate}); probes in flight: {verify['probes']}")
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from policy.next_hop import SMTP, NextHop, NextHopError, parse_next_hop
 from policy.policy_file import Problems, parse_boolean, read_lines
+from router.address import AddressError, parse_path
 from router.log import SYSLOG_TIME, TIME_FORMATS
 from router.spool import DEFAULT_SIZE_LIMIT
 from workers.mx_hosts import parse_dns_servers
@@ -60,6 +61,14 @@ def _path(text: str, base_dir: str) -> str:
 
 def _text(text: str, base_dir: str) -> str:
     return text
+
+
+def _sender(text: str, base_dir: str) -> str:
+    """An envelope sender every front door would take; <> (or nothing) for the null sender."""
+    try:
+        return parse_path(text, null_ok=True)
+    except AddressError as exc:
+        raise ValueError(f"must be an address or <>: {exc}") from None
 
 
 def _user(text: str, base_dir: str) -> str:
@@ -211,6 +220,7 @@ _METAVARS: dict[Callable[[str, str], Any], str] = {
     _listen: "[ADDRESS]:PORT", _dns_servers: "IP[:PORT],...", _tls_policy: "may|encrypt|none",
     _existing_file: "FILE", _relay_auth: "FILE", _timeouts: "STEP=SECONDS,...", _log_target: "syslog|stderr|FILE",
     _log_time: "syslog|rfc3339",
+    _sender: "ADDRESS|<>",
 }
 
 
@@ -290,6 +300,20 @@ class Config:
                                "HOST:PORT where Prometheus metrics are served over HTTP (default: nowhere)")
     archive_max_age: float = _key("archive-max-age", _non_negative, 0.0,
                                   "days a message stays in archive/ (0: for ever)")
+    verify_wait: float = _key("verify-wait", _non_negative, 3.0,
+                              "seconds a recipient verification waits for DNS or a callout before it answers "
+                              "'temporary' (at most 4.5: a status socket client has 5)")
+    verify_sender: str = _key("verify-sender", _sender, "", "envelope sender of callout probes (default: <>)")
+    verify_positive_expire: float = _key("verify-positive-expire", _non_negative, 31.0,
+                                         "days a callout's 'deliverable' is kept")
+    verify_positive_refresh: float = _key("verify-positive-refresh", _non_negative, 7.0,
+                                          "days after which a kept 'deliverable' is probed again in the background")
+    verify_negative_expire: float = _key("verify-negative-expire", _non_negative, 3.0,
+                                         "days a callout's 'refused' is kept")
+    verify_negative_refresh: float = _key("verify-negative-refresh", _non_negative, 0.125,
+                                          "days after which a kept 'refused' is probed again in the background")
+    verify_temporary_expire: float = _key("verify-temporary-expire", _non_negative, 300.0,
+                                          "seconds a callout's temporary failure is kept")
 
     @property
     def socket_path(self) -> str:

@@ -287,6 +287,22 @@ class Dispatcher:
             return False
         return destination.limits.rate is None or now >= destination.next_start
 
+    def probe_begins(self, name: str) -> bool:
+        """Whether a probe of recipient verification (router/verifier.py) may connect to `name`
+        now; if so it takes a place in the destination's window, as a delivery does, until
+        `probe_ends`: probes and deliveries together never exceed the destination's limits."""
+        destination = self.get(name)
+        full = destination.connections >= destination.limits.concurrency  # idle ones kept count too
+        if full or destination.in_flight >= int(destination.window):
+            return False
+        destination.in_flight += 1
+        return True
+
+    def probe_ends(self, name: str) -> None:
+        destination = self.destinations.get(name)
+        if destination is not None and destination.in_flight > 0:
+            destination.in_flight -= 1
+
     # -- messages becoming ready ------------------------------------------------------------
 
     def ready(self, queue: str, queue_id: str, *, retry: bool = False) -> None:

@@ -32,6 +32,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from policy.verify import RESULTS
 from router.config import parse_listen
 from router.spool import Spool
 from workers.pools import POOLS
@@ -63,6 +64,10 @@ class Metrics:
                                 "delivery of each of its recipients.", buckets=DELAY_BUCKETS, registry=self.registry)
         self._reloads = Counter("qrouter_reloads", "Configuration reloads that took effect.", registry=self.registry)
         self._corrupt = Counter("qrouter_corrupt_files", "Files moved to corrupt/.", registry=self.registry)
+        self._verified = Counter("qrouter_recipient_verifications", "Recipient verification requests by verdict "
+                                 "(deliverable, refused, temporary).", ["verdict"], registry=self.registry)
+        for result in RESULTS:
+            self._verified.labels(result)
         self._state = _StateCollector(queue_dir)
         self.registry.register(self._state)
         ProcessCollector(registry=self.registry)  # the supervisor's own memory, CPU and descriptors
@@ -92,6 +97,10 @@ class Metrics:
     def corrupt(self) -> None:
         """A file was moved to corrupt/."""
         self._corrupt.inc()
+
+    def verified(self, result: str) -> None:
+        """A verify request was answered with this verdict (policy/verify.py)."""
+        self._verified.labels(result).inc()
 
     def snapshot(self, status: dict[str, Any]) -> None:
         """The supervisor's status(), kept by reference: the caller must never change it after."""

@@ -4,6 +4,10 @@
 answers are one JSON object a line; the socket is mode 0660 so the spool group may ask too. The
 kernel tells who each client is (SO_PEERCRED): the answer function gets the client's uid, and
 the daemon lets only root and its own user change the queue (docs/control.md).
+
+An answer that needs another process (a DNS lookup a worker makes, for `verify`) is a `Later`:
+the client waits, without holding up the loop, until the daemon `settle`s it or its deadline
+comes, when it gets what `finish(None)` says.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from router.durable import unlink_quietly
@@ -34,6 +39,15 @@ class StatusError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class Later:
+    """An answer not known yet: `finish(result)` makes it once `StatusServer.settle(key, result)`
+    brings the result, or `finish(None)` at the client's deadline."""
+
+    key: str
+    finish: Callable[[Any], dict[str, Any]]
+
+
 class _Connection:
     """One client: the request read so far, then the answer still to send."""
 
@@ -43,6 +57,7 @@ class _Connection:
         self.uid = peer_uid(sock)
         self.request = bytearray()
         self.answer: memoryview | None = None  # set once the request is complete
+        self.later: Later | None = None  # the answer it waits for, not known yet
 
 
 class StatusServer:
@@ -60,7 +75,7 @@ class StatusServer:
     only delivery frees space, so a full disk must not stop the daemon from starting.
     """
 
-    def __init__(self, path: str, answer: Callable[[dict[str, Any], int], dict[str, Any]],
+    def __init__(self, path: str, answer: Callable[[dict[str, Any], int], dict[str, Any] | Later],
                  selector: selectors.BaseSelector, *, timeout: float = CONNECTION_SECONDS,
                  max_connections: int = MAX_CONNECTIONS):
         self.path = path
@@ -69,6 +84,7 @@ class StatusServer:
         self.timeout = timeout
         self.max_connections = max_connections
         self.connections: dict[_Connection, None] = {}  # oldest first, hence in deadline order
+        self.waiting: dict[str, list[_Connection]] = {}  # Later.key -> the clients waiting for it
         self.listener = self._listen()
         if self.listener is not None:
             selector.register(self.listener, selectors.EVENT_READ, functools.partial(self._on_accept, self.listener))
@@ -107,8 +123,18 @@ class StatusServer:
             oldest = next(iter(self.connections))
             if oldest.deadline > now:
                 return oldest.deadline - now
-            self._close(oldest)
+            self._drop(oldest)
         return None
+
+    def settle(self, key: str, result: Any) -> None:
+        """The result the clients waiting on `key` need: each gets its answer now."""
+        for conn in self.waiting.pop(key, []):
+            if conn in self.connections and conn.later is not None and conn.answer is None:
+                self._reply(conn, conn.later.finish(result))
+
+    def awaited(self, key: str) -> bool:
+        """Whether a client waits on `key` already (one question is asked once)."""
+        return key in self.waiting
 
     def close(self) -> None:
         """Stop serving: drop every connection and remove the socket."""
@@ -129,7 +155,7 @@ class StatusServer:
             except OSError:  # none waiting, or no descriptor left: at the next event
                 return
             if len(self.connections) >= self.max_connections:
-                self._close(next(iter(self.connections)))
+                self._drop(next(iter(self.connections)))
             sock.setblocking(False)
             conn = _Connection(sock, time.monotonic() + self.timeout)
             self.connections[conn] = None
@@ -138,7 +164,9 @@ class StatusServer:
     def _on_ready(self, conn: _Connection) -> None:
         if conn not in self.connections:  # dropped earlier in the same round of events
             return
-        if conn.answer is None:
+        if conn.later is not None and conn.answer is None:
+            self._wait(conn)
+        elif conn.answer is None:
             self._receive(conn)
         else:
             self._send(conn, conn.answer)
@@ -153,11 +181,37 @@ class StatusServer:
             return
         conn.request += chunk
         if b"\n" in chunk or not chunk:  # a whole line, or all the client is going to send
-            self._reply(conn, self._respond(bytes(conn.request.partition(b"\n")[0]), conn.uid))
+            answer = self._respond(bytes(conn.request.partition(b"\n")[0]), conn.uid)
+            if isinstance(answer, Later):
+                conn.later = answer
+                self.waiting.setdefault(answer.key, []).append(conn)
+            else:
+                self._reply(conn, answer)
         elif len(conn.request) > MAX_REQUEST:
             self._reply(conn, {"error": f"bad request: longer than {MAX_REQUEST} bytes"})
 
-    def _respond(self, line: bytes, uid: int) -> dict[str, Any]:
+    def _wait(self, conn: _Connection) -> None:
+        """A client waiting for a Later sent more, or hung up: more is ignored, a hang-up ends it."""
+        try:
+            if conn.sock.recv(65536):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._close(conn)
+
+    def _unwait(self, conn: _Connection) -> None:
+        """Take a client off the list of those waiting for its Later, if it is on it."""
+        if conn.later is None:
+            return
+        waiting = self.waiting.get(conn.later.key, [])
+        if conn in waiting:
+            waiting.remove(conn)
+        if not waiting:
+            self.waiting.pop(conn.later.key, None)
+
+    def _respond(self, line: bytes, uid: int) -> dict[str, Any] | Later:
         try:
             request = json.loads(line or b"{}")
         except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested thousands deep
@@ -187,8 +241,18 @@ class StatusServer:
         if not conn.answer:
             self._close(conn)
 
+    def _drop(self, conn: _Connection) -> None:
+        """End a connection before its end: one waiting for a Later hears `finish(None)` first
+        (a small answer, which the socket takes at once), so a client is never left without one."""
+        if conn.later is not None and conn.answer is None:
+            self._unwait(conn)
+            self._reply(conn, conn.later.finish(None))
+        if conn in self.connections:  # an answer the client is too slow to take
+            self._close(conn)
+
     def _close(self, conn: _Connection) -> None:
         del self.connections[conn]
+        self._unwait(conn)
         self.selector.unregister(conn.sock)
         conn.sock.close()
 

@@ -46,6 +46,7 @@ from router.log_lines import QMGR, Delays, delivery, logger
 from router.queue_file import POISON_CRASHES
 from router.queue_id import arrival_of, is_queue_id
 from router.spool import ACTIVE, ARCHIVE, DEFERRED, HOLD, INCOMING, Spool
+from router.verifier import Verifier
 from workers.delivery import CORRUPTED, KEPT, QUEUED_AGAIN, SKIPPED, Report
 from workers.pools import LOCAL, NETWORK, pool_for, pool_of
 from workers.worker import Worker
@@ -169,6 +170,7 @@ class Supervisor:
             for key, _ in self.selector.select(self._timeout()):
                 key.data()
             self._handle_signals()
+            self.verifier.tick(time.time())
             self._promote_due()
             self._prune_archive()
             self._tidy()
@@ -203,6 +205,7 @@ class Supervisor:
 
             self.metrics = Metrics(self.config.metrics_listen, self.config.queue_dir)
             self.metrics.start()
+        self.verifier = Verifier(self.status_server, self._ask_worker, self.dispatcher, self.config, self.metrics)
         for warning in self._config_warnings(self.config):
             log.warning(warning)
         self._maintain_pool()
@@ -273,6 +276,7 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         self.status_server.close()
+        self.verifier.close()
         left = self.spool.list(ACTIVE)
         if left:
             log.warning("stopped with %d message(s) in active/; they are tried again at the next start", len(left))
@@ -317,6 +321,7 @@ class Supervisor:
         for warning in self._config_warnings(config):
             log.warning(warning)
         self.config, self.policy = config, policy
+        self.verifier.reconfigure(config)
         self.dispatcher.reconfigure(min(config.min_backoff, PROBE_SECONDS))
         for worker in self.workers.values():
             worker.retiring = True
@@ -390,7 +395,7 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
-        fds = [*own_fds, *self.wakeup, self.inotify.fileno(), *self.status_server.fds()]
+        fds = [*own_fds, *self.wakeup, self.inotify.fileno(), *self.status_server.fds(), *self.verifier.fds()]
         for other in self.workers.values():
             fds += [other.task_fd, other.report_fd]
         self.selector.close()
@@ -418,6 +423,7 @@ class Supervisor:
         self.selector.unregister(worker.report_fd)
         os.close(worker.report_fd)
         worker.close_tasks()
+        self.verifier.worker_gone(worker.pid)
         how = _describe_exit(status)
         lost = [(queue, queue_id) for queue_id, (queue, _) in worker.jobs.items()]
         worker.jobs.clear()
@@ -661,6 +667,19 @@ class Supervisor:
                 asked = None
         self.dispatcher.asked_of(asked.pid if asked else 0, entries, now)
 
+    def _ask_worker(self, record: dict[str, Any]) -> int:
+        """Hand a question of recipient verification (a domain for DNS, a callout) to a network
+        worker, the one with the fewest messages in hand; its pid, or 0 when none can be asked."""
+        serving = [w for w in self.workers.values()
+                   if w.pool == NETWORK and w.task_fd >= 0 and not (w.retiring or w.silent)]
+        for worker in sorted(serving, key=lambda w: len(w.jobs)):
+            try:
+                os.write(worker.task_fd, json.dumps(record).encode() + b"\n")
+            except OSError:  # that worker is dying: the next one
+                continue
+            return worker.pid
+        return 0
+
     def _dispatch_isolated(self) -> None:
         """A worker that dies with several messages in progress gives no clue which one killed
         it, so none is blamed: each goes again alone, to a worker given nothing else until it
@@ -803,6 +822,9 @@ class Supervisor:
         status_due = self.status_server.expire()  # status socket: closes late clients, says when the next is due
         if status_due is not None:
             deadlines.append(status_due)
+        verify_due = self.verifier.next_due(time.time())  # a verify client to answer, a probe to start
+        if verify_due is not None:
+            deadlines.append(verify_due)
         return max(0.0, min(deadlines)) if deadlines else None
 
     # -- event handlers -------------------------------------------------------------------
@@ -903,6 +925,10 @@ class Supervisor:
                 self._report(worker, Report.from_record(record))
             for entry, site in record.get("sites", {}).items():  # the sites of MX domains, as asked
                 self.dispatcher.site_found(entry, site, time.time())
+            for domain, failure in record.get("domains", {}).items():  # recipient verification, as asked
+                self.verifier.dns_answered(domain, failure)
+            for key, answer in record.get("callouts", {}).items():
+                self.verifier.callout_answered(key, answer)
 
     def _report(self, worker: WorkerHandle, report: Report) -> None:
         queue_id = report.queue_id
@@ -944,17 +970,19 @@ class Supervisor:
             for queue_id_done, what in self.control.run(command, [queue_id])["done"].items():
                 log.info("%s: %s after its attempt", queue_id_done, what)
 
-    def _answer(self, request: dict[str, Any], uid: int) -> dict[str, Any]:
-        """A status socket request: `status` for anyone who may connect; the queue commands
-        (router/control.py) only for root and the daemon's own user."""
+    def _answer(self, request: dict[str, Any], uid: int) -> dict[str, Any] | status_socket.Later:
+        """A status socket request: `status` and `verify` (router/verifier.py) for anyone who may
+        connect; the queue commands (router/control.py) only for root and the daemon's own user."""
         command = request.get("command", "status")
         if command == "status":
             answer = self.status()
             if isinstance(request.get("sites"), list):  # queue why: which sites these MX destinations are in
                 answer["sites"] = self.dispatcher.sites_of(str(entry) for entry in request["sites"])
             return answer
+        if command == "verify":
+            return self.verifier.answer(request, self.policy)
         if command not in COMMANDS:
-            return {"error": f"unknown command {command!r} (known: status, {', '.join(COMMANDS)})"}
+            return {"error": f"unknown command {command!r} (known: status, verify, {', '.join(COMMANDS)})"}
         if uid not in (0, os.geteuid()):
             return {"error": f"permission denied: only root and the daemon's user may {command} messages"}
         ids = request.get("ids")
@@ -1003,6 +1031,7 @@ class Supervisor:
             "workers": workers,
             "destinations": self.dispatcher.status(),
             "counters": dict(self.counters),
+            "verify": self.verifier.status(),
         }
 
 

@@ -5,10 +5,12 @@ import resource
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.daemon import DAEMON_USER, Daemon, reachable
+from tests.qpsmtpd_server import QROUTER, QpsmtpdServer, stop_daemon
 from tests.unix_users import unix_users, world_dir  # noqa: F401  (fixtures for every test module)
 
 
@@ -34,6 +36,33 @@ def daemons(tmp_path):
                 daemon.stop(timeout=2)
             except subprocess.TimeoutExpired:  # busy past that: the test is over, kill it
                 daemon.kill()
+
+
+@pytest.fixture
+def qpsmtpd(tmp_path):
+    """`qpsmtpd(spool, *plugin_args)` makes a qpsmtpd whose plugin line is `queue/router qrouter
+    QROUTER queue-dir SPOOL ARGS`, plus `no-daemon 1` if not own_daemon; without spool_on_line
+    the spool comes from a config file in ARGS. Every server is stopped after the test, and so is
+    every daemon the plugin started (found by SPOOL/qrouter.pid)."""
+    servers: list[QpsmtpdServer] = []
+    plugin_spools: list[Path] = []
+
+    def make(spool: Path, *plugin_args: str, own_daemon: bool = True, start: bool = True,
+             spool_on_line: bool = True, config: dict[str, str] | None = None) -> QpsmtpdServer:
+        args = ["qrouter", QROUTER, *(["queue-dir", str(spool)] if spool_on_line else []), *plugin_args]
+        if not own_daemon:
+            args += ["no-daemon", "1"]
+        server = QpsmtpdServer(tmp_path / f"qpsmtpd{len(servers)}", args, config=config)
+        servers.append(server)
+        if own_daemon:
+            plugin_spools.append(spool)
+        return server.start() if start else server
+
+    yield make
+    for server in servers:
+        server.stop()
+    for spool in plugin_spools:
+        stop_daemon(spool)
 
 
 NOT_ROOT = ("the tests run as root: they create unix users, mount small filesystems and start the daemon "

@@ -12,6 +12,7 @@ import os
 import pwd
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,12 +26,14 @@ PLUGIN_DIR = ROOT / "packaging" / "qpsmtpd"
 SYSTEM_PLUGINS = "/usr/share/qpsmtpd/plugins"
 FORKSERVER = "/usr/bin/qpsmtpd-forkserver"
 SWAKS = "/usr/bin/swaks"
+QROUTER = str(Path(sys.executable).parent / "qrouter")  # the command the plugin runs
 ME = "qpsmtpd.example.test"
 
 
 class QpsmtpdServer:
     """qpsmtpd-forkserver with `relay`, `rcpt_ok` and `queue/router ARGS`, running as `user`
-    (by default ours); log in `log_path`.
+    (by default ours); log in `log_path`. 127.0.0.1 is a relay client unless `config` (qpsmtpd
+    config files by name, over the defaults) says otherwise.
 
     qpsmtpd looks up the name of every client (its --no-rdns is not acted on), with Net::DNS,
     which under perl -T takes its server from /etc/resolv.conf only. In the server's namespace
@@ -38,7 +41,8 @@ class QpsmtpdServer:
     system's DNS server may drop a question, and the client then waits seconds for the greeting.
     Its `port` option is Net::DNS's; the C library ignores it and would ask 127.0.0.1:53."""
 
-    def __init__(self, directory: Path, plugin_args: list[str], user: str | None = None) -> None:
+    def __init__(self, directory: Path, plugin_args: list[str], user: str | None = None,
+                 config: dict[str, str] | None = None) -> None:
         self.directory = directory
         self.config_dir = directory / "config"
         self.log_path = directory / "qpsmtpd.log"
@@ -61,6 +65,7 @@ class QpsmtpdServer:
             "me": f"{ME}\n",
             "loglevel": "6\n",  # LOGINFO, to stderr (no logging plugins)
             "logging": "",
+            **(config or {}),  # the test's own qpsmtpd config files, e.g. no relayclients
         }
         for name, text in files.items():
             (self.config_dir / name).write_text(text)

@@ -18,7 +18,8 @@ from router.config import load
 from router.spool import Spool
 from tests.daemon import ROOT, message_in, qrouter, wait_for
 
-KNOWN = "known: concurrency, initial-window, recipients, messages-per-connection, rate, mx-rollup"
+KNOWN = ("known: concurrency, initial-window, recipients, messages-per-connection, rate, mx-rollup, callout, "
+         "callout-rate")
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -43,17 +44,18 @@ def refused(tmp_path: Path, text: str) -> str:
 
 def test_every_key_is_read(tmp_path):
     loaded = rules(tmp_path, "example.com concurrency=8 initial-window=3 recipients=20 "
-                             "messages-per-connection=100 rate=10/min mx-rollup=no\n")
+                             "messages-per-connection=100 rate=10/min mx-rollup=no callout=yes callout-rate=2/min\n")
     assert loaded.settings("example.com", None, "mx:example.com") == DestinationSettings(
         concurrency=8, initial_window=3, recipients=20, messages_per_connection=100, rate=10 / 60,
-        mx_rollup=False, source=f"{tmp_path}/destinations:1")
+        mx_rollup=False, callout=True, callout_rate=2 / 60, source=f"{tmp_path}/destinations:1")
 
 
 def test_keys_a_line_leaves_out_have_their_defaults(tmp_path):
     settings = rules(tmp_path, "example.com rate=2/s\n").settings("example.com", None, "mx:example.com")
     assert (settings.concurrency, settings.initial_window, settings.recipients, settings.messages_per_connection,
-            settings.rate, settings.mx_rollup) == (None, None, 50, None, 2.0, True)
-    assert DEFAULTS == DestinationSettings(None, None, 50, None, None, True, "")
+            settings.rate, settings.mx_rollup, settings.callout, settings.callout_rate) == (
+        None, None, 50, None, 2.0, True, None, None)
+    assert DEFAULTS == DestinationSettings(None, None, 50, None, None, True, None, None, "")
 
 
 @pytest.mark.parametrize(("text", "per_second", "shown"), [
@@ -311,7 +313,7 @@ def test_route_json_has_the_settings(tmp_path):
     assert answer["destination"] == "mx:a.example.com"
     assert answer["destination_settings"] == {
         "concurrency": None, "initial_window": None, "recipients": 50, "messages_per_connection": 10,
-        "rate": 2.0, "mx_rollup": False, "source": f"{path}:1"}
+        "rate": 2.0, "mx_rollup": False, "callout": None, "callout_rate": None, "source": f"{path}:1"}
 
 
 def test_route_refuses_a_bad_file(tmp_path):

@@ -15,7 +15,6 @@ import shutil
 import smtplib
 import socket
 import subprocess
-import sys
 import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -27,10 +26,18 @@ from router.address import AddressError, parse_path
 from router.queue_file import parse
 from router.spool import Spool
 from tests.daemon import Daemon, wait_for
-from tests.qpsmtpd_server import ME, PLUGIN_DIR, QpsmtpdServer, alive, daemon_pid, smtp_data, stop_daemon, swaks
+from tests.qpsmtpd_server import (
+    ME,
+    PLUGIN_DIR,
+    QROUTER,
+    QpsmtpdServer,
+    alive,
+    daemon_pid,
+    smtp_data,
+    swaks,
+)
 from tests.smtp_servers import AioServer
 
-QROUTER = str(Path(sys.executable).parent / "qrouter")
 QUEUE_ID = re.compile(r"[0-9A-F]{13}-[0-9A-F]+-[0-9A-F]+")
 FAST = ["smtp-timeouts", "connect=2,greeting=3,helo=3,mail=3,rcpt=3,data=3,block=3,dot=10",
         "min-backoff", "60", "me", "relay.qrouter.test"]
@@ -53,33 +60,6 @@ MESSAGE = (b"From: Alice <alice@example.org>\r\n"
 def as_flags(pairs: list[str]) -> list[str]:
     """Plugin-line pairs as `qrouter run` flags."""
     return [f"--{item}" if i % 2 == 0 else item for i, item in enumerate(pairs)]
-
-
-@pytest.fixture
-def qpsmtpd(tmp_path):
-    """`qpsmtpd(spool, *plugin_args)` makes a qpsmtpd whose plugin line is `queue/router qrouter
-    QROUTER queue-dir SPOOL ARGS`, plus `no-daemon 1` if not own_daemon; without spool_on_line
-    the spool comes from a config file in ARGS. Every server is stopped after the test, and so is
-    every daemon the plugin started (found by SPOOL/qrouter.pid)."""
-    servers: list[QpsmtpdServer] = []
-    plugin_spools: list[Path] = []
-
-    def make(spool: Path, *plugin_args: str, own_daemon: bool = True, start: bool = True,
-             spool_on_line: bool = True) -> QpsmtpdServer:
-        args = ["qrouter", QROUTER, *(["queue-dir", str(spool)] if spool_on_line else []), *plugin_args]
-        if not own_daemon:
-            args += ["no-daemon", "1"]
-        server = QpsmtpdServer(tmp_path / f"qpsmtpd{len(servers)}", args)
-        servers.append(server)
-        if own_daemon:
-            plugin_spools.append(spool)
-        return server.start() if start else server
-
-    yield make
-    for server in servers:
-        server.stop()
-    for spool in plugin_spools:
-        stop_daemon(spool)
 
 
 def added_by_qpsmtpd(content: bytes, message: bytes) -> list[bytes]:

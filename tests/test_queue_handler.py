@@ -4,6 +4,7 @@ when the envelope is what is being looked at)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import smtplib
@@ -13,12 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from importlib.metadata import requires
 
+import pytest
 from aiosmtpd.controller import Controller
 
 from router.aiosmtpd import QueueHandler
 from router.spool import Spool
 from tests.daemon import ROOT, after_trace, message_in, read_only, wait_for
 from tests.smtp_servers import AioServer, free_port
+from tests.unix_users import script
 
 QUEUED = re.compile(rb"2\.0\.0 Queued as ([0-9A-F]{13}-[0-9A-F]+-[0-9A-F]+)")
 FAST = ["--smtp-timeouts", "connect=2,greeting=3,helo=3,mail=3,rcpt=3,data=3,block=3,dot=3",
@@ -190,3 +193,54 @@ def test_a_message_over_the_size_limit_is_refused_at_the_end_of_data(tmp_path):
         assert code == 250
     [name] = os.listdir(spool / "incoming")
     assert name == queue_id(reply)
+
+
+# -- recipient verification at RCPT -----------------------------------------------------------
+
+@pytest.fixture
+def verifying(daemons, tmp_path, world_dir):
+    """A daemon delivering local.test through aliases (alice only), refusing blocked.test by a
+    queue/error rule, and everything else into Maildirs."""
+    (tmp_path / "aliases").write_text("root nobody\nalice nobody\n")
+    (tmp_path / "transports").write_text(f"local.test {script(world_dir, 'agent', 'cat >/dev/null')}\n"
+                                         "blocked.test queue/error 5.7.1 we take no mail for blocked.test\n")
+    return daemons("--transports", str(tmp_path / "transports"), "--aliases", str(tmp_path / "aliases"))
+
+
+def test_verify_refuses_at_rcpt_what_qrouter_would_bounce_and_logs_each_refusal(verifying, caplog):
+    caplog.set_level(logging.INFO, logger="qrouter")
+    with front(verifying.spool, verify=True) as port:
+        recipients = ["carol@local.test", "x@blocked.test", "alice@local.test", "u@one.example"]
+        code, reply, refused = send(port, "victim@innocent.test", recipients, b"Subject: v\r\n\r\nv\r\n")
+    assert refused == {"carol@local.test": (550, b"5.1.1 no alias for local part 'carol' in "
+                                                 + str(verifying.tmp / "aliases").encode()),
+                       "x@blocked.test": (550, b"5.7.1 we take no mail for blocked.test")}
+    assert code == 250
+    wait_for(lambda: f"{queue_id(reply)}: removed" in verifying.log(), what="the delivery of the accepted two")
+    assert "carol" not in verifying.log() and "blocked.test" not in verifying.log()
+    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused recipient")]
+    assert refusals == ["refused recipient <carol@local.test>: 550 5.1.1 no alias for local part 'carol' in "
+                        f"{verifying.tmp / 'aliases'}",
+                        "refused recipient <x@blocked.test>: 550 5.7.1 we take no mail for blocked.test"]
+
+
+@pytest.mark.parametrize(("verify_fail", "expected"), [("open", 250), ("closed", 451)])
+def test_verify_with_the_daemon_stopped_fails_open_or_closed(verifying, caplog, verify_fail, expected):
+    assert verifying.stop() == 0
+    with front(verifying.spool, verify=True, verify_fail=verify_fail) as port, \
+            smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.example")
+        client.mail("s@example.org")
+        code, text = client.rcpt("carol@local.test")
+    assert code == expected
+    if verify_fail == "closed":
+        assert text == b"4.3.0 Cannot verify the recipient now, try again later"
+    assert f"cannot verify recipient <carol@local.test>: cannot reach the daemon at {verifying.spool}/status.sock" \
+        in caplog.text
+
+
+def test_without_verify_the_daemon_is_not_asked(verifying):
+    with front(verifying.spool) as port:
+        code, _, refused = send(port, "s@example.org", ["carol@local.test"], b"Subject: v\r\n\r\nv\r\n")
+    assert (code, refused) == (250, {})
+    assert verifying.status()["verify"]["refused"] == 0

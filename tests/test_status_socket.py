@@ -224,3 +224,45 @@ def test_beyond_the_connection_limit_the_oldest_is_dropped_and_a_query_gets_thro
             client.settimeout(0.05)
             with pytest.raises(TimeoutError):
                 client.recv(1)
+
+
+def later_or_echo(request: dict[str, Any], uid: int) -> dict[str, Any] | status_socket.Later:
+    if request.get("command") == "later":
+        return status_socket.Later("question", lambda result: {"result": result})
+    return answer(request, uid)
+
+
+def test_a_client_waiting_for_a_later_answer_hears_finish_none_at_its_deadline(tmp_path):
+    """Nothing settles the question: the waiting client gets its answer at its deadline, never
+    silence; one that hangs up meanwhile is dropped; others are answered at once all along."""
+    with serving(tmp_path, later_or_echo, timeout=1.0) as path:
+        with connect(path) as quitter:
+            quitter.sendall(b'{"command": "later"}\n')
+        with connect(path) as waiting:
+            start = time.monotonic()
+            waiting.sendall(b'{"command": "later"}\n')
+            timed_query(path)
+            waiting.setblocking(False)
+            with pytest.raises(BlockingIOError):  # answered others while it still waits
+                waiting.recv(1)
+            waiting.setblocking(True)
+            reply = json.loads(read_all(waiting))
+            assert reply == {"result": None}
+            assert time.monotonic() - start >= 0.9
+
+
+def test_a_waiting_client_dropped_for_a_new_one_hears_finish_none_first(tmp_path):
+    """At max_connections a new client drops the oldest; one waiting for a Later gets its answer."""
+    asked: list[dict[str, Any]] = []
+
+    def respond(request: dict[str, Any], uid: int) -> dict[str, Any] | status_socket.Later:
+        asked.append(request)
+        return later_or_echo(request, uid)
+
+    with serving(tmp_path, respond, timeout=30.0, max_connections=2) as path, \
+            connect(path) as waiting, connect(path) as other:
+        waiting.sendall(b'{"command": "later"}\n')
+        other.sendall(b'{"command": "later"}\n')
+        wait_for(lambda: len(asked) == 2, what="both requests read")
+        timed_query(path)  # a third connection: the oldest is dropped
+        assert json.loads(read_all(waiting)) == {"result": None}

@@ -157,7 +157,7 @@ def test_route_command_explains_the_decision(tmp_path):
                       "destination": "mx:nowhere.example",
                       "destination_settings": {"concurrency": None, "initial_window": None, "recipients": 50,
                                                "messages_per_connection": None, "rate": None, "mx_rollup": True,
-                                               "source": ""}}
+                                               "callout": None, "callout_rate": None, "source": ""}}
     bad = qrouter("route", "--config", str(tmp_path / "qrouter.conf"), "not an address")
     assert bad.returncode == 64 and b"not an address" in bad.stderr
 

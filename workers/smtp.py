@@ -73,14 +73,10 @@ class SMTPTransport:
         self.close_idle()
         started = time.monotonic()  # what comes before a server takes the message is set-up (Outcome.setup)
         try:
-            hosts = self._lookup(hop.argument) if hop.kind == MX else None
-            servers = self._servers(hop) if hosts is None else _expand(hosts, self.config.smtp_port, lmtp=False,
-                                                                       auth=None)
+            hosts, servers = self._hosts_and_servers(hop)
         except (MXLookupError, ResolverConfigError) as exc:
-            temporary = not isinstance(exc, MXLookupError) or exc.temporary or hop.kind != MX
-            dsn = "4.3.5" if isinstance(exc, ResolverConfigError) else exc.dsn
-            status = DEFERRED if temporary else BOUNCED
-            return Outcome.same_for(recipients, status, "4" + dsn[1:] if temporary else dsn, str(exc), "none",
+            dsn, text = _lookup_failure(exc, hop.kind == MX)
+            return Outcome.same_for(recipients, BOUNCED if dsn.startswith("5") else DEFERRED, dsn, text, "none",
                                     setup=time.monotonic() - started)
         outcomes: list[Outcome | None] = [None] * len(recipients)
         todo = list(range(len(recipients)))
@@ -253,11 +249,16 @@ class SMTPTransport:
             if not fresh and kept[0].is_alive():
                 return kept[0], True
             kept[0].abort()
+        return self._dial(server, queue_id), False
+
+    def _dial(self, server: Server, why: str) -> SMTPClient:
+        """A new connection with the smtp-tls policy, in plain text if that policy allows it
+        after a failed handshake (logged, after `why`: the queue id, or what a probe is for)."""
         try:
-            return self._open(server, self.config.smtp_tls), False
+            return self._open(server, self.config.smtp_tls)
         except TLSFallback as exc:  # its text names the host, what failed and why
-            _log(server).warning("%s: %s; retrying without TLS", queue_id, exc.reply.text)
-            return self._open(server, TLS_NONE), False
+            _log(server).warning("%s: %s; retrying without TLS", why, exc.reply.text)
+            return self._open(server, TLS_NONE)
 
     def _oldest_idle(self, destination: str) -> SMTPClient | None:
         """Take the connection idle longest to any server of `destination` out of the pool (the
@@ -303,6 +304,49 @@ class SMTPTransport:
             return site_destination(host.name for host in self._lookup(domain))
         except (MXLookupError, ResolverConfigError):
             return ""
+
+    def probe(self, hop: NextHop, recipient: str, sender: str) -> tuple[str, str]:
+        """Recipient verification's callout: ask the servers of `hop`, in the order delivery
+        tries them and connected as delivery connects (TLS, AUTH), whether they take `recipient`
+        (MAIL FROM, RCPT TO, RSET, QUIT; never DATA). The status code and text of the first
+        final answer (2.X.X or 5.X.X), else of the last temporary failure."""
+        try:
+            _, servers = self._hosts_and_servers(hop)
+        except (MXLookupError, ResolverConfigError) as exc:
+            return _lookup_failure(exc, hop.kind == MX)
+        failure = ("4.4.1", f"no server to try for {hop}")
+        for server in servers:
+            try:
+                client = self._dial(server, f"probe of <{recipient}>")
+                try:
+                    reply = client.verify(sender, recipient)
+                finally:
+                    client.close()
+            except SMTPError as exc:
+                failure = ("4" + exc.reply.dsn[1:], exc.reply.describe(server.peer))
+                continue
+            if reply.code // 100 != 4:
+                return reply.dsn, str(reply) if reply.ok else reply.describe(client.peer)
+            failure = (reply.dsn, reply.describe(client.peer))
+        return failure
+
+    def _hosts_and_servers(self, hop: NextHop) -> tuple[list[MXHost] | None, list[Server]]:
+        """The MX hosts of MX routing (None for other next hops) and the servers to try, in
+        order; MXLookupError or ResolverConfigError when DNS gives none."""
+        hosts = self._lookup(hop.argument) if hop.kind == MX else None
+        servers = self._servers(hop) if hosts is None else _expand(hosts, self.config.smtp_port, lmtp=False,
+                                                                   auth=None)
+        return hosts, servers
+
+    def mx_failure(self, domain: str) -> tuple[str, str] | None:
+        """Why mail to `domain` by MX routing would fail now before any connection, as delivery
+        says it (status code, text), or None when DNS gives hosts to try: recipient verification
+        asks this (policy/verify.py)."""
+        try:
+            self._lookup(domain)
+        except (MXLookupError, ResolverConfigError) as exc:
+            return _lookup_failure(exc, mx=True)
+        return None
 
     def _servers(self, hop: NextHop) -> list[Server]:
         lmtp = hop.kind == LMTP
@@ -360,6 +404,14 @@ class SMTPTransport:
             self._resolver = mx_lookup.make_resolver(self.config.dns_servers, self.config.dns_timeout,
                                                      cache=mx_lookup.CACHE_NAMES)
         return mx_lookup.next_hops(destination, self._resolver)
+
+
+def _lookup_failure(exc: MXLookupError | ResolverConfigError, mx: bool) -> tuple[str, str]:
+    """The status code and text of a failed lookup: final (5.X.X) only when DNS says so of the
+    recipient's own domain (MX routing), never of a relay host the configuration names."""
+    temporary = not isinstance(exc, MXLookupError) or exc.temporary or not mx
+    dsn = "4.3.5" if isinstance(exc, ResolverConfigError) else exc.dsn
+    return ("4" + dsn[1:] if temporary else dsn), str(exc)
 
 
 @functools.lru_cache(maxsize=256)

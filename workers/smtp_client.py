@@ -388,6 +388,16 @@ class SMTPClient:
         assert all(results)
         return [r for r in results if r]
 
+    def verify(self, sender: str, recipient: str) -> Reply:
+        """Whether the server takes `recipient` from `sender`, asked as a delivery asks (MAIL FROM,
+        RCPT TO) and taken back at once (RSET): no message is sent. The reply to RCPT, or to MAIL
+        when the server refuses the sender; SMTPError when the session fails."""
+        reply = self._command(f"MAIL FROM:<{sender}>", "MAIL FROM", self.timeouts.mail)
+        if reply.ok:
+            reply = self._command(f"RCPT TO:<{recipient}>", "RCPT TO", self.timeouts.rcpt)
+        self._rset()
+        return reply
+
     def _refuse_locally(self, sender: str, addresses: list[str], size: int, results: list[Reply | None]) -> None:
         """Answer what the server cannot take, without asking it."""
         everyone = range(len(addresses))

@@ -21,6 +21,6 @@ class VerdictTransport(NoOpClose):
     def deliver(self, message: QueueFile, recipients: list[Recipient], hop: NextHop) -> list[Outcome]:
         if hop.kind == DISCARD:
             return Outcome.same_for(recipients, SENT, "2.0.0", "discarded", "none")
-        dsn, _, text = hop.argument.partition(" ")  # queue/error or queue/retry
+        dsn, text = hop.verdict()  # queue/error or queue/retry
         status = BOUNCED if hop.kind == ERROR else DEFERRED
-        return Outcome.same_for(recipients, status, dsn, text or f"{hop.text}", "none")
+        return Outcome.same_for(recipients, status, dsn, text, "none")

@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import unquote
 
 from policy.destinations import DestinationRules
@@ -56,7 +57,10 @@ SESSION_STACK = 1 << 20  # a session thread's stack: Python frames live on the h
 SWITCH_INTERVAL = 0.05  # how long a busy thread may keep the interpreter lock when another asks: fewer
 # forced handoffs (each a futex round trip) between threads that drop it at every system call anyway
 HEARTBEAT_SECONDS = 1.0  # how often the worker says it is alive, and an idle one drops idle connections
-SITE_THREADS = 8  # a network worker's threads that look up sites (MX rollup): one slow DNS answer holds up one
+SITE_THREADS = 8  # a network worker's threads that look up sites (MX rollup) and domains (recipient
+# verification): one slow DNS answer holds up one
+SITE, DOMAIN, CALLOUT = "site", "domain", "callout"  # what a lookup thread is asked: an MX destination's site,
+# a domain's hosts, a next hop's answer to a recipient
 HANG_SECONDS = 30.0  # a program still running this long past command-time-limit has defeated the kill:
 # the worker stops saying it is alive, and the supervisor's watchdog replaces it
 PR_SET_PDEATHSIG = 1
@@ -95,7 +99,9 @@ class Worker:
         self.idle = 0  # session threads waiting for a task that none has been handed to yet
         self.closing = False  # the pipe is closed or SIGTERM came: start nothing new
         self.sessions: list[threading.Thread] = []  # started as tasks need them (_hand)
-        self.lookups: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # MX entries whose site to find
+        self.lookups: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()  # (SITE, entry), (DOMAIN,
+        # name), (CALLOUT, {"key": ..., "recipient": ...})
+        self.policy = policy
         self.site_threads: list[threading.Thread] = []  # started with the first lookup
 
     def start(self, supervisor_pid: int) -> None:
@@ -155,7 +161,15 @@ class Worker:
                     if "lookup" in task:  # the dispatcher asks which sites these MX domains are in
                         self._start_site_threads()
                         for entry in task["lookup"]:
-                            self.lookups.put(entry)
+                            self.lookups.put((SITE, entry))
+                    elif "verify" in task:  # recipient verification asks whether these domains take mail
+                        self._start_site_threads()
+                        for domain in task["verify"]:
+                            self.lookups.put((DOMAIN, domain))
+                    elif "callout" in task:  # ... or whether the next hop takes these recipients
+                        self._start_site_threads()
+                        for probe in task["callout"]:
+                            self.lookups.put((CALLOUT, probe))
                     elif "drop" in task:  # the dispatcher wants room at these destinations
                         if self.smtp:
                             self.smtp.drop(set(task["drop"]))
@@ -199,7 +213,8 @@ class Worker:
         self.tasks.put(task)
 
     def _start_site_threads(self) -> None:
-        """The threads that find sites for MX rollup, so no delivery waits behind DNS."""
+        """The threads that find sites for MX rollup and answer recipient verification, so no
+        delivery waits behind DNS."""
         if self.smtp and not self.site_threads:
             self.site_threads = [threading.Thread(target=self._look_up_sites, name=f"sites-{n}", daemon=True)
                                  for n in range(SITE_THREADS)]
@@ -231,10 +246,28 @@ class Worker:
                 self.busy -= 1
 
     def _look_up_sites(self) -> None:
-        """Answer the dispatcher's site lookups, one record a domain, until told to stop."""
+        """Answer the supervisor's lookups, one record each, until told to stop: the site of an MX
+        destination, what DNS says of a domain now (None: hosts to try; else [code, text]), or
+        what a next hop answers to a recipient (a callout: [code, text])."""
         assert self.smtp is not None
-        while (entry := self.lookups.get()) is not None:
-            self._write({"sites": {entry: self.smtp.site_of(unquote(entry).partition(":")[2])}})
+        while (lookup := self.lookups.get()) is not None:
+            kind, entry = lookup
+            if kind == SITE:
+                self._write({"sites": {entry: self.smtp.site_of(unquote(entry).partition(":")[2])}})
+            elif kind == DOMAIN:
+                self._write({"domains": {entry: self.smtp.mx_failure(entry)}})
+            else:
+                self._write({"callouts": {entry["key"]: self._callout(entry["recipient"])}})
+
+    def _callout(self, recipient: str) -> tuple[str, str]:
+        """The next hop's answer to `recipient`, routed as delivery routes it; never raises."""
+        assert self.smtp is not None
+        try:
+            hop = self.policy.route_queued(recipient, rewritten=True).next_hop  # rewritten by the supervisor
+            return self.smtp.probe(hop, recipient, self.config.verify_sender)
+        except Exception as exc:  # a bug must not end the thread: the client hears "temporary"
+            log.exception("probe of <%s> failed", recipient)
+            return "4.3.0", f"probe failed: {type(exc).__name__}: {exc}"
 
     def _tell_kept(self, destinations: set[str]) -> None:
         """Tell the dispatcher how many idle connections are left to destinations that lost some."""
