@@ -18,7 +18,8 @@ from router.config import load
 from router.spool import Spool
 from tests.daemon import ROOT, message_in, qrouter, wait_for
 
-KNOWN = "known: concurrency, initial-window, recipients, messages-per-connection, rate, mx-rollup"
+KNOWN = ("known: concurrency, initial-window, recipients, messages-per-connection, rate, mx-rollup, tls, match, "
+         "fingerprint, protocols")
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -213,7 +214,6 @@ def test_bad_mx_rollup_is_refused(tmp_path, value):
 @pytest.mark.parametrize(("text", "error"), [
     ("example.com colour=blue\n", f"FILE:1: unknown key 'colour' ({KNOWN})"),
     ("example.com Concurrency=5\n", f"FILE:1: unknown key 'Concurrency' ({KNOWN})"),
-    ("example.com tls=encrypt\n", f"FILE:1: unknown key 'tls' ({KNOWN})"),
     ("example.com concurrency 5\n", "FILE:1: 'concurrency' is not key=value"),
     ("example.com concurrency=\n", "FILE:1: concurrency needs a value"),
     ("example.com =5\n", f"FILE:1: unknown key '' ({KNOWN})"),
@@ -311,7 +311,8 @@ def test_route_json_has_the_settings(tmp_path):
     assert answer["destination"] == "mx:a.example.com"
     assert answer["destination_settings"] == {
         "concurrency": None, "initial_window": None, "recipients": 50, "messages_per_connection": 10,
-        "rate": 2.0, "mx_rollup": False, "source": f"{path}:1"}
+        "rate": 2.0, "mx_rollup": False, "source": f"{path}:1", "tls": None, "match": None, "fingerprint": None,
+        "protocols": None}
 
 
 def test_route_refuses_a_bad_file(tmp_path):
