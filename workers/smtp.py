@@ -17,14 +17,15 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from policy.destinations import DestinationRules, DestinationSettings
 from policy.next_hop import LMTP, MX, NextHop, parse_hosts
+from policy.tls_policy import TLS_NONE, TLSPolicy, names_to_match
 from router.config import Config
 from router.queue_file import QueueFile, Recipient
 from workers.mx_hosts import MXHost, MXLookupError, ResolverConfigError, address_literal, site_destination
-from workers.smtp_client import LMTP_PORT, SMTP_PORT, TLS_NONE, SMTPClient, SMTPError, TLSFallback
+from workers.smtp_client import LMTP_PORT, SMTP_PORT, SMTPClient, SMTPError, TLSFailure, TLSFallback
 from workers.transport import BOUNCED, DEFERRED, Outcome
 
 log = logging.getLogger("qrouter")
@@ -41,6 +42,7 @@ class Server:
     lmtp: bool = False
     socket_path: str = ""
     auth: tuple[str, str] | None = None
+    tls: TLSPolicy = TLSPolicy()  # its names resolved (names_to_match): a kept connection serves only its equal
 
     @property
     def peer(self) -> str:
@@ -68,6 +70,7 @@ class SMTPTransport:
         self._resolver = None
         self._fixed: dict[tuple[str, int | None, bool], list[Server]] = {}  # see _relay_servers
         self.without_bdat: set[Server] = set()  # they offer CHUNKING but failed BDAT: DATA for them
+        self.tls_sessions: Counter[tuple[str, str]] = Counter()  # (level, outcome) since take_tls_sessions
 
     # -- the Transport interface ----------------------------------------------------------
 
@@ -89,7 +92,10 @@ class SMTPTransport:
         settings = self.rules.for_destination(counted)  # a site's, for a domain MX rollup puts in one
         with self._lock:
             self.counted_as[hop.destination] = counted
+        tls = self.rules.for_tls(hop.destination, counted if rollup else "").tls_policy(self.config.smtp_tls)
         for server in servers:
+            server = replace(server, tls=replace(tls, match=names_to_match(
+                tls, server.name, hop.argument if hop.kind == MX else server.name)))
             with self._lock:
                 self.destination_of[server] = counted
             todo = self._deliver_to(server, message, recipients, todo, outcomes, settings)
@@ -250,10 +256,32 @@ class SMTPTransport:
                 return kept[0], True
             kept[0].abort()
         try:
-            return self._open(server, self.config.smtp_tls), False
+            return self._opened(server, self._open(server, server.tls)), False
         except TLSFallback as exc:  # its text names the host, what failed and why
             log.warning("%s: %s; retrying without TLS", queue_id, exc.reply.text)
-            return self._open(server, TLS_NONE), False
+            return self._opened(server, self._open(server, TLSPolicy(TLS_NONE))), False
+        except TLSFailure:
+            self._count_session(server, "failed")
+            raise
+
+    def _opened(self, server: Server, client: SMTPClient) -> SMTPClient:
+        """Log how a new session is protected, as Postfix does (`Verified TLS connection
+        established to HOST[IP]:PORT: TLSv1.3 with cipher ...`), and count it."""
+        if client.tls:
+            log.info("%s TLS connection established to %s: %s", client.tls_trust, client.peer, client.tls)
+        self._count_session(server, client.tls_trust.lower() if client.tls else "plaintext")
+        return client
+
+    def _count_session(self, server: Server, outcome: str) -> None:
+        if not server.socket_path:
+            with self._lock:
+                self.tls_sessions[(server.tls.level, outcome)] += 1
+
+    def take_tls_sessions(self) -> list[tuple[str, str, int]]:
+        """The sessions opened since the last call, as (level, outcome, count), for the metrics."""
+        with self._lock:
+            taken, self.tls_sessions = self.tls_sessions, Counter()
+        return [(level, outcome, count) for (level, outcome), count in taken.items()]
 
     def _oldest_idle(self, destination: str) -> SMTPClient | None:
         """Take the connection idle longest to any server of `destination` out of the pool (the
@@ -268,7 +296,7 @@ class SMTPTransport:
             del self.kept[other]
         return client
 
-    def _open(self, server: Server, tls: str) -> SMTPClient:
+    def _open(self, server: Server, tls: TLSPolicy) -> SMTPClient:
         timeouts = self.config.smtp_timeouts
         chunking = server not in self.without_bdat
         if server.socket_path:
