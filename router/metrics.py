@@ -63,6 +63,10 @@ class Metrics:
                                 "delivery of each of its recipients.", buckets=DELAY_BUCKETS, registry=self.registry)
         self._reloads = Counter("qrouter_reloads", "Configuration reloads that took effect.", registry=self.registry)
         self._corrupt = Counter("qrouter_corrupt_files", "Files moved to corrupt/.", registry=self.registry)
+        self._tls = Counter("qrouter_smtp_tls_sessions", "SMTP and LMTP sessions opened, by TLS level (policy/"
+                            "tls_policy.py) and outcome: verified, untrusted, anonymous, plaintext, or failed "
+                            "(the level was not met and the session ended before any mail).", ["level", "outcome"],
+                            registry=self.registry)
         self._state = _StateCollector(queue_dir)
         self.registry.register(self._state)
         ProcessCollector(registry=self.registry)  # the supervisor's own memory, CPU and descriptors
@@ -85,6 +89,10 @@ class Metrics:
                 self._deliveries.labels(status).inc(count)
         for _ in range(sent):
             self._delay.observe(max(0.0, delay))  # the arrival is another clock's reading (the queue id)
+
+    def tls_sessions(self, level: str, outcome: str, count: int) -> None:
+        """`count` sessions a worker opened at TLS `level` with this `outcome`."""
+        self._tls.labels(level, outcome).inc(count)
 
     def reloaded(self) -> None:
         self._reloads.inc()

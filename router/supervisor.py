@@ -899,6 +899,9 @@ class Supervisor:
                 self._report(worker, Report.from_record(record))
             for entry, site in record.get("sites", {}).items():  # the sites of MX domains, as asked
                 self.dispatcher.site_found(entry, site, time.time())
+            if self.metrics:
+                for level, outcome, count in record.get("tls", ()):  # sessions opened, for the metrics
+                    self.metrics.tls_sessions(level, outcome, count)
 
     def _report(self, worker: WorkerHandle, report: Report) -> None:
         queue_id = report.queue_id
