@@ -22,7 +22,8 @@ defaults (DestinationSettings), never the values of a later line that matches to
 
 Each setting is `key=value`; the keys are the fields of DestinationSettings, and a key is added
 with one line there. The TLS keys (tls=, match=, fingerprint=, protocols=) are parsed and
-checked together by policy/tls_policy.py, and looked up by for_tls. Lines and comments are read as in every policy file (policy/policy_file.py).
+checked together by policy/tls_policy.py, and looked up by for_tls. Lines and comments are read
+as in every policy file (policy/policy_file.py).
 """
 
 from __future__ import annotations
