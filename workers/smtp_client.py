@@ -226,7 +226,7 @@ class SMTPClient:
             raise SMTPError(_local(421, "4.4.1", f"connect to {where}: {_reason(exc)}", "connect")) from None
         peer = f"{host}[{ip or sock.getpeername()[0]}]:{port}"
         client = cls(sock, peer, helo_name=helo_name, lmtp=lmtp, timeouts=timeouts, local=False, chunking=chunking)
-        client._start(policy, policy.match or ((tls_name or host).lower(),), ca_file, auth, allow_plaintext_auth)
+        client._start(policy, (tls_name or host).lower(), ca_file, auth, allow_plaintext_auth)
         return client
 
     @classmethod
@@ -245,10 +245,10 @@ class SMTPClient:
             sock.close()
             raise SMTPError(_local(421, "4.4.1", f"connect to {peer}: {_reason(exc)}", "connect")) from None
         client = cls(sock, peer, helo_name=helo_name, lmtp=lmtp, timeouts=timeouts, local=True, chunking=chunking)
-        client._start(TLSPolicy(TLS_NONE), (), None, auth, False)
+        client._start(TLSPolicy(TLS_NONE), "", None, auth, False)
         return client
 
-    def _start(self, policy: TLSPolicy, names: tuple[str, ...], ca_file: str | None,
+    def _start(self, policy: TLSPolicy, tls_name: str, ca_file: str | None,
                auth: tuple[str, str] | None, allow_plaintext_auth: bool) -> None:
         try:
             greeting = self._read(GREETING, self.timeouts.greeting)
@@ -258,7 +258,7 @@ class SMTPClient:
                 self._give_up(greeting)
             self._hello()
             if policy.level != TLS_NONE:
-                self._starttls(policy, names, ca_file)
+                self._starttls(policy, tls_name, ca_file)
             if auth:
                 self._auth(auth[0], auth[1], allow_plaintext_auth)
         except BaseException:
@@ -278,10 +278,12 @@ class SMTPClient:
             self._give_up(reply)
         self.esmtp, self.extensions = True, _extensions(reply.lines[1:])
 
-    def _starttls(self, policy: TLSPolicy, names: tuple[str, ...], ca_file: str | None) -> None:
-        """STARTTLS as `policy` asks. Under every level but `may`, a server that does not offer
+    def _starttls(self, policy: TLSPolicy, tls_name: str, ca_file: str | None) -> None:
+        """STARTTLS as `policy` asks, naming `tls_name` in SNI; a certificate must match the
+        policy's names, else `tls_name`. Under every level but `may`, a server that does not offer
         or accept it, a failed handshake or a certificate that does not pass ends the session
         (4.7.x) before any command of a transaction: nothing goes in clear."""
+        names = policy.match or (tls_name,)
         if "STARTTLS" not in self.extensions:
             if policy.required:
                 self._give_up(_local(454, "4.7.4", f"TLS is required, but was not offered by host {self.peer}"),
@@ -301,7 +303,7 @@ class SMTPClient:
             self._fail("STARTTLS", "4.5.0", f"host {self.peer} sent data after its STARTTLS reply")
         assert self._sock is not None
         try:
-            sock = context.wrap_socket(self._sock, server_hostname=names[0].lstrip(".") or None,
+            sock = context.wrap_socket(self._sock, server_hostname=tls_name or None,
                                        do_handshake_on_connect=False)
             self._sock = sock
             sock.settimeout(self.timeouts.starttls)
