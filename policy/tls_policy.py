@@ -5,9 +5,9 @@ the destinations file that set them per destination (`tls=`, `match=`, `fingerpr
     none         no TLS, even when the server offers it
     may          STARTTLS when offered, the certificate unchecked; plain text when the server does
                  not offer it or the handshake fails (the only level that falls back)
-    encrypt      TLS required; the certificate is verified as under `verify` (qrouter's `encrypt`
-                 always did, and a setting that silently stopped checking would weaken every
-                 configuration that relies on it)
+    encrypt      TLS required; the certificate verified, its chain and the MX or relay host name
+                 (qrouter's `encrypt` always did, unlike Postfix's, and a setting that silently
+                 stopped checking would weaken every configuration that relies on it)
     verify       TLS required; a chain to the CA file and a name matching the MX host (or relay
                  host) name or the next-hop domain; `match=` replaces those names
     secure       as verify, but the names come from the policy, never from DNS: `match=`, by
