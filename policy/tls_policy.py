@@ -69,11 +69,11 @@ def parse_match(text: str) -> tuple[str, ...]:
 def parse_fingerprints(text: str) -> tuple[str, ...]:
     """SHA-256 digests joined by `|` or commas, each 64 hex digits with or without colons
     between the bytes (as `openssl x509 -fingerprint -sha256` writes them)."""
-    digests = tuple(item.replace(":", "").lower() for item in re.split(r"[|,]", text))
-    for digest, item in zip(digests, re.split(r"[|,]", text), strict=True):
-        if not _DIGEST.fullmatch(digest):
+    items = re.split(r"[|,]", text)
+    for item in items:
+        if not _DIGEST.fullmatch(item.replace(":", "").lower()):
             raise ValueError(f"{item!r} is not a SHA-256 digest (64 hex digits, colons between bytes allowed)")
-    return digests
+    return tuple(item.replace(":", "").lower() for item in items)
 
 
 def parse_protocols(text: str) -> str:

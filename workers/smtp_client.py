@@ -13,7 +13,8 @@ to guess what state a session is in, and an open connection is always a clean on
         ...
     client.close()              # QUIT
 
-`connect` raises SMTPError (TLSFallback under the `may` TLS policy when the handshake failed);
+`connect` raises SMTPError (TLSFallback under the `may` TLS level when the handshake failed,
+TLSFailure when a level above `may` is not met: policy/tls_policy.py);
 `send` never raises for anything the peer does, it answers every recipient.
 
 Where the server offers CHUNKING (RFC 3030) the message goes as one `BDAT n LAST`, pipelined with
