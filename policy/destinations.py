@@ -21,7 +21,9 @@ that matches any of the three gives all of its settings. Keys it does not set ha
 defaults (DestinationSettings), never the values of a later line that matches too.
 
 Each setting is `key=value`; the keys are the fields of DestinationSettings, and a key is added
-with one line there. Lines and comments are read as in every policy file (policy/policy_file.py).
+with one line there. The TLS keys (tls=, match=, fingerprint=, protocols=) are parsed and
+checked together by policy/tls_policy.py, and looked up by for_tls. Lines and comments are read
+as in every policy file (policy/policy_file.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,15 @@ from urllib.parse import unquote
 
 from policy.next_hop import BUILTIN_QUEUE, LMTP, MDA, MX, PIPE, SITE, SMTP
 from policy.policy_file import Problems, parse_boolean
+from policy.tls_policy import (
+    TLSPolicy,
+    check_combination,
+    parse_fingerprints,
+    parse_level,
+    parse_match,
+    parse_protocols,
+    show_protocols,
+)
 from policy.transport_map import (
     DOMAIN,
     PatternIndex,
@@ -99,6 +110,10 @@ class DestinationSettings:
     mx_rollup: bool = _key("mx-rollup", parse_boolean, True, _yes_no)  # domains sharing MX hosts share limits
     callout: bool | None = _key("callout", parse_boolean, None, _yes_no)  # recipient verification asks the next hop
     callout_rate: float | None = _key("callout-rate", _rate, None, _show_rate)  # its probes per second
+    tls: str | None = _key("tls", parse_level, None)  # the TLS level (policy/tls_policy.py); None: smtp-tls's
+    match: tuple[str, ...] | None = _key("match", parse_match, None, ":".join)  # names for verify, secure
+    fingerprint: tuple[str, ...] | None = _key("fingerprint", parse_fingerprints, None, "|".join)
+    protocols: str | None = _key("protocols", parse_protocols, None, show_protocols)  # the oldest TLS version
     source: str = ""  # FILE:LINE of the rule that gave these; "" for the defaults
 
     def describe(self) -> str:
@@ -106,6 +121,10 @@ class DestinationSettings:
         `concurrency=5 recipients=50 rate=10/min mx-rollup=yes`."""
         return " ".join(f"{key}={f.metadata['show'](getattr(self, f.name))}"
                         for key, f in KEYS.items() if getattr(self, f.name) is not None)
+
+    def tls_policy(self, default_level: str) -> TLSPolicy:
+        """The TLS policy of these settings; `default_level` (smtp-tls) where the rule sets no tls=."""
+        return TLSPolicy(self.tls or default_level, self.match or (), self.fingerprint or (), self.protocols or "")
 
 
 KEYS: dict[str, dataclasses.Field] = {
@@ -134,6 +153,10 @@ def parse_settings(text: str, where: str) -> DestinationSettings:
     window, concurrency = values.get("initial_window"), values.get("concurrency")
     if window is not None and concurrency is not None and window > concurrency:
         raise PolicyError(f"{where}: initial-window {window} is more than concurrency {concurrency}")
+    try:
+        check_combination(values.get("tls"), values.get("match"), values.get("fingerprint"), values.get("protocols"))
+    except ValueError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
     return DestinationSettings(**values, source=where)
 
 
@@ -171,6 +194,14 @@ class DestinationRules:
         if kind == SITE:
             return self.settings(None, argument, destination)
         return self.settings(argument if kind == MX else None, None, destination)
+
+    def for_tls(self, destination: str, site: str = "") -> DestinationSettings:
+        """The settings whose TLS keys apply to a delivery to `destination` (NextHop.destination):
+        the first line that matches its domain (MX routing), its site (`site:HOSTS` as MX rollup
+        names it, when known) or its next hop. Unlike the limits, which count against the site,
+        a level written for a domain holds for that domain whatever MX hosts it shares."""
+        kind, _, argument = unquote(destination).partition(":")
+        return self.settings(argument if kind == MX else None, site.partition(":")[2] or None, destination)
 
     def _lookup(self, domain: str | None, site: str | None, next_hop: str) -> DestinationSettings:
         name = normalize_domain(domain) if domain is not None else None

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from policy.destinations import DestinationRules, DestinationSettings
-from policy.next_hop import MDA, MX, PIPE, NextHop
+from policy.next_hop import LMTP, MDA, MX, PIPE, SMTP, NextHop
 from policy.rewriting import FROM, TO
 from policy.routing import Policy, load_policy
 from policy.transport_map import PolicyError
@@ -114,7 +114,7 @@ KEYS_BY_PARAM = {key.replace("-", "_"): key for key in KEYS}
 SPOOL_KEYS = ("queue-dir", "status-socket", "spool-group", "user")
 POLICY_KEYS = ("default-transport", "relayhost", "transports", "transport-defs", "aliases", "rewriting",
                "destinations", "rewrite-both", "pipe-user", "user")
-ROUTE_KEYS = (*POLICY_KEYS, "me", "dns-servers", "dns-timeout", "smtp-port", "command-time-limit")
+ROUTE_KEYS = (*POLICY_KEYS, "me", "dns-servers", "dns-timeout", "smtp-port", "command-time-limit", "smtp-tls")
 
 
 def _flags(settings: dict[str, Any]) -> dict[str, str]:
@@ -227,6 +227,8 @@ def route(
             answer["site"] = site_destination(host["host"] for host in answer["resolved"])
             settings = policy.destinations.for_destination(answer["site"])
             answer["destination_settings"] = dataclasses.asdict(settings)
+    if decision.next_hop.kind in (SMTP, LMTP, MX) and not decision.next_hop.argument.startswith("/"):
+        answer["tls"] = _tls(policy.destinations.for_tls(destination, answer.get("site", "")), loaded.smtp_tls)
     if as_json:
         typer.echo(json.dumps(answer, indent=2))
         return
@@ -240,6 +242,8 @@ def route(
               f"destination: {answer['site']} (MX rollup: with every domain these MX hosts serve)"
               if "site" in answer else f"destination: {destination}",
               f"destination settings: {_format_settings(settings, policy.destinations)}"]
+    if "tls" in answer:
+        lines.append(_format_tls(answer["tls"]))
     if "program" in answer:
         lines += _format_program(answer["program"])
     if resolve:
@@ -289,6 +293,27 @@ def _format_settings(settings: DestinationSettings, rules: DestinationRules) -> 
     else:
         why = f"defaults: no rule in {rules.path} matches" if rules.path else "defaults: no destinations file"
     return f"{settings.describe()} ({why})"
+
+
+def _tls(settings: DestinationSettings, default_level: str) -> dict[str, Any]:
+    """The TLS policy a delivery would use and where it comes from: the destinations rule that
+    sets tls=, else the smtp-tls key."""
+    tls = settings.tls_policy(default_level)
+    return {"level": tls.level, "match": list(tls.match), "fingerprints": list(tls.fingerprints),
+            "min_protocol": tls.min_protocol, "source": settings.source if settings.tls else "smtp-tls"}
+
+
+def _format_tls(tls: dict[str, Any]) -> str:
+    """`tls:       secure match=example.com:.example.com protocols=>=TLSv1.2 (from FILE:LINE)`."""
+    words = [tls["level"]]
+    if tls["match"]:
+        words.append(f"match={':'.join(tls['match'])}")
+    if tls["fingerprints"]:
+        words.append(f"fingerprint={'|'.join(tls['fingerprints'])}")
+    if tls["min_protocol"]:
+        words.append(f"protocols=>={tls['min_protocol']}")
+    where = "from the smtp-tls key" if tls["source"] == "smtp-tls" else f"from {tls['source']}"
+    return f"tls:       {' '.join(words)} ({where})"
 
 
 def _program(loaded: Config, hop: NextHop, sender: str, recipient: str) -> dict[str, Any]:

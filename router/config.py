@@ -20,12 +20,13 @@ from typing import Any
 
 from policy.next_hop import SMTP, NextHop, NextHopError, parse_next_hop
 from policy.policy_file import Problems, parse_boolean, read_lines
+from policy.tls_policy import GLOBAL_LEVELS, TLS_MAY, parse_level
 from router.address import AddressError, parse_path
 from router.log import SYSLOG_TIME, TIME_FORMATS
 from router.spool import DEFAULT_SIZE_LIMIT
 from workers.mx_hosts import parse_dns_servers
 from workers.relay_auth import Credentials, RelayAuthError, load_relay_auth
-from workers.smtp_client import TLS_MAY, TLS_POLICIES, Timeouts
+from workers.smtp_client import Timeouts
 
 QPSMTPD_ME = "/etc/qpsmtpd/me"
 
@@ -136,9 +137,7 @@ def _dns_servers(text: str, base_dir: str) -> str:
 
 
 def _tls_policy(text: str, base_dir: str) -> str:
-    if text not in TLS_POLICIES:
-        raise ValueError(f"must be one of {', '.join(TLS_POLICIES)}")
-    return text
+    return parse_level(text, GLOBAL_LEVELS)
 
 
 def _existing_file(text: str, base_dir: str) -> str:
@@ -217,7 +216,7 @@ def _first_line(path: str) -> str:
 _METAVARS: dict[Callable[[str, str], Any], str] = {
     _positive_int: "N", _non_negative: "NUMBER", _boolean: "yes|no", _path: "PATH", _text: "TEXT",
     _user: "USER", _group: "GROUP", _next_hop: "NEXTHOP", _relayhost: "HOST[:PORT],...", _port: "PORT",
-    _listen: "[ADDRESS]:PORT", _dns_servers: "IP[:PORT],...", _tls_policy: "may|encrypt|none",
+    _listen: "[ADDRESS]:PORT", _dns_servers: "IP[:PORT],...", _tls_policy: "|".join(GLOBAL_LEVELS),
     _existing_file: "FILE", _relay_auth: "FILE", _timeouts: "STEP=SECONDS,...", _log_target: "syslog|stderr|FILE",
     _log_time: "syslog|rfc3339",
     _sender: "ADDRESS|<>",
@@ -256,8 +255,10 @@ class Config:
     smtp_port: int = _key("smtp-port", _port, 25, "TCP port of MX hosts and of relay hosts given without one")
     dns_servers: str = _key("dns-servers", _dns_servers, "", "DNS servers, ip:port,... (default: /etc/resolv.conf)")
     dns_timeout: float = _key("dns-timeout", _non_negative, 10.0, "seconds for one DNS lookup")
-    smtp_tls: str = _key("smtp-tls", _tls_policy, TLS_MAY, "STARTTLS: may, encrypt (verified) or none")
-    smtp_tls_ca: str = _key("smtp-tls-ca", _existing_file, "", "CA certificates for smtp-tls encrypt")
+    smtp_tls: str = _key("smtp-tls", _tls_policy, TLS_MAY, "the TLS level where the destinations file sets none: "
+                         "none, may, encrypt, verify or secure (docs/policy-files.md)")
+    smtp_tls_ca: str = _key("smtp-tls-ca", _existing_file, "", "CA certificates for the levels that verify "
+                            "(encrypt, verify, secure)")
     relay_auth: Credentials | None = _key("relay-auth", _relay_auth, None,
                                           "file of 'host user password' lines (mode 0600)")
     smtp_plaintext_auth: bool = _key(

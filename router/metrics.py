@@ -68,6 +68,10 @@ class Metrics:
                                  "(deliverable, refused, temporary).", ["verdict"], registry=self.registry)
         for result in RESULTS:
             self._verified.labels(result)
+        self._tls = Counter("qrouter_smtp_tls_sessions", "SMTP and LMTP sessions opened, by TLS level (policy/"
+                            "tls_policy.py) and outcome: verified, untrusted, anonymous, plaintext, or failed "
+                            "(the level was not met and the session ended before any mail).", ["level", "outcome"],
+                            registry=self.registry)
         self._state = _StateCollector(queue_dir)
         self.registry.register(self._state)
         ProcessCollector(registry=self.registry)  # the supervisor's own memory, CPU and descriptors
@@ -90,6 +94,10 @@ class Metrics:
                 self._deliveries.labels(status).inc(count)
         for _ in range(sent):
             self._delay.observe(max(0.0, delay))  # the arrival is another clock's reading (the queue id)
+
+    def tls_sessions(self, level: str, outcome: str, count: int) -> None:
+        """`count` sessions a worker opened at TLS `level` with this `outcome`."""
+        self._tls.labels(level, outcome).inc(count)
 
     def reloaded(self) -> None:
         self._reloads.inc()

@@ -929,6 +929,9 @@ class Supervisor:
                 self.verifier.dns_answered(domain, failure)
             for key, answer in record.get("callouts", {}).items():
                 self.verifier.callout_answered(key, answer)
+            if self.metrics:
+                for level, outcome, count in record.get("tls", ()):  # sessions opened, for the metrics
+                    self.metrics.tls_sessions(level, outcome, count)
 
     def _report(self, worker: WorkerHandle, report: Report) -> None:
         queue_id = report.queue_id

@@ -19,7 +19,7 @@ from router.spool import Spool
 from tests.daemon import ROOT, message_in, qrouter, wait_for
 
 KNOWN = ("known: concurrency, initial-window, recipients, messages-per-connection, rate, mx-rollup, callout, "
-         "callout-rate")
+         "callout-rate, tls, match, fingerprint, protocols")
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -215,7 +215,6 @@ def test_bad_mx_rollup_is_refused(tmp_path, value):
 @pytest.mark.parametrize(("text", "error"), [
     ("example.com colour=blue\n", f"FILE:1: unknown key 'colour' ({KNOWN})"),
     ("example.com Concurrency=5\n", f"FILE:1: unknown key 'Concurrency' ({KNOWN})"),
-    ("example.com tls=encrypt\n", f"FILE:1: unknown key 'tls' ({KNOWN})"),
     ("example.com concurrency 5\n", "FILE:1: 'concurrency' is not key=value"),
     ("example.com concurrency=\n", "FILE:1: concurrency needs a value"),
     ("example.com =5\n", f"FILE:1: unknown key '' ({KNOWN})"),
@@ -313,7 +312,8 @@ def test_route_json_has_the_settings(tmp_path):
     assert answer["destination"] == "mx:a.example.com"
     assert answer["destination_settings"] == {
         "concurrency": None, "initial_window": None, "recipients": 50, "messages_per_connection": 10,
-        "rate": 2.0, "mx_rollup": False, "callout": None, "callout_rate": None, "source": f"{path}:1"}
+        "rate": 2.0, "mx_rollup": False, "callout": None, "callout_rate": None, "source": f"{path}:1", "tls": None,
+        "match": None, "fingerprint": None, "protocols": None}
 
 
 def test_route_refuses_a_bad_file(tmp_path):

@@ -17,12 +17,10 @@ from aiosmtpd.smtp import AuthResult
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from policy.tls_policy import TLS_ENCRYPT, TLS_MAY, TLS_NONE
 from router.queue_file import Recipient
 from tests.smtp_servers import SERVER_NAME, AioServer, Peer, Recorder, ScriptedServer, free_port
 from workers.smtp_client import (
-    TLS_ENCRYPT,
-    TLS_MAY,
-    TLS_NONE,
     SMTPClient,
     SMTPError,
     Timeouts,

@@ -147,6 +147,7 @@ def test_route_command_explains_the_decision(tmp_path):
         "next hop:  [10.9.9.9]:2525",
         "destination: smtp:[10.9.9.9]:2525",
         "destination settings: recipients=50 mx-rollup=yes (defaults: no destinations file)",
+        "tls:       may (from the smtp-tls key)",
     ]
     answer = json.loads(qrouter("route", "--json", "--config", str(tmp_path / "qrouter.conf"),
                                 "nobody@nowhere.example", check=True).stdout)
@@ -157,7 +158,10 @@ def test_route_command_explains_the_decision(tmp_path):
                       "destination": "mx:nowhere.example",
                       "destination_settings": {"concurrency": None, "initial_window": None, "recipients": 50,
                                                "messages_per_connection": None, "rate": None, "mx_rollup": True,
-                                               "callout": None, "callout_rate": None, "source": ""}}
+                                               "callout": None, "callout_rate": None, "source": "", "tls": None,
+                                               "match": None, "fingerprint": None, "protocols": None},
+                      "tls": {"level": "may", "match": [], "fingerprints": [], "min_protocol": "",
+                              "source": "smtp-tls"}}
     bad = qrouter("route", "--config", str(tmp_path / "qrouter.conf"), "not an address")
     assert bad.returncode == 64 and b"not an address" in bad.stderr
 

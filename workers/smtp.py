@@ -17,15 +17,16 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from policy.destinations import DestinationRules, DestinationSettings
 from policy.next_hop import LMTP, MX, SMTP, NextHop, parse_hosts
+from policy.tls_policy import TLS_NONE, TLSPolicy, names_to_match
 from router.config import Config
 from router.log_lines import logger, service_of
 from router.queue_file import QueueFile, Recipient
 from workers.mx_hosts import MXHost, MXLookupError, ResolverConfigError, address_literal, site_destination
-from workers.smtp_client import LMTP_PORT, SMTP_PORT, TLS_NONE, SMTPClient, SMTPError, TLSFallback
+from workers.smtp_client import LMTP_PORT, SMTP_PORT, SMTPClient, SMTPError, TLSFailure, TLSFallback
 from workers.transport import BOUNCED, DEFERRED, Outcome
 
 
@@ -39,6 +40,7 @@ class Server:
     lmtp: bool = False
     socket_path: str = ""
     auth: tuple[str, str] | None = None
+    tls: TLSPolicy = TLSPolicy()  # its names resolved (names_to_match): a kept connection serves only its equal
 
     @property
     def peer(self) -> str:
@@ -66,6 +68,7 @@ class SMTPTransport:
         self._resolver = None
         self._fixed: dict[tuple[str, int | None, bool], list[Server]] = {}  # see _relay_servers
         self.without_bdat: set[Server] = set()  # they offer CHUNKING but failed BDAT: DATA for them
+        self.tls_sessions: Counter[tuple[str, str]] = Counter()  # (level, outcome) since take_tls_sessions
 
     # -- the Transport interface ----------------------------------------------------------
 
@@ -80,8 +83,7 @@ class SMTPTransport:
                                     setup=time.monotonic() - started)
         outcomes: list[Outcome | None] = [None] * len(recipients)
         todo = list(range(len(recipients)))
-        rollup = hosts and self.rules.for_destination(hop.destination).mx_rollup
-        counted = site_destination(host.name for host in hosts) if rollup else hop.destination
+        counted = self._site(hop, hosts) or hop.destination
         settings = self.rules.for_destination(counted)  # a site's, for a domain MX rollup puts in one
         with self._lock:
             self.counted_as[hop.destination] = counted
@@ -252,13 +254,35 @@ class SMTPTransport:
         return self._dial(server, queue_id), False
 
     def _dial(self, server: Server, why: str) -> SMTPClient:
-        """A new connection with the smtp-tls policy, in plain text if that policy allows it
+        """A new connection under the server's TLS policy, in plain text if that policy allows it
         after a failed handshake (logged, after `why`: the queue id, or what a probe is for)."""
         try:
-            return self._open(server, self.config.smtp_tls)
+            return self._opened(server, self._open(server, server.tls))
         except TLSFallback as exc:  # its text names the host, what failed and why
             _log(server).warning("%s: %s; retrying without TLS", why, exc.reply.text)
-            return self._open(server, TLS_NONE)
+            return self._opened(server, self._open(server, TLSPolicy(TLS_NONE)))
+        except TLSFailure:
+            self._count_session(server, "failed")
+            raise
+
+    def _opened(self, server: Server, client: SMTPClient) -> SMTPClient:
+        """Log how a new session is protected, as Postfix does (`Verified TLS connection
+        established to HOST[IP]:PORT: TLSv1.3 with cipher ...`), and count it."""
+        if client.tls:
+            _log(server).info("%s TLS connection established to %s: %s", client.tls_trust, client.peer, client.tls)
+        self._count_session(server, client.tls_trust.lower() if client.tls else "plaintext")
+        return client
+
+    def _count_session(self, server: Server, outcome: str) -> None:
+        if not server.socket_path:
+            with self._lock:
+                self.tls_sessions[(server.tls.level, outcome)] += 1
+
+    def take_tls_sessions(self) -> list[tuple[str, str, int]]:
+        """The sessions opened since the last call, as (level, outcome, count), for the metrics."""
+        with self._lock:
+            taken, self.tls_sessions = self.tls_sessions, Counter()
+        return [(level, outcome, count) for (level, outcome), count in taken.items()]
 
     def _oldest_idle(self, destination: str) -> SMTPClient | None:
         """Take the connection idle longest to any server of `destination` out of the pool (the
@@ -273,7 +297,7 @@ class SMTPTransport:
             del self.kept[other]
         return client
 
-    def _open(self, server: Server, tls: str) -> SMTPClient:
+    def _open(self, server: Server, tls: TLSPolicy) -> SMTPClient:
         timeouts = self.config.smtp_timeouts
         chunking = server not in self.without_bdat
         if server.socket_path:
@@ -332,11 +356,19 @@ class SMTPTransport:
 
     def _hosts_and_servers(self, hop: NextHop) -> tuple[list[MXHost] | None, list[Server]]:
         """The MX hosts of MX routing (None for other next hops) and the servers to try, in
-        order; MXLookupError or ResolverConfigError when DNS gives none."""
+        order, each under the TLS policy that applies to it; MXLookupError or ResolverConfigError
+        when DNS gives none."""
         hosts = self._lookup(hop.argument) if hop.kind == MX else None
         servers = self._servers(hop) if hosts is None else _expand(hosts, self.config.smtp_port, lmtp=False,
                                                                    auth=None)
-        return hosts, servers
+        tls = self.rules.for_tls(hop.destination, self._site(hop, hosts)).tls_policy(self.config.smtp_tls)
+        return hosts, [replace(server, tls=replace(tls, match=names_to_match(
+            tls, server.name, hop.argument if hop.kind == MX else server.name))) for server in servers]
+
+    def _site(self, hop: NextHop, hosts: list[MXHost] | None) -> str:
+        """The site MX rollup counts `hop` against, its MX hosts known; "" when it has none."""
+        rollup = hosts and self.rules.for_destination(hop.destination).mx_rollup
+        return site_destination(host.name for host in hosts) if rollup else ""
 
     def mx_failure(self, domain: str) -> tuple[str, str] | None:
         """Why mail to `domain` by MX routing would fail now before any connection, as delivery

@@ -13,7 +13,8 @@ to guess what state a session is in, and an open connection is always a clean on
         ...
     client.close()              # QUIT
 
-`connect` raises SMTPError (TLSFallback under the `may` TLS policy when the handshake failed);
+`connect` raises SMTPError (TLSFallback under the `may` TLS level when the handshake failed,
+TLSFailure when a level above `may` is not met: policy/tls_policy.py);
 `send` never raises for anything the peer does, it answers every recipient.
 
 Where the server offers CHUNKING (RFC 3030) the message goes as one `BDAT n LAST`, pipelined with
@@ -34,12 +35,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import NoReturn, Protocol
 
+from policy.tls_policy import LEVELS, TLS_MAY, TLS_NONE, TLSPolicy
 from router.queue_file import clean
+from workers import tls
 from workers.transport import BOUNCED, DEFERRED, SENT
 
 SMTP_PORT, LMTP_PORT = 25, 24
-TLS_NONE, TLS_MAY, TLS_ENCRYPT = "none", "may", "encrypt"
-TLS_POLICIES = (TLS_NONE, TLS_MAY, TLS_ENCRYPT)
 MAX_LINE = 2048  # RFC 5321 allows 512 per reply line; leave room for chatty servers
 MAX_REPLY = 64 * 1024  # a multi-line reply larger than this is a hostile or broken peer
 PIPELINE_BATCH = 100  # commands per write: the replies to them fit in socket buffers, so no deadlock
@@ -151,6 +152,11 @@ class TLSFallback(SMTPError):
     (as Postfix does), since a server that cannot do TLS usually can do without it."""
 
 
+class TLSFailure(SMTPError):
+    """A level above `may` was not met: no STARTTLS, a failed handshake, a certificate that did
+    not pass. Nothing of a transaction was sent; the message waits (4.7.x)."""
+
+
 class _Lost(SMTPError):
     """The connection broke under us (reset, or closed by the server), as opposed to a timeout:
     what a server that offers CHUNKING but cannot take BDAT may do when it meets one."""
@@ -182,7 +188,7 @@ class SMTPClient:
         self.extensions: dict[str, str] = {}
         self.esmtp = False
         self.tls = ""  # "TLSv1.3 with cipher ..." once encrypted
-        self.tls_verified = False
+        self.tls_trust = ""  # Verified, Untrusted or Anonymous once encrypted (workers/tls.py)
         self.authenticated = False
         self.transactions = 0
         self.messages = 0  # messages delivered over it, each in one transaction or more (counted by the transport)
@@ -190,19 +196,26 @@ class SMTPClient:
         self.bdat_failure: Reply | None = None  # why, when this server failed BDAT (see send)
         self._bdat_answered = False  # a BDAT was answered on this connection: the server knows it
 
+    @property
+    def tls_verified(self) -> bool:
+        """Whether the server's certificate passed the checks of a level that has some."""
+        return self.tls_trust == tls.VERIFIED
+
     # -- setting up ------------------------------------------------------------------------
 
     @classmethod
     def connect(cls, host: str, port: int, *, helo_name: str, ip: str | None = None, lmtp: bool = False,
-                timeouts: Timeouts | None = None, tls: str = TLS_MAY, tls_name: str | None = None,
+                timeouts: Timeouts | None = None, tls: str | TLSPolicy = TLS_MAY, tls_name: str | None = None,
                 ca_file: str | None = None, auth: tuple[str, str] | None = None,
                 allow_plaintext_auth: bool = False, bind: str | None = None, chunking: bool = True) -> SMTPClient:
         """Connect over TCP to `ip` (or `host` resolved by the system), read the greeting,
-        EHLO (LHLO), STARTTLS as `tls` asks, AUTH if `auth` is given. The peer is known as
-        `host[ip]:port`. A certificate is verified (under `encrypt` only) against `tls_name`,
-        by default `host`, with `ca_file` or the system's CA store. With `chunking` False
-        messages go with DATA even if the server offers CHUNKING."""
-        _check_setup(helo_name, tls)
+        EHLO (LHLO), STARTTLS as `tls` asks (a level or a whole TLSPolicy), AUTH if `auth` is
+        given. The peer is known as `host[ip]:port`. A certificate is verified (under the levels
+        that check names) against the policy's `match`, else `tls_name`, by default `host`, with
+        `ca_file` or the system's CA store. With `chunking` False messages go with DATA even if
+        the server offers CHUNKING."""
+        policy = tls if isinstance(tls, TLSPolicy) else TLSPolicy(tls)
+        _check_setup(helo_name, policy.level)
         timeouts = timeouts or Timeouts()
         where = f"{host}[{ip}]:{port}" if ip else f"{host}:{port}"
         try:
@@ -214,7 +227,7 @@ class SMTPClient:
             raise SMTPError(_local(421, "4.4.1", f"connect to {where}: {_reason(exc)}", "connect")) from None
         peer = f"{host}[{ip or sock.getpeername()[0]}]:{port}"
         client = cls(sock, peer, helo_name=helo_name, lmtp=lmtp, timeouts=timeouts, local=False, chunking=chunking)
-        client._start(tls, tls_name or host, ca_file, auth, allow_plaintext_auth)
+        client._start(policy, (tls_name or host).lower(), ca_file, auth, allow_plaintext_auth)
         return client
 
     @classmethod
@@ -233,11 +246,11 @@ class SMTPClient:
             sock.close()
             raise SMTPError(_local(421, "4.4.1", f"connect to {peer}: {_reason(exc)}", "connect")) from None
         client = cls(sock, peer, helo_name=helo_name, lmtp=lmtp, timeouts=timeouts, local=True, chunking=chunking)
-        client._start(TLS_NONE, "", None, auth, False)
+        client._start(TLSPolicy(TLS_NONE), "", None, auth, False)
         return client
 
-    def _start(self, tls: str, tls_name: str, ca_file: str | None, auth: tuple[str, str] | None,
-               allow_plaintext_auth: bool) -> None:
+    def _start(self, policy: TLSPolicy, tls_name: str, ca_file: str | None,
+               auth: tuple[str, str] | None, allow_plaintext_auth: bool) -> None:
         try:
             greeting = self._read(GREETING, self.timeouts.greeting)
             if greeting.code != 220:
@@ -245,8 +258,8 @@ class SMTPClient:
                     greeting = _local(421, "4.5.0", f"host {self.peer} greeted with {greeting}", GREETING)
                 self._give_up(greeting)
             self._hello()
-            if tls != TLS_NONE:
-                self._starttls(tls, tls_name, ca_file)
+            if policy.level != TLS_NONE:
+                self._starttls(policy, tls_name, ca_file)
             if auth:
                 self._auth(auth[0], auth[1], allow_plaintext_auth)
         except BaseException:
@@ -266,42 +279,53 @@ class SMTPClient:
             self._give_up(reply)
         self.esmtp, self.extensions = True, _extensions(reply.lines[1:])
 
-    def _starttls(self, policy: str, name: str, ca_file: str | None) -> None:
+    def _starttls(self, policy: TLSPolicy, tls_name: str, ca_file: str | None) -> None:
+        """STARTTLS as `policy` asks, naming `tls_name` in SNI; a certificate must match the
+        policy's names, else `tls_name`. Under every level but `may`, a server that does not offer
+        or accept it, a failed handshake or a certificate that does not pass ends the session
+        (4.7.x) before any command of a transaction: nothing goes in clear."""
+        names = policy.match or (tls_name,)
         if "STARTTLS" not in self.extensions:
-            if policy == TLS_ENCRYPT:
-                self._give_up(_local(454, "4.7.4", f"TLS is required, but was not offered by host {self.peer}"))
+            if policy.required:
+                self._give_up(_local(454, "4.7.4", f"TLS is required, but was not offered by host {self.peer}"),
+                              TLSFailure)
             return
         try:
-            context = _tls_context(policy, ca_file)
+            context = tls.context(policy, ca_file)
         except (OSError, ValueError) as exc:
-            self._give_up(_local(454, "4.7.5", f"cannot load CA file {ca_file}: {_reason(exc)}"))
+            self._give_up(_local(454, "4.7.5", f"cannot load CA file {ca_file}: {_reason(exc)}"), TLSFailure)
         reply = self._command("STARTTLS", "STARTTLS", self.timeouts.starttls)
         if reply.code != 220:
-            if policy == TLS_ENCRYPT:
-                self._give_up(_local(454, "4" + reply.dsn[1:], f"TLS is required, but {reply.describe(self.peer)}"))
+            if policy.required:
+                self._give_up(_local(454, "4" + reply.dsn[1:], f"TLS is required, but {reply.describe(self.peer)}"),
+                              TLSFailure)
             return  # `may`: RFC 3207 lets the session go on unencrypted
         if self._buffer:  # read before the handshake, so not from the TLS peer: someone injected it
             self._fail("STARTTLS", "4.5.0", f"host {self.peer} sent data after its STARTTLS reply")
         assert self._sock is not None
         try:
-            sock = context.wrap_socket(self._sock, server_hostname=name or None, do_handshake_on_connect=False)
+            sock = context.wrap_socket(self._sock, server_hostname=tls_name or None,
+                                       do_handshake_on_connect=False)
             self._sock = sock
             sock.settimeout(self.timeouts.starttls)
             sock.do_handshake()
             sock.setblocking(False)
         except (OSError, ValueError) as exc:
             self.abort()
-            if policy == TLS_MAY:  # the certificate is not checked: only the handshake itself can fail
+            if not policy.required:  # the certificate is not checked: only the handshake itself can fail
                 raise TLSFallback(_local(454, "4.7.5", f"TLS handshake with {self.peer} failed: "
                                                        f"{_tls_reason(exc)}")) from None
             if isinstance(exc, ssl.SSLCertVerificationError):
-                text = f"server certificate of {self.peer} not verified for {name}: {exc.verify_message}"
+                text = f"server certificate of {self.peer} not verified for {', '.join(names)}: {exc.verify_message}"
             else:
                 text = f"TLS is required, but the handshake with {self.peer} failed: {_tls_reason(exc)}"
-            raise SMTPError(_local(454, "4.7.5", text)) from None
-        cipher = sock.cipher()
-        self.tls = f"{sock.version()} with cipher {cipher[0] if cipher else 'unknown'}"
-        self.tls_verified = policy == TLS_ENCRYPT
+            raise TLSFailure(_local(454, "4.7.5", text)) from None
+        problem = tls.check_peer(sock, policy, names)
+        if problem:
+            self.abort()
+            raise TLSFailure(_local(454, "4.7.5", f"server certificate of {self.peer} {problem}"))
+        self.tls = tls.describe(sock)
+        self.tls_trust = tls.trust(sock, policy)
         self._hello()
 
     def _auth(self, user: str, password: str, allow_plaintext: bool) -> None:
@@ -643,10 +667,10 @@ class SMTPClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _give_up(self, reply: Reply) -> NoReturn:
+    def _give_up(self, reply: Reply, error: type[SMTPError] = SMTPError) -> NoReturn:
         """End a session that cannot go on, politely (QUIT), and say why."""
         self.close()
-        raise SMTPError(reply)
+        raise error(reply)
 
     # -- the wire --------------------------------------------------------------------------
 
@@ -757,17 +781,8 @@ class SMTPClient:
 def _check_setup(helo_name: str, tls: str) -> None:
     if not _HOST_NAME.fullmatch(helo_name):
         raise ValueError(f"helo_name {helo_name!r} is not a host name")
-    if tls not in TLS_POLICIES:
-        raise ValueError(f"unknown TLS policy {tls!r} (known: {', '.join(TLS_POLICIES)})")
-
-
-def _tls_context(policy: str, ca_file: str | None) -> ssl.SSLContext:
-    if policy == TLS_ENCRYPT:
-        return ssl.create_default_context(cafile=ca_file)
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
+    if tls not in LEVELS:
+        raise ValueError(f"unknown TLS policy {tls!r} (known: {', '.join(LEVELS)})")
 
 
 def _extensions(lines: Sequence[str]) -> dict[str, str]:

@@ -298,6 +298,8 @@ class Worker:
         with self.report_lock:
             if record is not None and destinations and self.smtp:
                 record["kept"], record["read"] = self.smtp.kept_counts(destinations)
+            if record is not None and self.smtp and self.smtp.tls_sessions:
+                record["tls"] = self.smtp.take_tls_sessions()
             os.write(self.report_fd, b"\n" if record is None else json.dumps(record).encode() + b"\n")
 
     def _on_term(self, signum: int, frame: object) -> None:
