@@ -55,7 +55,8 @@ def test_keys_a_line_leaves_out_have_their_defaults(tmp_path):
     assert (settings.concurrency, settings.initial_window, settings.recipients, settings.messages_per_connection,
             settings.rate, settings.mx_rollup, settings.callout, settings.callout_rate) == (
         None, None, 50, None, 2.0, True, None, None)
-    assert DEFAULTS == DestinationSettings(None, None, 50, None, None, True, None, None, "")
+    assert DEFAULTS == DestinationSettings(concurrency=None, initial_window=None, recipients=50,
+                                           messages_per_connection=None, rate=None, mx_rollup=True, source="")
 
 
 @pytest.mark.parametrize(("text", "per_second", "shown"), [

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from policy.destinations import load_destinations
 from policy.transport_map import PolicyError
 from router.queue_file import PENDING
+from router.status_socket import query
 from tests.daemon import qrouter, reachable, wait_for
 from tests.dns_server import DNSServer
 from tests.smtp_servers import AioServer, free_port
@@ -231,6 +232,28 @@ def test_a_stripped_starttls_defers_every_level_above_may_and_nothing_passes_in_
     assert proxy.stripped >= 1
     assert b"the body nobody" not in proxy.from_client and b"MAIL FROM" not in proxy.from_client
     assert b"RCPT TO" not in proxy.from_client and b"STARTTLS" not in proxy.from_client
+
+
+def test_a_callout_probe_goes_under_the_destination_s_tls_level_too(daemons, tmp_path, pki):
+    """Recipient verification asks the next hop as delivery would: under tls=verify, a stripped
+    STARTTLS ends the probe before MAIL FROM, and the answer is temporary, never a guess."""
+    context, _ = pki.context("mx.stripped.test")
+    with AioServer(Sink(), host="127.0.0.2", tls_context=context) as server, \
+            StrippingProxy("127.0.0.3", "127.0.0.2", server.port) as proxy, DNSServer(ZONE) as dns:
+        daemon = daemons("--dns-servers", dns.servers, "--smtp-port", str(proxy.port), "--destinations",
+                         destinations(tmp_path, "stripped.test tls=verify callout=yes\n"), "--smtp-tls-ca",
+                         pki.ca_file, *FAST, maildir=False)
+
+        def answered() -> dict | None:
+            answer = query(str(daemon.spool / "status.sock"), {"command": "verify", "recipient": "u@stripped.test"})
+            return answer if answer.get("dsn") == "4.7.4" else None
+
+        answer = wait_for(answered, 30, "the probe's answer")
+        assert (answer["verdict"], answer["code"]) == ("temporary", 450), answer
+        assert "TLS is required, but was not offered by host mx.stripped.test[127.0.0.3]" in answer["text"]
+    assert proxy.stripped >= 1
+    assert b"MAIL FROM" not in proxy.from_client and b"RCPT TO" not in proxy.from_client
+    assert not any(c.startswith(("MAIL", "RCPT")) for c in server.handler.commands)
 
 
 # -- what shows it: queue why, metrics, route, check-config -------------------------------------
