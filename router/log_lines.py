@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from policy.next_hop import LMTP, MDA, MX, PIPE, SMTP, queue_name
 from router.queue_file import QueueFile
-from router.sendmail import message_fields
+from router.sendmail import first_field
 
 QMGR, PICKUP, CLEANUP, BOUNCE = "qmgr", "pickup", "cleanup", "bounce"
 _SERVICES = {SMTP: "smtp", MX: "smtp", LMTP: "lmtp", MDA: "local", PIPE: "pipe"}
@@ -104,7 +104,5 @@ def taken_in(queue_file: QueueFile, owner: int | None) -> None:
 
 def message_id(message: bytes) -> str:
     """The message's Message-ID without its angle brackets, as cleanup logs it; "" without one."""
-    for field in message_fields(message):
-        if field.name == "message-id":
-            return field.value.strip().removeprefix("<").removesuffix(">")
-    return ""
+    found = first_field(message, "message-id")
+    return "" if found is None else found.strip().removeprefix("<").removesuffix(">")

@@ -55,6 +55,7 @@ through this command need to be in that group.
 from __future__ import annotations
 
 import email.utils
+import functools
 import getopt
 import os
 import pwd
@@ -242,6 +243,20 @@ def header_of(message: bytes) -> bytes:
 def message_fields(message: bytes) -> list[HeaderField]:
     """The fields of a whole message's header."""
     return header_fields(_LINE.findall(header_of(message)))
+
+
+def first_field(message: bytes, name: str) -> str | None:
+    """The value of the message's first `name` field (any case), unfolded as header_fields
+    unfolds it; None without one. For one field of every message, without taking the others apart."""
+    found = _field_pattern(name).search(header_of(message))
+    return None if found is None else _unfold([found.group(1)])
+
+
+@functools.cache
+def _field_pattern(name: str) -> re.Pattern[bytes]:
+    """A field named `name` at the start of a line, and its continuation lines."""
+    return re.compile(rb"^" + re.escape(name.encode("ascii")) + rb"[ \t]*:([^\n]*\n?(?:[ \t][^\n]*\n?)*)",
+                      re.IGNORECASE | re.MULTILINE)
 
 
 def _unfold(raw: list[bytes]) -> str:

@@ -67,6 +67,7 @@ class SMTPTransport:
         self.turn: dict[str, int] = {}
         self._resolver = None
         self._fixed: dict[tuple[str, int | None, bool], list[Server]] = {}  # see _relay_servers
+        self._tls: dict[tuple[str, str], TLSPolicy] = {}  # (next hop, site) -> its TLS policy (_hosts_and_servers)
         self.without_bdat: set[Server] = set()  # they offer CHUNKING but failed BDAT: DATA for them
         self.tls_sessions: Counter[tuple[str, str]] = Counter()  # (level, outcome) since take_tls_sessions
 
@@ -361,9 +362,11 @@ class SMTPTransport:
         hosts = self._lookup(hop.argument) if hop.kind == MX else None
         servers = self._servers(hop) if hosts is None else _expand(hosts, self.config.smtp_port, lmtp=False,
                                                                    auth=None)
-        tls = self.rules.for_tls(hop.destination, self._site(hop, hosts)).tls_policy(self.config.smtp_tls)
-        return hosts, [replace(server, tls=replace(tls, match=names_to_match(
-            tls, server.name, hop.argument if hop.kind == MX else server.name))) for server in servers]
+        key = (hop.destination, self._site(hop, hosts))
+        tls = self._tls.get(key)
+        if tls is None:  # the rules are the worker's for its life: a reload starts new workers
+            tls = self._tls[key] = self.rules.for_tls(*key).tls_policy(self.config.smtp_tls)
+        return hosts, [_under(server, tls, hop.argument if hop.kind == MX else server.name) for server in servers]
 
     def _site(self, hop: NextHop, hosts: list[MXHost] | None) -> str:
         """The site MX rollup counts `hop` against, its MX hosts known; "" when it has none."""
@@ -450,6 +453,13 @@ def _lookup_failure(exc: MXLookupError | ResolverConfigError, mx: bool) -> tuple
 def _relay_hosts(text: str) -> tuple[tuple[str, int | None], ...]:
     """parse_hosts, once per relay host list rather than once per message."""
     return tuple(parse_hosts(text))
+
+
+@functools.lru_cache(maxsize=4096)
+def _under(server: Server, tls: TLSPolicy, next_hop: str) -> Server:
+    """`server` under the policy `tls`, the names its certificate must match resolved; made once
+    for a stream of mail to the same server, not once per message."""
+    return replace(server, tls=replace(tls, match=names_to_match(tls, server.name, next_hop)))
 
 
 def _expand(hosts: list[MXHost], port: int, *, lmtp: bool, auth: tuple[str, str] | None) -> list[Server]:
