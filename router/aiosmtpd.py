@@ -64,9 +64,9 @@ except ImportError as exc:
 
 from policy.verify import DELIVERABLE
 from router.address import AddressError, parse_path
+from router.headers import prepend_fields
 from router.queue_file import clean
 from router.queue_id import new_queue_id
-from router.sendmail import prepend_fields
 from router.spool import DEFAULT_SIZE_LIMIT, Spool, SpoolError
 from router.status_socket import StatusError
 from router.trace import peer_source, received

@@ -25,12 +25,13 @@ from router import log as log_module
 from router.address import AddressError, parse_path
 from router.config import KEYS, Config, ConfigError
 from router.control import QueueCommands
+from router.headers import header_of, prepend_fields
 from router.lock import SpoolNotAllowed, unless_daemon
 from router.queue_file import MAX_OVERHEAD, QueueFile, Recipient, parse
 from router.queue_view import ALL, WAITING, Selection, age, as_lines, find, messages, parse_duration
 from router.queue_view import as_json as as_json_line
 from router.queue_view import shape as queue_shape
-from router.sendmail import header_of, prepend_fields, queue_local, read_up_to, received
+from router.sendmail import queue_local, read_up_to, received
 from router.spool import ACTIVE, DEFERRED, HOLD, INCOMING, NotAQueueFile, Spool, SpoolError, read_queue_file
 from router.status_socket import StatusError, query
 from router.supervisor import Supervisor

@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass
 
 from policy.next_hop import LMTP, MDA, MX, PIPE, SMTP, queue_name
+from router.headers import first_field
 from router.queue_file import QueueFile
-from router.sendmail import first_field
 
 QMGR, PICKUP, CLEANUP, BOUNCE = "qmgr", "pickup", "cleanup", "bounce"
 _SERVICES = {SMTP: "smtp", MX: "smtp", LMTP: "lmtp", MDA: "local", PIPE: "pipe"}

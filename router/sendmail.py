@@ -55,7 +55,6 @@ through this command need to be in that group.
 from __future__ import annotations
 
 import email.utils
-import functools
 import getopt
 import os
 import pwd
@@ -69,6 +68,7 @@ from router import config as config_module
 from router import trace
 from router.address import ATEXT, NON_ASCII, AddressError, has_cr_lf_nul, parse_path
 from router.config import Config, ConfigError
+from router.headers import LINE, header_fields, message_fields, prepend_fields
 from router.queue_id import arrival_of, new_queue_id
 from router.spool import INCOMING, Spool, SpoolError
 
@@ -83,10 +83,6 @@ _SHORT_OPTIONS = "tivnmUGf:r:F:o:b:N:R:V:B:h:"
 _LONG_OPTIONS = ["queue-dir=", "config=", "help"]
 _NOTIFY = re.compile(r"never|(?:success|delay|failure)(?:,(?:success|delay|failure))*")
 _LONE_DOT = re.compile(rb"^\.\r?(?:\n|\Z)", re.MULTILINE)
-_LINE = re.compile(rb"[^\n]*\n|[^\n]+")
-_FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
-_FOLD = re.compile(r"\r?\n(?=[ \t])")
-_HEADER_END = re.compile(rb"\n\r?\n")
 _RECIPIENT_FIELDS = ("to", "cc", "bcc")
 _CHUNK = 1 << 16  # bytes read from standard input at a time
 # One token of an address list: a quoted string or a domain literal (unterminated ones run to the
@@ -204,71 +200,11 @@ def cut_at_lone_dot(data: bytes) -> bytes:
     return data[:match.start()] if match else data
 
 
-@dataclass
-class HeaderField:
-    name: str  # lower case
-    first: int  # index of its first line
-    end: int  # index after its last continuation line
-    value: str  # unfolded, decoded as UTF-8 (undecodable bytes kept as surrogates)
-
-
-def header_fields(lines: list[bytes]) -> list[HeaderField]:
-    """The fields of the header: it ends at the first line that is neither a field nor a
-    continuation line (normally the empty line before the body)."""
-    fields: list[HeaderField] = []
-    raw: list[bytes] = []
-    for index, line in enumerate(lines):
-        if line[:1] in (b" ", b"\t") and fields:
-            raw.append(line)
-            fields[-1].end = index + 1
-            continue
-        if fields:
-            fields[-1].value = _unfold(raw)
-        match = _FIELD_NAME.match(line)
-        if not match:
-            return fields
-        fields.append(HeaderField(match.group(1).decode("ascii").lower(), index, index + 1, ""))
-        raw = [line[match.end():]]
-    if fields:
-        fields[-1].value = _unfold(raw)
-    return fields
-
-
-def header_of(message: bytes) -> bytes:
-    """A message's header with the empty line that ends it; the whole message if it has none."""
-    end = _HEADER_END.search(message)
-    return message[:end.end()] if end else message
-
-
-def message_fields(message: bytes) -> list[HeaderField]:
-    """The fields of a whole message's header."""
-    return header_fields(_LINE.findall(header_of(message)))
-
-
-def first_field(message: bytes, name: str) -> str | None:
-    """The value of the message's first `name` field (any case), unfolded as header_fields
-    unfolds it; None without one. For one field of every message, without taking the others apart."""
-    found = _field_pattern(name).search(header_of(message))
-    return None if found is None else _unfold([found.group(1)])
-
-
-@functools.cache
-def _field_pattern(name: str) -> re.Pattern[bytes]:
-    """A field named `name` at the start of a line, and its continuation lines."""
-    return re.compile(rb"^" + re.escape(name.encode("ascii")) + rb"[ \t]*:([^\n]*\n?(?:[ \t][^\n]*\n?)*)",
-                      re.IGNORECASE | re.MULTILINE)
-
-
-def _unfold(raw: list[bytes]) -> str:
-    text = b"".join(raw).decode("utf-8", "surrogateescape")
-    return _FOLD.sub("", text).strip(" \t\r\n")
-
-
 def extract(message: bytes) -> tuple[list[tuple[str, str]], bytes]:
     """For -t: the addresses of To:, Cc: and Bcc: in header order, each with the field it came
     from ("To: header"), and the message with every Bcc: field (first line and continuation
     lines) taken out, all else byte for byte."""
-    lines = _LINE.findall(message)
+    lines = LINE.findall(message)
     fields = header_fields(lines)
     addresses: list[tuple[str, str]] = []
     for f in fields:
@@ -456,17 +392,6 @@ def received(hostname: str, queue_id: str, recipients: list[str]) -> str:
     """The trace field Postfix's pickup writes for a local submission: who submitted it (the
     real uid), on which host, under which queue id and when (its arrival)."""
     return trace.received(hostname, queue_id, recipients, note=f"from userid {os.getuid()}")
-
-
-def prepend_fields(message: bytes, fields: list[str]) -> bytes:
-    """`fields` ("Name: value", folded with "\\n") put before the message, in the line ending its
-    first line uses (LF or CRLF). The message follows byte for byte; when it has no header at
-    all, an empty line comes first, so that its first line stays the body's."""
-    newline = b"\r\n" if re.match(rb"[^\n]*\r\n", message) else b"\n"
-    added = b"".join(f.encode("utf-8", "surrogateescape").replace(b"\n", newline) + newline for f in fields)
-    if message[:1] not in (b"\n", b"\r") and not _FIELD_NAME.match(message):
-        added += newline
-    return added + message
 
 
 def missing_fields(message: bytes, author: str, hostname: str, queue_id: str) -> list[str]:

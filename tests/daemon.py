@@ -46,7 +46,7 @@ DELIVERY_FIELDS = re.compile(rb"Return-Path: <[^>\r\n]*>\r?\n(?:Delivered-To: [^
 
 def message_in(path: Path) -> bytes:
     """A delivered message as it was queued: the Return-Path: and Delivered-To: lines a final
-    delivery puts in front (router/sendmail.prepend_fields) are checked and taken off."""
+    delivery puts in front (router/headers.prepend_fields) are checked and taken off."""
     data = path.read_bytes()
     fields = DELIVERY_FIELDS.match(data)
     assert fields, f"{path} does not begin with Return-Path: and Delivered-To: {data[:200]!r}"

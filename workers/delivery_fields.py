@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from router.sendmail import message_fields, prepend_fields
+from router.headers import message_fields, prepend_fields
 
 LOOP_DSN = "5.4.6"
 

@@ -44,9 +44,9 @@ from typing import IO, TYPE_CHECKING, Any
 
 from policy.next_hop import NextHop
 from router.durable import write_all
+from router.headers import prepend_fields
 from router.log_lines import logger
 from router.queue_file import QueueFile, Recipient
-from router.sendmail import prepend_fields
 from router.trace import received
 from workers.transport import BOUNCED, DEFERRED, SENT, Outcome
 

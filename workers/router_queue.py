@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 
 from policy.next_hop import NextHop
 from router.durable import error_name
+from router.headers import prepend_fields
 from router.queue_file import QueueFile, Recipient
 from router.queue_id import arrival_of, new_queue_id
-from router.sendmail import prepend_fields
 from router.spool import INCOMING, Spool
 from router.trace import received
 from workers.transport import DEFERRED, SENT, NoOpClose, Outcome
