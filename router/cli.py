@@ -256,8 +256,8 @@ app.command("route")(_with_config_flags(route, ROUTE_KEYS))
 
 
 def verify(
-    address: Annotated[str, typer.Argument(help="recipient address")],
-    sender: Annotated[str, typer.Option("--sender", help="envelope sender")] = "<>",
+    address: Annotated[str, typer.Argument(metavar="ADDRESS", help="recipient address")],
+    sender: Annotated[str, typer.Option("--sender", metavar="ADDRESS", help="envelope sender")] = "<>",
     config: ConfigOption = None,
     **settings: Any,
 ) -> None:
@@ -705,7 +705,7 @@ def _change(command: str, ids: list[str] | None, loaded: Config, selection: Sele
             targets = list(ids or [])
             if selection is not None or every:
                 targets += [m.queue_id for m in messages(spool, queues, selection)]
-            if not targets and every and not ids and selection is None:
+            if not targets and every and selection is None:
                 typer.echo(f"{command}: no message in {', '.join(f'{queue}/' for queue in queues)}")
                 return  # all of none: nothing went wrong
             if not targets:

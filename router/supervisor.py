@@ -656,20 +656,13 @@ class Supervisor:
         """Have a network worker look up the sites of MX domains the dispatcher needs (MX rollup);
         one asked of no worker, or of one that dies, is asked again later."""
         entries = self.dispatcher.take_lookups(now)
-        if not entries:
-            return
-        asked = next((w for w in self.workers.values()
-                      if w.pool == NETWORK and w.task_fd >= 0 and not (w.retiring or w.silent)), None)
-        if asked is not None:
-            try:
-                os.write(asked.task_fd, json.dumps({"lookup": entries}).encode() + b"\n")
-            except OSError:
-                asked = None
-        self.dispatcher.asked_of(asked.pid if asked else 0, entries, now)
+        if entries:
+            self.dispatcher.asked_of(self._ask_worker({"lookup": entries}), entries, now)
 
     def _ask_worker(self, record: dict[str, Any]) -> int:
-        """Hand a question of recipient verification (a domain for DNS, a callout) to a network
-        worker, the one with the fewest messages in hand; its pid, or 0 when none can be asked."""
+        """Hand a question (the sites of MX domains; for recipient verification, a domain for DNS
+        or a callout) to a network worker, the one with the fewest messages in hand; its pid, or 0
+        when none can be asked."""
         serving = [w for w in self.workers.values()
                    if w.pool == NETWORK and w.task_fd >= 0 and not (w.retiring or w.silent)]
         for worker in sorted(serving, key=lambda w: len(w.jobs)):

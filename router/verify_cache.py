@@ -79,8 +79,7 @@ class VerifyCache:
         result = Result(dsn, text, now)
         self.entries.pop(key, None)
         self.entries[key] = result  # newest last: the oldest go first when there are too many
-        while len(self.entries) > MAX_ENTRIES:
-            del self.entries[next(iter(self.entries))]
+        self._trim()
         if self.lines + 1 > 2 * len(self.entries) + SLACK_LINES:
             self._rewrite(now)
         else:
@@ -114,8 +113,15 @@ class VerifyCache:
         except OSError as exc:
             log.warning("cannot read %s: %s; callout results start empty", self.path, exc.strerror or exc)
             return
+        self._forget_expired(now)
+        self._trim()
+
+    def _forget_expired(self, now: float) -> None:
         for key in [key for key, result in self.entries.items() if self.lifetimes.expired(result, now)]:
             del self.entries[key]
+
+    def _trim(self) -> None:
+        """The newest MAX_ENTRIES results are kept."""
         while len(self.entries) > MAX_ENTRIES:
             del self.entries[next(iter(self.entries))]
 
@@ -133,8 +139,7 @@ class VerifyCache:
 
     def _rewrite(self, now: float) -> None:
         """Write the results that have not expired into a new file and put it in place."""
-        for key in [key for key, result in self.entries.items() if self.lifetimes.expired(result, now)]:
-            del self.entries[key]
+        self._forget_expired(now)
         self.close()
         staged = f"{self.path}.new"
         try:

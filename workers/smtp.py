@@ -67,7 +67,6 @@ class SMTPTransport:
         self.turn: dict[str, int] = {}
         self._resolver = None
         self._fixed: dict[tuple[str, int | None, bool], list[Server]] = {}  # see _relay_servers
-        self._tls: dict[tuple[str, str], TLSPolicy] = {}  # (next hop, site) -> its TLS policy (_hosts_and_servers)
         self.without_bdat: set[Server] = set()  # they offer CHUNKING but failed BDAT: DATA for them
         self.tls_sessions: Counter[tuple[str, str]] = Counter()  # (level, outcome) since take_tls_sessions
 
@@ -362,10 +361,7 @@ class SMTPTransport:
         hosts = self._lookup(hop.argument) if hop.kind == MX else None
         servers = self._servers(hop) if hosts is None else _expand(hosts, self.config.smtp_port, lmtp=False,
                                                                    auth=None)
-        key = (hop.destination, self._site(hop, hosts))
-        tls = self._tls.get(key)
-        if tls is None:  # the rules are the worker's for its life: a reload starts new workers
-            tls = self._tls[key] = self.rules.for_tls(*key).tls_policy(self.config.smtp_tls)
+        tls = self.rules.for_tls(hop.destination, self._site(hop, hosts)).tls_policy(self.config.smtp_tls)
         return hosts, [_under(server, tls, hop.argument if hop.kind == MX else server.name) for server in servers]
 
     def _site(self, hop: NextHop, hosts: list[MXHost] | None) -> str:
