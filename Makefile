@@ -29,7 +29,7 @@ run: $(VENV)/.installed run-as-root
 	$(VENV)/bin/qrouter run --foreground --queue-dir var/spool --workers 2 \
 		--default-transport 'queue/maildir var/mail/%d/%u'
 
-# Run as root, the daemon becomes the unprivileged user qrouter (router/privileges.py), as a package
+# Run as root, the daemon becomes the unprivileged user qrouter (router/config/privileges.py), as a package
 # would set it up: the user exists, owns the Maildirs it writes, and can reach the interpreter
 # (a Python under a private home directory gets that directory made traversable, o+x only).
 run-as-root:

@@ -142,10 +142,10 @@ from smtp_sink import Session, Sink, blast, wire_message
 from spool_floor import relay_spool
 from wan_sink import Delay, WanSink, push
 
-from router.queue_file import QueueFile, Recipient
-from router.queue_id import arrival_of, new_queue_id
+from router.daemon.status_socket import StatusError, query
 from router.spool import DEFERRED, Spool
-from router.status_socket import StatusError, query
+from router.spool.queue_file import QueueFile, Recipient
+from router.spool.queue_id import arrival_of, new_queue_id
 
 ROOT = Path(__file__).resolve().parent.parent
 SENDER = "bench@example.org"

@@ -30,7 +30,7 @@ from itertools import pairwise
 
 from policy.policy_file import Problems, read_bytes, split_lines
 from policy.transport_map import compile_regex
-from router.address import AddressError, check_domain
+from router.spool.address import AddressError, check_domain
 
 FROM, TO, BOTH = "from", "to", "both"
 DIRECTIONS = (FROM, TO, BOTH)

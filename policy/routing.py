@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import pwd
 from dataclasses import dataclass
+from typing import Protocol
 
 from policy.aliases import Alias, Aliases, load_aliases
 from policy.command_line import split_local
@@ -19,9 +20,24 @@ from policy.next_hop import ERROR, MDA, PIPE, NextHop, mx_route
 from policy.policy_file import Problems
 from policy.rewriting import FROM, TO, Rewriter, RewritingError, load_rewriting
 from policy.transport_map import PolicyError, Rule, TransportMap, load_definitions, load_transport_map
-from router.address import split_address
-from router.config import Config
-from router.queue_file import QueueFile
+from router.spool.address import split_address
+from router.spool.queue_file import QueueFile
+
+
+class PolicySettings(Protocol):
+    """The keys of the daemon's configuration (router/config/) that name the policy: the
+    configuration is a layer above the policy, so the policy says what it reads, not where from."""
+
+    transport_defs: str
+    transports: str
+    default_transport: NextHop | None
+    relayhost: NextHop | None
+    aliases: str
+    destinations: str
+    rewriting: str
+    rewrite_both: bool
+    pipe_user: str
+    user: str
 
 
 @dataclass(frozen=True)
@@ -122,7 +138,7 @@ class Policy:
         return Route(mx_route(split_address(recipient)[1]), "no rule matched: MX routing")
 
 
-def load_policy(config: Config, runs_as: str | None = None) -> Policy:
+def load_policy(config: PolicySettings, runs_as: str | None = None) -> Policy:
     """Read every policy file the config names; PolicyError (FILE:LINE: ...) naming every problem
     in all of them, a line each.
 
@@ -172,7 +188,7 @@ def load_policy(config: Config, runs_as: str | None = None) -> Policy:
                   pipe_user, destinations)
 
 
-def _check_program_user(where: str, user: str, config: Config, runs_as: str | None, what: str,
+def _check_program_user(where: str, user: str, config: PolicySettings, runs_as: str | None, what: str,
                         own_user_ok: bool = False) -> None:
     """A pipe or local agent runs as `user`: it must exist and not be root; a pipe never runs
     as the daemon's own unprivileged user (whose files are the spool), a local agent only when an

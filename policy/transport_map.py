@@ -25,7 +25,7 @@ from typing import Generic, TypeVar
 
 from policy.next_hop import NextHop, NextHopError, parse_next_hop
 from policy.policy_file import Problems, read_lines
-from router.address import AddressError, check_domain, parse_path, split_address
+from router.spool.address import AddressError, check_domain, parse_path, split_address
 
 _VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

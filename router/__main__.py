@@ -1,3 +1,3 @@
-from router.cli import main
+from router.admin.cli import main
 
 main()

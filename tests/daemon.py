@@ -13,7 +13,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from router.status_socket import query
+from router.daemon.status_socket import query
 
 ROOT = Path(__file__).resolve().parent.parent
 DAEMON_USER = "qrouter"  # what the daemon becomes, started as root (the `user` key's default)
@@ -59,7 +59,7 @@ TRACE = re.compile(rb"Received: [^\r\n]*(?:\r?\n[ \t][^\r\n]*)*\r?\n")
 
 
 def after_trace(message: bytes) -> tuple[str, bytes]:
-    """The Received: field a hand-off puts first (router/trace.py), unfolded, and the message
+    """The Received: field a hand-off puts first (router/spool/trace.py), unfolded, and the message
     after it, as it was handed in."""
     field = TRACE.match(message)
     assert field, f"the message does not begin with a Received: field: {message[:200]!r}"

@@ -1,11 +1,11 @@
-"""RFC 5321 paths (router/address.py): which envelope addresses qrouter accepts, and why not."""
+"""RFC 5321 paths (router/spool/address.py): which envelope addresses qrouter accepts, and why not."""
 
 from __future__ import annotations
 
 import pytest
 
-from router.address import AddressError, parse_path, split_address
 from router.spool import Spool, SpoolError
+from router.spool.address import AddressError, parse_path, split_address
 from tests.daemon import qrouter
 
 LABEL_63 = "a" * 63

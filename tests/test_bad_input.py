@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from router.queue_file import QueueFile, Recipient
-from router.queue_id import arrival_of, new_queue_id
 from router.spool import HOLD, Spool, SpoolError
+from router.spool.queue_file import QueueFile, Recipient
+from router.spool.queue_id import arrival_of, new_queue_id
 from tests.daemon import ROOT, Daemon, message_in, qrouter, wait_for
 
 MESSAGE = b"Subject: hello\n\nbody\n"

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from router.daemon.status_socket import query
 from router.spool import Spool
-from router.status_socket import query
 from tests.daemon import qrouter, wait_for
 from tests.dovecot_server import DovecotLMTP
 from tests.smtp_servers import CountingSink, free_port

@@ -10,10 +10,11 @@ from dataclasses import replace
 import pytest
 
 from policy.tls_policy import TLS_NONE
+from router.config.timeouts import Timeouts
 from router.spool import Spool
 from tests.daemon import wait_for
 from tests.smtp_servers import CountingSink, Peer, ScriptedServer
-from workers.smtp_client import SMTPClient, Timeouts, wire_data
+from workers.smtp_client import SMTPClient, wire_data
 from workers.transport import BOUNCED, DEFERRED, SENT
 
 HELO = "client.example.net"

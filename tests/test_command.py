@@ -340,7 +340,7 @@ def test_longest_run_tells_how_long_the_oldest_run_has_been_going(unix_users, wo
 CALLER = """
 import json, sys, time
 from dataclasses import astuple
-from router import privileges
+from router.config import privileges
 from workers.command import Account, Command, run
 privileges.keep_only_switching()  # what the supervisor and a local worker do at start
 privileges.for_local_worker()

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import psutil
 
-from router.queue_file import QueueFile, Recipient, parse
-from router.queue_id import arrival_of
 from router.spool import Spool
+from router.spool.queue_file import QueueFile, Recipient, parse
+from router.spool.queue_id import arrival_of
 from tests.daemon import Daemon, message_in, qrouter, wait_for
 
 RUN = 2000
@@ -195,7 +195,7 @@ def limit_file_size() -> None:
 # writes past the size limit dies the way a crashing worker does.
 DEFAULT_SIGXFSZ = [sys.executable, "-c",
                    "import signal; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); "
-                   "from router.cli import main; main()"]
+                   "from router.admin.cli import main; main()"]
 
 
 def test_message_that_kills_workers_goes_to_hold_and_others_flow(daemons):

@@ -5,7 +5,7 @@ waiting for a kind of worker rather than for a destination."""
 
 from __future__ import annotations
 
-from router.dispatcher import Dispatcher, Limits, Routed
+from router.daemon.dispatcher import Dispatcher, Limits, Routed
 
 NETWORK, LOCAL = "network", "local"
 

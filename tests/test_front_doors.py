@@ -1,4 +1,4 @@
-"""What every front door lets into the queue and the logs: one address check (router/address.py)
+"""What every front door lets into the queue and the logs: one address check (router/spool/address.py)
 whichever door the mail comes in by, no CR, LF or NUL from a caller in a queue file, and one log
 line per log call whatever characters the addresses and replies hold.
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from router import log as log_module
-from router.queue_file import parse
+from router.logs import target as log_module
 from router.spool import Spool
+from router.spool.queue_file import parse
 from tests.daemon import qrouter, wait_for
 from tests.test_sendmail import ENTRIES, ME, queued, sendmail
 
@@ -151,7 +151,7 @@ SEPARATORS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\x85", "\x0b":
 
 @pytest.fixture
 def log_file(tmp_path):
-    """router.log.setup to a file; the `qrouter` logger is put back as it was afterwards."""
+    """router.logs.target.setup to a file; the `qrouter` logger is put back as it was afterwards."""
     logger = logging.getLogger("qrouter")
     saved = (list(logger.handlers), logger.level, logger.propagate)
     path = tmp_path / "qrouter.log"

@@ -9,8 +9,8 @@ import signal
 from policy.next_hop import NextHop, parse_next_hop
 from policy.routing import Policy, Route
 from router.config import load
-from router.queue_file import DELIVERED, PENDING, parse
 from router.spool import ACTIVE, INCOMING, Spool
+from router.spool.queue_file import DELIVERED, PENDING, parse
 from workers.delivery import Delivery
 from workers.worker import build_transports
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from router.log_lines import Delays
+from router.logs.lines import Delays
 
 
 @pytest.mark.parametrize(("parts", "text"), [

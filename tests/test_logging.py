@@ -11,7 +11,7 @@ import stat
 
 import psutil
 
-from router import log as log_module
+from router.logs import target as log_module
 from router.spool import Spool
 from tests.daemon import qrouter, wait_for
 

@@ -1,8 +1,8 @@
 """Mail loops between two real daemons end at hopcount-limit with one report per message.
 
 Two spools that route a domain to each other, by queue/router or over SMTP through the aiosmtpd
-front door (router/aiosmtpd.py), would pass a message back and forth for ever if a hand-off left
-no trace. Each hand-off adds a Received: field (router/trace.py), and a message with more than
+front door (router/front/aiosmtpd.py), would pass a message back and forth for ever if a hand-off left
+no trace. Each hand-off adds a Received: field (router/spool/trace.py), and a message with more than
 hopcount-limit of them fails with 5.4.6 and a report to its sender, as in Postfix and Exim. The
 hand-offs are followed in the daemons' logs, message by message, from queue id to queue id."""
 

@@ -22,9 +22,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from router import metrics as metrics_module
 from router.config import parse_listen
-from router.metrics import DELAY_BUCKETS, MAX_CONNECTIONS, OTHER, TOP_DESTINATIONS, Metrics
+from router.daemon import metrics as metrics_module
+from router.daemon.metrics import DELAY_BUCKETS, MAX_CONNECTIONS, OTHER, TOP_DESTINATIONS, Metrics
 from router.spool import DEFERRED, INCOMING, QUEUES, Spool
 from tests.daemon import Daemon, wait_for
 from tests.smtp_servers import free_port

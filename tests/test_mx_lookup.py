@@ -10,15 +10,14 @@ from collections import Counter
 
 import pytest
 
+from router.config.dns_servers import ResolverConfigError, parse_dns_servers
 from tests.dns_server import DNSServer, Query
 from workers.mx_lookup import (
     MXHost,
     MXLookupError,
-    ResolverConfigError,
     lookup_mx,
     make_resolver,
     next_hops,
-    parse_dns_servers,
     resolve_host,
 )
 

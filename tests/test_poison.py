@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from router.queue_file import POISON_CRASHES, parse
 from router.spool import Spool
+from router.spool.queue_file import POISON_CRASHES, parse
 from tests.daemon import Daemon, message_in, wait_for
 
 MARK = b"crash the worker"
@@ -44,7 +44,7 @@ def deliver_or_crash(self, message, recipients, hop):
     return deliver(self, message, recipients, hop)
 
 MaildirTransport.deliver = deliver_or_crash
-from router.cli import main
+from router.admin.cli import main
 main()
 """]
 

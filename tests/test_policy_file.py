@@ -17,8 +17,8 @@ from policy.destinations import load_destinations
 from policy.rewriting import RewritingError, load_rewriting
 from policy.transport_map import PolicyError, load_definitions, load_transport_map
 from router.config import ConfigError, read_file
+from router.config.relay_auth import RelayAuthError, load_relay_auth
 from tests.daemon import ROOT
-from workers.relay_auth import RelayAuthError, load_relay_auth
 
 
 def transports(path: str) -> list[tuple[str, str]]:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from router.address import AddressError, parse_path
-from router.queue_file import parse
 from router.spool import Spool
+from router.spool.address import AddressError, parse_path
+from router.spool.queue_file import parse
 from tests.daemon import Daemon, wait_for
 from tests.qpsmtpd_server import (
     ME,

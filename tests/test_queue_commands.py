@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.queue_file import QueueFile, Recipient, parse
-from router.queue_id import arrival_of, new_queue_id
 from router.spool import Spool
+from router.spool.queue_file import QueueFile, Recipient, parse
+from router.spool.queue_id import arrival_of, new_queue_id
 from tests.daemon import DAEMON_USER, ROOT, message_in, qrouter, wait_for
 from tests.unix_users import ALICE, BOB, EXTRA_GROUP, script
 

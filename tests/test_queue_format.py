@@ -14,8 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router import queue_file as qf
-from router.queue_file import (
+from router.spool import Spool
+from router.spool import queue_file as qf
+from router.spool.queue_file import (
     DELIVERED,
     FAILED,
     PENDING,
@@ -25,8 +26,7 @@ from router.queue_file import (
     journal_record,
     parse,
 )
-from router.queue_id import arrival_of, is_queue_id, new_queue_id
-from router.spool import Spool
+from router.spool.queue_id import arrival_of, is_queue_id, new_queue_id
 from tests.daemon import ROOT, message_in, wait_for
 
 DOC = ROOT / "docs" / "queue-format.md"

@@ -1,4 +1,4 @@
-"""router.aiosmtpd.QueueHandler: a real aiosmtpd Controller on loopback queueing into the spool,
+"""router.front.aiosmtpd.QueueHandler: a real aiosmtpd Controller on loopback queueing into the spool,
 smtplib as the client, the real daemon delivering into Maildirs (or to a real aiosmtpd next hop
 when the envelope is what is being looked at)."""
 
@@ -17,7 +17,7 @@ from importlib.metadata import requires
 import pytest
 from aiosmtpd.controller import Controller
 
-from router.aiosmtpd import QueueHandler
+from router.front.aiosmtpd import QueueHandler
 from router.spool import Spool
 from tests.daemon import ROOT, after_trace, message_in, read_only, wait_for
 from tests.smtp_servers import AioServer, free_port
@@ -169,11 +169,11 @@ def test_a_missing_spool_answers_451(tmp_path):
 
 
 def test_without_aiosmtpd_the_import_says_what_to_install():
-    code = "import sys; sys.modules['aiosmtpd'] = None; import router.aiosmtpd"
+    code = "import sys; sys.modules['aiosmtpd'] = None; import router.front.aiosmtpd"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT, timeout=30)
     assert result.returncode == 1
     last = result.stderr.decode().strip().splitlines()[-1]
-    assert last.startswith("ImportError: router.aiosmtpd needs the aiosmtpd package")
+    assert last.startswith("ImportError: router.front.aiosmtpd needs the aiosmtpd package")
     assert "pip install aiosmtpd" in last
     # ...and installing qrouter does not pull it in: it is only among the test extras.
     runtime = [r for r in requires("qpsmtpd-router") or [] if "extra ==" not in r]

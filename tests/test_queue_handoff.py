@@ -15,9 +15,9 @@ import pytest
 
 from policy.next_hop import parse_next_hop
 from router.config import Config
-from router.queue_file import QueueFile, Recipient, parse
-from router.queue_id import new_queue_id
 from router.spool import Spool
+from router.spool.queue_file import QueueFile, Recipient, parse
+from router.spool.queue_id import new_queue_id
 from tests.daemon import Daemon, after_trace, qrouter, read_only, wait_for
 from tests.smtp_servers import AioServer, Recorder
 from workers.qpsmtpd_queue import MAX_HELPERS, PLUGINS, QpsmtpdTransport

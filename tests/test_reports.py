@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from flufl.bounce import all_failures
 
-from router.queue_file import FAILED, parse
 from router.spool import Spool
+from router.spool.queue_file import FAILED, parse
 from tests.daemon import message_in, wait_for
 from tests.smtp_servers import AioServer, Recorder
 from tests.unix_users import script
@@ -272,7 +272,7 @@ def test_a_report_sent_by_smtp_parses_as_the_one_in_a_maildir(daemons, tmp_path)
 
 
 def test_unicode_addresses_get_the_global_forms():
-    from router.queue_file import Recipient
+    from router.spool.queue_file import Recipient
 
     data = build(queue_id="6618577E5E7CC-7E37-1", arrival=time.time(), sender="jörg@bücher.example", envid="",
                  ret="", message=ORIGINAL, notices=[Notice(Recipient("zoë@bücher.example", dsn="5.1.1",

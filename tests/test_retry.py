@@ -9,8 +9,8 @@ import signal
 import time
 
 from router.config import load
-from router.queue_file import DELIVERED, FAILED, PENDING, parse
 from router.spool import Spool
+from router.spool.queue_file import DELIVERED, FAILED, PENDING, parse
 from tests.daemon import DAEMON_USER, message_in, wait_for
 
 

@@ -6,8 +6,8 @@ import os
 import signal
 import time
 
-from router.queue_file import parse
 from router.spool import Spool
+from router.spool.queue_file import parse
 from tests.daemon import message_in, qrouter, wait_for
 
 RULES = "from *.servers.company.foo company.foo\nto /.*\\.foo\\.bar/ foo.bar\n"

@@ -8,7 +8,7 @@ import json
 import pytest
 import typer
 
-from router.cli import app
+from router.admin.cli import app
 from tests.daemon import qrouter
 from tests.dns_server import DNSServer
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import psutil
 
-from router.queue_file import QueueFile, Recipient
-from router.queue_id import arrival_of, new_queue_id
 from router.spool import Spool
+from router.spool.queue_file import QueueFile, Recipient
+from router.spool.queue_id import arrival_of, new_queue_id
 from tests.daemon import qrouter, wait_for
 from tests.smtp_servers import CountingSink
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from router.queue_file import parse
-from router.sendmail import UsageError, address_list
+from router.front.sendmail import UsageError, address_list
 from router.spool import Spool
+from router.spool.queue_file import parse
 from tests.daemon import ROOT, message_in, read_only, wait_for
 from tests.smtp_servers import AioServer
 

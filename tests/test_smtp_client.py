@@ -18,12 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policy.tls_policy import TLS_ENCRYPT, TLS_MAY, TLS_NONE
-from router.queue_file import Recipient
+from router.config.timeouts import Timeouts
+from router.spool.queue_file import Recipient
 from tests.smtp_servers import SERVER_NAME, AioServer, Peer, Recorder, ScriptedServer, free_port
 from workers.smtp_client import (
     SMTPClient,
     SMTPError,
-    Timeouts,
     TLSFallback,
     wire_data,
     wrap_long_lines,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from router.queue_file import DELIVERED, FAILED, PENDING, parse
 from router.spool import Spool
+from router.spool.queue_file import DELIVERED, FAILED, PENDING, parse
 from tests.daemon import wait_for
 from tests.dns_server import DNSServer
 from tests.smtp_servers import AioServer, Recorder, free_port

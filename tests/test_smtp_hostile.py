@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from router.queue_file import DELIVERED, FAILED, PENDING, QueueFile, parse
 from router.spool import Spool
+from router.spool.queue_file import DELIVERED, FAILED, PENDING, QueueFile, parse
 from tests.daemon import qrouter, reachable, wait_for
 from tests.dns_server import DNSServer
 from tests.smtp_servers import AioServer, Peer, Recorder, ScriptedServer

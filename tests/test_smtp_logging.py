@@ -4,8 +4,8 @@ it was written. Real aiosmtpd servers, loopback only."""
 
 from __future__ import annotations
 
-from router.queue_file import parse
 from router.spool import Spool
+from router.spool.queue_file import parse
 from tests.daemon import wait_for
 from tests.smtp_servers import AioServer, Recorder, free_port
 

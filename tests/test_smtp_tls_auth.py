@@ -14,8 +14,8 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
-from router.queue_file import PENDING, parse
 from router.spool import Spool
+from router.spool.queue_file import PENDING, parse
 from tests.daemon import DAEMON_USER, qrouter, reachable, wait_for
 from tests.dns_server import DNSServer
 from tests.smtp_servers import SERVER_NAME, AioServer, Peer, Recorder, ScriptedServer

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from router.queue_file import QueueFile, Recipient, parse
-from router.queue_id import arrival_of, new_queue_id
 from router.spool import Spool
+from router.spool.queue_file import QueueFile, Recipient, parse
+from router.spool.queue_id import arrival_of, new_queue_id
 from tests.daemon import DAEMON_USER, Daemon, message_in, qrouter, wait_for
 from tests.smtp_servers import AioServer, Peer, Recorder, ScriptedServer
 from tests.test_bad_input import fill

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from router import status_socket
+from router.daemon import status_socket
 from router.spool import Spool
 from tests.daemon import Daemon, qrouter, wait_for
 

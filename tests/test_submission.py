@@ -1,7 +1,7 @@
 """Local submissions (`qrouter enqueue`, `qrouter-sendmail`) as Postfix's pickup and cleanup
 treat them: a Received: field first, the missing From:, Date: and Message-ID: added by sendmail,
 and a spool made when the daemon never ran. The real commands as subprocesses; the queued file
-read with router.queue_file.parse and its message with Python's email package."""
+read with router.spool.queue_file.parse and its message with Python's email package."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from router.queue_file import QueueFile, parse
-from router.queue_id import arrival_of
+from router.spool.queue_file import QueueFile, parse
+from router.spool.queue_id import arrival_of
 from tests.daemon import qrouter
 from tests.test_sendmail import ENTRIES, sendmail
 

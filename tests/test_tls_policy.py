@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from policy.destinations import load_destinations
 from policy.transport_map import PolicyError
-from router.queue_file import PENDING
-from router.status_socket import query
+from router.daemon.status_socket import query
+from router.spool.queue_file import PENDING
 from tests.daemon import qrouter, reachable, wait_for
 from tests.dns_server import DNSServer
 from tests.smtp_servers import AioServer, free_port

@@ -22,8 +22,8 @@ import pytest
 from policy import transport_registry
 from policy.next_hop import DISCARD, ERROR, MAILDIR, RETRY, NextHop, parse_next_hop
 from router.config import Config
-from router.queue_file import Recipient
 from router.spool import Spool
+from router.spool.queue_file import Recipient
 from tests.daemon import DAEMON_USER, qrouter, wait_for
 from workers.maildir import MaildirTransport
 from workers.transport import Unavailable

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from router.status_socket import query
+from router.daemon.status_socket import query
 from tests.daemon import qrouter, wait_for
 from tests.dns_server import DNSServer
 from tests.smtp_servers import free_port

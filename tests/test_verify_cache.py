@@ -1,4 +1,4 @@
-"""The callout results kept in the spool (router/verify_cache.py), on real files: the file stays
+"""The callout results kept in the spool (router/daemon/verify_cache.py), on real files: the file stays
 bounded however often a result changes, expired results are gone after a restart, a damaged line
 costs only itself, and a spool the cache cannot write leaves it working from memory."""
 
@@ -8,7 +8,7 @@ import json
 import logging
 
 from router.config import Config
-from router.verify_cache import DAY, SLACK_LINES, Lifetimes, VerifyCache
+from router.daemon.verify_cache import DAY, SLACK_LINES, Lifetimes, VerifyCache
 
 LIFETIMES = Lifetimes(Config())  # Postfix's: 31 days positive, 3 days negative, 300 s temporary
 

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field, fields
 from policy.next_hop import MX, SMTP, NextHop
 from policy.routing import Policy
 from router.config import Config
-from router.durable import error_name
-from router.log_lines import CLEANUP, QMGR, Delays, delivery, logger, service_of, taken_in
-from router.queue_file import (
+from router.logs.lines import CLEANUP, QMGR, Delays, delivery, logger, service_of, taken_in
+from router.spool import ACTIVE, ARCHIVE, CORRUPT, DEFERRED, INCOMING, NotAQueueFile, Spool, read_queue_file
+from router.spool.durable import error_name
+from router.spool.queue_file import (
     DELIVERED,
     FAILED,
     MAX_OVERHEAD,
@@ -27,8 +28,7 @@ from router.queue_file import (
     Recipient,
     parse,
 )
-from router.queue_id import new_queue_id
-from router.spool import ACTIVE, ARCHIVE, CORRUPT, DEFERRED, INCOMING, NotAQueueFile, Spool, read_queue_file
+from router.spool.queue_id import new_queue_id
 from workers.delivery_fields import LOOP_DSN, hop_count
 from workers.notify import Notifier
 from workers.pools import LOCAL, NETWORK, pool_of
@@ -83,7 +83,7 @@ _REPORT_FIELDS = [f.name for f in fields(Report)]
 
 @dataclass
 class Plan:
-    """What the dispatcher asks of one attempt (router/dispatcher.py Task): the destinations to
+    """What the dispatcher asks of one attempt (router/daemon/dispatcher.py Task): the destinations to
     attempt now (None: all), those suspended (recorded as deferred without an attempt, with why
     and when to retry), those whose entries still wait for room (left untouched), and the retry
     already asked for by the entries that went earlier, in the same activation (`continued`: this

@@ -5,7 +5,7 @@
 pipe(8) write them. A message that arrives carrying a Delivered-To: for the very recipient it
 is being delivered to has been here before: delivering it again would go round for ever, so it
 fails with 5.4.6 instead (RFC 3463: routing loop detected). So does a message that has passed
-more hops than hopcount-limit: every MTA adds a Received: (qrouter at each hand-off, router/trace.py),
+more hops than hopcount-limit: every MTA adds a Received: (qrouter at each hand-off, router/spool/trace.py),
 every final delivery a Delivered-To:.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from router.headers import message_fields, prepend_fields
+from router.spool.headers import message_fields, prepend_fields
 
 LOOP_DSN = "5.4.6"
 

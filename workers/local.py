@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 from policy.command_line import PER_MESSAGE, expand, split_local
 from policy.next_hop import MDA, NextHop
-from router.address import split_address
-from router.queue_file import QueueFile, Recipient
+from router.spool.address import split_address
+from router.spool.queue_file import QueueFile, Recipient
 from workers.command import Account, Command, run
 from workers.delivery_fields import LOOP_DSN, loop_reply, looping, with_delivery_fields
 from workers.transport import BOUNCED, DEFERRED, NoOpClose, Outcome

@@ -17,9 +17,9 @@ import time
 from typing import TYPE_CHECKING
 
 from policy.next_hop import NextHop
-from router.address import split_address
-from router.durable import fsync_dir, write_synced
-from router.queue_file import QueueFile, Recipient
+from router.spool.address import split_address
+from router.spool.durable import fsync_dir, write_synced
+from router.spool.queue_file import QueueFile, Recipient
 from workers.delivery_fields import LOOP_DSN, loop_reply, looping, with_delivery_fields
 from workers.transport import BOUNCED, DEFERRED, SENT, NoOpClose, Outcome
 

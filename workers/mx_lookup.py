@@ -23,8 +23,9 @@ import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
-from router.address import AddressError, check_domain
-from workers.mx_hosts import MXHost, MXLookupError, ResolverConfigError, address_literal, parse_dns_servers
+from router.config.dns_servers import ResolverConfigError, parse_dns_servers
+from router.spool.address import AddressError, check_domain
+from workers.mx_hosts import MXHost, MXLookupError, address_literal
 
 DEFAULT_TIMEOUT = 10.0
 CACHE_NAMES = 4096  # answers a delivering worker keeps (each for its TTL): the domains and MX hosts mail goes to

@@ -18,10 +18,10 @@ from __future__ import annotations
 import time
 
 from router.config import Config
-from router.log_lines import BOUNCE, logger
-from router.queue_file import QueueFile, Recipient
-from router.queue_id import arrival_of, new_queue_id
+from router.logs.lines import BOUNCE, logger
 from router.spool import INCOMING, Spool
+from router.spool.queue_file import QueueFile, Recipient
+from router.spool.queue_id import arrival_of, new_queue_id
 from workers.report import DELAY, DELAYED, FAILED, FAILURE, Notice, build, wants
 
 log = logger(BOUNCE)

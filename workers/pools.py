@@ -2,7 +2,7 @@
 
 Local workers run programs as other users (pipes, local delivery agents) and keep the right to
 switch users for that; network workers deliver everything else (SMTP, LMTP, MX, Maildir, the
-queue transports) and have no privilege at all (router/privileges.py). A message whose pending
+queue transports) and have no privilege at all (router/config/privileges.py). A message whose pending
 recipients need both is split by the first worker that gets it (workers/delivery.py), so each
 part goes to the kind of worker that can deliver it.
 """

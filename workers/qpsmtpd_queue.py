@@ -9,7 +9,7 @@ qrouter's host name. The helper lives on between messages (a plugin is loaded on
 not once per message): each worker keeps up to MAX_HELPERS of them, started when needed, each
 serving one message at a time, and replaces one that dies.
 
-The plugin gets the message after a Received: field naming the hand-off (router/trace.py), as
+The plugin gets the message after a Received: field naming the hand-off (router/spool/trace.py), as
 qpsmtpd's own SMTP server puts one before the message it hands its queue plugin: it counts as a
 hop, so mail that comes back here ends at hopcount-limit instead of going round for ever.
 
@@ -43,17 +43,17 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from policy.next_hop import NextHop
-from router.durable import write_all
-from router.headers import prepend_fields
-from router.log_lines import logger
-from router.queue_file import QueueFile, Recipient
-from router.trace import received
+from router.logs.lines import logger
+from router.spool.durable import write_all
+from router.spool.headers import prepend_fields
+from router.spool.queue_file import QueueFile, Recipient
+from router.spool.trace import received
 from workers.transport import BOUNCED, DEFERRED, SENT, Outcome
 
 if TYPE_CHECKING:
     from router.config import Config
 
-log = logger("qpsmtpd")  # as its deliveries speak (router/log_lines.py service_of)
+log = logger("qpsmtpd")  # as its deliveries speak (router/logs/lines.py service_of)
 
 PLUGINS = "/usr/share/qpsmtpd/plugins"
 CONFIG_DIR = "/etc/qpsmtpd"  # qpsmtpd's own, as Debian installs it: qrouter runs beside that qpsmtpd

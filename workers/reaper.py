@@ -22,7 +22,7 @@ still there, and exits when they are all gone. It does the same if the worker di
 
 The reaper is a fork of the worker, not a new program: only a fork keeps the thread's right to
 start the program as another user and to signal it (CAP_SETUID, CAP_SETGID, CAP_KILL; see
-router/privileges.py), and a program run as another user can neither signal nor trace it. Forked
+router/config/privileges.py), and a program run as another user can neither signal nor trace it. Forked
 from one thread of a process with many, it runs only code that takes no lock another thread may
 have held at the fork (no logging, no imports), and it never returns into the worker's code.
 """

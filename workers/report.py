@@ -20,8 +20,8 @@ import textwrap
 import uuid
 from dataclasses import dataclass
 
-from router.headers import header_of, message_fields
-from router.queue_file import Recipient
+from router.spool.headers import header_of, message_fields
+from router.spool.queue_file import Recipient
 
 FAILED, DELAYED, DELIVERED, RELAYED = "failed", "delayed", "delivered", "relayed"
 FAILURE, DELAY, SUCCESS = "FAILURE", "DELAY", "SUCCESS"

@@ -8,7 +8,7 @@ here only once it is as safe there as any queued message: then the daemon servin
 or it waits there for one. Spool.enqueue is not used because it gives every recipient one NOTIFY
 and none an ORCPT.
 
-A Received: field naming the hand-off goes first (router/trace.py): it counts as a hop, so two
+A Received: field naming the hand-off goes first (router/spool/trace.py): it counts as a hop, so two
 spools routing a domain to each other end the loop at hopcount-limit with a report (5.4.6)
 rather than passing the mail back and forth for ever.
 """
@@ -22,12 +22,12 @@ import stat
 from typing import TYPE_CHECKING
 
 from policy.next_hop import NextHop
-from router.durable import error_name
-from router.headers import prepend_fields
-from router.queue_file import QueueFile, Recipient
-from router.queue_id import arrival_of, new_queue_id
 from router.spool import INCOMING, Spool
-from router.trace import received
+from router.spool.durable import error_name
+from router.spool.headers import prepend_fields
+from router.spool.queue_file import QueueFile, Recipient
+from router.spool.queue_id import arrival_of, new_queue_id
+from router.spool.trace import received
 from workers.transport import DEFERRED, SENT, NoOpClose, Outcome
 
 if TYPE_CHECKING:

@@ -23,9 +23,10 @@ from policy.destinations import DestinationRules, DestinationSettings
 from policy.next_hop import LMTP, MX, SMTP, NextHop, parse_hosts
 from policy.tls_policy import TLS_NONE, TLSPolicy, names_to_match
 from router.config import Config
-from router.log_lines import logger, service_of
-from router.queue_file import QueueFile, Recipient
-from workers.mx_hosts import MXHost, MXLookupError, ResolverConfigError, address_literal, site_destination
+from router.config.dns_servers import ResolverConfigError
+from router.logs.lines import logger, service_of
+from router.spool.queue_file import QueueFile, Recipient
+from workers.mx_hosts import MXHost, MXLookupError, address_literal, site_destination
 from workers.smtp_client import LMTP_PORT, SMTP_PORT, SMTPClient, SMTPError, TLSFailure, TLSFallback
 from workers.transport import BOUNCED, DEFERRED, Outcome
 
@@ -61,7 +62,7 @@ class SMTPTransport:
         self.destination_of: dict[Server, str] = {}  # what its connections count against: next hop or site
         self.counted_as: dict[str, str] = {}  # next hop (NextHop.destination) -> its destination or site
         self.reserved: Counter[str] = Counter()  # idle connections promised to tasks read and not begun
-        self.read = 0  # the number of the last task the worker read (router/dispatcher.py Task.number)
+        self.read = 0  # the number of the last task the worker read (router/daemon/dispatcher.py Task.number)
         self.promises = threading.local()  # .names: what the dispatcher promised this thread's delivery
         self._lock = threading.Lock()
         self.turn: dict[str, int] = {}

@@ -32,11 +32,12 @@ import socket
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import NoReturn, Protocol
 
 from policy.tls_policy import LEVELS, TLS_MAY, TLS_NONE, TLSPolicy
-from router.queue_file import clean
+from router.config.timeouts import Timeouts
+from router.spool.queue_file import clean
 from workers import tls
 from workers.transport import BOUNCED, DEFERRED, SENT
 
@@ -61,35 +62,6 @@ _HOST_NAME = re.compile(r"[\x21-\x7e]+")
 # with a fast scan, which keeps the check for the common case (none) cheaper than the CRLF pass.
 _LONG_LINE = re.compile(rb"\n[^\n]{%d}" % (MAX_TEXT_LINE + 1))
 _HEADER_LINE = re.compile(rb"[!-9;-~]+:|[ \t]")  # a field name and colon, or a folded continuation
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Seconds to wait for each step. The defaults are RFC 5321 4.5.3.2's; `block` bounds each
-    64 KiB write of the message, `dot` the reply to the final dot (where a slow server is
-    usually busy delivering, not dead)."""
-
-    connect: float = 30
-    greeting: float = 300
-    helo: float = 300
-    starttls: float = 300
-    auth: float = 300
-    mail: float = 300
-    rcpt: float = 300
-    data: float = 120
-    block: float = 180
-    dot: float = 600
-    rset: float = 20
-    quit: float = 20
-
-    def __str__(self) -> str:
-        """As the smtp-timeouts key writes them."""
-        return ",".join(f"{f.name}={getattr(self, f.name):g}" for f in fields(self))
-
-    @classmethod
-    def uniform(cls, seconds: float) -> Timeouts:
-        """Every step the same; for tests and for impatient callers."""
-        return cls(**{f.name: seconds for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -163,7 +135,7 @@ class _Lost(SMTPError):
 
 
 class RecipientLike(Protocol):
-    """What `send` needs of a recipient; router.queue_file.Recipient is one."""
+    """What `send` needs of a recipient; router.spool.queue_file.Recipient is one."""
 
     address: str
     notify: str

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from policy import transport_registry
 from policy.next_hop import BUILTIN_QUEUE, NextHop, queue_kind, queue_name
-from router.queue_file import QueueFile, Recipient
+from router.spool.queue_file import QueueFile, Recipient
 
 if TYPE_CHECKING:
     from router.config import Config

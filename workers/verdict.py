@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from policy.next_hop import DISCARD, ERROR, NextHop
-from router.queue_file import QueueFile, Recipient
+from router.spool.queue_file import QueueFile, Recipient
 from workers.transport import BOUNCED, DEFERRED, SENT, NoOpClose, Outcome
 
 if TYPE_CHECKING:

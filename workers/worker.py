@@ -41,8 +41,7 @@ from urllib.parse import unquote
 from policy.destinations import DestinationRules
 from policy.next_hop import LMTP, MDA, MX, PIPE, SMTP
 from policy.routing import Policy
-from router import privileges
-from router.config import Config
+from router.config import Config, privileges
 from router.spool import Spool
 from workers import command
 from workers.delivery import Delivery, Plan, Report

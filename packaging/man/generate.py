@@ -18,7 +18,7 @@ from docutils.writers import manpage
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from router import cli  # noqa: E402  (the checkout's, not an installed copy)
+from router.admin import cli  # noqa: E402  (the checkout's, not an installed copy)
 from router.config import KEYS, described  # noqa: E402
 
 COMMAND_PAGE = """\

@@ -32,10 +32,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from router.admin.queue_view import age
 from router.config import Config
-from router.queue_view import age
+from router.daemon.status_socket import StatusError, query
 from router.spool import Spool
-from router.status_socket import StatusError, query
 
 REFRESH_SECONDS = 1.0
 RATE_WINDOW = 60.0  # deliveries per second are averaged over the samples of the last minute

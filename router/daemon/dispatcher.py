@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
-from router.schedule import Schedule
+from router.daemon.schedule import Schedule
 
 PROBE_SECONDS = 60.0  # a dead destination is probed after min-backoff, or after this if sooner
 RECOVERY_SPREAD = 0.05  # seconds between retries of the mail deferred for a destination come back
@@ -288,7 +288,7 @@ class Dispatcher:
         return destination.limits.rate is None or now >= destination.next_start
 
     def probe_begins(self, name: str) -> bool:
-        """Whether a probe of recipient verification (router/verifier.py) may connect to `name`
+        """Whether a probe of recipient verification (router/daemon/verifier.py) may connect to `name`
         now; if so it takes a place in the destination's window, as a delivery does, until
         `probe_ends`: probes and deliveries together never exceed the destination's limits."""
         destination = self.get(name)

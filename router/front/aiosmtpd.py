@@ -3,13 +3,13 @@
 A Python SMTP server built on aiosmtpd becomes a qrouter front door with one line:
 
     from aiosmtpd.controller import Controller
-    from router.aiosmtpd import QueueHandler
+    from router.front.aiosmtpd import QueueHandler
 
     Controller(QueueHandler("/var/spool/qrouter"), hostname="127.0.0.1", port=25).start()
 
 At the end of DATA the envelope (the sender, `<>` for none, and the recipients in the order given)
 and the message exactly as received (`envelope.original_content`, after dot-unstuffing, CRLF line
-ends as on the wire) after a Received: field (router/trace.py: the client's HELO name and address,
+ends as on the wire) after a Received: field (router/spool/trace.py: the client's HELO name and address,
 the server's host name, ESMTP or SMTP, the queue id) are queued with `Spool.enqueue`: the file is
 fsynced before the client hears
 
@@ -18,7 +18,7 @@ fsynced before the client hears
 The fsyncs run in an executor thread, so other sessions go on meanwhile. When the spool cannot take
 the message (disk full, read-only, missing) the client hears `451 4.3.0 <reason>` and keeps it to
 try again later; nothing is left half-written in the queue. Addresses are checked with the rules
-every qrouter front door uses (router/address.py): a sender that is not valid is refused at MAIL
+every qrouter front door uses (router/spool/address.py): a sender that is not valid is refused at MAIL
 (`553 5.1.7`), a recipient at RCPT (`553 5.1.3`), so the others of the transaction still go
 through. The addresses and the message are all that reaches the queue file; the MAIL and RCPT
 parameters are not kept.
@@ -31,7 +31,7 @@ server sets it), the server's business: set it to at most `size_limit` so that a
 the limit at MAIL FROM, and a larger message is not received only to be refused.
 
 With `verify=True` every recipient is also checked at RCPT by the running qrouter daemon
-(recipient verification, router/verifier.py: the rewriting, aliases, transports and DNS delivery
+(recipient verification, router/daemon/verifier.py: the rewriting, aliases, transports and DNS delivery
 would use), so that what qrouter would bounce is refused there and no report goes to a forged
 sender: `550` with qrouter's status code and text (`550 5.1.1 no alias for local part ...`, a
 `queue/error` rule's text, `550 5.1.2`, `550 5.1.10`), `450` for a temporary verdict. Each refusal
@@ -59,18 +59,18 @@ try:
     from aiosmtpd.smtp import SMTP, Envelope, Session
 except ImportError as exc:
     raise ImportError(
-        "router.aiosmtpd needs the aiosmtpd package, which qrouter does not install itself: "
+        "router.front.aiosmtpd needs the aiosmtpd package, which qrouter does not install itself: "
         "pip install aiosmtpd (or apt install python3-aiosmtpd)", name=exc.name) from exc
 
 from policy.verify import DELIVERABLE
-from router.address import AddressError, parse_path
-from router.headers import prepend_fields
-from router.queue_file import clean
-from router.queue_id import new_queue_id
+from router.daemon.status_socket import StatusError
+from router.daemon.verifier import VerifyError, ask
 from router.spool import DEFAULT_SIZE_LIMIT, Spool, SpoolError
-from router.status_socket import StatusError
-from router.trace import peer_source, received
-from router.verifier import VerifyError, ask
+from router.spool.address import AddressError, parse_path
+from router.spool.headers import prepend_fields
+from router.spool.queue_file import clean
+from router.spool.queue_id import new_queue_id
+from router.spool.trace import peer_source, received
 
 log = logging.getLogger("qrouter")
 CANNOT_VERIFY = "451 4.3.0 Cannot verify the recipient now, try again later"

@@ -20,21 +20,22 @@ from policy.routing import Policy, load_policy
 from policy.transport_map import PolicyError
 from policy.verify import DELIVERABLE, REFUSED
 from router import config as config_module
-from router import daemon, privileges, reach
-from router import log as log_module
-from router.address import AddressError, parse_path
-from router.config import KEYS, Config, ConfigError
-from router.control import QueueCommands
-from router.headers import header_of, prepend_fields
-from router.lock import SpoolNotAllowed, unless_daemon
-from router.queue_file import MAX_OVERHEAD, QueueFile, Recipient, parse
-from router.queue_view import ALL, WAITING, Selection, age, as_lines, find, messages, parse_duration
-from router.queue_view import as_json as as_json_line
-from router.queue_view import shape as queue_shape
-from router.sendmail import queue_local, read_up_to, received
+from router.admin.queue_view import ALL, WAITING, Selection, age, as_lines, find, messages, parse_duration
+from router.admin.queue_view import as_json as as_json_line
+from router.admin.queue_view import shape as queue_shape
+from router.config import KEYS, Config, ConfigError, privileges
+from router.daemon import detach as daemon
+from router.daemon import reach
+from router.daemon.control import QueueCommands
+from router.daemon.status_socket import StatusError, query
+from router.daemon.supervisor import Supervisor
+from router.front.sendmail import queue_local, read_up_to, received
+from router.logs import target as log_module
 from router.spool import ACTIVE, DEFERRED, HOLD, INCOMING, NotAQueueFile, Spool, SpoolError, read_queue_file
-from router.status_socket import StatusError, query
-from router.supervisor import Supervisor
+from router.spool.address import AddressError, parse_path
+from router.spool.headers import header_of, prepend_fields
+from router.spool.lock import SpoolNotAllowed, unless_daemon
+from router.spool.queue_file import MAX_OVERHEAD, QueueFile, Recipient, parse
 from workers.command import Account, environment, workdir
 from workers.local import command_for
 from workers.mx_hosts import site_destination
@@ -267,7 +268,7 @@ def verify(
 
     Exits 0 when deliverable, 1 when it would bounce, 75 when it would be deferred now or the
     daemon cannot be asked."""
-    from router.verifier import VerifyError, ask
+    from router.daemon.verifier import VerifyError, ask
 
     loaded = _config(config, _flags(settings))
     try:
@@ -344,7 +345,8 @@ def _resolve(loaded: Config, hop: Any) -> dict[str, Any]:
     (workers.mx_lookup): `resolved`, the hosts in the order tried, and, when there is none to try,
     `error` {dsn, message}. Relay hosts that fail while others answer are listed in `unresolved`."""
     from policy.next_hop import LMTP, SMTP, parse_hosts
-    from workers.mx_hosts import MXLookupError, ResolverConfigError
+    from router.config.dns_servers import ResolverConfigError
+    from workers.mx_hosts import MXLookupError
 
     if hop.kind not in (MX, SMTP, LMTP) or hop.argument.startswith("/"):
         return {"resolved": [], "note": f"no DNS: {hop.kind} delivery connects to no host"}
@@ -460,7 +462,7 @@ def sendmail(ctx: typer.Context) -> None:
 
     The same as the qrouter-sendmail command (`qrouter sendmail --help` lists the options).
     Prints nothing; exits 75 when the spool cannot take it, 64 for bad arguments or addresses."""
-    from router.sendmail import submit  # the sendmail command line lives there, for qrouter-sendmail too
+    from router.front.sendmail import submit  # the sendmail command line lives there, for qrouter-sendmail too
 
     raise typer.Exit(submit(ctx.meta["args"], prog="qrouter sendmail"))
 
@@ -501,7 +503,7 @@ app.command("status")(_with_config_flags(status, SPOOL_KEYS))
 def top(config: ConfigOption = None, **settings: Any) -> None:
     """A live view of the daemon, refreshed every second: queues, workers, destinations, rates.
     q or Ctrl-C quits. Not on a terminal, it prints one view and exits."""
-    from router import top as top_view  # rich only for this command
+    from router.admin import top as top_view  # rich only for this command
 
     raise typer.Exit(top_view.run(_view_config(config, _flags(settings))))
 

@@ -8,7 +8,7 @@ whatever the workers are doing.
 Work comes from two places. incoming/ is watched for new files, which go out at once. deferred/
 is read once at start (file mtimes, the next attempt times) into the dispatcher's schedule, which
 worker reports and inotify keep up to date, so a large deferred queue costs no directory scans.
-Which message goes to which worker, and when, is the dispatcher's decision (router/dispatcher.py):
+Which message goes to which worker, and when, is the dispatcher's decision (router/daemon/dispatcher.py):
 the supervisor hands it the workers' free sessions, writes the tasks it returns and tells it what
 the workers report.
 """
@@ -34,25 +34,25 @@ from inotify_simple import flags as inotify_flags
 from policy.next_hop import NextHop
 from policy.routing import load_policy
 from policy.transport_map import PolicyError
-from router import log as log_module
-from router import privileges, reach, status_socket
-from router.config import Config, ConfigError, load
-from router.control import COMMANDS, Daemon, QueueCommands
-from router.dispatcher import PROBE_SECONDS, Dispatcher, Limits, Routed, Suspension, Task
-from router.durable import error_name
-from router.envelope import pending_recipients
-from router.lock import SpoolLock
-from router.log_lines import QMGR, Delays, delivery, logger
-from router.queue_file import POISON_CRASHES
-from router.queue_id import arrival_of, is_queue_id
+from router.config import Config, ConfigError, load, privileges
+from router.daemon import reach, status_socket
+from router.daemon.control import COMMANDS, Daemon, QueueCommands
+from router.daemon.dispatcher import PROBE_SECONDS, Dispatcher, Limits, Routed, Suspension, Task
+from router.daemon.verifier import Verifier
+from router.logs import target as log_module
+from router.logs.lines import QMGR, Delays, delivery, logger
 from router.spool import ACTIVE, ARCHIVE, DEFERRED, HOLD, INCOMING, Spool
-from router.verifier import Verifier
+from router.spool.durable import error_name
+from router.spool.envelope import pending_recipients
+from router.spool.lock import SpoolLock
+from router.spool.queue_file import POISON_CRASHES
+from router.spool.queue_id import arrival_of, is_queue_id
 from workers.delivery import CORRUPTED, KEPT, QUEUED_AGAIN, SKIPPED, Report
 from workers.pools import LOCAL, NETWORK, pool_for, pool_of
 from workers.worker import Worker
 
 if TYPE_CHECKING:
-    from router.metrics import Metrics
+    from router.daemon.metrics import Metrics
 
 log = logger(QMGR)
 
@@ -201,7 +201,7 @@ class Supervisor:
         self._scan()
         self.status_server = status_socket.StatusServer(self.config.socket_path, self._answer, self.selector)
         if self.config.metrics_listen:  # the library only when asked for: it starts a thread
-            from router.metrics import Metrics
+            from router.daemon.metrics import Metrics
 
             self.metrics = Metrics(self.config.metrics_listen, self.config.queue_dir)
             self.metrics.start()
@@ -214,7 +214,7 @@ class Supervisor:
 
     def _take_identity(self) -> None:
         """Started as root: make the spool the unprivileged user's and become that user, keeping
-        only the right to switch users, for local delivery (router/privileges.py). Started as a
+        only the right to switch users, for local delivery (router/config/privileges.py). Started as a
         user, keep no more of that right than was given."""
         if os.geteuid() != 0:
             privileges.keep_only_switching()
@@ -967,8 +967,8 @@ class Supervisor:
                 log.info("%s: %s after its attempt", queue_id_done, what)
 
     def _answer(self, request: dict[str, Any], uid: int) -> dict[str, Any] | status_socket.Later:
-        """A status socket request: `status` and `verify` (router/verifier.py) for anyone who may
-        connect; the queue commands (router/control.py) only for root and the daemon's own user."""
+        """A status socket request: `status` and `verify` (router/daemon/verifier.py) for anyone who may
+        connect; the queue commands (router/daemon/control.py) only for root and the daemon's own user."""
         command = request.get("command", "status")
         if command == "status":
             answer = self.status()
@@ -1032,7 +1032,7 @@ class Supervisor:
 
 
 class _Hooks(Daemon):
-    """What the queue commands tell the supervisor (router/control.py)."""
+    """What the queue commands tell the supervisor (router/daemon/control.py)."""
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor

@@ -20,11 +20,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from policy.routing import Policy
-from router.address import split_address
-from router.envelope import read_header
-from router.queue_file import CorruptQueueFile, QueueFile, parse
-from router.queue_id import is_queue_id
 from router.spool import ACTIVE, ARCHIVE, CORRUPT, DEFERRED, HOLD, INCOMING, Spool
+from router.spool.address import split_address
+from router.spool.envelope import read_header
+from router.spool.queue_file import CorruptQueueFile, QueueFile, parse
+from router.spool.queue_id import is_queue_id
 
 WAITING = (INCOMING, ACTIVE, DEFERRED, HOLD)  # what `list` shows unless asked for another queue
 ALL = (*WAITING, ARCHIVE, CORRUPT)

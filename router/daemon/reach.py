@@ -20,8 +20,7 @@ from typing import NoReturn
 
 from policy.next_hop import MAILDIR, NextHop
 from policy.routing import Policy
-from router import privileges
-from router.config import Config
+from router.config import Config, privileges
 
 
 def files_read(config: Config, config_path: str | None) -> list[tuple[str, str]]:

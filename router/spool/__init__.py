@@ -22,9 +22,9 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from router.address import AddressError, parse_path
-from router.durable import make_shared_dir, unlink_quietly, write_all, write_synced
-from router.queue_file import (
+from router.spool.address import AddressError, parse_path
+from router.spool.durable import make_shared_dir, unlink_quietly, write_all, write_synced
+from router.spool.queue_file import (
     CRASH_RECORD,
     HELD_RECORD,
     MAX_HEADER,
@@ -34,7 +34,7 @@ from router.queue_file import (
     journal_record,
     journal_start,
 )
-from router.queue_id import arrival_of, is_queue_id, new_queue_id
+from router.spool.queue_id import arrival_of, is_queue_id, new_queue_id
 
 TMP, INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT, ARCHIVE = (
     "tmp", "incoming", "active", "deferred", "hold", "corrupt", "archive")

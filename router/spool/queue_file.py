@@ -20,8 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from router.address import AddressError, parse_path
-from router.queue_id import is_queue_id
+from router.spool.address import AddressError, parse_path
+from router.spool.queue_id import is_queue_id
 
 MAGIC = "qrouter-queue-file"
 VERSION = 1  # what a file is written as when it needs nothing newer, so older readers still read it

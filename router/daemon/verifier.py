@@ -13,7 +13,7 @@ the client holds a `Later` answer of the status socket until the worker's reply 
   Clients asking about the same domain meanwhile share one question.
 - A destination with `callout=yes` (the destinations file) is asked itself: a probe connects as
   delivery does and says MAIL FROM, RCPT TO, RSET, QUIT, never DATA. Its results are kept in
-  the spool (router/verify_cache.py) and given from there, and probed again in the background
+  the spool (router/daemon/verify_cache.py) and given from there, and probed again in the background
   once due. One probe per address is in flight however many ask; one probe at a time per
   destination, at most its `callout-rate`, and only when its window in the dispatcher has a
   place (a probe takes one, as a delivery does): the rest wait their turn.
@@ -35,14 +35,14 @@ from typing import TYPE_CHECKING, Any
 from policy.rewriting import TO
 from policy.routing import Policy
 from policy.verify import RESULTS, TEMPORARY, Verdict, from_dns, from_status, judge, needs_callout
-from router.address import AddressError, parse_path
 from router.config import Config
-from router.dispatcher import Dispatcher
-from router.status_socket import CONNECTION_SECONDS, Later, StatusError, StatusServer, query
-from router.verify_cache import Lifetimes, VerifyCache
+from router.daemon.dispatcher import Dispatcher
+from router.daemon.status_socket import CONNECTION_SECONDS, Later, StatusError, StatusServer, query
+from router.daemon.verify_cache import Lifetimes, VerifyCache
+from router.spool.address import AddressError, parse_path
 
 if TYPE_CHECKING:
-    from router.metrics import Metrics
+    from router.daemon.metrics import Metrics
 
 ASK_SECONDS = 10.0  # a front door's wait for a verdict; the daemon answers within its socket's deadline
 MAX_ADDRESS = 1000  # characters of a request's address looked at: a valid one has at most 256 octets

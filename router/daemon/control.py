@@ -21,9 +21,9 @@ from __future__ import annotations
 import os
 import time
 
-from router.queue_file import MAX_OVERHEAD, parse
-from router.queue_id import is_queue_id
 from router.spool import ACTIVE, ARCHIVE, CORRUPT, DEFERRED, HOLD, INCOMING, NotAQueueFile, Spool, read_queue_file
+from router.spool.queue_file import MAX_OVERHEAD, parse
+from router.spool.queue_id import is_queue_id
 
 COMMANDS = ("flush", "hold", "release", "delete", "requeue")
 SEARCHED = (INCOMING, ACTIVE, DEFERRED, HOLD, ARCHIVE, CORRUPT)

@@ -3,7 +3,7 @@ with `warning:` and `error:` prefixes as Postfix writes them; to stderr, syslog 
 a file.
 
 SERVICE names what speaks, as Postfix's program names do (pflogsumm and logwatch sort lines by
-it): the logger `qrouter.NAME` speaks as NAME (router/log_lines.py has them), `qrouter` itself as
+it): the logger `qrouter.NAME` speaks as NAME (router/logs/lines.py has them), `qrouter` itself as
 `master`. The file and stderr logs begin as syslog writes a line: the time stamp (`Dec  6
 18:53:17`, the day padded with a space; or RFC 3339 with `log-time rfc3339`) and the short host
 name; with syslog, the syslog daemon puts those in front.
@@ -30,7 +30,7 @@ import stat
 import sys
 import time
 
-from router.durable import make_shared_dir
+from router.spool.durable import make_shared_dir
 
 _PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
 _pid = os.getpid()

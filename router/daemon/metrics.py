@@ -10,7 +10,7 @@ threads themselves from the spool's directories at scrape time: a large queue co
 Labels stay bounded whatever the mail: no addresses or queue ids, no worker pids (they change at
 every replacement), and only the busiest destinations by name, the rest summed as `other`.
 
-Connections are bounded as the status socket's are (router/status_socket.py): anyone who can
+Connections are bounded as the status socket's are (router/daemon/status_socket.py): anyone who can
 reach the port can connect, and prometheus-client's own server keeps a thread for every open
 connection for as long as the client likes (2,000 idle clients made 2,000 threads). Here at most
 MAX_CONNECTIONS are open, a new one drops the oldest (so a scrape gets through however many

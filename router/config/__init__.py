@@ -21,12 +21,12 @@ from typing import Any
 from policy.next_hop import SMTP, NextHop, NextHopError, parse_next_hop
 from policy.policy_file import Problems, parse_boolean, read_lines
 from policy.tls_policy import GLOBAL_LEVELS, TLS_MAY, parse_level
-from router.address import AddressError, parse_path
-from router.log import SYSLOG_TIME, TIME_FORMATS
+from router.config.dns_servers import parse_dns_servers
+from router.config.relay_auth import Credentials, RelayAuthError, load_relay_auth
+from router.config.timeouts import Timeouts
+from router.logs.target import SYSLOG_TIME, TIME_FORMATS
 from router.spool import DEFAULT_SIZE_LIMIT
-from workers.mx_hosts import parse_dns_servers
-from workers.relay_auth import Credentials, RelayAuthError, load_relay_auth
-from workers.smtp_client import Timeouts
+from router.spool.address import AddressError, parse_path
 
 QPSMTPD_ME = "/etc/qpsmtpd/me"
 
@@ -74,7 +74,7 @@ def _sender(text: str, base_dir: str) -> str:
 
 def _user(text: str, base_dir: str) -> str:
     """A unix user that exists (the daemon's own may be missing until it runs as root: see
-    router/privileges.py, which says what to do then)."""
+    router/config/privileges.py, which says what to do then)."""
     pwd.getpwnam(text)
     return text
 

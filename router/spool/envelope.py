@@ -13,7 +13,7 @@ import os
 import stat
 from typing import NamedTuple
 
-from router.queue_file import MAX_HEADER, PENDING
+from router.spool.queue_file import MAX_HEADER, PENDING
 
 FIRST_READ = 16384  # holds the header of nearly every message
 

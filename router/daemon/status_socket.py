@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from router.durable import unlink_quietly
-from router.lock import NO_SPACE
+from router.spool.durable import unlink_quietly
+from router.spool.lock import NO_SPACE
 
 MAX_REQUEST = 8 << 20  # room for the ids of a few hundred thousand messages
 MAX_CONNECTIONS = 64

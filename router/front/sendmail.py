@@ -29,7 +29,7 @@ Addresses are read as RFC 5322 address lists, on the command line as in the head
 `Name <a@x>`, groups and comments are understood, and quoted strings and domain literals are
 read whole (`"a:b"@x`, `a@[IPv6:::1]`). A group name (before `:`) must be words and quoted
 strings: an address is never taken for one. Each address is then checked as every front door
-checks it (router/address.py). An address without a domain (`root`) gets
+checks it (router/spool/address.py). An address without a domain (`root`) gets
 `@me`, the host name qrouter uses for itself (the `me` config key, /etc/qpsmtpd/me, else the
 FQDN unless it is localhost, else the host name), as Postfix appends `@$myorigin`. The same
 recipient given twice is queued once.
@@ -37,7 +37,7 @@ CR, LF and NUL are refused in every argument and in the To:, Cc: and Bcc: fields
 
 The message is read up to message-size-limit bytes (config key, default 100 MiB); a larger one
 is refused, not read to its end. As Postfix's pickup and cleanup do for local submissions, a
-`Received: by ME (qrouter, from userid UID) id QUEUE-ID` field (router/trace.py: it also names a
+`Received: by ME (qrouter, from userid UID) id QUEUE-ID` field (router/spool/trace.py: it also names a
 lone recipient) is put first, and a missing From: (the envelope sender, else the invoking user at
 `me`, with the -F name), Date: or Message-ID: (<QUEUE-ID@me>) is added after it; otherwise the
 message is queued byte for byte, but for the Bcc: fields -t takes out. A spool that does not
@@ -65,12 +65,11 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
 from router import config as config_module
-from router import trace
-from router.address import ATEXT, NON_ASCII, AddressError, has_cr_lf_nul, parse_path
 from router.config import Config, ConfigError
-from router.headers import LINE, header_fields, message_fields, prepend_fields
-from router.queue_id import arrival_of, new_queue_id
-from router.spool import INCOMING, Spool, SpoolError
+from router.spool import INCOMING, Spool, SpoolError, trace
+from router.spool.address import ATEXT, NON_ASCII, AddressError, has_cr_lf_nul, parse_path
+from router.spool.headers import LINE, header_fields, message_fields, prepend_fields
+from router.spool.queue_id import arrival_of, new_queue_id
 
 EX_OK, EX_USAGE, EX_TEMPFAIL, EX_CONFIG = 0, 64, 75, 78
 DEFAULT_CONFIG = "/etc/qrouter/qrouter.conf"

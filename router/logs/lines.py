@@ -1,7 +1,7 @@
 """The lines Postfix's log readers count (pflogsumm, logwatch, postfix_exporter), written as
 Postfix writes them and from here alone, so that every speaker says them the same way.
 
-A message's life, each line spoken by the service Postfix gives it (router/log.py puts
+A message's life, each line spoken by the service Postfix gives it (router/logs/target.py puts
 `qrouter/SERVICE[pid]:` in front):
 
     pickup   QUEUEID: uid=1000 from=<sender>                   taken in from a front door
@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass
 
 from policy.next_hop import LMTP, MDA, MX, PIPE, SMTP, queue_name
-from router.headers import first_field
-from router.queue_file import QueueFile
+from router.spool.headers import first_field
+from router.spool.queue_file import QueueFile
 
 QMGR, PICKUP, CLEANUP, BOUNCE = "qmgr", "pickup", "cleanup", "bounce"
 _SERVICES = {SMTP: "smtp", MX: "smtp", LMTP: "lmtp", MDA: "local", PIPE: "pipe"}
@@ -36,7 +36,7 @@ _SERVICES = {SMTP: "smtp", MX: "smtp", LMTP: "lmtp", MDA: "local", PIPE: "pipe"}
 
 @functools.cache
 def logger(service: str) -> logging.Logger:
-    """The logger whose lines speak as `service` (router/log.py)."""
+    """The logger whose lines speak as `service` (router/logs/target.py)."""
     return logging.getLogger(f"qrouter.{service}")
 
 

@@ -27,7 +27,7 @@ import email.utils
 import re
 from collections.abc import Sequence
 
-from router.queue_id import arrival_of
+from router.spool.queue_id import arrival_of
 
 _NOT_TOKEN = re.compile(r"[^!-~]|[()\\]")  # what may not stand in a trace token a peer chose (its HELO)
 
