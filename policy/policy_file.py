@@ -16,7 +16,7 @@ docs/policy-files.md describes the rules for whoever writes the files.
 A switch is written the same way in every file too: parse_boolean. And every reader reports all
 the bad lines of a file at once, not the first alone: Problems.
 
-This module imports nothing of the project, so any layer may use it.
+It opens files as every reader of outside files does (router/spool/files.py).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from router.spool.files import NotARegularFile, open_regular, read_at_most
+
 MAX_SIZE = 16 * 1024 * 1024
 
 _COMMENT = re.compile(r"(?:^|[ \t])#.*", re.DOTALL)
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
 def read_lines(path: str, error: type[Exception], *, what: str = "",
@@ -50,22 +50,16 @@ def read_bytes(path: str, error: type[Exception], *, what: str = "", private: bo
     """The bytes of a regular file of at most MAX_SIZE bytes; see read_lines."""
     cannot = f"{path}: cannot read{' ' + what if what else ''}"
     try:
-        # O_NONBLOCK: opening a FIFO does not wait for a writer; O_NOCTTY: a terminal does not
-        # become ours. Neither changes how a regular file reads.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        fd, info = open_regular(path, follow_links=True)  # an administrator's link into /etc is theirs
+    except NotARegularFile as exc:
+        raise error(f"{cannot}: {exc.kind}, not a regular file") from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise error(f"{cannot}: {getattr(exc, 'strerror', None) or exc}") from None
     try:
-        info = os.fstat(fd)
-        for test, kind in _KINDS:
-            if test(info.st_mode):
-                raise error(f"{cannot}: {kind}, not a regular file")
-        if not stat.S_ISREG(info.st_mode):
-            raise error(f"{cannot}: not a regular file")
         if private and info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise error(f"{path}: readable by group or others (mode {stat.S_IMODE(info.st_mode):04o}); "
                         "make it 0600")
-        data = _read_at_most(fd, MAX_SIZE + 1)  # one byte more: a file that has grown is caught too
+        data = read_at_most(fd, MAX_SIZE + 1)  # one byte more: a file that has grown is caught too
     except OSError as exc:
         raise error(f"{cannot}: {exc.strerror or exc}") from None
     finally:
@@ -73,17 +67,6 @@ def read_bytes(path: str, error: type[Exception], *, what: str = "", private: bo
     if len(data) > MAX_SIZE:
         raise error(f"{cannot}: larger than {MAX_SIZE // (1024 * 1024)} MB")
     return data
-
-
-def _read_at_most(fd: int, limit: int) -> bytes:
-    chunks = []
-    while limit > 0:
-        chunk = os.read(fd, min(limit, 1024 * 1024))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        limit -= len(chunk)
-    return b"".join(chunks)
 
 
 _BOOLEAN_WORDS = {"1": True, "yes": True, "true": True, "on": True,

@@ -31,6 +31,7 @@ import sys
 import time
 
 from router.spool.durable import make_shared_dir
+from router.spool.files import open_regular
 
 _PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
 _pid = os.getpid()
@@ -135,11 +136,7 @@ def prepare_file(path: str, group: str = "") -> None:
 def _open_file(path: str, flags: int, mode: int) -> int:
     """Open a log file; a new one gets `mode` whatever the umask. The log directory may be
     writable by the spool group, so a symbolic link, FIFO or device there is refused."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise OSError(f"{path}: not a regular file")
+    fd, info = open_regular(path, flags, mode)
     if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != mode:
         os.fchmod(fd, mode)
     return fd

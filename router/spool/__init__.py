@@ -24,6 +24,7 @@ from pathlib import Path
 
 from router.spool.address import AddressError, parse_path
 from router.spool.durable import make_shared_dir, unlink_quietly, write_all, write_synced
+from router.spool.files import NotARegularFile, kind_of, open_regular
 from router.spool.queue_file import (
     CRASH_RECORD,
     HELD_RECORD,
@@ -56,15 +57,14 @@ def read_queue_file(path: str, limit: int) -> bytes:
     read. Raises NotAQueueFile for anything that is not a regular file of at most `limit` bytes,
     OSError for a failure of the disk (the file may be fine later)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+        fd, info = open_regular(path)
+    except NotARegularFile as exc:
+        raise NotAQueueFile(f"{path}: not a regular file but {exc.kind}") from None
     except OSError as exc:
         if exc.errno in _NOT_READABLE:
             raise NotAQueueFile(f"{path}: {_NOT_READABLE[exc.errno]}") from None
         raise
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise NotAQueueFile(f"{path}: not a regular file but {_kind(info.st_mode)}")
         if info.st_size > limit:
             raise NotAQueueFile(f"{path}: {info.st_size} bytes, larger than any queue file may be ({limit})")
         data = os.read(fd, info.st_size + 1)  # a regular file reads short only at its end
@@ -75,15 +75,6 @@ def read_queue_file(path: str, limit: int) -> bytes:
         return data
     finally:
         os.close(fd)
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISLNK, "a symbolic link")):
-        if test(mode):
-            return name
-    return "not a file"
 
 
 class NotAQueueFile(Exception):
@@ -190,7 +181,7 @@ class Spool:
             except OSError:
                 mode = stat.S_IFREG  # gone, or not to be looked at: the rename's error says more
             if not stat.S_ISREG(mode):
-                raise NotAQueueFile(f"{source}: not a regular file but {_kind(mode)}") from None
+                raise NotAQueueFile(f"{source}: not a regular file but {kind_of(mode)}") from None
             raise
         return target
 
@@ -294,15 +285,15 @@ class Spool:
         whole line, to which the file has been cut. None for anything that is not a regular
         file with a queue file's header, or is gone."""
         try:
-            fd = os.open(self.path(ACTIVE, queue_id), os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK
-                         | os.O_NOCTTY)
+            fd, info = open_regular(self.path(ACTIVE, queue_id), os.O_RDWR | os.O_APPEND)
+        except NotARegularFile:
+            return None
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EISDIR, errno.ENXIO):
                 return None
             raise
         try:
-            info = os.fstat(fd)
-            end = self._whole_lines_end(fd, info.st_size) if stat.S_ISREG(info.st_mode) and info.st_size else None
+            end = self._whole_lines_end(fd, info.st_size) if info.st_size else None
             if end is not None and end < info.st_size:
                 os.ftruncate(fd, end)
         except BaseException:

@@ -10,9 +10,9 @@ is wrong with it.
 from __future__ import annotations
 
 import os
-import stat
 from typing import NamedTuple
 
+from router.spool.files import open_regular
 from router.spool.queue_file import MAX_HEADER, PENDING
 
 FIRST_READ = 16384  # holds the header of nearly every message
@@ -22,12 +22,10 @@ def read_header(path: str) -> bytes | None:
     """A queue file's header, with the empty line that ends it; None if the file is gone, is not
     a regular file, or has no end of header within MAX_HEADER bytes."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+        fd, _ = open_regular(path)
     except OSError:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
         data = os.read(fd, FIRST_READ)
         end = data.find(b"\n\n")
         if end < 0 and len(data) == FIRST_READ:
