@@ -31,6 +31,8 @@ from itertools import pairwise
 from policy.policy_file import Problems, read_bytes, split_lines
 from policy.transport_map import compile_regex
 from router.spool.address import AddressError, check_domain
+from router.spool.address_list import ATOM, LITERAL, WORDS, AddressListError, Token, tokens
+from router.spool.headers import LINE, header_fields, header_of
 
 FROM, TO, BOTH = "from", "to", "both"
 DIRECTIONS = (FROM, TO, BOTH)
@@ -221,19 +223,18 @@ class Rewriter:
         byte, the body included, is kept. Fields that do not parse stay as they are."""
         if not self._directions:
             return message
-        end = _header_end(message)
-        header = message[:end]
-        parts = []
+        lines = LINE.findall(header_of(message))
+        header_end = sum(map(len, lines))
         changed = False
-        for start, stop in _fields(header):
-            raw = header[start:stop]
-            name = _ADDRESS_FIELD.match(raw)
-            if name and _FIELD_DIRECTION[name[1].lower()] in self._directions:
-                new = self._rewrite_field(_FIELD_DIRECTION[name[1].lower()], raw, name.end())
-                changed = changed or new != raw
-                raw = new
-            parts.append(raw)
-        return b"".join(parts) + message[end:] if changed else message
+        for found in header_fields(lines):
+            direction = _FIELD_DIRECTION.get(found.name)
+            if direction in self._directions:
+                raw = b"".join(lines[found.first:found.end])
+                new = self._rewrite_field(direction, raw, found.colon_end)
+                if new != raw:
+                    lines[found.first:found.end] = [new] + [b""] * (found.end - found.first - 1)
+                    changed = True
+        return b"".join(lines) + message[header_end:] if changed else message
 
     def _rewrite_field(self, direction: str, raw: bytes, colon_end: int) -> bytes:
         """One whole field, name included, with the domains of its addresses rewritten."""
@@ -257,8 +258,7 @@ class Rewriter:
         return raw[:colon_end] + "".join(pieces).encode("utf-8", "surrogateescape")
 
 
-_ADDRESS_FIELD = re.compile(rb"(from|to|cc)[ \t]*:", re.IGNORECASE)
-_FIELD_DIRECTION = {b"from": FROM, b"to": TO, b"cc": TO}
+_FIELD_DIRECTION = {"from": FROM, "to": TO, "cc": TO}
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
 
@@ -267,112 +267,7 @@ def _rewritable(domain: str) -> bool:
     return not _SURROGATE.search(domain)
 
 
-def _header_end(message: bytes) -> int:
-    """Offset of the empty line that ends the header (the whole message if there is none)."""
-    position = 0
-    while position < len(message):
-        newline = message.find(b"\n", position)
-        if newline < 0:
-            return len(message)
-        if message[position:newline] in (b"", b"\r"):
-            return position
-        position = newline + 1
-    return len(message)
-
-
-def _fields(header: bytes) -> list[tuple[int, int]]:
-    """(start, end) of each field, its continuation lines (those starting with SP or HTAB)
-    and line ends included; stray continuation lines at the top form a field of their own."""
-    if not header:
-        return []
-    starts = [0]
-    position = header.find(b"\n")
-    while 0 <= position < len(header) - 1:
-        if header[position + 1] not in b" \t":
-            starts.append(position + 1)
-        position = header.find(b"\n", position + 1)
-    return list(zip(starts, [*starts[1:], len(header)], strict=True))
-
-
-# -- RFC 5322 address lists --------------------------------------------------------------------
-
-_WSP = " \t\r\n"
-_ATOM_END = re.compile(r'[\x00-\x20\x7f()<>\[\]:;@\\,."]')
-
-_ATOM, _QUOTED, _LITERAL = "atom", "quoted", "literal"
-
-
-class _Unparsable(Exception):
-    """The field is not an address list this tokenizer understands: it is left alone."""
-
-
-@dataclass(frozen=True)
-class _Token:
-    kind: str  # _ATOM, _QUOTED, _LITERAL or the special character itself
-    start: int
-    end: int
-
-
-def _tokens(text: str) -> list[_Token]:
-    """The tokens that matter to the grammar; white space, folding and comments are skipped,
-    and the offsets of what is kept say where each token stands in `text`."""
-    tokens = []
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c in _WSP:
-            i += 1
-        elif c == "(":
-            i = _skip_comment(text, i)
-        elif c == '"':
-            end = _close(text, i + 1, '"', "")
-            tokens.append(_Token(_QUOTED, i, end))
-            i = end
-        elif c == "[":
-            end = _close(text, i + 1, "]", "[")
-            tokens.append(_Token(_LITERAL, i, end))
-            i = end
-        elif c in "<>:;@,.":
-            tokens.append(_Token(c, i, i + 1))
-            i += 1
-        elif c in ")]\\" or ord(c) < 0x20 or c == "\x7f":
-            raise _Unparsable(f"{c!r} out of place")
-        else:
-            match = _ATOM_END.search(text, i)
-            end = match.start() if match else n
-            tokens.append(_Token(_ATOM, i, end))
-            i = end
-    return tokens
-
-
-def _skip_comment(text: str, i: int) -> int:
-    """The offset after the comment opening at `i`; comments nest, `\\` quotes one character."""
-    depth = 0
-    while i < len(text):
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
-        depth += {"(": 1, ")": -1}.get(c, 0)
-        i += 1
-        if depth == 0:
-            return i
-    raise _Unparsable("unterminated comment")
-
-
-def _close(text: str, i: int, closer: str, forbidden: str) -> int:
-    """The offset after `closer`, searching from `i` past quoted pairs."""
-    while i < len(text):
-        c = text[i]
-        if c == "\\":
-            i += 2
-        elif c == closer:
-            return i + 1
-        elif c in forbidden:
-            break
-        else:
-            i += 1
-    raise _Unparsable(f"unterminated {closer}")
+# -- RFC 5322 address lists (their tokens: router/spool/address_list.py) ------------------------
 
 
 def _address_domains(value: str) -> list[tuple[int, int]]:
@@ -380,8 +275,8 @@ def _address_domains(value: str) -> list[tuple[int, int]]:
     list does not parse. A domain with white space or comments inside is not reported, as
     replacing it would drop what stands between its parts."""
     try:
-        return _Parser(_tokens(value)).address_list()
-    except _Unparsable:
+        return _Parser(tokens(value)).address_list()
+    except AddressListError:
         return []
 
 
@@ -389,7 +284,7 @@ class _Parser:
     """RFC 5322 section 3.4 with the obsolete forms of section 4.4 that mail still carries
     (empty list elements, phrases with dots, routes in angle brackets, CFWS around dots)."""
 
-    def __init__(self, tokens: list[_Token]) -> None:
+    def __init__(self, tokens: list[Token]) -> None:
         self.tokens = tokens
         self.at = 0
         self.domains: list[tuple[int, int]] = []
@@ -397,9 +292,9 @@ class _Parser:
     def peek(self) -> str:
         return self.tokens[self.at].kind if self.at < len(self.tokens) else ""
 
-    def take(self, kind: str) -> _Token:
+    def take(self, kind: str) -> Token:
         if self.peek() != kind:
-            raise _Unparsable(f"expected {kind!r}, found {self.peek()!r}")
+            raise AddressListError(f"expected {kind!r}, found {self.peek()!r}")
         self.at += 1
         return self.tokens[self.at - 1]
 
@@ -423,13 +318,13 @@ class _Parser:
             self.domain()
         elif after == "<":
             if words and words[0].kind == ".":
-                raise _Unparsable("phrase starts with a dot")
+                raise AddressListError("phrase starts with a dot")
             self.angle_addr()
         elif after == ":" and group_allowed and words and words[0].kind != ".":
             self.at += 1
             self.group_list()
         else:
-            raise _Unparsable(f"no address before {after!r}")
+            raise AddressListError(f"no address before {after!r}")
 
     def group_list(self) -> None:
         while self.peek() != ";":
@@ -453,24 +348,24 @@ class _Parser:
         self.domain()
         self.take(">")
 
-    def words(self) -> list[_Token]:
+    def words(self) -> list[Token]:
         start = self.at
-        while self.peek() in (_ATOM, _QUOTED, "."):
+        while self.peek() in WORDS:
             self.at += 1
         return self.tokens[start:self.at]
 
-    def check_local_part(self, words: list[_Token]) -> None:
+    def check_local_part(self, words: list[Token]) -> None:
         """word *("." word): the words of a local part alternate with dots."""
         if len(words) % 2 == 0 or any((t.kind == ".") != (i % 2 == 1) for i, t in enumerate(words)):
-            raise _Unparsable("not a local part")
+            raise AddressListError("not a local part")
 
     def domain(self, record: bool = True) -> None:
         """A domain literal or atoms joined by dots; recorded if its tokens touch."""
-        if self.peek() == _LITERAL:
-            parts = [self.take(_LITERAL)]
+        if self.peek() == LITERAL:
+            parts = [self.take(LITERAL)]
         else:
-            parts = [self.take(_ATOM)]
-            while self.peek() == "." and self.at + 1 < len(self.tokens) and self.tokens[self.at + 1].kind == _ATOM:
+            parts = [self.take(ATOM)]
+            while self.peek() == "." and self.at + 1 < len(self.tokens) and self.tokens[self.at + 1].kind == ATOM:
                 parts += self.tokens[self.at:self.at + 2]
                 self.at += 2
         if record and all(a.end == b.start for a, b in pairwise(parts)):

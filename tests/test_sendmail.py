@@ -259,7 +259,6 @@ def test_dsn_options_go_into_the_queue_file(tmp_path, config):
     ("Dr. J. O'Brien <j@x.test>", ["j@x.test"]),
     ("j@x.test <j@x.test>, [Ops] Team <ops@x.test>", ["j@x.test", "ops@x.test"]),  # display names as found
     ("<@r.test,@s.test:a@x.test>", ["@r.test,@s.test:a@x.test"]),  # all within <...> is parse_path's
-    ("a@[x:y, b@x.test", ["a@[x:y, b@x.test"]),  # unterminated: kept whole, for parse_path to refuse
 ])
 def test_address_list_splits_only_between_addresses(text, addresses):
     assert address_list(text) == addresses
@@ -270,6 +269,9 @@ def test_address_list_splits_only_between_addresses(text, addresses):
     ("<a@x.test> <b@x.test>", "two <addresses> in one entry"),
     ("<a@x.test>: b@x.test", "':' after <address>"),
     ("a@x.test (open", "'(' without ')'"),
+    ("a@[x:y, b@x.test", "'[' without ']'"),
+    ('"a@x.test, b@x.test', "'\"' without '\"'"),
+    ("a@x.test), b@x.test", "')' out of place"),
 ])
 def test_address_list_refuses_what_it_would_have_to_guess(text, complaint):
     with pytest.raises(UsageError, match=re.escape(complaint)):

@@ -60,14 +60,15 @@ import os
 import pwd
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
 from router import config as config_module
 from router.config import Config, ConfigError
 from router.spool import INCOMING, Spool, SpoolError, trace
-from router.spool.address import ATEXT, NON_ASCII, AddressError, has_cr_lf_nul, parse_path
+from router.spool.address import AddressError, has_cr_lf_nul, parse_path
+from router.spool.address_list import WORDS, AddressListError, Token, tokens
 from router.spool.headers import LINE, header_fields, message_fields, prepend_fields
 from router.spool.queue_id import arrival_of, new_queue_id
 
@@ -84,11 +85,6 @@ _NOTIFY = re.compile(r"never|(?:success|delay|failure)(?:,(?:success|delay|failu
 _LONE_DOT = re.compile(rb"^\.\r?(?:\n|\Z)", re.MULTILINE)
 _RECIPIENT_FIELDS = ("to", "cc", "bcc")
 _CHUNK = 1 << 16  # bytes read from standard input at a time
-# One token of an address list: a quoted string or a domain literal (unterminated ones run to the
-# end, for parse_path to refuse), one special character, or a run of anything else. Comments,
-# which nest, are cut out by _tokens before this is tried.
-_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|\[(?:[^\]\\]|\\.)*\]?|[<>,;:]|[^"(\[<>,;:]+', re.DOTALL)
-_PHRASE_TEXT = re.compile(rf"(?:[{ATEXT}. \t]|{NON_ASCII})*")  # a phrase's words and white space, outside quotes
 
 
 class UsageError(Exception):
@@ -220,31 +216,23 @@ def address_list(text: str, where: str = "address list") -> list[str]:
     """The addresses of an RFC 5322 address list, in order, without display names, comments and
     group names; `where` names the list in messages ("recipient", "To: header").
 
-    This only splits the list: whether an address is valid is parse_path's business. Quoted
-    strings, domain literals and comments are read whole, so the `:` and `,` of `"a:b"@x` or
-    `a@[IPv6:::1]` stay in the address. A group name (before `:`) must be a phrase, words and
-    quoted strings, so that addresses are never dropped as one; a display name (before `<`) is
-    dropped whatever it is, as mail readers do (`a@x <a@x>` is common). CR, LF or NUL anywhere,
-    or an entry that is not one address, raises UsageError (not guessed at)."""
+    This only splits the list: whether an address is valid is parse_path's business, and each
+    address is the text as written from its first token to its last. Quoted strings, domain
+    literals and comments are read whole, so the `:` and `,` of `"a:b"@x` or `a@[IPv6:::1]` stay
+    in the address. A group name (before `:`) must be a phrase, words and quoted strings, so that
+    addresses are never dropped as one; a display name (before `<`) is dropped whatever it is, as
+    mail readers do (`a@x <a@x>` is common). CR, LF or NUL anywhere, or an entry that is not one
+    address, raises UsageError (not guessed at)."""
     refuse_cr_lf_nul(where, text)
     reader = _ListReader(text, where)
-    for token in _tokens(text, where):
+    try:
+        found = tokens(text)
+    except AddressListError as exc:
+        raise UsageError(reader.bad(str(exc))) from None
+    for token in found:
         reader.take(token)
     reader.end_entry()
     return reader.addresses
-
-
-def _tokens(text: str, where: str) -> Iterator[str]:
-    """The tokens of an address list (_TOKEN), its comments left out."""
-    i = 0
-    while i < len(text):
-        if text[i] == "(":
-            i = _comment_end(text, i, where)  # a comment is dropped, wherever it is
-            continue
-        match = _TOKEN.match(text, i)
-        assert match, "every character but '(' starts a token"
-        yield match.group()
-        i = match.end()
 
 
 class _ListReader:
@@ -253,66 +241,48 @@ class _ListReader:
     def __init__(self, text: str, where: str) -> None:
         self.text, self.where = text, where
         self.addresses: list[str] = []
-        self.outside: list[str] = []  # the entry's tokens outside <...>
-        self.angle: list[str] | None = None  # its tokens inside <...>, once it has one
+        self.outside: list[Token] = []  # the entry's tokens outside <...>
+        self.angle: list[Token] | None = None  # its tokens inside <...>, once it has one
         self.closed = False  # its '>' has been read
 
-    def take(self, token: str) -> None:
+    def take(self, token: Token) -> None:
         if self.angle is not None and not self.closed:
-            if token == ">":
+            if token.kind == ">":
                 self.closed = True
             else:
                 self.angle.append(token)  # parse_path judges all between < and >
-        elif token == "<":
+        elif token.kind == "<":
             if self.angle is not None:
-                raise UsageError(self._bad("two <addresses> in one entry"))
+                raise UsageError(self.bad("two <addresses> in one entry"))
             self.angle = []
-        elif token in (",", ";"):
+        elif token.kind in (",", ";"):
             self.end_entry()
-        elif token == ":":
+        elif token.kind == ":":
             if self.angle is not None:
-                raise UsageError(self._bad("':' after <address>"))
-            self._check_group_name()
+                raise UsageError(self.bad("':' after <address>"))
+            if not all(t.kind in WORDS for t in self.outside):
+                raise UsageError(self.bad(f"group name {self._written(self.outside)!r} is not a phrase (words and "
+                                          "quoted strings): an address or a ',' missing?"))
             self.outside.clear()  # the group's members follow
         elif self.closed:
-            if token.strip():
-                raise UsageError(self._bad("text after '>'"))
+            raise UsageError(self.bad("text after '>'"))
         else:
             self.outside.append(token)
 
     def end_entry(self) -> None:
         if self.angle is not None and not self.closed:
-            raise UsageError(self._bad("'<' without '>'"))
-        address = "".join(self.outside if self.angle is None else self.angle).strip()
-        if address or self.angle is not None:  # "<>" is kept, for check() to refuse by name
-            self.addresses.append(address)
+            raise UsageError(self.bad("'<' without '>'"))
+        if self.outside or self.angle is not None:  # "<>" is kept, for check() to refuse by name
+            self.addresses.append(self._written(self.outside if self.angle is None else self.angle))
         self.outside.clear()
         self.angle, self.closed = None, False
 
-    def _check_group_name(self) -> None:
-        if not all(token.startswith('"') or _PHRASE_TEXT.fullmatch(token) for token in self.outside):
-            name = "".join(self.outside).strip()
-            raise UsageError(self._bad(f"group name {name!r} is not a phrase (words and quoted strings): "
-                                       "an address or a ',' missing?"))
+    def _written(self, tokens: list[Token]) -> str:
+        """The text from the first token to the last, as written (empty without tokens)."""
+        return self.text[tokens[0].start:tokens[-1].end] if tokens else ""
 
-    def _bad(self, problem: str) -> str:
+    def bad(self, problem: str) -> str:
         return _bad(self.where, self.text, problem)
-
-
-def _comment_end(text: str, start: int, where: str) -> int:
-    depth, i = 0, start
-    while i < len(text):
-        if text[i] == "\\":
-            i += 2
-            continue
-        if text[i] == "(":
-            depth += 1
-        elif text[i] == ")":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
-    raise UsageError(_bad(where, text, "'(' without ')'"))
 
 
 def _bad(where: str, text: str, problem: str) -> str:

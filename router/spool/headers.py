@@ -1,8 +1,12 @@
 """RFC 5322 message headers: where a header ends, its fields (folded lines unfolded), one field
-looked up, fields put in front of a message. The front doors, the reports, the delivery fields
-and the log lines read headers through it; it imports nothing of the project, so any layer may
-use it. (policy/rewriting.py still cuts a header into byte spans its own way, and differs on a
-message that begins with an empty line: to be joined here.)
+looked up, fields put in front of a message. The front doors, the reports, the delivery fields,
+the log lines and the rewriting of header addresses read headers through it; it imports nothing
+of the project, so any layer may use it.
+
+The header ends at the first empty line; a message that begins with one has an empty header. A
+line before it that is neither a field nor a continuation line (an mbox `From ` line, a stray
+line) is no field, nor are continuation lines after it: they are passed over and kept as they
+are, and the fields after them are still fields (a Bcc: there is still taken out).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 LINE = re.compile(rb"[^\n]*\n|[^\n]+")  # one line, its line end included
 _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
-_HEADER_END = re.compile(rb"\n\r?\n")
+_HEADER_END = re.compile(rb"(?:^|\n)\r?\n")
 
 
 @dataclass
@@ -22,28 +26,33 @@ class HeaderField:
     name: str  # lower case
     first: int  # index of its first line
     end: int  # index after its last continuation line
+    colon_end: int  # offset in its first line just after the colon
     value: str  # unfolded, decoded as UTF-8 (undecodable bytes kept as surrogates)
 
 
 def header_fields(lines: list[bytes]) -> list[HeaderField]:
-    """The fields of the header: it ends at the first line that is neither a field nor a
-    continuation line (normally the empty line before the body)."""
+    """The fields of the header that `lines` begin with; it ends at the first empty line."""
     fields: list[HeaderField] = []
+    current: HeaderField | None = None
     raw: list[bytes] = []
     for index, line in enumerate(lines):
-        if line[:1] in (b" ", b"\t") and fields:
-            raw.append(line)
-            fields[-1].end = index + 1
+        if line[:1] in (b" ", b"\t"):
+            if current is not None:
+                raw.append(line)
+                current.end = index + 1
             continue
-        if fields:
-            fields[-1].value = _unfold(raw)
-        match = _FIELD_NAME.match(line)
-        if not match:
+        if current is not None:
+            current.value = _unfold(raw)
+        if line in (b"\n", b"\r\n"):
             return fields
-        fields.append(HeaderField(match.group(1).decode("ascii").lower(), index, index + 1, ""))
-        raw = [line[match.end():]]
-    if fields:
-        fields[-1].value = _unfold(raw)
+        match = _FIELD_NAME.match(line)
+        current = None if match is None else HeaderField(match.group(1).decode("ascii").lower(), index, index + 1,
+                                                         match.end(), "")
+        if current is not None:
+            fields.append(current)
+            raw = [line[match.end():]]
+    if current is not None:
+        current.value = _unfold(raw)
     return fields
 
 
