@@ -49,6 +49,7 @@ from router.spool import ACTIVE, ARCHIVE, DEFERRED, HOLD, INCOMING, Spool
 from router.verifier import Verifier
 from workers.delivery import CORRUPTED, KEPT, QUEUED_AGAIN, SKIPPED, Report
 from workers.pools import LOCAL, NETWORK, pool_for, pool_of
+from workers.tls_reports import Trigger
 from workers.worker import Worker
 
 if TYPE_CHECKING:
@@ -150,6 +151,7 @@ class Supervisor:
         self.control = QueueCommands(self.spool, _Hooks(self))
         self.young_deaths = 0
         self.exit_code = 0
+        self.tls_reports = Trigger()  # with tls-report: once a day is over, a network worker sends its reports
 
     # -- start and stop -------------------------------------------------------------------
 
@@ -173,6 +175,7 @@ class Supervisor:
             self.verifier.tick(time.time())
             self._promote_due()
             self._prune_archive()
+            self.tls_reports.tick(self.config, self._ask_worker)
             self._tidy()
             self._measure()
             self._watch_workers()
