@@ -5,10 +5,10 @@ is kept as, what a day's outcomes add up to, the JSON report made of them, and t
 Pure grammar and arithmetic: workers/tls_outcomes.py writes the lines as sessions end,
 workers/tls_reports.py reads them back once the day is over and sends the reports.
 
-An outcome is kept as one JSON text of an RFC 7464 sequence: the record separator (0x1E), the
-JSON object, a line feed. A line cut short by a crash cannot be read as JSON and is passed over,
-and the separator in front of the next one keeps that one readable, even when it was appended
-right behind the broken one.
+An outcome (and the note of a report sent) is kept as one JSON text of an RFC 7464 sequence:
+the record separator (0x1E), the JSON object, a line feed. A line cut short by a crash cannot be
+read as JSON and is passed over, and the separator in front of the next one keeps that one
+readable, even when it was appended right behind the broken one.
 """
 
 from __future__ import annotations
@@ -75,21 +75,37 @@ class Outcome:
             record["strings"] = list(self.strings)
         if self.mx_hosts:
             record["mx-hosts"] = list(self.mx_hosts)
-        return SEPARATOR + json.dumps(record, ensure_ascii=True).encode() + b"\n"
+        return json_text(record)
 
 
-def read_outcomes(data: bytes) -> Iterator[Outcome]:
-    """The outcomes of a day file; texts a crash cut short, or that are not ours, are passed over."""
+def json_text(record: dict) -> bytes:
+    """One JSON text of an RFC 7464 sequence: separator, JSON, line feed."""
+    return SEPARATOR + json.dumps(record, ensure_ascii=True).encode() + b"\n"
+
+
+def json_texts(data: bytes) -> Iterator[dict]:
+    """The JSON objects of a sequence; texts a crash cut short, or that are not JSON objects, are
+    passed over."""
     for text in data.split(SEPARATOR):
         if not text.endswith(b"\n"):
             continue  # empty (before the first separator), or cut short
         try:
             record = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            yield record
+
+
+def read_outcomes(data: bytes) -> Iterator[Outcome]:
+    """The outcomes of a day file; texts that are not whole outcomes are passed over."""
+    for record in json_texts(data):
+        try:
             yield Outcome(str(record["domain"]), str(record["type"]), str(record["result"]), str(record["mx"]),
                           str(record["from"]), str(record["to"]), str(record.get("detail", "")),
                           tuple(str(s) for s in record.get("strings", ())),
                           tuple(str(h) for h in record.get("mx-hosts", ())))
-        except (ValueError, KeyError, TypeError):
+        except (KeyError, TypeError):
             continue
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from policy.tls_report import parse_record
 from router.queue_file import PENDING
 from tests.daemon import qrouter, reachable, wait_for
 from tests.dns_server import DNSServer
@@ -284,3 +285,21 @@ def test_send_refuses_a_day_that_is_not_over(tmp_path):
     assert f"--day {today}: the day is not over yet (UTC)" in result.stderr.decode()
     result = qrouter("tls-report", "send", "--day", "yesterday", "--queue-dir", str(tmp_path / "spool"))
     assert result.returncode == 64 and "'yesterday' is not a day (YYYY-MM-DD)" in result.stderr.decode()
+
+
+@pytest.mark.parametrize(("records", "uris"), [
+    (["v=TLSRPTv1; rua=mailto:a@example.net,https://r.example.net/v1"], ["mailto:a@example.net",
+                                                                         "https://r.example.net/v1"]),
+    (["v=TLSRPTv1;rua=mailto:a@example.net, http://r.example.net/v1, ftp://x"], ["mailto:a@example.net"]),
+    (["v=spf1 -all", "v=TLSRPTv1; rua=mailto:a@example.net"], ["mailto:a@example.net"]),
+    (["v=TLSRPTv1; rua=mailto:a@example.net", "v=TLSRPTv1; rua=mailto:b@example.net"], []),  # two: none
+    (["v=TLSRPTv10; rua=mailto:a@example.net"], []),
+    ([], []),
+])
+def test_the_tlsrpt_record_gives_the_mailto_and_https_addresses(records, uris):
+    assert parse_record(records) == uris
+
+
+def test_a_tlsrpt_record_without_rua_is_an_error():
+    with pytest.raises(ValueError, match="has no rua="):
+        parse_record(["v=TLSRPTv1; ruf=mailto:a@example.net"])

@@ -44,6 +44,8 @@ from policy.tls_report import (
     Policy,
     file_name,
     is_https,
+    json_text,
+    json_texts,
     mailto_address,
     parse_day,
     parse_record,
@@ -92,14 +94,11 @@ class Trigger:
 
 def days_over(queue_dir: str, today: datetime.date) -> list[datetime.date]:
     """The days before `today` with outcomes (a file) in the spool, oldest first."""
-    try:
-        names = os.listdir(os.path.join(queue_dir, DIRECTORY))
-    except FileNotFoundError:
-        return []
-    return sorted(day for day in map(_day_of, names) if day is not None and day < today)
+    return [day for day in days_kept(queue_dir) if day < today]
 
 
 def days_kept(queue_dir: str) -> list[datetime.date]:
+    """The days with outcomes (a file) in the spool, oldest first."""
     try:
         names = os.listdir(os.path.join(queue_dir, DIRECTORY))
     except FileNotFoundError:
@@ -133,12 +132,8 @@ class Journal:
         self.done: dict[tuple[str, str], str] = {}
         try:
             with open(path, "rb") as handle:
-                for line in handle:
-                    try:
-                        entry = json.loads(line)
-                        self.done[(str(entry["domain"]), str(entry["uri"]))] = str(entry["result"])
-                    except (ValueError, KeyError, TypeError):
-                        continue  # a line a crash cut short: that report was not noted
+                for entry in json_texts(handle.read()):  # a note a crash cut short: that report was not noted
+                    self.done[(str(entry.get("domain")), str(entry.get("uri")))] = str(entry.get("result"))
         except FileNotFoundError:
             pass
 
@@ -146,7 +141,7 @@ class Journal:
         """Noted for good (fsynced) before anything else is sent."""
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, self.mode)
         try:
-            write_all(fd, json.dumps({"domain": domain, "uri": uri, "result": result}).encode() + b"\n")
+            write_all(fd, json_text({"domain": domain, "uri": uri, "result": result}))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -191,8 +186,9 @@ class Sender:
         journal = Journal(day_path(self.config.queue_dir, day.isoformat() + JOURNAL),
                           0o660 if self.config.spool_group else 0o600)
         domains = counts_of(self.config.queue_dir, day)
-        if not domains:
-            unlink_quietly(journal.path)  # left by a crash after its day's file was removed
+        if not domains:  # no file (a crash after it was removed left the journal), or nothing whole in it
+            unlink_quietly(day_path(self.config.queue_dir, day.isoformat()))
+            unlink_quietly(journal.path)
             return []
         give_up = (today - day).days > GIVE_UP_DAYS
         said: list[str] = []
