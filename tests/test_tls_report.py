@@ -17,6 +17,7 @@ import email.policy
 import gzip
 import json
 import ssl
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,10 +27,12 @@ import trustme
 
 from policy.tls_report import parse_record
 from router.queue_file import PENDING
-from tests.daemon import qrouter, reachable, wait_for
+from router.spool import Spool
+from tests.daemon import DAEMON_USER, qrouter, reachable, wait_for
 from tests.dns_server import DNSServer
 from tests.smtp_servers import AioServer, free_port
 from tests.test_smtp_tls_auth import FAST, ME, Sink, deferred, delivered, enqueue
+from workers.tls_outcomes import Recorder
 
 REPORTS = "tlsrpt@reports.test"
 BODY = b"Subject: t\r\n\r\nbody\r\n"
@@ -303,3 +306,22 @@ def test_the_tlsrpt_record_gives_the_mailto_and_https_addresses(records, uris):
 def test_a_tlsrpt_record_without_rua_is_an_error():
     with pytest.raises(ValueError, match="has no rua="):
         parse_record(["v=TLSRPTv1; ruf=mailto:a@example.net"])
+
+
+def test_a_receiver_whose_certificate_is_not_trusted_gets_nothing_and_it_is_tried_again(tmp_path, ca):
+    _, ca_file = ca
+    spool = reachable(tmp_path) / "spool"
+    Spool(spool).create()
+    recorder = Recorder(str(spool), enabled=True)  # as the SMTP transport records a session
+    recorder.record("partner.test", "no-policy-found", (), "mx.partner.test", "", "192.0.2.1", "192.0.2.25")
+    subprocess.run(["chown", "-R", DAEMON_USER, str(spool)], check=True)
+    day = end_the_day(spool)
+    with Receiver(trustme.CA()) as receiver, DNSServer(zone(receiver.url, receiver.url)) as dns:
+        for _ in range(2):
+            result = qrouter("tls-report", "send", "--queue-dir", str(spool), "--dns-servers", dns.servers,
+                             "--tls-report-ca", ca_file, "--me", ME, check=True)
+            said = result.stdout.decode()
+            assert f"TLS report on partner.test for {day}: report not sent now, tried again later: " \
+                   f"cannot post to {receiver.url}:" in said and "CERTIFICATE_VERIFY_FAILED" in said, said
+    assert receiver.posts == []
+    assert (spool / "tls-report" / day).exists()
