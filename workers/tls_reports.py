@@ -72,6 +72,7 @@ GIVE_UP_DAYS = 3  # a report that could not go is tried this many days after its
 CHECK_SECONDS = 600.0  # how often the supervisor looks for a day to report (one directory listing)
 ASK_AGAIN_SECONDS = 3600.0  # after asking a worker to send, how long before asking again
 NO_WORKER_SECONDS = 5.0  # no network worker to ask yet (starting): ask again this soon
+ASK = "tls-report"  # the key of the record that asks a network worker to send (workers/worker.py)
 HTTP_TIMEOUT = (10.0, 30.0)  # seconds to connect to a receiver, and for each read of its answer
 MAX_ANSWER = 4096  # bytes of an HTTP receiver's answer read for the log
 
@@ -89,7 +90,7 @@ class Trigger:
             return
         self.next_check = now + CHECK_SECONDS
         if days_over(config.queue_dir, utc_day(time.time())):
-            self.next_check = now + (ASK_AGAIN_SECONDS if ask({"tls-report": "send"}) else NO_WORKER_SECONDS)
+            self.next_check = now + (ASK_AGAIN_SECONDS if ask({ASK: "send"}) else NO_WORKER_SECONDS)
 
 
 def days_over(queue_dir: str, today: datetime.date) -> list[datetime.date]:
@@ -98,17 +99,17 @@ def days_over(queue_dir: str, today: datetime.date) -> list[datetime.date]:
 
 
 def days_kept(queue_dir: str) -> list[datetime.date]:
-    """The days with outcomes (a file) in the spool, oldest first."""
+    """The days with outcomes (a file) in the spool, or a journal a crash left, oldest first."""
     try:
         names = os.listdir(os.path.join(queue_dir, DIRECTORY))
     except FileNotFoundError:
         return []
-    return sorted(day for day in map(_day_of, names) if day is not None)
+    return sorted({day for day in map(_day_of, names) if day is not None})
 
 
 def _day_of(name: str) -> datetime.date | None:
     try:
-        return parse_day(name)
+        return parse_day(name.removesuffix(JOURNAL))
     except ValueError:
         return None
 

@@ -61,7 +61,7 @@ SITE_THREADS = 8  # a network worker's threads that look up sites (MX rollup) an
 # verification): one slow DNS answer holds up one
 SITE, DOMAIN, CALLOUT = "site", "domain", "callout"  # what a lookup thread is asked: an MX destination's site,
 # a domain's hosts, a next hop's answer to a recipient; or to send the TLS reports of days over
-TLS_REPORT = "tls-report"
+TLS_REPORT = tls_reports.ASK
 HANG_SECONDS = 30.0  # a program still running this long past command-time-limit has defeated the kill:
 # the worker stops saying it is alive, and the supervisor's watchdog replaces it
 PR_SET_PDEATHSIG = 1
