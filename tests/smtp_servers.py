@@ -118,17 +118,17 @@ class _UnixLMTPController(UnixSocketController):
 
 
 class AioServer:
-    """aiosmtpd on `host` at a free port (or on a Unix socket), for the length of a `with`.
+    """aiosmtpd on `host` at `port` or a free one (or on a Unix socket), for the length of a `with`.
 
     Keyword arguments go to aiosmtpd's SMTP class: data_size_limit, enable_SMTPUTF8 (off unless
     asked), tls_context, authenticator, auth_require_tls, auth_exclude_mechanism, timeout...
     """
 
     def __init__(self, handler: Recorder | None = None, *, host: str = "127.0.0.1", lmtp: bool = False,
-                 unix_socket: str | None = None, **smtp_kwargs: Any) -> None:
+                 unix_socket: str | None = None, port: int = 0, **smtp_kwargs: Any) -> None:
         self.handler = handler or Recorder()
         self.host = host
-        self.port = 0 if unix_socket else free_port(host)
+        self.port = 0 if unix_socket else port or free_port(host)
         smtp_kwargs.setdefault("enable_SMTPUTF8", False)
         smtp_kwargs.setdefault("server_hostname", SERVER_NAME)
         self.controller: Controller | UnixSocketController

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from policy.destinations import DestinationRules, DestinationSettings
 from policy.next_hop import LMTP, MX, SMTP, NextHop, parse_hosts
@@ -28,6 +28,7 @@ from router.logs.lines import logger, service_of
 from router.spool.queue_file import QueueFile, Recipient
 from workers.mx_hosts import MXHost, MXLookupError, address_literal, site_destination
 from workers.smtp_client import LMTP_PORT, SMTP_PORT, SMTPClient, SMTPError, TLSFailure, TLSFallback
+from workers.tls_outcomes import Recorder
 from workers.transport import BOUNCED, DEFERRED, Outcome
 
 
@@ -42,6 +43,9 @@ class Server:
     socket_path: str = ""
     auth: tuple[str, str] | None = None
     tls: TLSPolicy = TLSPolicy()  # its names resolved (names_to_match): a kept connection serves only its equal
+    # The domain whose TLS report a new session to it counts in (MX routing's; "" for a relay host), not
+    # part of what it is: a kept connection serves the other domains of its MX host as well
+    report_domain: str = field(default="", compare=False)
 
     @property
     def peer(self) -> str:
@@ -70,6 +74,7 @@ class SMTPTransport:
         self._fixed: dict[tuple[str, int | None, bool], list[Server]] = {}  # see _relay_servers
         self.without_bdat: set[Server] = set()  # they offer CHUNKING but failed BDAT: DATA for them
         self.tls_sessions: Counter[tuple[str, str]] = Counter()  # (level, outcome) since take_tls_sessions
+        self.tls_outcomes = Recorder(config.queue_dir, config.tls_report, config.spool_group)  # TLS reports
 
     # -- the Transport interface ----------------------------------------------------------
 
@@ -261,9 +266,11 @@ class SMTPTransport:
             return self._opened(server, self._open(server, server.tls))
         except TLSFallback as exc:  # its text names the host, what failed and why
             _log(server).warning("%s: %s; retrying without TLS", why, exc.reply.text)
+            self.tls_outcomes.failed(server, exc)
             return self._opened(server, self._open(server, TLSPolicy(TLS_NONE)))
-        except TLSFailure:
+        except TLSFailure as exc:
             self._count_session(server, "failed")
+            self.tls_outcomes.failed(server, exc)
             raise
 
     def _opened(self, server: Server, client: SMTPClient) -> SMTPClient:
@@ -272,6 +279,7 @@ class SMTPTransport:
         if client.tls:
             _log(server).info("%s TLS connection established to %s: %s", client.tls_trust, client.peer, client.tls)
         self._count_session(server, client.tls_trust.lower() if client.tls else "plaintext")
+        self.tls_outcomes.opened(server, client)
         return client
 
     def _count_session(self, server: Server, outcome: str) -> None:
@@ -363,7 +371,8 @@ class SMTPTransport:
         servers = self._servers(hop) if hosts is None else _expand(hosts, self.config.smtp_port, lmtp=False,
                                                                    auth=None)
         tls = self.rules.for_tls(hop.destination, self._site(hop, hosts)).tls_policy(self.config.smtp_tls)
-        return hosts, [_under(server, tls, hop.argument if hop.kind == MX else server.name) for server in servers]
+        return hosts, [_under(server, tls, hop.argument if hop.kind == MX else server.name, hop.kind == MX)
+                       for server in servers]
 
     def _site(self, hop: NextHop, hosts: list[MXHost] | None) -> str:
         """The site MX rollup counts `hop` against, its MX hosts known; "" when it has none."""
@@ -453,10 +462,12 @@ def _relay_hosts(text: str) -> tuple[tuple[str, int | None], ...]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _under(server: Server, tls: TLSPolicy, next_hop: str) -> Server:
-    """`server` under the policy `tls`, the names its certificate must match resolved; made once
-    for a stream of mail to the same server, not once per message."""
-    return replace(server, tls=replace(tls, match=names_to_match(tls, server.name, next_hop)))
+def _under(server: Server, tls: TLSPolicy, next_hop: str, mx: bool) -> Server:
+    """`server` under the policy `tls`, the names its certificate must match resolved, and, for
+    MX routing, the domain its sessions are reported to; made once for a stream of mail to the
+    same server, not once per message."""
+    return replace(server, tls=replace(tls, match=names_to_match(tls, server.name, next_hop)),
+                   report_domain=next_hop if mx else "")
 
 
 def _expand(hosts: list[MXHost], port: int, *, lmtp: bool, auth: tuple[str, str] | None) -> list[Server]:

@@ -35,7 +35,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import NoReturn, Protocol
 
-from policy.tls_policy import LEVELS, TLS_MAY, TLS_NONE, TLSPolicy
+from policy.tls_policy import LEVELS, NAMED_LEVELS, TLS_MAY, TLS_NONE, TLSPolicy
+from policy.tls_report import (
+    CERTIFICATE_HOST_MISMATCH,
+    CERTIFICATE_NOT_TRUSTED,
+    STARTTLS_NOT_SUPPORTED,
+    VALIDATION_FAILURE,
+)
 from router.config.timeouts import Timeouts
 from router.spool.queue_file import clean
 from workers import tls
@@ -118,13 +124,24 @@ class SMTPError(Exception):
         self.reply = reply
 
 
-class TLSFallback(SMTPError):
+class _TLSProblem(SMTPError):
+    """A TLS session that could not be set up. `result_type` names what failed as TLS reports
+    do (policy/tls_report.py), "" for a fault of our own (a CA file that cannot be read);
+    `local_ip` is the address we connected from."""
+
+    def __init__(self, reply: Reply, result_type: str = VALIDATION_FAILURE, local_ip: str = ""):
+        super().__init__(reply)
+        self.result_type = result_type
+        self.local_ip = local_ip
+
+
+class TLSFallback(_TLSProblem):
     """Only under the `may` policy: the server offered and accepted STARTTLS but the handshake
     failed. The connection is closed; connecting again at once with tls=TLS_NONE is the remedy
     (as Postfix does), since a server that cannot do TLS usually can do without it."""
 
 
-class TLSFailure(SMTPError):
+class TLSFailure(_TLSProblem):
     """A level above `may` was not met: no STARTTLS, a failed handshake, a certificate that did
     not pass. Nothing of a transaction was sent; the message waits (4.7.x)."""
 
@@ -154,6 +171,7 @@ class SMTPClient:
         self._dirty = False  # a MAIL was sent since the last RSET
         self._local = local  # a Unix socket: nobody on the wire to hide credentials from
         self.peer = peer
+        self.local_ip = "" if sock.family == socket.AF_UNIX else sock.getsockname()[0]  # for TLS reports
         self.helo_name = helo_name
         self.lmtp = lmtp
         self.timeouts = timeouts
@@ -259,18 +277,18 @@ class SMTPClient:
         names = policy.match or (tls_name,)
         if "STARTTLS" not in self.extensions:
             if policy.required:
-                self._give_up(_local(454, "4.7.4", f"TLS is required, but was not offered by host {self.peer}"),
-                              TLSFailure)
+                self._tls_failed(_local(454, "4.7.4", f"TLS is required, but was not offered by host {self.peer}"),
+                                 STARTTLS_NOT_SUPPORTED)
             return
         try:
             context = tls.context(policy, ca_file)
         except (OSError, ValueError) as exc:
-            self._give_up(_local(454, "4.7.5", f"cannot load CA file {ca_file}: {_reason(exc)}"), TLSFailure)
+            self._tls_failed(_local(454, "4.7.5", f"cannot load CA file {ca_file}: {_reason(exc)}"), "")
         reply = self._command("STARTTLS", "STARTTLS", self.timeouts.starttls)
         if reply.code != 220:
             if policy.required:
-                self._give_up(_local(454, "4" + reply.dsn[1:], f"TLS is required, but {reply.describe(self.peer)}"),
-                              TLSFailure)
+                self._tls_failed(_local(454, "4" + reply.dsn[1:], f"TLS is required, but {reply.describe(self.peer)}"),
+                                 STARTTLS_NOT_SUPPORTED)
             return  # `may`: RFC 3207 lets the session go on unencrypted
         if self._buffer:  # read before the handshake, so not from the TLS peer: someone injected it
             self._fail("STARTTLS", "4.5.0", f"host {self.peer} sent data after its STARTTLS reply")
@@ -286,16 +304,18 @@ class SMTPClient:
             self.abort()
             if not policy.required:  # the certificate is not checked: only the handshake itself can fail
                 raise TLSFallback(_local(454, "4.7.5", f"TLS handshake with {self.peer} failed: "
-                                                       f"{_tls_reason(exc)}")) from None
+                                                       f"{_tls_reason(exc)}"), local_ip=self.local_ip) from None
             if isinstance(exc, ssl.SSLCertVerificationError):
                 text = f"server certificate of {self.peer} not verified for {', '.join(names)}: {exc.verify_message}"
             else:
                 text = f"TLS is required, but the handshake with {self.peer} failed: {_tls_reason(exc)}"
-            raise TLSFailure(_local(454, "4.7.5", text)) from None
+            raise TLSFailure(_local(454, "4.7.5", text), tls.result_type(exc), self.local_ip) from None
         problem = tls.check_peer(sock, policy, names)
         if problem:
             self.abort()
-            raise TLSFailure(_local(454, "4.7.5", f"server certificate of {self.peer} {problem}"))
+            raise TLSFailure(_local(454, "4.7.5", f"server certificate of {self.peer} {problem}"),
+                             CERTIFICATE_HOST_MISMATCH if policy.level in NAMED_LEVELS else CERTIFICATE_NOT_TRUSTED,
+                             self.local_ip)
         self.tls = tls.describe(sock)
         self.tls_trust = tls.trust(sock, policy)
         self._hello()
@@ -639,10 +659,15 @@ class SMTPClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _give_up(self, reply: Reply, error: type[SMTPError] = SMTPError) -> NoReturn:
+    def _give_up(self, reply: Reply) -> NoReturn:
         """End a session that cannot go on, politely (QUIT), and say why."""
         self.close()
-        raise error(reply)
+        raise SMTPError(reply)
+
+    def _tls_failed(self, reply: Reply, result_type: str) -> NoReturn:
+        """End a session whose TLS level is not met, politely (QUIT), and say why."""
+        self.close()
+        raise TLSFailure(reply, result_type, self.local_ip)
 
     # -- the wire --------------------------------------------------------------------------
 

@@ -13,8 +13,16 @@ import ipaddress
 import ssl
 
 from policy.tls_policy import NAMED_LEVELS, TLS_FINGERPRINT, TLSPolicy
+from policy.tls_report import (
+    CERTIFICATE_EXPIRED,
+    CERTIFICATE_HOST_MISMATCH,
+    CERTIFICATE_NOT_TRUSTED,
+    VALIDATION_FAILURE,
+)
 
 VERIFIED, UNTRUSTED, ANONYMOUS = "Verified", "Untrusted", "Anonymous"  # as Postfix's log lines say
+# OpenSSL's X509_V_ERR_* codes (ssl.SSLCertVerificationError.verify_code) TLS reports name apart
+_EXPIRED, _HOSTNAME_MISMATCH, _IP_MISMATCH = 10, 62, 64
 _VERSIONS = {"TLSv1": ssl.TLSVersion.TLSv1, "TLSv1.1": ssl.TLSVersion.TLSv1_1,
              "TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -51,6 +59,19 @@ def check_peer(sock: ssl.SSLSocket, policy: TLSPolicy, names: tuple[str, ...]) -
         if not digests & set(policy.fingerprints):
             return f"not verified by fingerprint: its SHA-256 digests {' and '.join(sorted(digests))} are not listed"
     return ""
+
+
+def result_type(exc: BaseException) -> str:
+    """What TLS reports (RFC 8460 4.3.1) call a failed handshake: a chain that did not verify
+    is an expired or untrusted certificate (or one for other names), anything else a failure
+    of validation in general."""
+    if not isinstance(exc, ssl.SSLCertVerificationError):
+        return VALIDATION_FAILURE
+    if exc.verify_code == _EXPIRED:
+        return CERTIFICATE_EXPIRED
+    if exc.verify_code in (_HOSTNAME_MISMATCH, _IP_MISMATCH):
+        return CERTIFICATE_HOST_MISMATCH
+    return CERTIFICATE_NOT_TRUSTED
 
 
 def trust(sock: ssl.SSLSocket, policy: TLSPolicy) -> str:

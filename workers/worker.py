@@ -43,7 +43,7 @@ from policy.next_hop import LMTP, MDA, MX, PIPE, SMTP
 from policy.routing import Policy
 from router.config import Config, privileges
 from router.spool import Spool
-from workers import command
+from workers import command, tls_reports
 from workers.delivery import Delivery, Plan, Report
 from workers.local import ProgramTransport
 from workers.pools import LOCAL
@@ -59,7 +59,8 @@ HEARTBEAT_SECONDS = 1.0  # how often the worker says it is alive, and an idle on
 SITE_THREADS = 8  # a network worker's threads that look up sites (MX rollup) and domains (recipient
 # verification): one slow DNS answer holds up one
 SITE, DOMAIN, CALLOUT = "site", "domain", "callout"  # what a lookup thread is asked: an MX destination's site,
-# a domain's hosts, a next hop's answer to a recipient
+# a domain's hosts, a next hop's answer to a recipient; or to send the TLS reports of days over
+TLS_REPORT = tls_reports.ASK
 HANG_SECONDS = 30.0  # a program still running this long past command-time-limit has defeated the kill:
 # the worker stops saying it is alive, and the supervisor's watchdog replaces it
 PR_SET_PDEATHSIG = 1
@@ -169,6 +170,9 @@ class Worker:
                         self._start_site_threads()
                         for probe in task["callout"]:
                             self.lookups.put((CALLOUT, probe))
+                    elif TLS_REPORT in task:  # the TLS reports of days over (workers/tls_reports.py)
+                        self._start_site_threads()
+                        self.lookups.put((TLS_REPORT, None))
                     elif "drop" in task:  # the dispatcher wants room at these destinations
                         if self.smtp:
                             self.smtp.drop(set(task["drop"]))
@@ -255,6 +259,8 @@ class Worker:
                 self._write({"sites": {entry: self.smtp.site_of(unquote(entry).partition(":")[2])}})
             elif kind == DOMAIN:
                 self._write({"domains": {entry: self.smtp.mx_failure(entry)}})
+            elif kind == TLS_REPORT:
+                self._send_tls_reports()
             else:
                 self._write({"callouts": {entry["key"]: self._callout(entry["recipient"])}})
 
@@ -267,6 +273,13 @@ class Worker:
         except Exception as exc:  # a bug must not end the thread: the client hears "temporary"
             log.exception("probe of <%s> failed", recipient)
             return "4.3.0", f"probe failed: {type(exc).__name__}: {exc}"
+
+    def _send_tls_reports(self) -> None:
+        """Send the TLS reports of the days over, unless another sender is at it; never raises."""
+        try:
+            tls_reports.Sender(self.config, self.spool).send(wait=False)
+        except Exception:  # a bug, or a spool that cannot be written: the next trigger tries again
+            log.exception("sending TLS reports failed")
 
     def _tell_kept(self, destinations: set[str]) -> None:
         """Tell the dispatcher how many idle connections are left to destinations that lost some."""

@@ -1,6 +1,7 @@
 """The `qrouter` command: run the daemon, queue a message, ask the daemon how it is doing."""
 
 import dataclasses
+import datetime
 import inspect
 import json
 import os
@@ -17,6 +18,7 @@ from policy.destinations import DestinationRules, DestinationSettings
 from policy.next_hop import LMTP, MDA, MX, PIPE, SMTP, NextHop
 from policy.rewriting import FROM, TO
 from policy.routing import Policy, load_policy
+from policy.tls_report import parse_day, utc_day
 from policy.transport_map import PolicyError
 from policy.verify import DELIVERABLE, REFUSED
 from router import config as config_module
@@ -24,9 +26,9 @@ from router.admin.queue_view import ALL, WAITING, Selection, age, as_lines, find
 from router.admin.queue_view import as_json as as_json_line
 from router.admin.queue_view import shape as queue_shape
 from router.config import KEYS, Config, ConfigError, privileges
+from router.daemon.control import QueueCommands
 from router.daemon import detach as daemon
 from router.daemon import reach
-from router.daemon.control import QueueCommands
 from router.daemon.status_socket import StatusError, query
 from router.daemon.supervisor import Supervisor
 from router.front.sendmail import queue_local, read_up_to, received
@@ -36,6 +38,7 @@ from router.spool.address import AddressError, parse_path
 from router.spool.headers import header_of, prepend_fields
 from router.spool.lock import SpoolNotAllowed, unless_daemon
 from router.spool.queue_file import MAX_OVERHEAD, QueueFile, Recipient, parse
+from workers import tls_reports
 from workers.command import Account, environment, workdir
 from workers.local import command_for
 from workers.mx_hosts import site_destination
@@ -762,6 +765,52 @@ _changer("hold", (INCOMING, DEFERRED), "Keep messages from delivery (to hold/) u
 _changer("release", (HOLD,), "Deliver held messages again.")
 _changer("delete", (INCOMING, DEFERRED, HOLD), "Remove messages for good (asks, unless --yes).", confirm=True)
 _changer("requeue", (DEFERRED, HOLD), "Rewrite and route messages afresh and try them now, as postsuper -r.")
+
+
+tls_report_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                             help="SMTP TLS reports (RFC 8460): the session counts, and sending the reports now.")
+app.add_typer(tls_report_app, name="tls-report")
+DayOption = Annotated[Optional[str], typer.Option("--day", metavar="YYYY-MM-DD", help="one UTC day")]  # noqa: UP045
+TLS_REPORT_KEYS = (*SPOOL_KEYS, "me", "dns-servers", "dns-timeout", "tls-report-organization", "tls-report-contact",
+                   "tls-report-ca")
+
+
+def _day(text: str) -> datetime.date:
+    try:
+        return parse_day(text)
+    except ValueError as exc:
+        raise _fail(f"--day: {exc}", EX_USAGE) from None
+
+
+def tls_report_show(day: DayOption = None,
+                    as_json: Annotated[bool, typer.Option("--json", help="a JSON object a day and domain")] = False,
+                    config: ConfigOption = None, **settings: Any) -> None:
+    """The TLS sessions counted for the reports, by UTC day, policy domain and policy, with the
+    failures, and what became of each report."""
+    loaded = _view_config(config, _flags(settings))
+    for line in tls_reports.show(loaded, [_day(day)] if day else tls_reports.days_kept(loaded.queue_dir), as_json):
+        typer.echo(line)
+
+
+def tls_report_send(day: DayOption = None, config: ConfigOption = None, **settings: Any) -> None:
+    """Send the TLS reports of the days that are over and not yet reported (or of one), now, as
+    the daemon does once a day; a report already sent is not sent again."""
+    loaded = _config(config, _flags(settings))
+    if day and _day(day) >= utc_day(time.time()):
+        raise _fail(f"--day {day}: the day is not over yet (UTC)", EX_USAGE)
+    if os.geteuid() == 0:  # never on the network as root: as the daemon's network workers are
+        try:
+            privileges.become(privileges.account(loaded.user), loaded.spool_group)
+        except privileges.PrivilegeError as exc:
+            raise _fail(str(exc), EX_CONFIG) from None
+        privileges.for_network_worker()
+    sender = tls_reports.Sender(loaded, Spool(loaded.queue_dir, loaded.spool_group))
+    for line in sender.send([_day(day)] if day else None) or ["nothing to send"]:
+        typer.echo(line)
+
+
+tls_report_app.command("show")(_with_config_flags(tls_report_show, TLS_REPORT_KEYS))
+tls_report_app.command("send")(_with_config_flags(tls_report_send, TLS_REPORT_KEYS))
 
 
 def main() -> None:

@@ -295,6 +295,16 @@ class Config:
                                   "largest original returned whole in a report; a larger one: its header only")
     bounce_notice_recipient: str = _key("bounce-notice-recipient", _text, "",
                                         "who gets the report about mail from <> that failed (default: nobody)")
+    tls_report: bool = _key("tls-report", _boolean, False,
+                            "count the TLS sessions of MX deliveries per domain and send each domain that asks "
+                            "(_smtp._tls TXT) a daily report, RFC 8460")
+    tls_report_organization: str = _key("tls-report-organization", _text, "",
+                                        "organization-name of TLS reports (default: me)")
+    tls_report_contact: str = _key("tls-report-contact", _text, "",
+                                   "contact-info of TLS reports, and their From: when it is an address "
+                                   "(default: postmaster@ME)")
+    tls_report_ca: str = _key("tls-report-ca", _existing_file, "",
+                              "CA certificates for HTTPS report receivers (default: the system store)")
     hopcount_limit: int = _key("hopcount-limit", _positive_int, 50,
                                "Received: and Delivered-To: fields a message may have; more is a loop (5.4.6)")
     metrics_listen: str = _key("metrics-listen", _listen, "",

@@ -35,8 +35,8 @@ from policy.next_hop import NextHop
 from policy.routing import load_policy
 from policy.transport_map import PolicyError
 from router.config import Config, ConfigError, load, privileges
-from router.daemon import reach, status_socket
 from router.daemon.control import COMMANDS, Daemon, QueueCommands
+from router.daemon import reach, status_socket
 from router.daemon.dispatcher import PROBE_SECONDS, Dispatcher, Limits, Routed, Suspension, Task
 from router.daemon.verifier import Verifier
 from router.logs import target as log_module
@@ -49,6 +49,7 @@ from router.spool.queue_file import POISON_CRASHES
 from router.spool.queue_id import arrival_of, is_queue_id
 from workers.delivery import CORRUPTED, KEPT, QUEUED_AGAIN, SKIPPED, Report
 from workers.pools import LOCAL, NETWORK, pool_for, pool_of
+from workers.tls_reports import Trigger
 from workers.worker import Worker
 
 if TYPE_CHECKING:
@@ -150,6 +151,7 @@ class Supervisor:
         self.control = QueueCommands(self.spool, _Hooks(self))
         self.young_deaths = 0
         self.exit_code = 0
+        self.tls_reports = Trigger()  # with tls-report: once a day is over, a network worker sends its reports
 
     # -- start and stop -------------------------------------------------------------------
 
@@ -173,6 +175,7 @@ class Supervisor:
             self.verifier.tick(time.time())
             self._promote_due()
             self._prune_archive()
+            self.tls_reports.tick(self.config, self._ask_worker)
             self._tidy()
             self._measure()
             self._watch_workers()
