@@ -26,9 +26,9 @@ from router.admin.queue_view import ALL, WAITING, Selection, age, as_lines, find
 from router.admin.queue_view import as_json as as_json_line
 from router.admin.queue_view import shape as queue_shape
 from router.config import KEYS, Config, ConfigError, privileges
-from router.daemon.control import QueueCommands
 from router.daemon import detach as daemon
 from router.daemon import reach
+from router.daemon.control import QueueCommands
 from router.daemon.status_socket import StatusError, query
 from router.daemon.supervisor import Supervisor
 from router.front.sendmail import queue_local, read_up_to, received

@@ -35,8 +35,8 @@ from policy.next_hop import NextHop
 from policy.routing import load_policy
 from policy.transport_map import PolicyError
 from router.config import Config, ConfigError, load, privileges
-from router.daemon.control import COMMANDS, Daemon, QueueCommands
 from router.daemon import reach, status_socket
+from router.daemon.control import COMMANDS, Daemon, QueueCommands
 from router.daemon.dispatcher import PROBE_SECONDS, Dispatcher, Limits, Routed, Suspension, Task
 from router.daemon.verifier import Verifier
 from router.logs import target as log_module
