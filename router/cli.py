@@ -115,7 +115,8 @@ KEYS_BY_PARAM = {key.replace("-", "_"): key for key in KEYS}
 SPOOL_KEYS = ("queue-dir", "status-socket", "spool-group", "user")
 POLICY_KEYS = ("default-transport", "relayhost", "transports", "transport-defs", "aliases", "rewriting",
                "destinations", "rewrite-both", "pipe-user", "user")
-ROUTE_KEYS = (*POLICY_KEYS, "me", "dns-servers", "dns-timeout", "smtp-port", "command-time-limit", "smtp-tls")
+ROUTE_KEYS = (*POLICY_KEYS, "me", "dns-servers", "dns-timeout", "smtp-port", "command-time-limit", "smtp-tls",
+              "queue-dir", "smtp-tls-ca")
 
 
 def _flags(settings: dict[str, Any]) -> dict[str, str]:
@@ -230,6 +231,10 @@ def route(
             answer["destination_settings"] = dataclasses.asdict(settings)
     if decision.next_hop.kind in (SMTP, LMTP, MX) and not decision.next_hop.argument.startswith("/"):
         answer["tls"] = _tls(policy.destinations.for_tls(destination, answer.get("site", "")), loaded.smtp_tls)
+    if resolve and decision.next_hop.kind == MX and answer["tls"]["source"] == "smtp-tls":  # tls= wins over it
+        from workers.mta_sts import for_route
+
+        answer["mta_sts"] = for_route(loaded, decision.next_hop.argument)
     if as_json:
         typer.echo(json.dumps(answer, indent=2))
         return
@@ -245,6 +250,8 @@ def route(
               f"destination settings: {_format_settings(settings, policy.destinations)}"]
     if "tls" in answer:
         lines.append(_format_tls(answer["tls"]))
+    if "mta_sts" in answer:
+        lines.append(f"mta-sts:   {answer['mta_sts']['shown']}")
     if "program" in answer:
         lines += _format_program(answer["program"])
     if resolve:

@@ -125,10 +125,10 @@ class AioServer:
     """
 
     def __init__(self, handler: Recorder | None = None, *, host: str = "127.0.0.1", lmtp: bool = False,
-                 unix_socket: str | None = None, **smtp_kwargs: Any) -> None:
+                 unix_socket: str | None = None, port: int = 0, **smtp_kwargs: Any) -> None:
         self.handler = handler or Recorder()
         self.host = host
-        self.port = 0 if unix_socket else free_port(host)
+        self.port = 0 if unix_socket else port or free_port(host)  # `port`: that of another host's server
         smtp_kwargs.setdefault("enable_SMTPUTF8", False)
         smtp_kwargs.setdefault("server_hostname", SERVER_NAME)
         self.controller: Controller | UnixSocketController
