@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import dns.zone
 import pytest
@@ -18,6 +19,8 @@ from tests.dns_server import DNSServer, zone_file
 from tests.smtp_servers import AioServer, free_port
 from tests.test_smtp_tls_auth import FAST, Sink, deferred, delivered, enqueue
 from tests.test_tls_policy import PKI, destinations
+from workers.mta_sts import Policies
+from workers.mx_lookup import make_resolver
 
 DOMAIN = "sts.test"
 MX, OTHER_MX = "mx.sts.test", "mx.other.test"
@@ -380,3 +383,36 @@ def test_a_policy_takes_crlf_or_lf_unknown_fields_and_the_first_of_a_repeated_on
 ])
 def test_mx_patterns_match_as_rfc_8461_says(pattern, host, matches):
     assert mx_matches(pattern, host) == matches
+
+
+# -- lifetimes, asked of a worker's Policies directly ----------------------------------------------
+
+
+def policies(dns: DNSServer, spool: Path, pki: PKI) -> Policies:
+    return Policies(make_resolver(dns.servers, 5.0), str(spool), pki.ca_file)
+
+
+def test_a_policy_is_fetched_again_halfway_through_its_max_age_and_dropped_when_it_expires(pki, tmp_path):
+    with DNSServer(zone()) as dns, PolicyServer(pki, policy("enforce", MX, max_age=1000)) as web:
+        found = policies(dns, tmp_path, pki).lookup(DOMAIN, now=10_000.0)
+        assert (found.source, found.expires) == ("fetched", 11_000.0)
+        later = policies(dns, tmp_path, pki)  # a restarted worker: the spool's copy
+        assert later.lookup(DOMAIN, now=10_400.0).source == "cache" and len(web.requests) == 1
+        assert later.lookup(DOMAIN, now=10_600.0).source == "fetched" and len(web.requests) == 2  # past half
+        dns.servfail(f"_mta-sts.{DOMAIN}")
+        assert later.lookup(DOMAIN, now=11_500.0).source == "cache"  # DNS down: the copy while it lasts
+        assert later.lookup(DOMAIN, now=11_600.0) is None  # expired
+    assert not (tmp_path / "mta-sts" / DOMAIN).exists()
+
+
+def test_a_failed_refresh_keeps_the_cached_policy_and_is_not_retried_at_once(pki, tmp_path):
+    with DNSServer(zone("one")) as dns, PolicyServer(pki, policy("enforce", MX)) as web:
+        worker = policies(dns, tmp_path, pki)
+        assert worker.lookup(DOMAIN, now=1_000.0).policy_id == "one"
+        rezone(dns, zone("two"))
+        web.answer = (404, "text/plain", b"gone", {})
+        kept = worker.lookup(DOMAIN, now=1_001.0)
+        assert (kept.policy_id, kept.source) == ("one", "cache")
+        assert worker.lookup(DOMAIN, now=1_002.0).policy_id == "one" and len(web.requests) == 2
+        web.answer = (200, "text/plain", policy("testing", MX), {})
+        assert worker.lookup(DOMAIN, now=1_400.0).policy.mode == "testing" and len(web.requests) == 3
