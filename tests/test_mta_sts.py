@@ -119,20 +119,33 @@ def cached(daemon) -> dict:
     return json.loads((daemon.spool / "mta-sts" / DOMAIN).read_text())
 
 
+def attempt(daemons, pki: PKI, certificate: str, served: bytes | tuple, *flags: str, listed: bool = True,
+            policy_name: str = POLICY_HOST):
+    """One message to u@DOMAIN, whose one MX host is MX (OTHER_MX unless `listed`): an aiosmtpd
+    server with a certificate for `certificate`; the policy server (its certificate for
+    `policy_name`) answering `served`, a policy or (status, Content-Type, body, headers). The
+    MX server's Sink, the policy server, the daemon and the queue id, once the first attempt is over."""
+    host, ip = (MX, MX_IP) if listed else (OTHER_MX, OTHER_IP)
+    context, _ = pki.context(certificate)
+    with AioServer(Sink(), host=ip, tls_context=context) as mx, DNSServer(zone(mx=f"10 {host}.")) as dns, \
+            PolicyServer(pki, b"", name=policy_name) as web:
+        web.answer = served if isinstance(served, tuple) else (200, "text/plain; charset=utf-8", served, {})
+        daemon = start(daemons, pki, dns, mx.port, *flags)
+        queue_id = enqueue(daemon, [f"u@{DOMAIN}"], BODY)
+        first_attempt(daemon, queue_id)
+    return mx.handler, web, daemon, queue_id
+
+
 # -- enforce ---------------------------------------------------------------------------------------
 
 
 def test_enforce_delivers_to_a_listed_mx_with_a_good_certificate_and_keeps_the_policy(daemons, pki):
-    context, _ = pki.context(MX)
-    with AioServer(Sink(), host=MX_IP, tls_context=context) as mx, DNSServer(zone()) as dns, \
-            PolicyServer(pki, policy("enforce", MX)) as web:
-        daemon = start(daemons, pki, dns, mx.port)
-        queue_id = enqueue(daemon, [f"u@{DOMAIN}"], BODY)
-        sent_to(daemon, queue_id, MX, MX_IP)
-    assert mx.handler.messages[0].content.endswith(b"for the listed MX only\r\n")
-    assert mx.handler.sessions[0][0] in ("TLSv1.2", "TLSv1.3")
+    sink, web, daemon, queue_id = attempt(daemons, pki, MX, policy("enforce", MX))
+    sent_to(daemon, queue_id, MX, MX_IP)
+    assert sink.messages[0].content.endswith(b"for the listed MX only\r\n")
+    assert sink.sessions[0][0] in ("TLSv1.2", "TLSv1.3")
     log = daemon.log()
-    assert f"Verified TLS connection established to {MX}[{MX_IP}]:{mx.port}: TLSv1" in log
+    assert f"Verified TLS connection established to {MX}[{MX_IP}]:" in log
     assert f"(MTA-STS enforce policy of {DOMAIN})" in log
     assert f"MTA-STS enforce policy of {DOMAIN} fetched (id one): mode enforce, mx {MX}, max_age 86400" in log
     assert web.requests == [("/.well-known/mta-sts.txt", POLICY_HOST)]
@@ -160,36 +173,25 @@ def test_enforce_leaves_out_an_mx_not_in_the_policy(daemons, pki):
 
 
 def test_enforce_defers_when_no_mx_is_in_the_policy(daemons, pki):
-    other, _ = pki.context(OTHER_MX)
-    with AioServer(Sink(), host=OTHER_IP, tls_context=other) as unlisted, \
-            DNSServer(zone(mx=f"10 {OTHER_MX}.")) as dns, PolicyServer(pki, policy("enforce", MX, "*.sts.test")):
-        daemon = start(daemons, pki, dns, unlisted.port)
-        queue_id = enqueue(daemon, [f"u@{DOMAIN}"], BODY)
-        held_back(daemon, queue_id, "4.7.0",
-                  f"MTA-STS enforce policy of {DOMAIN}: {OTHER_MX} not in the policy's mx list")
-    assert unlisted.handler.hellos == [] and unlisted.handler.messages == []
+    sink, _, daemon, queue_id = attempt(daemons, pki, OTHER_MX, policy("enforce", MX, "*.sts.test"), listed=False)
+    held_back(daemon, queue_id, "4.7.0", f"MTA-STS enforce policy of {DOMAIN}: {OTHER_MX} not in the policy's mx list")
+    assert sink.hellos == [] and sink.messages == []
 
 
 def test_enforce_defers_a_certificate_for_another_name_and_sends_nothing(daemons, pki):
     """The default level (may) would deliver to this server; the policy does not."""
-    wrong, _ = pki.context("other.test")
-    with AioServer(Sink(), host=MX_IP, tls_context=wrong) as mx, DNSServer(zone()) as dns, \
-            PolicyServer(pki, policy("enforce", MX)):
-        daemon = start(daemons, pki, dns, mx.port)
-        queue_id = enqueue(daemon, [f"u@{DOMAIN}"], BODY)
-        held_back(daemon, queue_id, "4.7.5", f"MTA-STS enforce policy of {DOMAIN}: server certificate of "
-                  f"{MX}[{MX_IP}]:{mx.port} not verified for {MX}: the certificate names other.test")
-    assert mx.handler.messages == [] and not any(c.startswith(("MAIL", "RCPT")) for c in mx.handler.commands)
-    assert mx.handler.handshakes == 1  # no second try in plain text
+    sink, _, daemon, queue_id = attempt(daemons, pki, "other.test", policy("enforce", MX))
+    held_back(daemon, queue_id, "4.7.5", f"MTA-STS enforce policy of {DOMAIN}: server certificate of "
+              f"{MX}[{MX_IP}]:")
+    assert f"not verified for {MX}: the certificate names other.test" in daemon.log()
+    assert sink.messages == [] and not any(c.startswith(("MAIL", "RCPT")) for c in sink.commands)
+    assert sink.handshakes == 1  # no second try in plain text
 
 
 def test_an_explicit_tls_rule_wins_over_the_policy(daemons, pki, tmp_path):
-    wrong, _ = pki.context("other.test")
-    with AioServer(Sink(), host=MX_IP, tls_context=wrong) as mx, DNSServer(zone()) as dns, \
-            PolicyServer(pki, policy("enforce", MX)) as web:
-        daemon = start(daemons, pki, dns, mx.port, "--destinations", destinations(tmp_path, f"{DOMAIN} tls=may\n"))
-        queue_id = enqueue(daemon, [f"u@{DOMAIN}"], BODY)
-        sent_to(daemon, queue_id, MX, MX_IP)
+    _, web, daemon, queue_id = attempt(daemons, pki, "other.test", policy("enforce", MX),
+                                       "--destinations", destinations(tmp_path, f"{DOMAIN} tls=may\n"))
+    sent_to(daemon, queue_id, MX, MX_IP)
     assert web.requests == [] and "MTA-STS" not in daemon.log()
 
 
@@ -197,38 +199,27 @@ def test_an_explicit_tls_rule_wins_over_the_policy(daemons, pki, tmp_path):
 
 
 def test_testing_delivers_anyway_and_logs_what_enforce_would_have_refused(daemons, pki):
-    wrong, _ = pki.context("other.test")
-    with AioServer(Sink(), host=MX_IP, tls_context=wrong) as mx, DNSServer(zone()) as dns, \
-            PolicyServer(pki, policy("testing", MX)):
-        daemon = start(daemons, pki, dns, mx.port)
-        queue_id = enqueue(daemon, [f"u@{DOMAIN}"], BODY)
-        sent_to(daemon, queue_id, MX, MX_IP)
-    assert len(mx.handler.messages) == 1
+    sink, _, daemon, queue_id = attempt(daemons, pki, "other.test", policy("testing", MX))
+    sent_to(daemon, queue_id, MX, MX_IP)
+    assert len(sink.messages) == 1
     log = daemon.log()
-    assert (f"{queue_id}: MTA-STS testing policy of {DOMAIN}: server certificate of {MX}[{MX_IP}]:{mx.port} "
-            f"not verified for {MX}: the certificate names other.test (result certificate-host-mismatch); "
+    assert f"{queue_id}: MTA-STS testing policy of {DOMAIN}: server certificate of {MX}[{MX_IP}]:" in log
+    assert (f"not verified for {MX}: the certificate names other.test (result certificate-host-mismatch); "
             "delivering as without the policy") in log
     assert f"Untrusted TLS connection established to {MX}[{MX_IP}]" in log  # the default level, may
 
 
 def test_testing_uses_an_mx_not_in_the_policy_and_says_so(daemons, pki):
-    other, _ = pki.context(OTHER_MX)
-    with AioServer(Sink(), host=OTHER_IP, tls_context=other) as unlisted, \
-            DNSServer(zone(mx=f"10 {OTHER_MX}.")) as dns, PolicyServer(pki, policy("testing", MX)):
-        daemon = start(daemons, pki, dns, unlisted.port)
-        queue_id = enqueue(daemon, [f"u@{DOMAIN}"], BODY)
-        sent_to(daemon, queue_id, OTHER_MX, OTHER_IP)
+    _, _, daemon, queue_id = attempt(daemons, pki, OTHER_MX, policy("testing", MX), listed=False)
+    sent_to(daemon, queue_id, OTHER_MX, OTHER_IP)
     assert (f"MTA-STS testing policy of {DOMAIN}: {OTHER_MX} not in the policy's mx list; used all the same "
             "(testing, result validation-failure)") in daemon.log()
 
 
 def test_mode_none_is_no_policy(daemons, pki):
-    wrong, _ = pki.context("other.test")
-    with AioServer(Sink(), host=MX_IP, tls_context=wrong) as mx, DNSServer(zone()) as dns, \
-            PolicyServer(pki, policy("none", max_age=600).replace(f"mx: {MX}\r\n".encode(), b"")):
-        daemon = start(daemons, pki, dns, mx.port)
-        queue_id = enqueue(daemon, [f"u@{DOMAIN}"], BODY)
-        sent_to(daemon, queue_id, MX, MX_IP)
+    served = policy("none", max_age=600).replace(f"mx: {MX}\r\n".encode(), b"")
+    _, _, daemon, queue_id = attempt(daemons, pki, "other.test", served)
+    sent_to(daemon, queue_id, MX, MX_IP)
     assert f"MTA-STS none policy of {DOMAIN} fetched (id one)" in daemon.log()
     assert cached(daemon)["id"] == "one"  # kept: it replaces an enforce policy cached before
 
@@ -246,13 +237,8 @@ def test_mode_none_is_no_policy(daemons, pki):
      "line 2: mode 'strict'; it must be one of enforce, testing, none (sts-policy-invalid)"),
 ])
 def test_a_fetch_that_fails_gives_no_policy_and_is_logged(daemons, pki, answer, said):
-    wrong, _ = pki.context("other.test")
-    with AioServer(Sink(), host=MX_IP, tls_context=wrong) as mx, DNSServer(zone()) as dns, \
-            PolicyServer(pki, b"") as web:
-        web.answer = answer
-        daemon = start(daemons, pki, dns, mx.port)
-        queue_id = enqueue(daemon, [f"u@{DOMAIN}"], BODY)
-        sent_to(daemon, queue_id, MX, MX_IP)  # under the default level, may: the certificate unchecked
+    _, _, daemon, queue_id = attempt(daemons, pki, "other.test", answer)
+    sent_to(daemon, queue_id, MX, MX_IP)  # under the default level, may: the certificate unchecked
     assert f"MTA-STS policy of {DOMAIN} (id one) not fetched: https://{POLICY_HOST}/.well-known/mta-sts.txt" in \
         daemon.log()
     assert f"{said}; delivering as without a policy" in daemon.log()
@@ -260,12 +246,8 @@ def test_a_fetch_that_fails_gives_no_policy_and_is_logged(daemons, pki, answer, 
 
 
 def test_a_policy_server_with_a_certificate_for_another_name_gives_no_policy(daemons, pki):
-    wrong, _ = pki.context("other.test")
-    with AioServer(Sink(), host=MX_IP, tls_context=wrong) as mx, DNSServer(zone()) as dns, \
-            PolicyServer(pki, policy(), name="www.other.test"):
-        daemon = start(daemons, pki, dns, mx.port)
-        queue_id = enqueue(daemon, [f"u@{DOMAIN}"], BODY)
-        sent_to(daemon, queue_id, MX, MX_IP)
+    _, _, daemon, queue_id = attempt(daemons, pki, "other.test", policy(), policy_name="www.other.test")
+    sent_to(daemon, queue_id, MX, MX_IP)
     assert "TLS failed" in daemon.log() and "(sts-webpki-invalid); delivering as without a policy" in daemon.log()
 
 

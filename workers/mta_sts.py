@@ -55,6 +55,8 @@ from workers.mx_lookup import lookup_txt, resolve_host
 DIRECTORY = "mta-sts"  # in the spool
 FETCH_TIMEOUT = 20.0  # seconds for one policy fetch: connection, handshake and body together
 FAILED_FETCH_PAUSE = 300.0  # seconds before a failed fetch of the same policy id is tried again
+MEMORY = 4096  # domains a worker remembers (policies, failed fetches, lines logged); the spool keeps them all
+FETCH_LOCKS = 64  # fetches of different domains at once; those of one domain are one after the other
 WELL_KNOWN = "/.well-known/mta-sts.txt"
 FETCHED, CACHE = "fetched", "cache"
 _FILE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
@@ -156,18 +158,16 @@ class Policies:
         self.fetch_timeout = fetch_timeout
         self.known: dict[str, Found | None] = {}  # what memory holds, None: the spool has nothing
         self.failed: dict[tuple[str, str], float] = {}  # (domain, id) -> when a fetch of it failed
-        self._lock = threading.Lock()
-        self._fetching: dict[str, threading.Lock] = {}
         self.noted: set[tuple[str, ...]] = set()  # what _note_once said
+        self._lock = threading.Lock()
+        self._fetching = [threading.Lock() for _ in range(FETCH_LOCKS)]
 
     def lookup(self, domain: str, now: float | None = None) -> Found | None:
         """The policy that applies to mail for `domain` now, or None (the domain has none, or
         none could be found and none is cached)."""
         now = time.time() if now is None else now
         domain = domain.lower().rstrip(".")
-        with self._lock:
-            fetching = self._fetching.setdefault(domain, threading.Lock())
-        with fetching:  # one fetch of a domain at a time; the others take its result
+        with self._fetching[hash(domain) % FETCH_LOCKS]:  # one fetch of a domain at a time; the others take its result
             return self._lookup(domain, now)
 
     def _lookup(self, domain: str, now: float) -> Found | None:
@@ -182,12 +182,14 @@ class Policies:
             return cached
         if cached is not None and cached.policy_id == policy_id and now < cached.refresh_due:
             return cached
-        if now - self.failed.get((domain, policy_id), -FAILED_FETCH_PAUSE) < FAILED_FETCH_PAUSE:
+        with self._lock:
+            failed = self.failed.get((domain, policy_id), -FAILED_FETCH_PAUSE)
+        if now - failed < FAILED_FETCH_PAUSE:
             return cached
         try:
             policy, text = fetch(domain, self.resolver, self.ca_file, self.fetch_timeout)
         except FetchError as exc:
-            self.failed[(domain, policy_id)] = now
+            self._remember(self.failed, (domain, policy_id), now)
             kept = f"; {cached.describe()} (cached, id {cached.policy_id}) still applies" if cached else \
                 "; delivering as without a policy"
             log.warning("MTA-STS policy of %s (id %s) not fetched: %s (%s)%s", domain, policy_id, exc,
@@ -197,8 +199,9 @@ class Policies:
         log.info("%s fetched (id %s): %s", found.describe(), policy_id, policy.describe())
         if self.keep:
             self.cache.store(found, text)
-        self.known[domain] = found
-        self.failed.pop((domain, policy_id), None)
+        self._remember(self.known, domain, found)
+        with self._lock:
+            self.failed.pop((domain, policy_id), None)
         return found
 
     def apply(self, domain: str, servers: list[Any]) -> list[Any]:
@@ -228,25 +231,39 @@ class Policies:
                 used.append(server)
         return used
 
+    def _remember(self, memory: dict, key: Any, value: Any) -> None:
+        """memory[key] = value, forgetting the oldest key beyond MEMORY (the session threads
+        share it)."""
+        with self._lock:
+            memory.pop(key, None)
+            memory[key] = value
+            if len(memory) > MEMORY:
+                del memory[next(iter(memory))]
+
     def _note_once(self, key: tuple[str, ...], text: str) -> None:
         """Log `text` the first time `key` comes, not once a message."""
         with self._lock:
             if key in self.noted:
                 return
+            if len(self.noted) >= MEMORY:
+                self.noted.clear()
             self.noted.add(key)
         log.info("%s", text)
 
     def _cached(self, domain: str, now: float) -> Found | None:
         """The policy memory or the spool holds for `domain`, unless it has expired."""
-        if domain not in self.known:
-            self.known[domain] = self.cache.load(domain, now)
-        found = self.known[domain]
+        with self._lock:
+            remembered, found = domain in self.known, self.known.get(domain)
+        if not remembered:
+            found = self.cache.load(domain, now)
+            self._remember(self.known, domain, found)
         if found is not None and found.expires <= now:
             log.info("%s expired (fetched %s); dropped", found.describe(), _when(found.fetched))
             path = self.cache.path(domain)
             if path is not None:
                 unlink_quietly(path)
-            found = self.known[domain] = None
+            found = None
+            self._remember(self.known, domain, None)
         if found is not None and found.source != CACHE:
             found = Found(found.domain, found.policy, found.policy_id, found.fetched, found.expires, CACHE)
         return found
