@@ -200,7 +200,8 @@ def route(
 
     Takes the config keys of routing as flags, as `qrouter run` does. With --resolve it also shows, in the
     order delivery tries them, the MX hosts (by preference; equal preferences are shuffled at each
-    delivery) or relay hosts and their addresses, or why mail would bounce or be deferred."""
+    delivery) or relay hosts and their addresses, or why mail would bounce or be deferred; for MX routing
+    without a tls= rule, the domain's MTA-STS policy and where it came from (the spool's cache, or fetched)."""
     loaded = _config(config, _flags(settings))
     policy = _policy(loaded)
     try:

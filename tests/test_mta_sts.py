@@ -382,8 +382,10 @@ def test_a_policy_is_fetched_again_halfway_through_its_max_age_and_dropped_when_
         assert later.lookup(DOMAIN, now=10_400.0).source == "cache" and len(web.requests) == 1
         assert later.lookup(DOMAIN, now=10_600.0).source == "fetched" and len(web.requests) == 2  # past half
         dns.servfail(f"_mta-sts.{DOMAIN}")
+        asked = len(dns.queries)
         assert later.lookup(DOMAIN, now=11_500.0).source == "cache"  # DNS down: the copy while it lasts
         assert later.lookup(DOMAIN, now=11_600.0) is None  # expired
+        assert [query.rdtype for query in dns.queries[asked:]] == ["TXT"]  # a failed lookup is not repeated at once
     assert not (tmp_path / "mta-sts" / DOMAIN).exists()
 
 

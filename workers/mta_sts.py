@@ -10,8 +10,8 @@ When a policy is looked for (RFC 8461 3.3, 5.1):
   fetched; if that fails, the cached one (while it has not expired), else none;
 - DNS gives no record or fails: the cached one while it has not expired, else none.
 A policy past its max_age is dropped, from memory and the spool. A fetch that failed is not
-tried again for the same id for FAILED_FETCH_PAUSE seconds: mail to a domain whose web server is
-down does not wait for it once a message.
+tried again for the same id for FAILED_FETCH_PAUSE seconds, nor a TXT lookup that DNS did not
+answer: mail to a domain whose web or name server is down does not wait for it once a message.
 
 The policy's host is resolved by qrouter's resolver too (dns-servers), the connection made to
 that address with the certificate verified for mta-sts.DOMAIN (smtp-tls-ca, else the system's
@@ -172,19 +172,22 @@ class Policies:
 
     def _lookup(self, domain: str, now: float) -> Found | None:
         cached = self._cached(domain, now)
+        if self._failed_lately(domain, "", now):  # DNS did not answer: not asked again at each message
+            return cached
         try:
             policy_id = parse_txt(lookup_txt(f"_mta-sts.{domain}", self.resolver), domain)
-        except (MXLookupError, STSError) as exc:
-            if cached is None:
-                log.debug("no MTA-STS policy for %s: %s", domain, exc)
+        except MXLookupError as exc:
+            self._remember(self.failed, (domain, ""), now)
+            log.debug("_mta-sts.%s not found now: %s", domain, exc)
+            return cached
+        except STSError as exc:
+            log.debug("no MTA-STS policy published by %s: %s", domain, exc)
             return cached
         if policy_id is None:
             return cached
         if cached is not None and cached.policy_id == policy_id and now < cached.refresh_due:
             return cached
-        with self._lock:
-            failed = self.failed.get((domain, policy_id), -FAILED_FETCH_PAUSE)
-        if now - failed < FAILED_FETCH_PAUSE:
+        if self._failed_lately(domain, policy_id, now):
             return cached
         try:
             policy, text = fetch(domain, self.resolver, self.ca_file, self.fetch_timeout)
@@ -230,6 +233,13 @@ class Policies:
             elif not enforce:
                 used.append(server)
         return used
+
+    def _failed_lately(self, domain: str, policy_id: str, now: float) -> bool:
+        """Whether the fetch of this policy id (or, for "", the TXT lookup) failed less than
+        FAILED_FETCH_PAUSE seconds ago."""
+        with self._lock:
+            failed = self.failed.get((domain, policy_id), -FAILED_FETCH_PAUSE)
+        return now - failed < FAILED_FETCH_PAUSE
 
     def _remember(self, memory: dict, key: Any, value: Any) -> None:
         """memory[key] = value, forgetting the oldest key beyond MEMORY (the session threads
