@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+import dns.exception
+import dns.name
 import dns.resolver
 import urllib3
 
@@ -166,7 +168,10 @@ class Policies:
         """The policy that applies to mail for `domain` now, or None (the domain has none, or
         none could be found and none is cached)."""
         now = time.time() if now is None else now
-        domain = domain.lower().rstrip(".")
+        try:  # in A-labels, as DNS, the certificate and the cache's file name have it
+            domain = dns.name.from_text(domain).to_text(omit_final_dot=True).lower()
+        except (dns.exception.DNSException, UnicodeError):
+            return None  # no name DNS could be asked about: MX routing has said so already
         with self._fetching[hash(domain) % FETCH_LOCKS]:  # one fetch of a domain at a time; the others take its result
             return self._lookup(domain, now)
 
