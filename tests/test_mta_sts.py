@@ -75,7 +75,6 @@ class PolicyServer:
             def log_message(self, *args: object) -> None:
                 pass
 
-        ThreadingHTTPServer.allow_reuse_address = True
         self.server = ThreadingHTTPServer((WEB_IP, 443), Handler)
         self.server.socket = self.context.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
