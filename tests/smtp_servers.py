@@ -128,7 +128,7 @@ class AioServer:
                  unix_socket: str | None = None, port: int = 0, **smtp_kwargs: Any) -> None:
         self.handler = handler or Recorder()
         self.host = host
-        self.port = 0 if unix_socket else port or free_port(host)
+        self.port = 0 if unix_socket else port or free_port(host)  # `port`: that of another host's server
         smtp_kwargs.setdefault("enable_SMTPUTF8", False)
         smtp_kwargs.setdefault("server_hostname", SERVER_NAME)
         self.controller: Controller | UnixSocketController

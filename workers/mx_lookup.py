@@ -160,6 +160,17 @@ def resolve_host(host: str, resolver: dns.resolver.Resolver) -> tuple[str, ...]:
     raise MXLookupError(TRY_AGAIN, f"{shown}: address lookup failed: {_reasons(failures)}")
 
 
+def lookup_txt(name: str, resolver: dns.resolver.Resolver) -> list[str]:
+    """The TXT records of `name`, each record's strings joined as one text (RFC 7208 3.3 does so
+    too); [] when it has none or does not exist. MXLookupError (4.4.3) when DNS cannot answer now."""
+    records = _query(resolver, _name(name), dns.rdatatype.TXT)
+    if isinstance(records, _Failure):
+        if records.final:
+            return []
+        raise MXLookupError(TRY_AGAIN, f"{name}: TXT lookup failed: {records.reason}")
+    return [b"".join(record.strings).decode("utf-8", "replace") for record in records]
+
+
 def _name(text: str) -> dns.name.Name:
     """The absolute name to ask about; U-labels become A-labels here (IDNA)."""
     if not text.strip(".") or any(c.isspace() for c in text):

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from policy.destinations import DestinationRules, DestinationSettings
+from policy.mta_sts import Applied
 from policy.next_hop import LMTP, MX, SMTP, NextHop, parse_hosts
 from policy.tls_policy import TLS_NONE, TLSPolicy, names_to_match
 from router.config import Config
@@ -46,6 +47,7 @@ class Server:
     # The domain whose TLS report a new session to it counts in (MX routing's; "" for a relay host), not
     # part of what it is: a kept connection serves the other domains of its MX host as well
     report_domain: str = field(default="", compare=False)
+    sts: Applied | None = None  # the MTA-STS policy it is used under (workers/mta_sts.py)
 
     @property
     def peer(self) -> str:
@@ -71,6 +73,7 @@ class SMTPTransport:
         self._lock = threading.Lock()
         self.turn: dict[str, int] = {}
         self._resolver = None
+        self._sts = None  # workers.mta_sts.Policies, made at the first MX delivery that may have one
         self._fixed: dict[tuple[str, int | None, bool], list[Server]] = {}  # see _relay_servers
         self.without_bdat: set[Server] = set()  # they offer CHUNKING but failed BDAT: DATA for them
         self.tls_sessions: Counter[tuple[str, str]] = Counter()  # (level, outcome) since take_tls_sessions
@@ -271,13 +274,28 @@ class SMTPTransport:
         except TLSFailure as exc:
             self._count_session(server, "failed")
             self.tls_outcomes.failed(server, exc)
-            raise
+            if server.sts is None:
+                raise
+            return self._sts_failed(server, why, exc)
+
+    def _sts_failed(self, server: Server, why: str, exc: TLSFailure) -> SMTPClient:
+        """TLS failed under an MTA-STS policy: under enforce the delivery is deferred, the reason
+        naming the policy; under testing the failure is logged with its TLS report result type
+        and the server used under its own TLS policy, as without the policy."""
+        assert server.sts is not None
+        text = f"{server.sts.label}: {exc.reply.text}"
+        if server.sts.fallback is None:
+            raise TLSFailure(replace(exc.reply, text=text)) from None
+        _log(server).warning("%s: %s (result %s); delivering as without the policy", why, text, exc.result_type)
+        return self._dial(replace(server, tls=server.sts.fallback, sts=None, report_domain=""), why)  # counted once
 
     def _opened(self, server: Server, client: SMTPClient) -> SMTPClient:
         """Log how a new session is protected, as Postfix does (`Verified TLS connection
         established to HOST[IP]:PORT: TLSv1.3 with cipher ...`), and count it."""
         if client.tls:
-            _log(server).info("%s TLS connection established to %s: %s", client.tls_trust, client.peer, client.tls)
+            under = f" ({server.sts.label})" if server.sts else ""
+            _log(server).info("%s TLS connection established to %s: %s%s", client.tls_trust, client.peer, client.tls,
+                              under)
         self._count_session(server, client.tls_trust.lower() if client.tls else "plaintext")
         self.tls_outcomes.opened(server, client)
         return client
@@ -370,9 +388,24 @@ class SMTPTransport:
         hosts = self._lookup(hop.argument) if hop.kind == MX else None
         servers = self._servers(hop) if hosts is None else _expand(hosts, self.config.smtp_port, lmtp=False,
                                                                    auth=None)
-        tls = self.rules.for_tls(hop.destination, self._site(hop, hosts)).tls_policy(self.config.smtp_tls)
-        return hosts, [_under(server, tls, hop.argument if hop.kind == MX else server.name, hop.kind == MX)
-                       for server in servers]
+        settings = self.rules.for_tls(hop.destination, self._site(hop, hosts))
+        tls = settings.tls_policy(self.config.smtp_tls)
+        servers = [_under(server, tls, hop.argument if hop.kind == MX else server.name, hop.kind == MX)
+                   for server in servers]
+        if hop.kind == MX and settings.tls is None:  # a tls= of the destinations file wins
+            servers = self._apply_sts(hop.argument, servers)
+        return hosts, servers
+
+    def _apply_sts(self, domain: str, servers: list[Server]) -> list[Server]:
+        """The servers of MX delivery to `domain` under its MTA-STS policy, if it has one
+        (workers/mta_sts.py Policies.apply); MXLookupError when the policy leaves none. The one
+        place a policy applies."""
+        with self._lock:
+            if self._sts is None:
+                from workers.mta_sts import Policies  # the HTTP library only once MX routing is used
+
+                self._sts = Policies(self._resolver, self.config.queue_dir, self.config.smtp_tls_ca or None)
+        return self._sts.apply(domain, servers)
 
     def _site(self, hop: NextHop, hosts: list[MXHost] | None) -> str:
         """The site MX rollup counts `hop` against, its MX hosts known; "" when it has none."""

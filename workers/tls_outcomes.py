@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING
 
 from policy.tls_policy import TLS_NONE
-from policy.tls_report import NO_POLICY_FOUND, STARTTLS_NOT_SUPPORTED, SUCCESS, Outcome, utc_day
+from policy.tls_report import NO_POLICY_FOUND, STARTTLS_NOT_SUPPORTED, STS, SUCCESS, Outcome, utc_day
 from router.spool.durable import make_shared_dir
 
 if TYPE_CHECKING:
@@ -77,13 +77,14 @@ class Recorder:
         else:
             return  # the fallback after a failed handshake, or a STARTTLS refused under `may`
         detail = "" if client.tls else f"{client.peer} did not offer STARTTLS"
-        self.record(server.report_domain, NO_POLICY_FOUND, (), server.name, result, client.local_ip, server.ip, detail)
+        self.record(*_policy(server), server.name, result, client.local_ip, server.ip, detail,
+                    _policy_mx(server))
 
     def failed(self, server: Server, error: TLSFailure | TLSFallback) -> None:
         """A session to an MX host that could not be set up as its level asks."""
         if error.result_type and server.report_domain:
-            self.record(server.report_domain, NO_POLICY_FOUND, (), server.name, error.result_type,
-                        error.local_ip, server.ip, error.reply.text)
+            self.record(*_policy(server), server.name, error.result_type, error.local_ip, server.ip,
+                        error.reply.text, _policy_mx(server))
 
     def _append(self, line: bytes) -> None:
         path = day_path(self.queue_dir, utc_day(time.time()).isoformat())
@@ -103,3 +104,16 @@ class Recorder:
                 self.trouble_logged = True
                 log.warning("cannot record a TLS session outcome in %s: %s; TLS reports will miss it",
                             path, exc.strerror or exc)
+
+
+def _policy(server: Server) -> tuple[str, str, tuple[str, ...]]:
+    """The policy domain, type and strings a session to `server` is counted under: the MTA-STS
+    policy it was used under, if any (policy/mta_sts.py Applied), else none found."""
+    if server.sts is not None:
+        return server.sts.domain, STS, server.sts.policy.lines()
+    return server.report_domain, NO_POLICY_FOUND, ()
+
+
+def _policy_mx(server: Server) -> tuple[str, ...]:
+    """The policy's `mx` patterns (RFC 8460 4.4's mx-host), none without a policy."""
+    return server.sts.policy.mx if server.sts is not None else ()

@@ -119,7 +119,8 @@ KEYS_BY_PARAM = {key.replace("-", "_"): key for key in KEYS}
 SPOOL_KEYS = ("queue-dir", "status-socket", "spool-group", "user")
 POLICY_KEYS = ("default-transport", "relayhost", "transports", "transport-defs", "aliases", "rewriting",
                "destinations", "rewrite-both", "pipe-user", "user")
-ROUTE_KEYS = (*POLICY_KEYS, "me", "dns-servers", "dns-timeout", "smtp-port", "command-time-limit", "smtp-tls")
+ROUTE_KEYS = (*POLICY_KEYS, "me", "dns-servers", "dns-timeout", "smtp-port", "command-time-limit", "smtp-tls",
+              "queue-dir", "smtp-tls-ca")
 
 
 def _flags(settings: dict[str, Any]) -> dict[str, str]:
@@ -203,7 +204,8 @@ def route(
 
     Takes the config keys of routing as flags, as `qrouter run` does. With --resolve it also shows, in the
     order delivery tries them, the MX hosts (by preference; equal preferences are shuffled at each
-    delivery) or relay hosts and their addresses, or why mail would bounce or be deferred."""
+    delivery) or relay hosts and their addresses, or why mail would bounce or be deferred; for MX routing
+    without a tls= rule, the domain's MTA-STS policy and where it came from (the spool's cache, or fetched)."""
     loaded = _config(config, _flags(settings))
     policy = _policy(loaded)
     try:
@@ -234,6 +236,10 @@ def route(
             answer["destination_settings"] = dataclasses.asdict(settings)
     if decision.next_hop.kind in (SMTP, LMTP, MX) and not decision.next_hop.argument.startswith("/"):
         answer["tls"] = _tls(policy.destinations.for_tls(destination, answer.get("site", "")), loaded.smtp_tls)
+    if resolve and decision.next_hop.kind == MX and answer["tls"]["source"] == "smtp-tls":  # tls= wins over it
+        from workers.mta_sts import for_route
+
+        answer["mta_sts"] = for_route(loaded, decision.next_hop.argument)
     if as_json:
         typer.echo(json.dumps(answer, indent=2))
         return
@@ -249,6 +255,8 @@ def route(
               f"destination settings: {_format_settings(settings, policy.destinations)}"]
     if "tls" in answer:
         lines.append(_format_tls(answer["tls"]))
+    if "mta_sts" in answer:
+        lines.append(f"mta-sts:   {answer['mta_sts']['shown']}")
     if "program" in answer:
         lines += _format_program(answer["program"])
     if resolve:

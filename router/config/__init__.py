@@ -258,7 +258,7 @@ class Config:
     smtp_tls: str = _key("smtp-tls", _tls_policy, TLS_MAY, "the TLS level where the destinations file sets none: "
                          "none, may, encrypt, verify or secure (docs/policy-files.md)")
     smtp_tls_ca: str = _key("smtp-tls-ca", _existing_file, "", "CA certificates for the levels that verify "
-                            "(encrypt, verify, secure)")
+                            "(encrypt, verify, secure) and for MTA-STS (MX hosts, policy servers)")
     relay_auth: Credentials | None = _key("relay-auth", _relay_auth, None,
                                           "file of 'host user password' lines (mode 0600)")
     smtp_plaintext_auth: bool = _key(
