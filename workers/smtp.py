@@ -18,16 +18,20 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from policy.destinations import DestinationRules, DestinationSettings
 from policy.next_hop import LMTP, MX, SMTP, NextHop, parse_hosts
-from policy.tls_policy import TLS_NONE, TLSPolicy, names_to_match
+from policy.tls_policy import DANE_LEVELS, TLS_NONE, TLSPolicy, names_to_match
 from router.config import Config
 from router.log_lines import logger, service_of
 from router.queue_file import QueueFile, Recipient
-from workers.mx_hosts import MXHost, MXLookupError, ResolverConfigError, address_literal, site_destination
-from workers.smtp_client import LMTP_PORT, SMTP_PORT, SMTPClient, SMTPError, TLSFailure, TLSFallback
+from workers.mx_hosts import DNS_DNSSEC, MXHost, MXLookupError, ResolverConfigError, address_literal, site_destination
+from workers.smtp_client import LMTP_PORT, SMTP_PORT, SMTPClient, SMTPError, TLSFailure, TLSFallback, refused
 from workers.transport import BOUNCED, DEFERRED, Outcome
+
+if TYPE_CHECKING:
+    import dns.resolver
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class Server:
     socket_path: str = ""
     auth: tuple[str, str] | None = None
     tls: TLSPolicy = TLSPolicy()  # its names resolved (names_to_match): a kept connection serves only its equal
+    secure: bool = False  # found by DNSSEC-validated answers (MXHost.secure), which DANE needs
 
     @property
     def peer(self) -> str:
@@ -255,8 +260,11 @@ class SMTPTransport:
 
     def _dial(self, server: Server, why: str) -> SMTPClient:
         """A new connection under the server's TLS policy, in plain text if that policy allows it
-        after a failed handshake (logged, after `why`: the queue id, or what a probe is for)."""
+        after a failed handshake (logged, after `why`: the queue id, or what a probe is for). A
+        server its policy refuses (DANE: policy/dane.py) is not connected to at all."""
         try:
+            if server.tls.refusal:
+                raise refused(server.peer, server.tls.refusal)
             return self._opened(server, self._open(server, server.tls))
         except TLSFallback as exc:  # its text names the host, what failed and why
             _log(server).warning("%s: %s; retrying without TLS", why, exc.reply.text)
@@ -362,7 +370,22 @@ class SMTPTransport:
         servers = self._servers(hop) if hosts is None else _expand(hosts, self.config.smtp_port, lmtp=False,
                                                                    auth=None)
         tls = self.rules.for_tls(hop.destination, self._site(hop, hosts)).tls_policy(self.config.smtp_tls)
-        return hosts, [_under(server, tls, hop.argument if hop.kind == MX else server.name) for server in servers]
+        placed = [_under(server, tls, hop.argument if hop.kind == MX else server.name) for server in servers]
+        return hosts, self._dane(placed) if tls.level in DANE_LEVELS else placed
+
+    def _dane(self, servers: list[Server]) -> list[Server]:
+        """The servers under a DANE level, each under its host's policy (policy/dane.py), the
+        TLSA records looked up once a host and port (a host's addresses share them)."""
+        from workers import mx_lookup
+
+        policies: dict[tuple[str, int], TLSPolicy] = {}
+        placed = []
+        for server in servers:
+            key = (server.name, server.port)
+            if key not in policies:
+                policies[key] = mx_lookup.host_tls(server.tls, server.name, server.port, server.secure, self._dns())
+            placed.append(replace(server, tls=policies[key]))
+        return placed
 
     def _site(self, hop: NextHop, hosts: list[MXHost] | None) -> str:
         """The site MX rollup counts `hop` against, its MX hosts known; "" when it has none."""
@@ -431,10 +454,18 @@ class SMTPTransport:
         relays to addresses never loads it."""
         from workers import mx_lookup
 
+        return mx_lookup.next_hops(destination, self._dns())
+
+    def _dns(self) -> dns.resolver.Resolver:
+        """The worker's resolver, made on first use: validating answers asked for when DNSSEC is
+        trusted (dns-support-level dnssec)."""
+        from workers import mx_lookup
+
         if self._resolver is None:
             self._resolver = mx_lookup.make_resolver(self.config.dns_servers, self.config.dns_timeout,
-                                                     cache=mx_lookup.CACHE_NAMES)
-        return mx_lookup.next_hops(destination, self._resolver)
+                                                     cache=mx_lookup.CACHE_NAMES,
+                                                     dnssec=self.config.dns_support_level == DNS_DNSSEC)
+        return self._resolver
 
 
 def _lookup_failure(exc: MXLookupError | ResolverConfigError, mx: bool) -> tuple[str, str]:
@@ -459,7 +490,8 @@ def _under(server: Server, tls: TLSPolicy, next_hop: str) -> Server:
 
 
 def _expand(hosts: list[MXHost], port: int, *, lmtp: bool, auth: tuple[str, str] | None) -> list[Server]:
-    return [Server(host.name, ip, port, lmtp=lmtp, auth=auth) for host in hosts for ip in host.addresses]
+    return [Server(host.name, ip, port, lmtp=lmtp, auth=auth, secure=host.secure)
+            for host in hosts for ip in host.addresses]
 
 
 def _log(server: Server) -> logging.Logger:

@@ -157,6 +157,12 @@ class TLSFailure(SMTPError):
     not pass. Nothing of a transaction was sent; the message waits (4.7.x)."""
 
 
+def refused(peer: str, why: str) -> TLSFailure:
+    """The failure of a server its TLS policy will not let us use (`why`, e.g. DANE's reason),
+    for the caller to raise before connecting."""
+    return TLSFailure(_local(454, "4.7.5", f"not connecting to {peer}: {why}", "connect"))
+
+
 class _Lost(SMTPError):
     """The connection broke under us (reset, or closed by the server), as opposed to a timeout:
     what a server that offers CHUNKING but cannot take BDAT may do when it meets one."""
