@@ -37,13 +37,16 @@ HOST = "127.0.0.1"
 
 
 class NSD:
-    """nsd serving `zone_text` (zone-file syntax; the SOA and NS records are added) for `origin`.
+    """nsd serving `zone_text` (zone-file syntax; the SOA and NS records are added) for `origin`;
+    with `complete`, `zone_text` is a whole zone file served as it is (a signed one, say).
 
     Use as a context manager; `servers` is the matching `dns-servers` value."""
 
-    def __init__(self, zone_text: str, origin: str = "test.", start_within: float = 15) -> None:
+    def __init__(self, zone_text: str, origin: str = "test.", start_within: float = 15,
+                 complete: bool = False) -> None:
         self.origin = dns.name.from_text(origin)
         self.zone_text = zone_text
+        self.complete = complete
         self.start_within = start_within
         self.port = 0
         self.process: subprocess.Popen | None = None
@@ -64,9 +67,9 @@ class NSD:
         return self
 
     def _start(self, directory: Path) -> None:
-        self.port = _free_udp_and_tcp_port()
+        self.port = free_udp_and_tcp_port()
         zone = directory / "zone"
-        zone.write_text(zone_file(self.zone_text, self.origin))
+        zone.write_text(self.zone_text if self.complete else zone_file(self.zone_text, self.origin))
         conf = directory / "nsd.conf"
         conf.write_text(
             "server:\n"
@@ -141,7 +144,7 @@ class NSD:
         self.stop()
 
 
-def _free_udp_and_tcp_port() -> int:
+def free_udp_and_tcp_port() -> int:
     """A port free on HOST for TCP (free_port's test) and for UDP too, which nsd also binds."""
     for _ in range(20):
         port = free_port(HOST)
