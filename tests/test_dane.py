@@ -10,6 +10,7 @@ import json
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from policy.dane import DANE_EE, TLSARecord, host_policy
+from policy.tls_policy import TLS_DANE, TLS_DANE_ONLY, TLS_MAY, TLSPolicy
 from router.queue_file import PENDING
 from tests.daemon import qrouter, reachable, wait_for
 from tests.dns_server import DNSServer
@@ -24,6 +27,7 @@ from tests.nsd_server import HOST, NSD
 from tests.smtp_servers import AioServer
 from tests.test_smtp_tls_auth import FAST, Sink, deferred, delivered, enqueue
 from tests.unbound_server import Unbound, ZoneKeys
+from workers.dane import matches
 
 DOMAIN = "dane.test"
 MX = f"mx.{DOMAIN}"
@@ -178,7 +182,8 @@ def test_server_withholding_starttls_is_a_downgrade(daemons, pki, keys):
     """TLSA records say the host does TLS: a session without STARTTLS is an attack, not a fallback."""
     with AioServer(Sink(), host="127.0.0.2") as server, resolver(keys, zone(server.port, pki.ee())) as unbound:
         daemon, queue_id = attempt(daemons, unbound.servers, server, "dane")
-    refused(daemon, queue_id, server.handler, "4.7.4", "TLS is required, but was not offered by host")
+    refused(daemon, queue_id, server.handler, "4.7.4",
+            f"TLS is required (DANE: {MX} has TLSA records), but was not offered by host {MX}[127.0.0.2]")
 
 
 def test_bogus_tlsa_answer_defers(daemons, pki, keys):
@@ -243,6 +248,45 @@ def test_ad_bit_of_a_resolver_not_declared_trusted_is_ignored(daemons, pki, keys
         server.handler.commands.clear()
         daemon, queue_id = attempt(daemons, liar.servers, server, "dane-only", support="enabled", home="again")
     refused(daemon, queue_id, server.handler, "4.7.5", "DANE is required, but DNSSEC is not trusted")
+
+
+# -- the parts -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("selector", [0, 1])
+@pytest.mark.parametrize("matching", [0, 1, 2])
+def test_every_selector_and_matching_type_designates_the_certificate(pki, selector, matching):
+    certificate = x509.load_der_x509_certificate(pki.der(pki.leaf.cert_chain_pems[0]))
+    selected = (certificate.public_bytes(Encoding.DER) if selector == 0 else
+                certificate.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+    data = {0: selected, 1: hashlib.sha256(selected).digest(), 2: hashlib.sha512(selected).digest()}[matching]
+    assert matches(TLSARecord(DANE_EE, selector, matching, data), certificate)
+    assert not matches(TLSARecord(DANE_EE, selector, matching, data[:-1] + bytes([data[-1] ^ 1])), certificate)
+
+
+DANE_POLICY = TLSPolicy(TLS_DANE, match=(MX, DOMAIN))
+EE = TLSARecord(DANE_EE, 1, 1, b"\1" * 32)
+PKIX = TLSARecord(1, 1, 1, b"\1" * 32)
+
+
+@pytest.mark.parametrize(("trusted", "secure", "tlsa", "under_dane", "under_dane_only"), [
+    (True, True, ([EE, PKIX], True), "DANE", "DANE"),
+    (False, True, None, "may", "DNSSEC is not trusted"),
+    (True, False, None, "may", "was not found by DNSSEC-validated MX and address records"),
+    (True, True, ([], True), "may", "has no TLSA records"),
+    (True, True, ([EE], False), "may", "are not DNSSEC-validated"),
+    (True, True, ([PKIX], True), "may", "has no usable TLSA records"),
+    (True, True, "DNS servers failed", "TLSA lookup for mx.dane.test failed", "TLSA lookup for mx.dane.test failed"),
+])
+def test_host_policy(trusted, secure, tlsa, under_dane, under_dane_only):
+    for level, expected in ((TLS_DANE, under_dane), (TLS_DANE_ONLY, under_dane_only)):
+        policy = host_policy(replace(DANE_POLICY, level=level), MX, trusted=trusted, secure=secure, tlsa=tlsa)
+        if expected == "DANE":
+            assert (policy.level, policy.tlsa, policy.refusal, policy.required) == (level, (EE,), "", True)
+        elif expected == "may":
+            assert policy == TLSPolicy(TLS_MAY)
+        else:
+            assert expected in policy.refusal, policy
 
 
 # -- route --resolve ---------------------------------------------------------------------------

@@ -291,9 +291,10 @@ class SMTPClient:
         or accept it, a failed handshake or a certificate that does not pass ends the session
         (4.7.x) before any command of a transaction: nothing goes in clear."""
         names = policy.match or (tls_name,)
+        required = f"TLS is required (DANE: {tls_name} has TLSA records)" if policy.tlsa else "TLS is required"
         if "STARTTLS" not in self.extensions:
             if policy.required:
-                self._give_up(_local(454, "4.7.4", f"TLS is required, but was not offered by host {self.peer}"),
+                self._give_up(_local(454, "4.7.4", f"{required}, but was not offered by host {self.peer}"),
                               TLSFailure)
             return
         try:
@@ -303,7 +304,7 @@ class SMTPClient:
         reply = self._command("STARTTLS", "STARTTLS", self.timeouts.starttls)
         if reply.code != 220:
             if policy.required:
-                self._give_up(_local(454, "4" + reply.dsn[1:], f"TLS is required, but {reply.describe(self.peer)}"),
+                self._give_up(_local(454, "4" + reply.dsn[1:], f"{required}, but {reply.describe(self.peer)}"),
                               TLSFailure)
             return  # `may`: RFC 3207 lets the session go on unencrypted
         if self._buffer:  # read before the handshake, so not from the TLS peer: someone injected it
@@ -324,7 +325,7 @@ class SMTPClient:
             if isinstance(exc, ssl.SSLCertVerificationError):
                 text = f"server certificate of {self.peer} not verified for {', '.join(names)}: {exc.verify_message}"
             else:
-                text = f"TLS is required, but the handshake with {self.peer} failed: {_tls_reason(exc)}"
+                text = f"{required}, but the handshake with {self.peer} failed: {_tls_reason(exc)}"
             raise TLSFailure(_local(454, "4.7.5", text)) from None
         problem = tls.check_peer(sock, policy, names)
         if problem:
