@@ -24,7 +24,7 @@ from router import config as config_module
 from router import daemon, privileges, reach
 from router import log as log_module
 from router.address import AddressError, parse_path
-from router.config import KEYS, Config, ConfigError
+from router.config import DNS_DNSSEC, KEYS, Config, ConfigError
 from router.control import QueueCommands
 from router.headers import header_of, prepend_fields
 from router.lock import SpoolNotAllowed, unless_daemon
@@ -38,7 +38,7 @@ from router.status_socket import StatusError, query
 from router.supervisor import Supervisor
 from workers.command import Account, environment, workdir
 from workers.local import command_for
-from workers.mx_hosts import DNS_DNSSEC, site_destination
+from workers.mx_hosts import site_destination
 
 EX_USAGE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 64, 75, 77, 78
 

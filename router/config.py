@@ -24,11 +24,13 @@ from policy.tls_policy import GLOBAL_LEVELS, TLS_MAY, parse_level
 from router.address import AddressError, parse_path
 from router.log import SYSLOG_TIME, TIME_FORMATS
 from router.spool import DEFAULT_SIZE_LIMIT
-from workers.mx_hosts import DNS_ENABLED, DNS_SUPPORT_LEVELS, parse_dns_servers
+from workers.mx_hosts import parse_dns_servers
 from workers.relay_auth import Credentials, RelayAuthError, load_relay_auth
 from workers.smtp_client import Timeouts
 
 QPSMTPD_ME = "/etc/qpsmtpd/me"
+DNS_ENABLED, DNS_DNSSEC = "enabled", "dnssec"  # dns-support-level, as Postfix's smtp_dns_support_level
+DNS_SUPPORT_LEVELS = (DNS_ENABLED, DNS_DNSSEC)
 
 
 class ConfigError(ValueError):

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from policy.next_hop import SITE
 
 DNS_PORT = 53
-DNS_ENABLED, DNS_DNSSEC = "enabled", "dnssec"  # dns-support-level, as Postfix's smtp_dns_support_level
-DNS_SUPPORT_LEVELS = (DNS_ENABLED, DNS_DNSSEC)
 
 
 class ResolverConfigError(ValueError):

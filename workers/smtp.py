@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 from policy.destinations import DestinationRules, DestinationSettings
 from policy.next_hop import LMTP, MX, SMTP, NextHop, parse_hosts
 from policy.tls_policy import DANE_LEVELS, TLS_NONE, TLSPolicy, names_to_match
-from router.config import Config
+from router.config import DNS_DNSSEC, Config
 from router.log_lines import logger, service_of
 from router.queue_file import QueueFile, Recipient
-from workers.mx_hosts import DNS_DNSSEC, MXHost, MXLookupError, ResolverConfigError, address_literal, site_destination
+from workers.mx_hosts import MXHost, MXLookupError, ResolverConfigError, address_literal, site_destination
 from workers.smtp_client import LMTP_PORT, SMTP_PORT, SMTPClient, SMTPError, TLSFailure, TLSFallback, refused
 from workers.transport import BOUNCED, DEFERRED, Outcome
 
