@@ -19,7 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from policy.dane import DANE_EE, TLSARecord, host_policy
+from policy.destinations import load_destinations
 from policy.tls_policy import TLS_DANE, TLS_DANE_ONLY, TLS_MAY, TLSPolicy
+from policy.transport_map import PolicyError
 from router.queue_file import PENDING
 from tests.daemon import qrouter, reachable, wait_for
 from tests.dns_server import DNSServer
@@ -302,6 +304,17 @@ def test_route_resolve_shows_dane_per_mx_host(tmp_path, pki, keys):
     assert f"dane: {MX}: DANE, TLSA {pki.ee()}" in text, text
     assert answer["resolved"][0]["dane"] == {"applies": True, "tlsa": [pki.ee()], "note": ""}
     assert f"dane: {MX}: no DANE: DANE is required, but {MX} was not found by DNSSEC-validated" in plain, plain
+
+
+def test_destinations_file_takes_the_dane_levels(tmp_path):
+    path = tmp_path / "destinations"
+    path.write_text(f"{DOMAIN} tls=dane-only protocols=>=TLSv1.3\n{PLAIN} tls=dane\n")
+    rules = load_destinations(str(path))
+    assert rules.for_tls(f"mx:{DOMAIN}").tls_policy("may") == TLSPolicy(TLS_DANE_ONLY, min_protocol="TLSv1.3")
+    assert rules.for_tls(f"mx:{PLAIN}").tls_policy("may").level == TLS_DANE
+    path.write_text(f"{DOMAIN} tls=dane match={MX}\n")
+    with pytest.raises(PolicyError, match="match= is for tls=verify and tls=secure"):
+        load_destinations(str(path))
 
 
 def test_config_keys(tmp_path):
