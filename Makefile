@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the test suite uses (installed by `make test` when run as root and missing).
 DEB_PACKAGES := util-linux mount e2fsprogs qpsmtpd swaks libnet-ip-perl maildrop procmail tmux stress-ng nsd pflogsumm \
-	logwatch dovecot-core dovecot-lmtpd
+	logwatch dovecot-core dovecot-lmtpd ldnsutils unbound
 # What `make test-under-load` runs: the whole suite, or e.g. TESTS=tests/test_config.py
 TESTS ?=
 

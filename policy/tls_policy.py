@@ -14,6 +14,10 @@ the destinations file that set them per destination (`tls=`, `match=`, `fingerpr
                  default the next-hop domain and its subdomains
     fingerprint  TLS required; the certificate's or its public key's SHA-256 digest is one listed
                  in `fingerprint=`; no CA or name check
+    dane         DANE (RFC 7672) where DNSSEC proves the MX host and its TLSA records: TLS
+                 required and the certificate matched against them; `may` for a host without
+                 (policy/dane.py works out each host's policy)
+    dane-only    DANE or nothing: a host without validated, usable TLSA records is not used
 
 Every level above `may` defers (4.7.x, with the reason) when the server withholds STARTTLS, the
 handshake fails or the certificate does not pass: no part of a message is sent in clear.
@@ -23,11 +27,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from policy.dane import TLSARecord
 
 TLS_NONE, TLS_MAY, TLS_ENCRYPT = "none", "may", "encrypt"
 TLS_VERIFY, TLS_SECURE, TLS_FINGERPRINT = "verify", "secure", "fingerprint"
-LEVELS = (TLS_NONE, TLS_MAY, TLS_ENCRYPT, TLS_VERIFY, TLS_SECURE, TLS_FINGERPRINT)
-GLOBAL_LEVELS = (TLS_NONE, TLS_MAY, TLS_ENCRYPT, TLS_VERIFY, TLS_SECURE)  # fingerprint needs digests of its own
+TLS_DANE, TLS_DANE_ONLY = "dane", "dane-only"
+LEVELS = (TLS_NONE, TLS_MAY, TLS_ENCRYPT, TLS_VERIFY, TLS_SECURE, TLS_FINGERPRINT, TLS_DANE, TLS_DANE_ONLY)
+GLOBAL_LEVELS = (TLS_NONE, TLS_MAY, TLS_ENCRYPT, TLS_VERIFY, TLS_SECURE,  # fingerprint needs digests of its own
+                 TLS_DANE, TLS_DANE_ONLY)
+DANE_LEVELS = (TLS_DANE, TLS_DANE_ONLY)
 NAMED_LEVELS = (TLS_ENCRYPT, TLS_VERIFY, TLS_SECURE)  # those that check the certificate's names
 PROTOCOLS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")  # as ssl.SSLSocket.version() names them
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -38,12 +49,18 @@ _NAME = re.compile(r"\.?[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]
 class TLSPolicy:
     """What a connection's TLS must be. `match`: the names a certificate may carry (`.domain`
     for any name under it), empty for the level's own; `fingerprints`: SHA-256 digests in lower
-    case hex; `min_protocol`: the oldest protocol version accepted, "" for the library's."""
+    case hex; `min_protocol`: the oldest protocol version accepted, "" for the library's.
+
+    Under a DANE level, one host's policy (policy/dane.py): `tlsa`, the usable TLSA records the
+    certificate must match; `refusal`, why no session may be opened to the host at all (what
+    DNSSEC did not prove), "" when one may."""
 
     level: str = TLS_MAY
     match: tuple[str, ...] = ()
     fingerprints: tuple[str, ...] = ()
     min_protocol: str = ""
+    tlsa: tuple[TLSARecord, ...] = ()
+    refusal: str = ""
 
     @property
     def required(self) -> bool:
@@ -100,12 +117,13 @@ def check_combination(level: str | None, match: object, fingerprints: object, pr
 
 def names_to_match(policy: TLSPolicy, host: str, next_hop: str) -> tuple[str, ...]:
     """The names a certificate may match to pass: `match=` where the policy gives it; else, under
-    secure, the next-hop domain and any name under it (nothing DNS said); under verify, the host
-    connected to (an MX or relay host) or the next-hop domain; under encrypt, the host."""
+    secure, the next-hop domain and any name under it (nothing DNS said); under verify and DANE
+    (whose DANE-TA records check names, RFC 7672 3.2.2), the host connected to (an MX or relay
+    host) or the next-hop domain; under encrypt, the host."""
     if policy.match:
         return policy.match
     if policy.level == TLS_SECURE:
         return (next_hop, f".{next_hop}")
-    if policy.level == TLS_VERIFY:
+    if policy.level in (TLS_VERIFY, *DANE_LEVELS):
         return tuple(dict.fromkeys((host.lower(), next_hop.lower())))
     return (host.lower(),)

@@ -48,11 +48,13 @@ def zone_file(zone_text: str, origin: str | dns.name.Name) -> str:
 class DNSServer:
     """Serves one zone on `host` (127.0.0.1 or ::1), UDP and TCP on the same free port.
 
-    Use as a context manager; `servers` is the matching `dns-servers` value.
+    Use as a context manager; `servers` is the matching `dns-servers` value. With `authentic`
+    every answer carries the AD bit, as from a resolver that claims to have validated it.
     """
 
-    def __init__(self, zone_text: str, origin: str = "test.", host: str = "127.0.0.1"):
+    def __init__(self, zone_text: str, origin: str = "test.", host: str = "127.0.0.1", authentic: bool = False):
         self.origin = dns.name.from_text(origin)
+        self.authentic = authentic
         self.zone = dns.zone.from_text(zone_file(zone_text, self.origin), self.origin, relativize=False)
         self.host = host
         self.port = 0
@@ -212,7 +214,7 @@ class DNSServer:
         if question.rdclass != dns.rdataclass.IN or not qname.is_subdomain(self.origin):
             response.set_rcode(dns.rcode.REFUSED)
             return response
-        response.flags |= dns.flags.AA
+        response.flags |= dns.flags.AA | (dns.flags.AD if self.authentic else 0)
         self._resolve(response, qname, qtype)
         return response
 

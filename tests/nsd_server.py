@@ -7,7 +7,9 @@ what NSD cannot do: answer SERVFAIL on demand, stay silent, and record the quest
 The instance is entirely ours: its configuration, zone file, pid file, database and xfrd
 files are in a temporary directory, it listens on 127.0.0.1 only, does not chroot, keeps the
 user it was started as (so it can read those files), and has no remote control. Debian's own
-nsd service, if one runs, is left alone on port 53.
+nsd service, if one runs, is left alone on port 53. What running such a server takes (the free
+port, the temporary directory, the wait for its first answer, the stop) is DNSDaemon's, which
+tests/unbound_server.py's Unbound shares.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 import dns.exception
 import dns.message
@@ -36,14 +39,17 @@ CHECKZONE = "/usr/sbin/nsd-checkzone"
 HOST = "127.0.0.1"
 
 
-class NSD:
-    """nsd serving `zone_text` (zone-file syntax; the SOA and NS records are added) for `origin`.
+class DNSDaemon:
+    """A name server of the test's own, run in the foreground on HOST at a free port with its
+    files in a temporary directory; what it writes goes to `stderr()`. A subclass writes its
+    configuration and says how to run it (`_configure`), and which zone it serves (`_probe`):
+    it counts as started once it answers that zone's SOA.
 
     Use as a context manager; `servers` is the matching `dns-servers` value."""
 
-    def __init__(self, zone_text: str, origin: str = "test.", start_within: float = 15) -> None:
-        self.origin = dns.name.from_text(origin)
-        self.zone_text = zone_text
+    NAME = "dns"
+
+    def __init__(self, start_within: float = 15) -> None:
         self.start_within = start_within
         self.port = 0
         self.process: subprocess.Popen | None = None
@@ -54,19 +60,94 @@ class NSD:
     def servers(self) -> str:
         return f"{HOST}:{self.port}"
 
-    def start(self) -> NSD:
-        self._directory = tempfile.TemporaryDirectory(prefix="nsd-")
+    def start(self) -> Self:
+        self._directory = tempfile.TemporaryDirectory(prefix=f"{self.NAME}-")
         try:
-            self._start(Path(self._directory.name))
+            directory = Path(self._directory.name)
+            self.port = free_udp_and_tcp_port()
+            command = self._configure(directory)
+            self._stderr = directory / f"{self.NAME}.stderr"
+            with open(self._stderr, "wb") as stderr:
+                self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+                                                cwd=directory, start_new_session=True)
+            self._wait_until_it_answers()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _start(self, directory: Path) -> None:
-        self.port = _free_udp_and_tcp_port()
+    def _configure(self, directory: Path) -> list[str]:
+        """Write the configuration into `directory`; the command that runs the server."""
+        raise NotImplementedError
+
+    def _probe(self) -> dns.name.Name:
+        """A zone it serves."""
+        raise NotImplementedError
+
+    def _wait_until_it_answers(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.start_within
+        question = dns.message.make_query(self._probe(), dns.rdatatype.SOA)
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.NAME} exited with status {self.process.returncode}:\n{self.stderr()}")
+            try:
+                answer = dns.query.udp(question, HOST, port=self.port, timeout=0.2)
+                if answer.rcode() == dns.rcode.NOERROR and answer.answer:
+                    return
+            except (dns.exception.DNSException, OSError):
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.NAME} gave no SOA for {self._probe()} within {self.start_within} s:\n"
+                                   f"{self.stderr()}")
+            time.sleep(0.05)
+
+    def stderr(self) -> str:
+        """What the server wrote (its log: in the foreground it keeps it on stderr), while it runs
+        or when it is gone."""
+        return self._stderr.read_text(errors="replace") if self._stderr and self._stderr.exists() else ""
+
+    def stop(self) -> None:
+        """SIGTERM, SIGKILL to what is left of it (its children too) after a few seconds; reaped."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(5)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.process.pid, signal.SIGKILL)  # its own session: the server and its children
+                    self.process.wait()
+            self.process = None
+        if self._directory is not None:
+            self._directory.cleanup()
+            self._directory = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class NSD(DNSDaemon):
+    """nsd serving `zone_text` (zone-file syntax; the SOA and NS records are added) for `origin`;
+    with `complete`, `zone_text` is a whole zone file served as it is (a signed one, say)."""
+
+    NAME = "nsd"
+
+    def __init__(self, zone_text: str, origin: str = "test.", start_within: float = 15,
+                 complete: bool = False) -> None:
+        super().__init__(start_within)
+        self.origin = dns.name.from_text(origin)
+        self.zone_text = zone_text
+        self.complete = complete
+
+    def _probe(self) -> dns.name.Name:
+        return self.origin
+
+    def _configure(self, directory: Path) -> list[str]:
         zone = directory / "zone"
-        zone.write_text(zone_file(self.zone_text, self.origin))
+        zone.write_text(self.zone_text if self.complete else zone_file(self.zone_text, self.origin))
         conf = directory / "nsd.conf"
         conf.write_text(
             "server:\n"
@@ -89,59 +170,12 @@ class NSD:
             "zone:\n"
             f'  name: "{self.origin}"\n'
             f'  zonefile: "{zone}"\n')
-        _check([CHECKCONF, str(conf)], "nsd-checkconf")
-        _check([CHECKZONE, self.origin.to_text(), str(zone)], "nsd-checkzone")
-        self._stderr = directory / "nsd.stderr"
-        with open(self._stderr, "wb") as stderr:
-            self.process = subprocess.Popen([DAEMON, "-d", "-c", str(conf)], stdin=subprocess.DEVNULL,
-                                            stdout=stderr, stderr=stderr, start_new_session=True)
-        self._wait_until_it_answers()
-
-    def _wait_until_it_answers(self) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + self.start_within
-        question = dns.message.make_query(self.origin, dns.rdatatype.SOA)
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nsd exited with status {self.process.returncode}:\n{self.stderr()}")
-            try:
-                answer = dns.query.udp(question, HOST, port=self.port, timeout=0.2)
-                if answer.rcode() == dns.rcode.NOERROR and answer.answer:
-                    return
-            except (dns.exception.DNSException, OSError):
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nsd gave no SOA for {self.origin} within {self.start_within} s:\n"
-                                   f"{self.stderr()}")
-            time.sleep(0.05)
-
-    def stderr(self) -> str:
-        """What nsd wrote (its log: -d keeps it on stderr), while it runs or when it is gone."""
-        return self._stderr.read_text(errors="replace") if self._stderr and self._stderr.exists() else ""
-
-    def stop(self) -> None:
-        """SIGTERM, SIGKILL to what is left of it (its children too) after a few seconds; reaped."""
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(5)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.process.pid, signal.SIGKILL)  # its own session: nsd and its children
-                    self.process.wait()
-            self.process = None
-        if self._directory is not None:
-            self._directory.cleanup()
-            self._directory = None
-
-    def __enter__(self) -> NSD:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        run_checked([CHECKCONF, str(conf)], "nsd-checkconf")
+        run_checked([CHECKZONE, self.origin.to_text(), str(zone)], "nsd-checkzone")
+        return [DAEMON, "-d", "-c", str(conf)]
 
 
-def _free_udp_and_tcp_port() -> int:
+def free_udp_and_tcp_port() -> int:
     """A port free on HOST for TCP (free_port's test) and for UDP too, which nsd also binds."""
     for _ in range(20):
         port = free_port(HOST)
@@ -154,7 +188,9 @@ def _free_udp_and_tcp_port() -> int:
     raise RuntimeError(f"no port free for both UDP and TCP on {HOST}")
 
 
-def _check(command: list[str], name: str) -> None:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+def run_checked(command: list[str], name: str, cwd: Path | None = None) -> str:
+    """Run a tool of the server's; what it printed, or RuntimeError with that when it failed."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=cwd)
     if result.returncode != 0:
         raise RuntimeError(f"{name} failed with status {result.returncode}:\n{result.stdout}{result.stderr}")
+    return result.stdout

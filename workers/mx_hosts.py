@@ -35,11 +35,14 @@ class MXLookupError(Exception):
 @dataclass(frozen=True)
 class MXHost:
     """One host to try: `name` in lower-case A-labels without the final dot (the IP for an address literal),
-    `addresses` IPv4 first, then IPv6, each family in the order DNS gave it."""
+    `addresses` IPv4 first, then IPv6, each family in the order DNS gave it; `secure` when a
+    trusted validating resolver validated how it was found (its MX records, if any, and its
+    addresses), the condition for DANE (RFC 7672 2.2.1)."""
 
     name: str
     preference: int
     addresses: tuple[str, ...]
+    secure: bool = False
 
 
 def site_destination(hosts: Iterable[str]) -> str:

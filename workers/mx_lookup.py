@@ -7,6 +7,12 @@ name that does not exist is final, a server that does not answer is not.
 
 Destinations take Postfix's notation: `example.org` looks up MX records, `[host]` and `[ip]`
 skip the MX lookup and go to that host. Relay hosts are resolved with `resolve_host`.
+
+A resolver made with `dnssec` (the `dns-support-level dnssec` key: the administrator declares
+the resolver a validating one on a trusted path) is asked with the DO and AD flags, and its AD
+bit marks an answer as DNSSEC-validated: each MXHost says whether its MX and address records
+were (`secure`), which DANE needs (RFC 7672 2.2), and `lookup_tlsa` finds a host's TLSA records.
+Any other resolver's AD bit is never read.
 """
 
 from __future__ import annotations
@@ -17,12 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
+from policy.dane import TLSARecord, host_policy
+from policy.tls_policy import TLSPolicy
 from router.config.dns_servers import ResolverConfigError, parse_dns_servers
 from router.spool.address import AddressError, check_domain
 from workers.mx_hosts import MXHost, MXLookupError, address_literal
@@ -40,7 +49,7 @@ _DOTTED_NUMBERS = re.compile(r"[0-9.]+")
 
 
 def make_resolver(servers: str = "", timeout: float = DEFAULT_TIMEOUT,
-                  resolv_conf: str = "/etc/resolv.conf", cache: int = 0) -> dns.resolver.Resolver:
+                  resolv_conf: str = "/etc/resolv.conf", cache: int = 0, dnssec: bool = False) -> dns.resolver.Resolver:
     """A resolver asking `servers` (dns-servers notation), or those of `resolv_conf` when empty.
 
     `timeout` bounds one whole query, every server and retry included, so a dead DNS delays a
@@ -50,6 +59,9 @@ def make_resolver(servers: str = "", timeout: float = DEFAULT_TIMEOUT,
     With `cache`, it keeps up to that many answers, each as long as its TTL allows (NXDOMAIN as
     long as the zone's SOA says), as a local caching resolver would: a stream of mail to one
     domain asks DNS once a TTL, not several questions a message. Failures are not kept.
+
+    With `dnssec`, queries carry DO and AD (RFC 6840 5.7), so a validating resolver says in the
+    AD bit of each answer whether it validated it; only such a resolver's AD bit is believed.
     """
     if not timeout > 0 or timeout == float("inf"):
         raise ResolverConfigError(f"DNS timeout {timeout!r} must be a number of seconds above 0")
@@ -66,6 +78,9 @@ def make_resolver(servers: str = "", timeout: float = DEFAULT_TIMEOUT,
     resolver.lifetime = timeout
     resolver.timeout = timeout / len(resolver.nameservers)
     resolver.search = []
+    if dnssec:
+        resolver.use_edns(0, dns.flags.DO, 1232)
+        resolver.flags = dns.flags.RD | dns.flags.AD
     if cache:
         resolver.cache = dns.resolver.LRUCache(cache)
     return resolver
@@ -82,7 +97,8 @@ def next_hops(destination: str, resolver: dns.resolver.Resolver,
             return [MXHost(literal, 0, (literal,))]
         if inside.lower().startswith("ipv6:") or _DOTTED_NUMBERS.fullmatch(inside):
             raise MXLookupError(BAD_SYNTAX, f"{destination}: not a valid IPv4 or IPv6 address literal")
-        return [MXHost(_host_name(_name(inside)), 0, resolve_host(inside, resolver))]
+        addresses, secure = _resolve_host(inside, resolver)
+        return [MXHost(_host_name(_name(inside)), 0, addresses, secure)]
     return lookup_mx(destination, resolver, rng)
 
 
@@ -97,24 +113,25 @@ def lookup_mx(domain: str, resolver: dns.resolver.Resolver, rng: random.Random |
         raise MXLookupError(BAD_SYNTAX, f"{domain}: an address literal has no MX records")
     name = _name(domain)
     shown = _shown(domain, name)
-    records = _query(resolver, name, dns.rdatatype.MX)
-    if isinstance(records, _Failure):
-        if records.not_found:
+    answer = _query(resolver, name, dns.rdatatype.MX)
+    if isinstance(answer, _Failure):
+        if answer.not_found:
             raise MXLookupError(NO_DOMAIN, f"{shown}: domain does not exist (NXDOMAIN)")
-        raise MXLookupError(TRY_AGAIN, f"{shown}: MX lookup failed: {records.reason}")
-    if not records:
-        return [_implicit_mx(name, shown, resolver)]
-    real = [record for record in records if record.exchange != dns.name.root]
+        raise MXLookupError(TRY_AGAIN, f"{shown}: MX lookup failed: {answer.reason}")
+    if not answer.records:
+        return [_implicit_mx(name, shown, resolver, answer.secure)]
+    real = [record for record in answer.records if record.exchange != dns.name.root]
     if not real:
         raise MXLookupError(NULL_MX, f"{shown}: domain accepts no mail (null MX, RFC 7505)")
-    return _resolve_exchanges(shown, real, resolver, (rng or random).shuffle)
+    return _resolve_exchanges(shown, real, resolver, (rng or random).shuffle, answer.secure)
 
 
-def _implicit_mx(name: dns.name.Name, shown: str, resolver: dns.resolver.Resolver) -> MXHost:
-    """A domain without MX records is its own mail host (RFC 5321 section 5.1)."""
-    addresses, failures = _addresses(resolver, name)
+def _implicit_mx(name: dns.name.Name, shown: str, resolver: dns.resolver.Resolver, secure: bool) -> MXHost:
+    """A domain without MX records is its own mail host (RFC 5321 section 5.1); `secure`: the
+    answer that it has none was validated."""
+    addresses, failures, validated = _addresses(resolver, name)
     if addresses:
-        return MXHost(_host_name(name), 0, addresses)
+        return MXHost(_host_name(name), 0, addresses, secure and validated)
     if all(failure.final for failure in failures):
         raise MXLookupError(NO_DOMAIN, f"{shown}: domain has no MX, A or AAAA records")
     raise MXLookupError(TRY_AGAIN, f"{shown}: no MX records, and the address lookup failed: "
@@ -122,7 +139,9 @@ def _implicit_mx(name: dns.name.Name, shown: str, resolver: dns.resolver.Resolve
 
 
 def _resolve_exchanges(shown: str, records: list, resolver: dns.resolver.Resolver,
-                       shuffle: Callable[[list], None]) -> list[MXHost]:
+                       shuffle: Callable[[list], None], secure: bool) -> list[MXHost]:
+    """The hosts of MX `records` with their addresses; `secure`: the MX answer was validated,
+    so a host is secure when its addresses were too (RFC 7672 2.2.1, 2.2.2)."""
     by_preference: dict[int, list[dns.name.Name]] = {}
     seen: set[dns.name.Name] = set()
     for record in sorted(records, key=lambda r: r.preference):
@@ -134,10 +153,10 @@ def _resolve_exchanges(shown: str, records: list, resolver: dns.resolver.Resolve
         exchanges = by_preference[preference]
         shuffle(exchanges)
         for exchange in exchanges:
-            addresses, failures = _addresses(resolver, exchange)
+            addresses, failures, validated = _addresses(resolver, exchange)
             host = _host_name(exchange)
             if addresses:
-                hosts.append(MXHost(host, preference, addresses))
+                hosts.append(MXHost(host, preference, addresses, secure and validated))
             else:
                 skipped.append(f"{host}: {_reasons(failures)}")
     if not hosts:
@@ -150,11 +169,16 @@ def resolve_host(host: str, resolver: dns.resolver.Resolver) -> tuple[str, ...]:
 
     One address family failing for a moment while the other answers still gives a usable host.
     """
+    return _resolve_host(host, resolver)[0]
+
+
+def _resolve_host(host: str, resolver: dns.resolver.Resolver) -> tuple[tuple[str, ...], bool]:
+    """resolve_host, and whether the addresses were validated."""
     name = _name(host)
     shown = _shown(host, name)
-    addresses, failures = _addresses(resolver, name)
+    addresses, failures, validated = _addresses(resolver, name)
     if addresses:
-        return addresses
+        return addresses, validated
     if all(failure.final for failure in failures):
         raise MXLookupError(NO_HOST, f"{shown}: host not found ({_reasons(failures)})")
     raise MXLookupError(TRY_AGAIN, f"{shown}: address lookup failed: {_reasons(failures)}")
@@ -168,7 +192,7 @@ def lookup_txt(name: str, resolver: dns.resolver.Resolver) -> list[str]:
         if records.final:
             return []
         raise MXLookupError(TRY_AGAIN, f"{name}: TXT lookup failed: {records.reason}")
-    return [b"".join(record.strings).decode("utf-8", "replace") for record in records]
+    return [b"".join(record.strings).decode("utf-8", "replace") for record in records.records]
 
 
 def _name(text: str) -> dns.name.Name:
@@ -193,6 +217,14 @@ def _shown(text: str, name: dns.name.Name) -> str:
 
 
 @dataclass(frozen=True)
+class _Answer:
+    """The records of one type (empty for NODATA), and whether a trusted resolver validated them."""
+
+    records: list
+    secure: bool
+
+
+@dataclass(frozen=True)
 class _Failure:
     """Why a query gave no records; `not_found` is NXDOMAIN, `final` also counts NODATA."""
 
@@ -201,23 +233,48 @@ class _Failure:
     final: bool = False
 
 
-def _addresses(resolver: dns.resolver.Resolver, name: dns.name.Name) -> tuple[tuple[str, ...], list[_Failure]]:
+def _addresses(resolver: dns.resolver.Resolver,
+               name: dns.name.Name) -> tuple[tuple[str, ...], list[_Failure], bool]:
+    """The A and AAAA addresses of `name`, why a family gave none, and whether every answer
+    that gave addresses was validated."""
     addresses: list[str] = []
     failures: list[_Failure] = []
+    secure = True
     for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-        records = _query(resolver, name, rdtype)
-        if isinstance(records, _Failure):
-            failures.append(records)
-            if records.not_found:
+        answer = _query(resolver, name, rdtype)
+        if isinstance(answer, _Failure):
+            failures.append(answer)
+            if answer.not_found:
                 break  # the name does not exist for AAAA either: no need to wait for it
-        elif records:
-            addresses.extend(record.address for record in records)
+        elif answer.records:
+            addresses.extend(record.address for record in answer.records)
+            secure = secure and answer.secure
         else:
             failures.append(_Failure(f"no {dns.rdatatype.to_text(rdtype)} record", final=True))
-    return tuple(addresses), failures
+    return tuple(addresses), failures, secure and bool(addresses)
 
 
-def _query(resolver: dns.resolver.Resolver, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> list | _Failure:
+def host_tls(policy: TLSPolicy, host: str, port: int, secure: bool, resolver: dns.resolver.Resolver) -> TLSPolicy:
+    """The TLS policy of `host` (found securely or not) on `port` under a DANE level: its TLSA
+    records looked up when DNSSEC can prove them (policy/dane.py decides)."""
+    trusted = _validating(resolver)
+    found = lookup_tlsa(host, port, resolver) if trusted and secure else None
+    return host_policy(policy, host, trusted=trusted, secure=secure, tlsa=found)
+
+
+def lookup_tlsa(host: str, port: int, resolver: dns.resolver.Resolver) -> tuple[list[TLSARecord], bool] | str:
+    """The TLSA records of `host` for SMTP on `port` (`_PORT._tcp.HOST`, RFC 7672 2.2.3) and
+    whether they were validated; none (securely or not) is an empty list. When the lookup
+    fails (SERVFAIL, which a validating resolver answers for a bogus signature, or no answer),
+    why: DANE then may neither be used nor be passed over."""
+    answer = _query(resolver, dns.name.from_text(f"_{port}._tcp.{host}"), dns.rdatatype.TLSA)
+    if isinstance(answer, _Failure):
+        return ([], False) if answer.final else answer.reason
+    return [TLSARecord(r.usage, r.selector, r.mtype, r.cert) for r in answer.records], answer.secure
+
+
+def _query(resolver: dns.resolver.Resolver, name: dns.name.Name,
+           rdtype: dns.rdatatype.RdataType) -> _Answer | _Failure:
     """Records of one type (an empty list for NODATA), or why there are none."""
     try:
         answer = resolver.resolve(name, rdtype, raise_on_no_answer=False, search=False)
@@ -231,7 +288,13 @@ def _query(resolver: dns.resolver.Resolver, name: dns.name.Name, rdtype: dns.rda
         return _Failure(f"DNS servers failed: {_server_errors(exc)}")
     except dns.exception.DNSException as exc:
         return _Failure(f"DNS error: {exc}")
-    return list(answer.rrset) if answer.rrset is not None else []
+    validated = _validating(resolver) and bool(answer.response.flags & dns.flags.AD)
+    return _Answer(list(answer.rrset) if answer.rrset is not None else [], validated)
+
+
+def _validating(resolver: dns.resolver.Resolver) -> bool:
+    """Whether `resolver` asks for validation (make_resolver's `dnssec`): its AD bit is believed."""
+    return bool(resolver.flags and resolver.flags & dns.flags.AD)
 
 
 def _server_errors(exc: dns.resolver.NoNameservers) -> str:

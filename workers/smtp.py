@@ -18,19 +18,23 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from policy.destinations import DestinationRules, DestinationSettings
 from policy.mta_sts import Applied
 from policy.next_hop import LMTP, MX, SMTP, NextHop, parse_hosts
-from policy.tls_policy import TLS_NONE, TLSPolicy, names_to_match
-from router.config import Config
+from policy.tls_policy import DANE_LEVELS, TLS_NONE, TLSPolicy, names_to_match
+from router.config import DNS_DNSSEC, Config
 from router.config.dns_servers import ResolverConfigError
 from router.logs.lines import logger, service_of
 from router.spool.queue_file import QueueFile, Recipient
 from workers.mx_hosts import MXHost, MXLookupError, address_literal, site_destination
-from workers.smtp_client import LMTP_PORT, SMTP_PORT, SMTPClient, SMTPError, TLSFailure, TLSFallback
+from workers.smtp_client import LMTP_PORT, SMTP_PORT, SMTPClient, SMTPError, TLSFailure, TLSFallback, refused
 from workers.tls_outcomes import Recorder
 from workers.transport import BOUNCED, DEFERRED, Outcome
+
+if TYPE_CHECKING:
+    import dns.resolver
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class Server:
     # part of what it is: a kept connection serves the other domains of its MX host as well
     report_domain: str = field(default="", compare=False)
     sts: Applied | None = None  # the MTA-STS policy it is used under (workers/mta_sts.py)
+    secure: bool = False  # found by DNSSEC-validated answers (MXHost.secure), which DANE needs
 
     @property
     def peer(self) -> str:
@@ -264,8 +269,11 @@ class SMTPTransport:
 
     def _dial(self, server: Server, why: str) -> SMTPClient:
         """A new connection under the server's TLS policy, in plain text if that policy allows it
-        after a failed handshake (logged, after `why`: the queue id, or what a probe is for)."""
+        after a failed handshake (logged, after `why`: the queue id, or what a probe is for). A
+        server its policy refuses (DANE: policy/dane.py) is not connected to at all."""
         try:
+            if server.tls.refusal:
+                raise refused(server.peer, server.tls.refusal)
             return self._opened(server, self._open(server, server.tls))
         except TLSFallback as exc:  # its text names the host, what failed and why
             _log(server).warning("%s: %s; retrying without TLS", why, exc.reply.text)
@@ -392,6 +400,10 @@ class SMTPTransport:
         tls = settings.tls_policy(self.config.smtp_tls)
         servers = [_under(server, tls, hop.argument if hop.kind == MX else server.name, hop.kind == MX)
                    for server in servers]
+        if tls.level in DANE_LEVELS:
+            servers = self._dane(servers)
+            if any(server.tls.tlsa for server in servers):
+                return hosts, servers  # DANE wins over MTA-STS where both exist (RFC 8461 2)
         if hop.kind == MX and settings.tls is None:  # a tls= of the destinations file wins
             servers = self._apply_sts(hop.argument, servers)
         return hosts, servers
@@ -406,6 +418,19 @@ class SMTPTransport:
 
                 self._sts = Policies(self._resolver, self.config.queue_dir, self.config.smtp_tls_ca or None)
         return self._sts.apply(domain, servers)
+    def _dane(self, servers: list[Server]) -> list[Server]:
+        """The servers under a DANE level, each under its host's policy (policy/dane.py), the
+        TLSA records looked up once a host and port (a host's addresses share them)."""
+        from workers import mx_lookup
+
+        policies: dict[tuple[str, int], TLSPolicy] = {}
+        placed = []
+        for server in servers:
+            key = (server.name, server.port)
+            if key not in policies:
+                policies[key] = mx_lookup.host_tls(server.tls, server.name, server.port, server.secure, self._dns())
+            placed.append(replace(server, tls=policies[key]))
+        return placed
 
     def _site(self, hop: NextHop, hosts: list[MXHost] | None) -> str:
         """The site MX rollup counts `hop` against, its MX hosts known; "" when it has none."""
@@ -474,10 +499,18 @@ class SMTPTransport:
         relays to addresses never loads it."""
         from workers import mx_lookup
 
+        return mx_lookup.next_hops(destination, self._dns())
+
+    def _dns(self) -> dns.resolver.Resolver:
+        """The worker's resolver, made on first use: validating answers asked for when DNSSEC is
+        trusted (dns-support-level dnssec)."""
+        from workers import mx_lookup
+
         if self._resolver is None:
             self._resolver = mx_lookup.make_resolver(self.config.dns_servers, self.config.dns_timeout,
-                                                     cache=mx_lookup.CACHE_NAMES)
-        return mx_lookup.next_hops(destination, self._resolver)
+                                                     cache=mx_lookup.CACHE_NAMES,
+                                                     dnssec=self.config.dns_support_level == DNS_DNSSEC)
+        return self._resolver
 
 
 def _lookup_failure(exc: MXLookupError | ResolverConfigError, mx: bool) -> tuple[str, str]:
@@ -504,7 +537,8 @@ def _under(server: Server, tls: TLSPolicy, next_hop: str, mx: bool) -> Server:
 
 
 def _expand(hosts: list[MXHost], port: int, *, lmtp: bool, auth: tuple[str, str] | None) -> list[Server]:
-    return [Server(host.name, ip, port, lmtp=lmtp, auth=auth) for host in hosts for ip in host.addresses]
+    return [Server(host.name, ip, port, lmtp=lmtp, auth=auth, secure=host.secure)
+            for host in hosts for ip in host.addresses]
 
 
 def _log(server: Server) -> logging.Logger:

@@ -40,6 +40,7 @@ from policy.tls_report import (
     CERTIFICATE_HOST_MISMATCH,
     CERTIFICATE_NOT_TRUSTED,
     STARTTLS_NOT_SUPPORTED,
+    TLSA_INVALID,
     VALIDATION_FAILURE,
 )
 from router.config.timeouts import Timeouts
@@ -144,6 +145,12 @@ class TLSFallback(_TLSProblem):
 class TLSFailure(_TLSProblem):
     """A level above `may` was not met: no STARTTLS, a failed handshake, a certificate that did
     not pass. Nothing of a transaction was sent; the message waits (4.7.x)."""
+
+
+def refused(peer: str, why: str) -> TLSFailure:
+    """The failure of a server its TLS policy will not let us use (`why`, e.g. DANE's reason),
+    for the caller to raise before connecting."""
+    return TLSFailure(_local(454, "4.7.5", f"not connecting to {peer}: {why}", "connect"))
 
 
 class _Lost(SMTPError):
@@ -275,9 +282,10 @@ class SMTPClient:
         or accept it, a failed handshake or a certificate that does not pass ends the session
         (4.7.x) before any command of a transaction: nothing goes in clear."""
         names = policy.match or (tls_name,)
+        required = f"TLS is required (DANE: {tls_name} has TLSA records)" if policy.tlsa else "TLS is required"
         if "STARTTLS" not in self.extensions:
             if policy.required:
-                self._tls_failed(_local(454, "4.7.4", f"TLS is required, but was not offered by host {self.peer}"),
+                self._tls_failed(_local(454, "4.7.4", f"{required}, but was not offered by host {self.peer}"),
                                  STARTTLS_NOT_SUPPORTED)
             return
         try:
@@ -287,7 +295,7 @@ class SMTPClient:
         reply = self._command("STARTTLS", "STARTTLS", self.timeouts.starttls)
         if reply.code != 220:
             if policy.required:
-                self._tls_failed(_local(454, "4" + reply.dsn[1:], f"TLS is required, but {reply.describe(self.peer)}"),
+                self._tls_failed(_local(454, "4" + reply.dsn[1:], f"{required}, but {reply.describe(self.peer)}"),
                                  STARTTLS_NOT_SUPPORTED)
             return  # `may`: RFC 3207 lets the session go on unencrypted
         if self._buffer:  # read before the handshake, so not from the TLS peer: someone injected it
@@ -308,14 +316,13 @@ class SMTPClient:
             if isinstance(exc, ssl.SSLCertVerificationError):
                 text = f"server certificate of {self.peer} not verified for {', '.join(names)}: {exc.verify_message}"
             else:
-                text = f"TLS is required, but the handshake with {self.peer} failed: {_tls_reason(exc)}"
+                text = f"{required}, but the handshake with {self.peer} failed: {_tls_reason(exc)}"
             raise TLSFailure(_local(454, "4.7.5", text), tls.result_type(exc), self.local_ip) from None
         problem = tls.check_peer(sock, policy, names)
         if problem:
             self.abort()
             raise TLSFailure(_local(454, "4.7.5", f"server certificate of {self.peer} {problem}"),
-                             CERTIFICATE_HOST_MISMATCH if policy.level in NAMED_LEVELS else CERTIFICATE_NOT_TRUSTED,
-                             self.local_ip)
+                             _mismatch(policy), self.local_ip)
         self.tls = tls.describe(sock)
         self.tls_trust = tls.trust(sock, policy)
         self._hello()
@@ -967,6 +974,14 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason)
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _mismatch(policy: TLSPolicy) -> str:
+    """What a TLS report calls a certificate the policy's checks refused after the handshake: no
+    TLSA record matched (DANE), other names (the named levels) or other digests (fingerprint)."""
+    if policy.tlsa:
+        return TLSA_INVALID
+    return CERTIFICATE_HOST_MISMATCH if policy.level in NAMED_LEVELS else CERTIFICATE_NOT_TRUSTED
 
 
 def _tls_reason(exc: BaseException) -> str:

@@ -3,7 +3,8 @@ handshake uses, and the checks of the server's certificate that the level asks f
 
 Names are matched here rather than by the ssl module's check_hostname, which takes one name:
 `verify` accepts the MX host or the next-hop domain, `secure` a list from the policy, with
-`.domain` for any name under it. The chain itself is always the ssl module's (CERT_REQUIRED).
+`.domain` for any name under it. The chain itself is the ssl module's (CERT_REQUIRED), but under
+DANE, whose trust comes from TLSA records rather than from CAs: workers/dane.py checks it then.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import hashlib
 import ipaddress
 import ssl
 
-from policy.tls_policy import NAMED_LEVELS, TLS_FINGERPRINT, TLSPolicy
+from policy.tls_policy import DANE_LEVELS, NAMED_LEVELS, TLS_FINGERPRINT, TLSPolicy
 from policy.tls_report import (
     CERTIFICATE_EXPIRED,
     CERTIFICATE_HOST_MISMATCH,
@@ -30,7 +31,8 @@ _VERSIONS = {"TLSv1": ssl.TLSVersion.TLSv1, "TLSv1.1": ssl.TLSVersion.TLSv1_1,
 def context(policy: TLSPolicy, ca_file: str | None) -> ssl.SSLContext:
     """A client context: the chain verified (to `ca_file`, else the system's store) for the
     levels that check names; unchecked for may and fingerprint, whose checks are the digests'
-    or none. OSError or ValueError when the CA file cannot be loaded."""
+    or none, and for DANE, whose checks are the TLSA records'. OSError or ValueError when the
+    CA file cannot be loaded."""
     if policy.level in NAMED_LEVELS:
         made = ssl.create_default_context(cafile=ca_file)
         made.check_hostname = False  # names are matched by check_peer: more than one may do
@@ -58,6 +60,10 @@ def check_peer(sock: ssl.SSLSocket, policy: TLSPolicy, names: tuple[str, ...]) -
         digests = digests_of(der)
         if not digests & set(policy.fingerprints):
             return f"not verified by fingerprint: its SHA-256 digests {' and '.join(sorted(digests))} are not listed"
+    elif policy.level in DANE_LEVELS:
+        from workers import dane  # the cryptography package only for the levels that need it
+
+        return dane.check(sock, policy, names)
     return ""
 
 

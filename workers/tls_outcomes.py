@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING
 
 from policy.tls_policy import TLS_NONE
-from policy.tls_report import NO_POLICY_FOUND, STARTTLS_NOT_SUPPORTED, STS, SUCCESS, Outcome, utc_day
+from policy.tls_report import NO_POLICY_FOUND, STARTTLS_NOT_SUPPORTED, STS, SUCCESS, TLSA, Outcome, utc_day
 from router.spool.durable import make_shared_dir
 
 if TYPE_CHECKING:
@@ -107,8 +107,11 @@ class Recorder:
 
 
 def _policy(server: Server) -> tuple[str, str, tuple[str, ...]]:
-    """The policy domain, type and strings a session to `server` is counted under: the MTA-STS
-    policy it was used under, if any (policy/mta_sts.py Applied), else none found."""
+    """The policy domain, type and strings a session to `server` is counted under: its DANE
+    records (policy/dane.py), the MTA-STS policy it was used under (policy/mta_sts.py Applied),
+    else none found."""
+    if server.tls.tlsa:
+        return server.report_domain, TLSA, tuple(str(record) for record in server.tls.tlsa)
     if server.sts is not None:
         return server.sts.domain, STS, server.sts.policy.lines()
     return server.report_domain, NO_POLICY_FOUND, ()

@@ -251,21 +251,16 @@ class Sender:
 
     def _addresses(self, domain: str) -> tuple[list[str], str]:
         """The domain's reporting URIs, and "" or why DNS could not say now."""
-        import dns.exception  # the DNS library only where reports are sent
-        import dns.resolver
-
-        from workers import mx_lookup
+        from workers import mx_lookup  # the DNS library only where reports are sent
+        from workers.mx_hosts import MXLookupError
 
         if self._resolver is None:
             self._resolver = mx_lookup.make_resolver(self.config.dns_servers, self.config.dns_timeout)
         name = f"_smtp._tls.{domain}"
         try:
-            answer = self._resolver.resolve(name, "TXT", search=False)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return [], ""
-        except dns.exception.DNSException as exc:
-            return [], f"DNS lookup of {name} TXT failed: {exc}"
-        texts = [b"".join(record.strings).decode("utf-8", "replace") for record in answer]
+            texts = mx_lookup.lookup_txt(name, self._resolver)
+        except MXLookupError as exc:
+            return [], str(exc)
         try:
             return parse_record(texts), ""
         except ValueError as exc:

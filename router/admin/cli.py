@@ -18,6 +18,7 @@ from policy.destinations import DestinationRules, DestinationSettings
 from policy.next_hop import LMTP, MDA, MX, PIPE, SMTP, NextHop
 from policy.rewriting import FROM, TO
 from policy.routing import Policy, load_policy
+from policy.tls_policy import DANE_LEVELS, TLSPolicy, names_to_match
 from policy.tls_report import parse_day, utc_day
 from policy.transport_map import PolicyError
 from policy.verify import DELIVERABLE, REFUSED
@@ -25,7 +26,7 @@ from router import config as config_module
 from router.admin.queue_view import ALL, WAITING, Selection, age, as_lines, find, messages, parse_duration
 from router.admin.queue_view import as_json as as_json_line
 from router.admin.queue_view import shape as queue_shape
-from router.config import KEYS, Config, ConfigError, privileges
+from router.config import DNS_DNSSEC, KEYS, Config, ConfigError, privileges
 from router.daemon import detach as daemon
 from router.daemon import reach
 from router.daemon.control import QueueCommands
@@ -119,8 +120,8 @@ KEYS_BY_PARAM = {key.replace("-", "_"): key for key in KEYS}
 SPOOL_KEYS = ("queue-dir", "status-socket", "spool-group", "user")
 POLICY_KEYS = ("default-transport", "relayhost", "transports", "transport-defs", "aliases", "rewriting",
                "destinations", "rewrite-both", "pipe-user", "user")
-ROUTE_KEYS = (*POLICY_KEYS, "me", "dns-servers", "dns-timeout", "smtp-port", "command-time-limit", "smtp-tls",
-              "queue-dir", "smtp-tls-ca")
+ROUTE_KEYS = (*POLICY_KEYS, "me", "dns-servers", "dns-timeout", "dns-support-level", "smtp-port", "command-time-limit",
+              "smtp-tls", "queue-dir", "smtp-tls-ca")
 
 
 def _flags(settings: dict[str, Any]) -> dict[str, str]:
@@ -235,7 +236,11 @@ def route(
             settings = policy.destinations.for_destination(answer["site"])
             answer["destination_settings"] = dataclasses.asdict(settings)
     if decision.next_hop.kind in (SMTP, LMTP, MX) and not decision.next_hop.argument.startswith("/"):
-        answer["tls"] = _tls(policy.destinations.for_tls(destination, answer.get("site", "")), loaded.smtp_tls)
+        tls_settings = policy.destinations.for_tls(destination, answer.get("site", ""))
+        answer["tls"] = _tls(tls_settings, loaded.smtp_tls)
+        if resolve and decision.next_hop.kind == MX and answer["tls"]["level"] in DANE_LEVELS:
+            _dane(loaded, answer.get("resolved", []), decision.next_hop.argument,
+                  tls_settings.tls_policy(loaded.smtp_tls))
     if resolve and decision.next_hop.kind == MX and answer["tls"]["source"] == "smtp-tls":  # tls= wins over it
         from workers.mta_sts import for_route
 
@@ -354,7 +359,8 @@ _BOUNCE_REASONS = {"5.1.10": "null MX", "5.1.2": "no such domain"}
 def _resolve(loaded: Config, hop: Any) -> dict[str, Any]:
     """What DNS says now about `hop` (a policy.next_hop.NextHop), asked as delivery asks
     (workers.mx_lookup): `resolved`, the hosts in the order tried, and, when there is none to try,
-    `error` {dsn, message}. Relay hosts that fail while others answer are listed in `unresolved`."""
+    `error` {dsn, message}. Relay hosts that fail while others answer are listed in `unresolved`.
+    Under dns-support-level dnssec each host says whether DNSSEC validated it (`dnssec`)."""
     from policy.next_hop import LMTP, SMTP, parse_hosts
     from router.config.dns_servers import ResolverConfigError
     from workers.mx_hosts import MXLookupError
@@ -363,8 +369,9 @@ def _resolve(loaded: Config, hop: Any) -> dict[str, Any]:
         return {"resolved": [], "note": f"no DNS: {hop.kind} delivery connects to no host"}
     from workers import mx_lookup  # the DNS library only when asked to resolve
 
+    dnssec = loaded.dns_support_level == DNS_DNSSEC
     try:
-        resolver = mx_lookup.make_resolver(loaded.dns_servers, loaded.dns_timeout)
+        resolver = mx_lookup.make_resolver(loaded.dns_servers, loaded.dns_timeout, dnssec=dnssec)
     except ResolverConfigError as exc:
         raise _fail(str(exc), EX_CONFIG) from None
     if hop.kind == MX:
@@ -386,8 +393,8 @@ def _resolve(loaded: Config, hop: Any) -> dict[str, Any]:
         except MXLookupError as exc:
             unresolved.append({"destination": destination, "dsn": exc.dsn, "message": exc.message})
             continue
-        resolved += [{"host": host.name, "preference": host.preference, "addresses": list(host.addresses)}
-                     for host in hosts]
+        resolved += [{"host": host.name, "preference": host.preference, "addresses": list(host.addresses),
+                      **({"dnssec": host.secure} if dnssec else {})} for host in hosts]  # AD believed only then
     if not resolved and unresolved:
         failure = unresolved[-1]
         return {"error": {"dsn": failure["dsn"], "message": failure["message"]}}
@@ -395,6 +402,20 @@ def _resolve(loaded: Config, hop: Any) -> dict[str, Any]:
     if unresolved:
         answer["unresolved"] = unresolved
     return answer
+
+
+def _dane(loaded: Config, hosts: list[dict[str, Any]], domain: str, tls: TLSPolicy) -> None:
+    """Under a DANE level, what delivery would make of each MX host (workers.mx_lookup.host_tls):
+    `dane` {applies, tlsa (the usable records), note (why it would not be used)}."""
+    from workers import mx_lookup
+
+    resolver = mx_lookup.make_resolver(loaded.dns_servers, loaded.dns_timeout,
+                                       dnssec=loaded.dns_support_level == DNS_DNSSEC)
+    for host in hosts:
+        placed = dataclasses.replace(tls, match=names_to_match(tls, host["host"], domain))
+        found = mx_lookup.host_tls(placed, host["host"], loaded.smtp_port, host.get("dnssec", False), resolver)
+        host["dane"] = {"applies": bool(found.tlsa), "tlsa": [str(record) for record in found.tlsa],
+                        "note": found.refusal}
 
 
 def _format_resolved(answer: dict[str, Any]) -> list[str]:
@@ -407,8 +428,13 @@ def _format_resolved(answer: dict[str, Any]) -> list[str]:
     if "note" in answer:
         return [f"resolved:  {answer['note']}"]
     lines = ["resolved:  hosts in the order tried (equal preferences are shuffled at each delivery):"]
-    lines += [f"  {host['preference']:>5} {host['host']}  {', '.join(host['addresses'])}"
-              for host in answer['resolved']]
+    for host in answer["resolved"]:
+        lines.append(f"  {host['preference']:>5} {host['host']}  {', '.join(host['addresses'])}")
+        dane = host.get("dane")
+        if dane:
+            state = (f"DANE, TLSA {', '.join(dane['tlsa'])}" if dane["applies"]
+                     else f"no DANE: {dane['note']}" if dane["note"] else "no DANE, may")
+            lines.append(f"        dane: {host['host']}: {state}")
     lines += [f"  not resolved: {item['destination']}: ({item['dsn']}) {item['message']}"
               for item in answer.get("unresolved", [])]
     return lines

@@ -29,6 +29,8 @@ from router.spool import DEFAULT_SIZE_LIMIT
 from router.spool.address import AddressError, parse_path
 
 QPSMTPD_ME = "/etc/qpsmtpd/me"
+DNS_ENABLED, DNS_DNSSEC = "enabled", "dnssec"  # dns-support-level, as Postfix's smtp_dns_support_level
+DNS_SUPPORT_LEVELS = (DNS_ENABLED, DNS_DNSSEC)
 
 
 class ConfigError(ValueError):
@@ -136,6 +138,12 @@ def _dns_servers(text: str, base_dir: str) -> str:
     return text
 
 
+def _dns_support_level(text: str, base_dir: str) -> str:
+    if text not in DNS_SUPPORT_LEVELS:
+        raise ValueError(f"must be one of {', '.join(DNS_SUPPORT_LEVELS)}")
+    return text
+
+
 def _tls_policy(text: str, base_dir: str) -> str:
     return parse_level(text, GLOBAL_LEVELS)
 
@@ -217,6 +225,7 @@ _METAVARS: dict[Callable[[str, str], Any], str] = {
     _positive_int: "N", _non_negative: "NUMBER", _boolean: "yes|no", _path: "PATH", _text: "TEXT",
     _user: "USER", _group: "GROUP", _next_hop: "NEXTHOP", _relayhost: "HOST[:PORT],...", _port: "PORT",
     _listen: "[ADDRESS]:PORT", _dns_servers: "IP[:PORT],...", _tls_policy: "|".join(GLOBAL_LEVELS),
+    _dns_support_level: "|".join(DNS_SUPPORT_LEVELS),
     _existing_file: "FILE", _relay_auth: "FILE", _timeouts: "STEP=SECONDS,...", _log_target: "syslog|stderr|FILE",
     _log_time: "syslog|rfc3339",
     _sender: "ADDRESS|<>",
@@ -255,8 +264,11 @@ class Config:
     smtp_port: int = _key("smtp-port", _port, 25, "TCP port of MX hosts and of relay hosts given without one")
     dns_servers: str = _key("dns-servers", _dns_servers, "", "DNS servers, ip:port,... (default: /etc/resolv.conf)")
     dns_timeout: float = _key("dns-timeout", _non_negative, 10.0, "seconds for one DNS lookup")
+    dns_support_level: str = _key("dns-support-level", _dns_support_level, DNS_ENABLED,
+                                  "dnssec: the DNS servers validate DNSSEC and are reached over a trusted path "
+                                  "(loopback), so their AD bit is believed, as DANE needs; enabled: it is not")
     smtp_tls: str = _key("smtp-tls", _tls_policy, TLS_MAY, "the TLS level where the destinations file sets none: "
-                         "none, may, encrypt, verify or secure (docs/policy-files.md)")
+                         "none, may, encrypt, verify, secure, dane or dane-only (docs/policy-files.md)")
     smtp_tls_ca: str = _key("smtp-tls-ca", _existing_file, "", "CA certificates for the levels that verify "
                             "(encrypt, verify, secure) and for MTA-STS (MX hosts, policy servers)")
     relay_auth: Credentials | None = _key("relay-auth", _relay_auth, None,

@@ -1,0 +1,352 @@
+"""DANE (tls=dane, tls=dane-only) through the real daemon: a zone signed with ldns-signzone and
+served by NSD, Unbound validating it against the test's trust anchor as the daemon's resolver
+(dns-support-level dnssec), aiosmtpd with STARTTLS and certificates from a test CA as the MX
+host, its TLSA records at _PORT._tcp of its name."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from policy.dane import DANE_EE, TLSARecord, host_policy
+from policy.destinations import load_destinations
+from policy.tls_policy import TLS_DANE, TLS_DANE_ONLY, TLS_MAY, TLSPolicy
+from policy.transport_map import PolicyError
+from router.spool.queue_file import PENDING
+from tests.daemon import qrouter, reachable, wait_for
+from tests.dns_server import DNSServer
+from tests.nsd_server import HOST, NSD
+from tests.smtp_servers import AioServer
+from tests.test_smtp_tls_auth import FAST, Sink, deferred, delivered, enqueue
+from tests.unbound_server import Unbound, ZoneKeys
+from workers.dane import matches
+
+DOMAIN = "dane.test"
+MX = f"mx.{DOMAIN}"
+PLAIN = "plain"  # an unsigned zone, no trust anchor: what Unbound says of it is insecure
+BODY = b"Subject: t\r\n\r\nonly the MX host DNSSEC names may read this\r\n"
+
+
+class PKI:
+    """A root CA, an intermediate under it, and the MX host's certificate from the intermediate."""
+
+    def __init__(self) -> None:
+        self.root = trustme.CA()
+        self.intermediate = self.root.create_child_ca()
+        self.leaf = self.intermediate.issue_cert(MX)
+
+    def context(self, leaf: trustme.LeafCert | None = None) -> ssl.SSLContext:
+        """A server context sending `leaf` (by default the MX host's) and the intermediate."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        (leaf or self.leaf).configure_cert(context)
+        return context
+
+    @staticmethod
+    def der(pem: trustme.Blob) -> bytes:
+        return ssl.PEM_cert_to_DER_cert(pem.bytes().decode())
+
+    def spki_sha256(self, leaf: trustme.LeafCert | None = None) -> str:
+        certificate = x509.load_der_x509_certificate(self.der((leaf or self.leaf).cert_chain_pems[0]))
+        key = certificate.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        return hashlib.sha256(key).hexdigest()
+
+    def ee(self, leaf: trustme.LeafCert | None = None) -> str:
+        """DANE-EE SPKI SHA-256 (3 1 1) of the leaf."""
+        return f"3 1 1 {self.spki_sha256(leaf)}"
+
+    def ta(self) -> str:
+        """DANE-TA full certificate SHA-256 (2 0 1) of the intermediate."""
+        return f"2 0 1 {hashlib.sha256(self.der(self.intermediate.cert_pem)).hexdigest()}"
+
+
+@pytest.fixture(scope="module")
+def pki() -> PKI:
+    return PKI()
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> ZoneKeys:
+    return ZoneKeys("test.", tmp_path_factory.mktemp("zone-keys"))
+
+
+def zone(port: int, *tlsa: str) -> str:
+    return (f"{DOMAIN}. 60 IN MX 10 {MX}.\n{MX}. 60 IN A 127.0.0.2\n"
+            + "".join(f"_{port}._tcp.{MX}. 60 IN TLSA {record}\n" for record in tlsa))
+
+
+@contextmanager
+def resolver(keys: ZoneKeys, zone_text: str, broken: str = "") -> Iterator[Unbound]:
+    """Unbound validating `zone_text`, signed, served by NSD, with `broken` (a piece of the signed
+    file) changed after signing so its signature fails; and the unsigned zone `plain.`, whose
+    domain has the signed MX host as its MX."""
+    signed = keys.sign(zone_text)
+    if broken:
+        assert broken in signed
+        signed = signed.replace(broken, broken[::-1])
+    with NSD(signed, complete=True) as nsd, DNSServer(f"{PLAIN}. 60 IN MX 10 {MX}.\n", origin=f"{PLAIN}.") as plain:
+        with Unbound({"test.": f"{HOST}@{nsd.port}", f"{PLAIN}.": f"{plain.host}@{plain.port}"}, [keys.ds]) as unbound:
+            yield unbound
+
+
+def attempt(daemons, dns_servers: str, server: AioServer, level: str, *flags: str,
+            recipient: str = f"u@{DOMAIN}", support: str = "dnssec", home: str = ""):
+    """Deliver one message under the TLS level `level` to `server` as the MX host; the daemon
+    and the queue id once the first attempt is over. A second daemon of a test needs a `home`."""
+    daemon = daemons("--dns-servers", dns_servers, "--dns-support-level", support, "--smtp-port", str(server.port),
+                     "--smtp-tls", level, *flags, *FAST, maildir=False, home=home)
+    queue_id = enqueue(daemon, [recipient], BODY)
+    wait_for(lambda: f"{queue_id}: removed" in daemon.log() or (daemon.spool / "deferred" / queue_id).exists(),
+             what=f"the first attempt at {queue_id}")
+    return daemon, queue_id
+
+
+def sent(daemon, queue_id: str, sink: Sink, trust: str) -> None:
+    """Delivered, over a session logged as `trust` (Verified, Untrusted)."""
+    line = delivered(daemon, queue_id)
+    assert "status=sent" in line, line
+    [session] = [ln for ln in daemon.log().splitlines() if "TLS connection established to" in ln]
+    assert f"{trust} TLS connection established to {MX}[127.0.0.2]:" in session, session
+    assert sink.messages[0].content.endswith(b"only the MX host DNSSEC names may read this\r\n")
+
+
+def refused(daemon, queue_id: str, sink: Sink, dsn: str, reason: str) -> None:
+    """Deferred with `dsn` and `reason` in the recipient's reply and in the log line; the server
+    took no mail."""
+    [rcpt] = deferred(daemon, queue_id)
+    assert (rcpt.state, rcpt.dsn) == (PENDING, dsn) and reason in rcpt.reply, rcpt.reply
+    assert sink.messages == [] and not any(c.startswith(("MAIL", "RCPT")) for c in sink.commands)
+    [line] = [ln for ln in daemon.log().splitlines() if f"{queue_id}: to=<" in ln]
+    assert f"dsn={dsn}, status=deferred" in line and reason in line, line
+
+
+# -- DANE authenticates ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", ["dane", "dane-only"])
+def test_dane_ee_match_delivers_verified(daemons, pki, keys, level):
+    with AioServer(Sink(), host="127.0.0.2", tls_context=pki.context()) as server, \
+            resolver(keys, zone(server.port, pki.ee())) as unbound:
+        daemon, queue_id = attempt(daemons, unbound.servers, server, level)
+    sent(daemon, queue_id, server.handler, "Verified")
+    assert server.handler.sessions[0][0] == "TLSv1.3"
+
+
+def test_dane_ee_ignores_names_and_the_ca(daemons, pki, keys):
+    """DANE-EE binds the key to the host: a certificate for another name, from a CA nobody
+    trusts, passes when its key is the one the TLSA record names (RFC 7672 3.1.1)."""
+    stranger = trustme.CA().issue_cert("other.example")
+    with AioServer(Sink(), host="127.0.0.2", tls_context=pki.context(stranger)) as server, \
+            resolver(keys, zone(server.port, pki.ee(stranger))) as unbound:
+        daemon, queue_id = attempt(daemons, unbound.servers, server, "dane-only")
+    sent(daemon, queue_id, server.handler, "Verified")
+
+
+def test_dane_ta_match_delivers_verified(daemons, pki, keys):
+    with AioServer(Sink(), host="127.0.0.2", tls_context=pki.context()) as server, \
+            resolver(keys, zone(server.port, pki.ta())) as unbound:
+        daemon, queue_id = attempt(daemons, unbound.servers, server, "dane")
+    sent(daemon, queue_id, server.handler, "Verified")
+
+
+def test_dane_ta_needs_the_mx_host_name(daemons, pki, keys):
+    """DANE-TA vouches for a CA, so the certificate it issued must name the host."""
+    wrong_name = pki.intermediate.issue_cert("other.example")
+    with AioServer(Sink(), host="127.0.0.2", tls_context=pki.context(wrong_name)) as server, \
+            resolver(keys, zone(server.port, pki.ta())) as unbound:
+        daemon, queue_id = attempt(daemons, unbound.servers, server, "dane")
+    refused(daemon, queue_id, server.handler, "4.7.5",
+            f"not verified by DANE (TLSA {pki.ta()}) for {MX}, {DOMAIN}: the certificate names other.example")
+
+
+# -- DANE refuses ------------------------------------------------------------------------------
+
+
+def test_mismatch_defers_and_sends_nothing(daemons, pki, keys):
+    other = trustme.CA().issue_cert(MX)
+    with AioServer(Sink(), host="127.0.0.2", tls_context=pki.context()) as server, \
+            resolver(keys, zone(server.port, pki.ee(other))) as unbound:
+        daemon, queue_id = attempt(daemons, unbound.servers, server, "dane")
+    refused(daemon, queue_id, server.handler, "4.7.5",
+            f"not verified by DANE: no certificate it sent matches TLSA {pki.ee(other)}")
+
+
+def test_sessions_under_dane_are_counted_for_tls_reports_under_the_tlsa_records(daemons, pki, keys):
+    """With tls-report on: a session DANE authenticated and one whose certificate matched no
+    record, each counted under policy type tlsa with the records as the policy's strings."""
+    other = trustme.CA().issue_cert(MX)
+    with AioServer(Sink(), host="127.0.0.2", tls_context=pki.context()) as server:
+        with resolver(keys, zone(server.port, pki.ee())) as unbound:
+            daemon, queue_id = attempt(daemons, unbound.servers, server, "dane", "--tls-report", "yes")
+        sent(daemon, queue_id, server.handler, "Verified")
+        with resolver(keys, zone(server.port, pki.ee(other))) as unbound:
+            second, queue_id = attempt(daemons, unbound.servers, server, "dane", "--tls-report", "yes",
+                                       home="second")
+        [rcpt] = deferred(second, queue_id)
+        assert rcpt.dsn == "4.7.5", rcpt.reply
+    for run, record, good, failures in ((daemon, pki.ee(), 1, []), (second, pki.ee(other), 0, ["tlsa-invalid"])):
+        shown = qrouter("tls-report", "show", "--json", "--queue-dir", str(run.spool), check=True).stdout
+        [entry] = [json.loads(line) for line in shown.decode().splitlines()]
+        [counted] = entry["policies"]
+        assert (entry["domain"], counted["policy"]["policy-type"], counted["policy"]["policy-string"]) == (
+            DOMAIN, "tlsa", [record]), entry
+        assert counted["summary"] == {"total-successful-session-count": good,
+                                      "total-failure-session-count": len(failures)}, counted
+        assert [f["result-type"] for f in counted.get("failure-details", [])] == failures, counted
+
+
+def test_server_withholding_starttls_is_a_downgrade(daemons, pki, keys):
+    """TLSA records say the host does TLS: a session without STARTTLS is an attack, not a fallback."""
+    with AioServer(Sink(), host="127.0.0.2") as server, resolver(keys, zone(server.port, pki.ee())) as unbound:
+        daemon, queue_id = attempt(daemons, unbound.servers, server, "dane")
+    refused(daemon, queue_id, server.handler, "4.7.4",
+            f"TLS is required (DANE: {MX} has TLSA records), but was not offered by host {MX}[127.0.0.2]")
+
+
+def test_bogus_tlsa_answer_defers(daemons, pki, keys):
+    """A TLSA record whose signature fails: Unbound answers SERVFAIL, and the host is not used,
+    neither with DANE nor without."""
+    with AioServer(Sink(), host="127.0.0.2", tls_context=pki.context()) as server:
+        record = pki.ee()
+        with resolver(keys, zone(server.port, record), broken=record.split()[-1]) as unbound:
+            daemon, queue_id = attempt(daemons, unbound.servers, server, "dane")
+    refused(daemon, queue_id, server.handler, "4.7.5",
+            f"TLSA lookup for {MX} failed: DNS servers failed: Do53:{HOST}@{unbound.port} answered SERVFAIL")
+    assert server.handler.commands == []  # not even connected to
+
+
+# -- where DANE does not apply -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("records", "why"), [
+    ((), f"{MX} has no TLSA records"),  # securely absent
+    (("1 1 1 " + "ab" * 32, "0 0 1 " + "cd" * 32, "3 2 1 " + "ef" * 32), f"{MX} has no usable TLSA records"),
+])
+def test_no_usable_tlsa_records_is_may_under_dane_and_refused_under_dane_only(daemons, pki, keys, records, why):
+    with AioServer(Sink(), host="127.0.0.2", tls_context=pki.context()) as server, \
+            resolver(keys, zone(server.port, *records)) as unbound:
+        daemon, queue_id = attempt(daemons, unbound.servers, server, "dane")
+        sent(daemon, queue_id, server.handler, "Untrusted")
+        daemon.stop()
+        server.handler.messages.clear()
+        server.handler.commands.clear()
+        daemon, queue_id = attempt(daemons, unbound.servers, server, "dane-only", home="again")
+    refused(daemon, queue_id, server.handler, "4.7.5", f"DANE is required, but {why}")
+
+
+def test_insecure_mx_disables_dane(daemons, pki, keys):
+    """plain. is unsigned: its MX records name the signed MX host, whose TLSA record does not
+    match, but an MX RRset nobody validated cannot bring DANE in (RFC 7672 2.2.1): dane is may,
+    dane-only does not use the host."""
+    other = trustme.CA().issue_cert(MX)
+    with AioServer(Sink(), host="127.0.0.2", tls_context=pki.context()) as server, \
+            resolver(keys, zone(server.port, pki.ee(other))) as unbound:
+        daemon, queue_id = attempt(daemons, unbound.servers, server, "dane", recipient=f"u@{PLAIN}")
+        sent(daemon, queue_id, server.handler, "Untrusted")
+        daemon.stop()
+        server.handler.messages.clear()
+        server.handler.commands.clear()
+        daemon, queue_id = attempt(daemons, unbound.servers, server, "dane-only", recipient=f"u@{PLAIN}",
+                                   home="again")
+    refused(daemon, queue_id, server.handler, "4.7.5",
+            f"DANE is required, but {MX} was not found by DNSSEC-validated MX and address records")
+
+
+def test_ad_bit_of_a_resolver_not_declared_trusted_is_ignored(daemons, pki, keys):
+    """A server that sets AD on every answer, unsigned zone and all: without dns-support-level
+    dnssec its AD bit means nothing, so its (mismatching) TLSA record is never used."""
+    other = trustme.CA().issue_cert(MX)
+    with AioServer(Sink(), host="127.0.0.2", tls_context=pki.context()) as server, \
+            DNSServer(zone(server.port, pki.ee(other)), authentic=True) as liar:
+        daemon, queue_id = attempt(daemons, liar.servers, server, "dane", support="enabled")
+        sent(daemon, queue_id, server.handler, "Untrusted")
+        daemon.stop()
+        server.handler.messages.clear()
+        server.handler.commands.clear()
+        daemon, queue_id = attempt(daemons, liar.servers, server, "dane-only", support="enabled", home="again")
+    refused(daemon, queue_id, server.handler, "4.7.5", "DANE is required, but DNSSEC is not trusted")
+
+
+# -- the parts -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("selector", [0, 1])
+@pytest.mark.parametrize("matching", [0, 1, 2])
+def test_every_selector_and_matching_type_designates_the_certificate(pki, selector, matching):
+    certificate = x509.load_der_x509_certificate(pki.der(pki.leaf.cert_chain_pems[0]))
+    selected = (certificate.public_bytes(Encoding.DER) if selector == 0 else
+                certificate.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+    data = {0: selected, 1: hashlib.sha256(selected).digest(), 2: hashlib.sha512(selected).digest()}[matching]
+    assert matches(TLSARecord(DANE_EE, selector, matching, data), certificate)
+    assert not matches(TLSARecord(DANE_EE, selector, matching, data[:-1] + bytes([data[-1] ^ 1])), certificate)
+
+
+DANE_POLICY = TLSPolicy(TLS_DANE, match=(MX, DOMAIN))
+EE = TLSARecord(DANE_EE, 1, 1, b"\1" * 32)
+PKIX = TLSARecord(1, 1, 1, b"\1" * 32)
+
+
+@pytest.mark.parametrize(("trusted", "secure", "tlsa", "under_dane", "under_dane_only"), [
+    (True, True, ([EE, PKIX], True), "DANE", "DANE"),
+    (False, True, None, "may", "DNSSEC is not trusted"),
+    (True, False, None, "may", "was not found by DNSSEC-validated MX and address records"),
+    (True, True, ([], True), "may", "has no TLSA records"),
+    (True, True, ([EE], False), "may", "are not DNSSEC-validated"),
+    (True, True, ([PKIX], True), "may", "has no usable TLSA records"),
+    (True, True, "DNS servers failed", "TLSA lookup for mx.dane.test failed", "TLSA lookup for mx.dane.test failed"),
+])
+def test_host_policy(trusted, secure, tlsa, under_dane, under_dane_only):
+    for level, expected in ((TLS_DANE, under_dane), (TLS_DANE_ONLY, under_dane_only)):
+        policy = host_policy(replace(DANE_POLICY, level=level), MX, trusted=trusted, secure=secure, tlsa=tlsa)
+        if expected == "DANE":
+            assert (policy.level, policy.tlsa, policy.refusal, policy.required) == (level, (EE,), "", True)
+        elif expected == "may":
+            assert policy == TLSPolicy(TLS_MAY)
+        else:
+            assert expected in policy.refusal, policy
+
+
+# -- route --resolve ---------------------------------------------------------------------------
+
+
+def test_route_resolve_shows_dane_per_mx_host(tmp_path, pki, keys):
+    with resolver(keys, zone(2525, pki.ee(), "1 1 1 " + "ab" * 32)) as unbound:
+        args = ["route", f"u@{DOMAIN}", "--resolve", "--dns-servers", unbound.servers, "--dns-support-level",
+                "dnssec", "--smtp-port", "2525", "--smtp-tls", "dane-only"]
+        text = qrouter(*args, check=True).stdout.decode()
+        answer = json.loads(qrouter(*args, "--json", check=True).stdout)
+        plain = qrouter("route", f"u@{PLAIN}", *args[2:], check=True).stdout.decode()
+    assert f"dane: {MX}: DANE, TLSA {pki.ee()}" in text, text
+    assert answer["resolved"][0]["dane"] == {"applies": True, "tlsa": [pki.ee()], "note": ""}
+    assert f"dane: {MX}: no DANE: DANE is required, but {MX} was not found by DNSSEC-validated" in plain, plain
+
+
+def test_destinations_file_takes_the_dane_levels(tmp_path):
+    path = tmp_path / "destinations"
+    path.write_text(f"{DOMAIN} tls=dane-only protocols=>=TLSv1.3\n{PLAIN} tls=dane\n")
+    rules = load_destinations(str(path))
+    assert rules.for_tls(f"mx:{DOMAIN}").tls_policy("may") == TLSPolicy(TLS_DANE_ONLY, min_protocol="TLSv1.3")
+    assert rules.for_tls(f"mx:{PLAIN}").tls_policy("may").level == TLS_DANE
+    path.write_text(f"{DOMAIN} tls=dane match={MX}\n")
+    with pytest.raises(PolicyError, match="match= is for tls=verify and tls=secure"):
+        load_destinations(str(path))
+
+
+def test_config_keys(tmp_path):
+    result = qrouter("check-config", "--queue-dir", str(reachable(tmp_path)), "--dns-support-level", "secure")
+    assert result.returncode != 0 and b"must be one of enabled, dnssec" in result.stderr
+    assert qrouter("keys", check=True).stdout.decode().count("dns-support-level enabled|dnssec") == 1
+
+
+@pytest.fixture(autouse=True)
+def _tmp(tmp_path: Path) -> None:
+    reachable(tmp_path)
