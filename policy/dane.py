@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from policy.tls_policy import TLS_DANE_ONLY, TLS_MAY, TLSPolicy
+from policy.tls_report import DANE_REQUIRED, DNSSEC_INVALID
 
 DANE_TA, DANE_EE = 2, 3
 SELECTORS = {0: "certificate", 1: "public key"}
@@ -58,7 +59,7 @@ def host_policy(policy: TLSPolicy, host: str, *, trusted: bool, secure: bool,
     if not secure or tlsa is None:
         return _without_dane(policy, f"{host} was not found by DNSSEC-validated MX and address records")
     if isinstance(tlsa, str):
-        return replace(policy, refusal=f"TLSA lookup for {host} failed: {tlsa}")
+        return replace(policy, refusal=f"TLSA lookup for {host} failed: {tlsa}", refusal_type=DNSSEC_INVALID)
     records, validated = tlsa
     usable = tuple(record for record in records if record.usable)
     if not records:
@@ -73,5 +74,5 @@ def host_policy(policy: TLSPolicy, host: str, *, trusted: bool, secure: bool,
 def _without_dane(policy: TLSPolicy, why: str) -> TLSPolicy:
     """dane becomes may; dane-only refuses the host, saying why."""
     if policy.level == TLS_DANE_ONLY:
-        return replace(policy, refusal=f"DANE is required, but {why}")
+        return replace(policy, refusal=f"DANE is required, but {why}", refusal_type=DANE_REQUIRED)
     return TLSPolicy(TLS_MAY, min_protocol=policy.min_protocol)

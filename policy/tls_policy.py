@@ -53,7 +53,7 @@ class TLSPolicy:
 
     Under a DANE level, one host's policy (policy/dane.py): `tlsa`, the usable TLSA records the
     certificate must match; `refusal`, why no session may be opened to the host at all (what
-    DNSSEC did not prove), "" when one may."""
+    DNSSEC did not prove), "" when one may, and `refusal_type` what a TLS report calls it."""
 
     level: str = TLS_MAY
     match: tuple[str, ...] = ()
@@ -61,6 +61,7 @@ class TLSPolicy:
     min_protocol: str = ""
     tlsa: tuple[TLSARecord, ...] = ()
     refusal: str = ""
+    refusal_type: str = ""
 
     @property
     def required(self) -> bool:

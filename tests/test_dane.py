@@ -28,6 +28,7 @@ from tests.dns_server import DNSServer
 from tests.nsd_server import HOST, NSD
 from tests.smtp_servers import AioServer
 from tests.test_smtp_tls_auth import FAST, Sink, deferred, delivered, enqueue
+from tests.test_tls_report import counted
 from tests.unbound_server import Unbound, ZoneKeys
 from workers.dane import matches
 
@@ -194,14 +195,13 @@ def test_sessions_under_dane_are_counted_for_tls_reports_under_the_tlsa_records(
         [rcpt] = deferred(second, queue_id)
         assert rcpt.dsn == "4.7.5", rcpt.reply
     for run, record, good, failures in ((daemon, pki.ee(), 1, []), (second, pki.ee(other), 0, ["tlsa-invalid"])):
-        shown = qrouter("tls-report", "show", "--json", "--queue-dir", str(run.spool), check=True).stdout
-        [entry] = [json.loads(line) for line in shown.decode().splitlines()]
-        [counted] = entry["policies"]
-        assert (entry["domain"], counted["policy"]["policy-type"], counted["policy"]["policy-string"]) == (
-            DOMAIN, "tlsa", [record]), entry
-        assert counted["summary"] == {"total-successful-session-count": good,
-                                      "total-failure-session-count": len(failures)}, counted
-        assert [f["result-type"] for f in counted.get("failure-details", [])] == failures, counted
+        [entry] = counted(run.spool)
+        [counted_under] = entry["policies"]
+        assert (entry["domain"], counted_under["policy"]["policy-type"],
+                counted_under["policy"]["policy-string"]) == (DOMAIN, "tlsa", [record]), entry
+        assert counted_under["summary"] == {"total-successful-session-count": good,
+                                            "total-failure-session-count": len(failures)}, counted_under
+        assert [f["result-type"] for f in counted_under.get("failure-details", [])] == failures, counted_under
 
 
 def test_server_withholding_starttls_is_a_downgrade(daemons, pki, keys):
@@ -218,10 +218,11 @@ def test_bogus_tlsa_answer_defers(daemons, pki, keys):
     with AioServer(Sink(), host="127.0.0.2", tls_context=pki.context()) as server:
         record = pki.ee()
         with resolver(keys, zone(server.port, record), broken=record.split()[-1]) as unbound:
-            daemon, queue_id = attempt(daemons, unbound.servers, server, "dane")
+            daemon, queue_id = attempt(daemons, unbound.servers, server, "dane", "--tls-report", "yes")
     refused(daemon, queue_id, server.handler, "4.7.5",
             f"TLSA lookup for {MX} failed: DNS servers failed: Do53:{HOST}@{unbound.port} answered SERVFAIL")
     assert server.handler.commands == []  # not even connected to
+    assert reported_failures(daemon) == [("tlsa", "dnssec-invalid", MX)]
 
 
 # -- where DANE does not apply -----------------------------------------------------------------
@@ -239,8 +240,17 @@ def test_no_usable_tlsa_records_is_may_under_dane_and_refused_under_dane_only(da
         daemon.stop()
         server.handler.messages.clear()
         server.handler.commands.clear()
-        daemon, queue_id = attempt(daemons, unbound.servers, server, "dane-only", home="again")
+        daemon, queue_id = attempt(daemons, unbound.servers, server, "dane-only", "--tls-report", "yes",
+                                   home="again")
     refused(daemon, queue_id, server.handler, "4.7.5", f"DANE is required, but {why}")
+    assert reported_failures(daemon) == [("tlsa", "dane-required", MX)]
+
+
+def reported_failures(daemon) -> list[tuple[str, str, str]]:
+    """(policy type, result type, MX host) of each failure the daemon counted for TLS reports."""
+    return [(under["policy"]["policy-type"], failure["result-type"], failure["receiving-mx-hostname"])
+            for entry in counted(daemon.spool) for under in entry["policies"]
+            for failure in under.get("failure-details", [])]
 
 
 def test_insecure_mx_disables_dane(daemons, pki, keys):

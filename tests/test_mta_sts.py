@@ -19,6 +19,7 @@ from tests.dns_server import DNSServer, zone_file
 from tests.smtp_servers import AioServer, free_port
 from tests.test_smtp_tls_auth import FAST, Sink, deferred, delivered, enqueue
 from tests.test_tls_policy import PKI, destinations
+from tests.test_tls_report import counted
 from workers.mta_sts import Policies
 from workers.mx_lookup import make_resolver
 
@@ -214,15 +215,14 @@ def test_sessions_under_a_policy_are_counted_for_tls_reports_under_it(daemons, p
     counted again."""
     _, _, daemon, queue_id = attempt(daemons, pki, "other.test", policy("testing", MX), "--tls-report", "yes")
     sent_to(daemon, queue_id, MX, MX_IP)
-    shown = qrouter("tls-report", "show", "--json", "--queue-dir", str(daemon.spool), check=True).stdout
-    [entry] = [json.loads(line) for line in shown.decode().splitlines()]
+    [entry] = counted(daemon.spool)
     assert entry["domain"] == DOMAIN, entry
-    [counted] = entry["policies"]
-    assert counted["policy"] == {"policy-type": "sts", "policy-string": [
+    [under] = entry["policies"]
+    assert under["policy"] == {"policy-type": "sts", "policy-string": [
         "version: STSv1", "mode: testing", f"mx: {MX}", "max_age: 86400"], "policy-domain": DOMAIN,
-        "mx-host": [MX]}, counted
-    assert counted["summary"] == {"total-successful-session-count": 0, "total-failure-session-count": 1}
-    [failure] = counted["failure-details"]
+        "mx-host": [MX]}, under
+    assert under["summary"] == {"total-successful-session-count": 0, "total-failure-session-count": 1}
+    [failure] = under["failure-details"]
     assert (failure["result-type"], failure["receiving-mx-hostname"], failure["receiving-ip"]) == (
         "certificate-host-mismatch", MX, MX_IP), failure
 
@@ -255,12 +255,16 @@ def test_mode_none_is_no_policy(daemons, pki):
      "line 2: mode 'strict'; it must be one of enforce, testing, none (sts-policy-invalid)"),
 ])
 def test_a_fetch_that_fails_gives_no_policy_and_is_logged(daemons, pki, answer, said):
-    _, _, daemon, queue_id = attempt(daemons, pki, "other.test", answer)
+    _, _, daemon, queue_id = attempt(daemons, pki, "other.test", answer, "--tls-report", "yes")
     sent_to(daemon, queue_id, MX, MX_IP)  # under the default level, may: the certificate unchecked
     assert f"MTA-STS policy of {DOMAIN} (id one) not fetched: https://{POLICY_HOST}/.well-known/mta-sts.txt" in \
         daemon.log()
     assert f"{said}; delivering as without a policy" in daemon.log()
     assert not (daemon.spool / "mta-sts" / DOMAIN).exists()
+    failures = [(under["policy"]["policy-type"], failure["result-type"]) for entry in counted(daemon.spool)
+                if entry["domain"] == DOMAIN for under in entry["policies"]
+                for failure in under.get("failure-details", [])]
+    assert failures == [("sts", said.rpartition("(")[2].rstrip(")"))]  # counted for TLS reports
 
 
 def test_a_policy_server_with_a_certificate_for_another_name_gives_no_policy(daemons, pki):

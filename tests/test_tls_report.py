@@ -140,6 +140,12 @@ def shown(daemon, dns: DNSServer, ca_file: str) -> dict[tuple[str, str], list[di
     return {(entry["day"], entry["domain"]): entry["policies"] for entry in map(json.loads, lines)}
 
 
+def counted(spool: Path) -> list[dict]:
+    """What `qrouter tls-report show --json` says of a spool's counts: one entry a day and domain."""
+    shown = qrouter("tls-report", "show", "--json", "--queue-dir", str(spool), check=True).stdout
+    return [json.loads(line) for line in shown.decode().splitlines()]
+
+
 def end_the_day(spool: Path) -> str:
     """What midnight does: the sessions counted so far are yesterday's (UTC). Every day file is
     put into yesterday's, so a test that runs over midnight still has them all in one."""

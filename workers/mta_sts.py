@@ -45,11 +45,12 @@ from policy.mta_sts import (
     parse_policy,
     parse_txt,
 )
-from policy.tls_report import STS_POLICY_FETCH_ERROR, STS_POLICY_INVALID, STS_WEBPKI_INVALID, VALIDATION_FAILURE
+from policy.tls_report import STS, STS_POLICY_FETCH_ERROR, STS_POLICY_INVALID, STS_WEBPKI_INVALID, VALIDATION_FAILURE
 from router.config import Config
 from router.spool.durable import unlink_quietly, write_synced
 from workers.mx_hosts import MXLookupError
 from workers.mx_lookup import lookup_txt, resolve_host
+from workers.tls_outcomes import Recorder
 
 DIRECTORY = "mta-sts"  # in the spool
 FETCH_TIMEOUT = 20.0  # seconds for one policy fetch: connection, handshake and body together
@@ -149,8 +150,9 @@ class Policies:
     in the spool. Shared by the worker's session threads."""
 
     def __init__(self, resolver: dns.resolver.Resolver, queue_dir: str, ca_file: str | None,
-                 fetch_timeout: float = FETCH_TIMEOUT, keep: bool = True) -> None:
+                 fetch_timeout: float = FETCH_TIMEOUT, keep: bool = True, recorder: Recorder | None = None) -> None:
         self.resolver = resolver
+        self.recorder = recorder  # counts a failed fetch for TLS reports (workers/tls_outcomes.py)
         self.cache = PolicyCache(queue_dir)
         self.keep = keep  # whether a policy fetched is written to the spool (not by `qrouter route`)
         self.ca_file = ca_file
@@ -199,6 +201,8 @@ class Policies:
                 "; delivering as without a policy"
             log.warning("MTA-STS policy of %s (id %s) not fetched: %s (%s)%s", domain, policy_id, exc,
                         exc.result_type, kept)
+            if self.recorder is not None:
+                self.recorder.record(domain, STS, (), "", exc.result_type, "", "", str(exc))
             return cached
         found = Found(domain, policy, policy_id, now, now + policy.max_age, FETCHED)
         log.info("%s fetched (id %s): %s", found.describe(), policy_id, policy.describe())

@@ -273,7 +273,7 @@ class SMTPTransport:
         server its policy refuses (DANE: policy/dane.py) is not connected to at all."""
         try:
             if server.tls.refusal:
-                raise refused(server.peer, server.tls.refusal)
+                raise refused(server.peer, server.tls)
             return self._opened(server, self._open(server, server.tls))
         except TLSFallback as exc:  # its text names the host, what failed and why
             _log(server).warning("%s: %s; retrying without TLS", why, exc.reply.text)
@@ -416,7 +416,8 @@ class SMTPTransport:
             if self._sts is None:
                 from workers.mta_sts import Policies  # the HTTP library only once MX routing is used
 
-                self._sts = Policies(self._resolver, self.config.queue_dir, self.config.smtp_tls_ca or None)
+                self._sts = Policies(self._resolver, self.config.queue_dir, self.config.smtp_tls_ca or None,
+                                     recorder=self.tls_outcomes)
         return self._sts.apply(domain, servers)
     def _dane(self, servers: list[Server]) -> list[Server]:
         """The servers under a DANE level, each under its host's policy (policy/dane.py), the

@@ -147,10 +147,11 @@ class TLSFailure(_TLSProblem):
     not pass. Nothing of a transaction was sent; the message waits (4.7.x)."""
 
 
-def refused(peer: str, why: str) -> TLSFailure:
-    """The failure of a server its TLS policy will not let us use (`why`, e.g. DANE's reason),
-    for the caller to raise before connecting."""
-    return TLSFailure(_local(454, "4.7.5", f"not connecting to {peer}: {why}", "connect"))
+def refused(peer: str, policy: TLSPolicy) -> TLSFailure:
+    """The failure of a server its TLS policy will not let us use (its `refusal`, e.g. DANE's
+    reason), for the caller to raise before connecting."""
+    return TLSFailure(_local(454, "4.7.5", f"not connecting to {peer}: {policy.refusal}", "connect"),
+                      policy.refusal_type or VALIDATION_FAILURE)
 
 
 class _Lost(SMTPError):

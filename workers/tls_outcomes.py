@@ -108,9 +108,9 @@ class Recorder:
 
 def _policy(server: Server) -> tuple[str, str, tuple[str, ...]]:
     """The policy domain, type and strings a session to `server` is counted under: its DANE
-    records (policy/dane.py), the MTA-STS policy it was used under (policy/mta_sts.py Applied),
-    else none found."""
-    if server.tls.tlsa:
+    records (policy/dane.py) or why DANE refused it, the MTA-STS policy it was used under
+    (policy/mta_sts.py Applied), else none found."""
+    if server.tls.tlsa or server.tls.refusal_type:
         return server.report_domain, TLSA, tuple(str(record) for record in server.tls.tlsa)
     if server.sts is not None:
         return server.sts.domain, STS, server.sts.policy.lines()
