@@ -357,6 +357,22 @@ def test_config_keys(tmp_path):
     assert qrouter("keys", check=True).stdout.decode().count("dns-support-level enabled|dnssec") == 1
 
 
+def test_check_config_warns_of_dane_levels_while_dnssec_is_not_trusted(tmp_path):
+    rules = tmp_path / "destinations"
+    rules.write_text("example.org tls=verify\nbank.example tls=dane\n")
+    spool = str(reachable(tmp_path))
+    said = qrouter("check-config", "--queue-dir", spool, "--smtp-tls", "dane-only", "--destinations", str(rules),
+                   check=True).stdout.decode()
+    warnings = [line for line in said.splitlines() if line.startswith("qrouter: warning:")]
+    assert warnings == [
+        f"qrouter: warning: {place}: dns-support-level is enabled, so no DNSSEC answer is trusted: dane acts as "
+        "may and dane-only defers every delivery; set dns-support-level dnssec with a validating resolver on "
+        "loopback (dns-servers)" for place in ("smtp-tls dane-only", f"tls=dane ({rules}:2)")], said
+    trusted = qrouter("check-config", "--queue-dir", spool, "--smtp-tls", "dane-only", "--destinations", str(rules),
+                      "--dns-support-level", "dnssec", check=True).stdout.decode()
+    assert "warning" not in trusted
+
+
 @pytest.fixture(autouse=True)
 def _tmp(tmp_path: Path) -> None:
     reachable(tmp_path)

@@ -174,11 +174,26 @@ def check_config(config: ConfigOption = None, **settings: Any) -> None:
     if unreachable:
         raise _fail("\n".join(unreachable), EX_CONFIG)
     typer.echo(f"qrouter: config {config or '(flags only)'} and its policy files are valid")
+    for warning in _dane_without_dnssec(loaded, policy.destinations):
+        typer.echo(f"qrouter: warning: {warning}")
     name, source = loaded.hostname_choice()
     typer.echo(f"qrouter: EHLO name: {name} (from {source})")
 
 
 app.command("check-config")(_with_config_flags(check_config))
+
+
+def _dane_without_dnssec(loaded: Config, destinations: DestinationRules | None) -> list[str]:
+    """Where a DANE level is set while DNSSEC is not trusted: `dane` is then `may` and
+    `dane-only` defers everything, as Postfix does without smtp_dns_support_level = dnssec."""
+    if loaded.dns_support_level == DNS_DNSSEC:
+        return []
+    where = [f"smtp-tls {loaded.smtp_tls}"] if loaded.smtp_tls in DANE_LEVELS else []
+    where += [f"tls={settings.tls} ({settings.source})" for _, settings in (destinations.rules if destinations else [])
+              if settings.tls in DANE_LEVELS]
+    return [f"{place}: dns-support-level is {loaded.dns_support_level}, so no DNSSEC answer is trusted: "
+            "dane acts as may and dane-only defers every delivery; set dns-support-level dnssec with a "
+            "validating resolver on loopback (dns-servers)" for place in where]
 
 
 @app.command("keys")
