@@ -99,7 +99,7 @@ def test_permanent_failure_is_archived_with_final_state(daemons):
     stored = read(archived)
     assert stored.recipients[0].state == FAILED and stored.recipients[0].dsn == "5.0.0"
     assert stored.message == b"keep me\n"
-    assert f"{queue_id}: archived" in daemon.log()
+    wait_for(lambda: f"{queue_id}: archived" in daemon.log(), what="the log line")  # written after the rename
 
 
 def test_max_age_expires_a_message_that_keeps_failing(daemons):
