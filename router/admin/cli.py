@@ -548,6 +548,33 @@ def top(config: ConfigOption = None, **settings: Any) -> None:
 app.command("top")(_with_config_flags(top, SPOOL_KEYS))
 
 
+def drain(
+    to: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--to", metavar="HOST[:PORT]", help="the peer (a qrouter node's SMTP front door) to hand the mail to")] = None,
+    cancel: Annotated[bool, typer.Option("--cancel", help="end the drain: take mail and route it as before")] = False,
+    config: ConfigOption = None, **settings: Any,
+) -> None:
+    """Take this node out of service: the front doors refuse new mail (421 4.3.2, exit 75) and the
+    running daemon relays every queued message to the peer over SMTP, removing each once the peer
+    has taken it. The mark is kept in the spool: a restarted daemon goes on draining. `qrouter
+    status` shows the progress."""
+    if cancel == bool(to):
+        raise _fail("give either --to HOST[:PORT] or --cancel", EX_USAGE)
+    loaded = _view_config(config, _flags(settings))
+    request = {"command": "drain", "cancel": True} if cancel else {"command": "drain", "to": to}
+    try:
+        answer = query(loaded.socket_path, request)
+    except StatusError as exc:
+        raise _fail(f"{exc} (a drain needs the running daemon)", EX_TEMPFAIL) from None
+    if "error" in answer:
+        raise _fail(answer["error"], EX_NOPERM if answer["error"].startswith("permission") else 1)
+    typer.echo(f"drain to {answer['to']} cancelled" if cancel else
+               f"draining to {answer['to']}: new mail is refused; qrouter status shows the progress")
+
+
+app.command("drain")(_with_config_flags(drain, SPOOL_KEYS))
+
+
 def format_status(answer: dict[str, Any]) -> str:
     lines = [f"qrouter pid {answer['pid']}, up {age(answer['uptime'])}, spool {answer['queue_dir']}, "
              f"logs to {answer.get('log', 'syslog')}",
@@ -571,6 +598,7 @@ def format_status(answer: dict[str, Any]) -> str:
             lines.append(f"{shown['destination']:<40} {shown['domains'] or '':>7} {shown['sessions']:>8} "
                          f"{shown['window']:>6g} {shown['limit']:>5} {shown['kept']:>4} {shown['waiting']:>7} "
                          f"{shown['deferred']:>8}  {state}")
+    lines.extend(_drain_lines(answer))
     counters = answer["counters"]
     lines.append(f"since start: {counters['sent']} sent, {counters['deferred']} deferred, "
                  f"{counters['bounced']} bounced")
@@ -582,6 +610,17 @@ def format_status(answer: dict[str, Any]) -> str:
         lines.append(f"callout results kept: {verify['cache']}; from there since start: {verify['hits']} of "
                      f"{verify['hits'] + verify['misses']} (hit rate {rate}); probes in flight: {verify['probes']}")
     return "\n".join(lines)
+
+
+def _drain_lines(answer: dict[str, Any]) -> list[str]:
+    """The drain's progress: the peer, the recipients sent there, the messages left."""
+    drain = answer.get("drain")
+    if not drain:
+        return []
+    queues = answer["queues"]
+    left = sum(queues[queue]["messages"] for queue in (INCOMING, ACTIVE, DEFERRED) if queue in queues)
+    return [f"draining to {drain['to']} for {age(answer['now'] - drain['started'])}: {drain['sent']} recipient(s) "
+            f"sent there, {left} message(s) left; new mail is refused"]
 
 
 # -- qrouter queue ... -----------------------------------------------------------------------
