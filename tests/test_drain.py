@@ -16,9 +16,11 @@ from contextlib import contextmanager
 
 from router.front.aiosmtpd import QueueController, QueueHandler
 from router.spool import Spool, read_queue_file
+from router.spool.drain import Drain, write_drain
 from router.spool.queue_file import MAX_OVERHEAD, QueueFile, Recipient, parse
 from router.spool.queue_id import arrival_of, new_queue_id
 from tests.daemon import qrouter, wait_for
+from tests.qpsmtpd_server import smtp_data, swaks
 from tests.smtp_servers import Recorder, free_port
 
 MESSAGES = 1000
@@ -169,3 +171,31 @@ def test_drain_needs_one_mail_server_and_the_daemon(daemons, tmp_path):
     node.stop()
     gone = qrouter("drain", "--to", "127.0.0.1:2525", "--queue-dir", str(node.spool))
     assert gone.returncode == 75 and b"a drain needs the running daemon" in gone.stderr, gone
+
+
+def test_qpsmtpd_refuses_while_draining_and_believes_the_arrival_of_peers_only(tmp_path, qpsmtpd):
+    spool = tmp_path / "spool"
+    Spool(spool).create()
+    old = time.time() - 3 * 86400
+    data = tmp_path / "message.smtp"
+    data.write_bytes(smtp_data(f"X-Qrouter-Arrival: {old:.6f}; id=0643A8B2C1D4E-1A2B-1\r\nSubject: hi\r\n\r\n"
+                               "body\r\n".encode()))
+    arrivals = {}
+    for name, peers in (("peer", "127.0.0.1"), ("stranger", "192.0.2.1")):
+        server = qpsmtpd(spool, "cluster-peers", peers, own_daemon=False)
+        result = swaks(server.port, "--from", "a@example.org", "--to", f"{name}@example.org", data=data)
+        assert result.returncode == 0, result.stdout.decode(errors="replace")
+        server.stop()
+    for path in (spool / "incoming").iterdir():
+        queued = parse(read_queue_file(str(path), 1 << 20 + MAX_OVERHEAD), str(path))
+        assert b"X-Qrouter-Arrival" not in queued.message
+        arrivals[queued.recipients[0].address] = queued.arrival
+    assert abs(arrivals["peer@example.org"] - old) < 1e-3
+    assert arrivals["stranger@example.org"] > old + 2 * 86400
+
+    write_drain(spool, Drain("peer.example:2525", time.time()))
+    server = qpsmtpd(spool, own_daemon=False)
+    result = swaks(server.port, "--from", "a@example.org", "--to", "u@example.org", data=data)
+    out = result.stdout.decode(errors="replace")
+    assert "<** 421 4.3.2 this node is draining its queue to peer.example:2525" in out, out
+    assert len(list((spool / "incoming").iterdir())) == 2
