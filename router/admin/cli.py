@@ -23,6 +23,7 @@ from policy.tls_report import parse_day, utc_day
 from policy.transport_map import PolicyError
 from policy.verify import DELIVERABLE, REFUSED
 from router import config as config_module
+from router.admin import cluster_view
 from router.admin.queue_view import ALL, WAITING, Selection, age, as_lines, find, messages, parse_duration
 from router.admin.queue_view import as_json as as_json_line
 from router.admin.queue_view import shape as queue_shape
@@ -512,11 +513,19 @@ def status(
                                          "as qshape: pending recipients by domain and age in minutes, and by last "
                                          "error")] = None,
     by_sender: Annotated[bool, typer.Option("--sender", help="with --shape: by sender domain")] = False,
+    cluster: Annotated[bool, typer.Option("--cluster", help="every node of the cluster (cluster-redis) and the "
+                                                            "totals, as the nodes last published them")] = False,
     **settings: Any,
 ) -> None:
     """Show the queues, the workers and what has been delivered since start.
 
     Takes the config keys of the spool as flags, as `qrouter run` does (--queue-dir, --status-socket...)."""
+    if cluster:
+        view = _cluster_view(_config(config, _flags(settings)))
+        if view.error:
+            raise _fail(view.error, EX_TEMPFAIL)
+        typer.echo(json.dumps(view.as_json(), indent=2) if as_json else "\n".join(cluster_view.as_lines(view)))
+        return
     loaded = _view_config(config, _flags(settings))
     if shape is not None:  # read from the files: no daemon needed, and the daemon is not slowed
         found = messages(Spool(loaded.queue_dir), WAITING if shape == "all" else _queues(shape))
@@ -534,18 +543,31 @@ def status(
     typer.echo(json.dumps(answer, indent=2) if as_json else format_status(answer))
 
 
-app.command("status")(_with_config_flags(status, SPOOL_KEYS))
+app.command("status")(_with_config_flags(status, (*SPOOL_KEYS, "cluster-redis")))
 
 
-def top(config: ConfigOption = None, **settings: Any) -> None:
+def _cluster_view(loaded: Config) -> cluster_view.ClusterView:
+    if not loaded.cluster_redis:
+        raise _fail("--cluster needs cluster-redis (in the config file, or --cluster-redis URL)", EX_USAGE)
+    return cluster_view.sample(loaded.cluster_redis)
+
+
+def top(config: ConfigOption = None,
+        cluster: Annotated[bool, typer.Option("--cluster", help="every node of the cluster (cluster-redis) and the "
+                                                                "totals")] = False,
+        **settings: Any) -> None:
     """A live view of the daemon, refreshed every second: queues, workers, destinations, rates.
     q or Ctrl-C quits. Not on a terminal, it prints one view and exits."""
     from router.admin import top as top_view  # rich only for this command
 
-    raise typer.Exit(top_view.run(_view_config(config, _flags(settings))))
+    if cluster:
+        loaded = _config(config, _flags(settings))
+        _cluster_view(loaded)  # refused at once without cluster-redis
+        raise typer.Exit(top_view.run(top_view.cluster_drawing(loaded.cluster_redis)))
+    raise typer.Exit(top_view.run(top_view.node_drawing(_view_config(config, _flags(settings)))))
 
 
-app.command("top")(_with_config_flags(top, SPOOL_KEYS))
+app.command("top")(_with_config_flags(top, (*SPOOL_KEYS, "cluster-redis")))
 
 
 def drain(

@@ -54,6 +54,7 @@ from workers.tls_reports import Trigger
 from workers.worker import Worker
 
 if TYPE_CHECKING:
+    from router.daemon.cluster_view import Publisher
     from router.daemon.metrics import Metrics
 
 log = logger(QMGR)
@@ -147,6 +148,7 @@ class Supervisor:
         self.pruned = -PRUNE_SECONDS  # when archive/ was last pruned (archive-max-age)
         self.tidied = time.monotonic()  # when the dispatcher last let go of idle destinations
         self.metrics: Metrics | None = None  # with metrics-listen
+        self.publisher: Publisher | None = None  # with cluster-redis: this node's status for the cluster's view
         self.measured = 0.0  # when the metrics last got a snapshot of the status
         self.after_attempt: dict[str, str] = {}  # queue id in hand -> hold or delete, once its attempt ends
         self.control = QueueCommands(self.spool, _Hooks(self))
@@ -211,8 +213,14 @@ class Supervisor:
         if self.config.metrics_listen:  # the library only when asked for: it starts a thread
             from router.daemon.metrics import Metrics
 
-            self.metrics = Metrics(self.config.metrics_listen, self.config.queue_dir)
+            self.metrics = Metrics(self.config.metrics_listen, self.config.queue_dir,
+                                   self.config.node if self.config.cluster_redis else "")
             self.metrics.start()
+        if self.config.cluster_redis:  # the library only in a cluster; a thread, as the metrics'
+            from router.daemon.cluster_view import Publisher
+
+            self.publisher = Publisher(self.config.cluster_redis, self.config.node, self.config.queue_dir)
+            self.publisher.start()
         self.verifier = Verifier(self.status_server, self._ask_worker, self.dispatcher, self.config, self.metrics)
         for warning in self._config_warnings(self.config):
             log.warning(warning)
@@ -623,11 +631,15 @@ class Supervisor:
         return any(queue_id in worker.jobs for worker in self.workers.values())
 
     def _measure(self) -> None:
-        """Hand the metrics a snapshot of the status once a second; a scrape reads it from its
-        own thread, never the supervisor's state itself."""
-        if self.metrics and time.monotonic() - self.measured >= 1.0:
+        """Hand the metrics and the cluster's view a snapshot of the status once a second; each
+        reads it from its own thread, never the supervisor's state itself."""
+        if (self.metrics or self.publisher) and time.monotonic() - self.measured >= 1.0:
             self.measured = time.monotonic()
-            self.metrics.snapshot(self.status())
+            status = self.status()
+            if self.metrics:
+                self.metrics.snapshot(status)
+            if self.publisher:
+                self.publisher.offer(status)
 
     def _tidy(self) -> None:
         """Once a minute, the dispatcher lets go of idle destinations and stale sites."""
