@@ -13,6 +13,7 @@ import smtplib
 import time
 from collections import Counter
 from contextlib import contextmanager
+from pathlib import Path
 
 from router.front.aiosmtpd import QueueController, QueueHandler
 from router.spool import Spool, read_queue_file
@@ -142,24 +143,30 @@ def test_drain_hands_every_message_to_the_peer_with_its_envelope_and_arrival(dae
     assert taken.returncode == 0, taken
 
 
+def assert_arrivals(spool: Path, old: float) -> None:
+    """The message from a peer was queued with the arrival its field gave, the one from a stranger
+    with its own; neither keeps the field."""
+    arrivals = {}
+    for path in (spool / "incoming").iterdir():
+        queued = parse(read_queue_file(str(path), (1 << 20) + MAX_OVERHEAD), str(path))
+        assert b"X-Qrouter-Arrival" not in queued.message
+        arrivals[queued.recipients[0].address] = queued.arrival
+    assert abs(arrivals["peer@example.org"] - old) < 1e-3
+    assert arrivals["stranger@example.org"] > old + 2 * 86400
+
+
 def test_arrival_field_is_believed_only_from_peers_and_always_taken_out(tmp_path):
     spool_dir = tmp_path / "spool"
     Spool(spool_dir).create()
     old = time.time() - 3 * 86400
     message = f"X-Qrouter-Arrival: {old:.6f}; id=0643A8B2C1D4E-1A2B-1\r\nSubject: hi\r\n\r\nbody\r\n".encode()
-    arrivals = {}
     for name, peers in (("peer", ["127.0.0.1"]), ("stranger", ["192.0.2.1"])):
         port = free_port()
         with serving(QueueHandler(spool_dir, peers=peers), port), smtplib.SMTP("127.0.0.1", port) as client:
             client.ehlo("client.example")
             assert client.has_extn("dsn")
             client.sendmail("a@example.org", [f"{name}@example.org"], message)
-    for path in (spool_dir / "incoming").iterdir():
-        queued = parse(read_queue_file(str(path), 1 << 20 + MAX_OVERHEAD), str(path))
-        assert b"X-Qrouter-Arrival" not in queued.message
-        arrivals[queued.recipients[0].address] = queued.arrival
-    assert abs(arrivals["peer@example.org"] - old) < 1e-3
-    assert arrivals["stranger@example.org"] > old + 2 * 86400
+    assert_arrivals(spool_dir, old)
 
 
 def test_drain_needs_one_mail_server_and_the_daemon(daemons, tmp_path):
@@ -180,18 +187,12 @@ def test_qpsmtpd_refuses_while_draining_and_believes_the_arrival_of_peers_only(t
     data = tmp_path / "message.smtp"
     data.write_bytes(smtp_data(f"X-Qrouter-Arrival: {old:.6f}; id=0643A8B2C1D4E-1A2B-1\r\nSubject: hi\r\n\r\n"
                                "body\r\n".encode()))
-    arrivals = {}
     for name, peers in (("peer", "127.0.0.1"), ("stranger", "192.0.2.1")):
         server = qpsmtpd(spool, "cluster-peers", peers, own_daemon=False)
         result = swaks(server.port, "--from", "a@example.org", "--to", f"{name}@example.org", data=data)
         assert result.returncode == 0, result.stdout.decode(errors="replace")
         server.stop()
-    for path in (spool / "incoming").iterdir():
-        queued = parse(read_queue_file(str(path), 1 << 20 + MAX_OVERHEAD), str(path))
-        assert b"X-Qrouter-Arrival" not in queued.message
-        arrivals[queued.recipients[0].address] = queued.arrival
-    assert abs(arrivals["peer@example.org"] - old) < 1e-3
-    assert arrivals["stranger@example.org"] > old + 2 * 86400
+    assert_arrivals(spool, old)
 
     write_drain(spool, Drain("peer.example:2525", time.time()))
     server = qpsmtpd(spool, own_daemon=False)
