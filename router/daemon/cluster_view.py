@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -62,11 +63,14 @@ class Publisher:
 
     def start(self) -> None:
         """Publish from a thread of this process (call it in the supervisor's own process: a
-        fork loses the thread)."""
-        threading.Thread(target=self._run, name="cluster-view", daemon=True).start()
-
-    def _run(self) -> None:
+        fork loses the thread). A worker forked later lets go of the connection to Redis (the
+        pool forgets it, and the socket closes without a shutdown, which would end the
+        supervisor's too)."""
         client = connect(self.url)
+        os.register_at_fork(after_in_child=client.connection_pool.reset)
+        threading.Thread(target=self._run, args=(client,), name="cluster-view", daemon=True).start()
+
+    def _run(self, client: redis.Redis) -> None:
         while True:
             status = self.latest
             if status is not None:
