@@ -8,6 +8,7 @@ drain, so that every message is in its queue when the drain begins.
 
 from __future__ import annotations
 
+import os
 import re
 import smtplib
 import time
@@ -99,6 +100,9 @@ def test_drain_hands_every_message_to_the_peer_with_its_envelope_and_arrival(dae
                               stdin=b"Subject: new\r\n\r\nnew\r\n")
             assert refused.returncode == 75, refused
             assert b"4.3.2 this node is draining its queue to 127.0.0.1:" in refused.stderr
+            refused = qrouter("sendmail", "--queue-dir", str(node.spool), "b@example.org",
+                              stdin=b"Subject: new\n\nnew\n")
+            assert refused.returncode == 75 and b"4.3.2 this node is draining" in refused.stderr, refused
             node_front = free_port()
             with serving(QueueHandler(node.spool), node_front), smtplib.SMTP("127.0.0.1", node_front) as client:
                 client.ehlo("client.example")
@@ -107,7 +111,10 @@ def test_drain_hands_every_message_to_the_peer_with_its_envelope_and_arrival(dae
 
             # kill -9 part-way, then a restart resumes the drain from the mark in the spool.
             wait_for(lambda: len(sink.messages) >= MESSAGES // 4, timeout=120, what="a quarter at the sink")
+            workers = node.worker_pids()
             node.kill()
+            wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), timeout=10,
+                     what="the workers to die with the supervisor")
             in_flight = len(node.files("active"))
             assert len(sink.messages) < MESSAGES, "the drain was over before the kill"
             node.start()
