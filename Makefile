@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the test suite uses (installed by `make test` when run as root and missing).
 DEB_PACKAGES := util-linux mount e2fsprogs qpsmtpd swaks libnet-ip-perl maildrop procmail tmux stress-ng nsd pflogsumm \
-	logwatch dovecot-core dovecot-lmtpd ldnsutils unbound
+	logwatch dovecot-core dovecot-lmtpd ldnsutils unbound redis-server
 # What `make test-under-load` runs: the whole suite, or e.g. TESTS=tests/test_config.py
 TESTS ?=
 
@@ -48,6 +48,9 @@ deb-packages:
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 		else echo "missing Debian packages:$$missing (run make test as root, or install them)"; exit 1; fi; \
+		case " $$missing " in *" redis-server "*) \
+			systemctl disable --now redis-server >/dev/null 2>&1 || service redis-server stop >/dev/null 2>&1 || true; \
+			echo "stopped the redis-server service the package started: the tests run their own";; esac; \
 	fi
 
 # The suite makes unix users, mounts small filesystems and starts the daemon as root to see it

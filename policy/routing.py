@@ -7,6 +7,7 @@ a policy fixed and reloaded reaches mail already waiting in deferred/.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import pwd
@@ -61,6 +62,16 @@ class Policy:
         self.rewrite_headers = rewrite_headers
         self.pipe_user = pipe_user  # who a pipe without user= runs as
         self.destinations = destinations or DestinationRules()  # settings per destination (defaults: no file)
+        self.drain: NextHop | None = None  # the peer every recipient goes to while this node drains
+
+    def draining_to(self, peer: NextHop) -> Policy:
+        """This policy with every recipient routed to `peer`, as a relayhost would be: the node
+        hands its whole queue to another (`qrouter drain`, router/spool/drain.py), by the usual
+        delivery (journal, 250 per recipient, backoff) with its envelope and DSN parameters."""
+        drained = copy.copy(self)
+        drained.__dict__.pop("kinds", None)  # worked out again, for the peer
+        drained.relayhost = drained.drain = peer
+        return drained
 
     def rewrite(self, queue_file: QueueFile) -> list[str]:
         """Apply the rewriting rules to a new message: envelope sender (from rules), recipients
@@ -128,7 +139,7 @@ class Policy:
 
     def _next_hop(self, recipient: str) -> Route:
         if self.relayhost is not None:
-            return Route(self.relayhost, "relayhost")
+            return Route(self.relayhost, "draining to a peer" if self.drain else "relayhost")
         if self.transport_map is not None:
             rule = self.transport_map.lookup(recipient)
             if rule is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from policy.next_hop import MX, SMTP, NextHop
 from policy.routing import Policy
@@ -17,6 +17,7 @@ from router.config import Config
 from router.logs.lines import CLEANUP, QMGR, Delays, delivery, logger, service_of, taken_in
 from router.spool import ACTIVE, ARCHIVE, CORRUPT, DEFERRED, INCOMING, NotAQueueFile, Spool, read_queue_file
 from router.spool.durable import error_name
+from router.spool.headers import prepend_fields
 from router.spool.queue_file import (
     DELIVERED,
     FAILED,
@@ -29,6 +30,7 @@ from router.spool.queue_file import (
     parse,
 )
 from router.spool.queue_id import new_queue_id
+from router.spool.trace import arrival_field
 from workers.delivery_fields import LOOP_DSN, hop_count
 from workers.notify import Notifier
 from workers.pools import LOCAL, NETWORK, pool_of
@@ -318,10 +320,19 @@ class Delivery:
             return False
         return True
 
+    def _traced(self, queue_file: QueueFile, hop: NextHop) -> QueueFile:
+        """The message as it goes to `hop`: to the peer of a drain, with its arrival in a trace
+        field first (router/spool/trace.py), so that max-age there counts from it; the file
+        itself is not changed, should the drain be cancelled."""
+        if hop != self.policy.drain:
+            return queue_file
+        field = arrival_field(queue_file.arrival, queue_file.queue_id)
+        return replace(queue_file, message=prepend_fields(queue_file.message, [field]))
+
     def _outcomes(self, queue_file: QueueFile, recipients: list[Recipient], hop: NextHop) -> list[Outcome]:
         transport = self.transports[hop.kind]
         try:
-            outcomes = transport.deliver(queue_file, recipients, hop)
+            outcomes = transport.deliver(self._traced(queue_file, hop), recipients, hop)
         except Exception as exc:
             log.exception("%s: transport %s failed", queue_file.queue_id, hop)
             return Outcome.same_for(recipients, STATUS_DEFERRED, "4.3.0",

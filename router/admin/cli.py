@@ -23,6 +23,7 @@ from policy.tls_report import parse_day, utc_day
 from policy.transport_map import PolicyError
 from policy.verify import DELIVERABLE, REFUSED
 from router import config as config_module
+from router.admin import cluster_view
 from router.admin.queue_view import ALL, WAITING, Selection, age, as_lines, find, messages, parse_duration
 from router.admin.queue_view import as_json as as_json_line
 from router.admin.queue_view import shape as queue_shape
@@ -527,11 +528,19 @@ def status(
                                          "as qshape: pending recipients by domain and age in minutes, and by last "
                                          "error")] = None,
     by_sender: Annotated[bool, typer.Option("--sender", help="with --shape: by sender domain")] = False,
+    cluster: Annotated[bool, typer.Option("--cluster", help="every node of the cluster (cluster-redis) and the "
+                                                            "totals, as the nodes last published them")] = False,
     **settings: Any,
 ) -> None:
     """Show the queues, the workers and what has been delivered since start.
 
     Takes the config keys of the spool as flags, as `qrouter run` does (--queue-dir, --status-socket...)."""
+    if cluster:
+        view = _cluster_view(_config(config, _flags(settings)))
+        if view.error:
+            raise _fail(view.error, EX_TEMPFAIL)
+        typer.echo(json.dumps(view.as_json(), indent=2) if as_json else "\n".join(cluster_view.as_lines(view)))
+        return
     loaded = _view_config(config, _flags(settings))
     if shape is not None:  # read from the files: no daemon needed, and the daemon is not slowed
         found = messages(Spool(loaded.queue_dir), WAITING if shape == "all" else _queues(shape))
@@ -549,18 +558,58 @@ def status(
     typer.echo(json.dumps(answer, indent=2) if as_json else format_status(answer))
 
 
-app.command("status")(_with_config_flags(status, SPOOL_KEYS))
+app.command("status")(_with_config_flags(status, (*SPOOL_KEYS, "cluster-redis")))
 
 
-def top(config: ConfigOption = None, **settings: Any) -> None:
+def _cluster_view(loaded: Config) -> cluster_view.ClusterView:
+    if not loaded.cluster_redis:
+        raise _fail("--cluster needs cluster-redis (in the config file, or --cluster-redis URL)", EX_USAGE)
+    return cluster_view.sample(loaded.cluster_redis)
+
+
+def top(config: ConfigOption = None,
+        cluster: Annotated[bool, typer.Option("--cluster", help="every node of the cluster (cluster-redis) and the "
+                                                                "totals")] = False,
+        **settings: Any) -> None:
     """A live view of the daemon, refreshed every second: queues, workers, destinations, rates.
     q or Ctrl-C quits. Not on a terminal, it prints one view and exits."""
     from router.admin import top as top_view  # rich only for this command
 
-    raise typer.Exit(top_view.run(_view_config(config, _flags(settings))))
+    if cluster:
+        loaded = _config(config, _flags(settings))
+        _cluster_view(loaded)  # refused at once without cluster-redis
+        raise typer.Exit(top_view.run(top_view.cluster_drawing(loaded.cluster_redis)))
+    raise typer.Exit(top_view.run(top_view.node_drawing(_view_config(config, _flags(settings)))))
 
 
-app.command("top")(_with_config_flags(top, SPOOL_KEYS))
+app.command("top")(_with_config_flags(top, (*SPOOL_KEYS, "cluster-redis")))
+
+
+def drain(
+    to: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--to", metavar="HOST[:PORT]", help="the peer (a qrouter node's SMTP front door) to hand the mail to")] = None,
+    cancel: Annotated[bool, typer.Option("--cancel", help="end the drain: take mail and route it as before")] = False,
+    config: ConfigOption = None, **settings: Any,
+) -> None:
+    """Take this node out of service: the front doors refuse new mail (421 4.3.2, exit 75) and the
+    running daemon relays every queued message to the peer over SMTP, removing each once the peer
+    has taken it. The mark is kept in the spool: a restarted daemon goes on draining. `qrouter
+    status` shows the progress."""
+    if cancel == bool(to):
+        raise _fail("give either --to HOST[:PORT] or --cancel", EX_USAGE)
+    loaded = _view_config(config, _flags(settings))
+    request = {"command": "drain", "cancel": True} if cancel else {"command": "drain", "to": to}
+    try:
+        answer = query(loaded.socket_path, request)
+    except StatusError as exc:
+        raise _fail(f"{exc} (a drain needs the running daemon)", EX_TEMPFAIL) from None
+    if "error" in answer:
+        raise _fail(answer["error"], EX_NOPERM if answer["error"].startswith("permission") else 1)
+    typer.echo(f"drain to {answer['to']} cancelled" if cancel else
+               f"draining to {answer['to']}: new mail is refused; qrouter status shows the progress")
+
+
+app.command("drain")(_with_config_flags(drain, SPOOL_KEYS))
 
 
 def format_status(answer: dict[str, Any]) -> str:
@@ -586,6 +635,7 @@ def format_status(answer: dict[str, Any]) -> str:
             lines.append(f"{shown['destination']:<40} {shown['domains'] or '':>7} {shown['sessions']:>8} "
                          f"{shown['window']:>6g} {shown['limit']:>5} {shown['kept']:>4} {shown['waiting']:>7} "
                          f"{shown['deferred']:>8}  {state}")
+    lines.extend(_drain_lines(answer))
     counters = answer["counters"]
     lines.append(f"since start: {counters['sent']} sent, {counters['deferred']} deferred, "
                  f"{counters['bounced']} bounced")
@@ -597,6 +647,17 @@ def format_status(answer: dict[str, Any]) -> str:
         lines.append(f"callout results kept: {verify['cache']}; from there since start: {verify['hits']} of "
                      f"{verify['hits'] + verify['misses']} (hit rate {rate}); probes in flight: {verify['probes']}")
     return "\n".join(lines)
+
+
+def _drain_lines(answer: dict[str, Any]) -> list[str]:
+    """The drain's progress: the peer, the recipients sent there, the messages left."""
+    drain = answer.get("drain")
+    if not drain:
+        return []
+    queues = answer["queues"]
+    left = sum(queues[queue]["messages"] for queue in (INCOMING, ACTIVE, DEFERRED) if queue in queues)
+    return [f"draining to {drain['to']} for {age(answer['now'] - drain['started'])}: {drain['sent']} recipient(s) "
+            f"sent there, {left} message(s) left; new mail is refused"]
 
 
 # -- qrouter queue ... -----------------------------------------------------------------------

@@ -21,7 +21,7 @@ import termios
 import time
 import tty
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +32,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from router.admin import cluster_view
 from router.admin.queue_view import age
 from router.config import Config
 from router.daemon.status_socket import StatusError, query
@@ -104,21 +105,46 @@ class Rates:
         return {name: (after.get(name, 0) - before.get(name, 0)) / span for name in COUNTERS}, span
 
 
-def run(config: Config) -> int:
+Drawing = Callable[[bool], tuple[RenderableType, bool]]  # live -> the view, and whether its source answered
+
+
+def node_drawing(config: Config) -> Drawing:
+    """The view of this node's daemon, its deliveries per second measured across redraws."""
+    rates = Rates()
+
+    def draw(live: bool) -> tuple[RenderableType, bool]:
+        started = time.monotonic()
+        snapshot = sample(config)
+        if snapshot.answer is not None:
+            rates.add(started, snapshot.answer["pid"], snapshot.answer["counters"])
+        return render(snapshot, rates, live), snapshot.answer is not None
+
+    return draw
+
+
+def cluster_drawing(url: str) -> Drawing:
+    """The view of every node of the cluster whose Redis is `url` (router/admin/cluster_view.py)."""
+    def draw(live: bool) -> tuple[RenderableType, bool]:
+        view = cluster_view.sample(url)
+        return cluster_view.render(view, live), not view.error
+
+    return draw
+
+
+def run(draw: Drawing) -> int:
     """The view until q or Ctrl-C (exit 0; 1 on a terminal that reports no size); one snapshot if
     stdout is not a terminal (exit 0, or 75 when the daemon cannot be reached, as `qrouter status`)."""
     if not sys.stdout.isatty():
-        snapshot = sample(config)
+        view, answered = draw(False)
         console = Console(width=PLAIN_WIDTH, color_system=None, force_terminal=False)
         with console.capture() as captured:
-            console.print(render(snapshot, Rates()))
+            console.print(view)
         print("\n".join(line.rstrip() for line in captured.get().splitlines()))  # no table padding
-        return 0 if snapshot.answer is not None else EX_TEMPFAIL
-    return _watch(config)
+        return 0 if answered else EX_TEMPFAIL
+    return _watch(draw)
 
 
-def _watch(config: Config) -> int:
-    rates = Rates()
+def _watch(draw: Drawing) -> int:
     # SIGTERM as Ctrl-C: the `with` blocks below give the terminal back instead of leaving it
     # in the alternate screen without echo.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -129,11 +155,9 @@ def _watch(config: Config) -> int:
             with _cbreak() as keys, Live(console=console, screen=True, auto_refresh=False) as live:
                 while size is not None:
                     started = time.monotonic()
-                    snapshot = sample(config)
-                    if snapshot.answer is not None:
-                        rates.add(started, snapshot.answer["pid"], snapshot.answer["counters"])
+                    view, _ = draw(True)
                     console.size = size
-                    live.update(render(snapshot, rates, live=True), refresh=True)
+                    live.update(view, refresh=True)
                     if _quit_asked(keys, started + REFRESH_SECONDS):
                         return 0
                     size = _drawable_size()

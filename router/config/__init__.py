@@ -97,6 +97,26 @@ def _relayhost(text: str, base_dir: str) -> NextHop:
     return hop
 
 
+def _redis_url(text: str, base_dir: str) -> str:
+    """A Redis URL as the redis client library reads it: redis:// or rediss:// (TLS), with
+    user and password, host, port and database number as the URL says."""
+    scheme, separator, rest = text.partition("://")
+    if not separator or scheme not in ("redis", "rediss") or not rest:
+        raise ValueError("must be a redis:// or rediss:// URL, e.g. redis://127.0.0.1:6379/0")
+    return text
+
+
+def _addresses(text: str, base_dir: str) -> tuple[str, ...]:
+    """IP addresses, comma-separated, each as ipaddress writes it (so that they compare)."""
+    found = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            found.append(str(ipaddress.ip_address(item.strip("[]"))))
+        except ValueError:
+            raise ValueError(f"must be IP addresses separated by commas; {item!r} is not one") from None
+    return tuple(found)
+
+
 def _port(text: str, base_dir: str) -> int:
     value = int(text)
     if not 0 < value < 65536:
@@ -228,7 +248,7 @@ _METAVARS: dict[Callable[[str, str], Any], str] = {
     _dns_support_level: "|".join(DNS_SUPPORT_LEVELS),
     _existing_file: "FILE", _relay_auth: "FILE", _timeouts: "STEP=SECONDS,...", _log_target: "syslog|stderr|FILE",
     _log_time: "syslog|rfc3339",
-    _sender: "ADDRESS|<>",
+    _sender: "ADDRESS|<>", _redis_url: "redis://[USER:PASSWORD@]HOST:PORT/DB", _addresses: "IP,...",
 }
 
 
@@ -321,6 +341,12 @@ class Config:
                                "Received: and Delivered-To: fields a message may have; more is a loop (5.4.6)")
     metrics_listen: str = _key("metrics-listen", _listen, "",
                                "HOST:PORT where Prometheus metrics are served over HTTP (default: nowhere)")
+    cluster_redis: str = _key("cluster-redis", _redis_url, "",
+                              "Redis the nodes of a cluster share (redis:// or rediss:// URL; default: no cluster)")
+    cluster_node: str = _key("cluster-node", _text, "", "this node's name in the cluster (default: me)")
+    cluster_peers: tuple[str, ...] = _key("cluster-peers", _addresses, (),
+                                          "addresses of the peers whose X-Qrouter-Arrival the front doors believe "
+                                          "(mail a draining node hands over keeps its arrival for max-age)")
     archive_max_age: float = _key("archive-max-age", _non_negative, 0.0,
                                   "days a message stays in archive/ (0: for ever)")
     verify_wait: float = _key("verify-wait", _non_negative, 3.0,
@@ -341,6 +367,11 @@ class Config:
     @property
     def socket_path(self) -> str:
         return self.status_socket or os.path.join(self.queue_dir, "status.sock")
+
+    @property
+    def node(self) -> str:
+        """This node's name in the cluster: cluster-node, else the host name."""
+        return self.cluster_node or self.hostname
 
     @property
     def hostname(self) -> str:

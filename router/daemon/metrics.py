@@ -25,7 +25,7 @@ import socketserver
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
@@ -50,10 +50,13 @@ LISTEN_BACKLOG = 1024  # connections the kernel holds until the server accepts t
 class Metrics:
     """The daemon's metrics; every method but start() is called from the supervisor's loop."""
 
-    def __init__(self, listen: str, queue_dir: str) -> None:
+    def __init__(self, listen: str, queue_dir: str, node: str = "") -> None:
         """`listen`: 'HOST:PORT' or '[IPv6]:PORT'. The registry is this object's own, not the
-        library's global one, so nothing imported elsewhere can add to what is served."""
+        library's global one, so nothing imported elsewhere can add to what is served. `node`:
+        the node's name in a cluster (`cluster-redis`), put on every series as the label `node`,
+        so that one Prometheus tells the nodes apart whatever their targets are called."""
         self.listen = parse_listen(listen)
+        self.node = node
         self.registry = CollectorRegistry()
         self._deliveries = Counter("qrouter_deliveries", "Recipients by outcome of a delivery attempt (a "
                                    "recipient deferred at three attempts counts three times).", ["status"],
@@ -82,7 +85,8 @@ class Metrics:
         later close their copy of the listening socket, or a daemon started after a crash could
         not bind while the old workers finish their deliveries."""
         host, port = self.listen
-        server = _Server(host, port, make_wsgi_app(self.registry))
+        server = _Server(host, port, make_wsgi_app(_NodeLabelled(self.registry, self.node) if self.node
+                                                   else self.registry))
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         os.register_at_fork(after_in_child=server.server_close)
 
@@ -161,6 +165,26 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:  # the client has gone already
             pass
+
+
+class _NodeLabelled:
+    """A registry's metrics, each sample with the label node="NAME" added: what a scrape of a
+    node of a cluster serves (prometheus-client has no labels common to a whole registry)."""
+
+    def __init__(self, registry: CollectorRegistry, node: str) -> None:
+        self.registry = registry
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            labelled = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            labelled.samples = [sample._replace(labels={**sample.labels, "node": self.node})
+                                for sample in metric.samples]
+            yield labelled
+
+    def restricted_registry(self, names: Iterable[str]) -> _NodeLabelled:
+        """For a scrape that asks for some metrics by name (?name[]=...)."""
+        return _NodeLabelled(self.registry.restricted_registry(names), self.node)
 
 
 class _QuietHandler(WSGIRequestHandler):

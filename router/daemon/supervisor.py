@@ -38,6 +38,7 @@ from router.config import Config, ConfigError, load, privileges
 from router.daemon import reach, status_socket
 from router.daemon.control import COMMANDS, Daemon, QueueCommands
 from router.daemon.dispatcher import PROBE_SECONDS, Dispatcher, Limits, Routed, Suspension, Task
+from router.daemon.drain import Drainer, DrainError
 from router.daemon.verifier import Verifier
 from router.logs import target as log_module
 from router.logs.lines import QMGR, Delays, delivery, logger
@@ -53,6 +54,7 @@ from workers.tls_reports import Trigger
 from workers.worker import Worker
 
 if TYPE_CHECKING:
+    from router.daemon.cluster_view import Publisher
     from router.daemon.metrics import Metrics
 
 log = logger(QMGR)
@@ -146,6 +148,7 @@ class Supervisor:
         self.pruned = -PRUNE_SECONDS  # when archive/ was last pruned (archive-max-age)
         self.tidied = time.monotonic()  # when the dispatcher last let go of idle destinations
         self.metrics: Metrics | None = None  # with metrics-listen
+        self.publisher: Publisher | None = None  # with cluster-redis: this node's status for the cluster's view
         self.measured = 0.0  # when the metrics last got a snapshot of the status
         self.after_attempt: dict[str, str] = {}  # queue id in hand -> hold or delete, once its attempt ends
         self.control = QueueCommands(self.spool, _Hooks(self))
@@ -186,7 +189,9 @@ class Supervisor:
     def _start(self) -> None:
         self._take_identity()
         self._open_files_for_sessions()
-        self.policy = load_policy(self.config, privileges.fixed_agent_user())
+        self.drainer = Drainer(self.config.queue_dir)
+        self.loaded_policy = load_policy(self.config, privileges.fixed_agent_user())
+        self.policy = self.drainer.applied(self.loaded_policy)
         self._check_reach()
         os.makedirs(self.config.queue_dir, mode=0o700, exist_ok=True)
         self.lock.acquire()
@@ -202,12 +207,20 @@ class Supervisor:
             self._watch(queue)
         self.selector.register(self.inotify.fileno(), selectors.EVENT_READ, self._on_inotify)
         self._scan()
+        if self.drainer.drain is not None:  # resumed: what waits for a retry goes to the peer now
+            self._flush_deferred()
         self.status_server = status_socket.StatusServer(self.config.socket_path, self._answer, self.selector)
         if self.config.metrics_listen:  # the library only when asked for: it starts a thread
             from router.daemon.metrics import Metrics
 
-            self.metrics = Metrics(self.config.metrics_listen, self.config.queue_dir)
+            self.metrics = Metrics(self.config.metrics_listen, self.config.queue_dir,
+                                   self.config.node if self.config.cluster_redis else "")
             self.metrics.start()
+        if self.config.cluster_redis:  # the library only in a cluster; a thread, as the metrics'
+            from router.daemon.cluster_view import Publisher
+
+            self.publisher = Publisher(self.config.cluster_redis, self.config.node, self.config.queue_dir)
+            self.publisher.start()
         self.verifier = Verifier(self.status_server, self._ask_worker, self.dispatcher, self.config, self.metrics)
         for warning in self._config_warnings(self.config):
             log.warning(warning)
@@ -323,15 +336,46 @@ class Supervisor:
             return
         for warning in self._config_warnings(config):
             log.warning(warning)
-        self.config, self.policy = config, policy
+        self.config, self.loaded_policy, self.policy = config, policy, self.drainer.applied(policy)
         self.verifier.reconfigure(config)
         self.dispatcher.reconfigure(min(config.min_backoff, PROBE_SECONDS))
-        for worker in self.workers.values():
-            worker.retiring = True
-            worker.close_tasks()
+        self._retire_workers()
         log.info("reloaded %s: starting %d new workers", self.config_path or "flags", config.workers)
         if self.metrics:
             self.metrics.reloaded()
+
+    def _retire_workers(self) -> None:
+        """Replace every worker with one forked under the policy in force; each finishes what it
+        has first."""
+        for worker in self.workers.values():
+            worker.retiring = True
+            worker.close_tasks()
+
+    def _drain(self, request: dict[str, Any], uid: int) -> dict[str, Any]:
+        """`qrouter drain --to HOST[:PORT]` and `--cancel` (router/daemon/drain.py): mark the spool,
+        route by the policy that follows, and have every deferred message tried now."""
+        if uid not in (0, os.geteuid()):
+            return {"error": "permission denied: only root and the daemon's user may drain the node"}
+        try:
+            if request.get("cancel"):
+                drain = self.drainer.cancel()
+            else:
+                drain = self.drainer.begin(str(request.get("to", ""))[:1000], self.counters["sent"])
+        except (DrainError, OSError) as exc:
+            return {"error": str(exc)}
+        policy = self.drainer.applied(self.loaded_policy)
+        if policy is not self.policy:
+            self.policy = policy
+            self._retire_workers()
+            if self.drainer.drain is not None:
+                self._flush_deferred()
+        log.info("drain %s by uid %d", "cancelled" if request.get("cancel") else f"to {drain.to}", uid)
+        return {"drain": self.drainer.status(self.counters["sent"]), "to": drain.to}
+
+    def _flush_deferred(self) -> None:
+        """Every deferred message due now, as `qrouter queue flush` makes it."""
+        flushed = self.control.run("flush", self.spool.list(DEFERRED))["done"]
+        log.info("drain: %d deferred message(s) to be tried now", len(flushed))
 
     @staticmethod
     def _config_warnings(config: Config) -> list[str]:
@@ -587,11 +631,15 @@ class Supervisor:
         return any(queue_id in worker.jobs for worker in self.workers.values())
 
     def _measure(self) -> None:
-        """Hand the metrics a snapshot of the status once a second; a scrape reads it from its
-        own thread, never the supervisor's state itself."""
-        if self.metrics and time.monotonic() - self.measured >= 1.0:
+        """Hand the metrics and the cluster's view a snapshot of the status once a second; each
+        reads it from its own thread, never the supervisor's state itself."""
+        if (self.metrics or self.publisher) and time.monotonic() - self.measured >= 1.0:
             self.measured = time.monotonic()
-            self.metrics.snapshot(self.status())
+            status = self.status()
+            if self.metrics:
+                self.metrics.snapshot(status)
+            if self.publisher:
+                self.publisher.offer(status)
 
     def _tidy(self) -> None:
         """Once a minute, the dispatcher lets go of idle destinations and stale sites."""
@@ -980,8 +1028,10 @@ class Supervisor:
             return answer
         if command == "verify":
             return self.verifier.answer(request, self.policy)
+        if command == "drain":
+            return self._drain(request, uid)
         if command not in COMMANDS:
-            return {"error": f"unknown command {command!r} (known: status, verify, {', '.join(COMMANDS)})"}
+            return {"error": f"unknown command {command!r} (known: status, verify, drain, {', '.join(COMMANDS)})"}
         if uid not in (0, os.geteuid()):
             return {"error": f"permission denied: only root and the daemon's user may {command} messages"}
         ids = request.get("ids")
@@ -1031,6 +1081,7 @@ class Supervisor:
             "destinations": self.dispatcher.status(),
             "counters": dict(self.counters),
             "verify": self.verifier.status(),
+            "drain": self.drainer.status(self.counters["sent"]),
         }
 
 

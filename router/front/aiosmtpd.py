@@ -41,7 +41,16 @@ accepted and a warning logged (`verify_fail="open"`, the default) or it hears `4
 QUEUE-DIR/status.sock). Authenticated sessions are not checked unless `verify_authenticated`:
 their senders are real, and they hear about their mistakes from the report.
 
-DSN parameters (RET, ENVID, NOTIFY, ORCPT) are not taken: aiosmtpd does not offer DSN.
+DSN parameters (RET, ENVID, NOTIFY, ORCPT, RFC 3461) are taken only by a server made with
+`DSNServer` (aiosmtpd's SMTP, which refuses them, with DSN announced and taken): build it with
+`QueueController` in place of aiosmtpd's Controller. They are kept in the queue file and go on
+with the message, as from the qpsmtpd plugin.
+
+While the spool is being drained to a peer (`qrouter drain`, router/spool/drain.py) every MAIL
+hears `421 4.3.2` and the reason: the client takes its mail to another node. Every
+`X-Qrouter-Arrival:` field (router/spool/trace.py) is taken out of the header of a message; the
+first one gives the message its arrival for max-age when the client's address is one of `peers`
+(the config's `cluster-peers`), the nodes that drain into this one.
 
 aiosmtpd is not a dependency of qrouter. Install it next to qrouter to use this module
 (`pip install aiosmtpd`, or Debian's python3-aiosmtpd); importing the module without it fails
@@ -51,11 +60,16 @@ with an ImportError that says so.
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
 import logging
 import os
+import re
+from collections.abc import Iterable
 from concurrent.futures import Executor
 
 try:
+    from aiosmtpd.controller import Controller
     from aiosmtpd.smtp import SMTP, Envelope, Session
 except ImportError as exc:
     raise ImportError(
@@ -67,10 +81,11 @@ from router.daemon.status_socket import StatusError
 from router.daemon.verifier import VerifyError, ask
 from router.spool import DEFAULT_SIZE_LIMIT, Spool, SpoolError
 from router.spool.address import AddressError, parse_path
+from router.spool.drain import read_drain
 from router.spool.headers import prepend_fields
-from router.spool.queue_file import clean
+from router.spool.queue_file import Recipient, clean
 from router.spool.queue_id import new_queue_id
-from router.spool.trace import peer_source, received
+from router.spool.trace import peer_source, received, take_arrival
 
 log = logging.getLogger("qrouter")
 CANNOT_VERIFY = "451 4.3.0 Cannot verify the recipient now, try again later"
@@ -85,7 +100,7 @@ class QueueHandler:
 
     def __init__(self, queue_dir: str | os.PathLike, *, group: str = "", size_limit: int = DEFAULT_SIZE_LIMIT,
                  executor: Executor | None = None, verify: bool = False, status_socket: str = "",
-                 verify_fail: str = "open", verify_authenticated: bool = False) -> None:
+                 verify_fail: str = "open", verify_authenticated: bool = False, peers: Iterable[str] = ()) -> None:
         if verify_fail not in ("open", "closed"):
             raise ValueError(f"verify_fail must be 'open' or 'closed', not {verify_fail!r}")
         self.queue_dir = queue_dir
@@ -96,6 +111,14 @@ class QueueHandler:
         self.status_socket = status_socket or os.path.join(queue_dir, "status.sock")
         self.verify_closed = verify_fail == "closed"
         self.verify_authenticated = verify_authenticated
+        self.peers = frozenset(str(ipaddress.ip_address(peer)) for peer in peers)
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if isinstance(server, DSNServer):
+            responses.insert(-1, "250-DSN")
+        return responses
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
@@ -103,6 +126,9 @@ class QueueHandler:
             parse_path(address, null_ok=True)
         except AddressError as exc:
             return f"553 5.1.7 {clean(str(exc))}"
+        drain = read_drain(self.queue_dir)
+        if drain is not None:
+            return f"421 {clean(drain.refusal())}"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender ok"
@@ -144,10 +170,15 @@ class QueueHandler:
         peer = session.peer[0] if isinstance(session.peer, tuple) else ""  # "" on a unix socket
         trace = received(server.hostname, queue_id, recipients, source=peer_source(session.host_name, peer),
                          protocol=_protocol(session))
-        message = prepend_fields(envelope.original_content or b"", [trace])
+        arrival, content = take_arrival(envelope.original_content or b"")
+        message = prepend_fields(content, [trace])
+        dsn = getattr(envelope, "dsn", {})
         try:
-            queue_id = await loop.run_in_executor(self.executor, self.enqueue, envelope.mail_from or "<>",
-                                                  recipients, message, queue_id)
+            queue_id = await loop.run_in_executor(
+                self.executor, functools.partial(
+                    self.enqueue, envelope.mail_from or "<>", _with_dsn(recipients, getattr(envelope, "rcpt_dsn", [])),
+                    message, queue_id, arrival=arrival if peer in self.peers else None,
+                    envid=dsn.get("ENVID", ""), ret=dsn.get("RET", "")))
         except SpoolError as exc:
             if exc.temporary:
                 return f"451 4.3.0 {clean(str(exc))}"
@@ -156,12 +187,13 @@ class QueueHandler:
             return f"552 5.3.4 {clean(str(exc))}"
         return f"250 2.0.0 Queued as {queue_id}"
 
-    def enqueue(self, sender: str, recipients: list[str], message: bytes, queue_id: str = "") -> str:
+    def enqueue(self, sender: str, recipients: list[str | Recipient], message: bytes, queue_id: str = "", *,
+                arrival: float | None = None, envid: str = "", ret: str = "") -> str:
         """Queue one message durably (blocking: it fsyncs) and return its queue id (`queue_id`,
         made by new_queue_id() for a message that names it, or a new one)."""
         spool = Spool(self.queue_dir, self.group, size_limit=self.size_limit)
         try:
-            return spool.enqueue(sender, recipients, message, queue_id=queue_id)
+            return spool.enqueue(sender, recipients, message, queue_id=queue_id, arrival=arrival, envid=envid, ret=ret)
         finally:
             spool.close()
 
@@ -172,3 +204,62 @@ def _protocol(session: Session) -> str:
     if not session.extended_smtp:
         return "SMTP"
     return "ESMTP" + ("S" if session.ssl else "") + ("A" if session.authenticated else "")
+
+
+class DSNServer(SMTP):
+    """aiosmtpd's SMTP server with DSN (RFC 3461): RET and ENVID at MAIL, NOTIFY and ORCPT at
+    RCPT are taken off the command before aiosmtpd reads it (it refuses them, and upper-cases
+    what it keeps), xtext-decoded, and kept on the envelope for QueueHandler: `envelope.dsn`
+    ({"RET": ..., "ENVID": ...}) and `envelope.rcpt_dsn` (NOTIFY, ORCPT of each recipient taken)."""
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        rest, found = _take_dsn(arg, ("RET", "ENVID"))
+        had = self.envelope is not None and self.envelope.mail_from is not None
+        await super().smtp_MAIL(rest)
+        if self.envelope is not None and self.envelope.mail_from is not None and not had:
+            self.envelope.dsn = found  # type: ignore[attr-defined]
+            self.envelope.rcpt_dsn = []  # type: ignore[attr-defined]
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        rest, found = _take_dsn(arg, ("NOTIFY", "ORCPT"))
+        taken = len(self.envelope.rcpt_tos) if self.envelope is not None else 0
+        await super().smtp_RCPT(rest)
+        if self.envelope is not None and len(self.envelope.rcpt_tos) > taken:
+            self.envelope.rcpt_dsn = [*getattr(self.envelope, "rcpt_dsn", []), found]  # type: ignore[attr-defined]
+
+
+class QueueController(Controller):
+    """aiosmtpd's Controller serving with DSNServer: a front door that keeps DSN parameters."""
+
+    def factory(self) -> SMTP:
+        return DSNServer(self.handler, **self.SMTP_kwargs)
+
+
+_DSN_PARAMETER = re.compile(r"\s+(RET|ENVID|NOTIFY|ORCPT)=(\S*)", re.IGNORECASE)
+_XTEXT = re.compile(r"\+([0-9A-F]{2})")
+
+
+def _take_dsn(arg: str | None, names: tuple[str, ...]) -> tuple[str | None, dict[str, str]]:
+    """The command's argument without the DSN parameters `names`, and their values: RET and
+    NOTIFY upper case, ENVID and ORCPT xtext-decoded (RFC 3461 4)."""
+    if arg is None:
+        return None, {}
+    found: dict[str, str] = {}
+
+    def take(match: re.Match[str]) -> str:
+        name = match[1].upper()
+        if name not in names:
+            return match[0]
+        value = match[2]
+        found[name] = value.upper() if name in ("RET", "NOTIFY") else _XTEXT.sub(lambda m: chr(int(m[1], 16)), value)
+        return ""
+
+    return _DSN_PARAMETER.sub(take, arg), found
+
+
+def _with_dsn(recipients: list[str], dsn: list[dict[str, str]]) -> list[str | Recipient]:
+    """Each recipient with its NOTIFY and ORCPT, when the client gave any."""
+    if len(dsn) != len(recipients):
+        return list(recipients)
+    return [Recipient(address, notify=found.get("NOTIFY", ""), orcpt=found.get("ORCPT", "")) if found else address
+            for address, found in zip(recipients, dsn, strict=True)]

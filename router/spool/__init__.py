@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from router.spool.address import AddressError, parse_path
+from router.spool.drain import read_drain
 from router.spool.durable import make_shared_dir, unlink_quietly, write_all, write_synced
 from router.spool.files import NotARegularFile, kind_of, open_regular
 from router.spool.queue_file import (
@@ -108,18 +109,27 @@ class Spool:
 
     # -- writing new messages -------------------------------------------------------------
 
-    def enqueue(self, sender: str, recipients: Iterable[str], message: bytes, *,
-                notify: str = "", envid: str = "", ret: str = "", queue_id: str = "") -> str:
+    def enqueue(self, sender: str, recipients: Iterable[str | Recipient], message: bytes, *,
+                notify: str = "", envid: str = "", ret: str = "", queue_id: str = "",
+                arrival: float | None = None) -> str:
         """Queue a message durably and return its queue id; raise SpoolError otherwise.
 
         Addresses are checked first (a permanent error); then the file is staged in tmp/,
         fsynced, renamed into incoming/ and incoming/ fsynced. On any failure nothing is left
         in incoming/. `queue_id` is one made beforehand by new_queue_id(), for a writer whose
-        message names its id (a Received: field); by default a new one is made.
+        message names its id (a Received: field); by default a new one is made. A recipient
+        given as a Recipient keeps its own NOTIFY and ORCPT (an SMTP front door that takes DSN);
+        `arrival` is an earlier arrival than now that max-age counts from (mail a draining peer
+        hands over, router/spool/trace.py). A spool being drained (router/spool/drain.py) takes
+        nothing: a temporary SpoolError says where the mail goes instead.
         """
+        drain = read_drain(self.root)
+        if drain is not None:
+            raise SpoolError(drain.refusal(), temporary=True)
         try:
             sender = parse_path(sender, null_ok=True)
-            rcpts = [Recipient(parse_path(r), notify=notify) for r in recipients]
+            rcpts = [Recipient(parse_path(r.address), notify=r.notify, orcpt=r.orcpt) if isinstance(r, Recipient)
+                     else Recipient(parse_path(r), notify=notify) for r in recipients]
         except AddressError as exc:
             raise SpoolError(str(exc), temporary=False) from None
         if not rcpts:
@@ -128,8 +138,8 @@ class Spool:
             raise SpoolError(f"message is larger than message-size-limit ({self.size_limit} bytes)",
                              temporary=False)
         queue_id = queue_id or new_queue_id()
-        queue_file = QueueFile(queue_id, arrival_of(queue_id), sender, rcpts, message,
-                               envid=envid, ret=ret)
+        queue_file = QueueFile(queue_id, min(arrival_of(queue_id), arrival or float("inf")), sender, rcpts,
+                               message, envid=envid, ret=ret)
         try:
             self.write(queue_file, INCOMING)
         except OSError as exc:

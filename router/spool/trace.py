@@ -19,6 +19,16 @@ submitted it, as Postfix's pickup does: `by mx.example (qrouter, from userid 100
 the recipient when there is only one, as Postfix's smtpd does: a list of them would show every
 recipient (Bcc: ones too) to each of them. The date is the arrival the queue id holds, or the
 time of a hand-off that keeps the message's queue id (queue/qpsmtpd).
+
+A node that drains its queue to a peer (router/spool/drain.py) puts one more trace field first
+in each message it relays there, so that the peer's max-age counts from the first arrival, not
+from the hand-over:
+
+    X-Qrouter-Arrival: 1765123456.123456; id=6618577E5E7CC-7E37-1
+
+the arrival in seconds since the epoch and the queue id it had on the draining node. A qrouter
+front door takes every such field out of the header, and believes the first one only when the
+client is one of its `cluster-peers`: from anyone else it would let a sender expire mail at will.
 """
 
 from __future__ import annotations
@@ -27,8 +37,11 @@ import email.utils
 import re
 from collections.abc import Sequence
 
+from router.spool.headers import LINE, header_fields, header_of
 from router.spool.queue_id import arrival_of
 
+ARRIVAL_FIELD = "X-Qrouter-Arrival"
+_ARRIVAL = re.compile(r"([0-9]{1,12}(?:\.[0-9]{1,9})?)(?:;.*)?", re.DOTALL)
 _NOT_TOKEN = re.compile(r"[^!-~]|[()\\]")  # what may not stand in a trace token a peer chose (its HELO)
 
 
@@ -50,3 +63,23 @@ def peer_source(helo: str | None, address: str) -> str:
     literal = "" if not address else f"[IPv6:{address}]" if ":" in address else f"[{address}]"
     name = _NOT_TOKEN.sub("?", helo or "")[:255]
     return f"{name} ({literal})" if name and literal else name or literal or "unknown"
+
+
+def arrival_field(arrival: float, queue_id: str) -> str:
+    """The field a draining node puts first in a message it relays to its peer."""
+    return f"{ARRIVAL_FIELD}: {arrival:.6f}; id={queue_id}"
+
+
+def take_arrival(message: bytes) -> tuple[float | None, bytes]:
+    """The arrival the first X-Qrouter-Arrival field of the header gives (None without one, or
+    when it does not read as one), and the message with every such field taken out, all else
+    byte for byte."""
+    header = header_of(message)
+    lines = LINE.findall(header)
+    fields = [f for f in header_fields(lines) if f.name == ARRIVAL_FIELD.lower()]
+    if not fields:
+        return None, message
+    found = _ARRIVAL.fullmatch(fields[0].value)
+    dropped = {i for f in fields for i in range(f.first, f.end)}
+    rest = b"".join(line for i, line in enumerate(lines) if i not in dropped) + message[len(header):]
+    return (float(found[1]) if found else None), rest

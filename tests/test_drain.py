@@ -1,0 +1,209 @@
+"""`qrouter drain --to PEER`: a node hands its whole queue to a peer qrouter and takes no new mail.
+
+Real daemons with spools of their own: the draining node, and the peer whose front door is the
+aiosmtpd queue handler (router/front/aiosmtpd.py, with DSN) and whose next hop is an aiosmtpd
+sink on loopback. The draining node holds its mail back (a `queue/retry` transport) until the
+drain, so that every message is in its queue when the drain begins.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import smtplib
+import time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+from router.front.aiosmtpd import QueueController, QueueHandler
+from router.spool import Spool, read_queue_file
+from router.spool.drain import Drain, write_drain
+from router.spool.queue_file import MAX_OVERHEAD, QueueFile, Recipient, parse
+from router.spool.queue_id import arrival_of, new_queue_id
+from tests.daemon import qrouter, wait_for
+from tests.qpsmtpd_server import smtp_data, swaks
+from tests.smtp_servers import Recorder, free_port
+
+MESSAGES = 1000
+WITH_DSN = range(0, MESSAGES, 10)  # every tenth message asks for DSN
+HELD_BACK = ["--default-transport", "queue/retry 4.4.0 held back until the drain", "--min-backoff", "3600",
+             "--max-backoff", "3600"]
+LATE = "late@example.org"  # the sink says "later" for it, so the peer's max-age decides
+SUBJECT = re.compile(rb"Subject: (drain-\d+|late)\r?\n")
+
+
+class DSNRecorder(Recorder):
+    """A sink that keeps the DSN parameters each message came with (router/front/aiosmtpd.py
+    DSNServer takes them off the commands)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(extensions=["DSN"], **kwargs)
+        self.dsn: dict[bytes, list[tuple[dict[str, str], list[dict[str, str]]]]] = {}
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        subject = SUBJECT.search(envelope.original_content)
+        self.dsn.setdefault(subject[1] if subject else b"?", []).append(
+            (dict(getattr(envelope, "dsn", {})), list(getattr(envelope, "rcpt_dsn", []))))
+        return await super().handle_DATA(server, session, envelope)
+
+
+@contextmanager
+def serving(handler, port: int):
+    controller = QueueController(handler, hostname="127.0.0.1", port=port, server_hostname="peer.qrouter.test")
+    controller.start()
+    try:
+        yield port
+    finally:
+        controller.stop()
+
+
+def queue_messages(spool_dir) -> None:
+    """MESSAGES messages, every tenth with DSN parameters, and one that arrived two days ago."""
+    spool = Spool(spool_dir)
+    for i in range(MESSAGES):
+        message = f"Subject: drain-{i}\r\n\r\nmessage {i}\r\n".encode()
+        if i in WITH_DSN:
+            rcpt = Recipient(f"user{i}@example.org", notify="SUCCESS,FAILURE", orcpt=f"rfc822;orig+{i}@example.org")
+            spool.enqueue("sender@example.org", [rcpt], message, envid=f"env+{i}=x y", ret="HDRS")
+        else:
+            spool.enqueue("sender@example.org", [f"user{i}@example.org"], message)
+    queue_id = new_queue_id()
+    late = QueueFile(queue_id, arrival_of(queue_id) - 2 * 86400, "sender@example.org", [Recipient(LATE)],
+                     b"Subject: late\r\n\r\ntwo days old\r\n")
+    spool.write(late, "incoming")
+    spool.close()
+
+
+def delivered(sink: DSNRecorder) -> Counter:
+    return Counter(SUBJECT.search(m.content)[1].decode() for m in sink.messages)
+
+
+def test_drain_hands_every_message_to_the_peer_with_its_envelope_and_arrival(daemons):
+    sink = DSNRecorder(rcpt={LATE: "451 4.3.0 come back later"})
+    sink_port, front_port = free_port(), free_port()
+    controller = QueueController(sink, hostname="127.0.0.1", port=sink_port)
+    controller.start()
+    peer = daemons("--relayhost", f"127.0.0.1:{sink_port}", "--max-age", "1", "--cluster-peers", "127.0.0.1",
+                   home="peer")
+    node = daemons(*HELD_BACK, workers=2, home="node")
+    try:
+        with serving(QueueHandler(peer.spool, peers=["127.0.0.1"]), front_port):
+            queue_messages(node.spool)
+            wait_for(lambda: len(node.files("deferred")) == MESSAGES + 1, timeout=120, what="all held back")
+
+            result = qrouter("drain", "--to", f"127.0.0.1:{front_port}", "--queue-dir", str(node.spool), check=True)
+            assert b"draining to 127.0.0.1:" in result.stdout
+
+            # The node takes no new mail, by any front door.
+            refused = qrouter("enqueue", "-f", "a@example.org", "b@example.org", "--queue-dir", str(node.spool),
+                              stdin=b"Subject: new\r\n\r\nnew\r\n")
+            assert refused.returncode == 75, refused
+            assert b"4.3.2 this node is draining its queue to 127.0.0.1:" in refused.stderr
+            refused = qrouter("sendmail", "--queue-dir", str(node.spool), "b@example.org",
+                              stdin=b"Subject: new\n\nnew\n")
+            assert refused.returncode == 75 and b"4.3.2 this node is draining" in refused.stderr, refused
+            node_front = free_port()
+            with serving(QueueHandler(node.spool), node_front), smtplib.SMTP("127.0.0.1", node_front) as client:
+                client.ehlo("client.example")
+                code, text = client.mail("a@example.org")
+                assert (code, text[:6]) == (421, b"4.3.2 "), (code, text)
+
+            # kill -9 part-way, then a restart resumes the drain from the mark in the spool.
+            wait_for(lambda: len(sink.messages) >= MESSAGES // 4, timeout=120, what="a quarter at the sink")
+            workers = node.worker_pids()
+            node.kill()
+            wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), timeout=10,
+                     what="the workers to die with the supervisor")
+            in_flight = len(node.files("active"))
+            assert len(sink.messages) < MESSAGES, "the drain was over before the kill"
+            node.start()
+            status = qrouter("status", "--queue-dir", str(node.spool), check=True).stdout.decode()
+            assert re.search(r"draining to 127\.0\.0\.1:\d+ for .*: \d+ recipient\(s\) sent there, \d+ message\(s\) "
+                             r"left; new mail is refused", status), status
+
+            wait_for(lambda: len(sink.messages) >= MESSAGES and not (node.files("incoming") or node.files("active")
+                                                                     or node.files("deferred")),
+                     timeout=300, what="every message at the sink and the node empty")
+            wait_for(lambda: re.search(rf"to=<{LATE}>.*status=expired", peer.log()), timeout=60,
+                     what="the old message expired at the peer")
+    finally:
+        controller.stop()
+
+    counts = delivered(sink)
+    assert set(counts) == {f"drain-{i}" for i in range(MESSAGES)}, "a message was lost"
+    twice = sum(n - 1 for n in counts.values())
+    assert twice <= in_flight, f"{twice} delivered twice, {in_flight} were in flight at the kill"
+    for i in WITH_DSN:
+        envelope, recipients = sink.dsn[f"drain-{i}".encode()][0]
+        assert envelope == {"RET": "HDRS", "ENVID": f"env+{i}=x y"}
+        assert recipients == [{"NOTIFY": "SUCCESS,FAILURE", "ORCPT": f"rfc822;orig+{i}@example.org"}]
+    assert sink.dsn[b"drain-1"][0] == ({}, [{}])
+    # The message two days old had a day left on the node (max-age 5); the peer (max-age 1)
+    # counts from its first arrival and expires it at its first "later".
+    assert re.search(rf"to=<{LATE}>.*status=expired", peer.log())
+    assert not re.search(rf"to=<{LATE}>.*status=expired", node.log())
+
+    qrouter("drain", "--cancel", "--queue-dir", str(node.spool), check=True)
+    taken = qrouter("enqueue", "-f", "a@example.org", "b@example.org", "--queue-dir", str(node.spool),
+                    stdin=b"Subject: after\r\n\r\nafter\r\n")
+    assert taken.returncode == 0, taken
+
+
+def assert_arrivals(spool: Path, old: float) -> None:
+    """The message from a peer was queued with the arrival its field gave, the one from a stranger
+    with its own; neither keeps the field."""
+    arrivals = {}
+    for path in (spool / "incoming").iterdir():
+        queued = parse(read_queue_file(str(path), (1 << 20) + MAX_OVERHEAD), str(path))
+        assert b"X-Qrouter-Arrival" not in queued.message
+        arrivals[queued.recipients[0].address] = queued.arrival
+    assert abs(arrivals["peer@example.org"] - old) < 1e-3
+    assert arrivals["stranger@example.org"] > old + 2 * 86400
+
+
+def test_arrival_field_is_believed_only_from_peers_and_always_taken_out(tmp_path):
+    spool_dir = tmp_path / "spool"
+    Spool(spool_dir).create()
+    old = time.time() - 3 * 86400
+    message = f"X-Qrouter-Arrival: {old:.6f}; id=0643A8B2C1D4E-1A2B-1\r\nSubject: hi\r\n\r\nbody\r\n".encode()
+    for name, peers in (("peer", ["127.0.0.1"]), ("stranger", ["192.0.2.1"])):
+        port = free_port()
+        with serving(QueueHandler(spool_dir, peers=peers), port), smtplib.SMTP("127.0.0.1", port) as client:
+            client.ehlo("client.example")
+            assert client.has_extn("dsn")
+            client.sendmail("a@example.org", [f"{name}@example.org"], message)
+    assert_arrivals(spool_dir, old)
+
+
+def test_drain_needs_one_mail_server_and_the_daemon(daemons, tmp_path):
+    node = daemons(*HELD_BACK)
+    bad = qrouter("drain", "--to", "a.example,b.example", "--queue-dir", str(node.spool))
+    assert bad.returncode == 1 and b"drain --to takes one mail server" in bad.stderr, bad
+    assert qrouter("drain", "--queue-dir", str(node.spool)).returncode == 64
+    assert not (node.spool / "drain").exists()
+    node.stop()
+    gone = qrouter("drain", "--to", "127.0.0.1:2525", "--queue-dir", str(node.spool))
+    assert gone.returncode == 75 and b"a drain needs the running daemon" in gone.stderr, gone
+
+
+def test_qpsmtpd_refuses_while_draining_and_believes_the_arrival_of_peers_only(tmp_path, qpsmtpd):
+    spool = tmp_path / "spool"
+    Spool(spool).create()
+    old = time.time() - 3 * 86400
+    data = tmp_path / "message.smtp"
+    data.write_bytes(smtp_data(f"X-Qrouter-Arrival: {old:.6f}; id=0643A8B2C1D4E-1A2B-1\r\nSubject: hi\r\n\r\n"
+                               "body\r\n".encode()))
+    for name, peers in (("peer", "127.0.0.1"), ("stranger", "192.0.2.1")):
+        server = qpsmtpd(spool, "cluster-peers", peers, own_daemon=False)
+        result = swaks(server.port, "--from", "a@example.org", "--to", f"{name}@example.org", data=data)
+        assert result.returncode == 0, result.stdout.decode(errors="replace")
+        server.stop()
+    assert_arrivals(spool, old)
+
+    write_drain(spool, Drain("peer.example:2525", time.time()))
+    server = qpsmtpd(spool, own_daemon=False)
+    result = swaks(server.port, "--from", "a@example.org", "--to", "u@example.org", data=data)
+    out = result.stdout.decode(errors="replace")
+    assert "<** 421 4.3.2 this node is draining its queue to peer.example:2525" in out, out
+    assert len(list((spool / "incoming").iterdir())) == 2
