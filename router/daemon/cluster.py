@@ -132,6 +132,9 @@ class Cluster:
             return
         self.out = self._request(now)
         self.sent_at = now
+        for name, want in self.out.wants.items():  # what is being given back is not used meanwhile
+            held = self._held(name)
+            held.leases = min(held.leases, want.leases)
         self.link.send(self.out)
 
     def next_due(self, now: float) -> float | None:

@@ -13,7 +13,9 @@ its own, and a worker closes the pipe (`fds`) and never touches the client.
 What is kept in Redis, per destination NAME (all under PREFIX):
 - `lease:NAME`: a sorted set of leases, one per connection a node has or is about to open,
   members `NODE#i`, scored by when they expire (ms, Redis's clock). A node renews its own on
-  every exchange; the leases of a node that died expire by themselves.
+  every exchange; the leases of a node that died expire by themselves. One given back counts for
+  GIVEN_BACK_MS more, since the server may not have seen its connection's end yet when the next
+  node opens one.
 - `wanted:NAME`: the last node refused a lease, for a short while: the holders then close their
   idle connections there, so the room goes to mail waiting elsewhere.
 - `tokens:NAME`: the token bucket of its rate (a hash of tokens and the time they were counted).
@@ -37,6 +39,7 @@ PREFIX = "qrouter:"
 CALL_SECONDS = 1.0  # connect and socket timeout of every call: then Redis counts as unreachable
 LEASE_MS = 10_000  # a lease not renewed for this long is given back (its node died)
 NODE_MS = 10_000  # a node not heard of for this long is no longer counted
+GIVEN_BACK_MS = 300  # a lease given back counts this much longer: its connection may still be closing
 CONTENDED_MS = 2_000  # how long a refusal makes the holders of leases give up idle connections
 TOKEN_SECONDS = 0.5  # a rate's bucket holds this many seconds of tokens (at least one)
 
@@ -44,6 +47,7 @@ LEASE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local node, want, limit, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local grace = tonumber(ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local held, missing = 0, {}
 for i = 0, math.max(limit, want) - 1 do
@@ -56,7 +60,10 @@ for i = 0, math.max(limit, want) - 1 do
       missing[#missing + 1] = member
     end
   else
-    redis.call('ZREM', KEYS[1], member)
+    local expiry = redis.call('ZSCORE', KEYS[1], member)
+    if expiry and tonumber(expiry) > now + grace then
+      redis.call('ZADD', KEYS[1], now + grace, member)
+    end
   end
 end
 local total = redis.call('ZCARD', KEYS[1])
@@ -208,7 +215,7 @@ class RedisLink:
         pipe.evalsha(self.shas["node"], 1, key("nodes", "all"), node, NODE_MS)
         for name, want in request.wants.items():
             pipe.evalsha(self.shas["lease"], 2, key("lease", name), key("wanted", name), node, want.leases,
-                         want.limit, LEASE_MS, CONTENDED_MS)
+                         want.limit, LEASE_MS, CONTENDED_MS, GIVEN_BACK_MS)
         rated = [(name, want) for name, want in request.wants.items() if want.rate and want.tokens]
         for name, want in rated:
             assert want.rate is not None
