@@ -127,14 +127,15 @@ def test_redis_killed_mid_run_and_restarted_costs_no_mail_and_the_limits_come_ba
         time.sleep(2)
         redis.start()
         wait_for(lambda: all("answers again" in node.log() for node in nodes), 10, "every node to see it back")
-        time.sleep(1)  # the connections opened meanwhile are counted again
+        time.sleep(3)  # "within a few seconds": the connections beyond the shared limit are closed
         with sink.lock:
             sink.most = sink.open
+        back = sink.most
         recipients |= enqueue(nodes, 600, "after")
         wait_for(lambda: len(sink.messages) >= len(recipients), 120, "every message at the sink")
         time.sleep(0.5)  # none arrives twice
         assert arrived(sink) == Counter(recipients)
-        assert sink.most <= 6, sink.most
+        assert sink.most <= 6, (back, sink.most)
         for node in nodes:
             assert node.log().count("unreachable") == 1, node.log()
             assert node.log().count("answers again") == 1, node.log()

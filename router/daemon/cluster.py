@@ -69,6 +69,7 @@ class Cluster:
         self.to_claim: set[str] = set()
         self.others_probe: dict[str, float] = {}  # destination -> until when another node probes it
         self.contended: set[str] = set()
+        self.shed: set[str] = set()  # destinations with more open than the leases Redis gave back after an outage
 
     def fds(self) -> list[int]:
         return self.link.fds()
@@ -107,6 +108,11 @@ class Cluster:
                 held.tokens = max(0, held.tokens - 1)
             else:
                 held.local_tokens -= 1.0
+
+    def shedding(self, destination: Destination) -> bool:
+        if self.up is False:
+            return destination.open > self.concurrency(destination)
+        return destination.name in self.shed
 
     def probe_wait(self, destination: Destination, now: float) -> float | None:
         """A dead destination's probe time has come here: None if this node is to probe it, else
@@ -232,6 +238,8 @@ class Cluster:
         return Request(wants, deaths, alive, claim, watch, self.dispatcher.probe_seconds)
 
     def _went_down(self, error: str, now: float) -> None:
+        """Redis did not answer: from now on each destination's share of its limit (see
+        `concurrency`); the idle connections beyond it are closed."""
         if self.up is not False:
             self.down_since = now
             log.warning("cluster: redis at %s unreachable (%s); limits divided by %d node(s) last seen until it "
@@ -242,9 +250,13 @@ class Cluster:
         self.to_claim.clear()
         for held in self.held.values():
             held.leases = held.tokens = 0
+        for destination in self.dispatcher.destinations.values():
+            if destination.open > self.concurrency(destination):
+                self.dispatcher.drop_idle(destination)
 
     def _apply(self, request: Request, answer: Answer, now: float) -> list[Destination]:
-        if self.up is False:
+        rebuilt = self.up is False
+        if rebuilt:
             log.info("cluster: redis at %s answers again after %.0fs; shared limits rebuilt", self.url,
                      now - self.down_since)
         elif self.up is None:
@@ -257,6 +269,11 @@ class Cluster:
             held = self._held(name)
             held.leases = leases
             self.refused = self.refused or leases < request.wants[name].leases
+            destination = self.dispatcher.destinations.get(name)
+            if destination is None or destination.open <= leases:
+                self.shed.discard(name)
+            elif rebuilt:
+                self.shed.add(name)
             if not leases and not request.wants[name].leases and name not in self.dispatcher.destinations:
                 del self.held[name]
         for name, tokens in answer.tokens.items():
@@ -264,9 +281,8 @@ class Cluster:
             held.tokens, held.tokens_until = tokens, now + TOKEN_LIFE
             self.refused = self.refused or tokens < request.wants[name].tokens
         self.contended = answer.contended
-        for name in answer.contended:
-            destination = self.dispatcher.destinations.get(name)
-            if destination is not None and not destination.waiting:
+        for name, destination in self.dispatcher.destinations.items():
+            if (name in answer.contended and not destination.waiting) or name in self.shed:
                 self.dispatcher.drop_idle(destination)
         return self._dead_states(request, answer, now)
 

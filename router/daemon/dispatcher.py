@@ -96,6 +96,10 @@ class Shared(Protocol):
     def probe_wait(self, destination: Destination, now: float) -> float | None:
         """None if this node is to probe the dead destination now, else until when to wait."""
 
+    def shedding(self, destination: Destination) -> bool:
+        """This node has more connections open there than its share (Redis went away, or came
+        back with the leases taken by others): idle ones are closed, not used again."""
+
 
 @dataclass(frozen=True)
 class Routed:
@@ -146,6 +150,12 @@ class Destination:
     def connections(self) -> int:
         """Connections open or about to be: deliveries in flight and idle ones kept by workers."""
         return self.in_flight + sum(self.kept.values())
+
+    @property
+    def open(self) -> int:
+        """The same without counting twice an idle connection promised to a task its worker has
+        not read yet (in flight already): what the server sees."""
+        return self.in_flight + sum(self.idle(pid) for pid in self.kept)
 
     def status(self) -> dict[str, Any]:
         return {"destination": self.label, "sessions": self.in_flight, "window": round(self.window, 2),
@@ -322,9 +332,10 @@ class Dispatcher:
 
     def drop_idle(self, destination: Destination) -> None:
         """Have the workers close their idle connections to the destination (other nodes of a
-        cluster wait for room there)."""
+        cluster wait for room there); not one that has some promised to a task it has not read,
+        which would open a new one while the old one is still closing."""
         for pid in destination.kept:
-            if destination.idle(pid):
+            if destination.idle(pid) and not destination.promised.get(pid):
                 self.drops.setdefault(pid, set()).add(destination.name)
 
     def revived_elsewhere(self, destination: Destination) -> bool:
@@ -497,8 +508,9 @@ class Dispatcher:
         """Take a connection to `destination` in worker `pid`: one of its idle ones not promised yet
         (REUSE), or a new one while the limit allows (NEW). If the limit is taken by idle
         connections of other workers, one of them is told to drop its own, and "" says the entry
-        waits."""
-        if destination.idle(pid):
+        waits. A node of a cluster that has more open than its share uses no idle one again until
+        enough are closed."""
+        if destination.idle(pid) and not (self.shared is not None and self.shared.shedding(destination)):
             destination.promised.setdefault(pid, deque()).append(number)
             how = REUSE
         elif destination.connections >= self._limit(destination):
