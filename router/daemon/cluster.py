@@ -40,6 +40,8 @@ TOKEN_LIFE = 1.0  # tokens given and not used by then are dropped: they must not
 
 @dataclass
 class _Held:
+    """What this node holds of a destination's shared limits."""
+
     leases: int = 0
     tokens: int = 0
     tokens_until: float = 0.0
@@ -68,7 +70,6 @@ class Cluster:
         self.claims: set[str] = set()  # dead destinations whose probe is this node's
         self.to_claim: set[str] = set()
         self.others_probe: dict[str, float] = {}  # destination -> until when another node probes it
-        self.contended: set[str] = set()
         self.shed: set[str] = set()  # destinations with more open than the leases Redis gave back after an outage
 
     def fds(self) -> list[int]:
@@ -102,6 +103,7 @@ class Cluster:
         return held.local_tokens >= 1.0
 
     def started(self, destination: Destination) -> None:
+        """An entry started: it spent a token of a rate-limited destination."""
         if destination.limits.rate:
             held = self._held(destination.name)
             if self.up:
@@ -110,6 +112,8 @@ class Cluster:
                 held.local_tokens -= 1.0
 
     def shedding(self, destination: Destination) -> bool:
+        """More open than this node's share: while Redis is down, or since it came back with fewer
+        leases than the connections open."""
         if self.up is False:
             return destination.open > self.concurrency(destination)
         return destination.name in self.shed
@@ -205,9 +209,11 @@ class Cluster:
             tokens = min(len(destination.waiting), max(1, int(rate * TOKEN_SECONDS))) if rate else 0
             if leases or tokens or self._held(name).leases:
                 wants[name] = Want(limit, leases, rate, tokens)
-        for name in self.held.keys() - wants.keys():  # forgotten by the dispatcher: leases given back
-            if self.held[name].leases:
+        for name in self.held.keys() - wants.keys():
+            if self.held[name].leases:  # forgotten by the dispatcher: its leases are given back
                 wants[name] = Want(self.held[name].leases, 0)
+            elif name not in self.dispatcher.destinations:
+                del self.held[name]
         return wants
 
     def _needs_more(self, name: str, want: Want) -> bool:
@@ -235,6 +241,7 @@ class Cluster:
         watch = {name: d.dead_until if d.dead else 0.0 for name, d in self.dispatcher.destinations.items()
                  if d.dead or d.in_flight or d.waiting}
         claim, self.to_claim = sorted(self.to_claim), set()
+        self.others_probe = {name: until for name, until in self.others_probe.items() if until > now}
         return Request(wants, deaths, alive, claim, watch, self.dispatcher.probe_seconds)
 
     def _went_down(self, error: str, now: float) -> None:
@@ -255,6 +262,7 @@ class Cluster:
                 self.dispatcher.drop_idle(destination)
 
     def _apply(self, request: Request, answer: Answer, now: float) -> list[Destination]:
+        """Believe what Redis answered: leases, tokens, who else waits, dead or alive."""
         rebuilt = self.up is False
         if rebuilt:
             log.info("cluster: redis at %s answers again after %.0fs; shared limits rebuilt", self.url,
@@ -274,13 +282,10 @@ class Cluster:
                 self.shed.discard(name)
             elif rebuilt:
                 self.shed.add(name)
-            if not leases and not request.wants[name].leases and name not in self.dispatcher.destinations:
-                del self.held[name]
         for name, tokens in answer.tokens.items():
             held = self._held(name)
             held.tokens, held.tokens_until = tokens, now + TOKEN_LIFE
             self.refused = self.refused or tokens < request.wants[name].tokens
-        self.contended = answer.contended
         for name, destination in self.dispatcher.destinations.items():
             if (name in answer.contended and not destination.waiting) or name in self.shed:
                 self.dispatcher.drop_idle(destination)
