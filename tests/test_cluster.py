@@ -6,14 +6,12 @@ and the shared limits come back with it."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 from router.spool import Spool
-from tests.daemon import ROOT, Daemon, wait_for
+from tests.daemon import Daemon, qrouter, wait_for
 from tests.redis_server import RedisServer
 from tests.smtp_servers import CountingSink
 
@@ -103,10 +101,8 @@ def test_a_destination_found_dead_by_one_node_is_dead_for_all_and_probed_by_one(
 
 def status_text(node: Daemon) -> str:
     """`qrouter status` as an administrator runs it."""
-    result = subprocess.run([sys.executable, "-m", "router", "status", "--queue-dir", str(node.spool)],
-                            capture_output=True, text=True, timeout=30, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    result = qrouter("status", "--queue-dir", str(node.spool), check=True)
+    return result.stdout.decode()
 
 
 def test_redis_killed_mid_run_and_restarted_costs_no_mail_and_the_limits_come_back(daemons, tmp_path):
@@ -140,3 +136,12 @@ def test_redis_killed_mid_run_and_restarted_costs_no_mail_and_the_limits_come_ba
             assert node.log().count("unreachable") == 1, node.log()
             assert node.log().count("answers again") == 1, node.log()
         assert "redis redis://127.0.0.1:" in status_text(nodes[1]) and "ok, 3 node(s)" in status_text(nodes[1])
+
+
+def test_cluster_redis_must_be_a_redis_url():
+    """A typo in the URL is refused with the key's name, before any daemon starts."""
+    refused = qrouter("check-config", "--cluster-redis", "http://127.0.0.1:6379/0")
+    assert refused.returncode != 0 and b"cluster-redis" in refused.stderr + refused.stdout, refused
+    accepted = qrouter("check-config", "--cluster-redis", "rediss://user:secret@redis.example.net:6380/2",
+                       "--default-transport", "queue/error")
+    assert accepted.returncode == 0, accepted
