@@ -22,6 +22,9 @@ entries, and each waits, goes or is suspended on its own destination's state:
   has not read yet are subtracted here. So an idle connection is never promised twice, and one
   promised in a task not read yet is counted both as idle and as in flight (never as neither).
 - A rate (messages per second, from the destinations file) spaces the entries' starts.
+- In a cluster (`shared`, router/daemon/cluster.py) the connection limit is this node's leases, a
+  rate's starts also take tokens of the cluster's bucket, and a dead destination's probe is made
+  by the one node that claimed it; the others' mail waits for its outcome.
 - MX rollup: the domains whose MX hosts are the same (a site, `site:mx1.example,mx2.example`)
   are one destination, as KumoMTA rolls them up, unless a domain's rule says `mx-rollup=no`. A
   worker looks the site up (the dispatcher asks through the supervisor); an entry for an MX
