@@ -8,7 +8,8 @@ Every call has a timeout of CALL_SECONDS, so a Redis that is slow or gone turns 
 with an error, after which the loop falls back to local limits (router/daemon/cluster.py).
 
 The thread holds no lock a forked worker could need: its queue and the client's connection are
-its own, and a worker closes the pipe (`fds`) and never touches the client.
+its own; a worker closes the pipe (`fds`) and lets go of the client's connection, as the cluster
+view's publisher does (router/daemon/cluster_view.py, whose `connect` this uses).
 
 What is kept in Redis, per destination NAME (all under PREFIX):
 - `lease:NAME`: a sorted set of leases, one per connection a node has or is about to open,
@@ -34,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 
 import redis
+
+from router.daemon.cluster_view import connect
 
 PREFIX = "qrouter:"
 CALL_SECONDS = 1.0  # connect and socket timeout of every call: then Redis counts as unreachable
@@ -145,8 +148,8 @@ class RedisLink:
 
     def __init__(self, url: str, node: str) -> None:
         self.node = node
-        self.client = redis.Redis.from_url(url, socket_timeout=CALL_SECONDS, socket_connect_timeout=CALL_SECONDS,
-                                           health_check_interval=0)
+        self.client = connect(url, CALL_SECONDS)
+        os.register_at_fork(after_in_child=self.client.connection_pool.reset)  # a worker lets go of it
         self.shas: dict[str, str] = {}
         self.round_trips = 0
         self.inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
