@@ -94,6 +94,16 @@ slow-destination
          enqueue() returning to its acceptance. It gives up 60 s after they were queued (shown as
          a timeout), then stops the sink, so deliveries stuck in a 20 s wait fail at once, and
          the daemon.
+cluster  Three nodes sending as one (cluster-redis): 1,500 messages of 4 KB, one recipient each,
+         for one destination at internet latency (bench/wan_sink.py, D=50 ms, S=0) whose rule in
+         a destinations file says concurrency=20. First one node alone with all 1,500 in its
+         spool (no Redis), the same-run reference; then three nodes with 500 each in spools of
+         their own and one redis-server (the test suite's, tests/redis_server.py), started
+         together: msg/s from the first launch to the last message accepted, the most connections
+         open at once at the sink (the shared limit, 20), and the Redis round trips per message
+         (the exchanges every node's status counts). Then the three again with Redis killed
+         (kill -9) once a third of the mail is accepted and not restarted: what an outage costs
+         (each node goes on at a third of the limit).
 deferred-200k
          memory with 200,000 queue files in deferred/ and the daemon's default workers.
 verify   Recipient verification, policy-only verdicts: an idle daemon with 2 workers, local
@@ -198,6 +208,11 @@ FAST_MESSAGES = 200
 SLOW, FAST = Delay(20.0), Delay(0.0)
 FAST_AFTER = 2.0  # seconds from the daemon's launch to queueing the fast messages
 FAST_TIMEOUT = 60.0
+
+CLUSTER_NODES = ("one", "two", "three")
+CLUSTER_MESSAGES = 1_500
+CLUSTER_LIMIT = 20  # the destination's concurrency, over all nodes together
+CLUSTER_DELAY = Delay(0.050)
 
 DEFERRED_200K = 200_000
 FLUSHED = 10_000  # of the 200,000 in queue-ops, those for FLUSH_DOMAIN
@@ -1069,6 +1084,71 @@ def bench_mx_rollup(keep: bool) -> dict[str, float]:
             "dns_per_message": asked / ROLLUP_MESSAGES}
 
 
+def redis_server() -> Any:
+    """The test suite's redis-server (tests/redis_server.py) on a free loopback port, keeping nothing on disk."""
+    if str(ROOT) not in sys.path:  # the benchmark runs as bench/run.py: tests/ is not on the path
+        sys.path.append(str(ROOT))
+    from tests.redis_server import RedisServer
+    return RedisServer()
+
+
+def cluster_run(root: Path, redis_url: str, nodes: Sequence[str], outage: Callable[[], None] | None = None
+                ) -> tuple[float, int, float]:
+    """CLUSTER_MESSAGES spread over the spools of `nodes` (with a Redis URL, nodes of one cluster),
+    all for one WanSink port whose limit is CLUSTER_LIMIT; the daemons start together. `outage`
+    is called once a third of the mail is accepted. Returns msg/s from the first launch to the
+    last acceptance, the most connections open at once, and the Redis round trips per message."""
+    root.mkdir()
+    with WanSink([CLUSTER_DELAY]) as sink:
+        port = sink.ports[0]
+        (root / "destinations").write_text(f"smtp:127.0.0.1:{port} concurrency={CLUSTER_LIMIT}\n")
+        routing = [*transports_to(root, sink, ["d.example"]), "--destinations", str(root / "destinations")]
+        if redis_url:
+            routing += ["--cluster-redis", redis_url]
+        daemons = []
+        for index, name in enumerate(nodes):
+            (root / name).mkdir(mode=0o1777)
+            (root / name).chmod(0o1777)
+            daemon = Daemon(root / name, None, [*routing, "--cluster-node", name])
+            spool = Spool(daemon.spool)
+            spool.create()
+            for number in range(index, CLUSTER_MESSAGES, len(nodes)):
+                spool.enqueue(SENDER, [f"m{number}@d.example"], message(number))
+            spool.close()
+            daemons.append(daemon)
+        try:
+            started = min(daemon.start() for daemon in daemons)
+            if outage is not None:
+                wait_for_sink(sink, CLUSTER_MESSAGES // 3, WAN_TIMEOUT)
+                outage()
+            finished = wait_for_sink(sink, CLUSTER_MESSAGES, WAN_TIMEOUT)
+            statuses = [wait_for_counter(daemon, 0) for daemon in daemons]
+            for daemon in daemons:
+                report_problems(daemon)
+        finally:
+            for daemon in daemons:
+                daemon.stop()
+        trips = sum(status["cluster"]["round_trips"] for status in statuses if status.get("cluster"))
+        return CLUSTER_MESSAGES / (finished - started), sink.peak_connections()[0], trips / CLUSTER_MESSAGES
+
+
+def bench_cluster(keep: bool) -> dict[str, float]:
+    with workspace("cluster", keep) as root:
+        single, single_peak, _ = cluster_run(root / "single", "", ["one"])
+        print(f"  one node, no Redis: {CLUSTER_MESSAGES} messages at {single:.0f} msg/s ({CLUSTER_DELAY} ms), "
+              f"at most {single_peak} connections (limit {CLUSTER_LIMIT})")
+        with redis_server() as redis:
+            rate, peak, trips = cluster_run(root / "three", redis.url, CLUSTER_NODES)
+        print(f"  three nodes, one Redis: {rate:.0f} msg/s ({rate / single:.2f}x one node), at most {peak} "
+              f"connections (the shared limit {CLUSTER_LIMIT}), {trips:.2f} Redis round trips per message")
+        with redis_server() as redis:
+            outage_rate, outage_peak, _ = cluster_run(root / "outage", redis.url, CLUSTER_NODES, redis.kill)
+        print(f"  three nodes, Redis killed after a third: {outage_rate:.0f} msg/s ({outage_rate / rate:.2f}x with "
+              f"Redis), at most {outage_peak} connections")
+    return {"single_rate": single, "rate": rate, "ratio": rate / single, "peak_connections": peak,
+            "redis_round_trips": trips, "outage_rate": outage_rate, "outage_peak_connections": outage_peak}
+
+
 def percentile(values: Sequence[float], share: float) -> float:
     """Nearest-rank percentile; works with math.inf standing for a message never accepted."""
     ranked = sorted(values)
@@ -1225,6 +1305,15 @@ FIGURES = [
                    "msg/s", None, higher_is_better=True),
             Figure("smtp-wan", f"{variant}_check_sink_cpu", f"{wan_label(delay, chunking)}: sink CPU in the check, "
                    "share of a core", "", None))))),
+    Figure("cluster", "single_rate", f"one node, {CLUSTER_DELAY}: rate", "msg/s", None, higher_is_better=True),
+    Figure("cluster", "rate", "three nodes, one Redis: rate", "msg/s", None, higher_is_better=True),
+    Figure("cluster", "ratio", "three nodes / one node", "", None, higher_is_better=True),
+    Figure("cluster", "peak_connections", f"most connections at once (shared limit {CLUSTER_LIMIT})", "",
+           CLUSTER_LIMIT, at_most=True),
+    Figure("cluster", "redis_round_trips", "Redis round trips per message", "", None),
+    Figure("cluster", "outage_rate", "three nodes, Redis killed after a third: rate", "msg/s", None,
+           higher_is_better=True),
+    Figure("cluster", "outage_peak_connections", "most connections at once, with the outage", "", None),
     Figure("mx-rollup", "rate", f"{ROLLUP_DELAY}: rate, launch to last accepted", "msg/s", None, higher_is_better=True),
     Figure("mx-rollup", "steady_rate", f"{ROLLUP_DELAY}: rate from the first accepted", "msg/s", None,
            higher_is_better=True),
@@ -1252,7 +1341,8 @@ FIGURES = [
 BENCHMARKS: dict[str, Callable[[bool], dict[str, float]]] = {
     "latency": bench_latency, "drain": bench_drain, "memory": bench_memory,
     "smtp-drain": bench_smtp_drain, "smtp-latency": bench_smtp_latency, "policy": bench_policy,
-    "smtp-wan": bench_smtp_wan, "mx-rollup": bench_mx_rollup, "slow-destination": bench_slow_destination,
+    "smtp-wan": bench_smtp_wan, "mx-rollup": bench_mx_rollup, "cluster": bench_cluster,
+    "slow-destination": bench_slow_destination,
     "deferred-200k": functools.partial(bench_memory, deferred=DEFERRED_200K, workers=None, name="deferred-200k"),
     "queue-ops": bench_queue_ops, "verify": bench_verify}
 IN_PROCESS = {"policy"}  # runs no daemon, so --baseline has nothing to run it with

@@ -36,6 +36,10 @@ class RedisServer:
         return f"redis://{HOST}:{self.port}/0"
 
     def __enter__(self) -> Self:
+        return self.start()
+
+    def start(self) -> Self:
+        """Start it (again, after `kill`: empty, as a Redis that lost its memory)."""
         log = Path(self._directory.name) / "redis.log"
         self.process = subprocess.Popen(
             [SERVER, "--bind", HOST, "--port", str(self.port), "--save", "", "--appendonly", "no",
@@ -52,6 +56,12 @@ class RedisServer:
                     said = log.read_text(errors="replace") if log.exists() else ""
                     raise AssertionError(f"redis-server did not start on port {self.port}: {said}") from None
                 time.sleep(0.05)
+
+    def kill(self) -> None:
+        """kill -9: gone at once, with everything it held."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
 
     def __exit__(self, *exc_info: object) -> None:
         if self.process is not None and self.process.poll() is None:

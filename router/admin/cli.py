@@ -636,6 +636,8 @@ def format_status(answer: dict[str, Any]) -> str:
                          f"{shown['window']:>6g} {shown['limit']:>5} {shown['kept']:>4} {shown['waiting']:>7} "
                          f"{shown['deferred']:>8}  {state}")
     lines.extend(_drain_lines(answer))
+    if cluster := answer.get("cluster"):
+        lines.append(cluster_line(cluster))
     counters = answer["counters"]
     lines.append(f"since start: {counters['sent']} sent, {counters['deferred']} deferred, "
                  f"{counters['bounced']} bounced")
@@ -658,6 +660,16 @@ def _drain_lines(answer: dict[str, Any]) -> list[str]:
     left = sum(queues[queue]["messages"] for queue in (INCOMING, ACTIVE, DEFERRED) if queue in queues)
     return [f"draining to {drain['to']} for {age(answer['now'] - drain['started'])}: {drain['sent']} recipient(s) "
             f"sent there, {left} message(s) left; new mail is refused"]
+
+
+def cluster_line(cluster: dict[str, Any]) -> str:
+    """How this node stands in its cluster: Redis answering, or since when not and what it does meanwhile."""
+    if cluster["state"] == "unreachable":
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cluster["down_since"]))
+        return (f"cluster: node {cluster['node']}, redis {cluster['redis']} unreachable since {since}; "
+                f"limits divided by {cluster['divided_by']}")
+    return (f"cluster: node {cluster['node']}, redis {cluster['redis']} {cluster['state']}, {cluster['nodes']} "
+            f"node(s), {cluster['leases']} lease(s) held")
 
 
 # -- qrouter queue ... -----------------------------------------------------------------------

@@ -40,11 +40,10 @@ MAX_DESTINATIONS = 50  # the busiest destinations a snapshot carries; a view of 
 log = logging.getLogger("qrouter")
 
 
-def connect(url: str) -> redis.Redis:
+def connect(url: str, timeout: float = REDIS_TIMEOUT) -> redis.Redis:
     """A client for `cluster-redis` (its AUTH, TLS and database as the URL says), every
-    connect and call bounded by REDIS_TIMEOUT."""
-    return redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT,
-                                health_check_interval=0)
+    connect and call bounded by `timeout` seconds."""
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0)
 
 
 class Publisher:

@@ -22,6 +22,9 @@ entries, and each waits, goes or is suspended on its own destination's state:
   has not read yet are subtracted here. So an idle connection is never promised twice, and one
   promised in a task not read yet is counted both as idle and as in flight (never as neither).
 - A rate (messages per second, from the destinations file) spaces the entries' starts.
+- In a cluster (`shared`, router/daemon/cluster.py) the connection limit is this node's leases, a
+  rate's starts also take tokens of the cluster's bucket, and a dead destination's probe is made
+  by the one node that claimed it; the others' mail waits for its outcome.
 - MX rollup: the domains whose MX hosts are the same (a site, `site:mx1.example,mx2.example`)
   are one destination, as KumoMTA rolls them up, unless a domain's rule says `mx-rollup=no`. A
   worker looks the site up (the dispatcher asks through the supervisor); an entry for an MX
@@ -52,7 +55,7 @@ import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 from router.daemon.schedule import Schedule
@@ -78,6 +81,27 @@ class Limits:
     initial_window: int
     rate: float | None = None  # messages per second
     mx_rollup: bool = True  # for an MX domain: counted against its site
+
+
+class Shared(Protocol):
+    """Limits shared with other nodes (a cluster: router/daemon/cluster.py). It answers at once,
+    from what it last heard, and never does I/O here."""
+
+    def concurrency(self, destination: Destination) -> int:
+        """Connections this node may have to the destination now."""
+
+    def may_start(self, destination: Destination, now: float) -> bool:
+        """Whether the destination's rate lets this node start an entry now."""
+
+    def started(self, destination: Destination) -> None:
+        """An entry started (it spent what may_start allowed)."""
+
+    def probe_wait(self, destination: Destination, now: float) -> float | None:
+        """None if this node is to probe the dead destination now, else until when to wait."""
+
+    def shedding(self, destination: Destination) -> bool:
+        """This node has more connections open there than its share (Redis went away, or came
+        back with the leases taken by others): idle ones are closed, not used again."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +153,12 @@ class Destination:
     def connections(self) -> int:
         """Connections open or about to be: deliveries in flight and idle ones kept by workers."""
         return self.in_flight + sum(self.kept.values())
+
+    @property
+    def open(self) -> int:
+        """The same without counting twice an idle connection promised to a task its worker has
+        not read yet (in flight already): what the server sees."""
+        return self.in_flight + sum(self.idle(pid) for pid in self.kept)
 
     def status(self) -> dict[str, Any]:
         return {"destination": self.label, "sessions": self.in_flight, "window": round(self.window, 2),
@@ -217,6 +247,7 @@ class Dispatcher:
         self.asked: dict[str, tuple[int, float]] = {}  # MX entry -> (the worker asked, when)
         self.to_ask: list[str] = []  # MX entries to look up, not asked yet
         self.more_ready = False  # a turn stopped at its budget with mail still ready
+        self.shared: Shared | None = None  # with a cluster: the limits all its nodes share
 
     # -- destinations ---------------------------------------------------------------------
 
@@ -285,14 +316,42 @@ class Dispatcher:
     def _has_room(self, destination: Destination, now: float) -> bool:
         if destination.in_flight >= int(destination.window):
             return False
-        return destination.limits.rate is None or now >= destination.next_start
+        if destination.limits.rate is not None and now < destination.next_start:
+            return False
+        return self.shared is None or self.shared.may_start(destination, now)
+
+    def _limit(self, destination: Destination) -> int:
+        """Connections the destination may have from here: its limit, or this node's part of a
+        cluster's."""
+        return destination.limits.concurrency if self.shared is None else self.shared.concurrency(destination)
+
+    def _probe_waits(self, destination: Destination, now: float) -> bool:
+        """A dead destination whose probe time has come: in a cluster another node may be the one to
+        probe it, and then its mail waits as long as that node's probe may take."""
+        until = None if self.shared is None else self.shared.probe_wait(destination, now)
+        if until is not None:
+            destination.dead_until = until
+        return until is not None
+
+    def drop_idle(self, destination: Destination) -> None:
+        """Have the workers close their idle connections to the destination (other nodes of a
+        cluster wait for room there); not one that has some promised to a task it has not read,
+        which would open a new one while the old one is still closing."""
+        for pid in destination.kept:
+            if destination.idle(pid) and not destination.promised.get(pid):
+                self.drops.setdefault(pid, set()).add(destination.name)
+
+    def revived_elsewhere(self, destination: Destination) -> bool:
+        """Another node's probe reached a destination dead here: alive again, as after a probe of
+        this node. True if it was dead."""
+        return self._reached(destination, busy=False)
 
     def probe_begins(self, name: str) -> bool:
         """Whether a probe of recipient verification (router/daemon/verifier.py) may connect to `name`
         now; if so it takes a place in the destination's window, as a delivery does, until
         `probe_ends`: probes and deliveries together never exceed the destination's limits."""
         destination = self.get(name)
-        full = destination.connections >= destination.limits.concurrency  # idle ones kept count too
+        full = destination.connections >= self._limit(destination)  # idle ones kept count too
         if full or destination.in_flight >= int(destination.window):
             return False
         destination.in_flight += 1
@@ -402,7 +461,8 @@ class Dispatcher:
             if destination is None:
                 self.unresolved[entry].add(job.queue_id)
                 unresolved = True
-            elif destination.dead and (destination.probing or now < destination.dead_until):
+            elif destination.dead and (destination.probing or now < destination.dead_until
+                                       or self._probe_waits(destination, now)):
                 suspended[entry] = (f"delivery temporarily suspended: {destination.label}: "
                                     f"{destination.last_error}", destination.dead_until)
                 self._deferred(destination.name, job.queue_id)
@@ -451,11 +511,12 @@ class Dispatcher:
         """Take a connection to `destination` in worker `pid`: one of its idle ones not promised yet
         (REUSE), or a new one while the limit allows (NEW). If the limit is taken by idle
         connections of other workers, one of them is told to drop its own, and "" says the entry
-        waits."""
-        if destination.idle(pid):
+        waits. A node of a cluster that has more open than its share uses no idle one again until
+        enough are closed."""
+        if destination.idle(pid) and not (self.shared is not None and self.shared.shedding(destination)):
             destination.promised.setdefault(pid, deque()).append(number)
             how = REUSE
-        elif destination.connections >= destination.limits.concurrency:
+        elif destination.connections >= self._limit(destination):
             holder = next((other for other in destination.kept if destination.idle(other)), None)
             if holder is not None:
                 self.drops.setdefault(holder, set()).add(destination.name)
@@ -463,6 +524,8 @@ class Dispatcher:
         else:
             how = NEW
         destination.in_flight += 1
+        if self.shared is not None:
+            self.shared.started(destination)
         if destination.dead and now >= destination.dead_until:
             destination.probing = True
         if destination.limits.rate:

@@ -37,7 +37,7 @@ from policy.transport_map import PolicyError
 from router.config import Config, ConfigError, load, privileges
 from router.daemon import reach, status_socket
 from router.daemon.control import COMMANDS, Daemon, QueueCommands
-from router.daemon.dispatcher import PROBE_SECONDS, Dispatcher, Limits, Routed, Suspension, Task
+from router.daemon.dispatcher import PROBE_SECONDS, Destination, Dispatcher, Limits, Routed, Suspension, Task
 from router.daemon.drain import Drainer, DrainError
 from router.daemon.verifier import Verifier
 from router.logs import target as log_module
@@ -54,6 +54,7 @@ from workers.tls_reports import Trigger
 from workers.worker import Worker
 
 if TYPE_CHECKING:
+    from router.daemon.cluster import Cluster
     from router.daemon.cluster_view import Publisher
     from router.daemon.metrics import Metrics
 
@@ -149,6 +150,7 @@ class Supervisor:
         self.tidied = time.monotonic()  # when the dispatcher last let go of idle destinations
         self.metrics: Metrics | None = None  # with metrics-listen
         self.publisher: Publisher | None = None  # with cluster-redis: this node's status for the cluster's view
+        self.cluster: Cluster | None = None  # with cluster-redis
         self.measured = 0.0  # when the metrics last got a snapshot of the status
         self.after_attempt: dict[str, str] = {}  # queue id in hand -> hold or delete, once its attempt ends
         self.control = QueueCommands(self.spool, _Hooks(self))
@@ -172,6 +174,8 @@ class Supervisor:
         while not (self.stopping and not self.workers):
             self._maintain_pool()
             self._dispatch()
+            if self.cluster is not None:
+                self.cluster.tick(time.time())
             for key, _ in self.selector.select(self._timeout()):
                 key.data()
             self._handle_signals()
@@ -221,12 +225,29 @@ class Supervisor:
 
             self.publisher = Publisher(self.config.cluster_redis, self.config.node, self.config.queue_dir)
             self.publisher.start()
+        self._join_cluster()
         self.verifier = Verifier(self.status_server, self._ask_worker, self.dispatcher, self.config, self.metrics)
         for warning in self._config_warnings(self.config):
             log.warning(warning)
         self._maintain_pool()
         log.info("started: spool %s, %d workers, %d queued, %d deferred", self.config.queue_dir,
                  self.config.workers, len(self.dispatcher.fresh), len(self.dispatcher.schedule))
+
+    def _join_cluster(self) -> None:
+        """With cluster-redis: destination limits shared with the other nodes through Redis, which a
+        thread of its own talks to (the library only when asked for)."""
+        if not self.config.cluster_redis:
+            return
+        from router.daemon.cluster import Cluster
+
+        self.cluster = Cluster(self.config.cluster_redis, self.config.node, self.dispatcher)
+        self.dispatcher.shared = self.cluster
+        self.selector.register(self.cluster.fds()[0], selectors.EVENT_READ, self._cluster_answered)
+
+    def _cluster_answered(self) -> None:
+        assert self.cluster is not None
+        now = time.time()
+        self._came_back(self.cluster.answered(now), now)
 
     def _take_identity(self) -> None:
         """Started as root: make the spool the unprivileged user's and become that user, keeping
@@ -293,6 +314,8 @@ class Supervisor:
     def _shutdown(self) -> None:
         self.status_server.close()
         self.verifier.close()
+        if self.cluster is not None:
+            self.cluster.close()
         left = self.spool.list(ACTIVE)
         if left:
             log.warning("stopped with %d message(s) in active/; they are tried again at the next start", len(left))
@@ -442,7 +465,8 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
-        fds = [*own_fds, *self.wakeup, self.inotify.fileno(), *self.status_server.fds(), *self.verifier.fds()]
+        fds = [*own_fds, *self.wakeup, self.inotify.fileno(), *self.status_server.fds(), *self.verifier.fds(),
+               *(self.cluster.fds() if self.cluster else ())]
         for other in self.workers.values():
             fds += [other.task_fd, other.report_fd]
         self.selector.close()
@@ -812,6 +836,10 @@ class Supervisor:
             log.warning("destination %s is not reachable (%s); its mail waits without new attempts until a "
                         "probe in %.0fs", destination.label, destination.last_error,
                         destination.dead_until - now)
+        self._came_back(revived, now)
+
+    def _came_back(self, revived: list[Destination], now: float) -> None:
+        """Destinations a probe reached (here, or on another node of the cluster): their mail is retried."""
         for destination in revived:
             count = self.dispatcher.recover(destination, now)
             log.info("destination %s answers again; retrying the %d message(s) deferred for it",
@@ -869,6 +897,9 @@ class Supervisor:
         verify_due = self.verifier.next_due(time.time())  # a verify client to answer, a probe to start
         if verify_due is not None:
             deadlines.append(verify_due)
+        cluster_due = self.cluster.next_due(time.time()) if self.cluster else None  # a request to Redis
+        if cluster_due is not None:
+            deadlines.append(cluster_due)
         return max(0.0, min(deadlines)) if deadlines else None
 
     # -- event handlers -------------------------------------------------------------------
@@ -1082,6 +1113,7 @@ class Supervisor:
             "counters": dict(self.counters),
             "verify": self.verifier.status(),
             "drain": self.drainer.status(self.counters["sent"]),
+            "cluster": self.cluster.status() if self.cluster else None,
         }
 
 
