@@ -182,9 +182,30 @@ def test_drain_needs_one_mail_server_and_the_daemon(daemons, tmp_path):
     assert bad.returncode == 1 and b"drain --to takes one mail server" in bad.stderr, bad
     assert qrouter("drain", "--queue-dir", str(node.spool)).returncode == 64
     assert not (node.spool / "drain").exists()
+    none = qrouter("drain", "--cancel", "--queue-dir", str(node.spool))
+    assert none.returncode == 1 and b"no drain in progress" in none.stderr, none
+    qrouter("drain", "--to", "127.0.0.1:2525", "--queue-dir", str(node.spool), check=True)
+    other = qrouter("drain", "--to", "127.0.0.2:2525", "--queue-dir", str(node.spool))
+    assert other.returncode == 1 and b"already draining to 127.0.0.1:2525; qrouter drain --cancel first" in \
+        other.stderr, other
+    qrouter("drain", "--cancel", "--queue-dir", str(node.spool), check=True)
+    assert not (node.spool / "drain").exists()
     node.stop()
     gone = qrouter("drain", "--to", "127.0.0.1:2525", "--queue-dir", str(node.spool))
     assert gone.returncode == 75 and b"a drain needs the running daemon" in gone.stderr, gone
+
+
+def test_a_drain_mark_edited_into_nonsense_keeps_the_mail_here_and_says_so(daemons, tmp_path):
+    """A mark naming no single mail server (edited by hand): the daemon says so at its start and
+    routes as before; nothing goes anywhere it was not meant to, and --cancel ends it."""
+    spool = tmp_path / "spool"
+    Spool(spool).create()
+    write_drain(spool, Drain("a.example,b.example", time.time()))
+    node = daemons(*HELD_BACK, "--queue-dir", str(spool))
+    wait_for(lambda: "mail stays queued here until qrouter drain --cancel" in node.log(), what="the complaint")
+    assert "drain --to takes one mail server" in node.log()
+    qrouter("drain", "--cancel", "--queue-dir", str(spool), check=True)
+    assert not (spool / "drain").exists()
 
 
 def test_qpsmtpd_refuses_while_draining_and_believes_the_arrival_of_peers_only(tmp_path, qpsmtpd):
