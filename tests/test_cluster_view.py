@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from router.daemon.cluster_view import PUBLISH_SECONDS, STALE_SECONDS, TTL_SECONDS
+from router.daemon.cluster_view import GONE_INTERVALS, STALE_INTERVALS
 from router.spool import Spool
 from tests.daemon import qrouter, wait_for
 from tests.redis_server import RedisServer
 from tests.smtp_servers import free_port
 
 HELD_BACK = ["--default-transport", "queue/retry 4.4.0 held back", "--min-backoff", "3600"]
+INTERVAL = 2.0  # cluster-status-interval: a stopped node is stale after 6 s and gone after 12
+PUBLISHING = ["--cluster-status-interval", str(INTERVAL)]
 
 
 def cluster(url: str) -> dict:
@@ -28,7 +30,7 @@ def nodes(url: str) -> dict[str, dict]:
 def test_status_cluster_shows_every_node_and_a_stopped_one_stale_then_gone(daemons):
     with RedisServer() as server:
         metrics_port = free_port()
-        started = {name: daemons(*HELD_BACK, "--cluster-redis", server.url, "--cluster-node", name,
+        started = {name: daemons(*HELD_BACK, "--cluster-redis", server.url, "--cluster-node", name, *PUBLISHING,
                                  *(["--metrics-listen", f"127.0.0.1:{metrics_port}"] if name == "node-a" else []),
                                  home=name, workers=1)
                    for name in ("node-a", "node-b", "node-c")}
@@ -55,23 +57,25 @@ def test_status_cluster_shows_every_node_and_a_stopped_one_stale_then_gone(daemo
         assert 'qrouter_queue_messages{node="node-a",queue="deferred"} 3.0' in scrape, scrape
 
         assert started["node-c"].stop() == 0
-        wait_for(lambda: nodes(server.url)["node-c"]["stale"], timeout=STALE_SECONDS + 15, what="node-c stale")
+        wait_for(lambda: nodes(server.url)["node-c"]["stale"], timeout=STALE_INTERVALS * INTERVAL + 15,
+                 what="node-c stale")
         found = nodes(server.url)
         assert not found["node-a"]["stale"] and not found["node-b"]["stale"]
         text = qrouter("status", "--cluster", "--cluster-redis", server.url, check=True).stdout.decode()
         assert any(line.split()[:2] == ["node-c", "stale"] for line in text.splitlines()), text
-        wait_for(lambda: "node-c" not in nodes(server.url), timeout=TTL_SECONDS + 15, what="node-c gone")
+        wait_for(lambda: "node-c" not in nodes(server.url), timeout=GONE_INTERVALS * INTERVAL + 15,
+                 what="node-c gone")
         assert set(nodes(server.url)) == {"node-a", "node-b"}
 
 
 def test_a_node_without_its_redis_delivers_and_says_so_once(daemons):
     closed = f"redis://127.0.0.1:{free_port()}/0"
-    daemon = daemons("--cluster-redis", closed, "--cluster-node", "alone")
+    daemon = daemons("--cluster-redis", closed, "--cluster-node", "alone", *PUBLISHING)
     result = qrouter("enqueue", "-f", "a@example.org", "u@example.org", "--queue-dir", str(daemon.spool),
                      stdin=b"Subject: hi\r\n\r\nhi\r\n", check=True)
     assert result.stdout
     wait_for(lambda: daemon.delivered("example.org/u"), what="delivery with Redis away")
-    wait_for(lambda: daemon.status()["uptime"] > 3 * PUBLISH_SECONDS + 2, timeout=60,
+    wait_for(lambda: daemon.status()["uptime"] > STALE_INTERVALS * INTERVAL + 2, timeout=60,
              what="several publications missed")
     assert daemon.log().count("cluster view: cannot publish this node's status to redis://127.0.0.1:") == 1
     away = qrouter("status", "--cluster", "--cluster-redis", closed)

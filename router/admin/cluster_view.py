@@ -3,7 +3,8 @@
 The nodes publish their status snapshots into the cluster's Redis (router/daemon/cluster_view.py);
 this reads them all in one scan and one MGET, from any machine that can reach that Redis: no
 node's daemon is asked, so a node that is down shows as what it last said, marked stale once its
-snapshot is older than STALE_SECONDS, until its key expires (TTL_SECONDS) and it is gone.
+snapshot is older than STALE_INTERVALS of the node's `cluster-status-interval`, until its key
+expires (GONE_INTERVALS) and it is gone.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from router.admin.queue_view import age
-from router.daemon.cluster_view import STALE_SECONDS, TTL_SECONDS, read_snapshots
+from router.daemon.cluster_view import GONE_INTERVALS, STALE_INTERVALS, read_snapshots
 from router.spool import ACTIVE, DEFERRED, HOLD, INCOMING
 
 QUEUES = (INCOMING, ACTIVE, DEFERRED, HOLD)
@@ -49,8 +50,7 @@ class ClusterView:
                 "counters": {name: sum(node["counters"][name] for node in self.nodes) for name in COUNTERS}}
 
     def as_json(self) -> dict[str, Any]:
-        return {"now": self.taken, "stale_after": STALE_SECONDS, "gone_after": TTL_SECONDS, "nodes": self.nodes,
-                "totals": self.totals()}
+        return {"now": self.taken, "nodes": self.nodes, "totals": self.totals()}
 
 
 def sample(url: str) -> ClusterView:
@@ -62,7 +62,7 @@ def sample(url: str) -> ClusterView:
         return ClusterView(now, [], f"cannot read the cluster's status from Redis: {exc}")
     for snapshot in snapshots:
         snapshot["age"] = round(max(0.0, now - snapshot["published"]), 3)
-        snapshot["stale"] = snapshot["age"] > STALE_SECONDS
+        snapshot["stale"] = snapshot["age"] > STALE_INTERVALS * snapshot["interval"]
     return ClusterView(now, snapshots)
 
 
@@ -95,8 +95,8 @@ def as_lines(view: ClusterView) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADINGS))]
     lines = ["  ".join(cell.ljust(width) if i in (0, 1, len(HEADINGS) - 1) else cell.rjust(width)
                        for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip() for row in rows]
-    return [*lines, f"(stale: no snapshot for {STALE_SECONDS:g}s; a node is gone after {TTL_SECONDS}s; "
-                    "counters are since each node's start)"]
+    return [*lines, f"(stale: {STALE_INTERVALS} snapshots missed; a node is gone after {GONE_INTERVALS} "
+                    "(cluster-status-interval); counters are since each node's start)"]
 
 
 def render(view: ClusterView, live: bool = False) -> RenderableType:

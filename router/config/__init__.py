@@ -54,6 +54,13 @@ def _non_negative(text: str, base_dir: str) -> float:
     return value
 
 
+def _positive(text: str, base_dir: str) -> float:
+    value = _non_negative(text, base_dir)
+    if value == 0:
+        raise ValueError(f"must be a number above 0, up to {MAX_NUMBER}")
+    return value
+
+
 def _boolean(text: str, base_dir: str) -> bool:
     return parse_boolean(text)
 
@@ -242,7 +249,7 @@ def _first_line(path: str) -> str:
 
 # How each kind of value is written, for the help of the command-line flags and `qrouter keys`.
 _METAVARS: dict[Callable[[str, str], Any], str] = {
-    _positive_int: "N", _non_negative: "NUMBER", _boolean: "yes|no", _path: "PATH", _text: "TEXT",
+    _positive_int: "N", _non_negative: "NUMBER", _positive: "NUMBER", _boolean: "yes|no", _path: "PATH", _text: "TEXT",
     _user: "USER", _group: "GROUP", _next_hop: "NEXTHOP", _relayhost: "HOST[:PORT],...", _port: "PORT",
     _listen: "[ADDRESS]:PORT", _dns_servers: "IP[:PORT],...", _tls_policy: "|".join(GLOBAL_LEVELS),
     _dns_support_level: "|".join(DNS_SUPPORT_LEVELS),
@@ -344,6 +351,9 @@ class Config:
     cluster_redis: str = _key("cluster-redis", _redis_url, "",
                               "Redis the nodes of a cluster share (redis:// or rediss:// URL; default: no cluster)")
     cluster_node: str = _key("cluster-node", _text, "", "this node's name in the cluster (default: me)")
+    cluster_status_interval: float = _key("cluster-status-interval", _positive, 5.0,
+                                          "seconds between the status snapshots each node publishes for status "
+                                          "--cluster; three missed and it shows stale, six and it is gone")
     cluster_peers: tuple[str, ...] = _key("cluster-peers", _addresses, (),
                                           "addresses of the peers whose X-Qrouter-Arrival the front doors believe "
                                           "(mail a draining node hands over keeps its arrival for max-age)")

@@ -1,14 +1,15 @@
 """One view of a cluster: each node's status snapshot in the Redis the nodes share (`cluster-redis`).
 
-Every PUBLISH_SECONDS a thread of the supervisor writes the node's snapshot under
-`qrouter:node:NAME` (NAME: `cluster-node`, else `me`) with a time-to-live of TTL_SECONDS: the
+Every `cluster-status-interval` seconds a thread of the supervisor writes the node's snapshot under
+`qrouter:node:NAME` (NAME: `cluster-node`, else `me`) with a time-to-live of GONE_INTERVALS of them: the
 status the daemon already hands its metrics once a second (Supervisor.status(): workers,
 sessions, destinations, counters, drain), the queue counts and the oldest message of each queue
 (counted by this thread from the spool's directories, as `qrouter status` counts them, never by
-the supervisor's loop), the node's name and when it was published. `qrouter status --cluster` and
+the supervisor's loop), the node's name, its interval and when it was published. `qrouter status --cluster` and
 `qrouter top --cluster` read every node's key (router/admin/cluster_view.py): a snapshot older
-than STALE_SECONDS is shown as stale (the node stopped, or cannot reach Redis), and a node that
-has not published for TTL_SECONDS is gone from the view when Redis expires its key. A stopped
+than STALE_INTERVALS of its node's intervals is shown as stale (the node stopped, or cannot reach
+Redis), and a node that has not published for GONE_INTERVALS is gone from the view when Redis
+expires its key. A stopped
 node leaves its key to expire: the view shows it stale first, which is what an administrator
 needs to see.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -31,9 +33,8 @@ import redis
 from router.spool import Spool
 
 KEY_PREFIX = "qrouter:node:"
-PUBLISH_SECONDS = 5.0
-STALE_SECONDS = 3 * PUBLISH_SECONDS  # three snapshots missed: the node is not publishing
-TTL_SECONDS = 30  # then the node is gone from the view
+STALE_INTERVALS = 3  # snapshots missed: the node is not publishing
+GONE_INTERVALS = 6  # then it is gone from the view
 REDIS_TIMEOUT = 2.0  # seconds for a connect or a call
 MAX_DESTINATIONS = 50  # the busiest destinations a snapshot carries; a view of many nodes stays small
 
@@ -49,9 +50,10 @@ def connect(url: str, timeout: float = REDIS_TIMEOUT) -> redis.Redis:
 class Publisher:
     """The node's side: offer() from the supervisor's loop, publishing from a thread of its own."""
 
-    def __init__(self, url: str, node: str, queue_dir: str) -> None:
+    def __init__(self, url: str, node: str, queue_dir: str, interval: float) -> None:
         self.url = url
         self.node = node
+        self.interval = interval
         self.spool = Spool(queue_dir)
         self.latest: dict[str, Any] | None = None
         self.failing = False
@@ -74,7 +76,7 @@ class Publisher:
             status = self.latest
             if status is not None:
                 self._publish(client, status)
-            time.sleep(PUBLISH_SECONDS)
+            time.sleep(self.interval)
 
     def _publish(self, client: redis.Redis, status: dict[str, Any]) -> None:
         try:
@@ -83,13 +85,14 @@ class Publisher:
             queues = {"error": exc.strerror or str(exc)}
         busiest = sorted(status["destinations"], key=lambda d: -(d["sessions"] + d["waiting"] + d["deferred"]))
         snapshot = {**status, "destinations": busiest[:MAX_DESTINATIONS], "queues": queues,
-                    "node": self.node, "published": time.time()}
+                    "node": self.node, "interval": self.interval, "published": time.time()}
         try:
-            client.set(KEY_PREFIX + self.node, json.dumps(snapshot), ex=TTL_SECONDS)
+            client.set(KEY_PREFIX + self.node, json.dumps(snapshot),
+                       ex=max(1, math.ceil(GONE_INTERVALS * self.interval)))
         except redis.RedisError as exc:
             if not self.failing:
                 log.warning("cluster view: cannot publish this node's status to %s: %s; trying again every %gs",
-                            _shown(self.url), exc, PUBLISH_SECONDS)
+                            _shown(self.url), exc, self.interval)
             self.failing = True
             return
         if self.failing:

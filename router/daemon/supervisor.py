@@ -223,7 +223,8 @@ class Supervisor:
         if self.config.cluster_redis:  # the library only in a cluster; a thread, as the metrics'
             from router.daemon.cluster_view import Publisher
 
-            self.publisher = Publisher(self.config.cluster_redis, self.config.node, self.config.queue_dir)
+            self.publisher = Publisher(self.config.cluster_redis, self.config.node, self.config.queue_dir,
+                                       self.config.cluster_status_interval)
             self.publisher.start()
         self._join_cluster()
         self.verifier = Verifier(self.status_server, self._ask_worker, self.dispatcher, self.config, self.metrics)
