@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from policy.destinations import DestinationRules, DestinationSettings
 from policy.mta_sts import Applied
 from policy.next_hop import LMTP, MX, SMTP, NextHop, parse_hosts
-from policy.tls_policy import DANE_LEVELS, TLS_NONE, TLSPolicy, names_to_match
+from policy.tls_policy import DANE_LEVELS, TLS_DANE_ONLY, TLS_NONE, TLSPolicy, names_to_match
 from router.config import DNS_DNSSEC, Config
 from router.config.dns_servers import ResolverConfigError
 from router.logs.lines import logger, service_of
@@ -404,7 +404,7 @@ class SMTPTransport:
             servers = self._dane(servers)
             if any(server.tls.tlsa for server in servers):
                 return hosts, servers  # DANE wins over MTA-STS where both exist (RFC 8461 2)
-        if hop.kind == MX and settings.tls is None:  # a tls= of the destinations file wins
+        if hop.kind == MX and settings.tls is None and tls.level != TLS_DANE_ONLY:  # tls= and dane-only win
             servers = self._apply_sts(hop.argument, servers)
         return hosts, servers
 
@@ -419,6 +419,7 @@ class SMTPTransport:
                 self._sts = Policies(self._resolver, self.config.queue_dir, self.config.smtp_tls_ca or None,
                                      recorder=self.tls_outcomes)
         return self._sts.apply(domain, servers)
+
     def _dane(self, servers: list[Server]) -> list[Server]:
         """The servers under a DANE level, each under its host's policy (policy/dane.py), the
         TLSA records looked up once a host and port (a host's addresses share them)."""
