@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from policy.tls_policy import PROTOCOLS, TLS_VERIFY, TLSPolicy
+from policy.tls_policy import PROTOCOLS, TLS_DANE_ONLY, TLS_VERIFY, TLSPolicy
 
 ENFORCE, TESTING, NONE = "enforce", "testing", "none"
 MODES = (ENFORCE, TESTING, NONE)
@@ -157,6 +157,13 @@ def mx_matches(pattern: str, host: str) -> bool:
         first, dot, rest = host.partition(".")
         return bool(first and dot) and rest == pattern[2:]
     return host == pattern
+
+
+def applies(explicit: bool, level: str, dane: bool) -> bool:
+    """Whether a domain's MTA-STS policy is used for its MX hosts: not where the destinations
+    file sets tls= for it (`explicit`), not under dane-only (a host without DANE is not used at
+    all), and not where DANE authenticates its MX hosts (`dane`; RFC 8461 section 2)."""
+    return not explicit and level != TLS_DANE_ONLY and not dane
 
 
 def enforced_tls(host: str, own: TLSPolicy) -> TLSPolicy:

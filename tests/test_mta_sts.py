@@ -333,6 +333,9 @@ def test_route_resolve_shows_the_policy_and_where_it_came_from(daemons, pki, tmp
     out = qrouter("route", "--resolve", "--dns-servers", dns.servers, "--queue-dir", str(tmp_path),
                   "--destinations", destinations(tmp_path, f"{DOMAIN} tls=verify\n"), f"u@{DOMAIN}", check=True)
     assert "mta-sts:" not in out.stdout.decode()  # a tls= rule wins
+    out = qrouter("route", "--resolve", "--dns-servers", dns.servers, "--queue-dir", str(tmp_path),
+                  "--smtp-tls", "dane-only", f"u@{DOMAIN}", check=True)
+    assert "mta-sts:" not in out.stdout.decode()  # as delivery: dane-only never takes a policy instead
 
 
 # -- the grammar ---------------------------------------------------------------------------------

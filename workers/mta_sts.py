@@ -285,13 +285,10 @@ class Policies:
         return found
 
 
-def for_route(config: Config, domain: str) -> dict[str, Any]:
+def for_route(config: Config, domain: str, resolver: dns.resolver.Resolver) -> dict[str, Any]:
     """What `qrouter route --resolve` shows of `domain`'s policy: found as a worker finds it
     (the spool's cache read, never written), `shown` the line it prints."""
-    from workers.mx_lookup import make_resolver
-
-    policies = Policies(make_resolver(config.dns_servers, config.dns_timeout), config.queue_dir,
-                        config.smtp_tls_ca or None, keep=False)
+    policies = Policies(resolver, config.queue_dir, config.smtp_tls_ca or None, keep=False)
     found = policies.lookup(domain)
     if found is None:
         return {"mode": None, "shown": f"no policy for {domain} (none published, none fetched, none cached)"}

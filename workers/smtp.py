@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING
 
 from policy.destinations import DestinationRules, DestinationSettings
 from policy.mta_sts import Applied
+from policy.mta_sts import applies as sts_applies
 from policy.next_hop import LMTP, MX, SMTP, NextHop, parse_hosts
-from policy.tls_policy import DANE_LEVELS, TLS_DANE_ONLY, TLS_NONE, TLSPolicy, names_to_match
+from policy.tls_policy import DANE_LEVELS, TLS_NONE, TLSPolicy, names_to_match
 from router.config import DNS_DNSSEC, Config
 from router.config.dns_servers import ResolverConfigError
 from router.logs.lines import logger, service_of
@@ -402,9 +403,8 @@ class SMTPTransport:
                    for server in servers]
         if tls.level in DANE_LEVELS:
             servers = self._dane(servers)
-            if any(server.tls.tlsa for server in servers):
-                return hosts, servers  # DANE wins over MTA-STS where both exist (RFC 8461 2)
-        if hop.kind == MX and settings.tls is None and tls.level != TLS_DANE_ONLY:  # tls= and dane-only win
+        if hop.kind == MX and sts_applies(settings.tls is not None, tls.level,
+                                          any(server.tls.tlsa for server in servers)):
             servers = self._apply_sts(hop.argument, servers)
         return hosts, servers
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from policy.destinations import DestinationRules, DestinationSettings
+from policy.mta_sts import applies as sts_applies
 from policy.next_hop import LMTP, MDA, MX, PIPE, SMTP, NextHop
 from policy.rewriting import FROM, TO
 from policy.routing import Policy, load_policy
@@ -257,10 +258,12 @@ def route(
         if resolve and decision.next_hop.kind == MX and answer["tls"]["level"] in DANE_LEVELS:
             _dane(loaded, answer.get("resolved", []), decision.next_hop.argument,
                   tls_settings.tls_policy(loaded.smtp_tls))
-    if resolve and decision.next_hop.kind == MX and answer["tls"]["source"] == "smtp-tls":  # tls= wins over it
+    dane = any(host.get("dane", {}).get("applies") for host in answer.get("resolved", []))
+    if resolve and decision.next_hop.kind == MX and sts_applies(answer["tls"]["source"] != "smtp-tls",
+                                                                answer["tls"]["level"], dane):
         from workers.mta_sts import for_route
 
-        answer["mta_sts"] = for_route(loaded, decision.next_hop.argument)
+        answer["mta_sts"] = for_route(loaded, decision.next_hop.argument, _resolver(loaded))
     if as_json:
         typer.echo(json.dumps(answer, indent=2))
         return
@@ -385,11 +388,11 @@ def _resolve(loaded: Config, hop: Any) -> dict[str, Any]:
         return {"resolved": [], "note": f"no DNS: {hop.kind} delivery connects to no host"}
     from workers import mx_lookup  # the DNS library only when asked to resolve
 
-    dnssec = loaded.dns_support_level == DNS_DNSSEC
     try:
-        resolver = mx_lookup.make_resolver(loaded.dns_servers, loaded.dns_timeout, dnssec=dnssec)
+        resolver = _resolver(loaded)
     except ResolverConfigError as exc:
         raise _fail(str(exc), EX_CONFIG) from None
+    dnssec = loaded.dns_support_level == DNS_DNSSEC  # each host says whether DNSSEC validated it
     if hop.kind == MX:
         destinations = [(hop.argument, hop.argument)]
     else:  # relay hosts as the SMTP transport looks them up: a bare name by MX first, [name] (and LMTP) by A/AAAA
@@ -420,13 +423,21 @@ def _resolve(loaded: Config, hop: Any) -> dict[str, Any]:
     return answer
 
 
+def _resolver(loaded: Config) -> Any:
+    """A resolver as delivery's (workers/smtp.py): the AD bit asked for under dns-support-level
+    dnssec. ResolverConfigError when dns-servers (or resolv.conf) cannot be used."""
+    from workers import mx_lookup  # the DNS library only when asked to resolve
+
+    return mx_lookup.make_resolver(loaded.dns_servers, loaded.dns_timeout,
+                                   dnssec=loaded.dns_support_level == DNS_DNSSEC)
+
+
 def _dane(loaded: Config, hosts: list[dict[str, Any]], domain: str, tls: TLSPolicy) -> None:
     """Under a DANE level, what delivery would make of each MX host (workers.mx_lookup.host_tls):
     `dane` {applies, tlsa (the usable records), note (why it would not be used)}."""
     from workers import mx_lookup
 
-    resolver = mx_lookup.make_resolver(loaded.dns_servers, loaded.dns_timeout,
-                                       dnssec=loaded.dns_support_level == DNS_DNSSEC)
+    resolver = _resolver(loaded)
     for host in hosts:
         placed = dataclasses.replace(tls, match=names_to_match(tls, host["host"], domain))
         found = mx_lookup.host_tls(placed, host["host"], loaded.smtp_port, host.get("dnssec", False), resolver)
