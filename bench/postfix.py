@@ -142,11 +142,8 @@ class PrivatePostfix:
     def set(self, *settings: str) -> None:
         self._postfix("postconf", "-e", *settings)
 
-    def start(self) -> float:
-        """Start the master; the time it was launched."""
-        started = time.monotonic()
+    def start(self) -> None:
         self._postfix("postfix", "start")
-        return started
 
     def stop(self) -> None:
         self._postfix("postfix", "stop")
