@@ -7,6 +7,10 @@ DEB_PACKAGES := util-linux mount e2fsprogs qpsmtpd swaks libnet-ip-perl maildrop
 	logwatch dovecot-core dovecot-lmtpd ldnsutils unbound redis-server
 # What `make test-under-load` runs: the whole suite, or e.g. TESTS=tests/test_config.py
 TESTS ?=
+# The suite runs in this many processes, a test file in one of them (its servers are shared by its
+# tests). Most tests wait on daemons and peers rather than compute, so more processes than CPUs.
+TEST_PROCESSES ?= 4
+PYTEST := $(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile
 
 .PHONY: run test test-under-load coverage bench venv deb-packages run-as-root needs-root clean
 
@@ -63,7 +67,7 @@ needs-root:
 
 test: needs-root $(VENV)/.installed deb-packages run-as-root
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(PYTEST)
 
 # The suite three times in a row while stress-ng keeps four CPUs busy beside it, as on a loaded
 # machine; it fails if any run failed. stress-ng is stopped at the end whatever happens: by the
@@ -75,7 +79,7 @@ test-under-load: needs-root $(VENV)/.installed deb-packages run-as-root
 	failed=""; \
 	for run in 1 2 3; do \
 		echo "test-under-load: run $$run of 3, beside stress-ng --cpu 4 (pid $$stress)"; \
-		$(PY) -m pytest $(TESTS) || failed="$$failed $$run"; \
+		$(PYTEST) $(TESTS) || failed="$$failed $$run"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "test-under-load: failed in run(s)$$failed"; exit 1; fi; \
 	echo "test-under-load: passed three times"
@@ -85,7 +89,7 @@ test-under-load: needs-root $(VENV)/.installed deb-packages run-as-root
 # user can write it.
 coverage: needs-root $(VENV)/.installed deb-packages run-as-root
 	rm -rf /tmp/qrouter-coverage && install -d -m 1777 /tmp/qrouter-coverage
-	$(PY) -m coverage run -m pytest $(TESTS)
+	$(PY) -m coverage run -m pytest -n $(TEST_PROCESSES) --dist loadfile $(TESTS)
 	$(PY) -m coverage combine -q
 	$(PY) -m coverage report
 

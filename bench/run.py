@@ -103,7 +103,17 @@ cluster  Three nodes sending as one (cluster-redis): 1,500 messages of 4 KB, one
          open at once at the sink (the shared limit, 20), and the Redis round trips per message
          (the exchanges every node's status counts). Then the three again with Redis killed
          (kill -9) once a third of the mail is accepted and not restarted: what an outage costs
-         (each node goes on at a third of the limit).
+         (each node goes on at a third of the limit). Last the three with Redis and a dead backlog,
+         as a relay holds one: each node starts with one message for each of 1,000 dead
+         destinations of its own (domains that a transports file sends to ports of 127.9.9.9,
+         where nobody listens, so the connection is refused; `initial-window=1`, so one refusal
+         makes a destination dead; `min-backoff` an hour, so none is probed for a minute, longer
+         than the run) and, once all are found dead, deferred, and their demand told to Redis has
+         lapsed (DEMAND_SECONDS), its 500 are queued into its running spool: msg/s to the live
+         destination from the first message accepted to the last (as a ratio to the same of the
+         three nodes without the backlog above, the same-run reference), and the Redis round
+         trips and GET commands (INFO commandstats, reset before) per message from the first
+         queued, beside those of the run without the backlog (counted from its launch).
 deferred-200k
          memory with 200,000 queue files in deferred/ and the daemon's default workers.
 verify   Recipient verification, policy-only verdicts: an idle daemon with 2 workers, local
@@ -153,6 +163,7 @@ from smtp_sink import Session, Sink, blast, wire_message
 from spool_floor import relay_spool
 from wan_sink import Delay, WanSink, push
 
+from router.daemon.cluster import DEMAND_SECONDS
 from router.daemon.status_socket import StatusError, query
 from router.spool import DEFERRED, Spool
 from router.spool.queue_file import QueueFile, Recipient
@@ -213,6 +224,10 @@ CLUSTER_NODES = ("one", "two", "three")
 CLUSTER_MESSAGES = 1_500
 CLUSTER_LIMIT = 20  # the destination's concurrency, over all nodes together
 CLUSTER_DELAY = Delay(0.050)
+CLUSTER_DEAD = 1_000  # in the dead-backlog run: dead destinations of each node's own, one message each
+DEAD_HOST = "127.9.9.9"  # a loopback address nobody listens on: every connection to it is refused at once
+DEAD_PORT = 20_000  # the first of the dead destinations' ports
+DEAD_BACKOFF = "3600"  # min-backoff in that run: no probe of a dead destination comes during it
 
 DEFERRED_200K = 200_000
 FLUSHED = 10_000  # of the 200,000 in queue-ops, those for FLUSH_DOMAIN
@@ -1092,61 +1107,128 @@ def redis_server() -> Any:
     return RedisServer()
 
 
-def cluster_run(root: Path, redis_url: str, nodes: Sequence[str], outage: Callable[[], None] | None = None
-                ) -> tuple[float, int, float]:
-    """CLUSTER_MESSAGES spread over the spools of `nodes` (with a Redis URL, nodes of one cluster),
-    all for one WanSink port whose limit is CLUSTER_LIMIT; the daemons start together. `outage`
-    is called once a third of the mail is accepted. Returns msg/s from the first launch to the
-    last acceptance, the most connections open at once, and the Redis round trips per message."""
+@dataclass(frozen=True)
+class ClusterRun:
+    """What one run of the cluster benchmark measured."""
+
+    rate: float  # msg/s from the first launch (with a dead backlog: from the first message queued) to the last accepted
+    steady: float  # msg/s from the first message accepted to the last
+    peak: int  # the most connections open at once at the sink
+    round_trips: float  # Redis exchanges per message, as every node's status counts them
+    gets: float  # Redis GET commands per message (INFO commandstats); 0 without Redis or with the outage
+
+
+def cluster_round_trips(daemons: Sequence[Daemon]) -> int:
+    """The Redis exchanges all the nodes made so far, as their status counts them."""
+    return sum(status["cluster"]["round_trips"] for daemon in daemons if (status := daemon.status()).get("cluster"))
+
+
+def wait_for_dead(daemons: Sequence[Daemon], dead: int) -> None:
+    """Until every node found its `dead` destinations dead and deferred their mail, and the demand
+    of their last attempts is no more (DEMAND_SECONDS): from then on each only holds deferred mail."""
+    deadline = time.monotonic() + WAN_TIMEOUT
+    for daemon in daemons:
+        while daemon.log().count("is not reachable") < dead or len(os.listdir(daemon.spool / DEFERRED)) < dead:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{daemon.spool}: its {dead} dead destinations not all found dead "
+                                   f"in {WAN_TIMEOUT:.0f}s")
+            daemon.check_alive()
+            time.sleep(0.1)
+    time.sleep(DEMAND_SECONDS + 1)
+
+
+def cluster_run(root: Path, nodes: Sequence[str], redis: Any = None, outage: bool = False, dead: int = 0
+                ) -> ClusterRun:
+    """CLUSTER_MESSAGES spread over the spools of `nodes` (with a RedisServer, nodes of one cluster),
+    all for one WanSink port whose limit is CLUSTER_LIMIT, queued while they are stopped; the
+    daemons start together. With `outage`, Redis is killed once a third of the mail is accepted.
+    With `dead`, each node's spool holds at launch one message for each of `dead` destinations of
+    its own instead, ports of DEAD_HOST that refuse connections (initial-window=1: one refusal
+    makes each dead; with DEAD_BACKOFF none is probed during the run), and the CLUSTER_MESSAGES
+    are queued once all are found dead: from then on (the Redis counts too) the nodes deliver
+    while they hold a dead backlog, as a relay does."""
     root.mkdir()
     with WanSink([CLUSTER_DELAY]) as sink:
         port = sink.ports[0]
-        (root / "destinations").write_text(f"smtp:127.0.0.1:{port} concurrency={CLUSTER_LIMIT}\n")
+        dead_ports = range(DEAD_PORT, DEAD_PORT + dead * len(nodes))  # node i has the i-th `dead` of them
+        (root / "destinations").write_text(f"smtp:127.0.0.1:{port} concurrency={CLUSTER_LIMIT}\n" + "".join(
+            f"smtp:{DEAD_HOST}:{dead_port} initial-window=1\n" for dead_port in dead_ports))
         routing = [*transports_to(root, sink, ["d.example"]), "--destinations", str(root / "destinations")]
-        if redis_url:
-            routing += ["--cluster-redis", redis_url]
-        daemons = []
+        with open(root / "transports", "a") as transports:
+            transports.write("".join(f"dead{dead_port}.example {DEAD_HOST}:{dead_port}\n" for dead_port in dead_ports))
+        if redis is not None:
+            routing += ["--cluster-redis", redis.url]
+        if dead:
+            routing += ["--min-backoff", DEAD_BACKOFF]
+        daemons, spools = [], []
         for index, name in enumerate(nodes):
             (root / name).mkdir(mode=0o1777)
             (root / name).chmod(0o1777)
-            daemon = Daemon(root / name, None, [*routing, "--cluster-node", name])
-            spool = Spool(daemon.spool)
+            daemons.append(Daemon(root / name, None, [*routing, "--cluster-node", name]))
+            spool = Spool(daemons[-1].spool)
             spool.create()
-            for number in range(index, CLUSTER_MESSAGES, len(nodes)):
-                spool.enqueue(SENDER, [f"m{number}@d.example"], message(number))
-            spool.close()
-            daemons.append(daemon)
+            for dead_port in dead_ports[index * dead:(index + 1) * dead]:
+                spool.enqueue(SENDER, [f"m@dead{dead_port}.example"], message(dead_port))
+            spools.append(spool)
+        client = redis.client() if redis is not None and not outage else None
         try:
-            started = min(daemon.start() for daemon in daemons)
-            if outage is not None:
+            if dead:  # the backlog is found dead before the live mail comes
+                for daemon in daemons:
+                    daemon.start()
+                wait_for_dead(daemons, dead)
+            trips = -cluster_round_trips(daemons) if dead else 0
+            if client is not None:
+                client.config_resetstat()
+            started = time.perf_counter()
+            for number in range(CLUSTER_MESSAGES):
+                spools[number % len(nodes)].enqueue(SENDER, [f"m{number}@d.example"], message(number))
+            for spool in spools:
+                spool.close()
+            if not dead:
+                started = min(daemon.start() for daemon in daemons)
+            if outage:
                 wait_for_sink(sink, CLUSTER_MESSAGES // 3, WAN_TIMEOUT)
-                outage()
+                redis.kill()
             finished = wait_for_sink(sink, CLUSTER_MESSAGES, WAN_TIMEOUT)
-            statuses = [wait_for_counter(daemon, 0) for daemon in daemons]
+            gets = int(client.info("commandstats").get("cmdstat_get", {}).get("calls", 0)) if client is not None else 0
             for daemon in daemons:
+                wait_for_counter(daemon, 0)
                 report_problems(daemon)
+            trips += cluster_round_trips(daemons)
         finally:
             for daemon in daemons:
                 daemon.stop()
-        trips = sum(status["cluster"]["round_trips"] for status in statuses if status.get("cluster"))
-        return CLUSTER_MESSAGES / (finished - started), sink.peak_connections()[0], trips / CLUSTER_MESSAGES
+        times = [record.at for record in sink.records()]
+        return ClusterRun(CLUSTER_MESSAGES / (finished - started), steady_rate(times), sink.peak_connections()[0],
+                          trips / CLUSTER_MESSAGES, gets / CLUSTER_MESSAGES)
 
 
 def bench_cluster(keep: bool) -> dict[str, float]:
     with workspace("cluster", keep) as root:
-        single, single_peak, _ = cluster_run(root / "single", "", ["one"])
-        print(f"  one node, no Redis: {CLUSTER_MESSAGES} messages at {single:.0f} msg/s ({CLUSTER_DELAY} ms), "
-              f"at most {single_peak} connections (limit {CLUSTER_LIMIT})")
+        single = cluster_run(root / "single", ["one"])
+        print(f"  one node, no Redis: {CLUSTER_MESSAGES} messages at {single.rate:.0f} msg/s ({CLUSTER_DELAY} ms), "
+              f"at most {single.peak} connections (limit {CLUSTER_LIMIT})")
         with redis_server() as redis:
-            rate, peak, trips = cluster_run(root / "three", redis.url, CLUSTER_NODES)
-        print(f"  three nodes, one Redis: {rate:.0f} msg/s ({rate / single:.2f}x one node), at most {peak} "
-              f"connections (the shared limit {CLUSTER_LIMIT}), {trips:.2f} Redis round trips per message")
+            three = cluster_run(root / "three", CLUSTER_NODES, redis)
+        print(f"  three nodes, one Redis: {three.rate:.0f} msg/s ({three.rate / single.rate:.2f}x one node), "
+              f"{three.steady:.0f} from the first accepted, at most {three.peak} connections (the shared limit "
+              f"{CLUSTER_LIMIT}), {three.round_trips:.2f} Redis round trips and {three.gets:.2f} GETs per message")
         with redis_server() as redis:
-            outage_rate, outage_peak, _ = cluster_run(root / "outage", redis.url, CLUSTER_NODES, redis.kill)
-        print(f"  three nodes, Redis killed after a third: {outage_rate:.0f} msg/s ({outage_rate / rate:.2f}x with "
-              f"Redis), at most {outage_peak} connections")
-    return {"single_rate": single, "rate": rate, "ratio": rate / single, "peak_connections": peak,
-            "redis_round_trips": trips, "outage_rate": outage_rate, "outage_peak_connections": outage_peak}
+            outage = cluster_run(root / "outage", CLUSTER_NODES, redis, outage=True)
+        print(f"  three nodes, Redis killed after a third: {outage.rate:.0f} msg/s ({outage.rate / three.rate:.2f}x "
+              f"with Redis), at most {outage.peak} connections")
+        with redis_server() as redis:
+            backlog = cluster_run(root / "dead", CLUSTER_NODES, redis, dead=CLUSTER_DEAD)
+        print(f"  three nodes holding mail for {CLUSTER_DEAD:,} dead destinations each: {backlog.steady:.0f} msg/s "
+              f"from the first accepted ({backlog.steady / three.steady:.2f}x without them), {backlog.rate:.0f} from "
+              f"the first queued, at most {backlog.peak} connections, {backlog.round_trips:.2f} Redis round trips and "
+              f"{backlog.gets:.2f} GETs per message")
+    return {"single_rate": single.rate, "rate": three.rate, "ratio": three.rate / single.rate,
+            "steady_rate": three.steady, "peak_connections": three.peak, "redis_round_trips": three.round_trips,
+            "redis_gets": three.gets, "outage_rate": outage.rate, "outage_peak_connections": outage.peak,
+            "dead_rate": backlog.steady, "dead_ratio": backlog.steady / three.steady,
+            "dead_peak_connections": backlog.peak, "dead_redis_round_trips": backlog.round_trips,
+            "dead_redis_gets": backlog.gets}
 
 
 def percentile(values: Sequence[float], share: float) -> float:
@@ -1308,12 +1390,23 @@ FIGURES = [
     Figure("cluster", "single_rate", f"one node, {CLUSTER_DELAY}: rate", "msg/s", None, higher_is_better=True),
     Figure("cluster", "rate", "three nodes, one Redis: rate", "msg/s", None, higher_is_better=True),
     Figure("cluster", "ratio", "three nodes / one node", "", None, higher_is_better=True),
+    Figure("cluster", "steady_rate", "three nodes, one Redis: rate from the first accepted", "msg/s", None,
+           higher_is_better=True),
     Figure("cluster", "peak_connections", f"most connections at once (shared limit {CLUSTER_LIMIT})", "",
            CLUSTER_LIMIT, at_most=True),
     Figure("cluster", "redis_round_trips", "Redis round trips per message", "", None),
+    Figure("cluster", "redis_gets", "Redis GETs per message", "", None),
     Figure("cluster", "outage_rate", "three nodes, Redis killed after a third: rate", "msg/s", None,
            higher_is_better=True),
     Figure("cluster", "outage_peak_connections", "most connections at once, with the outage", "", None),
+    Figure("cluster", "dead_rate", f"three nodes, {CLUSTER_DEAD:,} dead destinations each: rate from the first "
+           "accepted", "msg/s", None, higher_is_better=True),
+    Figure("cluster", "dead_ratio", "with the dead backlog / without, from the first accepted", "", None,
+           higher_is_better=True),
+    Figure("cluster", "dead_peak_connections", "most connections at once, with the dead backlog", "", CLUSTER_LIMIT,
+           at_most=True),
+    Figure("cluster", "dead_redis_round_trips", "Redis round trips per message, with the dead backlog", "", None),
+    Figure("cluster", "dead_redis_gets", "Redis GETs per message, with the dead backlog", "", None),
     Figure("mx-rollup", "rate", f"{ROLLUP_DELAY}: rate, launch to last accepted", "msg/s", None, higher_is_better=True),
     Figure("mx-rollup", "steady_rate", f"{ROLLUP_DELAY}: rate from the first accepted", "msg/s", None,
            higher_is_better=True),

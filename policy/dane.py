@@ -5,15 +5,24 @@ under the levels `dane` and `dane-only` given what DNSSEC proved about it, as Po
     the host found insecurely (MX or address records        dane: may    dane-only: not used
         without the validating resolver's AD bit)
     the TLSA lookup failed (SERVFAIL, bogus, no answer)     not used, by either level
-    no usable TLSA records (none, unsigned, or only         dane: may    dane-only: not used
-        PKIX-TA/PKIX-EE and unknown parameters)
+    no TLSA records (none, or unsigned)                     dane: may    dane-only: not used
+    validated TLSA records, none of them usable (only       dane: TLS required, the certificate
+        PKIX-TA/PKIX-EE or unknown parameters)              unchecked    dane-only: not used
     usable TLSA records                                     TLS required, the certificate matched
 
 "Not used" is a host whose deliveries are deferred (4.7.5) with the reason, without a
 connection; never one that falls back, since an attacker who can make a lookup fail could
 otherwise turn DANE off. Usable records are DANE-TA(2) and DANE-EE(3) with selector 0 (the whole
 certificate) or 1 (its SubjectPublicKeyInfo) and matching type 0 (the data itself), 1 (SHA-256)
-or 2 (SHA-512); RFC 7672 3.1.3 makes PKIX-TA(0) and PKIX-EE(1) unusable for SMTP.
+or 2 (SHA-512); RFC 7672 3.1.3 makes PKIX-TA(0) and PKIX-EE(1) unusable for SMTP. Validated
+records none of which is usable still say the server does TLS: RFC 7672 2.2 has the client
+require it, without authenticating the server (Postfix's own `encrypt`, not qrouter's, which
+verifies).
+
+Where the host name is an alias whose CNAME chain DNSSEC validated to its end, the TLSA records
+are looked for at that end first, and at the host name only when there are none there (RFC 7672
+2.2.2, `tlsa_names`); the name they were found at is the policy's `tlsa_base`, and a DANE-TA
+certificate may name it as well as the host and the next-hop domain (RFC 7672 3.2.2).
 """
 
 from __future__ import annotations
@@ -47,28 +56,40 @@ class TLSARecord:
         return f"{self.usage} {self.selector} {self.matching} {self.data.hex()}"
 
 
+def tlsa_names(host: str, alias: str) -> tuple[str, ...]:
+    """The names whose TLSA records count for `host`, in the order asked (RFC 7672 2.2.2): the
+    end of its CNAME chain (`alias`, given only when DNSSEC validated the whole chain) first,
+    then the host name itself, the only one when it is no alias or the chain was not validated."""
+    return (alias, host) if alias and alias != host else (host,)
+
+
 def host_policy(policy: TLSPolicy, host: str, *, trusted: bool, secure: bool,
-                tlsa: tuple[list[TLSARecord], bool] | str | None) -> TLSPolicy:
+                tlsa: tuple[list[TLSARecord], bool] | str | None, base: str = "") -> TLSPolicy:
     """The policy of `host` under `policy` (level dane or dane-only, its names resolved): may,
-    DANE with its usable records, or a refusal that says why. `trusted`: DNSSEC is trusted (the
-    resolver validates); `secure`: the host was found by validated answers; `tlsa`: what its
-    TLSA lookup gave, the records and whether they were validated, or why it failed (None when
-    it was not asked: not trusted or not secure)."""
+    DANE with its usable records, TLS unauthenticated for records none of which is usable, or
+    a refusal that says why. `trusted`: DNSSEC is trusted (the resolver validates); `secure`:
+    the host was found by validated answers; `tlsa`: what the TLSA lookup at `base` (by default
+    the host name; see tlsa_names) gave, the records and whether they were validated, or why it
+    failed (None when it was not asked: not trusted or not secure)."""
     if not trusted:
         return _without_dane(policy, f"{NOT_TRUSTED}, so no DANE for {host}")
     if not secure or tlsa is None:
         return _without_dane(policy, f"{host} was not found by DNSSEC-validated MX and address records")
+    base = base or host
     if isinstance(tlsa, str):
-        return replace(policy, refusal=f"TLSA lookup for {host} failed: {tlsa}", refusal_type=DNSSEC_INVALID)
+        return replace(policy, refusal=f"TLSA lookup for {base} failed: {tlsa}", refusal_type=DNSSEC_INVALID)
     records, validated = tlsa
     usable = tuple(record for record in records if record.usable)
     if not records:
         return _without_dane(policy, f"{host} has no TLSA records")
     if not validated:
-        return _without_dane(policy, f"the TLSA records of {host} are not DNSSEC-validated")
+        return _without_dane(policy, f"the TLSA records of {base} are not DNSSEC-validated")
+    if not usable and policy.level == TLS_DANE_ONLY:
+        return _without_dane(policy, f"{base} has no usable TLSA records")
+    names = tuple(dict.fromkeys((base, *policy.match)))  # a DANE-TA certificate may name where the records are
     if not usable:
-        return _without_dane(policy, f"{host} has no usable TLSA records")
-    return replace(policy, tlsa=usable)
+        return replace(policy, tlsa_unusable=tuple(records), tlsa_base=base, match=names)
+    return replace(policy, tlsa=usable, tlsa_base=base, match=names)
 
 
 def _without_dane(policy: TLSPolicy, why: str) -> TLSPolicy:

@@ -15,8 +15,9 @@ the destinations file that set them per destination (`tls=`, `match=`, `fingerpr
     fingerprint  TLS required; the certificate's or its public key's SHA-256 digest is one listed
                  in `fingerprint=`; no CA or name check
     dane         DANE (RFC 7672) where DNSSEC proves the MX host and its TLSA records: TLS
-                 required and the certificate matched against them; `may` for a host without
-                 (policy/dane.py works out each host's policy)
+                 required and the certificate matched against them; TLS required and the
+                 certificate unchecked where every validated record is unusable; `may` for a
+                 host without records (policy/dane.py works out each host's policy)
     dane-only    DANE or nothing: a host without validated, usable TLSA records is not used
 
 Every level above `may` defers (4.7.x, with the reason) when the server withholds STARTTLS, the
@@ -52,14 +53,20 @@ class TLSPolicy:
     case hex; `min_protocol`: the oldest protocol version accepted, "" for the library's.
 
     Under a DANE level, one host's policy (policy/dane.py): `tlsa`, the usable TLSA records the
-    certificate must match; `refusal`, why no session may be opened to the host at all (what
-    DNSSEC did not prove), "" when one may, and `refusal_type` what a TLS report calls it."""
+    certificate must match; `tlsa_unusable`, the validated records of a host none of whose
+    records is usable, which still make TLS required but leave the certificate unchecked (RFC
+    7672 2.2); `tlsa_base`, the name those records are at (the host's, or the end of its
+    validated CNAME chain, RFC 7672 2.2.2), which SNI names (RFC 7672 8.1); `refusal`, why no
+    session may be opened to the host at all (what DNSSEC did not prove), "" when one may, and
+    `refusal_type` what a TLS report calls it."""
 
     level: str = TLS_MAY
     match: tuple[str, ...] = ()
     fingerprints: tuple[str, ...] = ()
     min_protocol: str = ""
     tlsa: tuple[TLSARecord, ...] = ()
+    tlsa_unusable: tuple[TLSARecord, ...] = ()
+    tlsa_base: str = ""
     refusal: str = ""
     refusal_type: str = ""
 
@@ -67,6 +74,18 @@ class TLSPolicy:
     def required(self) -> bool:
         """Whether the message may only go encrypted: every level but none and may."""
         return self.level not in (TLS_NONE, TLS_MAY)
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether a session's certificate is checked: under every required level, but for a
+        DANE host whose TLSA records are all unusable (TLS without authentication, as Postfix's
+        own `encrypt`)."""
+        return self.required and not self.tlsa_unusable
+
+    @property
+    def published(self) -> tuple[TLSARecord, ...]:
+        """The TLSA records DNSSEC proved for the host: the usable ones, else the unusable."""
+        return self.tlsa or self.tlsa_unusable
 
 
 def parse_level(text: str, levels: tuple[str, ...] = LEVELS) -> str:

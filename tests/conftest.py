@@ -112,3 +112,14 @@ def open_files() -> Iterator[Callable[[int], None]]:
 
     yield room
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """Captured output as UTF-8 that can be sent: the suite's worker processes report to the
+    main one in UTF-8, and the log tests write lone surrogates on purpose (an address's bytes
+    that are no UTF-8), which would otherwise end the whole run."""
+    outcome = yield
+    report = outcome.get_result()
+    report.sections = [(title, text.encode("utf-8", "backslashreplace").decode())
+                       for title, text in report.sections]

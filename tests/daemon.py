@@ -19,6 +19,33 @@ ROOT = Path(__file__).resolve().parent.parent
 DAEMON_USER = "qrouter"  # what the daemon becomes, started as root (the `user` key's default)
 
 
+def stopped(pid: int) -> bool:
+    """Every thread of the process stopped (after SIGSTOP). The process's own state is its main thread's: a
+    session thread may still be claiming a message a moment after the main thread stopped."""
+    task = Path(f"/proc/{pid}/task")
+    try:
+        states = [(task / tid / "stat").read_text().rpartition(")")[2].split()[0] for tid in os.listdir(task)]
+    except FileNotFoundError:
+        return False
+    return all(state in ("T", "t") for state in states)
+
+
+def freeze(pids: list[int]) -> None:
+    """SIGSTOP these processes and wait until every thread of each has stopped."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: all(stopped(pid) for pid in pids), timeout=30, what="the processes stopped")
+
+
+def contents(path: Path) -> bytes | None:
+    """A spool file's bytes, or None while it is not there: with a short backoff a worker may claim a deferred
+    message (rename it into active/) between a look at deferred/ and the read."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
 def qrouter(*args: str, stdin: bytes = b"", check: bool = False, timeout: float = 30,
             launcher_prefix: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run the `qrouter` command as a user would; `launcher_prefix` runs it through another

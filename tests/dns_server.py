@@ -13,6 +13,7 @@ from __future__ import annotations
 import selectors
 import socket
 import struct
+import sys
 import textwrap
 import threading
 from dataclasses import dataclass
@@ -146,7 +147,10 @@ class DNSServer:
                     if key.fileobj is self._wake_reader:
                         return
                     if key.fileobj is self._udp:
-                        self._serve_udp()
+                        try:
+                            self._serve_udp()
+                        except Exception as exc:  # one bad question must not end the server, silently
+                            print(f"dns server {self.host}:{self.port}: {exc!r}", file=sys.stderr)
                     else:
                         connection, _ = self._tcp.accept()
                         threading.Thread(target=self._serve_tcp, args=(connection,), daemon=True).start()

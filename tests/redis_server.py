@@ -35,6 +35,10 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://{HOST}:{self.port}/0"
 
+    def client(self) -> redis.Redis:
+        """A client of its own, to look at what the nodes asked (INFO commandstats)."""
+        return redis.Redis(host=HOST, port=self.port, socket_timeout=5)
+
     def __enter__(self) -> Self:
         return self.start()
 

@@ -13,6 +13,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -304,8 +305,8 @@ class ScriptedServer:
             peer = Peer(sock, self.released)
             self.peers.append(peer)
             thread = threading.Thread(target=self._play, args=(script, peer), daemon=True)
-            self.threads.append(thread)
             thread.start()
+            self.threads.append(thread)  # started first: the `with` block may end and join it at any moment
 
     def _play(self, script: Script, peer: Peer) -> None:
         try:
@@ -327,6 +328,9 @@ class CountingSink:
     dot-stuffing). With `accepting` False it closes every connection at once, as a host that is
     down but still listening.
 
+    `open_by` and `most_by` count the same per client, by the name it gave in EHLO (HELO, LHLO),
+    from its greeting on: several senders told apart on one loopback address.
+
     It offers `extensions` and takes BDAT (RFC 3030) as well as DATA. `conversations` holds, per
     connection, the client's rounds: the command lines that came in before each of the sink's
     answers (a message after DATA shows as its final "."). Replies wait while a BDAT chunk is
@@ -347,6 +351,8 @@ class CountingSink:
         self.messages: list[Received] = []
         self.conversations: list[list[list[str]]] = []
         self.open = self.most = self.connections = 0
+        self.open_by: Counter[str] = Counter()
+        self.most_by: Counter[str] = Counter()
         self.lock = threading.Lock()
         self.listener = socket.create_server((host, 0))
         self.listener.settimeout(0.1)
@@ -381,18 +387,37 @@ class CountingSink:
         with self.lock:
             self.open += 1
             self.most = max(self.most, self.open)
+        session = _SinkSession(self)
         try:
             sock.settimeout(WAIT)
-            self._converse(sock)
+            self._converse(sock, session)
         except (OSError, EOFError):
             pass
         finally:
-            with self.lock:
-                self.open -= 1
+            self._ended(session)
             sock.close()
 
-    def _converse(self, sock: socket.socket) -> None:
-        session = _SinkSession(self)
+    def _ended(self, session: _SinkSession) -> None:
+        """The connection counts no longer: from the answer to QUIT on (a client that has it may
+        connect again at once, before this thread runs again to see it close), or once the client
+        hung up without one."""
+        with self.lock:
+            if session.counted:
+                session.counted = False
+                self.open -= 1
+                if session.client:
+                    self.open_by[session.client] -= 1
+
+    def _greeted(self, session: _SinkSession, name: str) -> None:
+        """A client said its name: its connection counts as its from now on."""
+        with self.lock:
+            if session.client:
+                self.open_by[session.client] -= 1
+            session.client = name
+            self.open_by[name] += 1
+            self.most_by[name] = max(self.most_by[name], self.open_by[name])
+
+    def _converse(self, sock: socket.socket, session: _SinkSession) -> None:
         rounds: list[list[str]] = []
         with self.lock:
             self.conversations.append(rounds)
@@ -411,6 +436,8 @@ class CountingSink:
                 session.heard = []
             if pending and session.chunk_left is None:
                 time.sleep(self.delay)
+                if not going_on:
+                    self._ended(session)
                 sock.sendall("".join(f"{reply}\r\n" for reply in pending).encode())
                 pending = []
 
@@ -428,6 +455,8 @@ class _SinkSession:
         self.last = False  # that chunk is the LAST one
         self.chunks = b""  # the message so far, from BDAT
         self.heard: list[str] = []
+        self.client = ""  # the name it gave in EHLO, HELO or LHLO
+        self.counted = True  # in the sink's count of open connections (CountingSink._ended)
 
     def feed(self, data: bytes) -> tuple[list[str], bool]:
         """The replies to everything complete so far, and False once the session is over."""
@@ -462,6 +491,7 @@ class _SinkSession:
             self.heard.append(command)
             verb = command[:4].upper()
             if verb in ("EHLO", "HELO", "LHLO"):
+                self.sink._greeted(self, command[5:].strip())
                 keywords = [SERVER_NAME, *self.sink.extensions]
                 replies.append("\r\n".join(f"250{'-' if i < len(keywords) - 1 else ' '}{k}"
                                             for i, k in enumerate(keywords)))

@@ -43,8 +43,8 @@ class StrippingProxy:
 
     def _start(self, target, *args) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)
-        self._threads.append(thread)
         thread.start()
+        self._threads.append(thread)  # started first: the `with` block may end and join it at any moment
 
     def _accept(self) -> None:
         while True:

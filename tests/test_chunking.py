@@ -14,7 +14,8 @@ from router.config.timeouts import Timeouts
 from router.spool import Spool
 from tests.daemon import wait_for
 from tests.smtp_servers import CountingSink, Peer, ScriptedServer
-from workers.smtp_client import SMTPClient, wire_data
+from workers.smtp_client import SMTPClient
+from workers.smtp_wire import wire_data
 from workers.transport import BOUNCED, DEFERRED, SENT
 
 HELO = "client.example.net"

@@ -142,7 +142,7 @@ def test_the_message_arrives_byte_for_byte_on_standard_input(unix_users, world_d
     result, seconds = timed(command(prog, alice), message)
     assert result == Result(SENT, "2.0.0", f"delivered via {prog}")
     assert (out / "message").read_bytes() == message
-    assert seconds < 5
+    assert seconds < 8  # not held up to the 10 s time limit
 
 
 def test_arguments_arrive_as_they_are_and_no_shell_ever_sees_them(unix_users, world_dir):
@@ -255,7 +255,7 @@ def test_a_program_that_never_reads_its_input_is_delivered_without_a_hang(unix_u
     prog = script(world_dir, "mda", "echo 'thrown away'\n")
     result, seconds = timed(command(prog, unix_users[ALICE]), os.urandom(5_000_000))
     assert result == Result(SENT, "2.0.0", "thrown away")
-    assert seconds < 3
+    assert seconds < 8  # no hang until the 10 s time limit
 
 
 def test_a_flood_of_output_is_read_to_its_end_without_growing_memory(unix_users, world_dir):
@@ -294,7 +294,7 @@ def test_a_child_left_holding_the_output_does_not_hold_up_the_delivery(unix_user
     result, seconds = timed(command(prog, alice))
     child = int((out / "child").read_text())
     assert result == Result(SENT, "2.0.0", "delivered")
-    assert 0.9 < seconds < 3
+    assert 0.9 < seconds < 10  # the one more second, and not the child's 30
     assert gone(child)
 
 
@@ -310,10 +310,10 @@ echo working
 """)
     result, seconds = timed(command(prog, alice, time_limit=1))
     assert result == Result(BOUNCED, "5.3.0", f"command time limit of 1s exceeded: {prog}: working")
-    assert 1 <= seconds < 2.5
+    assert 1 <= seconds < 10  # the limit, and not the 30 s the program would take
     pids = [int(pid) for pid in (out / "pids").read_text().split()]
     assert len(pids) == 3
-    assert wait_until(lambda: all(gone(pid) for pid in pids), 2)
+    assert wait_until(lambda: all(gone(pid) for pid in pids), 10)
     assert longest_run() == 0.0
 
 
@@ -324,12 +324,12 @@ def test_a_program_killed_by_a_signal_is_a_temporary_failure(unix_users, world_d
 
 
 def test_longest_run_tells_how_long_the_oldest_run_has_been_going(unix_users, world_dir):
-    prog = script(world_dir, "slow", "sleep 0.6\n")
+    prog = script(world_dir, "slow", "sleep 2\n")  # long enough to be seen running on a loaded machine
     assert longest_run() == 0.0
     results: list[Result] = []
     runner = threading.Thread(target=lambda: results.append(run(command(prog, unix_users[BOB]), MESSAGE)))
     runner.start()
-    assert wait_until(lambda: longest_run() > 0.3, 2)
+    assert wait_until(lambda: longest_run() > 0.3, 10)
     runner.join()
     assert results == [Result(SENT, "2.0.0", f"delivered via {prog}")]
     assert longest_run() == 0.0
@@ -393,7 +393,7 @@ wait
 """)
     [(result, seconds)] = as_capable_caller(unix_users[BOB], [(prog, ALICE, 1.0)])
     assert result == Result(BOUNCED, "5.3.0", f"command time limit of 1s exceeded: {prog}: working")
-    assert 1 <= seconds < 2.5
+    assert 1 <= seconds < 10  # the limit, and not the 30 s the program would take
     pids = [int(pid) for pid in (out / "pids").read_text().split()]
     assert len(pids) == 2
-    assert wait_until(lambda: all(gone(pid) for pid in pids), 2)
+    assert wait_until(lambda: all(gone(pid) for pid in pids), 10)

@@ -88,7 +88,8 @@ def test_queue_file_whose_id_differs_from_its_name_goes_to_corrupt(daemons):
     os.rename(daemon.spool / "incoming" / queue_id, daemon.spool / "incoming" / other)
     daemon.start()
     wait_for(lambda: daemon.files("corrupt") == [other], what="the file in corrupt/")
-    assert f"its id line says {queue_id}, not its file name" in daemon.log()
+    # the line is logged once the move is done: the file can be there before the line is
+    wait_for(lambda: f"its id line says {queue_id}, not its file name" in daemon.log(), what="the reason logged")
     assert not daemon.delivered()
 
 

@@ -5,7 +5,7 @@ waiting for a kind of worker rather than for a destination."""
 
 from __future__ import annotations
 
-from router.daemon.dispatcher import Dispatcher, Limits, Routed
+from router.daemon.dispatcher import READY_BUDGET, Dispatcher, Limits, Routed
 
 NETWORK, LOCAL = "network", "local"
 
@@ -216,3 +216,79 @@ def test_the_entries_that_go_in_a_later_task_of_an_activation_are_not_another_at
     d.get("smtp:full").in_flight = 0
     [(_, second)] = d.dispatch({1: (NETWORK, 10)}, 2)[0]
     assert second.go == ["smtp:full"] and second.continued and second.record()["continued"] is True
+
+
+def test_a_new_policy_routes_again_what_waits_and_what_comes_back_so_every_limit_holds():
+    """A drain begins (every recipient to the peer): the messages waiting for the slow destination
+    are counted against the peer's limit from then on, those in flight once their worker has filed
+    them, and an entry that went in an activation does not go again in it."""
+    routes = {f"m{i}": Routed(("smtp:slow",), LOCAL) for i in range(40)}
+    d = Dispatcher(lambda name: Limits(2, 2) if name == "smtp:peer" else Limits(10, 10), 10,
+                   lambda queue, qid: routes.get(qid))
+    for i in range(40):
+        d.ready("incoming", f"m{i}")
+    tasks, _ = d.dispatch({1: (LOCAL, 100)}, 0)
+    old = [task.queue_id for _, task in tasks]
+    assert len(old) == 10 and len(d.get("smtp:slow").waiting) == 30
+    routes.update((qid, Routed(("smtp:peer",), NETWORK)) for qid in routes)  # the drained policy
+    d.rerouted()
+    assert not d.get("smtp:slow").waiting
+    sent: list[str] = []
+    in_flight: list[str] = []
+    for turn in range(200):
+        tasks, _ = d.dispatch({2: (NETWORK, 100)}, turn)
+        assert all(task.go == ["smtp:peer"] for _, task in tasks)
+        in_flight += [task.queue_id for _, task in tasks]
+        assert d.get("smtp:peer").in_flight == len(in_flight) <= 2
+        if old:  # the old worker files what it had: deferred at the slow destination, so it goes to the peer
+            done = old.pop()
+            d.finished(done, {"smtp:slow": "451 4.3.0 later"}, turn)
+            assert d.filed(done, "deferred", turn + 3600) is None
+        if in_flight:
+            done = in_flight.pop(0)
+            d.finished(done, {"smtp:peer": ""}, turn)
+            d.forget(done)
+            sent.append(done)
+    assert sorted(sent) == sorted(routes) and not d.jobs
+
+    # A reload that routes as before: a message in flight gets no second attempt in its activation.
+    d.ready("incoming", "m0")
+    [(_, task)] = d.dispatch({2: (NETWORK, 100)}, 300)[0]
+    assert task.go == ["smtp:peer"]
+    d.rerouted()
+    d.finished("m0", {"smtp:peer": "451 4.3.0 later"}, 301)
+    assert d.filed("m0", "deferred", 4000) == 4000 and not d.jobs
+
+
+def test_a_new_policy_routes_a_large_backlog_again_a_budget_a_turn():
+    """Each routing reads an envelope: after a policy change, a backlog of 5,000 messages waiting
+    for a slow destination is routed again READY_BUDGET a turn, so that the loop serves its
+    workers and clients between turns; none goes by the old policy meanwhile, and all are routed."""
+    count = 5000
+    routes = {f"m{i}": Routed(("smtp:slow",), NETWORK) for i in range(count)}
+    reads: list[str] = []
+
+    def route(queue: str, queue_id: str) -> Routed | None:
+        reads.append(queue_id)
+        return routes.get(queue_id)
+
+    d = Dispatcher(lambda name: Limits(1, 1), 10, route)
+    for i in range(count):
+        d.ready("incoming", f"m{i}")
+    for turn in range(3):  # READY_BUDGET routed a turn; one of them goes, the others wait
+        d.dispatch({1: (NETWORK, 100)}, turn)
+    assert len(d.get("smtp:slow").waiting) == count - 1
+    routes.update((qid, Routed(("smtp:peer",), NETWORK)) for qid in routes)
+    reads.clear()
+    d.rerouted()
+    turns = 0
+    while True:  # the supervisor turns again at once while more_ready
+        tasks, _ = d.dispatch({1: (NETWORK, 100)}, 10 + turns)
+        assert len(reads) <= READY_BUDGET, f"{len(reads)} envelopes read in one turn"
+        assert all(task.go == ["smtp:peer"] for _, task in tasks)
+        reads.clear()
+        turns += 1
+        if not d.more_ready:
+            break
+    assert turns >= count // READY_BUDGET
+    assert len(d.get("smtp:peer").waiting) == count - 2  # one in flight at each destination

@@ -39,8 +39,8 @@ def enqueue(daemon, *recipients: str, message: bytes = MESSAGE, sender: str = "s
                    stdin=message, check=True).stdout.decode().strip()
 
 
-def logged(daemon, pattern: str) -> re.Match:
-    return wait_for(lambda: re.search(pattern, daemon.log()), what=pattern)
+def logged(daemon, pattern: str, timeout: float = 20) -> re.Match:
+    return wait_for(lambda: re.search(pattern, daemon.log()), timeout=timeout, what=pattern)
 
 
 def home_maildir(account, name: str = "Maildir") -> Path:
@@ -288,7 +288,9 @@ def test_nothing_a_program_starts_outlives_its_delivery(daemons, tmp_path, unix_
     }
     scripts = {name: script(world_dir, name, f"cat > {out}/{name}\n{body}\n") for name, body in programs.items()}
     rules = "".join(f"{name}.example |user={BOB} {path}\n" for name, path in scripts.items())
-    daemon = daemons(*policy(tmp_path, rules), "--command-time-limit", "10")
+    # The patient runs while the others are delivered and their leftovers killed (seconds, more
+    # under load): the time limit must leave it that long, and "late" overstays it.
+    daemon = daemons(*policy(tmp_path, rules), "--command-time-limit", "30")
     patient = left_behind.watch(enqueue(daemon, "r@patient.example"), bob.uid)
     wait_for(lambda: (out / "patient").exists(), what="the patient program")
     ids = {name: left_behind.watch(enqueue(daemon, f"r@{name}.example"), bob.uid)
@@ -304,7 +306,7 @@ def test_nothing_a_program_starts_outlives_its_delivery(daemons, tmp_path, unix_
     assert (out / "helper").read_text() == "alive\n"
     assert left_behind(patient) == []
     logged(daemon, rf"{ids['late']}: to=<r@late.example>, .*dsn=5\.3\.0, status=bounced \(command time limit of "
-                   r"10s exceeded")
+                   r"30s exceeded", timeout=60)
     assert left_behind(ids["late"]) == []
     assert (out / "late").read_bytes().endswith(MESSAGE)
 
@@ -459,7 +461,7 @@ def test_the_watchdog_lets_a_long_run_finish_and_replaces_a_worker_that_hangs(da
     os.kill(frozen, signal.SIGSTOP)
     logged(daemon, rf"worker {frozen} has not answered for \d+s; killing it")
     logged(daemon, rf"{hung}: to=<r@stuck\.example>, .*status=sent")
-    logged(daemon, rf"{long_run}: to=<r@slow\.example>, .*delay=1[7-9]\.\d+, .*status=sent")
+    logged(daemon, rf"{long_run}: to=<r@slow\.example>, .*delay=(1[7-9]|2\d)\.\d+, .*status=sent")  # not killed at 15
     assert daemon.log().count("has not answered for") == 2, "take-back and kill of the frozen worker only"
 
 

@@ -21,7 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from aiosmtpd.controller import Controller
 
+from router.front.aiosmtpd import QueueController, QueueHandler
 from router.spool import Spool
 from router.spool.address import AddressError, parse_path
 from router.spool.queue_file import parse
@@ -36,7 +38,8 @@ from tests.qpsmtpd_server import (
     smtp_data,
     swaks,
 )
-from tests.smtp_servers import AioServer
+from tests.smtp_servers import AioServer, free_port
+from tests.test_reports import ORIGINAL, SENDER, permanent, policy_args, reports, status_groups
 
 QUEUE_ID = re.compile(r"[0-9A-F]{13}-[0-9A-F]+-[0-9A-F]+")
 FAST = ["smtp-timeouts", "connect=2,greeting=3,helo=3,mail=3,rcpt=3,data=3,block=3,dot=10",
@@ -447,3 +450,151 @@ def test_the_plugin_refuses_exactly_the_addresses_qrouter_refuses():
     disagreements = [(a, v) for a, v in zip(ADDRESSES, verdicts, strict=True) if (v == "ok") != qrouter_accepts(a)]
     assert disagreements == []
     assert sum(v == "ok" for v in verdicts) == 13
+
+
+def dsn_session(port: int, mail_options: list[str], recipients: dict[str, list[str]], message: bytes) -> str:
+    """One message with DSN parameters (swaks has no way to give them): EHLO must offer DSN, every
+    command must be taken. Its queue id, from qpsmtpd's "250 Queued as ID"."""
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.test", timeout=60) as client:
+        assert client.ehlo()[0] == 250 and client.has_extn("dsn"), client.esmtp_features
+        assert client.mail(SENDER, mail_options)[0] == 250
+        for rcpt, options in recipients.items():
+            assert client.rcpt(rcpt, options)[0] == 250
+        code, reply = client.data(message)
+    assert code == 250, (code, reply)
+    return reply.decode().removeprefix("Queued as ")
+
+
+def test_dsn_parameters_through_qpsmtpd_decide_the_reports_and_what_they_say(tmp_path, qpsmtpd, daemons):
+    """NOTIFY=NEVER gets no report, NOTIFY=SUCCESS,FAILURE with ORCPT and ENVID a report that
+    names them, RET=HDRS one that returns the header only; without RET the whole message."""
+    daemon = daemons(*policy_args(tmp_path, "fail.example queue/error 5.1.1 no such user"))
+    server = qpsmtpd(daemon.spool, own_daemon=False)
+    never = dsn_session(server.port, ["ENVID=never"], {"x@fail.example": ["NOTIFY=NEVER"]}, ORIGINAL)
+    failed = dsn_session(server.port, ["RET=hdrs", "ENVID=Q+2B1+3D+3D"],
+                         {"y@fail.example": ["NOTIFY=success,FAILURE", "ORCPT=rfc822;orig+2Btag@sender.example"]},
+                         ORIGINAL)
+    delivered = dsn_session(server.port, ["ENVID=ok"], {"ok@ok.example": ["NOTIFY=SUCCESS"]}, ORIGINAL)
+    found = wait_for(lambda: len(reports(daemon)) == 2 and f"{never}: removed" in daemon.log() and reports(daemon),
+                     what="two reports and the message with NOTIFY=NEVER done")
+    by_envid = {status_groups(report)[0]["Original-Envelope-Id"]: report for report in found}
+    assert set(by_envid) == {"Q+1==", "ok"}, "a report for NOTIFY=NEVER, or the ENVID not as given"
+    assert f"{never}: to=<x@fail.example>" in daemon.log()
+
+    report = by_envid["Q+1=="]
+    assert f"{failed}: sender non-delivery notification" in daemon.log()
+    [recipient] = status_groups(report)[1:]
+    assert recipient["Original-Recipient"] == "rfc822; orig+tag@sender.example"
+    assert (recipient["Final-Recipient"], recipient["Action"]) == ("rfc822; y@fail.example", "failed")
+    returned = list(report.iter_parts())[2]
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert ORIGINAL.split(b"\n\n")[0].decode() in returned.get_content().replace("\r\n", "\n")
+    assert "the body" not in returned.get_content()
+    assert permanent(report) == {b"orig+tag@sender.example"}  # a bounce processor goes by ORCPT
+
+    report = by_envid["ok"]
+    assert f"{delivered}: sender delivery status notification" in daemon.log()
+    [recipient] = status_groups(report)[1:]
+    assert (recipient["Final-Recipient"], recipient["Action"]) == ("rfc822; ok@ok.example", "delivered")
+    assert "Original-Recipient" not in recipient
+    returned = list(report.iter_parts())[2]
+    assert returned.get_content_type() == "message/rfc822"
+    assert b"the body" in returned.as_bytes()
+
+
+# Commands after EHLO, each after RSET: MAIL alone, or a good MAIL and then the RCPT.
+DSN_COMMANDS = [
+    "MAIL FROM:<a@example.org> RET=FULL ENVID=a+2Bb",
+    "MAIL FROM:<a@example.org> RET=SOME",
+    "MAIL FROM:<a@example.org> RET=HDRS RET=FULL",
+    "MAIL FROM:<a@example.org> ENVID=a+2",
+    "MAIL FROM:<a@example.org> ENVID=a+0Ab",
+    "MAIL FROM:<a@example.org> ENVID=" + "x" * 101,
+    "MAIL FROM:<a@example.org> ENVID",
+    "MAIL FROM:<a@example.org> NOTIFY=NEVER",
+    "RCPT TO:<b@example.org> NOTIFY=success,delay ORCPT=rfc822;b+2Bx@example.org",
+    "RCPT TO:<b@example.org> NOTIFY=NEVER,SUCCESS",
+    "RCPT TO:<b@example.org> NOTIFY=BOGUS",
+    "RCPT TO:<b@example.org> NOTIFY=SUCCESS NOTIFY=FAILURE",
+    "RCPT TO:<b@example.org> ORCPT=b@example.org",
+    "RCPT TO:<b@example.org> ORCPT=rfc822;b+ZZ@example.org",
+    "RCPT TO:<b@example.org> ORCPT=rfc822;",
+    "RCPT TO:<b@example.org> RET=HDRS",
+]
+
+
+def replies(port: int, commands: list[str]) -> tuple[bool, list[str]]:
+    """Whether EHLO offers DSN, and each command's reply: the code, and for a 501 its text."""
+    answers = []
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.test", timeout=60) as client:
+        client.ehlo()
+        for command in commands:
+            assert client.rset()[0] == 250
+            if command.startswith("RCPT"):
+                assert client.docmd("MAIL FROM:<a@example.org>")[0] == 250
+            code, text = client.docmd(command)
+            answers.append(f"{code} {text.decode()}" if code == 501 else str(code))
+        return client.has_extn("dsn"), answers
+
+
+def test_qpsmtpd_takes_and_refuses_dsn_parameters_as_qrouter_s_own_door_does(tmp_path, qpsmtpd):
+    """The same commands to qpsmtpd and to qrouter's aiosmtpd door (router/front/aiosmtpd.py, with
+    DSN): the same replies, and the same DSN lines in the queue files they write. With `dsn 0`
+    qpsmtpd offers no DSN and refuses its parameters as an aiosmtpd door without DSN does."""
+    spool, own_spool = tmp_path / "spool", tmp_path / "own-spool"
+    Spool(spool).create()
+    Spool(own_spool).create()
+    with_dsn = qpsmtpd(spool, own_daemon=False)
+    without = qpsmtpd(spool, "dsn", "0", own_daemon=False)
+    own_port, plain_port = free_port(), free_port()
+    own = QueueController(QueueHandler(own_spool), hostname="127.0.0.1", port=own_port)
+    plain = Controller(QueueHandler(own_spool), hostname="127.0.0.1", port=plain_port)
+    own.start()
+    plain.start()
+    try:
+        offered, answers = replies(with_dsn.port, DSN_COMMANDS)
+        own_offered, own_answers = replies(own_port, DSN_COMMANDS)
+        for command, answer, own_answer in zip(DSN_COMMANDS, answers, own_answers, strict=True):
+            assert answer == own_answer, command
+        assert offered and own_offered
+        assert answers[:2] == ["250", "501 5.5.4 Bad RET parameter: it is FULL or HDRS"]
+        assert answers.count("250") == 2 and answers.count("555") == 2, answers
+        assert "501 5.5.4 NOTIFY parameter given twice" in answers
+
+        dsn_commands = [command for command in DSN_COMMANDS if "NOTIFY" in command or "RET" in command]
+        not_offered, refused = replies(without.port, dsn_commands)
+        assert (not_offered, refused) == replies(plain_port, dsn_commands)
+        assert not not_offered and set(refused) == {"555"}
+
+        for port in (with_dsn.port, own_port):
+            dsn_session(port, ["RET=hdrs", "ENVID=Q+2B1+3D+3D"],
+                        {"a@example.org": ["NOTIFY=delay,failure", "ORCPT=rfc822;orig+2Btag@example.org"],
+                         "b@example.org": [], "c@example.org": ["NOTIFY=never"]}, ORIGINAL)
+    finally:
+        own.stop()
+        plain.stop()
+    [queued], [own_queued] = listing(spool / "incoming"), listing(own_spool / "incoming")
+    lines = [line for line in (spool / "incoming" / queued).read_text(errors="replace").split("\n\n")[0].split("\n")
+             if line.split(" ")[0] in ("envid", "ret", "rcpt", "notify", "orcpt")]
+    assert lines == ["envid Q+1==", "ret HDRS", "rcpt <a@example.org>", "notify DELAY,FAILURE",
+                     "orcpt rfc822;orig+tag@example.org", "rcpt <b@example.org>", "rcpt <c@example.org>",
+                     "notify NEVER"]
+    stored, own_stored = (parse((where / "incoming" / name).read_bytes()) for where, name in
+                          ((spool, queued), (own_spool, own_queued)))
+    assert (stored.envid, stored.ret, stored.recipients) == (own_stored.envid, own_stored.ret, own_stored.recipients)
+
+
+def test_a_reverse_lookup_that_gets_no_answer_is_asked_twice_and_the_client_greeted(tmp_path, qpsmtpd):
+    """qpsmtpd looks up every client's name before its greeting (tests/qpsmtpd_server.py); from a
+    DNS server that never answers, Net::DNS's defaults would keep the client waiting 75 s, longer
+    than it waits. With the test resolv.conf's `timeout:1 attempts:2` the question goes out twice,
+    and the client is greeted as a host without a name and its mail queued."""
+    spool = tmp_path / "spool"
+    Spool(spool).create()
+    server = qpsmtpd(spool, own_daemon=False)
+    server.dns.silence("1.0.0.127.in-addr.arpa.")
+    queue_id = queued_as(swaks(server.port, "--from", "a@example.org", "--to", "b@example.org"))
+    assert listing(spool / "incoming") == [queue_id]
+    assert "from 127.0.0.1 / Unknown" in server.log()
+    asked = [q for q in server.dns.queries if q.name == "1.0.0.127.in-addr.arpa"]
+    assert [(q.rdtype, q.transport) for q in asked] == [("PTR", "udp")] * 2

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from router.spool import Spool
 from router.spool.queue_file import QueueFile, Recipient, parse
 from router.spool.queue_id import arrival_of, new_queue_id
-from tests.daemon import DAEMON_USER, ROOT, message_in, qrouter, wait_for
+from tests.daemon import DAEMON_USER, ROOT, contents, message_in, qrouter, wait_for
 from tests.unix_users import ALICE, BOB, EXTRA_GROUP, script
 
 LATER = ["--default-transport", "queue/retry 4.2.1 try later", "--min-backoff", "600"]
@@ -133,9 +133,8 @@ def test_flush_with_nothing_named_flushes_every_deferred_message(daemons, runnin
     code, out, _ = queue(daemon, "flush")
     assert code == 0 and sorted(re.findall(r"^(\S+): will be tried now$", out, re.M)) == sorted(ids), out
     if running:
-        wait_for(lambda: set(ids) <= set(daemon.files("deferred"))
-                 and all(parse((daemon.spool / "deferred" / queue_id).read_bytes()).attempts == 2 for queue_id in ids),
-                 what="the retries")
+        wait_for(lambda: all((data := contents(daemon.spool / "deferred" / queue_id)) and parse(data).attempts == 2
+                             for queue_id in ids), what="the retries")
     else:
         assert all(os.stat(daemon.spool / "deferred" / queue_id).st_mtime < before[queue_id] for queue_id in ids)
 
@@ -152,8 +151,8 @@ def test_hold_release_flush_requeue_delete(daemons, tmp_path, running):
     code, out, _ = queue(daemon, "flush", ids[1])
     assert code == 0 and out == f"{ids[1]}: will be tried now\n"
     if running:  # tried again at once: a second attempt
-        wait_for(lambda: (daemon.spool / "deferred" / ids[1]).exists()
-                 and parse((daemon.spool / "deferred" / ids[1]).read_bytes()).attempts == 2, what="the retry")
+        wait_for(lambda: (data := contents(daemon.spool / "deferred" / ids[1])) and parse(data).attempts == 2,
+                 what="the retry")
     else:
         assert os.stat(daemon.spool / "deferred" / ids[1]).st_mtime < before
     code, out, _ = queue(daemon, "requeue", ids[2])
@@ -269,12 +268,14 @@ def test_a_user_who_may_not_read_the_spool_is_never_told_it_is_empty(daemons, un
 
 
 def test_a_message_being_delivered_is_held_after_its_attempt(daemons, tmp_path, world_dir):
-    slow = script(world_dir, "slow", "cat >/dev/null; sleep 2; exit 75\n")
+    go = world_dir / "go"  # the attempt lasts until the test has asked for the hold, however long that takes
+    slow = script(world_dir, "slow", f"cat >/dev/null; while [ ! -e {go} ]; do sleep 0.05; done; exit 75\n")
     (tmp_path / "transports").write_text(f"slow.example |{slow}\n")
     daemon = daemons("--transports", str(tmp_path / "transports"), "--min-backoff", "600")
     queue_id = Spool(daemon.spool).enqueue("a@example.org", ["x@slow.example"], b"x\n")
     wait_for(lambda: daemon.files("active") == [queue_id], what="the attempt")
     code, out, _ = queue(daemon, "hold", queue_id)
+    go.touch()
     assert code == 0 and "held after this attempt" in out
     wait_for(lambda: daemon.files("hold") == [queue_id], what="held after the attempt")
     assert re.search(rf"{queue_id}: to=<x@slow.example>, .*status=deferred", daemon.log())

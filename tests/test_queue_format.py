@@ -726,7 +726,7 @@ def test_unreadable_file_goes_to_corrupt_with_the_reason(daemons):
     (daemon.spool / "incoming" / "not-a-queue-id").write_bytes(data)
     wait_for(lambda: daemon.files("corrupt") == sorted([queue_id, "not-a-queue-id"]), what="files in corrupt/")
     assert (daemon.spool / "corrupt" / queue_id).read_bytes() == data
-    wait_for(lambda: "unknown key" in daemon.log(), what="the log line")
+    wait_for(lambda: "unknown key" in daemon.log() and "not a queue id" in daemon.log(), what="the log lines")
     assert f"{daemon.spool / 'active' / queue_id}:7: unknown key 'colour'" in daemon.log()
     assert "incoming/not-a-queue-id: not a queue id; moved to corrupt/" in daemon.log()
     assert daemon.delivered() == []

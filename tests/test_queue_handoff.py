@@ -121,8 +121,9 @@ def test_an_unwritable_spool_defers_and_the_mail_waits(tmp_path, daemons):
     with read_only(other):  # and, for a daemon that is not root, not its user's to write
         queue_id = Spool(daemon.spool).enqueue("s@example.org", ["u@x.example"], MESSAGE)
         wait_for(lambda: queue_id in daemon.files("deferred"), what="the deferral")
-    assert (f"{queue_id}: to=<u@x.example>, relay=router[{other}], " in daemon.log()
-            and f"dsn=4.3.0, status=deferred (cannot queue into {other}: " in daemon.log())
+    wait_for(lambda: (f"{queue_id}: to=<u@x.example>, relay=router[{other}], " in daemon.log()
+                      and f"dsn=4.3.0, status=deferred (cannot queue into {other}: " in daemon.log()),
+             what="the deferral logged")
     assert os.listdir(other / "incoming") == []
 
 

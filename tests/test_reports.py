@@ -17,7 +17,7 @@ from flufl.bounce import all_failures
 
 from router.spool import Spool
 from router.spool.queue_file import FAILED, parse
-from tests.daemon import message_in, wait_for
+from tests.daemon import contents, message_in, wait_for
 from tests.smtp_servers import AioServer, Recorder
 from tests.unix_users import script
 from workers.report import DELAYED, Notice, build
@@ -199,10 +199,9 @@ def test_a_delay_warning_goes_once_even_across_kill_9_and_a_restart(daemons, tmp
     assert f"{queue_id}: sender delay notification:" in daemon.log()
     daemon.kill()  # kill -9
     daemon.start()
-    attempts = parse((daemon.spool / "deferred" / queue_id).read_bytes()).attempts
-    wait_for(lambda: (daemon.spool / "deferred" / queue_id).exists()
-             and parse((daemon.spool / "deferred" / queue_id).read_bytes()).attempts >= attempts + 3,
-             what="three more attempts")
+    deferred = daemon.spool / "deferred" / queue_id
+    attempts = parse(wait_for(lambda: contents(deferred), what="the message in deferred/")).attempts
+    wait_for(lambda: (data := contents(deferred)) and parse(data).attempts >= attempts + 3, what="three more attempts")
     assert len(reports(daemon)) == 1 and daemon.log().count("delay notification") == 1
     assert warning["Subject"] == "Delayed Mail (still being retried)"
     [delayed] = status_groups(warning)[1:]
@@ -213,8 +212,8 @@ def test_a_delay_warning_goes_once_even_across_kill_9_and_a_restart(daemons, tmp
     assert returned.get_content().replace("\r\n", "\n").rstrip("\n") == ORIGINAL.split(b"\n\n")[0].decode()
     assert "in the end. Its header is attached below." in notification.get_content()
     assert notification.get_content_charset() == "us-ascii" and notification["Content-Transfer-Encoding"] == "7bit"
-    stored = parse((daemon.spool / "deferred" / queue_id).read_bytes())
-    assert stored.warned and (daemon.spool / "deferred" / queue_id).read_bytes().startswith(b"qrouter-queue-file 3\n")
+    data = wait_for(lambda: contents(deferred), what="the message in deferred/")
+    assert parse(data).warned and data.startswith(b"qrouter-queue-file 3\n")
 
 
 @pytest.mark.parametrize("archive", [False, True])

@@ -11,7 +11,7 @@ import time
 from router.config import load
 from router.spool import Spool
 from router.spool.queue_file import DELIVERED, FAILED, PENDING, parse
-from tests.daemon import DAEMON_USER, message_in, wait_for
+from tests.daemon import DAEMON_USER, contents, message_in, wait_for
 
 
 def read(path) -> object:
@@ -69,8 +69,7 @@ def test_partial_success_keeps_only_pending_recipients(daemons):
     (daemon.mail / "example.org" / "blocked").write_text("a file where the Maildir should be\n")
     queue_id = Spool(daemon.spool).enqueue("a@example.org", ["ok@example.org", "blocked@example.org"], b"m\n")
     deferred = daemon.spool / "deferred" / queue_id
-    wait_for(deferred.exists, what="deferral")
-    stored = read(deferred)
+    stored = parse(wait_for(lambda: contents(deferred), what="deferral"))
     assert [(r.address, r.state) for r in stored.recipients] == [
         ("ok@example.org", DELIVERED), ("blocked@example.org", PENDING)]
     assert stored.recipients[1].dsn.startswith("4.")
@@ -109,7 +108,8 @@ def test_max_age_expires_a_message_that_keeps_failing(daemons):
     queue_id = Spool(daemon.spool).enqueue("a@example.org", ["u@example.org"], b"x\n")
     archived = daemon.spool / "archive" / queue_id
     wait_for(archived.exists, timeout=10, what="expiry")
-    assert "status=expired (message expired after 2e-05 days in the queue; last error:" in daemon.log()
+    wait_for(lambda: "status=expired (message expired after 2e-05 days in the queue; last error:" in daemon.log(),
+             what="the expiry logged")
     stored = read(archived)
     assert stored.recipients[0].state == FAILED and stored.recipients[0].dsn == "4.4.7"
     assert stored.attempts >= 3

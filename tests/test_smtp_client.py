@@ -21,17 +21,12 @@ from policy.tls_policy import TLS_ENCRYPT, TLS_MAY, TLS_NONE
 from router.config.timeouts import Timeouts
 from router.spool.queue_file import Recipient
 from tests.smtp_servers import SERVER_NAME, AioServer, Peer, Recorder, ScriptedServer, free_port
-from workers.smtp_client import (
-    SMTPClient,
-    SMTPError,
-    TLSFallback,
-    wire_data,
-    wrap_long_lines,
-)
+from workers.smtp_client import SMTPClient, SMTPError, TLSFallback
+from workers.smtp_wire import wire_data, wrap_long_lines
 from workers.transport import BOUNCED, DEFERRED, SENT
 
 HELO = "client.example.net"
-QUICK = Timeouts.uniform(5)
+QUICK = Timeouts.uniform(10)  # never waited out: a bound of 5 s shows a test did not wait
 SHORT = 0.4  # the one timeout a hostile-server test waits out
 
 
@@ -43,7 +38,7 @@ def connect(server: AioServer | ScriptedServer, **kwargs) -> SMTPClient:
 
 def patient_except(**timeouts: float) -> Timeouts:
     """Long timeouts except those named: a test then shows which timeout fired."""
-    return Timeouts(**{**{name: 5.0 for name in Timeouts.__dataclass_fields__}, **timeouts})
+    return Timeouts(**{**{name: 10.0 for name in Timeouts.__dataclass_fields__}, **timeouts})
 
 
 def crlf(message: bytes) -> bytes:
@@ -605,7 +600,7 @@ def test_a_server_that_never_greets_times_out():
         started = time.monotonic()
         with pytest.raises(SMTPError) as caught:
             connect(server, timeouts=patient_except(greeting=SHORT))
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 5
     reply = caught.value.reply
     assert (reply.status, reply.dsn, reply.local) == (DEFERRED, "4.4.2", True)
     assert reply.text == (f"conversation with 127.0.0.1[127.0.0.1]:{server.port} timed out while "
@@ -622,7 +617,7 @@ def test_a_server_that_hangs_after_data_defers_everyone():
         started = time.monotonic()
         replies = client.send("s@example.org", ["a@example.org", "b@example.org"], b"x\n")
         elapsed = time.monotonic() - started
-    assert elapsed < 2
+    assert elapsed < 5
     assert outcomes(replies) == [(DEFERRED, "4.4.2")] * 2
     assert replies[0].text == f"conversation with {client.peer} timed out while sending DATA"
     assert not client.is_alive()
@@ -653,7 +648,7 @@ def test_a_server_that_stops_reading_the_message_times_out():
         client = connect(server, timeouts=patient_except(block=SHORT))
         started = time.monotonic()
         replies = client.send("s@example.org", ["a@example.org"], (b"y" * 999 + b"\n") * 16_000)
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 5
     assert outcomes(replies) == [(DEFERRED, "4.4.2")]
     assert replies[0].text == f"conversation with {client.peer} timed out while sending message body"
 
@@ -747,7 +742,7 @@ def test_over_long_replies_are_cut_short(flood):
         started = time.monotonic()
         with pytest.raises(SMTPError) as caught:
             connect(server)
-    assert time.monotonic() - started < 2  # no waiting for a timeout
+    assert time.monotonic() - started < 5  # no waiting for a timeout
     reply = caught.value.reply
     assert (reply.status, reply.dsn) == (DEFERRED, "4.5.0")
     limit = "a reply longer than 65536 bytes" if flood == "endless-reply" else "a reply line longer than 2048 bytes"
@@ -878,7 +873,7 @@ def test_over_tls_a_server_that_stops_reading_the_message_times_out(pki):
         started = time.monotonic()
         replies = client.send("s@example.org", ["a@example.org"], (b"y" * 999 + b"\n") * 16_000)
     assert client.tls.startswith("TLSv1.")
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 5
     assert outcomes(replies) == [(DEFERRED, "4.4.2")]
     assert replies[0].text == f"conversation with {client.peer} timed out while sending message body"
 

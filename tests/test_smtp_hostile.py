@@ -27,7 +27,7 @@ from router.spool.queue_file import DELIVERED, FAILED, PENDING, QueueFile, parse
 from tests.daemon import qrouter, reachable, wait_for
 from tests.dns_server import DNSServer
 from tests.smtp_servers import AioServer, Peer, Recorder, ScriptedServer
-from workers.smtp_client import wire_data
+from workers.smtp_wire import wire_data
 
 FAST = ["--smtp-timeouts", "connect=2,greeting=1,helo=2,mail=2,rcpt=2,data=2,block=1,dot=1,rset=1,quit=1",
         "--smtp-idle-timeout", "0.5", "--min-backoff", "60", "--me", "relay.qrouter.test"]
@@ -251,6 +251,33 @@ def test_server_with_over_long_replies(daemons, where):
     hostile = hostile_mx_defers(daemons, shout, "4.5.0", reply)
     last = hostile.peers[0].lines[-1]
     assert last.startswith("RCPT TO:" if where == "one line at RCPT" else "EHLO")  # nothing more after it
+
+
+def test_a_server_that_never_answers_quit_holds_up_no_one(daemons):
+    """The message is taken; the connection is then idle and closed, and the server never answers
+    QUIT (a tarpit). The worker's main thread waits for that answer a short while only, with the
+    quit timeout at its default of 20 s: the supervisor never finds it silent, and the worker that
+    delivered stays, to deliver the next message."""
+    closed: list[bytes] = []
+
+    def tarpit_at_quit(peer: Peer) -> None:
+        take_envelope(peer)
+        peer.data()
+        peer.send("250 2.0.0 taken")
+        closed.append(peer.wait_closed())  # QUIT, then nothing said back until the client hangs up
+
+    with hostile_and_good(tarpit_at_quit) as (_, good, dns):
+        daemon = daemons("--dns-servers", dns.servers, "--smtp-port", str(good.port), "--smtp-idle-timeout", "0.5",
+                         "--me", "relay.qrouter.test", workers=1, maildir=False)
+        queue_id = enqueue(daemon, HOSTILE_RCPTS)
+        wait_for(removed(daemon, queue_id), what="the message taken by the tarpit")
+        wait_for(lambda: closed, timeout=10, what="the idle connection closed by the client")
+        later = enqueue(daemon, ["c@good.test"], LATER)
+        wait_for(removed(daemon, later), what="the later message delivered")
+    assert closed == [b"QUIT\r\n"]
+    assert "has not answered" not in daemon.log()
+    assert worker_pid(log_line(daemon, later, "c@good.test")) == worker_pid(log_line(daemon, queue_id,
+                                                                                       HOSTILE_RCPTS[0]))
 
 
 @pytest.mark.parametrize("pipelining", [False, True])

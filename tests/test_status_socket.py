@@ -193,23 +193,23 @@ def test_an_oversize_request_gets_an_error_reply_and_is_closed(tmp_path):
 
 
 def test_a_slow_client_is_closed_at_its_deadline_and_stalls_no_one(tmp_path):
-    with serving(tmp_path, timeout=1.0) as path, connect(path) as slow:
+    with serving(tmp_path, timeout=3.0) as path, connect(path) as slow:
         start = time.monotonic()
         for _ in range(4):
             slow.sendall(b"{")
-            assert timed_query(path) < 0.5
+            assert timed_query(path) < 1.5  # a stalled server would answer after the slow client's deadline
             time.sleep(0.1)
         assert read_all(slow) == b""
-        assert 0.95 <= time.monotonic() - start < 2.5
+        assert 2.95 <= time.monotonic() - start < 6
 
 
 def test_a_client_that_never_reads_a_large_answer_blocks_no_one(tmp_path):
-    with serving(tmp_path, timeout=1.0) as path, connect(path) as greedy:
+    with serving(tmp_path, timeout=3.0) as path, connect(path) as greedy:
         greedy.sendall(b'{"command": "big"}\n')
         time.sleep(0.2)  # the server has written what the socket takes and waits for the rest
-        assert timed_query(path) < 0.5
-        greedy.settimeout(3)
-        time.sleep(1.0)  # past the deadline: the rest of the answer is dropped
+        assert timed_query(path) < 1.5  # a stalled server would answer after the greedy client's deadline
+        greedy.settimeout(5)
+        time.sleep(3.0)  # past the deadline: the rest of the answer is dropped
         received = read_all(greedy)
     assert 0 < len(received) < BIG
 
@@ -217,7 +217,7 @@ def test_a_client_that_never_reads_a_large_answer_blocks_no_one(tmp_path):
 def test_beyond_the_connection_limit_the_oldest_is_dropped_and_a_query_gets_through(tmp_path):
     with serving(tmp_path, max_connections=8) as path, ExitStack() as stack:
         idle = [stack.enter_context(connect(path, timeout=0.5)) for _ in range(20)]
-        assert timed_query(path) < 0.5
+        assert timed_query(path) < 3  # not refused, and not left waiting (5 s) for a free place
         for client in idle[:13]:  # 12 dropped for the newer ones, one for the query
             assert client.recv(1) == b""
         for client in idle[13:]:

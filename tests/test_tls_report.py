@@ -264,7 +264,8 @@ def test_a_daemon_killed_between_days_loses_no_counts_and_reports_at_its_start(d
         daemon = start(daemons, tmp_path, dns, port, ca_file)  # it finds the day over and reports it
         wait_for(lambda: len([m for m in sink.handler.messages if REPORTS in m.rcpt_tos]) == 2, what="two reports")
         wait_for(lambda: not (daemon.spool / "tls-report" / day).exists(), what="the day's file removed")
-        assert f"TLS report on partner.test for {day}: queued for <{REPORTS}>" in daemon.log()
+        wait_for(lambda: f"TLS report on partner.test for {day}: queued for <{REPORTS}>" in daemon.log(),
+                 what="the report logged")
         assert "nothing to send" in report_command(daemon, dns, ca_file, "send")
 
     reports = {report["policies"][0]["policy"]["policy-domain"]: report["policies"][0]

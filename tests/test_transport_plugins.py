@@ -163,8 +163,9 @@ def test_mail_for_a_plugin_uninstalled_since_the_policy_loaded_is_deferred(upper
     assert isinstance(build_transports(Config())["queue/upper"], Unavailable)
     queue_id = Spool(daemon.spool).enqueue("s@example.org", ["u@x.example"], b"Subject: late\r\n\r\nlate\r\n")
     wait_for(lambda: (daemon.spool / "deferred" / queue_id).exists(), what="deferral")
-    assert (f"{queue_id}: to=<u@x.example>, relay=none, " in daemon.log()
-            and "dsn=4.3.0, status=deferred (transport queue/upper is not installed)" in daemon.log())
+    wait_for(lambda: (f"{queue_id}: to=<u@x.example>, relay=none, " in daemon.log()
+                      and "dsn=4.3.0, status=deferred (transport queue/upper is not installed)" in daemon.log()),
+             what="the deferral logged")
     assert daemon.stop() == 0
 
 

@@ -5,7 +5,8 @@ after a handshake that verified nothing (workers/tls.py makes the context of a D
                 (RFC 7672 3.1.1: the record is the key's binding to the name)
     DANE-TA(2)  some certificate of the chain the server sent matches, the server's certificate
                 chains up to it (each link signed by the next, a CA, within its dates), and the
-                server's certificate names the MX host or the next-hop domain (RFC 7672 3.2.2)
+                server's certificate names the MX host, the next-hop domain or the alias
+                target the records are at (the policy's `match`; RFC 7672 3.2.2)
 
 The chain is the one the server sent, which the ssl module hands out only unverified; see
 `peer_chain`. The cryptography package does the rest.

@@ -37,12 +37,15 @@ class MXHost:
     """One host to try: `name` in lower-case A-labels without the final dot (the IP for an address literal),
     `addresses` IPv4 first, then IPv6, each family in the order DNS gave it; `secure` when a
     trusted validating resolver validated how it was found (its MX records, if any, and its
-    addresses), the condition for DANE (RFC 7672 2.2.1)."""
+    addresses, or for an alias the first link of its CNAME chain), the condition for DANE (RFC
+    7672 2.2.1, 2.2.2); `alias`, where the name's CNAME chain ends when DNSSEC validated all of
+    it ("" otherwise), whose TLSA records count before the name's own (RFC 7672 2.2.2)."""
 
     name: str
     preference: int
     addresses: tuple[str, ...]
     secure: bool = False
+    alias: str = ""
 
 
 def site_destination(hosts: Iterable[str]) -> str:

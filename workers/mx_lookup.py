@@ -11,8 +11,9 @@ skip the MX lookup and go to that host. Relay hosts are resolved with `resolve_h
 A resolver made with `dnssec` (the `dns-support-level dnssec` key: the administrator declares
 the resolver a validating one on a trusted path) is asked with the DO and AD flags, and its AD
 bit marks an answer as DNSSEC-validated: each MXHost says whether its MX and address records
-were (`secure`), which DANE needs (RFC 7672 2.2), and `lookup_tlsa` finds a host's TLSA records.
-Any other resolver's AD bit is never read.
+were (`secure`), which DANE needs (RFC 7672 2.2), and, for a host name that is an alias, where
+its CNAME chain ends when DNSSEC validated all of it (`alias`); `host_tls` finds a host's TLSA
+records. Any other resolver's AD bit is never read.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
-from policy.dane import TLSARecord, host_policy
+from policy.dane import TLSARecord, host_policy, tlsa_names
 from policy.tls_policy import TLSPolicy
 from router.config.dns_servers import ResolverConfigError, parse_dns_servers
 from router.spool.address import AddressError, check_domain
@@ -97,8 +98,8 @@ def next_hops(destination: str, resolver: dns.resolver.Resolver,
             return [MXHost(literal, 0, (literal,))]
         if inside.lower().startswith("ipv6:") or _DOTTED_NUMBERS.fullmatch(inside):
             raise MXLookupError(BAD_SYNTAX, f"{destination}: not a valid IPv4 or IPv6 address literal")
-        addresses, secure = _resolve_host(inside, resolver)
-        return [MXHost(_host_name(_name(inside)), 0, addresses, secure)]
+        found = _resolve_host(inside, resolver)
+        return [MXHost(_host_name(_name(inside)), 0, found.addresses, *found.dane(True))]
     return lookup_mx(destination, resolver, rng)
 
 
@@ -129,9 +130,10 @@ def lookup_mx(domain: str, resolver: dns.resolver.Resolver, rng: random.Random |
 def _implicit_mx(name: dns.name.Name, shown: str, resolver: dns.resolver.Resolver, secure: bool) -> MXHost:
     """A domain without MX records is its own mail host (RFC 5321 section 5.1); `secure`: the
     answer that it has none was validated."""
-    addresses, failures, validated = _addresses(resolver, name)
-    if addresses:
-        return MXHost(_host_name(name), 0, addresses, secure and validated)
+    found = _addresses(resolver, name)
+    if found.addresses:
+        return MXHost(_host_name(name), 0, found.addresses, *found.dane(secure))
+    failures = found.failures
     if all(failure.final for failure in failures):
         raise MXLookupError(NO_DOMAIN, f"{shown}: domain has no MX, A or AAAA records")
     raise MXLookupError(TRY_AGAIN, f"{shown}: no MX records, and the address lookup failed: "
@@ -153,12 +155,12 @@ def _resolve_exchanges(shown: str, records: list, resolver: dns.resolver.Resolve
         exchanges = by_preference[preference]
         shuffle(exchanges)
         for exchange in exchanges:
-            addresses, failures, validated = _addresses(resolver, exchange)
+            found = _addresses(resolver, exchange)
             host = _host_name(exchange)
-            if addresses:
-                hosts.append(MXHost(host, preference, addresses, secure and validated))
+            if found.addresses:
+                hosts.append(MXHost(host, preference, found.addresses, *found.dane(secure)))
             else:
-                skipped.append(f"{host}: {_reasons(failures)}")
+                skipped.append(f"{host}: {_reasons(found.failures)}")
     if not hosts:
         raise MXLookupError(TRY_AGAIN, f"{shown}: no MX host has an address ({'; '.join(skipped)})")
     return hosts
@@ -169,19 +171,19 @@ def resolve_host(host: str, resolver: dns.resolver.Resolver) -> tuple[str, ...]:
 
     One address family failing for a moment while the other answers still gives a usable host.
     """
-    return _resolve_host(host, resolver)[0]
+    return _resolve_host(host, resolver).addresses
 
 
-def _resolve_host(host: str, resolver: dns.resolver.Resolver) -> tuple[tuple[str, ...], bool]:
-    """resolve_host, and whether the addresses were validated."""
+def _resolve_host(host: str, resolver: dns.resolver.Resolver) -> _Addresses:
+    """resolve_host, with what DNSSEC proved of the addresses."""
     name = _name(host)
     shown = _shown(host, name)
-    addresses, failures, validated = _addresses(resolver, name)
-    if addresses:
-        return addresses, validated
-    if all(failure.final for failure in failures):
-        raise MXLookupError(NO_HOST, f"{shown}: host not found ({_reasons(failures)})")
-    raise MXLookupError(TRY_AGAIN, f"{shown}: address lookup failed: {_reasons(failures)}")
+    found = _addresses(resolver, name)
+    if found.addresses:
+        return found
+    if all(failure.final for failure in found.failures):
+        raise MXLookupError(NO_HOST, f"{shown}: host not found ({_reasons(found.failures)})")
+    raise MXLookupError(TRY_AGAIN, f"{shown}: address lookup failed: {_reasons(found.failures)}")
 
 
 def lookup_txt(name: str, resolver: dns.resolver.Resolver) -> list[str]:
@@ -218,10 +220,13 @@ def _shown(text: str, name: dns.name.Name) -> str:
 
 @dataclass(frozen=True)
 class _Answer:
-    """The records of one type (empty for NODATA), and whether a trusted resolver validated them."""
+    """The records of one type (empty for NODATA), whether a trusted resolver validated them
+    (the CNAME chain that led to them included), and the name they are at, where that chain
+    ended (the name asked when there is none)."""
 
     records: list
     secure: bool
+    canonical: dns.name.Name | None = None
 
 
 @dataclass(frozen=True)
@@ -233,13 +238,36 @@ class _Failure:
     final: bool = False
 
 
-def _addresses(resolver: dns.resolver.Resolver,
-               name: dns.name.Name) -> tuple[tuple[str, ...], list[_Failure], bool]:
-    """The A and AAAA addresses of `name`, why a family gave none, and whether every answer
-    that gave addresses was validated."""
+@dataclass(frozen=True)
+class _Addresses:
+    """What an address lookup found: the addresses, why a family gave none, whether DNSSEC
+    validated them (`validated`; for an alias, every link of its chain) or at least the first
+    link of the host name's CNAME chain (`alias_secure`), and where that chain ended (`target`,
+    None for a name that is no alias)."""
+
+    addresses: tuple[str, ...]
+    failures: list[_Failure]
+    validated: bool
+    target: dns.name.Name | None = None
+    alias_secure: bool = False
+
+    def dane(self, found_securely: bool) -> tuple[bool, str]:
+        """MXHost's `secure` and `alias`, for a host itself found securely or not (its MX
+        records): secure when its addresses were validated, or, for an alias, the CNAME record
+        of its name, however its target was found (RFC 7672 2.2.2); the alias's target only
+        when the whole chain was validated, since only then do its TLSA records count."""
+        secure = found_securely and (self.validated or self.alias_secure)
+        return secure, _host_name(self.target) if secure and self.validated and self.target else ""
+
+
+def _addresses(resolver: dns.resolver.Resolver, name: dns.name.Name) -> _Addresses:
+    """The A and AAAA addresses of `name`, why a family gave none, and what DNSSEC proved of
+    them; for an alias whose chain was not validated to its end, whether its first link was
+    (one more question, CNAME, which a validating resolver answers with that link alone)."""
     addresses: list[str] = []
     failures: list[_Failure] = []
     secure = True
+    target = None
     for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
         answer = _query(resolver, name, rdtype)
         if isinstance(answer, _Failure):
@@ -249,17 +277,31 @@ def _addresses(resolver: dns.resolver.Resolver,
         elif answer.records:
             addresses.extend(record.address for record in answer.records)
             secure = secure and answer.secure
+            target = target or (answer.canonical if answer.canonical != name else None)
         else:
             failures.append(_Failure(f"no {dns.rdatatype.to_text(rdtype)} record", final=True))
-    return tuple(addresses), failures, secure and bool(addresses)
+    validated = secure and bool(addresses)
+    alias_secure = False
+    if target is not None and addresses and not validated and _validating(resolver):
+        link = _query(resolver, name, dns.rdatatype.CNAME)
+        alias_secure = isinstance(link, _Answer) and link.secure and bool(link.records)
+    return _Addresses(tuple(addresses), failures, validated, target, alias_secure)
 
 
-def host_tls(policy: TLSPolicy, host: str, port: int, secure: bool, resolver: dns.resolver.Resolver) -> TLSPolicy:
-    """The TLS policy of `host` (found securely or not) on `port` under a DANE level: its TLSA
-    records looked up when DNSSEC can prove them (policy/dane.py decides)."""
+def host_tls(policy: TLSPolicy, host: str, port: int, secure: bool, resolver: dns.resolver.Resolver,
+             alias: str = "") -> TLSPolicy:
+    """The TLS policy of `host` (found securely or not; `alias`: where its CNAME chain ends,
+    when DNSSEC validated all of it) on `port` under a DANE level: its TLSA records looked up
+    when DNSSEC can prove them, at the alias's target first and at the host name when there
+    are none there (RFC 7672 2.2.2; policy/dane.py decides)."""
     trusted = _validating(resolver)
-    found = lookup_tlsa(host, port, resolver) if trusted and secure else None
-    return host_policy(policy, host, trusted=trusted, secure=secure, tlsa=found)
+    found, base = None, host
+    if trusted and secure:
+        for base in tlsa_names(host, alias):
+            found = lookup_tlsa(base, port, resolver)
+            if isinstance(found, str) or (found[0] and found[1]):
+                break  # a failure, or validated records: the next name is not asked
+    return host_policy(policy, host, trusted=trusted, secure=secure, tlsa=found, base=base)
 
 
 def lookup_tlsa(host: str, port: int, resolver: dns.resolver.Resolver) -> tuple[list[TLSARecord], bool] | str:
@@ -289,7 +331,7 @@ def _query(resolver: dns.resolver.Resolver, name: dns.name.Name,
     except dns.exception.DNSException as exc:
         return _Failure(f"DNS error: {exc}")
     validated = _validating(resolver) and bool(answer.response.flags & dns.flags.AD)
-    return _Answer(list(answer.rrset) if answer.rrset is not None else [], validated)
+    return _Answer(list(answer.rrset) if answer.rrset is not None else [], validated, answer.canonical_name)
 
 
 def _validating(resolver: dns.resolver.Resolver) -> bool:

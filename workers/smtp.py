@@ -37,6 +37,10 @@ from workers.transport import BOUNCED, DEFERRED, Outcome
 if TYPE_CHECKING:
     import dns.resolver
 
+# Idle connections closed together wait this long in all for the replies to their QUITs: less than
+# the supervisor's TAKE_BACK_SECONDS, since the worker's main thread closes them.
+CLOSE_SECONDS = 2.0
+
 
 @dataclass(frozen=True)
 class Server:
@@ -54,6 +58,7 @@ class Server:
     report_domain: str = field(default="", compare=False)
     sts: Applied | None = None  # the MTA-STS policy it is used under (workers/mta_sts.py)
     secure: bool = False  # found by DNSSEC-validated answers (MXHost.secure), which DANE needs
+    alias: str = ""  # where its name's validated CNAME chain ends (MXHost.alias), whose TLSA records count first
 
     @property
     def peer(self) -> str:
@@ -61,7 +66,8 @@ class Server:
 
 
 class SMTPTransport:
-    def __init__(self, config: Config, rules: DestinationRules | None = None):
+    def __init__(self, config: Config, rules: DestinationRules | None = None,
+                 resolver: dns.resolver.Resolver | None = None):
         self.config = config
         self.rules = rules or DestinationRules()  # recipients per transaction, messages per connection
         self.helo_name = config.hostname
@@ -78,7 +84,7 @@ class SMTPTransport:
         self.promises = threading.local()  # .names: what the dispatcher promised this thread's delivery
         self._lock = threading.Lock()
         self.turn: dict[str, int] = {}
-        self._resolver = None
+        self._resolver = resolver  # made on first use (_dns) unless given: `qrouter route` shares its own
         self._sts = None  # workers.mta_sts.Policies, made at the first MX delivery that may have one
         self._fixed: dict[tuple[str, int | None, bool], list[Server]] = {}  # see _relay_servers
         self.without_bdat: set[Server] = set()  # they offer CHUNKING but failed BDAT: DATA for them
@@ -117,24 +123,35 @@ class SMTPTransport:
         return self._close_kept(lambda server, last_used: last_used <= limit)
 
     def drop(self, destinations: set[str]) -> None:
-        """Close the idle connections to these destinations (the dispatcher needs their room)."""
-        self._close_kept(lambda server, last_used: self.destination_of.get(server) in destinations)
+        """Close the idle connections to these destinations (the dispatcher needs their room), but
+        not those promised to tasks read and not begun: the dispatcher counts those in flight, and a
+        task that found its connection gone would open another while the server still sees it."""
+        self._close_kept(lambda server, last_used: self.destination_of.get(server) in destinations, drop=True)
 
-    def _close_kept(self, stale: Callable[[Server, float], bool]) -> set[str]:
-        closing: list[SMTPClient] = []
-        touched: set[str] = set()
+    def _close_kept(self, stale: Callable[[Server, float], bool], drop: bool = False) -> set[str]:
+        """Close the idle connections `stale` picks; to `drop`, leaving as many of each
+        destination's as are promised to tasks read and not begun (see `drop`). The worker's main
+        thread does this, while the reports of its sessions wait (a drop): the QUITs together
+        wait at most CLOSE_SECONDS for their replies, and those not answered by then are closed
+        without one, so a server slow to answer QUIT (a tarpit) holds up no one."""
+        closing: list[tuple[SMTPClient, str]] = []
         with self._lock:
+            spared = Counter(self.reserved) if drop else Counter()
             for server, clients in list(self.kept.items()):
+                name = self.destination_of.get(server, "")
                 gone = [client for client, last_used in clients if stale(server, last_used)]
+                keep = min(len(gone), spared[name])
+                spared[name] -= keep
+                gone = gone[:len(gone) - keep]  # the last used are spared: a session takes those first
                 if gone:
-                    closing += gone
-                    touched.add(self.destination_of[server])
+                    closing += [(client, name) for client in gone]
                     clients[:] = [(client, last_used) for client, last_used in clients if client not in gone]
                 if not clients:
                     del self.kept[server]
-        for client in closing:  # QUIT outside the lock: it waits for the server
-            client.close()
-        return touched
+        deadline = time.monotonic() + CLOSE_SECONDS
+        for client, _ in closing:  # QUIT outside the lock: it waits for the server, for a while
+            client.close(max(0.0, deadline - time.monotonic()))
+        return {name for _, name in closing}
 
     def kept_counts(self, destinations: Iterable[str]) -> tuple[dict[str, int], int]:
         """How many idle connections this worker keeps to each of these destinations (a next
@@ -394,6 +411,18 @@ class SMTPTransport:
         """The MX hosts of MX routing (None for other next hops) and the servers to try, in
         order, each under the TLS policy that applies to it; MXLookupError or ResolverConfigError
         when DNS gives none."""
+        hosts, servers, settings = self.servers_under_tls(hop)
+        if hop.kind == MX and sts_applies(settings.tls is not None, settings.tls_policy(self.config.smtp_tls).level,
+                                          any(server.tls.tlsa for server in servers)):
+            servers = self._apply_sts(hop.argument, servers)
+        return hosts, servers
+
+    def servers_under_tls(self, hop: NextHop) -> tuple[list[MXHost] | None, list[Server], DestinationSettings]:
+        """The MX hosts of MX routing (None for other next hops), the servers to try in order,
+        each under its TLS policy before any MTA-STS policy (the names its certificate must match,
+        and under a DANE level its host's TLSA records or why it is not used), and the settings
+        whose TLS keys apply. Delivery's decision, which `qrouter route --resolve` shows as it
+        is; MXLookupError or ResolverConfigError when DNS gives none."""
         hosts = self._lookup(hop.argument) if hop.kind == MX else None
         servers = self._servers(hop) if hosts is None else _expand(hosts, self.config.smtp_port, lmtp=False,
                                                                    auth=None)
@@ -403,10 +432,7 @@ class SMTPTransport:
                    for server in servers]
         if tls.level in DANE_LEVELS:
             servers = self._dane(servers)
-        if hop.kind == MX and sts_applies(settings.tls is not None, tls.level,
-                                          any(server.tls.tlsa for server in servers)):
-            servers = self._apply_sts(hop.argument, servers)
-        return hosts, servers
+        return hosts, servers, settings
 
     def _apply_sts(self, domain: str, servers: list[Server]) -> list[Server]:
         """The servers of MX delivery to `domain` under its MTA-STS policy, if it has one
@@ -422,7 +448,8 @@ class SMTPTransport:
 
     def _dane(self, servers: list[Server]) -> list[Server]:
         """The servers under a DANE level, each under its host's policy (policy/dane.py), the
-        TLSA records looked up once a host and port (a host's addresses share them)."""
+        TLSA records looked up once a host and port (a host's addresses share them): at the
+        end of its name's validated CNAME chain first, then at the name (RFC 7672 2.2.2)."""
         from workers import mx_lookup
 
         policies: dict[tuple[str, int], TLSPolicy] = {}
@@ -430,7 +457,8 @@ class SMTPTransport:
         for server in servers:
             key = (server.name, server.port)
             if key not in policies:
-                policies[key] = mx_lookup.host_tls(server.tls, server.name, server.port, server.secure, self._dns())
+                policies[key] = mx_lookup.host_tls(server.tls, server.name, server.port, server.secure, self._dns(),
+                                                   server.alias)
             placed.append(replace(server, tls=policies[key]))
         return placed
 
@@ -476,25 +504,13 @@ class SMTPTransport:
             return fixed
         bare = destination.strip("[]")
         address = address_literal(bare)
-        found = [MXHost(address, 0, (address,))] if address else self._relay(destination, bare, lmtp)
+        found = ([MXHost(address, 0, (address,))] if address
+                 else self._lookup(relay_lookup_name(destination, self.helo_name, lmtp)))
         servers = _expand(found, port or (LMTP_PORT if lmtp else self.config.smtp_port), lmtp=lmtp,
                           auth=self.credentials.get(bare.lower()))
         if address:
             self._fixed[key] = servers
         return servers
-
-    def _relay(self, destination: str, bare: str, lmtp: bool) -> list[MXHost]:
-        """A relay host given by name: `[name]` (and any LMTP host) by its A/AAAA records, a bare
-        name by MX lookup first, as Postfix does. A short name, bracketed or not, is qualified
-        under our domain."""
-        if destination.startswith("[") or lmtp:
-            return self._lookup(f"[{self._qualify(bare)}]")
-        return self._lookup(self._qualify(bare))
-
-    def _qualify(self, name: str) -> str:
-        """`name` under our domain if it has no dot; `localhost` means this machine (RFC 6761)."""
-        domain = self.helo_name.partition(".")[2]
-        return f"{name}.{domain}" if "." not in name and domain and name.lower() != "localhost" else name
 
     def _lookup(self, destination: str) -> list[MXHost]:
         """mx_lookup.next_hops, with the DNS library loaded on first use: a worker that only
@@ -513,6 +529,18 @@ class SMTPTransport:
                                                      cache=mx_lookup.CACHE_NAMES,
                                                      dnssec=self.config.dns_support_level == DNS_DNSSEC)
         return self._resolver
+
+
+def relay_lookup_name(destination: str, helo_name: str, lmtp: bool) -> str:
+    """What a relay host (`name` or `[name]`, as the next hop writes it) is looked up as:
+    `[name]` (and any LMTP host) by its A/AAAA records, a bare name by MX lookup first, as Postfix
+    does. A short name, bracketed or not, is qualified under our domain (that of `helo_name`);
+    `localhost` means this machine (RFC 6761), and an address is left as it is."""
+    bare = destination.strip("[]")
+    domain = helo_name.partition(".")[2]
+    if "." not in bare and ":" not in bare and domain and bare.lower() != "localhost":
+        bare = f"{bare}.{domain}"
+    return f"[{bare}]" if destination.startswith("[") or lmtp else bare
 
 
 def _lookup_failure(exc: MXLookupError | ResolverConfigError, mx: bool) -> tuple[str, str]:
@@ -539,7 +567,7 @@ def _under(server: Server, tls: TLSPolicy, next_hop: str, mx: bool) -> Server:
 
 
 def _expand(hosts: list[MXHost], port: int, *, lmtp: bool, auth: tuple[str, str] | None) -> list[Server]:
-    return [Server(host.name, ip, port, lmtp=lmtp, auth=auth, secure=host.secure)
+    return [Server(host.name, ip, port, lmtp=lmtp, auth=auth, secure=host.secure, alias=host.alias)
             for host in hosts for ip in host.addresses]
 
 

@@ -21,6 +21,9 @@ Where the server offers CHUNKING (RFC 3030) the message goes as one `BDAT n LAST
 MAIL and RCPT when the server pipelines: a message then costs one round trip, not two. A server
 that offers CHUNKING but fails BDAT (answers it as an unknown command, or hangs up at it) is
 named in `bdat_failure`; the caller connects again with chunking=False and sends with DATA.
+
+What a message becomes on the wire is workers/smtp_wire.py; what a reply says and means,
+workers/smtp_reply.py.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import socket
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import NoReturn, Protocol
 
 from policy.tls_policy import LEVELS, NAMED_LEVELS, TLS_MAY, TLS_NONE, TLSPolicy
@@ -44,76 +47,25 @@ from policy.tls_report import (
     VALIDATION_FAILURE,
 )
 from router.config.timeouts import Timeouts
-from router.spool.queue_file import clean
+from router.spool.dsn import NOTIFY
 from workers import tls
-from workers.transport import BOUNCED, DEFERRED, SENT
+from workers.smtp_reply import GREETING, Reply, extensions, known_reply, local_reply, reply_text, too_many
+from workers.smtp_wire import body, stuff
 
 SMTP_PORT, LMTP_PORT = 25, 24
 MAX_LINE = 2048  # RFC 5321 allows 512 per reply line; leave room for chatty servers
 MAX_REPLY = 64 * 1024  # a multi-line reply larger than this is a hostile or broken peer
 PIPELINE_BATCH = 100  # commands per write: the replies to them fit in socket buffers, so no deadlock
 CHUNK = 64 * 1024  # one "data block" of RFC 5321 4.5.3.2.5, each with its own timeout
-MAX_TEXT_LINE = 998  # octets of a message line before its CRLF (RFC 5321 4.5.3.1.6)
 
-GREETING, BODY, END_OF_DATA, BDAT = "greeting", "message body", "end of DATA", "BDAT"
+BODY, END_OF_DATA, BDAT = "message body", "end of DATA", "BDAT"
 # Replies to BDAT from a server that does not know it, whatever it offered: it read the chunk as
 # commands, so nothing it says next can be trusted. 503 counts too once a recipient was accepted.
 _BDAT_UNKNOWN = frozenset({500, 501, 502, 504})
 
-_ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?: +|$)")
-_NOTIFY = re.compile(r"NEVER|(?:SUCCESS|FAILURE|DELAY)(?:,(?:SUCCESS|FAILURE|DELAY))*")
 _ADDR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
 _CONTROL_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f]")  # would break the command line
 _HOST_NAME = re.compile(r"[\x21-\x7e]+")
-# A line too long for the wire, past the first line: its literal first byte lets re skip ahead
-# with a fast scan, which keeps the check for the common case (none) cheaper than the CRLF pass.
-_LONG_LINE = re.compile(rb"\n[^\n]{%d}" % (MAX_TEXT_LINE + 1))
-_HEADER_LINE = re.compile(rb"[!-9;-~]+:|[ \t]")  # a field name and colon, or a folded continuation
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One answer for a recipient or a command: the server's words, or ours (`local`) when the
-    server could not give one (timeout, lost connection) or was never asked (SIZE, SMTPUTF8).
-
-    `unsent` marks a recipient left out of the transaction because the server's recipient limit
-    was reached (452 too many recipients): not refused, and fit for a new transaction at once.
-    `derived` says the server gave no enhanced status code and `dsn` was derived from `code`:
-    it is then left out of the reply as quoted, which keeps the server's words verbatim.
-    `lines` keeps the raw text of each line (EHLO keywords live there).
-    """
-
-    code: int
-    dsn: str
-    text: str
-    command: str = ""
-    local: bool = False
-    unsent: bool = False
-    derived: bool = False
-    lines: tuple[str, ...] = field(default=(), repr=False, compare=False)
-
-    @property
-    def status(self) -> str:
-        """sent, deferred or bounced, as workers.transport names them; anything odd defers."""
-        kind = self.code // 100
-        return SENT if kind == 2 else BOUNCED if kind == 5 else DEFERRED
-
-    @property
-    def ok(self) -> bool:
-        return self.code // 100 == 2
-
-    def __str__(self) -> str:
-        if self.local:
-            return self.text
-        quoted = self.text if self.derived else f"{self.dsn} {self.text}"
-        return f"{self.code} {quoted}".rstrip()
-
-    def describe(self, peer: str) -> str:
-        """The reply as a log line or bounce reason, the way Postfix words it."""
-        if self.local:
-            return self.text
-        said = f"host {peer} said: {self}"
-        return said if self.command in ("", GREETING) else f"{said} (in reply to {self.command} command)"
 
 
 class SMTPError(Exception):
@@ -150,7 +102,7 @@ class TLSFailure(_TLSProblem):
 def refused(peer: str, policy: TLSPolicy) -> TLSFailure:
     """The failure of a server its TLS policy will not let us use (its `refusal`, e.g. DANE's
     reason), for the caller to raise before connecting."""
-    return TLSFailure(_local(454, "4.7.5", f"not connecting to {peer}: {policy.refusal}", "connect"),
+    return TLSFailure(local_reply(454, "4.7.5", f"not connecting to {peer}: {policy.refusal}", "connect"),
                       policy.refusal_type or VALIDATION_FAILURE)
 
 
@@ -220,9 +172,9 @@ class SMTPClient:
             sock = socket.create_connection((ip or host, port), timeout=timeouts.connect,
                                             source_address=(bind, 0) if bind else None)
         except socket.gaierror as exc:
-            raise SMTPError(_local(421, "4.4.4", f"connect to {where}: {_reason(exc)}", "connect")) from None
+            raise SMTPError(local_reply(421, "4.4.4", f"connect to {where}: {_reason(exc)}", "connect")) from None
         except OSError as exc:
-            raise SMTPError(_local(421, "4.4.1", f"connect to {where}: {_reason(exc)}", "connect")) from None
+            raise SMTPError(local_reply(421, "4.4.1", f"connect to {where}: {_reason(exc)}", "connect")) from None
         peer = f"{host}[{ip or sock.getpeername()[0]}]:{port}"
         client = cls(sock, peer, helo_name=helo_name, lmtp=lmtp, timeouts=timeouts, local=False, chunking=chunking)
         client._start(policy, (tls_name or host).lower(), ca_file, auth, allow_plaintext_auth)
@@ -242,7 +194,7 @@ class SMTPClient:
             sock.connect(path)
         except OSError as exc:
             sock.close()
-            raise SMTPError(_local(421, "4.4.1", f"connect to {peer}: {_reason(exc)}", "connect")) from None
+            raise SMTPError(local_reply(421, "4.4.1", f"connect to {peer}: {_reason(exc)}", "connect")) from None
         client = cls(sock, peer, helo_name=helo_name, lmtp=lmtp, timeouts=timeouts, local=True, chunking=chunking)
         client._start(TLSPolicy(TLS_NONE), "", None, auth, False)
         return client
@@ -253,7 +205,7 @@ class SMTPClient:
             greeting = self._read(GREETING, self.timeouts.greeting)
             if greeting.code != 220:
                 if greeting.code // 100 not in (4, 5):  # never let a failed session read as "sent"
-                    greeting = _local(421, "4.5.0", f"host {self.peer} greeted with {greeting}", GREETING)
+                    greeting = local_reply(421, "4.5.0", f"host {self.peer} greeted with {greeting}", GREETING)
                 self._give_up(greeting)
             self._hello()
             if policy.level != TLS_NONE:
@@ -275,35 +227,41 @@ class SMTPClient:
                 return
         if not reply.ok:
             self._give_up(reply)
-        self.esmtp, self.extensions = True, _extensions(reply.lines[1:])
+        self.esmtp, self.extensions = True, extensions(reply.lines[1:])
 
     def _starttls(self, policy: TLSPolicy, tls_name: str, ca_file: str | None) -> None:
-        """STARTTLS as `policy` asks, naming `tls_name` in SNI; a certificate must match the
-        policy's names, else `tls_name`. Under every level but `may`, a server that does not offer
-        or accept it, a failed handshake or a certificate that does not pass ends the session
-        (4.7.x) before any command of a transaction: nothing goes in clear."""
+        """STARTTLS as `policy` asks, naming `tls_name` in SNI (under DANE, the name the TLSA
+        records are at: RFC 7672 8.1); a certificate must match the policy's names, else
+        `tls_name`. Under every level but `may`, a server that does not offer or accept it, a
+        failed handshake or a certificate that does not pass ends the session (4.7.x) before
+        any command of a transaction: nothing goes in clear."""
         names = policy.match or (tls_name,)
-        required = f"TLS is required (DANE: {tls_name} has TLSA records)" if policy.tlsa else "TLS is required"
+        sni = policy.tlsa_base or tls_name
+        required = "TLS is required"
+        if policy.tlsa:
+            required = f"TLS is required (DANE: {sni} has TLSA records)"
+        elif policy.tlsa_unusable:
+            required = f"TLS is required (DANE: {sni} has TLSA records, none of them usable)"
         if "STARTTLS" not in self.extensions:
             if policy.required:
-                self._tls_failed(_local(454, "4.7.4", f"{required}, but was not offered by host {self.peer}"),
+                self._tls_failed(local_reply(454, "4.7.4", f"{required}, but was not offered by host {self.peer}"),
                                  STARTTLS_NOT_SUPPORTED)
             return
         try:
             context = tls.context(policy, ca_file)
         except (OSError, ValueError) as exc:
-            self._tls_failed(_local(454, "4.7.5", f"cannot load CA file {ca_file}: {_reason(exc)}"), "")
+            self._tls_failed(local_reply(454, "4.7.5", f"cannot load CA file {ca_file}: {_reason(exc)}"), "")
         reply = self._command("STARTTLS", "STARTTLS", self.timeouts.starttls)
         if reply.code != 220:
             if policy.required:
-                self._tls_failed(_local(454, "4" + reply.dsn[1:], f"{required}, but {reply.describe(self.peer)}"),
+                self._tls_failed(local_reply(454, "4" + reply.dsn[1:], f"{required}, but {reply.describe(self.peer)}"),
                                  STARTTLS_NOT_SUPPORTED)
             return  # `may`: RFC 3207 lets the session go on unencrypted
         if self._buffer:  # read before the handshake, so not from the TLS peer: someone injected it
             self._fail("STARTTLS", "4.5.0", f"host {self.peer} sent data after its STARTTLS reply")
         assert self._sock is not None
         try:
-            sock = context.wrap_socket(self._sock, server_hostname=tls_name or None,
+            sock = context.wrap_socket(self._sock, server_hostname=sni or None,
                                        do_handshake_on_connect=False)
             self._sock = sock
             sock.settimeout(self.timeouts.starttls)
@@ -312,17 +270,17 @@ class SMTPClient:
         except (OSError, ValueError) as exc:
             self.abort()
             if not policy.required:  # the certificate is not checked: only the handshake itself can fail
-                raise TLSFallback(_local(454, "4.7.5", f"TLS handshake with {self.peer} failed: "
-                                                       f"{_tls_reason(exc)}"), local_ip=self.local_ip) from None
+                raise TLSFallback(local_reply(454, "4.7.5", f"TLS handshake with {self.peer} failed: "
+                                                            f"{_tls_reason(exc)}"), local_ip=self.local_ip) from None
             if isinstance(exc, ssl.SSLCertVerificationError):
                 text = f"server certificate of {self.peer} not verified for {', '.join(names)}: {exc.verify_message}"
             else:
                 text = f"{required}, but the handshake with {self.peer} failed: {_tls_reason(exc)}"
-            raise TLSFailure(_local(454, "4.7.5", text), tls.result_type(exc), self.local_ip) from None
+            raise TLSFailure(local_reply(454, "4.7.5", text), tls.result_type(exc), self.local_ip) from None
         problem = tls.check_peer(sock, policy, names)
         if problem:
             self.abort()
-            raise TLSFailure(_local(454, "4.7.5", f"server certificate of {self.peer} {problem}"),
+            raise TLSFailure(local_reply(454, "4.7.5", f"server certificate of {self.peer} {problem}"),
                              _mismatch(policy), self.local_ip)
         self.tls = tls.describe(sock)
         self.tls_trust = tls.trust(sock, policy)
@@ -333,13 +291,13 @@ class SMTPClient:
         mistake to fix, not a reason to return mail to its sender."""
         mechanisms = self.auth_mechanisms
         if not mechanisms:
-            self._give_up(_local(454, "4.7.0", f"credentials are configured but host {self.peer} offers no AUTH"))
+            self._give_up(local_reply(454, "4.7.0", f"credentials are configured but host {self.peer} offers no AUTH"))
         if "PLAIN" not in mechanisms and "LOGIN" not in mechanisms:
-            self._give_up(_local(454, "4.7.0", f"no SASL mechanism in common with host {self.peer} "
-                                               f"(it offers {' '.join(sorted(mechanisms))}; we do PLAIN, LOGIN)"))
+            self._give_up(local_reply(454, "4.7.0", f"no SASL mechanism in common with host {self.peer} "
+                                                    f"(it offers {' '.join(sorted(mechanisms))}; we do PLAIN, LOGIN)"))
         if not (self.tls or self._local or allow_plaintext):
-            self._give_up(_local(454, "4.7.0", f"not sending credentials to host {self.peer} "
-                                               "over an unencrypted connection"))
+            self._give_up(local_reply(454, "4.7.0", f"not sending credentials to host {self.peer} "
+                                                    "over an unencrypted connection"))
         timeout = self.timeouts.auth
         if "PLAIN" in mechanisms:
             token = _b64(b"\0" + user.encode() + b"\0" + password.encode())
@@ -353,8 +311,8 @@ class SMTPClient:
         if reply.code == 334:  # the server wants more than PLAIN or LOGIN give: cancel
             self._command("*", "AUTH", timeout)
         if reply.code != 235:
-            self._give_up(_local(454, "4" + reply.dsn[1:], f"SASL authentication failed; "
-                                                           f"{reply.describe(self.peer)}"))
+            self._give_up(local_reply(454, "4" + reply.dsn[1:], f"SASL authentication failed; "
+                                                                f"{reply.describe(self.peer)}"))
         self.authenticated = True
 
     # -- what the session offers -----------------------------------------------------------
@@ -398,8 +356,8 @@ class SMTPClient:
         if not rcpts:
             return []
         if self._sock is None:
-            return [_local(421, "4.4.2", f"connection with {self.peer} is closed", "MAIL FROM")] * len(rcpts)
-        data, binary = _body(message, binarymime=self.chunking and "BINARYMIME" in self.extensions)
+            return [local_reply(421, "4.4.2", f"connection with {self.peer} is closed", "MAIL FROM")] * len(rcpts)
+        data, binary = body(message, binarymime=self.chunking and "BINARYMIME" in self.extensions)
         self._refuse_locally(sender, [r[0] for r in rcpts], len(data), results)
         try:
             if any(r is None for r in results):
@@ -427,19 +385,19 @@ class SMTPClient:
         everyone = range(len(addresses))
         limit = self.size_limit
         if _CONTROL_IN_ADDRESS.search(sender):
-            self._answer(results, everyone, _local(553, "5.1.7", f"bad sender address syntax: <{sender}>"))
+            self._answer(results, everyone, local_reply(553, "5.1.7", f"bad sender address syntax: <{sender}>"))
         elif limit and size > limit:
-            self._answer(results, everyone, _local(552, "5.3.4", f"message size {size} exceeds size limit "
-                                                                 f"{limit} of server {self.peer}"))
+            self._answer(results, everyone, local_reply(552, "5.3.4", f"message size {size} exceeds size limit "
+                                                                      f"{limit} of server {self.peer}"))
         elif "SMTPUTF8" not in self.extensions and not sender.isascii():
-            self._answer(results, everyone, _local(553, "5.6.7", f"SMTPUTF8 is required for sender <{sender}>, "
-                                                                 f"but was not offered by host {self.peer}"))
+            self._answer(results, everyone, local_reply(553, "5.6.7", f"SMTPUTF8 is required for sender <{sender}>, "
+                                                                      f"but was not offered by host {self.peer}"))
         for index, address in enumerate(addresses):
             if _CONTROL_IN_ADDRESS.search(address) and not results[index]:
-                results[index] = _local(553, "5.1.3", f"bad recipient address syntax: <{address}>")
+                results[index] = local_reply(553, "5.1.3", f"bad recipient address syntax: <{address}>")
             elif "SMTPUTF8" not in self.extensions and not address.isascii() and not results[index]:
-                results[index] = _local(553, "5.6.7", "SMTPUTF8 is required, but was not offered by host "
-                                                      f"{self.peer}")
+                results[index] = local_reply(553, "5.6.7", "SMTPUTF8 is required, but was not offered by host "
+                                                           f"{self.peer}")
 
     @staticmethod
     def _answer(results: list[Reply | None], indexes: Sequence[int], reply: Reply) -> None:
@@ -478,7 +436,7 @@ class SMTPClient:
             return
         if reply.code != 354:  # a "250" here would claim a delivery that never happened
             self._fail("DATA", "4.5.0", f"host {self.peer} answered DATA with {reply}")
-        self._write_body(_stuff(data))
+        self._write_body(stuff(data))
         if self.lmtp:
             for index in accepted:
                 results[index] = self._read(END_OF_DATA, self.timeouts.dot)
@@ -588,7 +546,7 @@ class SMTPClient:
                         results[index] = mail
                     elif reply.ok:
                         accepted.append(index)
-                    elif accepted and _too_many(reply):
+                    elif accepted and too_many(reply):
                         limit = limit or reply
                         results[index] = replace(reply, unsent=True)
                     else:
@@ -643,13 +601,16 @@ class SMTPClient:
         """A server that will not reset is in a state we cannot trust: close the connection."""
         if not reply.ok:
             self.abort()
-            raise SMTPError(_local(421, "4" + reply.dsn[1:], f"{reply.describe(self.peer)}; connection closed", "RSET"))
+            raise SMTPError(local_reply(421, "4" + reply.dsn[1:], f"{reply.describe(self.peer)}; connection closed",
+                                        "RSET"))
 
-    def close(self) -> None:
-        """QUIT and close; never raises, and may be called again."""
-        if self.is_alive():
+    def close(self, wait: float | None = None) -> None:
+        """QUIT and close; never raises, and may be called again. `wait`: at most this long for
+        the reply to QUIT, if less than the quit timeout; 0 closes without QUIT."""
+        timeout = self.timeouts.quit if wait is None else min(wait, self.timeouts.quit)
+        if self.is_alive() and timeout > 0:
             try:
-                self._command("QUIT", "QUIT", self.timeouts.quit)
+                self._command("QUIT", "QUIT", timeout)
             except SMTPError:
                 pass
         self.abort()
@@ -688,7 +649,7 @@ class SMTPClient:
         full, so a command costs one system call."""
         sock = self._sock
         if sock is None:
-            raise SMTPError(_local(421, "4.4.2", f"connection with {self.peer} is closed", what))
+            raise SMTPError(local_reply(421, "4.4.2", f"connection with {self.peer} is closed", what))
         view = memoryview(data)
         deadline = 0.0
         while view:
@@ -730,11 +691,11 @@ class SMTPClient:
             if (not code.isdigit() or code[:1] not in (b"2", b"3", b"4", b"5") or separator not in (b"", b" ", b"-")
                     or (lines and code != lines[0][:3])):
                 self._fail(what, "4.5.0", f"host {self.peer} sent a malformed reply while {_doing(what)}: "
-                                          f"{_text(line[:100])!r}")
+                                          f"{reply_text(line[:100])!r}")
             lines.append(line)
             if separator != b"-":
                 break
-        reply = _known_reply(lines, what)
+        reply = known_reply(lines, what)
         if reply.code == 421 and what != "QUIT":
             self.abort()
             raise SMTPError(reply)
@@ -777,7 +738,7 @@ class SMTPClient:
     def _fail(self, what: str, dsn: str, text: str, error: type[SMTPError] = SMTPError) -> NoReturn:
         """The connection is no longer trustworthy: drop it and defer."""
         self.abort()
-        raise error(_local(421, dsn, text, what))
+        raise error(local_reply(421, dsn, text, what))
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -790,66 +751,11 @@ def _check_setup(helo_name: str, tls: str) -> None:
         raise ValueError(f"unknown TLS policy {tls!r} (known: {', '.join(LEVELS)})")
 
 
-def _extensions(lines: Sequence[str]) -> dict[str, str]:
-    """EHLO keywords (upper case) and their parameters; the old `AUTH=` form counts as AUTH."""
-    found: dict[str, str] = {}
-    for line in lines:
-        keyword, _, params = line.strip().partition(" ")
-        keyword = keyword.upper()
-        if keyword.startswith("AUTH="):
-            keyword, params = "AUTH", f"{keyword[5:]} {params}"
-        if keyword == "AUTH" and keyword in found:
-            params = f"{found[keyword]} {params}"
-        if keyword:
-            found[keyword] = params.strip()
-    return found
-
-
-_KNOWN: dict[tuple[tuple[bytes, ...], str], Reply] = {}
-KNOWN_REPLIES = 256
-
-
-def _known_reply(lines: list[bytes], what: str) -> Reply:
-    """_parse_reply, remembered: a server answers MAIL, RCPT, DATA and RSET with the same bytes
-    message after message, and a Reply is immutable, so one parse serves them all."""
-    key = (tuple(lines), what)
-    reply = _KNOWN.get(key)
-    if reply is None:
-        if len(_KNOWN) >= KNOWN_REPLIES:
-            _KNOWN.clear()
-        reply = _KNOWN[key] = _parse_reply(lines, what)
-    return reply
-
-
-def _parse_reply(lines: list[bytes], what: str) -> Reply:
-    """Code, enhanced status code (RFC 3463; derived from the code when absent) and the text
-    of all lines joined by spaces, for logs."""
-    code = int(lines[0][:3])
-    raw = tuple(_text(line[4:]) for line in lines)
-    dsn = ""
-    texts = []
-    for text in raw:
-        match = _ENHANCED.match(text)
-        if match and match[1] == str(code)[0]:
-            dsn = dsn or match[0].strip()
-            text = text[match.end():]
-        if text.strip():
-            texts.append(text.strip())
-    return Reply(code, dsn or f"{code // 100}.0.0", " ".join(texts), what, derived=not dsn, lines=raw)
-
-
-def _too_many(reply: Reply) -> bool:
-    """RFC 5321 4.5.3.1.10: 452 (or the old 552) for the recipient limit, not for a full mailbox."""
-    if reply.code == 452:
-        return reply.dsn in ("4.5.3", "4.0.0") or "too many" in reply.text.lower()
-    return reply.code == 552 and reply.dsn == "5.5.3"
-
-
 def _rcpt_parameters(address: str, notify: str, orcpt: str, dsn: bool) -> str:
     if not dsn:
         return ""
     params = ""
-    if _NOTIFY.fullmatch(notify.upper().replace(" ", "")):
+    if NOTIFY.fullmatch(notify.upper().replace(" ", "")):
         params += f" NOTIFY={notify.upper().replace(' ', '')}"
     if orcpt:
         params += f" ORCPT={_orcpt(orcpt)}"
@@ -875,86 +781,6 @@ def _orcpt(value: str) -> str:
     return "utf-8;" + "".join(c if "!" <= c <= "~" and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in address)
 
 
-def _body(message: bytes, binarymime: bool) -> tuple[bytes, bool]:
-    """The message as it goes to the server (before any dot-stuffing), and whether it goes as
-    BODY=BINARYMIME. Every line end (LF or CRLF) as CRLF, and one after a last line that lacks
-    it. A CR not before an LF, and a NUL, are data and stay, so binary content goes through
-    unchanged otherwise. A line too long for DATA is wrapped (wrap_long_lines) unless the server
-    takes BINARYMIME (`binarymime`, with BDAT): a message with such a line, a bare CR or a NUL,
-    none of which DATA may carry, then goes as it is, declared BINARYMIME (RFC 3030)."""
-    data = message.replace(b"\r\n", b"\n")
-    long = _has_long_line(data)
-    binary = binarymime and (long or b"\r" in data or b"\0" in data)  # every CR left is a bare one
-    if long and not binary:
-        data = wrap_long_lines(data)
-    data = data.replace(b"\n", b"\r\n")
-    return (data + b"\r\n" if data and not data.endswith(b"\r\n") else data), binary
-
-
-def _has_long_line(data: bytes) -> bool:
-    """Whether a line of LF-ended `data` is longer than MAX_TEXT_LINE: the first line by a find
-    bounded to its first MAX_TEXT_LINE + 1 bytes, the others by one search (see _LONG_LINE)."""
-    first_is_long = len(data) > MAX_TEXT_LINE and data.find(b"\n", 0, MAX_TEXT_LINE + 1) < 0
-    return first_is_long or _LONG_LINE.search(data) is not None
-
-
-def wrap_long_lines(data: bytes) -> bytes:
-    """Every line of LF-ended `data` longer than MAX_TEXT_LINE wrapped, as Postfix's
-    smtp_line_length_limit does: a strict server refuses the whole message for one such line
-    (500), which would return mail that can be delivered. Header lines (up to the first line
-    that is empty or not a header line) are folded, so that unfolding gives the field back
-    (_fold); body lines are split into pieces of MAX_TEXT_LINE octets."""
-    lines = data.split(b"\n")
-    in_header = True
-    for index, line in enumerate(lines):
-        in_header = in_header and _HEADER_LINE.match(line) is not None
-        if len(line) > MAX_TEXT_LINE:
-            lines[index] = _fold(line) if in_header else _split(line)
-    return b"\n".join(lines)
-
-
-def _fold(line: bytes) -> bytes:
-    """A header line folded (RFC 5322 2.2.3) into lines of at most MAX_TEXT_LINE octets: before
-    white space where there is some, so unfolding restores it exactly; else at the limit, with a
-    space added to start the continuation line."""
-    pieces = []
-    while len(line) > MAX_TEXT_LINE:
-        cut = _fold_point(line)
-        pieces.append(line[:cut])
-        line = line[cut:] if line[cut:cut + 1] in (b" ", b"\t") else b" " + line[cut:]
-    pieces.append(line)
-    return b"\n".join(pieces)
-
-
-def _fold_point(line: bytes) -> int:
-    """The last white space within the limit that has text before it (a line of white space
-    alone is not a folded line), else the limit itself."""
-    text_starts = len(line) - len(line.lstrip(b" \t"))
-    end = MAX_TEXT_LINE + 1
-    cut = max(line.rfind(b" ", text_starts + 1, end), line.rfind(b"\t", text_starts + 1, end))
-    return cut if cut > 0 else MAX_TEXT_LINE
-
-
-def _split(line: bytes) -> bytes:
-    """A body line as lines of MAX_TEXT_LINE octets, the last one shorter."""
-    return b"\n".join(line[start:start + MAX_TEXT_LINE] for start in range(0, len(line), MAX_TEXT_LINE))
-
-
-def _stuff(data: bytes) -> bytes:
-    """Dot-stuffing (RFC 5321 4.5.2) of CRLF-ended data, and the terminating dot line."""
-    data = data.replace(b"\r\n.", b"\r\n..")
-    return (b"." + data if data.startswith(b".") else data) + b".\r\n"
-
-
-def wire_data(message: bytes) -> bytes:
-    """Exactly what follows a 354: the message with CRLF line ends, dot-stuffed, terminated."""
-    return _stuff(_body(message, binarymime=False)[0])
-
-
-def _local(code: int, dsn: str, text: str, what: str = "") -> Reply:
-    return Reply(code, dsn, text, what, local=True)
-
-
 def _doing(what: str) -> str:
     if what == GREETING:
         return "receiving the initial server greeting"
@@ -963,10 +789,6 @@ def _doing(what: str) -> str:
     if what == BDAT:
         return "sending BDAT LAST -- message may be sent more than once"
     return f"sending {what}"
-
-
-def _text(raw: bytes) -> str:
-    return clean(raw.decode("utf-8", "replace"))
 
 
 def _reason(exc: BaseException) -> str:

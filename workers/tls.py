@@ -48,7 +48,7 @@ def context(policy: TLSPolicy, ca_file: str | None) -> ssl.SSLContext:
 def check_peer(sock: ssl.SSLSocket, policy: TLSPolicy, names: tuple[str, ...]) -> str:
     """Why the certificate does not pass the policy's checks ("" when it does), after a
     handshake that verified its chain where the level asks for that. `names` are those it must
-    match under a named level."""
+    match under a named level (and a DANE-TA record's certificate)."""
     if policy.level in NAMED_LEVELS:
         found = certificate_names(sock.getpeercert() or {})
         if not any(name_matches(name, wanted) for name in found for wanted in names):
@@ -60,7 +60,7 @@ def check_peer(sock: ssl.SSLSocket, policy: TLSPolicy, names: tuple[str, ...]) -
         digests = digests_of(der)
         if not digests & set(policy.fingerprints):
             return f"not verified by fingerprint: its SHA-256 digests {' and '.join(sorted(digests))} are not listed"
-    elif policy.level in DANE_LEVELS:
+    elif policy.level in DANE_LEVELS and policy.tlsa:  # with unusable records only, nothing is checked
         from workers import dane  # the cryptography package only for the levels that need it
 
         return dane.check(sock, policy, names)
@@ -82,10 +82,11 @@ def result_type(exc: BaseException) -> str:
 
 def trust(sock: ssl.SSLSocket, policy: TLSPolicy) -> str:
     """How Postfix would call the session: Verified (the level's checks passed), Untrusted
-    (a certificate nobody checked, under may) or Anonymous (none at all)."""
+    (a certificate nobody checked: under may, or DANE with unusable TLSA records only) or
+    Anonymous (none at all)."""
     if sock.getpeercert(binary_form=True) is None:
         return ANONYMOUS
-    return VERIFIED if policy.required else UNTRUSTED
+    return VERIFIED if policy.authenticated else UNTRUSTED
 
 
 def describe(sock: ssl.SSLSocket) -> str:

@@ -26,7 +26,16 @@ import time
 from typing import TYPE_CHECKING
 
 from policy.tls_policy import TLS_NONE
-from policy.tls_report import NO_POLICY_FOUND, STARTTLS_NOT_SUPPORTED, STS, SUCCESS, TLSA, Outcome, utc_day
+from policy.tls_report import (
+    NO_POLICY_FOUND,
+    STARTTLS_NOT_SUPPORTED,
+    STS,
+    SUCCESS,
+    TLSA,
+    Outcome,
+    Policy,
+    utc_day,
+)
 from router.spool.durable import make_shared_dir
 
 if TYPE_CHECKING:
@@ -77,14 +86,16 @@ class Recorder:
         else:
             return  # the fallback after a failed handshake, or a STARTTLS refused under `may`
         detail = "" if client.tls else f"{client.peer} did not offer STARTTLS"
-        self.record(*_policy(server), server.name, result, client.local_ip, server.ip, detail,
-                    _policy_mx(server))
+        self._record_under(_policy(server), server, result, client.local_ip, detail)
 
     def failed(self, server: Server, error: TLSFailure | TLSFallback) -> None:
         """A session to an MX host that could not be set up as its level asks."""
         if error.result_type and server.report_domain:
-            self.record(*_policy(server), server.name, error.result_type, error.local_ip, server.ip,
-                        error.reply.text, _policy_mx(server))
+            self._record_under(_policy(server), server, error.result_type, error.local_ip, error.reply.text)
+
+    def _record_under(self, policy: Policy, server: Server, result_type: str, sending_ip: str, detail: str) -> None:
+        self.record(policy.domain, policy.policy_type, policy.strings, server.name, result_type, sending_ip, server.ip,
+                    detail, policy.mx_hosts)
 
     def _append(self, line: bytes) -> None:
         path = day_path(self.queue_dir, utc_day(time.time()).isoformat())
@@ -106,17 +117,13 @@ class Recorder:
                             path, exc.strerror or exc)
 
 
-def _policy(server: Server) -> tuple[str, str, tuple[str, ...]]:
-    """The policy domain, type and strings a session to `server` is counted under: its DANE
-    records (policy/dane.py) or why DANE refused it, the MTA-STS policy it was used under
-    (policy/mta_sts.py Applied), else none found."""
-    if server.tls.tlsa or server.tls.refusal_type:
-        return server.report_domain, TLSA, tuple(str(record) for record in server.tls.tlsa)
+def _policy(server: Server) -> Policy:
+    """The policy a session to `server` is counted under: its DANE records (policy/dane.py; the
+    unusable ones when it has only those, whose sessions are TLS without authentication, a
+    success once set up) or why DANE refused it, the MTA-STS policy it was used under
+    (policy/mta_sts.py Applied) with its `mx` patterns (RFC 8460 4.4's mx-host), else none found."""
+    if server.tls.published or server.tls.refusal_type:
+        return Policy(server.report_domain, TLSA, tuple(str(record) for record in server.tls.published))
     if server.sts is not None:
-        return server.sts.domain, STS, server.sts.policy.lines()
-    return server.report_domain, NO_POLICY_FOUND, ()
-
-
-def _policy_mx(server: Server) -> tuple[str, ...]:
-    """The policy's `mx` patterns (RFC 8460 4.4's mx-host), none without a policy."""
-    return server.sts.policy.mx if server.sts is not None else ()
+        return Policy(server.sts.domain, STS, server.sts.policy.lines(), server.sts.policy.mx)
+    return Policy(server.report_domain, NO_POLICY_FOUND)

@@ -7,7 +7,9 @@ gzipped) goes to every address it gives:
 
     mailto:  a message queued into our own spool like any other (multipart/report;
              report-type="tlsrpt", the report as application/tlsrpt+gzip), from <>, with the
-             TLS-Report-Domain and TLS-Report-Submitter fields of RFC 8460 5.3
+             TLS-Report-Domain and TLS-Report-Submitter fields of RFC 8460 5.3, DKIM-signed
+             with tls-report-dkim-key when it is set (workers/report_signing.py); a report
+             that cannot be signed is not sent unsigned, it is tried again later
     https:   POSTed with Content-Type application/tlsrpt+gzip, the server's certificate verified
              (tls-report-ca, else the system store), within HTTP_TIMEOUT
 
@@ -56,12 +58,14 @@ from policy.tls_report import (
     utc_day,
 )
 from router.config import Config
+from router.config.dkim_key import DkimKeyError
 from router.logs.lines import logger
 from router.spool import INCOMING, Spool
-from router.spool.address import AddressError, parse_path
+from router.spool.address import AddressError, parse_path, split_address
 from router.spool.durable import fsync_dir, unlink_quietly, write_all
 from router.spool.queue_file import QueueFile, Recipient
 from router.spool.queue_id import arrival_of, new_queue_id
+from workers.report_signing import sign
 from workers.tls_outcomes import DIRECTORY, day_path
 
 log = logger("tlsrpt")
@@ -249,6 +253,12 @@ class Sender:
     def _contact(self) -> str:
         return self.config.tls_report_contact or f"postmaster@{self.me}"
 
+    def _sender(self) -> str:
+        """The From: of mailed reports, whose domain signs them unless tls-report-dkim-domain
+        says otherwise."""
+        contact = self._contact()
+        return contact if _is_address(contact) else f"postmaster@{self.me}"
+
     def _addresses(self, domain: str) -> tuple[list[str], str]:
         """The domain's reporting URIs, and "" or why DNS could not say now."""
         from workers import mx_lookup  # the DNS library only where reports are sent
@@ -273,9 +283,15 @@ class Sender:
             to = parse_path(mailto_address(uri))
         except AddressError as exc:
             return True, f"refused: {uri} is not an address ({exc})"
+        text = self._message(to, domain, day, data, made)
+        if self.config.tls_report_dkim_key:
+            try:
+                text = sign(text, self.config.tls_report_dkim_key, self.config.tls_report_dkim_selector,
+                            self.config.tls_report_dkim_domain or split_address(self._sender())[1])
+            except DkimKeyError as exc:
+                return False, f"cannot sign the report to <{to}>: {exc}"
         queue_id = new_queue_id()
-        message = QueueFile(queue_id, arrival_of(queue_id), "", [Recipient(to, notify="NEVER")],
-                            self._message(to, domain, day, data, made))
+        message = QueueFile(queue_id, arrival_of(queue_id), "", [Recipient(to, notify="NEVER")], text)
         message.add_log(message.arrival, f"TLS report on {domain} for {day.isoformat()}")
         try:
             self.spool.write(message, INCOMING)
@@ -286,9 +302,7 @@ class Sender:
     def _message(self, to: str, domain: str, day: datetime.date, data: bytes, made: dict) -> bytes:
         """The report as a message (RFC 8460 5.3): multipart/report; report-type="tlsrpt"."""
         boundary = f"{uuid.uuid4().hex}/{self.me}"
-        contact = self._contact()
-        sender = contact if _is_address(contact) else f"postmaster@{self.me}"
-        fields = [f"From: <{sender}>", f"To: <{to}>",
+        fields = [f"From: <{self._sender()}>", f"To: <{to}>",
                   f"Subject: Report Domain: {domain} Submitter: {self.me} Report-ID: <{made['report-id']}>",
                   f"Date: {email.utils.formatdate(time.time(), localtime=True)}",
                   f"Message-ID: <{uuid.uuid4().hex}@{self.me}>",

@@ -175,7 +175,8 @@ class Worker:
                         self.lookups.put((TLS_REPORT, None))
                     elif "drop" in task:  # the dispatcher wants room at these destinations
                         if self.smtp:
-                            self.smtp.drop(set(task["drop"]))
+                            with self.report_lock:  # no report says a connection is gone while it says QUIT
+                                self.smtp.drop(set(task["drop"]))
                         self._tell_kept(set(task["drop"]))
                     else:
                         if self.smtp and "number" in task:  # before any count that could miss it

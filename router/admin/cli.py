@@ -1,6 +1,5 @@
 """The `qrouter` command: run the daemon, queue a message, ask the daemon how it is doing."""
 
-import dataclasses
 import datetime
 import inspect
 import json
@@ -14,21 +13,19 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from policy.destinations import DestinationRules, DestinationSettings
-from policy.mta_sts import applies as sts_applies
-from policy.next_hop import LMTP, MDA, MX, PIPE, SMTP, NextHop
-from policy.rewriting import FROM, TO
+from policy.destinations import DestinationRules
 from policy.routing import Policy, load_policy
-from policy.tls_policy import DANE_LEVELS, TLSPolicy, names_to_match
+from policy.tls_policy import DANE_LEVELS
 from policy.tls_report import parse_day, utc_day
 from policy.transport_map import PolicyError
 from policy.verify import DELIVERABLE, REFUSED
 from router import config as config_module
-from router.admin import cluster_view
+from router.admin import cluster_view, route_view
 from router.admin.queue_view import ALL, WAITING, Selection, age, as_lines, find, messages, parse_duration
 from router.admin.queue_view import as_json as as_json_line
 from router.admin.queue_view import shape as queue_shape
 from router.config import DNS_DNSSEC, KEYS, Config, ConfigError, privileges
+from router.config.dns_servers import ResolverConfigError
 from router.daemon import detach as daemon
 from router.daemon import reach
 from router.daemon.control import QueueCommands
@@ -40,11 +37,8 @@ from router.spool import ACTIVE, DEFERRED, HOLD, INCOMING, NotAQueueFile, Spool,
 from router.spool.address import AddressError, parse_path
 from router.spool.headers import header_of, prepend_fields
 from router.spool.lock import SpoolNotAllowed, unless_daemon
-from router.spool.queue_file import MAX_OVERHEAD, QueueFile, Recipient, parse
+from router.spool.queue_file import MAX_OVERHEAD, parse
 from workers import tls_reports
-from workers.command import Account, environment, workdir
-from workers.local import command_for
-from workers.mx_hosts import site_destination
 
 EX_USAGE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 64, 75, 77, 78
 
@@ -176,7 +170,7 @@ def check_config(config: ConfigOption = None, **settings: Any) -> None:
     if unreachable:
         raise _fail("\n".join(unreachable), EX_CONFIG)
     typer.echo(f"qrouter: config {config or '(flags only)'} and its policy files are valid")
-    for warning in _dane_without_dnssec(loaded, policy.destinations):
+    for warning in [*_dane_without_dnssec(loaded, policy.destinations), *_unsigned_tls_reports(loaded)]:
         typer.echo(f"qrouter: warning: {warning}")
     name, source = loaded.hostname_choice()
     typer.echo(f"qrouter: EHLO name: {name} (from {source})")
@@ -196,6 +190,15 @@ def _dane_without_dnssec(loaded: Config, destinations: DestinationRules | None) 
     return [f"{place}: dns-support-level is {loaded.dns_support_level}, so no DNSSEC answer is trusted: "
             "dane acts as may and dane-only defers every delivery; set dns-support-level dnssec with a "
             "validating resolver on loopback (dns-servers)" for place in where]
+
+
+def _unsigned_tls_reports(loaded: Config) -> list[str]:
+    """With tls-report on, any domain may ask for its report by mail (a mailto: rua), and such a
+    report goes unsigned without a DKIM key."""
+    if not loaded.tls_report or loaded.tls_report_dkim_key:
+        return []
+    return ["tls-report yes without tls-report-dkim-key: reports to mailto: addresses go unsigned, and RFC 8460 "
+            "receivers may ignore unsigned reports (5.3); set tls-report-dkim-key and tls-report-dkim-selector"]
 
 
 @app.command("keys")
@@ -222,8 +225,10 @@ def route(
 
     Takes the config keys of routing as flags, as `qrouter run` does. With --resolve it also shows, in the
     order delivery tries them, the MX hosts (by preference; equal preferences are shuffled at each
-    delivery) or relay hosts and their addresses, or why mail would bounce or be deferred; for MX routing
-    without a tls= rule, the domain's MTA-STS policy and where it came from (the spool's cache, or fetched)."""
+    delivery) or relay hosts and their addresses, or why mail would bounce or be deferred; for each host
+    the TLS delivery would use with it (the names its certificate must match; under a DANE level its TLSA
+    records, or why it would not be used); for MX routing without a tls= rule, the domain's MTA-STS policy
+    and where it came from (the spool's cache, or fetched)."""
     loaded = _config(config, _flags(settings))
     policy = _policy(loaded)
     try:
@@ -231,61 +236,11 @@ def route(
         sender = parse_path(sender, null_ok=True)
     except AddressError as exc:
         raise _fail(str(exc), EX_USAGE) from None
-    rewritten, rewrite_rule = policy.rewriter.rewrite(TO, recipient)
-    new_sender, sender_rule = policy.rewriter.rewrite(FROM, sender)
-    decision = policy.route(rewritten)
-    destination = decision.next_hop.destination
-    settings = policy.destinations.for_destination(destination)
-    answer = {"recipient": recipient, "rewritten": rewritten,
-              "rewrite_rule": rewrite_rule.where if rewrite_rule else None,
-              "sender": sender, "rewritten_sender": new_sender,
-              "sender_rewrite_rule": sender_rule.where if sender_rule else None,
-              "reason": decision.reason, "rule": decision.rule.where if decision.rule else None,
-              "alias": decision.alias.user if decision.alias else None,
-              "method": decision.next_hop.kind, "next_hop": str(decision.next_hop),
-              "destination": destination, "destination_settings": dataclasses.asdict(settings)}
-    if decision.next_hop.kind in (MDA, PIPE):
-        answer["program"] = _program(loaded, decision.next_hop, new_sender, rewritten)
-    if resolve:
-        answer.update(_resolve(loaded, decision.next_hop))
-        if decision.next_hop.kind == MX and answer.get("resolved") and settings.mx_rollup:
-            answer["site"] = site_destination(host["host"] for host in answer["resolved"])
-            settings = policy.destinations.for_destination(answer["site"])
-            answer["destination_settings"] = dataclasses.asdict(settings)
-    if decision.next_hop.kind in (SMTP, LMTP, MX) and not decision.next_hop.argument.startswith("/"):
-        tls_settings = policy.destinations.for_tls(destination, answer.get("site", ""))
-        answer["tls"] = _tls(tls_settings, loaded.smtp_tls)
-        if resolve and decision.next_hop.kind == MX and answer["tls"]["level"] in DANE_LEVELS:
-            _dane(loaded, answer.get("resolved", []), decision.next_hop.argument,
-                  tls_settings.tls_policy(loaded.smtp_tls))
-    dane = any(host.get("dane", {}).get("applies") for host in answer.get("resolved", []))
-    if resolve and decision.next_hop.kind == MX and sts_applies(answer["tls"]["source"] != "smtp-tls",
-                                                                answer["tls"]["level"], dane):
-        from workers.mta_sts import for_route
-
-        answer["mta_sts"] = for_route(loaded, decision.next_hop.argument, _resolver(loaded))
-    if as_json:
-        typer.echo(json.dumps(answer, indent=2))
-        return
-    lines = [f"recipient: {recipient}"]
-    if rewrite_rule:
-        lines.append(f"rewritten: {rewritten} (rewriting rule {rewrite_rule.where})")
-    if sender_rule:
-        lines.append(f"sender:    <{sender}> rewritten to <{new_sender}> (rewriting rule {sender_rule.where})")
-    lines += [f"reason:    {decision.reason}", f"method:    {decision.next_hop.kind}",
-              f"next hop:  {decision.next_hop}",
-              f"destination: {answer['site']} (MX rollup: with every domain these MX hosts serve)"
-              if "site" in answer else f"destination: {destination}",
-              f"destination settings: {_format_settings(settings, policy.destinations)}"]
-    if "tls" in answer:
-        lines.append(_format_tls(answer["tls"]))
-    if "mta_sts" in answer:
-        lines.append(f"mta-sts:   {answer['mta_sts']['shown']}")
-    if "program" in answer:
-        lines += _format_program(answer["program"])
-    if resolve:
-        lines += _format_resolved(answer)
-    typer.echo("\n".join(lines))
+    try:
+        answer = route_view.explain(loaded, policy, recipient, sender, resolve)
+    except ResolverConfigError as exc:
+        raise _fail(str(exc), EX_CONFIG) from None
+    typer.echo(json.dumps(answer, indent=2) if as_json else route_view.format_answer(answer, policy))
 
 
 app.command("route")(_with_config_flags(route, ROUTE_KEYS))
@@ -322,150 +277,6 @@ def verify(
 
 
 app.command("verify")(_with_config_flags(verify, SPOOL_KEYS))
-
-def _format_settings(settings: DestinationSettings, rules: DestinationRules) -> str:
-    """`concurrency=5 recipients=50 ... (from FILE:LINE)`, or the defaults and why they apply."""
-    if settings.source:
-        why = f"from {settings.source}"
-    else:
-        why = f"defaults: no rule in {rules.path} matches" if rules.path else "defaults: no destinations file"
-    return f"{settings.describe()} ({why})"
-
-
-def _tls(settings: DestinationSettings, default_level: str) -> dict[str, Any]:
-    """The TLS policy a delivery would use and where it comes from: the destinations rule that
-    sets tls=, else the smtp-tls key."""
-    tls = settings.tls_policy(default_level)
-    return {"level": tls.level, "match": list(tls.match), "fingerprints": list(tls.fingerprints),
-            "min_protocol": tls.min_protocol, "source": settings.source if settings.tls else "smtp-tls"}
-
-
-def _format_tls(tls: dict[str, Any]) -> str:
-    """`tls:       secure match=example.com:.example.com protocols=>=TLSv1.2 (from FILE:LINE)`."""
-    words = [tls["level"]]
-    if tls["match"]:
-        words.append(f"match={':'.join(tls['match'])}")
-    if tls["fingerprints"]:
-        words.append(f"fingerprint={'|'.join(tls['fingerprints'])}")
-    if tls["min_protocol"]:
-        words.append(f"protocols=>={tls['min_protocol']}")
-    where = "from the smtp-tls key" if tls["source"] == "smtp-tls" else f"from {tls['source']}"
-    return f"tls:       {' '.join(words)} ({where})"
-
-
-def _program(loaded: Config, hop: NextHop, sender: str, recipient: str) -> dict[str, Any]:
-    """What a pipe or local agent would be run with for this recipient alone; nothing runs."""
-    account = Account.named(hop.user)
-    message = QueueFile("QUEUEID", 0.0, sender, [Recipient(recipient)], b"")
-    command = command_for(message, message.recipients, hop, account, loaded.command_time_limit)
-    return {"argv": list(command.argv), "user": account.name, "uid": account.uid, "gid": account.gid,
-            "groups": list(account.groups), "cwd": workdir(account),
-            "environment": environment(account, command.env), "time_limit": command.time_limit,
-            "per": hop.per}
-
-
-def _format_program(program: dict[str, Any]) -> list[str]:
-    return [f"argv:      {json.dumps(program['argv'])}",
-            f"runs as:   {program['user']} (uid {program['uid']}, gid {program['gid']}, groups "
-            f"{','.join(map(str, program['groups'])) or 'none'}), in {program['cwd']}",
-            f"time limit: {program['time_limit']:g}s, one run per {program['per']}",
-            "environment:", *(f"  {name}={value}" for name, value in program["environment"].items())]
-
-
-_BOUNCE_REASONS = {"5.1.10": "null MX", "5.1.2": "no such domain"}
-
-
-def _resolve(loaded: Config, hop: Any) -> dict[str, Any]:
-    """What DNS says now about `hop` (a policy.next_hop.NextHop), asked as delivery asks
-    (workers.mx_lookup): `resolved`, the hosts in the order tried, and, when there is none to try,
-    `error` {dsn, message}. Relay hosts that fail while others answer are listed in `unresolved`.
-    Under dns-support-level dnssec each host says whether DNSSEC validated it (`dnssec`)."""
-    from policy.next_hop import LMTP, SMTP, parse_hosts
-    from router.config.dns_servers import ResolverConfigError
-    from workers.mx_hosts import MXLookupError
-
-    if hop.kind not in (MX, SMTP, LMTP) or hop.argument.startswith("/"):
-        return {"resolved": [], "note": f"no DNS: {hop.kind} delivery connects to no host"}
-    from workers import mx_lookup  # the DNS library only when asked to resolve
-
-    try:
-        resolver = _resolver(loaded)
-    except ResolverConfigError as exc:
-        raise _fail(str(exc), EX_CONFIG) from None
-    dnssec = loaded.dns_support_level == DNS_DNSSEC  # each host says whether DNSSEC validated it
-    if hop.kind == MX:
-        destinations = [(hop.argument, hop.argument)]
-    else:  # relay hosts as the SMTP transport looks them up: a bare name by MX first, [name] (and LMTP) by A/AAAA
-        domain = loaded.hostname.partition(".")[2]
-        destinations = []
-        for destination, _port in parse_hosts(hop.argument):
-            bare = destination.strip("[]")
-            if "." not in bare and ":" not in bare and domain and bare.lower() != "localhost":
-                bare = f"{bare}.{domain}"  # a short name is qualified under our domain
-            asked = f"[{bare}]" if destination.startswith("[") or hop.kind == LMTP else bare
-            destinations.append((destination, asked))
-    resolved: list[dict[str, Any]] = []
-    unresolved: list[dict[str, str]] = []
-    for destination, asked in destinations:
-        try:
-            hosts = mx_lookup.next_hops(asked, resolver)
-        except MXLookupError as exc:
-            unresolved.append({"destination": destination, "dsn": exc.dsn, "message": exc.message})
-            continue
-        resolved += [{"host": host.name, "preference": host.preference, "addresses": list(host.addresses),
-                      **({"dnssec": host.secure} if dnssec else {})} for host in hosts]  # AD believed only then
-    if not resolved and unresolved:
-        failure = unresolved[-1]
-        return {"error": {"dsn": failure["dsn"], "message": failure["message"]}}
-    answer: dict[str, Any] = {"resolved": resolved}
-    if unresolved:
-        answer["unresolved"] = unresolved
-    return answer
-
-
-def _resolver(loaded: Config) -> Any:
-    """A resolver as delivery's (workers/smtp.py): the AD bit asked for under dns-support-level
-    dnssec. ResolverConfigError when dns-servers (or resolv.conf) cannot be used."""
-    from workers import mx_lookup  # the DNS library only when asked to resolve
-
-    return mx_lookup.make_resolver(loaded.dns_servers, loaded.dns_timeout,
-                                   dnssec=loaded.dns_support_level == DNS_DNSSEC)
-
-
-def _dane(loaded: Config, hosts: list[dict[str, Any]], domain: str, tls: TLSPolicy) -> None:
-    """Under a DANE level, what delivery would make of each MX host (workers.mx_lookup.host_tls):
-    `dane` {applies, tlsa (the usable records), note (why it would not be used)}."""
-    from workers import mx_lookup
-
-    resolver = _resolver(loaded)
-    for host in hosts:
-        placed = dataclasses.replace(tls, match=names_to_match(tls, host["host"], domain))
-        found = mx_lookup.host_tls(placed, host["host"], loaded.smtp_port, host.get("dnssec", False), resolver)
-        host["dane"] = {"applies": bool(found.tlsa), "tlsa": [str(record) for record in found.tlsa],
-                        "note": found.refusal}
-
-
-def _format_resolved(answer: dict[str, Any]) -> list[str]:
-    error = answer.get("error")
-    if error:
-        if error["dsn"].startswith("4"):
-            return [f"resolved:  DNS lookup failed now ({error['dsn']}): {error['message']}"]
-        reason = _BOUNCE_REASONS.get(error["dsn"], "DNS says no")
-        return [f"resolved:  would bounce: {reason} ({error['dsn']}): {error['message']}"]
-    if "note" in answer:
-        return [f"resolved:  {answer['note']}"]
-    lines = ["resolved:  hosts in the order tried (equal preferences are shuffled at each delivery):"]
-    for host in answer["resolved"]:
-        lines.append(f"  {host['preference']:>5} {host['host']}  {', '.join(host['addresses'])}")
-        dane = host.get("dane")
-        if dane:
-            state = (f"DANE, TLSA {', '.join(dane['tlsa'])}" if dane["applies"]
-                     else f"no DANE: {dane['note']}" if dane["note"] else "no DANE, may")
-            lines.append(f"        dane: {host['host']}: {state}")
-    lines += [f"  not resolved: {item['destination']}: ({item['dsn']}) {item['message']}"
-              for item in answer.get("unresolved", [])]
-    return lines
-
 
 def _policy(loaded: Config) -> Policy:
     try:
@@ -604,8 +415,8 @@ def drain(
 ) -> None:
     """Take this node out of service: the front doors refuse new mail (421 4.3.2, exit 75) and the
     running daemon relays every queued message to the peer over SMTP, removing each once the peer
-    has taken it. The mark is kept in the spool: a restarted daemon goes on draining. `qrouter
-    status` shows the progress."""
+    has taken it. The mark is kept in the spool: a restarted daemon goes on draining. Held messages
+    (hold/) stay here, and the answer says how many. `qrouter status` shows the progress."""
     if cancel == bool(to):
         raise _fail("give either --to HOST[:PORT] or --cancel", EX_USAGE)
     loaded = _view_config(config, _flags(settings))
@@ -616,8 +427,12 @@ def drain(
         raise _fail(f"{exc} (a drain needs the running daemon)", EX_TEMPFAIL) from None
     if "error" in answer:
         raise _fail(answer["error"], EX_NOPERM if answer["error"].startswith("permission") else 1)
-    typer.echo(f"drain to {answer['to']} cancelled" if cancel else
-               f"draining to {answer['to']}: new mail is refused; qrouter status shows the progress")
+    if cancel:
+        typer.echo(f"drain to {answer['to']} cancelled")
+        return
+    typer.echo(f"draining to {answer['to']}: new mail is refused; qrouter status shows the progress")
+    if answer.get("held"):
+        typer.echo(_held_line(answer["held"]))
 
 
 app.command("drain")(_with_config_flags(drain, SPOOL_KEYS))
@@ -663,14 +478,26 @@ def format_status(answer: dict[str, Any]) -> str:
 
 
 def _drain_lines(answer: dict[str, Any]) -> list[str]:
-    """The drain's progress: the peer, the recipients sent there, the messages left."""
+    """The drain's progress: the peer, the recipients sent there, the messages left, and those
+    held here. It is done when nothing but held mail is left."""
     drain = answer.get("drain")
     if not drain:
         return []
     queues = answer["queues"]
     left = sum(queues[queue]["messages"] for queue in (INCOMING, ACTIVE, DEFERRED) if queue in queues)
-    return [f"draining to {drain['to']} for {age(answer['now'] - drain['started'])}: {drain['sent']} recipient(s) "
-            f"sent there, {left} message(s) left; new mail is refused"]
+    held = queues.get(HOLD, {}).get("messages", 0)
+    since = f"draining to {drain['to']} for {age(answer['now'] - drain['started'])}"
+    if left:
+        lines = [f"{since}: {drain['sent']} recipient(s) sent there, {left} message(s) left; new mail is refused"]
+    else:
+        lines = [f"{since}: done, {drain['sent']} recipient(s) sent there and nothing left to send"
+                 f"{' but held mail' if held else ''}; new mail is refused until qrouter drain --cancel"]
+    return lines + ([_held_line(held)] if held else [])
+
+
+def _held_line(held: int) -> str:
+    """Held mail is not drained: an administrator held it on purpose, and may send it on."""
+    return f"{held} message(s) in hold/ stay here: qrouter queue release sends them to the peer"
 
 
 def cluster_line(cluster: dict[str, Any]) -> str:
@@ -905,7 +732,7 @@ tls_report_app = typer.Typer(add_completion=False, no_args_is_help=True,
 app.add_typer(tls_report_app, name="tls-report")
 DayOption = Annotated[Optional[str], typer.Option("--day", metavar="YYYY-MM-DD", help="one UTC day")]  # noqa: UP045
 TLS_REPORT_KEYS = (*SPOOL_KEYS, "me", "dns-servers", "dns-timeout", "tls-report-organization", "tls-report-contact",
-                   "tls-report-ca")
+                   "tls-report-ca", "tls-report-dkim-key", "tls-report-dkim-selector", "tls-report-dkim-domain")
 
 
 def _day(text: str) -> datetime.date:

@@ -21,6 +21,7 @@ from typing import Any
 from policy.next_hop import SMTP, NextHop, NextHopError, parse_next_hop
 from policy.policy_file import Problems, parse_boolean, read_lines
 from policy.tls_policy import GLOBAL_LEVELS, TLS_MAY, parse_level
+from router.config.dkim_key import DkimKeyError, check_dns_name, load_dkim_key
 from router.config.dns_servers import parse_dns_servers
 from router.config.relay_auth import Credentials, RelayAuthError, load_relay_auth
 from router.config.timeouts import Timeouts
@@ -182,6 +183,18 @@ def _existing_file(text: str, base_dir: str) -> str:
     return path
 
 
+def _dkim_key(text: str, base_dir: str) -> str:
+    """The path of a key that signs: parsed here, so a bad one is refused at check-config, start
+    and reload, but read again where it signs (router/config/dkim_key.py says why)."""
+    path = _path(text, base_dir)
+    load_dkim_key(path)
+    return path
+
+
+def _dns_name(text: str, base_dir: str) -> str:
+    return check_dns_name(text)
+
+
 def _relay_auth(text: str, base_dir: str) -> Credentials:
     return load_relay_auth(_path(text, base_dir))
 
@@ -253,7 +266,8 @@ _METAVARS: dict[Callable[[str, str], Any], str] = {
     _user: "USER", _group: "GROUP", _next_hop: "NEXTHOP", _relayhost: "HOST[:PORT],...", _port: "PORT",
     _listen: "[ADDRESS]:PORT", _dns_servers: "IP[:PORT],...", _tls_policy: "|".join(GLOBAL_LEVELS),
     _dns_support_level: "|".join(DNS_SUPPORT_LEVELS),
-    _existing_file: "FILE", _relay_auth: "FILE", _timeouts: "STEP=SECONDS,...", _log_target: "syslog|stderr|FILE",
+    _existing_file: "FILE", _dkim_key: "FILE", _dns_name: "NAME",
+    _relay_auth: "FILE", _timeouts: "STEP=SECONDS,...", _log_target: "syslog|stderr|FILE",
     _log_time: "syslog|rfc3339",
     _sender: "ADDRESS|<>", _redis_url: "redis://[USER:PASSWORD@]HOST:PORT/DB", _addresses: "IP,...",
 }
@@ -344,6 +358,16 @@ class Config:
                                    "(default: postmaster@ME)")
     tls_report_ca: str = _key("tls-report-ca", _existing_file, "",
                               "CA certificates for HTTPS report receivers (default: the system store)")
+    tls_report_dkim_key: str = _key("tls-report-dkim-key", _dkim_key, "",
+                                    "PEM private key (RSA or Ed25519) that DKIM-signs the TLS reports sent by mail "
+                                    "(RFC 8460 5.3); the daemon's user reads it and nobody else should: "
+                                    "root:qrouter 0640 (default: unsigned)")
+    tls_report_dkim_selector: str = _key("tls-report-dkim-selector", _dns_name, "",
+                                         "DKIM selector of tls-report-dkim-key: its public key is the TXT record "
+                                         "SELECTOR._domainkey.DOMAIN, with s=tlsrpt "
+                                         "(default: unset; needed with the key)")
+    tls_report_dkim_domain: str = _key("tls-report-dkim-domain", _dns_name, "",
+                                       "DKIM signing domain (d=) of TLS reports (default: the domain of their From:)")
     hopcount_limit: int = _key("hopcount-limit", _positive_int, 50,
                                "Received: and Delivered-To: fields a message may have; more is a loop (5.4.6)")
     metrics_listen: str = _key("metrics-listen", _listen, "",
@@ -440,7 +464,7 @@ def parse_value(key: str, text: str, where: str, base_dir: str) -> tuple[str, An
         raise ConfigError(f"{where}: {key}: contains a NUL byte")
     try:
         return f.name, f.metadata["parse"](text, base_dir)
-    except (NextHopError, RelayAuthError) as exc:
+    except (NextHopError, RelayAuthError, DkimKeyError) as exc:
         raise ConfigError(f"{where}: {key}: {exc}") from None
     except KeyError:
         raise ConfigError(f"{where}: {key}: no such {'user' if key.endswith('user') else 'group'} {text!r}") from None
@@ -449,9 +473,11 @@ def parse_value(key: str, text: str, where: str, base_dir: str) -> tuple[str, An
         raise ConfigError(f"{where}: {key} {text!r}: {detail}") from None
 
 
-def read_file(path: str, only: Collection[str] | None = None) -> dict[str, Any]:
+def read_file(path: str, only: Collection[str] | None = None,
+              places: dict[str, str] | None = None) -> dict[str, Any]:
     """Values set in a config file, by field name; with `only`, other keys are skipped unread
-    (a command that needs just the spool must not fail on a key it has no business checking)."""
+    (a command that needs just the spool must not fail on a key it has no business checking).
+    `places` gets the file:line of each value, by field name."""
     base_dir = os.path.dirname(os.path.abspath(path))
     values: dict[str, Any] = {}
     seen: dict[str, int] = {}
@@ -467,6 +493,8 @@ def read_file(path: str, only: Collection[str] | None = None) -> dict[str, Any]:
             seen[key] = number
             name, value = parse_value(key, text.strip(), where, base_dir)
             values[name] = value
+            if places is not None:
+                places[name] = where
     problems.check()
     return values
 
@@ -474,8 +502,23 @@ def read_file(path: str, only: Collection[str] | None = None) -> dict[str, Any]:
 def load(path: str | None = None, flags: Mapping[str, str] | None = None,
          only: Collection[str] | None = None) -> Config:
     """Build the config from a file (optional) and flags given as key -> text; flags win."""
-    values = read_file(path, only) if path else {}
+    places: dict[str, str] = {}
+    values = read_file(path, only, places) if path else {}
     for key, text in (flags or {}).items():
         name, value = parse_value(key, text, f"--{key}", os.getcwd())
         values[name] = value
-    return Config(**values)
+        places[name] = f"--{key}"
+    config = Config(**values)
+    _check_dkim_keys(config, places)
+    return config
+
+
+def _check_dkim_keys(config: Config, places: Mapping[str, str]) -> None:
+    """A DKIM key signs under a selector, and a selector or domain means nothing without a key:
+    either would otherwise be found out only when the first report is mailed, a day later."""
+    if config.tls_report_dkim_key and not config.tls_report_dkim_selector:
+        raise ConfigError(f"{places['tls_report_dkim_key']}: tls-report-dkim-key needs tls-report-dkim-selector, "
+                          "the name its public key is published under (SELECTOR._domainkey.DOMAIN TXT)")
+    for name in ("tls_report_dkim_selector", "tls_report_dkim_domain"):
+        if getattr(config, name) and not config.tls_report_dkim_key:
+            raise ConfigError(f"{places[name]}: {name.replace('_', '-')} means nothing without tls-report-dkim-key")

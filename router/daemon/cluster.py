@@ -7,16 +7,30 @@ Redis (router/daemon/redis_link.py says what is kept there); this is the supervi
 which the dispatcher asks (`Shared` in router/daemon/dispatcher.py) and which never waits:
 
 - It answers from what the last exchange with Redis left: the leases this node holds (one per
-  connection it has or may open at a destination), the rate tokens it was given, which
+  connection it has or may open at a destination), how many it may use (its fair share while
+  another node waits for room there, else the limit), the rate tokens it was given, which
   destinations other nodes found dead, and whether this node won the right to probe one.
+- A node whose allowance went down below the connections it has open (leases above its fair
+  share, or its part while Redis is down and just after) is `shedding`: a connection whose
+  delivery ends is closed rather than given the next message, and it keeps the lease until then,
+  so the destination never sees more than the limit. No delivery is cut short.
 - Each turn of the loop (`tick`) it compares what the destinations need now with what it holds
   and, when that changed, a renewal is due, or a death, revival or probe is to be told, hands a
   request to the link's thread. One request is out at a time; the answer wakes the loop.
+- It looks only at the destinations that have something for Redis: connections, a line, leases,
+  demand or tokens, or a death or revival not told yet. The dispatcher says which destinations
+  changed (`Dispatcher.take_changed`), so a turn costs what is in progress, not the thousands of
+  destinations a relay may hold deferred mail for. Whether another node revived a destination
+  that is dead here is read with every request while this node has mail in flight or waiting for
+  it, and for the others (mail deferred only) with the renewals, every RENEW_SECONDS.
 - When Redis does not answer (an error or CALL_SECONDS), each node falls back to its own limits
-  divided by the number of nodes it last saw (or to its own limits if it never saw any), says so
-  once in the log and in `status`, and keeps trying. When Redis answers again the shared state is
-  rebuilt: leases are taken again for the connections in use, and the destinations this node
-  holds dead are told again. Mail never waits for Redis beyond one call's timeout.
+  divided by the number of nodes it last saw (or to its own limits if it never saw any), the
+  remainder to the first nodes by name so that the parts add up to the limit, says so once in
+  the log and in `status`, and keeps trying. Connections above its part are shed as above.
+  When Redis answers again the shared state is rebuilt: leases are taken again for the
+  connections in use, and the destinations this node holds dead are told again. Mail never waits
+  for Redis beyond one call's timeout, but at a destination whose limit is smaller than the
+  number of nodes, where the nodes whose part is 0 wait for it.
 """
 
 from __future__ import annotations
@@ -31,9 +45,12 @@ from router.logs.lines import QMGR, logger
 log = logger(QMGR)
 
 RENEW_SECONDS = LEASE_MS / 1000 / 3  # leases are renewed this often, well before they expire
+FAIR_SECONDS = 0.5  # ... and this often by a node holding more than an even split: it hears soon of a node refused
 GAP_SECONDS = 0.02  # at most one exchange this often for changed needs (round trips per message)
 REFUSED_SECONDS = 0.1  # after a refusal (no lease, no token), asked again this much later
 DOWN_SECONDS = 1.0  # while Redis does not answer, it is tried again this often
+DEMAND_SECONDS = 2.0  # a demand told to Redis is its highest of this long: a dip would shift the others' shares
+SETTLE_SECONDS = DOWN_SECONDS + 2 * CALL_SECONDS  # after an outage, until every node has told Redis its connections
 CLAIM_SECONDS = 1.0  # a probe asked for and not answered yet: the mail waits this long at most
 TOKEN_LIFE = 1.0  # tokens given and not used by then are dropped: they must not pile up into a burst
 
@@ -43,6 +60,9 @@ class _Held:
     """What this node holds of a destination's shared limits."""
 
     leases: int = 0
+    allowed: int | None = None  # leases it may use, as Redis last said (None: not said yet, the limit)
+    demand: int = 0  # the highest demand of the last DEMAND_SECONDS, and since when it is that high
+    demand_at: float = 0.0
     tokens: int = 0
     tokens_until: float = 0.0
     local_tokens: float = 0.0  # while Redis is down: this node's own bucket at its share of the rate
@@ -60,17 +80,20 @@ class Cluster:
         self.held: dict[str, _Held] = {}
         self.up: bool | None = None  # None until the first answer
         self.down_since = 0.0
+        self.settling_until = 0.0  # while Redis is down, and for SETTLE_SECONDS after: no more than its part
         self.nodes = 0  # nodes seen at the last answer
+        self.rank = 0  # this node's place among them, by name
         self.out: Request | None = None  # the request the link is working on
         self.sent_at = 0.0
         self.answered_at = 0.0
         self.refused = False
         self.last_wants: dict[str, Want] = {}
+        self.watched: set[str] = set()  # destinations with something for Redis (see the module's docstring)
+        self.dead_read_at = 0.0  # when the dead state of every destination dead here was last read
         self.published: dict[str, float] = {}  # destinations whose death Redis knows -> until
         self.claims: set[str] = set()  # dead destinations whose probe is this node's
         self.to_claim: set[str] = set()
         self.others_probe: dict[str, float] = {}  # destination -> until when another node probes it
-        self.shed: set[str] = set()  # destinations with more open than the leases Redis gave back after an outage
 
     def fds(self) -> list[int]:
         return self.link.fds()
@@ -78,13 +101,15 @@ class Cluster:
     # -- what the dispatcher asks ---------------------------------------------------------
 
     def concurrency(self, destination: Destination) -> int:
-        """Connections this node may have to the destination: the leases it holds, or its share."""
+        """Connections this node may have to the destination: the leases it holds and may use, or
+        while Redis is down its part of the limit."""
         limit = destination.limits.concurrency
         if self.up is None:
             return 0
         if not self.up:
-            return max(1, limit // max(1, self.nodes))
-        return min(limit, self._held(destination.name).leases)
+            return self._part(limit)
+        held = self._seen(destination.name)
+        return min(limit, held.leases, self._allowed(limit, held))
 
     def may_start(self, destination: Destination, now: float) -> bool:
         """Whether a rate-limited destination may start an entry now: a token from the cluster's
@@ -112,11 +137,17 @@ class Cluster:
                 held.local_tokens -= 1.0
 
     def shedding(self, destination: Destination) -> bool:
-        """More open than this node's share: while Redis is down, or since it came back with fewer
-        leases than the connections open."""
-        if self.up is False:
-            return destination.open > self.concurrency(destination)
-        return destination.name in self.shed
+        """More open than this node may have because what it may have went down: leases above its
+        fair share while another node waits there, or its part while Redis is down and just after.
+        Not merely more open than its leases by the dispatcher's count: a worker's count of its
+        idle connections lags (it may have given one to a delivery sent as a new connection), and
+        closing connections for that would close them for nothing, again and again."""
+        if destination.open <= self.concurrency(destination):
+            return False
+        if not self.up or self.settling_until:
+            return True
+        held = self._seen(destination.name)
+        return held.allowed is not None and held.allowed < held.leases
 
     def probe_wait(self, destination: Destination, now: float) -> float | None:
         """A dead destination's probe time has come here: None if this node is to probe it, else
@@ -137,6 +168,8 @@ class Cluster:
 
     def tick(self, now: float) -> None:
         """Hand the link a request if one is due (see the module's docstring)."""
+        if self.up and self.settling_until and now >= self.settling_until:
+            self.settling_until = 0.0  # every node has told Redis of its connections by now
         due = self.next_due(now)
         if due is None or due > 0:
             return
@@ -149,6 +182,7 @@ class Cluster:
 
     def next_due(self, now: float) -> float | None:
         """Seconds until a request is due (0: now), None while one is out."""
+        self.watched |= self.dispatcher.take_changed()
         if self.out is not None:
             return None
         if self.up is None:
@@ -157,8 +191,10 @@ class Cluster:
             return max(0.0, self.sent_at + DOWN_SECONDS - now)
         if self.to_claim or self._deaths() or self._revivals():
             return 0.0
-        renew = self.answered_at + RENEW_SECONDS
-        if self._wants() != self.last_wants or any(self._needs_more(name, want) for name, want in
+        renew = self.answered_at + (FAIR_SECONDS if self._above_even_split() else RENEW_SECONDS)
+        if self.settling_until:
+            renew = min(renew, self.settling_until)
+        if self._wants(now) != self.last_wants or any(self._needs_more(name, want) for name, want in
                                                    self.last_wants.items()):
             return max(0.0, min(renew, self.sent_at + (REFUSED_SECONDS if self.refused else GAP_SECONDS)) - now)
         return max(0.0, renew - now)
@@ -197,24 +233,80 @@ class Cluster:
             held = self.held[name] = _Held()
         return held
 
-    def _wants(self) -> dict[str, Want]:
-        """What each destination needs: a lease per connection it has, and one per entry waiting
-        that its window would let go; tokens for the entries waiting at a rate-limited one."""
+    def _seen(self, name: str) -> _Held:
+        """What this node holds of the destination, to read: nothing is kept for one never asked for."""
+        return self.held.get(name) or _Held()
+
+    def _part(self, limit: int) -> int:
+        """This node's part of a limit while Redis is down: divided by the nodes last seen, the
+        remainder to the first by name, so that the parts add up to the limit (a node whose part
+        is 0 sends none of the destination's mail until Redis answers)."""
+        nodes = max(1, self.nodes)
+        return limit // nodes + (1 if self.rank < limit % nodes else 0)
+
+    def _allowed(self, limit: int, held: _Held) -> int:
+        """Connections this node may use at a destination if it holds the leases: what Redis last
+        said (its fair share, or the limit), and no more than its part while Redis is down and for
+        SETTLE_SECONDS after it answers again: until every node has taken leases again for the
+        connections it has, the first to ask would otherwise be given room the others are using."""
+        allowed = limit if held.allowed is None else held.allowed
+        return min(allowed, self._part(limit)) if self.settling_until else allowed
+
+    def _above_even_split(self) -> bool:
+        """Holding more leases somewhere than an even split among the nodes seen: a node refused
+        there must hear of its fair share soon, so this node asks Redis more often."""
+        return self.nodes > 1 and any(
+            self._seen(name).leases > -(-destination.limits.concurrency // self.nodes)
+            for name in self.last_wants if (destination := self.dispatcher.destinations.get(name)) is not None)
+
+    def _wants(self, now: float) -> dict[str, Want]:
+        """What each destination needs: its demand (a connection per connection it has, and one per
+        entry waiting that its window would let go; the highest of the last DEMAND_SECONDS), as
+        leases as much of that as this node may use but never fewer than the connections the server
+        sees (given back as they close), and tokens for the entries waiting at a rate-limited one."""
         wants: dict[str, Want] = {}
-        for name, destination in self.dispatcher.destinations.items():
+        for name in list(self.watched):
+            destination = self.dispatcher.destinations.get(name)
+            if destination is None:
+                held = self.held.get(name)
+                if held is not None and held.leases:  # forgotten by the dispatcher: its leases are given back
+                    wants[name] = Want(held.leases, 0)
+                elif not self._untold(name, None):
+                    self._unwatch(name)
+                continue
             limit = destination.limits.concurrency
             room = max(0, int(destination.window) - destination.in_flight)
-            leases = min(limit, destination.connections + min(len(destination.waiting), room))
+            demand = min(limit, destination.connections + min(len(destination.waiting), room))
+            held = self._held(name)
+            if demand >= held.demand or now - held.demand_at >= DEMAND_SECONDS:
+                held.demand, held.demand_at = demand, now
+            demand = held.demand
+            leases = min(demand, max(min(destination.open, held.leases), self._allowed(limit, held)))
             rate = destination.limits.rate
             tokens = min(len(destination.waiting), max(1, int(rate * TOKEN_SECONDS))) if rate else 0
-            if leases or tokens or self._held(name).leases:
-                wants[name] = Want(limit, leases, rate, tokens)
-        for name in self.held.keys() - wants.keys():
-            if self.held[name].leases:  # forgotten by the dispatcher: its leases are given back
-                wants[name] = Want(self.held[name].leases, 0)
-            elif name not in self.dispatcher.destinations:
-                del self.held[name]
+            if demand or tokens or held.leases:
+                wants[name] = Want(limit, leases, rate, tokens, demand)
+            elif not (destination.connections or destination.waiting or self._untold(name, destination)):
+                self._unwatch(name)
         return wants
+
+    def _unwatch(self, name: str) -> None:
+        """Nothing left to tell Redis of the destination: looked at again when it changes."""
+        self.watched.discard(name)
+        self.held.pop(name, None)
+
+    def _untold(self, name: str, destination: Destination | None) -> bool:
+        """A death or revival of the destination here that Redis has not been told of."""
+        return ((destination is not None and self._death_untold(name, destination))
+                or self._revival_untold(name, destination))
+
+    def _death_untold(self, name: str, destination: Destination) -> bool:
+        """Found dead here (or dead again: its probe time moved), and Redis not told so."""
+        return destination.dead and not destination.probing and self.published.get(name) != destination.dead_until
+
+    def _revival_untold(self, name: str, destination: Destination | None) -> bool:
+        """Alive here again (or forgotten), while Redis was told it is dead."""
+        return name in self.published and (destination is None or not destination.dead)
 
     def _needs_more(self, name: str, want: Want) -> bool:
         held = self.held.get(name)
@@ -222,72 +314,80 @@ class Cluster:
 
     def _deaths(self) -> dict[str, tuple[float, str]]:
         """Destinations this node found dead (or found dead again) that Redis has not been told of."""
-        return {name: (d.dead_until, d.last_error) for name, d in self.dispatcher.destinations.items()
-                if d.dead and not d.probing and self.published.get(name) != d.dead_until}
+        return {name: (d.dead_until, d.last_error) for name in self.watched
+                if (d := self.dispatcher.destinations.get(name)) is not None and self._death_untold(name, d)}
 
     def _revivals(self) -> list[str]:
         """Destinations Redis holds dead that a probe of this node found alive."""
-        return [name for name in self.published
-                if (d := self.dispatcher.destinations.get(name)) is None or not d.dead]
+        return [name for name in self.watched if self._revival_untold(name, self.dispatcher.destinations.get(name))]
 
     def _request(self, now: float) -> Request:
-        wants = self._wants()
+        wants = self._wants(now)
         self.last_wants = wants
         deaths = self._deaths()
         alive = self._revivals()
         for name in alive:
             del self.published[name]
         self.published.update({name: until for name, (until, _) in deaths.items()})
-        watch = {name: d.dead_until if d.dead else 0.0 for name, d in self.dispatcher.destinations.items()
-                 if d.dead or d.in_flight or d.waiting}
+        destinations = self.dispatcher.destinations
+        watch = {name: d.dead_until if d.dead else 0.0 for name in self.watched
+                 if (d := destinations.get(name)) is not None and (d.dead or d.in_flight or d.waiting)}
+        if now >= self.dead_read_at + RENEW_SECONDS:  # the dead ones with deferred mail only: revived elsewhere?
+            self.dead_read_at = now
+            watch.update({name: d.dead_until for name in self.published
+                          if (d := destinations.get(name)) is not None and d.dead})
         claim, self.to_claim = sorted(self.to_claim), set()
         self.others_probe = {name: until for name, until in self.others_probe.items() if until > now}
         return Request(wants, deaths, alive, claim, watch, self.dispatcher.probe_seconds)
 
     def _went_down(self, error: str, now: float) -> None:
-        """Redis did not answer: from now on each destination's share of its limit (see
-        `concurrency`); the idle connections beyond it are closed."""
+        """Redis did not answer: from now on each destination's part of its limit (see `_part`);
+        the idle connections beyond it are closed, and those in use as their deliveries end."""
         if self.up is not False:
             self.down_since = now
             log.warning("cluster: redis at %s unreachable (%s); limits divided by %d node(s) last seen until it "
                         "answers", self.url, error, max(1, self.nodes))
         self.up = False
-        self.published.clear()  # told again once it answers: it may have lost everything
+        self.settling_until = float("inf")
+        self.watched.update(self.published)  # told again once it answers: it may have lost everything
+        self.published.clear()
         self.claims.clear()
         self.to_claim.clear()
         for held in self.held.values():
             held.leases = held.tokens = 0
-        for destination in self.dispatcher.destinations.values():
-            if destination.open > self.concurrency(destination):
+            held.allowed = None
+        self.watched |= self.dispatcher.take_changed()
+        for name in self.watched:  # every destination with connections is watched
+            destination = self.dispatcher.destinations.get(name)
+            if destination is not None and self.shedding(destination):
                 self.dispatcher.drop_idle(destination)
 
     def _apply(self, request: Request, answer: Answer, now: float) -> list[Destination]:
         """Believe what Redis answered: leases, tokens, who else waits, dead or alive."""
         rebuilt = self.up is False
         if rebuilt:
+            self.settling_until = now + SETTLE_SECONDS
             log.info("cluster: redis at %s answers again after %.0fs; shared limits rebuilt", self.url,
                      now - self.down_since)
         elif self.up is None:
             log.info("cluster: node %s, redis at %s, %d node(s)", self.node, self.url, answer.nodes)
         self.up = True
-        self.nodes = answer.nodes
+        if not self.settling_until:  # while settling, the parts stay those of the nodes seen before the outage
+            self.nodes, self.rank = answer.nodes, answer.rank
         self.answered_at = now
         self.refused = False
         for name, leases in answer.leases.items():
             held = self._held(name)
-            held.leases = leases
+            held.leases, held.allowed = leases, answer.allowed[name]
             self.refused = self.refused or leases < request.wants[name].leases
-            destination = self.dispatcher.destinations.get(name)
-            if destination is None or destination.open <= leases:
-                self.shed.discard(name)
-            elif rebuilt:
-                self.shed.add(name)
         for name, tokens in answer.tokens.items():
             held = self._held(name)
             held.tokens, held.tokens_until = tokens, now + TOKEN_LIFE
             self.refused = self.refused or tokens < request.wants[name].tokens
-        for name, destination in self.dispatcher.destinations.items():
-            if (name in answer.contended and not destination.waiting) or name in self.shed:
+        for name in request.wants:  # every destination with connections is among them
+            destination = self.dispatcher.destinations.get(name)
+            if destination is not None and ((name in answer.contended and not destination.waiting)
+                                            or self.shedding(destination)):
                 self.dispatcher.drop_idle(destination)
         return self._dead_states(request, answer, now)
 
@@ -322,6 +422,7 @@ class Cluster:
             destination.dead_until = max(destination.dead_until, until)
             self.published[name] = destination.dead_until
         return revived
+
 
 def _redacted(url: str) -> str:
     """The URL without its password, for logs and status."""

@@ -44,6 +44,13 @@ due a delay warning before that. The entries of one message taken up together ma
 activation; when every entry of it has gone (or was suspended), the message is scheduled again
 for the earliest retry any of them asked for.
 
+When the policy changes (a reload, a drain begun or cancelled: the workers are forked again with
+it), the messages held here are routed again (`rerouted`, a budget's worth a turn), so that each
+entry waits for, and is counted against, the destination the new workers deliver it to: left in
+the old destinations' lines, they would go out counted against those while connecting to the new
+one, past its limit. A message in flight is routed again when its worker has filed it; the
+entries that went in its activation do not go again.
+
 Nothing here does I/O or knows processes: `route` (given by the supervisor) reads a message's
 envelope, and the supervisor hands over the workers' free sessions, writes the tasks this
 returns, and tells what the workers report.
@@ -100,8 +107,8 @@ class Shared(Protocol):
         """None if this node is to probe the dead destination now, else until when to wait."""
 
     def shedding(self, destination: Destination) -> bool:
-        """This node has more connections open there than its share (Redis went away, or came
-        back with the leases taken by others): idle ones are closed, not used again."""
+        """This node has more connections open there than it may now have (above its fair share,
+        or its part while Redis is away): idle ones are closed, not used again."""
 
 
 @dataclass(frozen=True)
@@ -180,6 +187,9 @@ class Job:
     worker: int = 0  # the pid it is in flight with; 0 when it is not
     attempted: bool = False  # a task of this activation had entries to attempt
     going: tuple[tuple[str, str], ...] = ()  # (entry, destination) of the entries in flight
+    done: set[str] = field(default_factory=set)  # entries gone or suspended in this activation
+    stale: bool = False  # routed by a policy no longer in force: routed again once its worker filed it,
+    # or in its turn (Dispatcher.stale) if it is not in flight
 
 
 @dataclass
@@ -247,9 +257,22 @@ class Dispatcher:
         self.asked: dict[str, tuple[int, float]] = {}  # MX entry -> (the worker asked, when)
         self.to_ask: list[str] = []  # MX entries to look up, not asked yet
         self.more_ready = False  # a turn stopped at its budget with mail still ready
+        self.stale: deque[str] = deque()  # held here, not in flight, to route again by the policy now in force
         self.shared: Shared | None = None  # with a cluster: the limits all its nodes share
+        self.changed: set[str] = set()  # with a cluster: destinations whose connections, line or life changed
 
     # -- destinations ---------------------------------------------------------------------
+
+    def take_changed(self) -> set[str]:
+        """The destinations whose connections, line or life changed since the last call: what a
+        cluster looks at again (router/daemon/cluster.py), so that it never walks every destination
+        known here, most of which may only hold deferred mail."""
+        changed, self.changed = self.changed, set()
+        return changed
+
+    def _touch(self, destination: Destination) -> None:
+        if self.shared is not None:
+            self.changed.add(destination.name)
 
     def get(self, name: str) -> Destination:
         found = self.destinations.get(name)
@@ -331,6 +354,7 @@ class Dispatcher:
         until = None if self.shared is None else self.shared.probe_wait(destination, now)
         if until is not None:
             destination.dead_until = until
+            self._touch(destination)
         return until is not None
 
     def drop_idle(self, destination: Destination) -> None:
@@ -355,12 +379,14 @@ class Dispatcher:
         if full or destination.in_flight >= int(destination.window):
             return False
         destination.in_flight += 1
+        self._touch(destination)
         return True
 
     def probe_ends(self, name: str) -> None:
         destination = self.destinations.get(name)
         if destination is not None and destination.in_flight > 0:
             destination.in_flight -= 1
+            self._touch(destination)
 
     # -- messages becoming ready ------------------------------------------------------------
 
@@ -393,6 +419,7 @@ class Dispatcher:
         without a worker."""
         tasks: list[tuple[int, Task]] = []
         suspensions: list[Suspension] = []
+        self._reroute_stale()
         room = dict(free)
         for pool, ids in self.pool_waiting.items():  # those that waited for a worker of their kind first
             for _ in range(len(ids)):
@@ -403,7 +430,7 @@ class Dispatcher:
                     self._place(job, room, now, tasks, suspensions)
         self._drain_lines(room, now, tasks, suspensions)
         turn = 0
-        self.more_ready = False
+        self.more_ready = bool(self.stale)
         while (self.fresh or self.retries) and any(n for _, n in room.values()):
             if turn == READY_BUDGET:  # the loop has signals, reports and clients to serve too
                 self.more_ready = True
@@ -428,6 +455,7 @@ class Dispatcher:
         kind has a free session."""
         for name in list(self.lined):
             destination = self.destinations[name]
+            self._touch(destination)
             while destination.waiting and self._has_room(destination, now):
                 queue_id = destination.waiting[0]
                 job = self.jobs.get(queue_id)
@@ -492,6 +520,7 @@ class Dispatcher:
         job.worker, job.going = pid, tuple((entry, destination.name) for entry, destination in went.items())
         for entry in [*went, *suspended]:
             job.todo.pop(entry, None)
+            job.done.add(entry)
         task = Task(job.queue, job.queue_id, go=list(went) if job.todo or went or suspended else None,
                     suspended=suspended, later=list(job.todo), due=0.0 if job.due == NEVER else job.due,
                     number=number, reuse=sorted({d.name for d, how in connected.values() if how == REUSE}),
@@ -524,6 +553,7 @@ class Dispatcher:
         else:
             how = NEW
         destination.in_flight += 1
+        self._touch(destination)
         if self.shared is not None:
             self.shared.started(destination)
         if destination.dead and now >= destination.dead_until:
@@ -540,6 +570,7 @@ class Dispatcher:
                 destination.lined.add(job.queue_id)
                 destination.waiting.append(job.queue_id)
             self.lined.add(destination.name)
+            self._touch(destination)
 
     def _deferred(self, name: str, queue_id: str) -> None:
         self.destinations[name].deferred.add(queue_id)
@@ -575,6 +606,7 @@ class Dispatcher:
             destination = self.destinations.get(name)
             if destination is not None:
                 destination.kept[pid] = count
+                self._touch(destination)
                 promised = destination.promised.get(pid)
                 while promised and promised[0] <= read:
                     promised.popleft()
@@ -583,7 +615,8 @@ class Dispatcher:
         """A worker exited: its idle connections went with it, and the sites it was asked for are
         asked of another."""
         for destination in self.destinations.values():
-            destination.kept.pop(pid, None)
+            if destination.kept.pop(pid, None) is not None:
+                self._touch(destination)
             destination.promised.pop(pid, None)
         self.drops.pop(pid, None)
         self.numbers.pop(pid, None)
@@ -605,6 +638,9 @@ class Dispatcher:
             destination = self.get(name)
             busy = destination.in_flight >= int(destination.window) or bool(destination.waiting)
             destination.in_flight = max(0, destination.in_flight - 1)
+            self._touch(destination)
+            if self.shared is not None and self.shared.shedding(destination):
+                self.drop_idle(destination)  # above what this node may have of a cluster's limit: closed as they end
             if entry not in reach:
                 destination.probing = False  # a probe that did not get there: the next entry is one
                 continue
@@ -628,11 +664,59 @@ class Dispatcher:
             return next_attempt
         job.due = min(job.due, next_attempt)
         job.queue = queue
+        if job.stale and not self._reroute(job):
+            job.todo.clear()  # gone meanwhile
         if job.todo:
             self.pool_waiting.setdefault(job.pool, deque()).append(queue_id)  # placed again at the next turn
             return None
         del self.jobs[queue_id]
         return job.due
+
+    def rerouted(self) -> None:
+        """The policy in force changed: every message held here is routed by it again, from the
+        next turns on, READY_BUDGET a turn (each reads its envelope: a backlog of many thousands
+        must not stop the loop), or once its worker has filed it if it is in flight (that worker
+        delivers by the old policy, and its entries count against the old destinations until it
+        reports). Until then none of them goes. Entries that went in the activation do not go
+        again; a message left with none ends its activation."""
+        for destination in self.destinations.values():
+            if destination.waiting:
+                self._touch(destination)
+            destination.waiting.clear()
+            destination.lined.clear()
+        self.lined.clear()
+        self.pool_waiting.clear()
+        for ids in self.unresolved.values():  # the lookups go on; the messages are placed again when routed
+            ids.clear()
+        self.stale.clear()
+        for job in self.jobs.values():
+            job.stale = True
+            if not job.worker:
+                self.stale.append(job.queue_id)
+
+    def _reroute_stale(self) -> None:
+        """Route again a turn's share of the messages held when the policy changed (`rerouted`)."""
+        for _ in range(min(len(self.stale), READY_BUDGET)):
+            job = self.jobs.get(self.stale.popleft())
+            if job is None or not job.stale:
+                continue
+            if not self._reroute(job):
+                del self.jobs[job.queue_id]  # gone meanwhile
+            elif job.todo or not job.done:
+                self.pool_waiting.setdefault(job.pool, deque()).append(job.queue_id)
+            else:  # what its entries go to now all went in this activation, which is over
+                del self.jobs[job.queue_id]
+                self.schedule.add(job.queue_id, job.due)
+
+    def _reroute(self, job: Job) -> bool:
+        """Route a held message again (its kind of worker too may change); False if it is gone."""
+        job.stale = False
+        routed = self.route(job.queue, job.queue_id)
+        if routed is None:
+            return False
+        job.pool, job.visit_at = routed.pool, routed.visit_at
+        job.todo = dict.fromkeys(name for name in routed.destinations if name not in job.done)
+        return True
 
     def forget(self, queue_id: str) -> None:
         """A message is done, held, deleted or set aside: it is nobody's business here any more."""

@@ -8,15 +8,21 @@ its recipients, a peer that says "later" gets it again with backoff, and a messa
 was cut short by a crash is tried again when the daemon starts, where the mark is read again: a
 drain resumes by itself.
 
+Held messages (hold/) stay: an administrator held them on purpose. The drain says how many there
+are, and one released meanwhile goes to the peer as any other; the drain is done when nothing
+but held mail is left.
+
 Progress: the queue counts say what is left (incoming/, active/, deferred/); `sent` counts the
-recipients delivered to the peer since the drain began, or since this daemon started if it was
-restarted meanwhile (the mark is never rewritten per message: that would cost a fsync each).
+recipients delivered to the peer since the drain began, across restarts: the count is recorded in
+the mark every RECORD_SECONDS at most and when the daemon stops, never per message (that would
+cost a fsync each), so after a `kill -9` it is behind by what the last seconds delivered.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from policy.next_hop import SMTP, NextHop, NextHopError, parse_next_hop
@@ -24,6 +30,8 @@ from policy.routing import Policy
 from router.spool.drain import Drain, read_drain, remove_drain, write_drain
 
 log = logging.getLogger("qrouter")
+
+RECORD_SECONDS = 5.0  # the recipients sent to the peer are written into the mark at most this often
 
 
 class DrainError(ValueError):
@@ -47,11 +55,12 @@ class Drainer:
     def __init__(self, queue_dir: str) -> None:
         self.queue_dir = queue_dir
         self.drain = read_drain(queue_dir)
-        self.sent_before = 0  # the daemon's `sent` counter when the drain began (0: begun before this start)
+        self.sent_before = 0  # the daemon's `sent` counter when self.drain.sent was the count
+        self.recorded = time.monotonic()
         if self.drain is not None:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.drain.started))
-            log.warning("draining to %s (since %s): the front doors refuse new mail; qrouter drain --cancel "
-                        "ends it", self.drain.to, since)
+            log.warning("draining to %s (since %s, %d recipient(s) sent there): the front doors refuse new mail; "
+                        "qrouter drain --cancel ends it", self.drain.to, since, self.drain.sent)
 
     def applied(self, policy: Policy) -> Policy:
         """The policy the workers route by: `policy`, or it drained to the peer."""
@@ -84,8 +93,29 @@ class Drainer:
         log.warning("drain to %s cancelled: mail is taken and routed as before", drain.to)
         return drain
 
-    def status(self, sent: int) -> dict[str, Any] | None:
+    def sent(self, counted: int) -> int:
+        """The recipients sent to the peer in this drain, given the daemon's `sent` counter."""
+        return 0 if self.drain is None else self.drain.sent + counted - self.sent_before
+
+    def record(self, counted: int, *, stopping: bool = False) -> None:
+        """Write the count into the mark if it changed, at most every RECORD_SECONDS, and when the
+        daemon stops. OSError if the spool refuses it (the count is kept here, and tried again).
+        A mark that names no peer (edited by hand, unreadable) is left as it is."""
+        if self.drain is None or (not stopping and time.monotonic() - self.recorded < RECORD_SECONDS):
+            return
+        try:
+            peer_hop(self.drain.to)
+        except DrainError:
+            return
+        self.recorded = time.monotonic()
+        total = self.sent(counted)
+        if total != self.drain.sent:
+            drain = replace(self.drain, sent=total)
+            write_drain(self.queue_dir, drain)
+            self.drain, self.sent_before = drain, counted
+
+    def status(self, counted: int) -> dict[str, Any] | None:
         """For the status answer: the peer, since when, and the recipients sent there."""
         if self.drain is None:
             return None
-        return {"to": self.drain.to, "started": self.drain.started, "sent": sent - self.sent_before}
+        return {"to": self.drain.to, "started": self.drain.started, "sent": self.sent(counted)}

@@ -28,7 +28,7 @@ def files_read(config: Config, config_path: str | None) -> list[tuple[str, str]]
     named = [("config", config_path or ""), ("transports", config.transports),
              ("transport-defs", config.transport_defs), ("aliases", config.aliases),
              ("rewriting", config.rewriting), ("destinations", config.destinations),
-             ("smtp-tls-ca", config.smtp_tls_ca),
+             ("smtp-tls-ca", config.smtp_tls_ca), ("tls-report-dkim-key", config.tls_report_dkim_key),
              ("relay-auth", config.relay_auth.path if config.relay_auth else "")]
     return [(what, path) for what, path in named if path]
 

@@ -17,12 +17,22 @@ What is kept in Redis, per destination NAME (all under PREFIX):
   every exchange; the leases of a node that died expire by themselves. One given back counts for
   GIVEN_BACK_MS more, since the server may not have seen its connection's end yet when the next
   node opens one.
-- `wanted:NAME`: the last node refused a lease, for a short while: the holders then close their
-  idle connections there, so the room goes to mail waiting elsewhere.
+- `demand:NAME`: what each node would use there now (a hash, node -> connections and until when
+  it is believed, LEASE_MS after it was said). The limit's fair shares come from it: divided
+  among the nodes that want it, a node wanting less than its share leaving the rest to the
+  others, the remainder going to the first nodes by name. While a node wants more than it holds
+  (it was refused), and for CONTENDED_MS after, every node may take new leases only up to its
+  share (`allowed`), and one holding more gives them back as its connections finish their
+  messages; otherwise a node may take whatever is free. The holders of leases also close their
+  idle connections there then, so the room goes to mail waiting elsewhere.
+- `wanted:NAME`: the last node that wanted more there than it held, for CONTENDED_MS: a node
+  whose demand dips for a moment (its waiting mail all handed out) does not let the others take
+  more than their shares, only to give it back a moment later, closing connections for nothing.
 - `tokens:NAME`: the token bucket of its rate (a hash of tokens and the time they were counted).
 - `dead:NAME`: found unreachable by a node, until when and why (JSON).
 - `probe:NAME`: the node that probes it now (SET NX, with a time-to-live).
-And `nodes`: a sorted set of the nodes seen, scored by when they are no longer believed to live.
+And `nodes`: a sorted set of the nodes seen, scored by when they are no longer believed to live;
+their names in order give each node its share of the limits while Redis does not answer.
 """
 
 from __future__ import annotations
@@ -43,19 +53,19 @@ CALL_SECONDS = 1.0  # connect and socket timeout of every call: then Redis count
 LEASE_MS = 10_000  # a lease not renewed for this long is given back (its node died)
 NODE_MS = 10_000  # a node not heard of for this long is no longer counted
 GIVEN_BACK_MS = 300  # a lease given back counts this much longer: its connection may still be closing
-CONTENDED_MS = 2_000  # how long a refusal makes the holders of leases give up idle connections
+CONTENDED_MS = 2_000  # a node wanting more than it holds keeps the others to their shares this long at least
 TOKEN_SECONDS = 0.5  # a rate's bucket holds this many seconds of tokens (at least one)
 
 LEASE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local node, want, limit, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local grace = tonumber(ARGV[6])
+local node, hold, limit, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local demand, grace = tonumber(ARGV[5]), tonumber(ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local held, missing = 0, {}
-for i = 0, math.max(limit, want) - 1 do
+for i = 0, math.max(limit, hold) - 1 do
   local member = node .. '#' .. i
-  if i < want then
+  if i < hold then
     if redis.call('ZSCORE', KEYS[1], member) then
       redis.call('ZADD', KEYS[1], now + ttl, member)
       held = held + 1
@@ -69,16 +79,59 @@ for i = 0, math.max(limit, want) - 1 do
     end
   end
 end
+if demand > 0 then
+  redis.call('HSET', KEYS[2], node, demand .. ':' .. (now + ttl))
+else
+  redis.call('HDEL', KEYS[2], node)
+end
+local wants, names, pairs_ = {}, {}, redis.call('HGETALL', KEYS[2])
+for i = 1, #pairs_, 2 do
+  local want, expiry = string.match(pairs_[i + 1], '^(%d+):(%d+)$')
+  if expiry and tonumber(expiry) > now then
+    wants[pairs_[i]] = tonumber(want)
+    names[#names + 1] = pairs_[i]
+  else
+    redis.call('HDEL', KEYS[2], pairs_[i])
+  end
+end
+local holds = {}
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. (now + grace), '+inf')) do
+  local owner = string.match(member, '^(.*)#%d+$')
+  holds[owner] = (holds[owner] or 0) + 1
+end
+table.sort(names, function(a, b) if wants[a] ~= wants[b] then return wants[a] < wants[b] end return a < b end)
+local share, left, i = {}, limit, 1
+while i <= #names do
+  local rest = #names - i + 1
+  local even = math.floor(left / rest)
+  if wants[names[i]] <= even then
+    share[names[i]] = wants[names[i]]
+    left = left - wants[names[i]]
+    i = i + 1
+  else
+    local tail = {}
+    for j = i, #names do tail[#tail + 1] = names[j] end
+    table.sort(tail)
+    for j, name in ipairs(tail) do share[name] = even + ((j <= left - even * rest) and 1 or 0) end
+    break
+  end
+end
+local wanted = redis.call('GET', KEYS[3])
+local contended = (wanted and wanted ~= node) and 1 or 0
+for _, name in ipairs(names) do
+  if name ~= node and wants[name] > (holds[name] or 0) then contended = 1 end
+end
+local allowed = (contended == 1) and (share[node] or 0) or limit
 local total = redis.call('ZCARD', KEYS[1])
 for _, member in ipairs(missing) do
-  if total >= limit then break end
+  if total >= limit or held >= allowed then break end
   redis.call('ZADD', KEYS[1], now + ttl, member)
   held, total = held + 1, total + 1
 end
 if total > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
-if held < want then redis.call('SET', KEYS[2], node, 'PX', ARGV[5]) end
-local refused = redis.call('GET', KEYS[2])
-return {held, (refused and refused ~= node) and 1 or 0}
+if #names > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+if held < demand then redis.call('SET', KEYS[3], node, 'PX', ARGV[7]) end
+return {held, allowed, contended}
 """
 
 TOKEN_SCRIPT = """
@@ -102,7 +155,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
-return redis.call('ZCARD', KEYS[1])
+return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
 SCRIPTS = {"lease": LEASE_SCRIPT, "tokens": TOKEN_SCRIPT, "node": NODE_SCRIPT}
@@ -113,9 +166,10 @@ class Want:
     """What one destination needs of the shared state."""
 
     limit: int  # its concurrency limit
-    leases: int  # connections this node has there or would open
+    leases: int  # leases to hold: connections this node has there, and those it would open and may
     rate: float | None = None  # messages per second over the cluster
     tokens: int = 0  # starts this node would make now
+    demand: int = 0  # connections it would use there now (its fair share counts this)
 
 
 @dataclass
@@ -132,8 +186,10 @@ class Request:
 class Answer:
     error: str = ""  # why Redis did not answer; "" when it did
     nodes: int = 0
+    rank: int = 0  # this node's place among the nodes seen, by name
     leases: dict[str, int] = field(default_factory=dict)
-    contended: set[str] = field(default_factory=set)  # a node was refused a lease there lately
+    allowed: dict[str, int] = field(default_factory=dict)  # leases it may hold: its fair share, or the limit
+    contended: set[str] = field(default_factory=set)  # another node wants more there than it holds
     tokens: dict[str, int] = field(default_factory=dict)
     dead: dict[str, tuple[float, str, str] | None] = field(default_factory=dict)  # until, why, by which node
     probes: dict[str, tuple[str, float]] = field(default_factory=dict)  # who probes, for how many more seconds
@@ -217,8 +273,8 @@ class RedisLink:
         node, probe_ms = self.node, max(1000, int(request.probe_seconds * 1000))
         pipe.evalsha(self.shas["node"], 1, key("nodes", "all"), node, NODE_MS)
         for name, want in request.wants.items():
-            pipe.evalsha(self.shas["lease"], 2, key("lease", name), key("wanted", name), node, want.leases,
-                         want.limit, LEASE_MS, CONTENDED_MS, GIVEN_BACK_MS)
+            pipe.evalsha(self.shas["lease"], 3, key("lease", name), key("demand", name), key("wanted", name), node,
+                         want.leases, want.limit, LEASE_MS, want.demand, GIVEN_BACK_MS, CONTENDED_MS)
         rated = [(name, want) for name, want in request.wants.items() if want.rate and want.tokens]
         for name, want in rated:
             assert want.rate is not None
@@ -242,11 +298,13 @@ class RedisLink:
         for result in results:
             if isinstance(result, Exception):
                 raise result
-        answer = Answer(nodes=int(results[0]))
+        names = sorted(member.decode() for member in results[0])
+        answer = Answer(nodes=len(names), rank=names.index(node))
         at = 1
         for name in request.wants:
-            held, contended = results[at]
+            held, allowed, contended = results[at]
             answer.leases[name] = int(held)
+            answer.allowed[name] = int(allowed)
             if contended:
                 answer.contended.add(name)
             at += 1

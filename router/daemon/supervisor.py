@@ -5,12 +5,13 @@ the loop reaps children, replaces the ones that die, hands out work and answers 
 socket. Nothing here delivers mail or reads a message: the supervisor stays small and responsive
 whatever the workers are doing.
 
-Work comes from two places. incoming/ is watched for new files, which go out at once. deferred/
-is read once at start (file mtimes, the next attempt times) into the dispatcher's schedule, which
-worker reports and inotify keep up to date, so a large deferred queue costs no directory scans.
-Which message goes to which worker, and when, is the dispatcher's decision (router/daemon/dispatcher.py):
-the supervisor hands it the workers' free sessions, writes the tasks it returns and tells it what
-the workers report.
+Work comes from two places. incoming/ is watched for new files (router/daemon/spool_watch.py),
+which go out at once. deferred/ is read once at start (file mtimes, the next attempt times) into
+the dispatcher's schedule, which worker reports and inotify keep up to date, so a large deferred
+queue costs no directory scans. Which message goes to which worker, and when, is the
+dispatcher's decision (router/daemon/dispatcher.py): the supervisor hands it the workers' free
+sessions, writes the tasks it returns and tells it what the workers report. What is done every
+so often rather than per event is router/daemon/housekeeping.py's.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import psutil
-from inotify_simple import INotify
-from inotify_simple import flags as inotify_flags
 
 from policy.next_hop import NextHop
 from policy.routing import load_policy
@@ -39,10 +38,12 @@ from router.daemon import reach, status_socket
 from router.daemon.control import COMMANDS, Daemon, QueueCommands
 from router.daemon.dispatcher import PROBE_SECONDS, Destination, Dispatcher, Limits, Routed, Suspension, Task
 from router.daemon.drain import Drainer, DrainError
+from router.daemon.housekeeping import Housekeeping
+from router.daemon.spool_watch import SpoolWatch
 from router.daemon.verifier import Verifier
 from router.logs import target as log_module
 from router.logs.lines import QMGR, Delays, delivery, logger
-from router.spool import ACTIVE, ARCHIVE, DEFERRED, HOLD, INCOMING, Spool
+from router.spool import ACTIVE, DEFERRED, HOLD, INCOMING, Spool
 from router.spool.durable import error_name
 from router.spool.envelope import pending_recipients
 from router.spool.lock import SpoolLock
@@ -50,7 +51,6 @@ from router.spool.queue_file import POISON_CRASHES
 from router.spool.queue_id import arrival_of, is_queue_id
 from workers.delivery import CORRUPTED, KEPT, QUEUED_AGAIN, SKIPPED, Report
 from workers.pools import LOCAL, NETWORK, pool_for, pool_of
-from workers.tls_reports import Trigger
 from workers.worker import Worker
 
 if TYPE_CHECKING:
@@ -68,15 +68,6 @@ INITIAL_WINDOW = 5  # a destination's first window, unless the destinations file
 WATCHDOG_SECONDS = 15.0  # a worker silent this long is killed: its main thread says it is alive every second
 TROUBLE_LOG_SECONDS = 60.0  # "spool full" is said at most this often
 FILES_BESIDE_SESSIONS = 64  # a worker's files other than its connections: pipes, logs, spool files, DNS
-TIDY_SECONDS = 60.0  # idle destinations are let go this often
-PRUNE_SECONDS = 3600.0  # archive/ is pruned this often (archive-max-age)
-_GONE = inotify_flags.DELETE_SELF | inotify_flags.MOVE_SELF  # the watched directory itself went away
-ROOT = ""  # the spool directory: watched for its queue directories being moved away or removed
-_ROOT_MASK = inotify_flags.DELETE | inotify_flags.MOVED_FROM | inotify_flags.ONLYDIR
-WATCHED = {
-    INCOMING: inotify_flags.MOVED_TO | inotify_flags.CLOSE_WRITE | _GONE,
-    DEFERRED: inotify_flags.MOVED_TO | inotify_flags.CLOSE_WRITE | inotify_flags.ATTRIB | _GONE,
-}
 
 
 class WorkerHandle:
@@ -146,17 +137,13 @@ class Supervisor:
         self.stopping = False
         self.stop_deadline = 0.0
         self.respawn_after = 0.0
-        self.pruned = -PRUNE_SECONDS  # when archive/ was last pruned (archive-max-age)
-        self.tidied = time.monotonic()  # when the dispatcher last let go of idle destinations
         self.metrics: Metrics | None = None  # with metrics-listen
         self.publisher: Publisher | None = None  # with cluster-redis: this node's status for the cluster's view
         self.cluster: Cluster | None = None  # with cluster-redis
-        self.measured = 0.0  # when the metrics last got a snapshot of the status
         self.after_attempt: dict[str, str] = {}  # queue id in hand -> hold or delete, once its attempt ends
         self.control = QueueCommands(self.spool, _Hooks(self))
         self.young_deaths = 0
         self.exit_code = 0
-        self.tls_reports = Trigger()  # with tls-report: once a day is over, a network worker sends its reports
 
     # -- start and stop -------------------------------------------------------------------
 
@@ -181,10 +168,8 @@ class Supervisor:
             self._handle_signals()
             self.verifier.tick(time.time())
             self._promote_due()
-            self._prune_archive()
-            self.tls_reports.tick(self.config, self._ask_worker)
-            self._tidy()
-            self._measure()
+            self.housekeeping.tick(self.config)
+            self._record_drain()
             self._watch_workers()
             self._check_stop_deadline()
         self._shutdown()
@@ -204,12 +189,8 @@ class Supervisor:
         for name in self.spool.remove_stale_tmp(time.time()) + self.spool.remove_own_staging():
             log.warning("removed stale staging file tmp/%s", name)
         self._setup_signals()
-        self.inotify = INotify()
-        self.watches: dict[int, str] = {}
-        self.watches[self.inotify.add_watch(self.config.queue_dir, _ROOT_MASK)] = ROOT
-        for queue in WATCHED:
-            self._watch(queue)
-        self.selector.register(self.inotify.fileno(), selectors.EVENT_READ, self._on_inotify)
+        self.watch = SpoolWatch(self.spool, {INCOMING: self._incoming, DEFERRED: self._deferred}, self._scan)
+        self.selector.register(self.watch.fileno(), selectors.EVENT_READ, self.watch.read)
         self._scan()
         if self.drainer.drain is not None:  # resumed: what waits for a retry goes to the peer now
             self._flush_deferred()
@@ -228,6 +209,8 @@ class Supervisor:
             self.publisher.start()
         self._join_cluster()
         self.verifier = Verifier(self.status_server, self._ask_worker, self.dispatcher, self.config, self.metrics)
+        self.housekeeping = Housekeeping(self.spool, self.dispatcher, self.status, self._ask_worker, self.metrics,
+                                         self.publisher)
         for warning in self._config_warnings(self.config):
             log.warning(warning)
         self._maintain_pool()
@@ -313,6 +296,7 @@ class Supervisor:
         self.selector.register(read_fd, selectors.EVENT_READ, self._on_wakeup)
 
     def _shutdown(self) -> None:
+        self._record_drain(stopping=True)
         self.status_server.close()
         self.verifier.close()
         if self.cluster is not None:
@@ -363,6 +347,7 @@ class Supervisor:
         self.config, self.loaded_policy, self.policy = config, policy, self.drainer.applied(policy)
         self.verifier.reconfigure(config)
         self.dispatcher.reconfigure(min(config.min_backoff, PROBE_SECONDS))
+        self.dispatcher.rerouted()
         self._retire_workers()
         log.info("reloaded %s: starting %d new workers", self.config_path or "flags", config.workers)
         if self.metrics:
@@ -377,7 +362,8 @@ class Supervisor:
 
     def _drain(self, request: dict[str, Any], uid: int) -> dict[str, Any]:
         """`qrouter drain --to HOST[:PORT]` and `--cancel` (router/daemon/drain.py): mark the spool,
-        route by the policy that follows, and have every deferred message tried now."""
+        route by the policy that follows (what the dispatcher holds too), and have every deferred
+        message tried now. The answer says how many messages hold/ keeps here."""
         if uid not in (0, os.geteuid()):
             return {"error": "permission denied: only root and the daemon's user may drain the node"}
         try:
@@ -390,11 +376,21 @@ class Supervisor:
         policy = self.drainer.applied(self.loaded_policy)
         if policy is not self.policy:
             self.policy = policy
+            self.dispatcher.rerouted()
             self._retire_workers()
             if self.drainer.drain is not None:
                 self._flush_deferred()
         log.info("drain %s by uid %d", "cancelled" if request.get("cancel") else f"to {drain.to}", uid)
-        return {"drain": self.drainer.status(self.counters["sent"]), "to": drain.to}
+        return {"drain": self.drainer.status(self.counters["sent"]), "to": drain.to,
+                "held": len(self.spool.ids(HOLD))}
+
+    def _record_drain(self, stopping: bool = False) -> None:
+        """The drain's count of recipients sent to the peer, into its mark now and then (and when
+        stopping), so that a restart goes on counting."""
+        try:
+            self.drainer.record(self.counters["sent"], stopping=stopping)
+        except OSError as exc:
+            self._spool_trouble(error_name(exc), "cannot record the drain's progress in its mark")
 
     def _flush_deferred(self) -> None:
         """Every deferred message due now, as `qrouter queue flush` makes it."""
@@ -466,7 +462,7 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
-        fds = [*own_fds, *self.wakeup, self.inotify.fileno(), *self.status_server.fds(), *self.verifier.fds(),
+        fds = [*own_fds, *self.wakeup, self.watch.fileno(), *self.status_server.fds(), *self.verifier.fds(),
                *(self.cluster.fds() if self.cluster else ())]
         for other in self.workers.values():
             fds += [other.task_fd, other.report_fd]
@@ -654,41 +650,6 @@ class Supervisor:
 
     def _in_hand(self, queue_id: str) -> bool:
         return any(queue_id in worker.jobs for worker in self.workers.values())
-
-    def _measure(self) -> None:
-        """Hand the metrics and the cluster's view a snapshot of the status once a second; each
-        reads it from its own thread, never the supervisor's state itself."""
-        if (self.metrics or self.publisher) and time.monotonic() - self.measured >= 1.0:
-            self.measured = time.monotonic()
-            status = self.status()
-            if self.metrics:
-                self.metrics.snapshot(status)
-            if self.publisher:
-                self.publisher.offer(status)
-
-    def _tidy(self) -> None:
-        """Once a minute, the dispatcher lets go of idle destinations and stale sites."""
-        if time.monotonic() - self.tidied >= TIDY_SECONDS:
-            self.tidied = time.monotonic()
-            self.dispatcher.forget_idle(time.time())
-
-    def _prune_archive(self) -> None:
-        """With archive-max-age, remove what has been in archive/ longer, once an hour."""
-        days = self.config.archive_max_age
-        if not days or time.monotonic() - self.pruned < PRUNE_SECONDS:
-            return
-        self.pruned = time.monotonic()
-        oldest = time.time() - days * 86400
-        removed = 0
-        for entry in os.scandir(self.spool.path(ARCHIVE)):
-            try:
-                if entry.stat(follow_symlinks=False).st_mtime < oldest:
-                    os.unlink(entry.path)
-                    removed += 1
-            except OSError:
-                continue  # gone meanwhile, or the disk refuses: next hour
-        if removed:
-            log.info("removed %d message(s) archived more than %g days ago (archive-max-age)", removed, days)
 
     def _promote_due(self) -> None:
         self.dispatcher.promote_due(time.time(), lambda queue_id: self.kept.pop(queue_id, DEFERRED))
@@ -923,56 +884,6 @@ class Supervisor:
                 log_module.reopen()  # logrotate moved the file log; workers reopen by themselves
             else:
                 self._begin_stop(signum)
-
-    def _on_inotify(self) -> None:
-        """Events name files in a watched directory; an event without a name is about the
-        directory itself (moved away, removed, its watch dropped) and never names a message.
-        The spool directory's own events say at once that a queue directory was moved away or
-        removed (the directory's IN_DELETE_SELF waits until no process holds it open)."""
-        gone: set[str] = set()
-        for event in self.inotify.read(timeout=0):
-            queue = self.watches.get(event.wd)
-            if event.mask & inotify_flags.Q_OVERFLOW:
-                log.warning("inotify queue overflowed; rescanning incoming/ and deferred/")
-                self._scan()
-            elif queue is None:
-                continue  # a watch already replaced
-            elif queue == ROOT:
-                if event.name in WATCHED:
-                    gone.add(event.name)
-            elif event.mask & (_GONE | inotify_flags.IGNORED):
-                gone.add(queue)
-            elif not event.name:
-                continue
-            elif queue == INCOMING:
-                self._incoming(event.name)
-            else:
-                self._deferred(event.name)
-        for queue in gone:
-            self._rewatch(queue)
-
-    def _watch(self, queue: str) -> None:
-        self.watches[self.inotify.add_watch(self.spool.path(queue), WATCHED[queue])] = queue
-
-    def _rewatch(self, queue: str) -> None:
-        """A watched directory was moved away or removed (by hand): watch the one now at its
-        path, made anew if there is none, and read what it holds. What was in the old one is
-        wherever it was moved; put it back into incoming/ to have it delivered."""
-        for wd in [wd for wd, watched in self.watches.items() if watched == queue]:
-            del self.watches[wd]
-            try:
-                self.inotify.rm_watch(wd)
-            except OSError:
-                pass  # the kernel dropped it already (IN_IGNORED)
-        try:
-            self.spool.create()
-            self._watch(queue)
-        except OSError as exc:
-            log.critical("%s/ was moved away or removed and cannot be made again: %s; new mail there is "
-                         "not seen until the daemon is restarted", self.spool.path(queue), exc.strerror or exc)
-            return
-        log.warning("%s/ was moved away or removed; watching the directory now at that path", self.spool.path(queue))
-        self._scan()
 
     def _on_report(self, worker: WorkerHandle, drain: bool = False) -> None:
         """Read what the worker reported: report lines, and empty lines that only say it is

@@ -20,8 +20,8 @@ the message (disk full, read-only, missing) the client hears `451 4.3.0 <reason>
 try again later; nothing is left half-written in the queue. Addresses are checked with the rules
 every qrouter front door uses (router/spool/address.py): a sender that is not valid is refused at MAIL
 (`553 5.1.7`), a recipient at RCPT (`553 5.1.3`), so the others of the transaction still go
-through. The addresses and the message are all that reaches the queue file; the MAIL and RCPT
-parameters are not kept.
+through. The addresses and the message are what reaches the queue file; of the MAIL and RCPT
+parameters only DSN's, with DSNServer (below).
 
 `size_limit` is qrouter's message-size-limit (give the config's `message_size_limit`; default
 100 MiB): a larger message, Received: field included, is refused at the end of DATA with
@@ -43,8 +43,9 @@ their senders are real, and they hear about their mistakes from the report.
 
 DSN parameters (RET, ENVID, NOTIFY, ORCPT, RFC 3461) are taken only by a server made with
 `DSNServer` (aiosmtpd's SMTP, which refuses them, with DSN announced and taken): build it with
-`QueueController` in place of aiosmtpd's Controller. They are kept in the queue file and go on
-with the message, as from the qpsmtpd plugin.
+`QueueController` in place of aiosmtpd's Controller. They are checked by the rules of
+router/spool/dsn.py (`501 5.5.4` for a bad one), kept in the queue file and go on with the message,
+as from the qpsmtpd plugin.
 
 While the spool is being drained to a peer (`qrouter drain`, router/spool/drain.py) every MAIL
 hears `421 4.3.2` and the reason: the client takes its mail to another node. Every
@@ -82,6 +83,8 @@ from router.daemon.verifier import VerifyError, ask
 from router.spool import DEFAULT_SIZE_LIMIT, Spool, SpoolError
 from router.spool.address import AddressError, parse_path
 from router.spool.drain import read_drain
+from router.spool.dsn import MAIL_PARAMETERS, RCPT_PARAMETERS, DSNParameterError, twice
+from router.spool.dsn import take as take_dsn
 from router.spool.headers import prepend_fields
 from router.spool.queue_file import Recipient, clean
 from router.spool.queue_id import new_queue_id
@@ -209,11 +212,17 @@ def _protocol(session: Session) -> str:
 class DSNServer(SMTP):
     """aiosmtpd's SMTP server with DSN (RFC 3461): RET and ENVID at MAIL, NOTIFY and ORCPT at
     RCPT are taken off the command before aiosmtpd reads it (it refuses them, and upper-cases
-    what it keeps), xtext-decoded, and kept on the envelope for QueueHandler: `envelope.dsn`
-    ({"RET": ..., "ENVID": ...}) and `envelope.rcpt_dsn` (NOTIFY, ORCPT of each recipient taken)."""
+    what it keeps), checked and put in the queue file's form by router/spool/dsn.py (a bad one
+    is refused with 501 5.5.4; one at the other command is left to aiosmtpd's 555), and kept on
+    the envelope for QueueHandler: `envelope.dsn` ({"RET": ..., "ENVID": ...}) and
+    `envelope.rcpt_dsn` (NOTIFY, ORCPT of each recipient taken)."""
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        rest, found = _take_dsn(arg, ("RET", "ENVID"))
+        try:
+            rest, found = _take_dsn(arg, MAIL_PARAMETERS)
+        except DSNParameterError as exc:
+            await self.push(exc.reply)
+            return
         had = self.envelope is not None and self.envelope.mail_from is not None
         await super().smtp_MAIL(rest)
         if self.envelope is not None and self.envelope.mail_from is not None and not had:
@@ -221,7 +230,11 @@ class DSNServer(SMTP):
             self.envelope.rcpt_dsn = []  # type: ignore[attr-defined]
 
     async def smtp_RCPT(self, arg: str | None) -> None:
-        rest, found = _take_dsn(arg, ("NOTIFY", "ORCPT"))
+        try:
+            rest, found = _take_dsn(arg, RCPT_PARAMETERS)
+        except DSNParameterError as exc:
+            await self.push(exc.reply)
+            return
         taken = len(self.envelope.rcpt_tos) if self.envelope is not None else 0
         await super().smtp_RCPT(rest)
         if self.envelope is not None and len(self.envelope.rcpt_tos) > taken:
@@ -235,13 +248,13 @@ class QueueController(Controller):
         return DSNServer(self.handler, **self.SMTP_kwargs)
 
 
-_DSN_PARAMETER = re.compile(r"\s+(RET|ENVID|NOTIFY|ORCPT)=(\S*)", re.IGNORECASE)
-_XTEXT = re.compile(r"\+([0-9A-F]{2})")
+_DSN_PARAMETER = re.compile(r"\s+(RET|ENVID|NOTIFY|ORCPT)(?:=(\S*))?(?=\s|$)", re.IGNORECASE)
 
 
 def _take_dsn(arg: str | None, names: tuple[str, ...]) -> tuple[str | None, dict[str, str]]:
-    """The command's argument without the DSN parameters `names`, and their values: RET and
-    NOTIFY upper case, ENVID and ORCPT xtext-decoded (RFC 3461 4)."""
+    """The command's argument without the DSN parameters `names`, and their values as the queue
+    file keeps them (router/spool/dsn.py); DSNParameterError for a bad one or one given twice.
+    The others are left for aiosmtpd, which refuses them (555)."""
     if arg is None:
         return None, {}
     found: dict[str, str] = {}
@@ -250,8 +263,9 @@ def _take_dsn(arg: str | None, names: tuple[str, ...]) -> tuple[str | None, dict
         name = match[1].upper()
         if name not in names:
             return match[0]
-        value = match[2]
-        found[name] = value.upper() if name in ("RET", "NOTIFY") else _XTEXT.sub(lambda m: chr(int(m[1], 16)), value)
+        if name in found:
+            raise twice(name)
+        found[name] = take_dsn(name, match[2] or "")
         return ""
 
     return _DSN_PARAMETER.sub(take, arg), found

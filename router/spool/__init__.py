@@ -392,10 +392,14 @@ class Spool:
                     pass
         return removed
 
+    def ids(self, queue: str) -> list[str]:
+        """The queue ids in a queue directory: the messages it holds, whatever else lies there."""
+        return [name for name in self.list(queue) if is_queue_id(name)]
+
     def counts(self) -> dict[str, dict[str, float | int | None]]:
         """Messages per queue and the arrival of the oldest, read from the ids alone."""
         result: dict[str, dict[str, float | int | None]] = {}
         for queue in QUEUES[1:]:
-            ids = [name for name in self.list(queue) if is_queue_id(name)]
+            ids = self.ids(queue)
             result[queue] = {"messages": len(ids), "oldest": arrival_of(min(ids)) if ids else None}
         return result

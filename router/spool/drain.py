@@ -7,9 +7,11 @@ plugin, which tests the file's existence) sees it without asking the daemon. Whi
 the front doors refuse new mail with a temporary failure (`421 4.3.2` in SMTP, exit 75), and the
 daemon routes every queued recipient to the peer (policy/routing.py `Policy.draining_to`).
 
-The file holds one JSON object: `{"to": "HOST[:PORT]", "started": SECONDS}`. It is written as
-every spool file is (staged, fsynced, renamed, the directory fsynced) and removed by
-`qrouter drain --cancel`.
+The file holds one JSON object: `{"to": "HOST[:PORT]", "started": SECONDS, "sent": N}`, N the
+recipients delivered to the peer so far as the daemon last recorded them (every few seconds and
+when it stops, never per message: router/daemon/drain.py), so that the count outlives a restart.
+It is written as every spool file is (staged, fsynced, renamed over the old one, the directory
+fsynced: a front door finds the mark at every moment) and removed by `qrouter drain --cancel`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ REFUSAL_DSN = "4.3.2"  # RFC 3463: system not accepting network messages
 class Drain:
     to: str  # the peer, HOST[:PORT] as `qrouter drain --to` gave it
     started: float  # when the drain began, seconds since the epoch
+    sent: int = 0  # recipients delivered to the peer, as last recorded
 
     def refusal(self) -> str:
         """What a front door tells a client, after its reply code (421, or exit 75)."""
@@ -50,7 +53,7 @@ def read_drain(queue_dir: str | os.PathLike) -> Drain | None:
         return Drain("an unknown peer (the drain mark cannot be read)", 0.0)
     try:
         found = json.loads(text)
-        return Drain(str(found["to"]), float(found["started"]))
+        return Drain(str(found["to"]), float(found["started"]), max(0, int(found.get("sent", 0))))
     except (ValueError, KeyError, TypeError):
         return Drain(f"an unknown peer (the drain mark {drain_path(queue_dir)} is not readable JSON)", 0.0)
 
@@ -60,7 +63,8 @@ def write_drain(queue_dir: str | os.PathLike, drain: Drain, *, mode: int = 0o644
     Readable by all (mode): the front doors of the spool group read it."""
     path = drain_path(queue_dir)
     staged = f"{path}.new"
-    write_synced(staged, json.dumps({"to": drain.to, "started": drain.started}).encode() + b"\n", mode=mode)
+    record = {"to": drain.to, "started": drain.started, "sent": drain.sent}
+    write_synced(staged, json.dumps(record).encode() + b"\n", mode=mode)
     os.rename(staged, path)
     fsync_dir(os.fspath(queue_dir))
 
