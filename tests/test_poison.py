@@ -28,15 +28,28 @@ MARK = b"crash the worker"
 # `qrouter` with a Maildir transport that dies on a message holding MARK, as a worker with a bug
 # does: a torn journal line is left at the end of the queue file, then the process gets SIGSEGV
 # (sent to the delivering thread itself, so that it cannot go on to deliver before it dies).
-CRASH_ON_POISON = [sys.executable, "-c", """
+# Where the directory GATE exists beside the spool, each death waits for a file `crash` in it and
+# takes it: a test that wants one death at a time lets them through one by one.
+GATE = "poison-gate"
+CRASH_ON_POISON = [sys.executable, "-c", f"""
 import os, signal, sys, threading, time
 from workers.maildir import MaildirTransport
 
 spool = sys.argv[sys.argv.index("--queue-dir") + 1]
+gate = os.path.join(os.path.dirname(spool), "{GATE}")
 deliver = MaildirTransport.deliver
+
+def let_through():
+    try:
+        os.unlink(os.path.join(gate, "crash"))
+        return True
+    except FileNotFoundError:
+        return False
 
 def deliver_or_crash(self, message, recipients, hop):
     if b"crash the worker" in message.message:
+        while os.path.isdir(gate) and not let_through():
+            time.sleep(0.05)
         with open(os.path.join(spool, "active", message.queue_id), "ab") as queue_file:
             queue_file.write(b"@0 sta")
         signal.pthread_kill(threading.get_ident(), signal.SIGSEGV)  # this thread: it goes no further
@@ -78,6 +91,16 @@ def crashes_in_file(daemon: Daemon, queue: str, queue_id: str) -> int:
     return parse(path.read_bytes(), str(path)).crashes
 
 
+def crashes_recorded(daemon: Daemon, queue_id: str) -> int:
+    """The deaths counted in the message's file, in incoming/ or active/ (0 while it moves)."""
+    for queue in ("incoming", "active"):
+        try:
+            return crashes_in_file(daemon, queue, queue_id)
+        except FileNotFoundError:
+            pass
+    return 0
+
+
 def test_poison_reaches_hold_after_three_deaths_across_supervisor_restarts(daemons):
     daemon = daemons(workers=1, start=False, preexec_fn=no_core_dumps, launcher=CRASH_ON_POISON)
     spool = Spool(daemon.spool)
@@ -87,19 +110,22 @@ def test_poison_reaches_hold_after_three_deaths_across_supervisor_restarts(daemo
     death = f"was killed by signal 11 (SIGSEGV) while delivering {poison}"
     poison_line = f"{poison}: poison message: it killed 3 workers; moved to hold/"
 
+    gate = daemon.tmp / GATE
+    gate.mkdir()
+    gate.chmod(0o777)  # the worker's user takes the file
     for run in range(1, POISON_CRASHES):
         daemon.start()
-        # The replacement of a worker that died young is forked a second later: the message waits
-        # in incoming/ meanwhile, its death counted in its file, and the supervisor dies now.
-        wait_for(lambda run=run: daemon.log().count(death) == run and where(daemon, poison) == ["incoming"],
-                 timeout=10, what=f"worker death {run}, the message back in incoming/")
+        (gate / "crash").touch()  # one death; the worker forked after it waits at the gate
+        wait_for(lambda run=run: daemon.log().count(death) == run and crashes_recorded(daemon, poison) == run,
+                 timeout=10, what=f"worker death {run}, counted in the message's file")
         kill_daemon(daemon)
         assert daemon.log().count(death) == run
-        assert where(daemon, poison) == ["incoming"]
-        assert crashes_in_file(daemon, "incoming", poison) == run
-        data = (daemon.spool / "incoming" / poison).read_bytes()
+        [queue] = where(daemon, poison)  # incoming/, or active/ if its next worker had it at the gate
+        assert crashes_in_file(daemon, queue, poison) == run
+        data = (daemon.spool / queue / poison).read_bytes()
         assert data.endswith(body + b"@* crash\n"), "the torn line was not cut off before the record"
 
+    gate.rmdir()
     others = [spool.enqueue("sender@example.org", ["other@example.org"], f"other {i}\n".encode())
               for i in range(5)]
     daemon.start()

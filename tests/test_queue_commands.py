@@ -74,11 +74,11 @@ def test_selectors_combine(daemons, tmp_path):
     (tmp_path / "transports").write_text("slow.example queue/retry 4.2.1 421 too busy\n"
                                          "other.example queue/retry 4.7.1 greylisted\n")
     daemon = daemons("--transports", str(tmp_path / "transports"), "--min-backoff", "600")
-    busy = deferred_mail(daemon, 2, "slow.example", age=5)
-    grey = deferred_mail(daemon, 1, "other.example", age=5)
-    mine = deferred_mail(daemon, 1, "slow.example", sender="b@example.org", age=5)
-    young = deferred_mail(daemon, 1, "slow.example")  # older than 4s only if the command took that long to start
-    code, out, _ = queue(daemon, "hold", "--to-domain", "slow.example", "--older-than", "4s", "--reply", "421",
+    busy = deferred_mail(daemon, 2, "slow.example", age=3600)
+    grey = deferred_mail(daemon, 1, "other.example", age=3600)
+    mine = deferred_mail(daemon, 1, "slow.example", sender="b@example.org", age=3600)
+    young = deferred_mail(daemon, 1, "slow.example")
+    code, out, _ = queue(daemon, "hold", "--to-domain", "slow.example", "--older-than", "30m", "--reply", "421",
                          "--from", "a@example.org")
     assert code == 0 and sorted(re.findall(r"^(\S+): held$", out, re.M)) == sorted(busy)
     assert sorted(daemon.files("hold")) == sorted(busy)
