@@ -89,6 +89,7 @@ class Worker:
         self.transports = build_transports(config, pool, policy.destinations)
         self.delivery = Delivery(self.spool, config, policy, self.transports, pool)
         self.hang_logged = False
+        self.beaten = 0.0  # when _beat last ran
         self.short_of_threads = False  # said once that a session thread could not start
         smtp = self.transports.get(SMTP)
         self.smtp = smtp if isinstance(smtp, SMTPTransport) else None  # keeps connections open: network workers
@@ -147,7 +148,6 @@ class Worker:
     def _read_tasks(self) -> None:
         """Read the pipe until the supervisor closes it (stop, reload) or SIGTERM says stop."""
         buffer = b""
-        beat = 0.0
         while not self.closing:
             readable = select.select([self.task_fd], [], [], HEARTBEAT_SECONDS)[0]
             if readable:
@@ -174,6 +174,7 @@ class Worker:
                         self._start_site_threads()
                         self.lookups.put((TLS_REPORT, None))
                     elif "drop" in task:  # the dispatcher wants room at these destinations
+                        self._beat()  # before QUITs that may wait CLOSE_SECONDS (see below)
                         if self.smtp:
                             with self.report_lock:  # no report says a connection is gone while it says QUIT
                                 self.smtp.drop(set(task["drop"]))
@@ -186,13 +187,15 @@ class Worker:
                 if promised:  # the dispatcher counts a promise twice until it hears it was read
                     self._write({}, promised)
             elif not self.busy:
+                # the QUITs may wait CLOSE_SECONDS: after a second of select, that silence would
+                # reach the supervisor's TAKE_BACK_SECONDS unless this says "alive" first
+                self._beat()
                 for transport in set(self.transports.values()):
                     if transport is not self.smtp:
                         transport.close_idle()
                 if self.smtp:
                     self._tell_kept(self.smtp.close_idle())
-            if time.monotonic() - beat >= HEARTBEAT_SECONDS:
-                beat = time.monotonic()
+            if time.monotonic() - self.beaten >= HEARTBEAT_SECONDS:
                 self._beat()
 
     def _hand(self, task: dict) -> None:
@@ -291,6 +294,7 @@ class Worker:
         """Say "alive" (an empty line); a supervisor that is gone takes this worker with it. A
         program that outlives its time limit by far (one the kill could not stop) is a hang: the
         worker falls silent, so that the supervisor replaces it."""
+        self.beaten = time.monotonic()
         running = command.longest_run()
         if running > self.config.command_time_limit + HANG_SECONDS:
             if not self.hang_logged:
