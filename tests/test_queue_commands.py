@@ -46,6 +46,8 @@ def deferred_mail(daemon, count: int, domain: str = "example.com", sender: str =
     ids = [spool.enqueue(sender, [f"u{n}@{domain}"], f"Subject: {n}\n\nx\n".encode(), queue_id=arrived_ago(age))
            for n in range(count)]
     wait_for(lambda: set(ids) <= set(daemon.files("deferred")), what="deferral")
+    # filed before reported: until the supervisor hears of it, a hold would wait for the attempt's end
+    wait_for(lambda: daemon.status()["sessions"] == 0, what="the attempts reported")
     return ids
 
 
