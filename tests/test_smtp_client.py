@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from policy.tls_policy import TLS_ENCRYPT, TLS_MAY, TLS_NONE
 from router.config.timeouts import Timeouts
 from router.spool.queue_file import Recipient
+from tests.daemon import wait_for
 from tests.smtp_servers import SERVER_NAME, AioServer, Peer, Recorder, ScriptedServer, free_port
 from workers.smtp_client import SMTPClient, SMTPError, TLSFallback
 from workers.smtp_wire import wire_data, wrap_long_lines
@@ -183,7 +184,8 @@ def test_pipelining_sends_mail_and_every_rcpt_in_one_write():
         quit_or_hang_up(peer)
 
     with ScriptedServer(pipelining_server) as server:
-        client = connect(server, timeouts=patient_except(mail=SHORT, rcpt=SHORT))
+        # 3 s: room for a stall of this process; a client waiting for the MAIL reply still times out
+        client = connect(server, timeouts=patient_except(mail=3, rcpt=3))
         replies = client.send("s@example.org", ["a@example.org", "b@example.org", "c@example.org"], b"x\n")
         client.close()
     assert outcomes(replies) == [(SENT, "2.0.0"), (BOUNCED, "5.1.1"), (SENT, "2.0.0")]
@@ -579,13 +581,13 @@ def test_rset_between_messages_and_quit_on_close():
 
 
 def test_a_kept_connection_the_server_closed_is_noticed():
-    with AioServer(timeout=0.3) as server:  # the server drops idle clients after 0.3 s
+    with AioServer(timeout=1.0) as server:  # the server drops idle clients after 1 s
         client = connect(server)
         assert client.is_alive()
-        time.sleep(0.8)
-        assert not client.is_alive() and not client.is_open  # and closed on our side
+        wait_for(lambda: not client.is_alive(), timeout=10, what="the closed connection noticed")
+        assert not client.is_open  # and closed on our side
         stale = connect(server)
-        time.sleep(0.8)
+        time.sleep(3.0)  # the server's timeout, and time for it to close
         replies = stale.send("s@example.org", ["a@example.org"], b"x\n")  # without asking first
     assert outcomes(replies) == [(DEFERRED, "4.4.2")]
     assert "while sending MAIL FROM" in replies[0].text

@@ -110,12 +110,13 @@ def test_a_stream_of_mail_to_one_domain_asks_dns_each_question_once_within_its_t
 
 def test_kept_connection_carries_the_next_message(daemons):
     with AioServer() as sink:
-        daemon = daemons("--relayhost", f"127.0.0.1:{sink.port}", "--smtp-idle-timeout", "2", *FAST, workers=1)
+        # a long idle timeout: a stall of this process must not close the connection before it is reused
+        daemon = daemons("--relayhost", f"127.0.0.1:{sink.port}", "--smtp-idle-timeout", "10", *FAST, workers=1)
         first = enqueue(daemon, ["a@example.org"])
         wait_for(lambda: f"{first}: removed" in daemon.log(), what="first delivery")
         second = enqueue(daemon, ["b@example.org"])
         wait_for(lambda: f"{second}: removed" in daemon.log(), what="second delivery")
-        wait_for(lambda: "QUIT" in sink.handler.commands, timeout=15, what="QUIT after the idle timeout")
+        wait_for(lambda: "QUIT" in sink.handler.commands, timeout=30, what="QUIT after the idle timeout")
     commands = sink.handler.commands
     assert commands.count("QUIT") == 1 and "RSET" in commands
     assert len(sink.handler.messages) == 2

@@ -109,7 +109,10 @@ def test_dripping_and_idle_status_clients_do_not_slow_delivery(daemons, open_fil
             assert answer.returncode == 0, answer.stderr
     finally:
         dripper.stop()
-    assert statistics.median(disturbed) < 0.5, f"baseline {baseline}, disturbed {disturbed}"
+    # against the baseline, not an absolute bound: a loaded machine slows both; a loop held up by
+    # status clients adds seconds (a client's deadline is 5 s)
+    assert statistics.median(disturbed) < statistics.median(baseline) + 0.5, \
+        f"baseline {baseline}, disturbed {disturbed}"
     assert daemon.process.poll() is None
 
 
@@ -189,27 +192,28 @@ def test_an_oversize_request_gets_an_error_reply_and_is_closed(tmp_path):
         client.sendall(b"{" + b" " * status_socket.MAX_REQUEST)  # no end of line in sight
         reply = read_all(client)  # ends: the server closed the connection
         assert json.loads(reply) == {"error": f"bad request: longer than {status_socket.MAX_REQUEST} bytes"}
-        assert timed_query(path) < 1
+        assert timed_query(path) < 3
 
 
 def test_a_slow_client_is_closed_at_its_deadline_and_stalls_no_one(tmp_path):
-    with serving(tmp_path, timeout=3.0) as path, connect(path) as slow:
-        start = time.monotonic()
-        for _ in range(4):
-            slow.sendall(b"{")
-            assert timed_query(path) < 1.5  # a stalled server would answer after the slow client's deadline
-            time.sleep(0.1)
-        assert read_all(slow) == b""
-        assert 2.95 <= time.monotonic() - start < 6
+    with serving(tmp_path, timeout=6.0) as path:
+        start = time.monotonic()  # before connect: the server may accept before connect() returns
+        with connect(path, timeout=10) as slow:
+            for _ in range(4):
+                slow.sendall(b"{")
+                assert timed_query(path) < 3  # a stalled server would answer after the slow client's deadline
+                time.sleep(0.1)
+            assert read_all(slow) == b""
+            assert 5.95 <= time.monotonic() - start < 9
 
 
 def test_a_client_that_never_reads_a_large_answer_blocks_no_one(tmp_path):
-    with serving(tmp_path, timeout=3.0) as path, connect(path) as greedy:
+    with serving(tmp_path, timeout=6.0) as path, connect(path) as greedy:
         greedy.sendall(b'{"command": "big"}\n')
         time.sleep(0.2)  # the server has written what the socket takes and waits for the rest
-        assert timed_query(path) < 1.5  # a stalled server would answer after the greedy client's deadline
+        assert timed_query(path) < 3  # a stalled server would answer after the greedy client's deadline
         greedy.settimeout(5)
-        time.sleep(3.0)  # past the deadline: the rest of the answer is dropped
+        time.sleep(6.0)  # past the deadline: the rest of the answer is dropped
         received = read_all(greedy)
     assert 0 < len(received) < BIG
 
@@ -235,11 +239,11 @@ def later_or_echo(request: dict[str, Any], uid: int) -> dict[str, Any] | status_
 def test_a_client_waiting_for_a_later_answer_hears_finish_none_at_its_deadline(tmp_path):
     """Nothing settles the question: the waiting client gets its answer at its deadline, never
     silence; one that hangs up meanwhile is dropped; others are answered at once all along."""
-    with serving(tmp_path, later_or_echo, timeout=1.0) as path:
+    with serving(tmp_path, later_or_echo, timeout=5.0) as path:  # room for the query before the deadline
         with connect(path) as quitter:
             quitter.sendall(b'{"command": "later"}\n')
+        start = time.monotonic()  # before connect: the server may accept before connect() returns
         with connect(path) as waiting:
-            start = time.monotonic()
             waiting.sendall(b'{"command": "later"}\n')
             timed_query(path)
             waiting.setblocking(False)
@@ -248,7 +252,7 @@ def test_a_client_waiting_for_a_later_answer_hears_finish_none_at_its_deadline(t
             waiting.setblocking(True)
             reply = json.loads(read_all(waiting))
             assert reply == {"result": None}
-            assert time.monotonic() - start >= 0.9
+            assert time.monotonic() - start >= 4.95
 
 
 def test_a_waiting_client_dropped_for_a_new_one_hears_finish_none_first(tmp_path):

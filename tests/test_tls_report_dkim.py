@@ -108,7 +108,9 @@ def test_a_mailed_report_carries_a_dkim_signature_that_verifies(daemons, tmp_pat
                          "--tls-report-dkim-key", key, "--tls-report-dkim-selector", SELECTOR, *flags, *FAST,
                          maildir=False)  # the day is over: a network worker reports it at the start
         [mail] = wait_for(lambda: [m for m in sink.handler.messages if REPORTS in m.rcpt_tos], what="the report")
-        assert f"TLS report on partner.test for {day}: queued for <{REPORTS}>" in daemon.log()
+        # logged after the report is queued (and a journal fsync): it may be delivered first
+        wait_for(lambda: f"TLS report on partner.test for {day}: queued for <{REPORTS}>" in daemon.log(),
+                 what="the report logged")
         verify = asking(server)
 
         message = mail.content
