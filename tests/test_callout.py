@@ -17,6 +17,7 @@ from tests.dovecot_server import DovecotLMTP
 from tests.smtp_servers import CountingSink, free_port
 
 UNKNOWN = "550 5.1.1 no such user here"
+FIRST_ASK = ("--verify-wait", "4.5")  # the longest wait: a first ask's probe has its answer in time under load
 
 
 def callout_daemon(daemons, tmp_path, port: int, *args: str, settings: str = "callout=yes", **kwargs):
@@ -43,7 +44,7 @@ def sink():
 
 
 def test_the_next_hop_s_answer_at_once_then_from_the_cache_without_a_connection(daemons, tmp_path, sink):
-    daemon = callout_daemon(daemons, tmp_path, sink.port)
+    daemon = callout_daemon(daemons, tmp_path, sink.port, *FIRST_ASK)
     refused = verify(daemon, "nobody@relay.test")
     assert (refused["verdict"], refused["code"], refused["dsn"]) == ("refused", 550, "5.1.1")
     assert f"host 127.0.0.1[127.0.0.1]:{sink.port} said: {UNKNOWN} (in reply to RCPT TO command)" in refused["text"]
@@ -65,7 +66,7 @@ def test_the_next_hop_s_answer_at_once_then_from_the_cache_without_a_connection(
 
 
 def test_the_cache_survives_a_restart(daemons, tmp_path, sink):
-    daemon = callout_daemon(daemons, tmp_path, sink.port)
+    daemon = callout_daemon(daemons, tmp_path, sink.port, *FIRST_ASK)
     assert verify(daemon, "nobody@relay.test")["dsn"] == "5.1.1"
     assert daemon.stop() == 0
     assert (daemon.spool / "verify-cache").exists()
@@ -97,7 +98,7 @@ def test_while_a_slow_probe_runs_the_answer_is_450_4_1_1_and_one_probe_serves_al
 
 
 def test_a_negative_result_expires_and_is_probed_again(daemons, tmp_path, sink):
-    daemon = callout_daemon(daemons, tmp_path, sink.port, "--verify-negative-expire", "0.00003")  # 2.6 s
+    daemon = callout_daemon(daemons, tmp_path, sink.port, *FIRST_ASK, "--verify-negative-expire", "0.00003")  # 2.6 s
     assert verify(daemon, "nobody@relay.test")["dsn"] == "5.1.1"
     assert verify(daemon, "nobody@relay.test")["dsn"] == "5.1.1"
     assert sink.connections == 1
@@ -107,7 +108,7 @@ def test_a_negative_result_expires_and_is_probed_again(daemons, tmp_path, sink):
 
 
 def test_a_result_due_for_refresh_is_given_and_probed_again_in_the_background(daemons, tmp_path, sink):
-    daemon = callout_daemon(daemons, tmp_path, sink.port, "--verify-positive-refresh", "0.00001")  # 0.9 s
+    daemon = callout_daemon(daemons, tmp_path, sink.port, *FIRST_ASK, "--verify-positive-refresh", "0.00001")  # 0.9 s
     assert verify(daemon, "someone@relay.test")["verdict"] == "deliverable"
     time.sleep(1)
     assert verify(daemon, "someone@relay.test")["verdict"] == "deliverable"  # at once, from the cache
@@ -116,8 +117,7 @@ def test_a_result_due_for_refresh_is_given_and_probed_again_in_the_background(da
 
 
 def test_callout_rate_holds_back_the_probes_of_a_destination(daemons, tmp_path, sink):
-    daemon = callout_daemon(daemons, tmp_path, sink.port, "--verify-wait", "0.5",
-                            settings="callout=yes callout-rate=1/min")
+    daemon = callout_daemon(daemons, tmp_path, sink.port, *FIRST_ASK, settings="callout=yes callout-rate=1/min")
     assert verify(daemon, "nobody@relay.test")["dsn"] == "5.1.1"
     held = verify(daemon, "other@relay.test")
     assert (held["code"], held["dsn"]) == (450, "4.1.1")
@@ -138,7 +138,7 @@ def test_a_callout_to_dovecot_lmtp_refuses_its_unknown_user_and_mail_to_a_known_
         (tmp_path / "transports").write_text(f"store.test lmtp:{dovecot.socket}\n")
         (tmp_path / "destinations").write_text(f"lmtp:{dovecot.socket} callout=yes\n")
         daemon = daemons("--transports", str(tmp_path / "transports"),
-                         "--destinations", str(tmp_path / "destinations"))
+                         "--destinations", str(tmp_path / "destinations"), *FIRST_ASK)
         refused = verify(daemon, "bob@store.test")
         assert (refused["code"], refused["dsn"]) == (550, "5.1.1")
         assert f"host unix[{dovecot.socket}] said: 550 5.1.1 <bob@store.test> User doesn't exist" in refused["text"]

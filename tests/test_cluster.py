@@ -7,8 +7,10 @@ and the shared limits come back with it."""
 from __future__ import annotations
 
 import select
+import statistics
 import time
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 from router.daemon.cluster import DEMAND_SECONDS, RENEW_SECONDS, Cluster
@@ -24,7 +26,7 @@ NODES = ("one", "two", "three")
 
 
 def cluster(daemons, tmp_path: Path, sink: CountingSink, rule: str, redis: RedisServer | None,
-            *args: str, names: tuple[str, ...] = NODES) -> list[Daemon]:
+            *args: str, names: tuple[str, ...] = NODES, start: bool = True) -> list[Daemon]:
     """Three daemons (or one per name) routing `d.example` to the sink, its rule in a destinations
     file they share, each with a spool of its own and its name in EHLO (`NAME.example`, as the
     sink counts their connections); with `redis`, nodes of one cluster."""
@@ -32,7 +34,7 @@ def cluster(daemons, tmp_path: Path, sink: CountingSink, rule: str, redis: Redis
     (tmp_path / "destinations").write_text(f"smtp:127.0.0.1:{sink.port} {rule}\n")
     shared = ["--cluster-redis", redis.url] if redis else []
     return [daemons("--transports", str(tmp_path / "transports"), "--destinations", str(tmp_path / "destinations"),
-                    *shared, "--cluster-node", name, "--me", f"{name}.example", *args, home=name)
+                    *shared, "--cluster-node", name, "--me", f"{name}.example", *args, home=name, start=start)
             for name in names]
 
 
@@ -64,8 +66,12 @@ def test_a_concurrency_limit_holds_over_three_nodes_and_every_message_arrives_on
 def test_without_a_cluster_three_nodes_open_three_times_the_limit(daemons, tmp_path):
     """The same run without cluster-redis: each node keeps its own 6."""
     with CountingSink(delay=0.02) as sink:
-        nodes = cluster(daemons, tmp_path, sink, "concurrency=6", None)
-        recipients = enqueue(nodes, 900)
+        nodes = cluster(daemons, tmp_path, sink, "concurrency=6", None, start=False)
+        for node in nodes:
+            Spool(node.spool).create()
+        recipients = enqueue(nodes, 900)  # before the starts: a window grows only while a line waits
+        for node in nodes:
+            node.start()
         wait_for(lambda: len(sink.messages) >= 900, 120, "every message at the sink")
         assert arrived(sink) == Counter(recipients)
         assert sink.most > 6, sink.most
@@ -80,8 +86,12 @@ def test_a_rate_limit_holds_over_three_nodes(daemons, tmp_path):
         wait_for(lambda: sink.messages, 20, "the first message")
         first = sink.messages[0].at
         time.sleep(31)
-        in_30s = sum(1 for m in list(sink.messages) if m.at < first + 30)
-        assert 270 <= in_30s <= 330, in_30s
+        arrivals = sorted(m.at for m in list(sink.messages) if m.at < first + 30)
+        assert len(arrivals) <= 330, len(arrivals)
+        # Not a count from below: a node that stalls loses the tokens it was given. Most starts
+        # are a tenth of a second apart, however many stalls there were.
+        gap = statistics.median(b - a for a, b in pairwise(arrivals))
+        assert 0.09 <= gap <= 0.12, (gap, len(arrivals))
         assert {Path(node.tmp).name for node in nodes if node.status()["counters"]["sent"]} == set(NODES)
 
 
@@ -97,12 +107,15 @@ def test_a_destination_found_dead_by_one_node_is_dead_for_all_and_probed_by_one(
         wait_for(lambda: "is not reachable" in nodes[0].log(), 30, "the destination found dead by node one")
         client = redis.client()  # node one tells Redis a request after its log line
         wait_for(lambda: client.exists(key("dead", f"smtp:127.0.0.1:{sink.port}")), 10, "the death told to Redis")
-        declared = sink.connections  # the round that found it dead
+        # the last attempt of the round may connect after the death was told
+        wait_for(lambda: nodes[0].status()["sessions"] == 0, 20, "the attempts of node one's round over")
+        declared, since = sink.connections, time.monotonic()  # the round that found it dead
         recipients = enqueue(nodes[1:], 20, "later")
         wait_for(lambda: all("found by node one" in node.log() for node in nodes[1:]), 10,
                  "nodes two and three told")
-        time.sleep(7.5)  # two probe intervals and a half
-        assert sink.connections - declared <= 3, sink.connections - declared  # one probe an interval, all nodes
+        time.sleep(7.5)  # two probe intervals and a half, or more
+        probes = int((time.monotonic() - since) / 3) + 1  # one probe an interval, all nodes together
+        assert sink.connections - declared <= probes, (sink.connections - declared, probes)
         sink.accepting = True
         wait_for(lambda: recipients <= set(arrived(sink)), 30, "the mail of nodes two and three")
 

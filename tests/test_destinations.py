@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import re
 import signal
+import statistics
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -48,8 +50,9 @@ def destination(daemon, port: int) -> dict:
 def test_a_dead_destination_defers_only_its_own_recipients_and_gets_them_when_it_revives(daemons, tmp_path):
     with CountingSink() as down, CountingSink() as up:
         down.accepting = False
-        daemon = daemons("--transports", transports(tmp_path, down=down.port, up=up.port), "--min-backoff", "2",
-                         "--max-backoff", "2")
+        # probed 10 s after it died: time for the mixed message to find it dead, rather than go as the probe
+        daemon = daemons("--transports", transports(tmp_path, down=down.port, up=up.port), "--min-backoff", "10",
+                         "--max-backoff", "10")
         spool = Spool(daemon.spool)
         kill_destination(daemon, spool, "down.example")
         queue_id = spool.enqueue("a@example.org", ["ok@up.example", "dead@down.example"], MESSAGE)
@@ -81,6 +84,7 @@ def test_mail_suspended_for_a_dead_destination_expires_on_time_with_its_report(d
         spool = Spool(daemon.spool)
         started = time.time()
         ids = [spool.enqueue("someone@sender.example", [f"u{i}@down.example"], MESSAGE) for i in range(1000)]
+        queued = time.time()  # the last one's arrival: queueing a thousand can take half a minute under load
         wait_for(lambda: len(reports.messages) == 1000, 180, "a report for every message")
         done = time.time()
         log = daemon.log()
@@ -89,7 +93,7 @@ def test_mail_suspended_for_a_dead_destination_expires_on_time_with_its_report(d
         assert all(b"Status: 4.4.7" in m.content for m in reports.messages)
         probes = (done - started) / 5 + 2
         assert down.connections <= 5 + probes, (down.connections, probes)  # one round, then the probes only
-        assert done - started < max_age + 5 + 60  # expiry, one probe interval, and time for 1,000 reports
+        assert done - queued < max_age + 5 + 60  # expiry, one probe interval, and time for 1,000 reports
         wait_for(lambda: not daemon.files("deferred") and not daemon.files("incoming"), 60, "an empty queue")
 
 
@@ -144,11 +148,13 @@ def test_connections_to_a_destination_never_pass_its_limit_and_reach_it_under_lo
     number of workers; and a limit of N lets N deliveries run at once."""
     with CountingSink(delay=0.05) as sink:
         daemon = daemons("--transports", transports(tmp_path, d=sink.port), "--destination-concurrency",
-                         str(limit), workers=workers)
+                         str(limit), workers=workers, start=False)
         spool = Spool(daemon.spool)
+        spool.create()
         count = 4 * limit + 20
-        for i in range(count):
+        for i in range(count):  # all queued before the start: the window grows only while a line waits
             spool.enqueue("a@example.org", [f"u{i}@d.example"], MESSAGE)
+        daemon.start()
         wait_for(lambda: len(sink.messages) == count, 60, "every message at the sink")
         assert sink.most == limit
 
@@ -218,17 +224,20 @@ def test_mx_rollup_counts_the_domains_of_one_provider_against_one_site(daemons, 
         assert shown[f"site:{PROVIDER}"]["domains"] == 200  # optout.test is not in it
 
 
-def with_rule(daemons, tmp_path: Path, sink: CountingSink, settings: str, **options) -> tuple:
+def with_rule(daemons, tmp_path: Path, sink: CountingSink, settings: str, *args: str, **options) -> tuple:
     """A daemon routing `d.example` to the sink, with one destinations rule for it: (daemon, spool, rules file)."""
     rules = tmp_path / "destinations"
     rules.write_text(f"smtp:127.0.0.1:{sink.port} {settings}\n")
-    daemon = daemons("--transports", transports(tmp_path, d=sink.port), "--destinations", str(rules), **options)
+    daemon = daemons("--transports", transports(tmp_path, d=sink.port), "--destinations", str(rules), *args,
+                     **options)
     return daemon, Spool(daemon.spool), rules
 
 
 def test_recipients_per_transaction_and_messages_per_connection_from_the_destinations_file(daemons, tmp_path):
     with CountingSink() as sink:
-        daemon, spool, _ = with_rule(daemons, tmp_path, sink, "concurrency=1 messages-per-connection=2", workers=1)
+        # the connection kept idle between the two batches however slow the test is
+        daemon, spool, _ = with_rule(daemons, tmp_path, sink, "concurrency=1 messages-per-connection=2",
+                                     "--smtp-idle-timeout", "60", workers=1)
         big = spool.enqueue("a@example.org", [f"u{i}@d.example" for i in range(120)], MESSAGE)
         wait_for(lambda: f"{big}: removed" in daemon.log(), 30, "the 120-recipient message")
         assert [len(m.rcpt_tos) for m in sink.messages] == [50, 50, 20]  # Postfix's default of 50
@@ -248,13 +257,18 @@ def test_a_rate_limit_holds_over_a_minute(daemons, tmp_path):
         wait_for(lambda: sink.messages, 20, "the first message")
         first = sink.messages[0].at
         time.sleep(61)
-        in_a_minute = sum(1 for m in list(sink.messages) if m.at < first + 60)
-        assert 108 <= in_a_minute <= 132, in_a_minute  # 120 a minute, within 10%
+        arrivals = sorted(m.at for m in list(sink.messages) if m.at < first + 60)
+        assert len(arrivals) <= 132, len(arrivals)  # 120 a minute, 10% more at most
+        # Not a count from below: each late wake of the daemon pushes every later start back. Most
+        # starts are one interval apart, however many stalls there were.
+        gap = statistics.median(b - a for a, b in pairwise(arrivals))
+        assert 0.45 <= gap <= 0.6, (gap, len(arrivals))
 
 
 def test_a_reload_applies_new_settings_to_a_destination_already_known(daemons, tmp_path):
     with CountingSink(delay=0.05) as sink:
-        daemon, spool, rules = with_rule(daemons, tmp_path, sink, "concurrency=1")
+        # its connection kept idle, the destination stays known: through the reload, and for the limit shown
+        daemon, spool, rules = with_rule(daemons, tmp_path, sink, "concurrency=1", "--smtp-idle-timeout", "60")
         for i in range(10):
             spool.enqueue("a@example.org", [f"u{i}@d.example"], MESSAGE)
         wait_for(lambda: len(sink.messages) == 10, 30, "ten at one at a time")
@@ -262,8 +276,12 @@ def test_a_reload_applies_new_settings_to_a_destination_already_known(daemons, t
         rules.write_text(f"smtp:127.0.0.1:{sink.port} concurrency=4 initial-window=4\n")
         daemon.signal(signal.SIGHUP)
         wait_for(lambda: "reloaded" in daemon.log(), 20, "the reload")
-        for i in range(40):
-            spool.enqueue("a@example.org", [f"v{i}@d.example"], MESSAGE)
+        daemon.signal(signal.SIGSTOP)  # all forty in line at once: the window of 1 grows only while a line waits
+        try:
+            for i in range(40):
+                spool.enqueue("a@example.org", [f"v{i}@d.example"], MESSAGE)
+        finally:
+            daemon.signal(signal.SIGCONT)
         wait_for(lambda: len(sink.messages) == 50, 60, "forty more, four at a time")
         assert sink.most == 4
         assert destination(daemon, sink.port).get("limit") == 4
@@ -280,10 +298,10 @@ def test_a_message_goes_as_soon_as_the_one_session_is_free(daemons, tmp_path):
         spool = Spool(daemon.spool)
         stuck = spool.enqueue("a@example.org", ["x@tar.example"], MESSAGE)
         wait_for(lambda: tarpit.open == 1, 20, "the tarpit holding the only session")
-        queued = time.monotonic()
         waiting = spool.enqueue("a@example.org", ["y@ok.example"], MESSAGE)
         wait_for(lambda: f"{stuck}: deferred" in daemon.log(), 30, "the greeting timed out")
-        freed = time.monotonic()
         wait_for(lambda: f"{waiting}: removed" in daemon.log(), 30, "the waiting message delivered")
         assert [m.rcpt_tos for m in sink.messages] == [["y@ok.example"]]
-        assert freed - queued >= 2  # it did wait for the session, and went when it was free
+        # it did wait for the session: the worker logs the deferral before it reports the session free
+        log = daemon.log()
+        assert log.index(f"{stuck}: deferred") < log.index(f"{waiting}: to=<y@ok.example>"), log

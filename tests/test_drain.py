@@ -317,14 +317,16 @@ def test_held_mail_stays_says_so_and_goes_to_the_peer_once_released(daemons, tmp
                              f"Subject: drain-{i}\r\n\r\n{i}\r\n".encode()) for i in range(5)]
         spool.close()
         wait_for(lambda: len(node.files("deferred")) == 5, what="all held back")
+        node.wait_idle()  # the attempts' reports in: a message still in hand is held only after its attempt
         qrouter("queue", "hold", *ids[:3], "--queue-dir", str(node.spool), check=True)
         assert node.files("hold") == sorted(ids[:3])
 
         answer = qrouter("drain", "--to", f"127.0.0.1:{peer.port}", "--queue-dir", str(node.spool), check=True)
         assert ("3 message(s) in hold/ stay here: qrouter queue release sends them to the peer"
                 in answer.stdout.decode()), answer.stdout
-        wait_for(lambda: len(peer.messages) == 2 and not (node.files("deferred") or node.files("active")),
-                 what="the mail not held at the peer")
+        # the count follows the workers' reports, which come after the files leave active/
+        wait_for(lambda: len(peer.messages) == 2 and not (node.files("deferred") or node.files("active"))
+                 and drain_sent(node) == 2, what="the mail not held at the peer")
         status = status_text(node.spool)
         assert re.search(r"draining to 127\.0\.0\.1:\d+ for .*: done, 2 recipient\(s\) sent there and nothing left "
                          r"to send but held mail; new mail is refused until qrouter drain --cancel", status), status

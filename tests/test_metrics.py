@@ -11,7 +11,6 @@ from __future__ import annotations
 import selectors
 import signal
 import socket
-import statistics
 import time
 import urllib.request
 from contextlib import ExitStack
@@ -346,12 +345,15 @@ def test_idle_connections_hold_neither_threads_nor_memory_nor_scrapes_nor_delive
         clients = connect_idle(idle, port, IDLE_CLIENTS)
         wait_for(lambda: closed_by_the_server(clients) >= IDLE_CLIENTS - MAX_CONNECTIONS, timeout=10,
                  what=f"all but {MAX_CONNECTIONS} idle clients dropped")
-        assert threads_and_memory(supervisor)[0] <= threads + MAX_CONNECTIONS
+        # a dropped connection's thread ends a moment after its client sees the end
+        wait_for(lambda: threads_and_memory(supervisor)[0] <= threads + MAX_CONNECTIONS, timeout=5,
+                 what=f"at most {MAX_CONNECTIONS} more threads in the supervisor")
         start = time.monotonic()
         families, _ = scrape(f"127.0.0.1:{port}")
         assert "qrouter_queue_messages" in families and time.monotonic() - start < 5
         rounds = [race([calm, busy], f"round{number}") for number in range(3)]
         grown = threads_and_memory(supervisor)[1] - memory
     assert grown < 16 << 20, f"the supervisor grew by {grown >> 20} MB"
-    ratio = statistics.median(slow / fast for fast, slow in rounds)  # below 1.25: at least 80% of the rate
+    # best of three each: whatever else the machine does only adds time; below 1.25, at least 80% of the rate
+    ratio = min(slow for _, slow in rounds) / min(fast for fast, _ in rounds)
     assert ratio < 1.25, f"with idle clients, delivery took {ratio:.2f} times as long: {rounds}"

@@ -93,13 +93,15 @@ def test_view_of_a_daemon_delivering_quits_on_q(daemons, tmp_path):
     with CountingSink(delay=0.2) as sink:
         daemon = daemons("--relayhost", f"[127.0.0.1]:{sink.port}", "--destination-concurrency", "4")
         pids = daemon.worker_pids()
-        spool = Spool(daemon.spool)
-        for i in range(80):
-            spool.enqueue("a@example.org", [f"u{i}@example.net"], MESSAGE)
         with terminal(tmp_path) as pane:
             # A stale size in the environment (readline exports one to what it starts) must not
             # win over the terminal's own: the view uses all the pane's columns.
             pane.start(f"COLUMNS=80 LINES=24 {top_command(daemon.spool)}")
+            # the mail queued once the view is up, so that it samples the deliveries however slow its start
+            pane.wait_screen(lambda screen: f"qrouter pid {daemon.process.pid}" in screen, "the view")
+            spool = Spool(daemon.spool)
+            for i in range(80):
+                spool.enqueue("a@example.org", [f"u{i}@example.net"], MESSAGE)
             screen = pane.wait_screen(
                 lambda screen: all(str(pid) in screen for pid in pids) and f"[127.0.0.1]:{sink.port}" in screen
                 and sent_per_second(screen) > 0, "workers, the destination and a sent rate")
