@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -42,11 +43,15 @@ def compile_regex(regex: str, shown: str, where: str, error: type[ValueError] = 
     Every policy file that takes regexes compiles them here, so a hostile one is refused like any
     other bad line instead of ending a reload: besides re.error, re.compile raises OverflowError
     (a repeat count or character code too large for it), RecursionError (groups nested about 500
-    deep) and ValueError (clashing flags, a repeat count of thousands of digits).
+    deep) and ValueError (clashing flags, a repeat count of thousands of digits). A set that re
+    only warns about (FutureWarning) is refused too: `[[:alpha:]]`, a POSIX class that a table
+    written for Postfix may hold, would otherwise match `[`, `:` and the letters of "alpha".
     """
     try:
-        return re.compile(regex, re.IGNORECASE)
-    except (re.error, OverflowError, RecursionError, ValueError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            return re.compile(regex, re.IGNORECASE)
+    except (re.error, OverflowError, RecursionError, ValueError, FutureWarning) as exc:
         raise error(f"{where}: bad regex {shown}: {_regex_problem(exc)}") from None
 
 
@@ -54,6 +59,12 @@ def _regex_problem(exc: Exception) -> str:
     """What is wrong with a regex, in words for whoever wrote it rather than for a programmer."""
     if isinstance(exc, RecursionError):
         return "nested too deeply"
+    if isinstance(exc, FutureWarning):  # re's words, e.g. "Possible nested set at position 1"
+        said = f"{str(exc)[:1].lower()}{str(exc)[1:]}"
+        if "nested set" in said:
+            return (f"{said}: a POSIX class such as [[:alpha:]] is not supported (write [a-z] or \\d); "
+                    "escape a [ meant literally")
+        return f"{said}: escape the doubled character if it is meant literally"
     # int() refuses over 4,300 digits with advice to call sys.set_int_max_str_digits()
     if isinstance(exc, OverflowError) or "integer string conversion" in str(exc):
         return "a repeat count or character code is too large"

@@ -86,6 +86,11 @@ def test_kinds_of_next_hops(table):
     ("foo.bar\n", ":1: rule for 'foo.bar' has no next hop"),
     ("\n\nfoo..bar smtp.example\n", ":3: bad destination: domain of 'foo..bar' is not a valid host name"),
     ("/a[b/ smtp.example\n", ":1: bad regex /a[b/: unterminated character set"),
+    # a POSIX class, as a table written for Postfix may have: re would read it as a set of [, :, a, l, p, h
+    ("/^[[:alpha:]]+\\.example$/ smtp.example\n", ":1: bad regex /^[[:alpha:]]+\\.example$/: possible nested set at "
+     "position 2: a POSIX class such as [[:alpha:]] is not supported (write [a-z] or \\d)"),
+    ("/^a[b--c]$/ smtp.example\n", ":1: bad regex /^a[b--c]$/: possible set difference at position 4: escape the "
+     "doubled character if it is meant literally"),
     ("/abc smtp.example\n", ":1: regex destination '/abc' has no closing /"),
     ("foo.bar queue/nonsense\n", ":1: next hop 'queue/nonsense': unknown queue transport"),
     ("foo.bar host:70000\n", ":1: next hop 'host:70000': port 70000"),
