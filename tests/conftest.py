@@ -13,6 +13,9 @@ from tests.daemon import DAEMON_USER, Daemon, reachable
 from tests.qpsmtpd_server import QROUTER, QpsmtpdServer, stop_daemon
 from tests.unix_users import unix_users, world_dir  # noqa: F401  (fixtures for every test module)
 
+# aiosmtpd gives a server it starts 5 s to come up and answer itself: on a loaded machine, more
+os.environ.setdefault("AIOSMTPD_CONTROLLER_TIMEOUT", "30")
+
 
 @pytest.fixture
 def daemons(tmp_path):

@@ -14,7 +14,8 @@ from tests.redis_server import RedisServer
 from tests.smtp_servers import free_port
 
 HELD_BACK = ["--default-transport", "queue/retry 4.4.0 held back", "--min-backoff", "3600"]
-INTERVAL = 2.0  # cluster-status-interval: a stopped node is stale after 6 s and gone after 12
+INTERVAL = 3.0  # cluster-status-interval: a stopped node is stale after 9 s and gone after 18 (room for
+# three `qrouter status` runs, a few seconds each under load, while it is stale)
 PUBLISHING = ["--cluster-status-interval", str(INTERVAL)]
 
 
@@ -57,9 +58,8 @@ def test_status_cluster_shows_every_node_and_a_stopped_one_stale_then_gone(daemo
         assert 'qrouter_queue_messages{node="node-a",queue="deferred"} 3.0' in scrape, scrape
 
         assert started["node-c"].stop() == 0
-        wait_for(lambda: nodes(server.url)["node-c"]["stale"], timeout=STALE_INTERVALS * INTERVAL + 15,
-                 what="node-c stale")
-        found = nodes(server.url)
+        found = wait_for(lambda: (seen := nodes(server.url))["node-c"]["stale"] and seen,
+                         timeout=STALE_INTERVALS * INTERVAL + 15, what="node-c stale")
         assert not found["node-a"]["stale"] and not found["node-b"]["stale"]
         text = qrouter("status", "--cluster", "--cluster-redis", server.url, check=True).stdout.decode()
         assert any(line.split()[:2] == ["node-c", "stale"] for line in text.splitlines()), text

@@ -46,6 +46,7 @@ def test_temporary_failure_defers_with_backoff_then_reload_delivers(daemons, tmp
     config.write_text(f"default-transport queue/maildir {daemon.mail}/%d/%u\nmin-backoff 60\n")
     daemon.signal(signal.SIGHUP)
     wait_for(lambda: "reloaded" in daemon.log(), what="reload")
+    daemon.wait_idle()  # the attempt reported: until then the supervisor goes by the worker's word, not the file
     os.utime(deferred, (time.time(), time.time()))
     delivered = wait_for(lambda: daemon.delivered("example.org/u"), what="delivery after reload")
     assert message_in(delivered[0]) == b"Subject: later\n\nbody\n"

@@ -133,8 +133,9 @@ def test_fifo_links_directories_and_huge_files_in_incoming_go_to_corrupt(daemons
     wait_for(lambda: daemon.delivered("example.org/good"), 10, "the good message, behind the bad ones")
     wait_for(lambda: len(daemon.files("corrupt")) == 5, 10, "five things in corrupt/")
     wait_for(lambda: f"{good}: removed" in daemon.log(), 10, "the good message removed")
-    log = daemon.log()
     corrupt = daemon.spool / "corrupt"
+    wait_for(lambda: daemon.log().count(": not a queue file, moved to ") >= 5, 10, "the moves logged (after them)")
+    log = daemon.log()
     assert f"{fifo}: not a queue file, moved to {corrupt / fifo}: " in log and "not a regular file but a FIFO" in log
     assert f"{zero}: not a queue file, moved to {corrupt / zero}: " in log
     assert f"{linked}: not a queue file, moved to {corrupt / linked}: " in log

@@ -220,6 +220,7 @@ def test_reloaded_policy_reaches_deferred_mail(daemons, tmp_path):
     rules.write_text(f"example.org queue/maildir {daemon.mail}/%d/%u\n")
     daemon.signal(signal.SIGHUP)
     wait_for(lambda: "reloaded" in daemon.log(), what="reload")
+    daemon.wait_idle()  # the attempt reported: until then the supervisor goes by the worker's word, not the file
     os.utime(deferred, (time.time(), time.time()))
     delivered = wait_for(lambda: daemon.delivered("example.org/u"), what="delivery after reload")
     assert message_in(delivered[0]) == b"held\n"
