@@ -26,7 +26,8 @@ FRAGMENTS = st.sampled_from([
 ])
 TEXT = st.one_of(st.text(max_size=300), st.lists(FRAGMENTS, max_size=40).map(" ".join),
                  st.lists(FRAGMENTS, max_size=40).map("".join))
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=150, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 @contextmanager

@@ -353,7 +353,8 @@ REQUESTS = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(request_line=REQUESTS)
 def test_fuzzed_requests_get_one_answer_and_change_nothing(daemons, request_line):
     """Whatever comes over the socket, the answer is one JSON line (an error, a status or a

@@ -14,7 +14,7 @@ import time
 import pytest
 import trustme
 from aiosmtpd.smtp import AuthResult
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policy.tls_policy import TLS_ENCRYPT, TLS_MAY, TLS_NONE
@@ -441,7 +441,7 @@ def test_any_bytes_survive_on_one_kept_connection():
     with AioServer() as server:
         client = connect(server)
 
-        @settings(max_examples=150, deadline=None, database=None)
+        @settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
         @given(messages)
         def check(message: bytes) -> None:
             replies = client.send("s@example.org", ["a@example.org"], message)
