@@ -354,6 +354,8 @@ def test_idle_connections_hold_neither_threads_nor_memory_nor_scrapes_nor_delive
         rounds = [race([calm, busy], f"round{number}") for number in range(3)]
         grown = threads_and_memory(supervisor)[1] - memory
     assert grown < 16 << 20, f"the supervisor grew by {grown >> 20} MB"
-    # best of three each: whatever else the machine does only adds time; below 1.25, at least 80% of the rate
-    ratio = min(slow for _, slow in rounds) / min(fast for fast, _ in rounds)
+    # The two daemons of a round race side by side, so a round's ratio weighs the machine's other work
+    # on both; idle clients that slowed delivery would slow every round, a burst of other work only one.
+    # Below 1.25: at least 80% of the rate.
+    ratio = min(slow / fast for fast, slow in rounds)
     assert ratio < 1.25, f"with idle clients, delivery took {ratio:.2f} times as long: {rounds}"
