@@ -253,12 +253,16 @@ def test_broken_queue_files_go_to_corrupt_and_delivery_goes_on(daemons, when):
     assert {name: (daemon.spool / "corrupt" / name).read_bytes() for name in daemon.files("corrupt")} == broken
     assert daemon.files("incoming") == daemon.files("active") == []
     assert not daemon.delivered("example.org/u")
-    moved = [f"{name}: corrupt queue file moved to {daemon.spool / 'corrupt'}" for name in (truncated, garbage, noise)]
-    wait_for(lambda: all(line in daemon.log() for line in moved), what="the moves logged (after the renames)")
+
+    def moved(name: str) -> str:
+        return f"{name}: corrupt queue file moved to {daemon.spool / 'corrupt'}"
+
+    wait_for(lambda: all(moved(name) in daemon.log() for name in (truncated, garbage, noise)),
+             what="the moves logged (after the renames)")
     log = daemon.log().splitlines()
 
     def line_about(name: str) -> str:
-        return next(line for line in log if f"{name}: corrupt queue file moved to {daemon.spool / 'corrupt'}" in line)
+        return next(line for line in log if moved(name) in line)
 
     assert "truncated: size says 5014 bytes, the file holds 4014" in line_about(truncated)
     assert "not a queue file (expected 'qrouter-queue-file 1')" in line_about(garbage)

@@ -108,7 +108,7 @@ def test_a_destination_found_dead_by_one_node_is_dead_for_all_and_probed_by_one(
         client = redis.client()  # node one tells Redis a request after its log line
         wait_for(lambda: client.exists(key("dead", f"smtp:127.0.0.1:{sink.port}")), 10, "the death told to Redis")
         # the last attempt of the round may connect after the death was told
-        wait_for(lambda: nodes[0].status()["sessions"] == 0, 20, "the attempts of node one's round over")
+        nodes[0].wait_idle()
         declared, since = sink.connections, time.monotonic()  # the round that found it dead
         recipients = enqueue(nodes[1:], 20, "later")
         wait_for(lambda: all("found by node one" in node.log() for node in nodes[1:]), 10,

@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -102,9 +103,11 @@ def thaw(pids: list[int]) -> None:
         os.kill(pid, signal.SIGCONT)
 
 
-def freeze_holding_mail(daemon: Daemon, pids: list[int], timeout: float = 30) -> list[str]:
+def freeze_holding_mail(daemon: Daemon, pids: list[int], timeout: float = 30,
+                        caught: Callable[[list[str]], list] = list) -> list:
     """SIGSTOP the workers at a moment when at least one holds a message in active/, so the kill
-    that follows lands in the middle of a delivery; returns what is in active/.
+    that follows lands in the middle of a delivery; returns `caught` of what is in active/, once
+    that is not empty (by default, what is in active/).
 
     The tests call this early in the run, while most of the first half still waits in
     incoming/: with a backlog every worker is busy and nearly always holds a message. On a
@@ -114,8 +117,8 @@ def freeze_holding_mail(daemon: Daemon, pids: list[int], timeout: float = 30) ->
     while time.monotonic() < deadline:
         freeze(pids)
         held = daemon.files("active")
-        if held:
-            return held
+        if held and (found := caught(held)):
+            return found
         thaw(pids)
         time.sleep(0.005)
     raise AssertionError(f"never caught a worker holding a message in {timeout:.0f}s; "
@@ -126,15 +129,9 @@ def test_worker_killed_mid_delivery_loses_nothing_and_is_replaced(daemons):
     daemon = daemons(workers=4, start=False)
     enqueuer = start_run(daemon)
     pids = workers_of(daemon)
-    for _ in range(100):  # the status names a worker's oldest message: one not claimed yet, or filed already
-        held = freeze_holding_mail(daemon, pids)
-        named = [(w["pid"], w["queue_id"]) for w in daemon.status()["workers"] if w["queue_id"] in held]
-        if named:
-            break
-        thaw(pids)
-    else:
-        raise AssertionError("never caught a worker whose message, as the status names it, was in active/")
-    [(victim, queue_id), *_] = named
+    # the status names a worker's oldest message, which may be one not claimed yet, or filed already
+    [(victim, queue_id), *_] = freeze_holding_mail(daemon, pids, caught=lambda held: [
+        (w["pid"], w["queue_id"]) for w in daemon.status()["workers"] if w["queue_id"] in held])
     body = parse((daemon.spool / "active" / queue_id).read_bytes()).message
     os.kill(victim, signal.SIGKILL)
     thaw([pid for pid in pids if pid != victim])

@@ -47,7 +47,7 @@ def deferred_mail(daemon, count: int, domain: str = "example.com", sender: str =
            for n in range(count)]
     wait_for(lambda: set(ids) <= set(daemon.files("deferred")), what="deferral")
     # filed before reported: until the supervisor hears of it, a hold would wait for the attempt's end
-    wait_for(lambda: daemon.status()["sessions"] == 0, what="the attempts reported")
+    daemon.wait_idle()
     return ids
 
 

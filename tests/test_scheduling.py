@@ -80,7 +80,7 @@ def test_a_dead_destination_is_left_alone_until_its_probe_then_its_mail_goes_out
         daemon.start()
         wait_for(lambda: "destination smtp:127.0.0.1" in daemon.log() and "is not reachable" in daemon.log(),
                  what="the destination found dead")
-        wait_for(lambda: daemon.status()["sessions"] == 0, 20, "the attempts of the round over")
+        daemon.wait_idle()  # the attempts of the round over
         round_ = sink.connections
         assert 5 <= round_ <= 8  # about one round at the initial window of 5, which shrinks meanwhile
         status = daemon.status()
